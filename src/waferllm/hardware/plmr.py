@@ -1,0 +1,327 @@
+"""PLMR description of a wafer-scale accelerator.
+
+A wafer is data: an editable TOML or JSON file. Every constant carries where it came
+from (``source``) and how much to trust it (``status``: measured, derived, assumed,
+calibrated or user). Presets live in ``hardware/presets/*.toml``.
+
+In a file, a constant is either a bare value (``beta_cycles = 40``) or a table
+``{ value = 40, source = "...", status = "calibrated" }``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping
+
+from waferllm.errors import HardwareError
+
+try:  # Python >= 3.11
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - 3.10
+    import tomli as tomllib  # type: ignore
+
+STATUSES = ("measured", "derived", "assumed", "calibrated", "user")
+
+
+@dataclass(frozen=True)
+class Provenance:
+    source: str
+    status: str
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "status": self.status}
+
+
+# name -> (type, must be > 0, unit, meaning)
+_FIELDS: dict[str, tuple[type, bool, str, str]] = {
+    "rows": (int, True, "PEs", "usable mesh rows (y)"),
+    "cols": (int, True, "PEs", "usable mesh columns (x)"),
+    "clock_hz": (float, True, "Hz", "core and fabric clock"),
+    "sram_bytes_per_pe": (int, True, "B", "local SRAM per PE"),
+    "reserved_bytes_per_pe": (int, False, "B", "SRAM per PE kept for code, stack and runtime buffers"),
+    "link_bits_per_cycle": (int, True, "bit/cycle", "bandwidth of one link, each direction"),
+    "alpha_cycles": (float, False, "cycles", "per-hop latency on a configured route"),
+    "ramp_cycles": (float, False, "cycles", "PE <-> router latency, each way"),
+    "beta_cycles": (float, False, "cycles", "software relay (routing stage) cost"),
+    "routable_routes_per_pe": (int, True, "routes", "static routes (colors) a PE's router can hold"),
+    "fp32_macs_per_cycle": (float, True, "MAC/cycle", "fp32 multiply-accumulates per PE per cycle"),
+    "fp16_macs_per_cycle": (float, True, "MAC/cycle", "fp16 multiply-accumulates per PE per cycle (SIMD lanes)"),
+    "op_overhead_cycles": (float, False, "cycles", "fixed cost of launching one compute op on a PE"),
+    "step_overhead_cycles": (float, False, "cycles", "fixed cost of one synchronised algorithm step (task switch, barrier)"),
+    "power_w": (float, True, "W", "whole-system power while running"),
+}
+
+DTYPE_BYTES = {"fp16": 2, "fp32": 4}
+
+
+@dataclass(frozen=True)
+class WaferSpec:
+    """A wafer-scale accelerator described by its PLMR constants."""
+
+    name: str
+    rows: int
+    cols: int
+    clock_hz: float
+    sram_bytes_per_pe: int
+    reserved_bytes_per_pe: int
+    link_bits_per_cycle: int
+    alpha_cycles: float
+    ramp_cycles: float
+    beta_cycles: float
+    routable_routes_per_pe: int
+    fp32_macs_per_cycle: float
+    fp16_macs_per_cycle: float
+    op_overhead_cycles: float
+    step_overhead_cycles: float
+    power_w: float
+    defective_pes: frozenset = frozenset()
+    description: str = ""
+    provenance: Mapping[str, Provenance] = field(default_factory=dict, compare=False)
+
+    # ---- derived figures -------------------------------------------------
+    @property
+    def pes(self) -> int:
+        return self.rows * self.cols
+
+    @property
+    def usable_sram_bytes_per_pe(self) -> int:
+        return self.sram_bytes_per_pe - self.reserved_bytes_per_pe
+
+    @property
+    def total_sram_bytes(self) -> int:
+        return self.pes * self.sram_bytes_per_pe
+
+    @property
+    def link_bytes_per_cycle(self) -> float:
+        return self.link_bits_per_cycle / 8
+
+    def macs_per_cycle(self, dtype: str) -> float:
+        try:
+            return {"fp16": self.fp16_macs_per_cycle, "fp32": self.fp32_macs_per_cycle}[dtype]
+        except KeyError:
+            raise HardwareError(f"unsupported dtype {dtype!r}; expected one of fp16, fp32") from None
+
+    def peak_flops(self, dtype: str = "fp16") -> float:
+        return 2 * self.macs_per_cycle(dtype) * self.pes * self.clock_hz
+
+    @property
+    def aggregate_sram_bandwidth(self) -> float:
+        """Bytes/s: each PE reads two 32-bit operands and writes one per cycle."""
+        return self.pes * 12 * self.clock_hz
+
+    @property
+    def aggregate_fabric_bandwidth(self) -> float:
+        """Bytes/s over all directed links between neighbouring PEs."""
+        links = 2 * (self.rows * (self.cols - 1) + self.cols * (self.rows - 1))
+        return links * self.link_bytes_per_cycle * self.clock_hz
+
+    @property
+    def bisection_bandwidth(self) -> float:
+        """Bytes/s across the vertical cut through the middle, both directions."""
+        return 2 * self.rows * self.link_bytes_per_cycle * self.clock_hz
+
+    def cycles_to_seconds(self, cycles: float) -> float:
+        return cycles / self.clock_hz
+
+    def source_of(self, name: str) -> Provenance:
+        return self.provenance.get(name, Provenance("unspecified", "assumed"))
+
+    # ---- editing and export ----------------------------------------------
+    def replace(self, **changes: Any) -> "WaferSpec":
+        """A copy with some constants changed; changed constants are marked ``user``."""
+        unknown = set(changes) - set(_FIELDS) - {"name", "defective_pes", "description"}
+        if unknown:
+            raise HardwareError(f"unknown wafer field(s): {', '.join(sorted(unknown))}; known: {', '.join(_FIELDS)}")
+        prov = dict(self.provenance)
+        values = {}
+        for key, value in changes.items():
+            if key in _FIELDS:
+                values[key] = _coerce(key, value, where="override")
+                prov[key] = Provenance("command-line/API override", "user")
+            elif key == "defective_pes":
+                values[key] = _coerce_defects(value, where="override")
+            else:
+                values[key] = value
+        spec = dataclasses.replace(self, provenance=prov, **values)
+        spec.validate()
+        return spec
+
+    def validate(self) -> None:
+        if self.reserved_bytes_per_pe >= self.sram_bytes_per_pe:
+            raise HardwareError(
+                f"{self.name}: reserved_bytes_per_pe ({self.reserved_bytes_per_pe}) must be smaller "
+                f"than sram_bytes_per_pe ({self.sram_bytes_per_pe})"
+            )
+        for r, c in self.defective_pes:
+            if not (0 <= r < self.rows and 0 <= c < self.cols):
+                raise HardwareError(f"{self.name}: defective PE ({r}, {c}) is outside the {self.rows}x{self.cols} mesh")
+
+    def to_dict(self, with_provenance: bool = True) -> dict:
+        out: dict[str, Any] = {"name": self.name, "description": self.description}
+        for key in _FIELDS:
+            value = getattr(self, key)
+            if with_provenance:
+                out[key] = {"value": value, **self.source_of(key).to_dict()}
+            else:
+                out[key] = value
+        out["defective_pes"] = sorted([list(p) for p in self.defective_pes])
+        return out
+
+    def summary(self) -> dict:
+        """Headline figures derived from the constants (what `waferllm hardware --json` prints)."""
+        return {
+            "name": self.name,
+            "rows": self.rows,
+            "cols": self.cols,
+            "pes": self.pes,
+            "defective_pes": len(self.defective_pes),
+            "clock_hz": self.clock_hz,
+            "sram_bytes_per_pe": self.sram_bytes_per_pe,
+            "usable_sram_bytes_per_pe": self.usable_sram_bytes_per_pe,
+            "total_sram_bytes": self.total_sram_bytes,
+            "peak_fp16_flops": self.peak_flops("fp16"),
+            "peak_fp32_flops": self.peak_flops("fp32"),
+            "aggregate_sram_bandwidth_bytes_per_s": self.aggregate_sram_bandwidth,
+            "aggregate_fabric_bandwidth_bytes_per_s": self.aggregate_fabric_bandwidth,
+            "bisection_bandwidth_bytes_per_s": self.bisection_bandwidth,
+            "link_bytes_per_cycle": self.link_bytes_per_cycle,
+            "alpha_cycles": self.alpha_cycles,
+            "ramp_cycles": self.ramp_cycles,
+            "beta_cycles": self.beta_cycles,
+            "routable_routes_per_pe": self.routable_routes_per_pe,
+            "power_w": self.power_w,
+        }
+
+
+def _coerce(key: str, value: Any, where: str):
+    typ, positive, _, _ = _FIELDS[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise HardwareError(f"{where}: {key} must be a number, got {value!r}")
+    try:
+        num = float(value)
+    except ValueError:
+        raise HardwareError(f"{where}: {key} must be a number, got {value!r}") from None
+    if not math.isfinite(num):
+        raise HardwareError(f"{where}: {key} must be finite, got {value!r}")
+    if typ is int:
+        if num != int(num):
+            raise HardwareError(f"{where}: {key} must be a whole number, got {value!r}")
+        num = int(num)
+    if positive and num <= 0:
+        raise HardwareError(f"{where}: {key} must be > 0, got {value!r}")
+    if not positive and num < 0:
+        raise HardwareError(f"{where}: {key} must be >= 0, got {value!r}")
+    return num
+
+
+def _coerce_defects(value: Any, where: str) -> frozenset:
+    try:
+        pes = frozenset((int(r), int(c)) for r, c in value)
+    except (TypeError, ValueError):
+        raise HardwareError(f"{where}: defective_pes must be a list of [row, col] pairs, got {value!r}") from None
+    return pes
+
+
+def from_mapping(data: Mapping[str, Any], where: str = "<mapping>", base: WaferSpec | None = None) -> WaferSpec:
+    """Build a wafer from a parsed TOML/JSON mapping; with ``base``, the file only overrides it."""
+    if not isinstance(data, Mapping):
+        raise HardwareError(f"{where}: expected a table of wafer constants")
+    data = dict(data)
+    if "base" in data and base is None:
+        base = get_wafer(str(data.pop("base")))
+    else:
+        data.pop("base", None)
+    unknown = set(data) - set(_FIELDS) - {"name", "description", "defective_pes"}
+    if unknown:
+        raise HardwareError(
+            f"{where}: unknown key(s) {', '.join(sorted(unknown))}; known keys: name, description, "
+            f"defective_pes, base, {', '.join(_FIELDS)}"
+        )
+    values: dict[str, Any] = {}
+    prov: dict[str, Provenance] = dict(base.provenance) if base else {}
+    for key in _FIELDS:
+        if key not in data:
+            if base is None:
+                raise HardwareError(f"{where}: missing required key {key!r} ({_FIELDS[key][3]}, {_FIELDS[key][2]})")
+            values[key] = getattr(base, key)
+            continue
+        raw = data[key]
+        if isinstance(raw, Mapping):
+            if "value" not in raw:
+                raise HardwareError(f"{where}: {key} is a table but has no 'value'")
+            status = str(raw.get("status", "user"))
+            if status not in STATUSES:
+                raise HardwareError(f"{where}: {key}.status must be one of {', '.join(STATUSES)}, got {status!r}")
+            prov[key] = Provenance(str(raw.get("source", where)), status)
+            raw = raw["value"]
+        else:
+            prov[key] = Provenance(where, "user")
+        values[key] = _coerce(key, raw, where)
+    defects = _coerce_defects(data.get("defective_pes", []), where) if "defective_pes" in data else (
+        base.defective_pes if base else frozenset()
+    )
+    spec = WaferSpec(
+        name=str(data.get("name", base.name if base else Path(where).stem)),
+        description=str(data.get("description", base.description if base else "")),
+        defective_pes=defects,
+        provenance=prov,
+        **values,
+    )
+    spec.validate()
+    return spec
+
+
+def load_wafer_file(path: str | Path) -> WaferSpec:
+    path = Path(path)
+    if not path.is_file():
+        raise HardwareError(f"hardware file not found: {path}")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            data = tomllib.loads(text)
+    except (ValueError, tomllib.TOMLDecodeError) as exc:
+        raise HardwareError(f"{path}: not valid {'JSON' if path.suffix.lower() == '.json' else 'TOML'}: {exc}") from None
+    return from_mapping(data, where=str(path))
+
+
+def preset_names() -> list[str]:
+    files = resources.files("waferllm.hardware") / "presets"
+    return sorted(p.name[:-5] for p in files.iterdir() if p.name.endswith(".toml"))
+
+
+def get_wafer(name_or_path: "str | Path | WaferSpec", **overrides: Any) -> WaferSpec:
+    """A preset by name (``wse2``, ``wse3``) or a TOML/JSON file, with optional overrides."""
+    if isinstance(name_or_path, WaferSpec):
+        spec = name_or_path
+    else:
+        key = str(name_or_path)
+        preset = resources.files("waferllm.hardware") / "presets" / f"{key.lower()}.toml"
+        if preset.is_file():
+            spec = from_mapping(tomllib.loads(preset.read_text(encoding="utf-8")), where=f"preset {key.lower()}")
+        elif Path(key).exists():
+            spec = load_wafer_file(key)
+        else:
+            raise HardwareError(f"unknown wafer {key!r}: not a preset ({', '.join(preset_names())}) nor an existing file")
+    return spec.replace(**overrides) if overrides else spec
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """``["beta_cycles=40", "rows=100"]`` -> dict, for ``--set`` on the command line."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise HardwareError(f"override {item!r} must look like KEY=VALUE")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+def field_docs() -> dict[str, tuple[str, str]]:
+    return {k: (v[2], v[3]) for k, v in _FIELDS.items()}

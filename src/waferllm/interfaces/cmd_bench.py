@@ -1,0 +1,1 @@
+"""`waferllm bench`: registered when its layer lands."""

@@ -1,0 +1,1 @@
+"""`waferllm generate`: registered when its layer lands."""

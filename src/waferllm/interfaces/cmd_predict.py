@@ -1,0 +1,1 @@
+"""`waferllm predict`: registered when its layer lands."""
