@@ -1,0 +1,350 @@
+"""Communication primitives: tiles move the way the fabric moves them, and pay for it.
+
+Each primitive returns a new :class:`DistTensor` and charges the mesh's ledger with
+cycles derived from the hops, routing stages and bytes of what it actually did (see
+:mod:`cost`). Mesh axes: ``"y"`` moves data between rows (along a column), ``"x"``
+between columns (along a row). Everything is vectorised over PEs; Python loops run
+only over algorithm steps or reduction-tree levels.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from waferllm.errors import MeshError, SRAMOverflowError
+from waferllm.mesh.cost import message_cycles
+from waferllm.mesh.interleave import ring_max_hops, ring_source
+from waferllm.mesh.tensor import AXES, DistTensor
+
+# ------------------------------------------------------------------------ helpers
+
+
+def _check_axis(axis: str) -> int:
+    if axis not in AXES:
+        raise MeshError(f"mesh axis must be 'y' or 'x', got {axis!r}")
+    return AXES[axis]
+
+
+def _charge_comm(mesh, name, nbytes_per_pe, hops, stages=0, rounds=1, links_shared=1, messages=None, relayed=False):
+    w = mesh.wafer
+    per_round = message_cycles(w, nbytes_per_pe, hops, stages, links_shared)
+    pes = mesh.rows * mesh.cols
+    msgs = pes * rounds if messages is None else messages
+    return mesh.ledger.charge(
+        name, "comm", per_round * rounds,
+        bytes_moved=nbytes_per_pe * msgs, hop_bytes=nbytes_per_pe * msgs * max(hops, 1),
+        routing_stages=stages * rounds, messages=msgs, relayed_transfers=msgs if relayed else 0,
+        sram_read_bytes=nbytes_per_pe * msgs, sram_write_bytes=nbytes_per_pe * msgs,
+    )
+
+
+def _grid(mesh):
+    return np.meshgrid(np.arange(mesh.rows), np.arange(mesh.cols), indexing="ij")
+
+
+# ------------------------------------------------------------------------ shifts
+
+
+def shift(t: DistTensor, axis: str, direction: int = 1, fill: float = 0.0, name: str = "shift") -> DistTensor:
+    """Every PE sends its tile one hop along ``axis`` (``direction`` +1 or -1); the edge receives ``fill``."""
+    ax = _check_axis(axis)
+    if direction not in (1, -1):
+        raise MeshError("shift direction must be +1 or -1")
+    mesh = t.mesh
+    mesh.routes.request(name, 2, relayable=False)
+    tiles = None
+    if t.tiles is not None:
+        tiles = np.empty_like(t.tiles)
+        src = [slice(None)] * t.tiles.ndim
+        dst = [slice(None)] * t.tiles.ndim
+        edge = [slice(None)] * t.tiles.ndim
+        if direction == 1:
+            dst[ax], src[ax], edge[ax] = slice(1, None), slice(0, -1), slice(0, 1)
+        else:
+            dst[ax], src[ax], edge[ax] = slice(0, -1), slice(1, None), slice(-1, None)
+        tiles[tuple(dst)] = t.tiles[tuple(src)]
+        tiles[tuple(edge)] = fill
+    n = mesh.axis_size(axis)
+    if n > 1:
+        _charge_comm(mesh, name, t.bytes_per_pe, hops=1, messages=mesh.rows * mesh.cols * (n - 1) // n)
+    return t.with_tiles(tiles, blocks=None if t.blocks is None else t.blocks)
+
+
+def ring_shift(t: DistTensor, axis: str, steps=1, ring: str = "interleave", name: str = "ring_shift") -> DistTensor:
+    """Rotate tiles along every line of ``axis`` by ``steps`` ring positions.
+
+    ``steps`` is an int (all lines alike) or one int per line (a skew). A line whose
+    offset is k takes min(k, n-k) rounds (it may turn either way round the ring); the
+    primitive costs the slowest line's rounds, each a single message of one tile over
+    the ring's longest neighbour distance (2 hops on INTERLEAVE, n-1 on a plain ring).
+    """
+    ax = _check_axis(axis)
+    mesh = t.mesh
+    n = mesh.axis_size(axis)
+    lines = mesh.cols if axis == "y" else mesh.rows
+    steps_arr = np.asarray(steps, dtype=np.int64)
+    if steps_arr.ndim and steps_arr.shape != (lines,):
+        raise MeshError(f"{name}: need one step count per line ({lines}), got shape {steps_arr.shape}")
+    k = np.mod(steps_arr, n)
+    rounds = int(np.max(np.minimum(k, n - k))) if n > 1 else 0
+    if rounds == 0:
+        return t
+    mesh.routes.request(f"{name}[{ring}]", 3, relayable=False)
+    hops = ring_max_hops(n, ring)
+    # each ring step: every directed link carries one flow (see interleave.ring_link_loads)
+    _charge_comm(mesh, name, t.bytes_per_pe, hops=hops, rounds=rounds)
+    if not mesh.numeric:
+        return t.with_tiles(None)
+    src = ring_source(n, ring, steps_arr)  # (n,) or (lines, n)
+    ii, jj = _grid(mesh)
+    if axis == "x":
+        idx = (ii, np.broadcast_to(src, (mesh.rows, n)) if src.ndim == 2 else np.broadcast_to(src, ii.shape))
+    else:
+        s = src.T if src.ndim == 2 else src[:, None]
+        idx = (np.broadcast_to(s, ii.shape), jj)
+    tiles = t.tiles[idx]
+    blocks = None if t.blocks is None else {d: b[idx] for d, b in t.blocks.items()}
+    if t.blocks is None:
+        # Moving tiles means each PE now holds another PE's block: record which.
+        d = t.axis_dim(axis)
+        blocks = {}
+        base = {0: ii, 1: jj}
+        for dim, a in enumerate(t.layout):
+            if a is not None:
+                blocks[dim] = base[AXES[a]][idx]
+        if not blocks:
+            blocks = None
+    return t.with_tiles(tiles, blocks=blocks)
+
+
+# ------------------------------------------------------------------------ broadcast
+
+
+def broadcast(t: DistTensor, axis: str, root=0, routes_per_pe: int = 1, name: str = "broadcast") -> DistTensor:
+    """Copy the root PE's tile to every PE of its line along ``axis`` (hardware multicast).
+
+    ``routes_per_pe``: distinct routes this broadcast pattern needs through each PE over
+    the program (SUMMA, whose root moves every step, needs one per root). Over the
+    router's budget the region's route policy relays the message in software instead:
+    every hop becomes a routing stage.
+    The dim split along ``axis`` (if any) becomes whole: its size is one tile.
+    """
+    ax = _check_axis(axis)
+    mesh = t.mesh
+    n = mesh.axis_size(axis)
+    if not 0 <= int(root) < n:
+        raise MeshError(f"{name}: root {root} outside a line of {n} PEs")
+    hardware = mesh.routes.request(name, routes_per_pe)
+    hops = max(int(root), n - 1 - int(root))
+    stages = 0 if hardware else hops
+    if not hardware:
+        mesh.ledger.note(f"{name}: {routes_per_pe} routes/PE exceed the router's {mesh.routes.budget}; relayed in software")
+    if n > 1:
+        _charge_comm(mesh, name, t.bytes_per_pe, hops=hops, stages=stages, relayed=not hardware,
+                     messages=mesh.rows * mesh.cols // n)
+    d = t.axis_dim(axis)
+    layout = list(t.layout)
+    shape = list(t.shape)
+    if d is not None:
+        layout[d] = None
+        shape[d] = t.tile_shape[d]
+    tiles = None
+    if t.tiles is not None:
+        sel = [slice(None)] * t.tiles.ndim
+        sel[ax] = slice(int(root), int(root) + 1)
+        tiles = np.broadcast_to(t.tiles[tuple(sel)], t.tiles.shape)
+    blocks = None
+    if t.blocks:
+        blocks = {k: v for k, v in t.blocks.items() if k != d} or None
+        if blocks:
+            sel = (slice(int(root), int(root) + 1), slice(None)) if ax == 0 else (slice(None), slice(int(root), int(root) + 1))
+            blocks = {k: np.broadcast_to(v[sel], v.shape) for k, v in blocks.items()}
+    return DistTensor(mesh, shape, layout, t.dtype, tiles, name=name, blocks=blocks, partial=None,
+                      tile_shape=t.tile_shape)
+
+
+# ------------------------------------------------------------------------ reductions
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One pipelined phase of a reduction: ``stages`` relays, each ``spacing`` hops apart."""
+
+    label: str
+    stages: int
+    spacing: int
+    bytes_factor: float = 1.0  # fraction of the vector each message carries
+    repeats: int = 1  # sequential repetitions (ring steps)
+    extra_hops: int = 0  # pass-through hops with no relay (multicast)
+
+
+def reduce_schedule(n: int, algo: str, k: int = 2, group: int | None = None, root: int | None = None,
+                    allreduce: bool = True) -> tuple[list[Phase], int]:
+    """The phases a reduction along a line of ``n`` PEs executes, and its routes per PE."""
+    if n <= 1:
+        return [], 0
+    if algo == "chain":
+        r = (n - 1) if root is None else int(root)
+        stages = max(r, n - 1 - r)
+        phases = [Phase("chain", stages, 1)]
+        if allreduce:
+            phases.append(Phase("multicast", 0, 1, extra_hops=stages))
+        return phases, 2 + int(allreduce)
+    if algo == "pipeline":
+        phases = [Phase("pipeline-reduce", n - 1, 1)]
+        if allreduce:
+            phases.append(Phase("pipeline-broadcast", 0, 1, extra_hops=n - 1))
+        return phases, 3
+    if algo == "ring":
+        # reduce-scatter then allgather on the interleaved ring: 2(n-1) steps of 1/n of the vector
+        steps = n - 1
+        phases = [Phase("ring-reduce-scatter", 1, 2, 1.0 / n, repeats=steps)]
+        if allreduce:
+            phases.append(Phase("ring-allgather", 0, 2, 1.0 / n, repeats=steps, extra_hops=0))
+        return phases, 3
+    if algo == "ktree":
+        if k < 1:
+            raise MeshError("K-tree needs K >= 1")
+        g = int(group) if group else max(2, int(round(n ** (1.0 / k))))
+        phases = []
+        members, spacing, level = n, 1, 1
+        while members > 1:
+            last = level >= k or members <= g
+            size = members if last else g
+            phases.append(Phase(f"ktree-L{level}", math.ceil((size - 1) / 2), spacing))
+            members = math.ceil(members / size)
+            spacing *= size
+            level += 1
+        if allreduce:
+            phases.append(Phase("ktree-multicast", 0, 1, extra_hops=math.ceil((n - 1) / 2)))
+        return phases, len(phases) + 1
+    raise MeshError(f"unknown reduction algorithm {algo!r}; expected chain, pipeline, ring or ktree")
+
+
+def _schedule_cycles(mesh, phases: list[Phase], nbytes: int) -> tuple[float, int, int]:
+    w = mesh.wafer
+    cycles, stages, hops = 0.0, 0, 0
+    for p in phases:
+        b = math.ceil(nbytes * p.bytes_factor)
+        h = p.stages * p.spacing + p.extra_hops
+        cycles += p.repeats * message_cycles(w, b, h, p.stages)
+        stages += p.repeats * p.stages
+        hops += p.repeats * h
+    return cycles, stages, hops
+
+
+def reduce(t: DistTensor, axis: str, op: str = "sum", algo: str = "ktree", k: int = 2, group: int | None = None,
+           root: int | None = None, allreduce: bool = True, name: str | None = None) -> DistTensor:
+    """Reduce tiles along ``axis`` (sum or max).
+
+    The input is either a tensor with ``partial == (axis, op)`` or any tensor not split
+    along ``axis`` whose tiles are combined. With ``allreduce`` every PE of the line ends
+    with the result; otherwise only the root does (the other tiles are zeroed, and the
+    result stays ``partial`` so that its logical value is exact).
+    """
+    ax = _check_axis(axis)
+    if op not in ("sum", "max"):
+        raise MeshError(f"reduce op must be sum or max, got {op!r}")
+    if t.axis_dim(axis) is not None:
+        raise MeshError(f"cannot reduce {t.name} along {axis}: a logical dim is split along it")
+    mesh = t.mesh
+    n = mesh.axis_size(axis)
+    name = name or f"{'allreduce' if allreduce else 'reduce'}[{algo}]"
+    phases, routes = reduce_schedule(n, algo, k, group, root, allreduce)
+    if routes:
+        mesh.routes.request(name, routes, relayable=False)
+    cycles, stages, hops = _schedule_cycles(mesh, phases, t.bytes_per_pe)
+    lines = mesh.rows * mesh.cols // max(n, 1)
+    if n > 1:
+        mesh.ledger.charge(
+            name, "comm", cycles,
+            bytes_moved=t.bytes_per_pe * (n - 1) * lines * (2 if allreduce else 1),
+            hop_bytes=t.bytes_per_pe * hops * lines, routing_stages=stages, messages=(n - 1) * lines,
+            flops=t.tile_elems * (n - 1) * lines,
+        )
+    rroot = (n - 1) // 2 if root is None else int(root)
+    tiles = None
+    if t.tiles is not None:
+        red = np.sum if op == "sum" else np.max
+        acc = red(t.tiles.astype(np.float32), axis=ax, keepdims=True).astype(t.tiles.dtype)
+        if allreduce:
+            tiles = np.broadcast_to(acc, t.tiles.shape)
+        else:
+            tiles = np.zeros_like(t.tiles)
+            sel = [slice(None)] * tiles.ndim
+            sel[ax] = slice(rroot, rroot + 1)
+            tiles[tuple(sel)] = acc
+    partial = None if allreduce else (axis, op)
+    if not allreduce and op == "max" and tiles is not None:
+        # zeros would corrupt a max; fill the non-root tiles with -inf instead
+        mask = np.ones(n, bool)
+        mask[rroot] = False
+        sel = [slice(None)] * tiles.ndim
+        sel[ax] = mask
+        tiles[tuple(sel)] = -np.inf
+    return t.with_tiles(tiles, partial=partial, name=name)
+
+
+def allreduce(t: DistTensor, axis: str, op: str = "sum", algo: str = "ktree", **kw) -> DistTensor:
+    return reduce(t, axis, op=op, algo=algo, allreduce=True, **kw)
+
+
+# ------------------------------------------------------------------------ gather / re-place
+
+
+def gather(t: DistTensor, to: tuple[int, int] = (0, 0), name: str = "gather"):
+    """Collect the whole logical tensor on one PE (numeric: returns it; dry: None).
+
+    Every byte enters the target through its one ramp, so the body streams at link rate.
+    """
+    mesh = t.mesh
+    r, c = to
+    if not (0 <= r < mesh.rows and 0 <= c < mesh.cols):
+        raise MeshError(f"{name}: target PE {to} outside region {mesh.region.describe()}")
+    total = int(np.prod(t.shape)) * t.itemsize
+    cap = mesh.sram.capacity - mesh.sram.used_max() + t.bytes_per_pe
+    if total > cap:
+        raise SRAMOverflowError(
+            f"{name}: gathering {t.name} ({total:,} B) onto PE {to} of region {mesh.region.describe()} "
+            f"needs {total - cap:,} B more than its {cap:,} B free"
+        )
+    hops = max(r, mesh.rows - 1 - r) + max(c, mesh.cols - 1 - c)
+    _charge_comm(mesh, name, total, hops=hops, messages=1)
+    return t.to_global() if t.tiles is not None else None
+
+
+def replace(t: DistTensor, mesh, layout, dtype: str | None = None, name: str = "replace") -> DistTensor:
+    """Re-place a tensor onto another region and/or layout (e.g. prefill -> decode).
+
+    Cost model: every PE injects its source tile and receives its destination tile
+    through one ramp each; the total hop-bytes must also cross the fabric's links. The
+    step takes the larger of the per-PE ramp time and the link-bandwidth time, plus the
+    latency of the longest path.
+    """
+    src = t.mesh
+    if src.wafer is not mesh.wafer and src.wafer != mesh.wafer:
+        raise MeshError(f"{name}: cannot move a tensor between different wafers")
+    dtype = dtype or t.dtype
+    out = (DistTensor.from_global(mesh, t.to_global(), layout, dtype, name=name) if t.tiles is not None
+           else DistTensor.from_global(mesh, t.shape, layout, dtype, name=name))
+    ra, rb = src.region, mesh.region
+    # average Manhattan distance between a source PE and a destination PE
+    cy = abs((ra.row0 + ra.rows / 2) - (rb.row0 + rb.rows / 2))
+    cx = abs((ra.col0 + ra.cols / 2) - (rb.col0 + rb.cols / 2))
+    mean_hops = cy + cx + (max(ra.rows, rb.rows) + max(ra.cols, rb.cols)) / 3
+    max_hops = int(max(ra.row0 + ra.rows, rb.row0 + rb.rows) - min(ra.row0, rb.row0)
+                   + max(ra.col0 + ra.cols, rb.col0 + rb.cols) - min(ra.col0, rb.col0) - 2)
+    total = int(np.prod(t.shape)) * t.itemsize
+    w = mesh.wafer
+    ramp_time = max(t.bytes_per_pe, out.bytes_per_pe) / w.link_bytes_per_cycle
+    ys = (min(ra.row0, rb.row0), max(ra.row0 + ra.rows, rb.row0 + rb.rows))
+    xs = (min(ra.col0, rb.col0), max(ra.col0 + ra.cols, rb.col0 + rb.cols))
+    links = 2 * ((ys[1] - ys[0]) * (xs[1] - xs[0] - 1) + (xs[1] - xs[0]) * (ys[1] - ys[0] - 1))
+    link_time = total * mean_hops / max(links, 1) / w.link_bytes_per_cycle
+    cycles = 2 * w.ramp_cycles + w.alpha_cycles * max_hops + max(ramp_time, link_time)
+    mesh.ledger.charge(name, "comm", cycles, bytes_moved=total, hop_bytes=total * mean_hops,
+                       messages=ra.pes, sram_read_bytes=total, sram_write_bytes=total)
+    return out

@@ -1,0 +1,117 @@
+"""Compute primitives: work each PE does on its own tiles, all PEs at once.
+
+Cost: multiply-accumulates (or vector ops) per PE at the wafer's SIMD width for the
+dtype, plus a fixed launch overhead per op. Numerics: fp16 tiles are multiplied with
+fp32 accumulation (mixed precision), then stored in the tensor's dtype.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from waferllm.errors import MeshError
+from waferllm.mesh.cost import compute_cycles, vector_cycles
+from waferllm.mesh.tensor import AXES, NP_DTYPES, DistTensor
+
+
+def _charge(mesh, name, cycles, flops_per_pe, read_bytes, write_bytes):
+    pes = mesh.rows * mesh.cols
+    return mesh.ledger.charge(name, "compute", cycles, flops=flops_per_pe * pes,
+                              sram_read_bytes=read_bytes * pes, sram_write_bytes=write_bytes * pes)
+
+
+def matmul_tiles(mesh, a_tiles, b_tiles, acc=None, transpose_b=False, dtype="fp32", name="tile_matmul",
+                 shapes=None):
+    """Per-PE ``acc + A_tile @ B_tile`` (or ``@ B_tile.T``) on raw tile arrays.
+
+    ``shapes`` = (m, k, n) per PE; required in dry run (where the arrays are None).
+    Returns the new accumulator array (fp32 in numeric mode) or None.
+    """
+    if shapes is None:
+        m, k = a_tiles.shape[-2:]
+        n = b_tiles.shape[-2] if transpose_b else b_tiles.shape[-1]
+        batch = int(np.prod(a_tiles.shape[2:-2], dtype=np.int64))
+    else:
+        m, k, n, *rest = shapes
+        batch = rest[0] if rest else 1
+    macs = batch * m * k * n
+    item = 2 if dtype == "fp16" else 4
+    _charge(mesh, name, compute_cycles(mesh.wafer, macs, dtype), 2 * macs,
+            item * batch * (m * k + k * n + m * n), 4 * batch * m * n)
+    if a_tiles is None:
+        return None
+    a = a_tiles if a_tiles.dtype == np.float32 else a_tiles.astype(np.float32)
+    b = b_tiles if b_tiles.dtype == np.float32 else b_tiles.astype(np.float32)
+    if transpose_b:
+        b = np.swapaxes(b, -1, -2)
+    prod = np.matmul(a, b)
+    if acc is None:
+        return prod
+    acc += prod
+    return acc
+
+
+def local_matmul(a: DistTensor, b: DistTensor, *, shape, layout, transpose_b=False, partial=None, dtype=None,
+                 name="local_matmul") -> DistTensor:
+    """Each PE multiplies its A tile by its B tile; the caller states the result's meaning."""
+    tiles = matmul_tiles(a.mesh, a.tiles, b.tiles, transpose_b=transpose_b, dtype=a.dtype, name=name,
+                         shapes=None if a.tiles is not None else (
+                             a.tile_shape[-2], a.tile_shape[-1],
+                             b.tile_shape[-2] if transpose_b else b.tile_shape[-1],
+                             int(np.prod(a.tile_shape[:-2], dtype=np.int64))))
+    dtype = dtype or a.dtype
+    return DistTensor(a.mesh, shape, layout, dtype, None if tiles is None else tiles.astype(NP_DTYPES[dtype]),
+                      name=name, partial=partial)
+
+
+def elementwise(fn, *tensors: DistTensor, ops_per_elem: float = 1.0, name: str = "elementwise", dtype=None,
+                out_like: DistTensor | None = None) -> DistTensor:
+    """Apply ``fn`` to the tiles (numpy broadcasting between tiles), charging vector ops.
+
+    ``fn`` works on whole tile arrays (mesh dims leading); it must not mix PEs.
+    """
+    ref = out_like or tensors[0]
+    mesh = ref.mesh
+    elems = ref.tile_elems
+    dt = dtype or ref.dtype
+    _charge(mesh, name, vector_cycles(mesh.wafer, elems, dt, ops_per_elem), ops_per_elem * elems,
+            sum(t.bytes_per_pe for t in tensors), ref.bytes_per_pe)
+    tiles = None
+    if mesh.numeric:
+        with np.errstate(over="ignore", under="ignore"):
+            tiles = np.asarray(fn(*[t.tiles.astype(np.float32) for t in tensors]), dtype=np.float32)
+        tiles = np.broadcast_to(tiles, (mesh.rows, mesh.cols, *ref.tile_shape)).astype(NP_DTYPES[dt])
+    return ref.with_tiles(tiles, dtype=dt, name=name, partial=None)
+
+
+def tile_reduce(t: DistTensor, dim: int, op: str = "sum", name: str = "tile_reduce", keepdims: bool = True) -> DistTensor:
+    """Reduce a logical dim inside every tile. If that dim is split along a mesh axis the
+    result is partial along that axis (finish it with :func:`comm.allreduce`)."""
+    if op not in ("sum", "max", "sumsq"):
+        raise MeshError(f"tile_reduce op must be sum, max or sumsq, got {op!r}")
+    mesh = t.mesh
+    dim = dim % len(t.shape)
+    axis = t.layout[dim]
+    _charge(mesh, name, vector_cycles(mesh.wafer, t.tile_elems, t.dtype, 2 if op == "sumsq" else 1),
+            t.tile_elems * (2 if op == "sumsq" else 1), t.bytes_per_pe, t.bytes_per_pe // max(t.tile_shape[dim], 1))
+    shape = list(t.shape)
+    layout = list(t.layout)
+    shape[dim] = 1
+    layout[dim] = None
+    if not keepdims:
+        del shape[dim], layout[dim]
+    tiles = None
+    if t.tiles is not None:
+        x = t.tiles.astype(np.float32)
+        if op == "sumsq":
+            tiles = np.sum(x * x, axis=2 + dim, keepdims=keepdims)
+        elif op == "sum":
+            tiles = np.sum(x, axis=2 + dim, keepdims=keepdims)
+        else:
+            tiles = np.max(x, axis=2 + dim, keepdims=keepdims)
+    red = "max" if op == "max" else "sum"
+    partial = (axis, red) if axis is not None else None
+    blocks = None
+    if t.blocks:
+        blocks = {(d if d < dim or keepdims else d - 1): b for d, b in t.blocks.items() if d != dim} or None
+    return DistTensor(mesh, shape, layout, "fp32", tiles, name=name, partial=partial, blocks=blocks)

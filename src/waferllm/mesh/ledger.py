@@ -1,0 +1,202 @@
+"""The cost ledger: the critical path of an executed program, and everything it did.
+
+Every primitive charges the ledger with an *event*: a kind (``compute``, ``comm`` or
+``overhead``), the cycles it takes on the critical path, and counters (flops, bytes,
+hop-bytes, SRAM traffic, routing stages). Events inside ``overlap()`` run concurrently:
+compute events queue on the PE's core, communication events on its router, and the
+block costs ``max(compute, comm)``; outside it they follow one another.
+
+Spans (phase > layer > op > primitive) group events; ``breakdown()`` sums cycles by
+span name at any depth and ``chrome_trace()`` exports a Perfetto-readable trace.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+COUNTERS = (
+    "flops", "bytes_moved", "hop_bytes", "sram_read_bytes", "sram_write_bytes",
+    "routing_stages", "relayed_transfers", "messages",
+)
+
+
+@dataclass
+class Event:
+    name: str
+    kind: str  # compute | comm | overhead
+    start: float
+    cycles: float
+    span: tuple[str, ...]
+    counters: dict = field(default_factory=dict)
+
+
+@dataclass
+class _Overlap:
+    start: float
+    compute: float = 0.0
+    comm: float = 0.0
+    overhead: float = 0.0
+
+
+class Ledger:
+    """Critical-path cycles plus totals, for one or more regions of one wafer."""
+
+    def __init__(self, wafer, keep_events: bool = True, max_events: int = 200_000):
+        self.wafer = wafer
+        self.cycles = 0.0
+        self.compute_cycles = 0.0
+        self.comm_cycles = 0.0
+        self.exposed_comm_cycles = 0.0
+        self.overhead_cycles = 0.0
+        self.totals: dict[str, float] = defaultdict(float)
+        self.by_span: dict[tuple[str, ...], float] = defaultdict(float)
+        self.by_primitive: dict[str, float] = defaultdict(float)
+        self.notes: list[str] = []
+        self.keep_events = keep_events
+        self.max_events = max_events
+        self.events: list[Event] = []
+        self.spans: list[tuple[tuple[str, ...], float, float]] = []
+        self._stack: list[str] = []
+        self._overlap: _Overlap | None = None
+
+    # ---- structure ---------------------------------------------------------
+    @contextmanager
+    def span(self, name: str):
+        """A named scope (phase, layer, op); nested spans build a path."""
+        self._stack.append(name)
+        start = self.cycles
+        try:
+            yield self
+        finally:
+            path = tuple(self._stack)
+            self._stack.pop()
+            if self.keep_events and len(self.spans) < self.max_events:
+                self.spans.append((path, start, self.cycles))
+
+    @contextmanager
+    def overlap(self):
+        """Compute and communication issued inside run concurrently (double buffering)."""
+        if self._overlap is not None:  # nested: already concurrent
+            yield self
+            return
+        ov = _Overlap(start=self.cycles)
+        self._overlap = ov
+        try:
+            yield self
+        finally:
+            self._overlap = None
+            busy = max(ov.compute, ov.comm)
+            self.exposed_comm_cycles += max(0.0, ov.comm - ov.compute)
+            self.cycles = ov.start + busy + ov.overhead
+
+    # ---- charging ----------------------------------------------------------
+    def charge(self, name: str, kind: str, cycles: float, **counters) -> float:
+        cycles = float(cycles)
+        ov = self._overlap
+        if ov is None:
+            start = self.cycles
+            self.cycles += cycles
+            if kind == "comm":
+                self.exposed_comm_cycles += cycles
+        else:
+            if kind == "compute":
+                start = ov.start + ov.compute
+                ov.compute += cycles
+            elif kind == "comm":
+                start = ov.start + ov.comm
+                ov.comm += cycles
+            else:
+                start = ov.start + max(ov.compute, ov.comm) + ov.overhead
+                ov.overhead += cycles
+        if kind == "compute":
+            self.compute_cycles += cycles
+        elif kind == "comm":
+            self.comm_cycles += cycles
+        else:
+            self.overhead_cycles += cycles
+        for k, v in counters.items():
+            self.totals[k] += v
+        path = tuple(self._stack)
+        self.by_span[path] += cycles if ov is None else 0.0
+        self.by_primitive[name] += cycles
+        if self.keep_events and len(self.events) < self.max_events:
+            self.events.append(Event(name, kind, start, cycles, path, counters))
+        return cycles
+
+    def note(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.append(text)
+
+    # ---- reading -----------------------------------------------------------
+    @property
+    def seconds(self) -> float:
+        return self.wafer.cycles_to_seconds(self.cycles)
+
+    @property
+    def energy_j(self) -> float:
+        """Whole-system power for the time on the critical path (see the wafer's power_w provenance)."""
+        return self.wafer.power_w * self.seconds
+
+    def mark(self) -> dict:
+        """Snapshot for measuring a sub-range: ``ledger.since(mark)``."""
+        return {
+            "cycles": self.cycles, "compute": self.compute_cycles, "comm": self.comm_cycles,
+            "exposed": self.exposed_comm_cycles, "overhead": self.overhead_cycles, "totals": dict(self.totals),
+        }
+
+    def since(self, mark: dict) -> dict:
+        out = {
+            "cycles": self.cycles - mark["cycles"],
+            "compute_cycles": self.compute_cycles - mark["compute"],
+            "comm_cycles": self.comm_cycles - mark["comm"],
+            "exposed_comm_cycles": self.exposed_comm_cycles - mark["exposed"],
+            "overhead_cycles": self.overhead_cycles - mark["overhead"],
+        }
+        for k in set(self.totals) | set(mark["totals"]):
+            out[k] = self.totals.get(k, 0.0) - mark["totals"].get(k, 0.0)
+        out["seconds"] = self.wafer.cycles_to_seconds(out["cycles"])
+        return out
+
+    def breakdown(self, depth: int = 1) -> dict[str, float]:
+        """Critical-path cycles by span path truncated to ``depth`` (from closed spans)."""
+        out: dict[str, float] = defaultdict(float)
+        for path, start, end in self.spans:
+            if len(path) == depth:
+                out["/".join(path)] += end - start
+        return dict(out)
+
+    def summary(self) -> dict:
+        return {
+            "cycles": self.cycles,
+            "seconds": self.seconds,
+            "compute_cycles": self.compute_cycles,
+            "comm_cycles": self.comm_cycles,
+            "exposed_comm_cycles": self.exposed_comm_cycles,
+            "overhead_cycles": self.overhead_cycles,
+            "energy_j": self.energy_j,
+            **{k: self.totals.get(k, 0.0) for k in COUNTERS},
+            "by_primitive": dict(self.by_primitive),
+            "notes": list(self.notes),
+        }
+
+    def chrome_trace(self) -> dict:
+        """Chrome/Perfetto trace: spans on one track, compute and comm on their own."""
+        us = 1e6 / self.wafer.clock_hz
+        tids = {"span": 1, "compute": 2, "comm": 3, "overhead": 4}
+        ev = [{"ph": "M", "pid": 1, "tid": t, "name": "thread_name", "args": {"name": n}} for n, t in tids.items()]
+        for path, start, end in self.spans:
+            ev.append({"ph": "X", "pid": 1, "tid": tids["span"], "name": path[-1], "cat": "/".join(path[:-1]) or "root",
+                       "ts": start * us, "dur": max(end - start, 0) * us})
+        for e in self.events:
+            ev.append({"ph": "X", "pid": 1, "tid": tids.get(e.kind, 4), "name": e.name, "cat": "/".join(e.span) or "root",
+                       "ts": e.start * us, "dur": e.cycles * us, "args": {"cycles": e.cycles, **e.counters}})
+        return {"traceEvents": ev, "displayTimeUnit": "ns", "otherData": {"wafer": self.wafer.name}}
+
+    def write_trace(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.chrome_trace()))
+        return path

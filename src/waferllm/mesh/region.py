@@ -1,0 +1,59 @@
+"""Regions: rectangles of PEs on a wafer, and the execution context that runs on one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from waferllm.errors import MeshError
+from waferllm.hardware.plmr import WaferSpec
+
+
+@dataclass(frozen=True)
+class Region:
+    """A rectangle of PEs: rows [row0, row0+rows) x cols [col0, col0+cols) of the wafer."""
+
+    wafer: WaferSpec
+    rows: int
+    cols: int
+    row0: int = 0
+    col0: int = 0
+    name: str = "region"
+
+    def __post_init__(self):
+        w = self.wafer
+        for label, v in (("rows", self.rows), ("cols", self.cols)):
+            if not isinstance(v, (int, np.integer)) or v <= 0:
+                raise MeshError(f"region {self.name!r}: {label} must be a positive integer, got {v!r}")
+        if self.row0 < 0 or self.col0 < 0 or self.row0 + self.rows > w.rows or self.col0 + self.cols > w.cols:
+            raise MeshError(
+                f"region {self.name!r} ({self.rows}x{self.cols} at row {self.row0}, col {self.col0}) lies outside "
+                f"the {w.rows}x{w.cols} mesh of {w.name}; the largest square region is {min(w.rows, w.cols)}x{min(w.rows, w.cols)}"
+            )
+        bad = [
+            (r, c) for r, c in w.defective_pes
+            if self.row0 <= r < self.row0 + self.rows and self.col0 <= c < self.col0 + self.cols
+        ]
+        if bad:
+            raise MeshError(
+                f"region {self.name!r} contains defective PE(s) {sorted(bad)[:5]}{'...' if len(bad) > 5 else ''}; "
+                "place the region on healthy PEs only"
+            )
+
+    @property
+    def pes(self) -> int:
+        return self.rows * self.cols
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.rows, self.cols)
+
+    def describe(self) -> str:
+        return f"{self.name} {self.rows}x{self.cols}@({self.row0},{self.col0})"
+
+    def distance_to(self, other: "Region") -> int:
+        """Manhattan hops between the nearest corners of two regions (0 if they overlap)."""
+        dy = max(0, other.row0 - (self.row0 + self.rows - 1), self.row0 - (other.row0 + other.rows - 1))
+        dx = max(0, other.col0 - (self.col0 + self.cols - 1), self.col0 - (other.col0 + other.cols - 1))
+        return int(dy + dx)

@@ -1,0 +1,201 @@
+"""Distributed tensors: a logical tensor, a layout over the mesh, and its tiles as one array.
+
+Layout: one entry per logical dim, ``"y"`` (split over mesh rows), ``"x"`` (split over
+mesh columns) or ``None`` (whole dim in every tile). A mesh axis no dim is split along
+holds replicas. Tiles are one array of shape ``(rows, cols, *tile_shape)``; sizes that
+do not divide are zero-padded, and the pad never reaches ``to_global()``.
+
+Two extras make algorithm states exact:
+- ``blocks``: for a split dim, which logical block each PE holds (default: its own
+  coordinate). Skewed and rotating operands (Cannon, MeshGEMM) carry it.
+- ``partial``: ``("y"|"x", "sum"|"max")`` when the logical value is the reduction of the
+  tiles along a mesh axis (a GEMV's partial products before the allreduce).
+
+In dry-run mode ``tiles`` is ``None``: shapes, layouts, SRAM and cost are identical.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from typing import Sequence
+
+import numpy as np
+
+from waferllm.errors import MeshError
+from waferllm.hardware.plmr import DTYPE_BYTES
+
+NP_DTYPES = {"fp16": np.float16, "fp32": np.float32}
+AXES = {"y": 0, "x": 1}
+
+
+def check_layout(shape: Sequence[int], layout: Sequence) -> tuple:
+    layout = tuple(layout)
+    if len(layout) != len(shape):
+        raise MeshError(f"layout {layout} has {len(layout)} entries for a {len(shape)}-d tensor of shape {tuple(shape)}")
+    for a in layout:
+        if a not in ("y", "x", None):
+            raise MeshError(f"layout entries must be 'y', 'x' or None, got {a!r}")
+    for a in ("y", "x"):
+        if layout.count(a) > 1:
+            raise MeshError(f"layout {layout} splits two dims along mesh axis {a}")
+    return layout
+
+
+def tile_shape_for(shape, layout, mesh_shape) -> tuple[int, ...]:
+    r, c = mesh_shape
+    return tuple(
+        math.ceil(n / r) if a == "y" else math.ceil(n / c) if a == "x" else int(n) for n, a in zip(shape, layout)
+    )
+
+
+class DistTensor:
+    """A logical tensor distributed over a mesh; see the module docstring."""
+
+    __slots__ = ("mesh", "shape", "layout", "dtype", "tiles", "tile_shape", "blocks", "partial", "name",
+                 "_handle", "__weakref__")
+
+    def __init__(self, mesh, shape, layout, dtype, tiles=None, *, name="tensor", blocks=None, partial=None,
+                 tile_shape=None, charge_sram=True):
+        self.mesh = mesh
+        self.shape = tuple(int(s) for s in shape)
+        self.layout = check_layout(self.shape, layout)
+        if dtype not in NP_DTYPES:
+            raise MeshError(f"dtype must be fp16 or fp32, got {dtype!r}")
+        self.dtype = dtype
+        self.tile_shape = tuple(tile_shape) if tile_shape is not None else tile_shape_for(self.shape, self.layout, mesh.shape)
+        if tiles is not None:
+            expect = (mesh.rows, mesh.cols, *self.tile_shape)
+            if tuple(tiles.shape) != expect:
+                raise MeshError(f"{name}: tiles of shape {tuple(tiles.shape)}, expected {expect}")
+            if tiles.dtype != NP_DTYPES[dtype]:
+                tiles = tiles.astype(NP_DTYPES[dtype])
+        elif mesh.numeric:
+            raise MeshError(f"{name}: numeric mesh needs tile data")
+        self.tiles = tiles if mesh.numeric else None
+        self.blocks = blocks
+        self.partial = partial
+        self.name = name
+        self._handle = None
+        if charge_sram:
+            self._handle = mesh.sram.alloc(name, self.bytes_per_pe)
+            weakref.finalize(self, mesh.sram.free, self._handle)
+
+    # ---- sizes -------------------------------------------------------------
+    @property
+    def itemsize(self) -> int:
+        return DTYPE_BYTES[self.dtype]
+
+    @property
+    def tile_elems(self) -> int:
+        return int(np.prod(self.tile_shape, dtype=np.int64))
+
+    @property
+    def bytes_per_pe(self) -> int:
+        return self.tile_elems * self.itemsize
+
+    def axis_dim(self, axis: str) -> int | None:
+        """Logical dim split along mesh ``axis`` (or None)."""
+        return self.layout.index(axis) if axis in self.layout else None
+
+    def __repr__(self) -> str:
+        extra = f", partial={self.partial}" if self.partial else ""
+        return (f"DistTensor({self.name}, shape={self.shape}, layout={self.layout}, tile={self.tile_shape}, "
+                f"{self.dtype}, {'numeric' if self.tiles is not None else 'dry'}{extra})")
+
+    # ---- conversion --------------------------------------------------------
+    @classmethod
+    def from_global(cls, mesh, array, layout, dtype="fp32", *, name="tensor", blocks=None) -> "DistTensor":
+        """Place a host array on the mesh (numeric) or just its shape (dry run: pass a shape tuple)."""
+        if isinstance(array, tuple) or not mesh.numeric:
+            shape = tuple(array) if isinstance(array, tuple) else tuple(np.shape(array))
+            return cls(mesh, shape, layout, dtype, None, name=name, blocks=blocks)
+        array = np.asarray(array)
+        layout = check_layout(array.shape, layout)
+        tshape = tile_shape_for(array.shape, layout, mesh.shape)
+        r, c = mesh.shape
+        parts = [r if a == "y" else c if a == "x" else 1 for a in layout]
+        pad = [(0, p * t - n) for p, t, n in zip(parts, tshape, array.shape)]
+        arr = np.asarray(array, dtype=NP_DTYPES[dtype])
+        if any(p[1] for p in pad):
+            arr = np.pad(arr, pad)
+        # (p0, t0, p1, t1, ...) then bring the y-parts and x-parts axes to the front.
+        split = arr.reshape([v for p, t in zip(parts, tshape) for v in (p, t)])
+        nd = len(layout)
+        part_axis = {a: 2 * d for d, a in enumerate(layout) if a}
+        tile_axes = [2 * d + 1 for d in range(nd)]
+        unused = [2 * d for d, a in enumerate(layout) if not a]
+        order = [part_axis.get("y"), part_axis.get("x")]
+        front = [o for o in order if o is not None]
+        moved = split.transpose(front + unused + tile_axes)
+        # unused part axes have size 1: drop them
+        moved = moved.reshape([split.shape[a] for a in front] + [split.shape[a] for a in tile_axes])
+        if "y" not in layout:
+            moved = moved[None]
+        if "x" not in layout:
+            moved = moved[:, None]
+        tiles = np.broadcast_to(moved, (r, c, *tshape))
+        if blocks:
+            tiles = _apply_blocks(tiles, layout, blocks, inverse=False)
+        else:
+            tiles = np.ascontiguousarray(tiles) if tiles.strides[0] and tiles.strides[1] else tiles
+        return cls(mesh, array.shape, layout, dtype, tiles, name=name, blocks=blocks)
+
+    def to_global(self, dtype=None) -> np.ndarray:
+        """Reassemble the logical tensor on the host (numeric mode only)."""
+        if self.tiles is None:
+            raise MeshError(f"{self.name}: dry-run tensors hold no data")
+        tiles = self.tiles
+        if self.partial is not None:
+            axis, op = self.partial
+            red = np.sum if op == "sum" else np.max
+            tiles = red(tiles.astype(np.float32), axis=AXES[axis], keepdims=True)
+            tiles = np.broadcast_to(tiles, self.tiles.shape)
+        if self.blocks:
+            tiles = _apply_blocks(tiles, self.layout, self.blocks, inverse=True)
+        nd = len(self.layout)
+        y = tiles if "y" in self.layout else tiles[:1]
+        y = y if "x" in self.layout else y[:, :1]
+        # y: (ry, cx, *tile) -> interleave parts back next to their dims
+        ydim, xdim = self.axis_dim("y"), self.axis_dim("x")
+        src_axes = []
+        for d in range(nd):
+            if d == ydim:
+                src_axes += [0, 2 + d]
+            elif d == xdim:
+                src_axes += [1, 2 + d]
+            else:
+                src_axes += [2 + d]
+        leftovers = [a for a in (0, 1) if a not in src_axes]
+        arr = y.transpose(src_axes + leftovers)
+        full = arr.reshape([y.shape[0] * self.tile_shape[d] if d == ydim else y.shape[1] * self.tile_shape[d]
+                            if d == xdim else self.tile_shape[d] for d in range(nd)])
+        out = full[tuple(slice(0, n) for n in self.shape)]
+        return np.array(out, dtype=dtype or NP_DTYPES[self.dtype])
+
+    def with_tiles(self, tiles, *, name=None, layout=None, shape=None, blocks="keep", partial="keep", dtype=None) -> "DistTensor":
+        """A new tensor on the same mesh with new tiles and optionally new metadata."""
+        return DistTensor(
+            self.mesh,
+            self.shape if shape is None else shape,
+            self.layout if layout is None else layout,
+            dtype or self.dtype,
+            tiles,
+            name=name or self.name,
+            blocks=self.blocks if blocks == "keep" else blocks,
+            partial=self.partial if partial == "keep" else partial,
+            tile_shape=None if (layout is not None or shape is not None) else self.tile_shape,
+        )
+
+
+def _apply_blocks(tiles, layout, blocks, inverse: bool):
+    """Move tiles between 'PE (i,j) holds its own block' and 'PE (i,j) holds blocks[d][i,j]'."""
+    r, c = tiles.shape[:2]
+    ii, jj = np.meshgrid(np.arange(r), np.arange(c), indexing="ij")
+    by = blocks.get(layout.index("y"), ii) if "y" in layout else ii
+    bx = blocks.get(layout.index("x"), jj) if "x" in layout else jj
+    if inverse:  # result[block] = tiles[pe]
+        out = np.empty(tiles.shape, dtype=tiles.dtype)
+        out[by, bx] = tiles
+        return out
+    return tiles[by, bx]
