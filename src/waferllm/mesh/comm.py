@@ -253,7 +253,11 @@ def reduce(t: DistTensor, axis: str, op: str = "sum", algo: str = "ktree", k: in
     mesh = t.mesh
     n = mesh.axis_size(axis)
     name = name or f"{'allreduce' if allreduce else 'reduce'}[{algo}]"
-    phases, routes = reduce_schedule(n, algo, k, group, root, allreduce)
+    worst_root = None
+    if root is not None:
+        r_arr = np.asarray(root)
+        worst_root = int(r_arr.flat[np.argmax(np.maximum(r_arr, n - 1 - r_arr))]) if r_arr.size else None
+    phases, routes = reduce_schedule(n, algo, k, group, worst_root, allreduce)
     if routes:
         mesh.routes.request(name, routes, relayable=False)
     cycles, stages, hops = _schedule_cycles(mesh, phases, t.bytes_per_pe)
@@ -265,7 +269,8 @@ def reduce(t: DistTensor, axis: str, op: str = "sum", algo: str = "ktree", k: in
             hop_bytes=t.bytes_per_pe * hops * lines, routing_stages=stages, messages=(n - 1) * lines,
             flops=t.tile_elems * (n - 1) * lines,
         )
-    rroot = (n - 1) // 2 if root is None else int(root)
+    lines_n = mesh.cols if axis == "y" else mesh.rows
+    rroot = np.broadcast_to(np.asarray((n - 1) // 2 if root is None else root, dtype=np.int64), (lines_n,))
     tiles = None
     if t.tiles is not None:
         red = np.sum if op == "sum" else np.max
@@ -273,18 +278,14 @@ def reduce(t: DistTensor, axis: str, op: str = "sum", algo: str = "ktree", k: in
         if allreduce:
             tiles = np.broadcast_to(acc, t.tiles.shape)
         else:
-            tiles = np.zeros_like(t.tiles)
-            sel = [slice(None)] * tiles.ndim
-            sel[ax] = slice(rroot, rroot + 1)
-            tiles[tuple(sel)] = acc
+            # only the root of each line holds the result; max needs -inf elsewhere, sum zeros
+            tiles = np.full_like(t.tiles, 0 if op == "sum" else -np.inf)
+            line = np.arange(lines_n)
+            if axis == "y":
+                tiles[rroot, line] = acc[0]
+            else:
+                tiles[line, rroot] = acc[:, 0]
     partial = None if allreduce else (axis, op)
-    if not allreduce and op == "max" and tiles is not None:
-        # zeros would corrupt a max; fill the non-root tiles with -inf instead
-        mask = np.ones(n, bool)
-        mask[rroot] = False
-        sel = [slice(None)] * tiles.ndim
-        sel[ax] = mask
-        tiles[tuple(sel)] = -np.inf
     return t.with_tiles(tiles, partial=partial, name=name)
 
 

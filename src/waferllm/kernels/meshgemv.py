@@ -1,0 +1,59 @@
+"""MeshGEMV and its baselines: decode's y = x @ W.
+
+W [K, N] is 2D-partitioned. The input x is split over the same mesh axis as W's K
+dim and replicated along the other axis, so every PE multiplies its x segment by its
+W tile (a local partial GEMV) and the partials are summed along the K axis by an
+allreduce: the K-tree for MeshGEMV, a pipeline (the vendor demo's) or a ring for the
+baselines. With the broadcast back, every PE of line j holds y_j: **the output is
+indexed along the other axis** (x along y in -> y along x out), which is what lets
+decode alternate reduce axes and never transpose.
+
+Layouts: W (y, x) with x (y,) -> y (x,); or W (x, y) with x (x,) -> y (y,).
+"""
+
+from __future__ import annotations
+
+from waferllm.errors import MeshError
+from waferllm.kernels.report import KernelResult, measured
+from waferllm.mesh import comm
+from waferllm.mesh.compute import matmul_tiles
+from waferllm.mesh.tensor import DistTensor
+
+GEMV_ALGOS = {"meshgemv": "ktree", "pipeline": "pipeline", "ring": "ring"}
+
+
+def gemv(x: DistTensor, w: DistTensor, *, algo: str = "meshgemv", k: int = 2, group: int | None = None,
+         broadcast: bool = True, out_dtype: str | None = None, name: str = "y") -> KernelResult:
+    """y = x @ W on the mesh; ``algo`` is meshgemv (K-tree), pipeline or ring."""
+    if algo not in GEMV_ALGOS:
+        raise MeshError(f"unknown GEMV algorithm {algo!r}; expected one of {', '.join(GEMV_ALGOS)}")
+    mesh = x.mesh
+    if len(w.shape) != 2 or len(x.shape) != 1:
+        raise MeshError(f"GEMV needs x [K] and W [K, N]; got {x.shape} and {w.shape}")
+    if x.shape[0] != w.shape[0]:
+        raise MeshError(f"GEMV: x has {x.shape[0]} elements, W has {w.shape[0]} rows")
+    red_axis = w.layout[0]
+    if red_axis not in ("y", "x") or w.layout[1] not in ("y", "x") or x.layout != (red_axis,):
+        raise MeshError(f"GEMV needs W (y, x) with x (y,) or W (x, y) with x (x,); got W {w.layout}, x {x.layout}")
+    out_axis = w.layout[1]
+    out_dtype = out_dtype or x.dtype
+    tk, tn = w.tile_shape
+    with measured(mesh, algo) as rep:
+        part = matmul_tiles(mesh, None if x.tiles is None else x.tiles[:, :, None, :], w.tiles, dtype=w.dtype,
+                            name=f"{algo}.local_gemv", shapes=(1, tk, tn))
+        partial = DistTensor(mesh, (w.shape[1],), (out_axis,), "fp32",
+                             None if part is None else part[:, :, 0, :], name=f"{name}_partial",
+                             partial=(red_axis, "sum"))
+        y = comm.reduce(partial, red_axis, "sum", algo=GEMV_ALGOS[algo], k=k, group=group, allreduce=broadcast,
+                        name=f"{algo}.allreduce" if broadcast else f"{algo}.reduce")
+        if out_dtype != "fp32":
+            y = y.with_tiles(None if y.tiles is None else y.tiles.astype("float16" if out_dtype == "fp16" else "float32"),
+                             dtype=out_dtype, name=name)
+    rep.routes_per_pe = mesh.routes.peak
+    n = mesh.axis_size(red_axis)
+    rep.extra.update(k=w.shape[0], n=w.shape[1], grid=n, reduce_axis=red_axis, output_axis=out_axis)
+    return KernelResult(y, rep)
+
+
+def meshgemv(x, w, **kw) -> KernelResult:
+    return gemv(x, w, algo="meshgemv", **kw)
