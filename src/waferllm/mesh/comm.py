@@ -100,24 +100,27 @@ def ring_shift(t: DistTensor, axis: str, steps=1, ring: str = "interleave", name
         return t.with_tiles(None)
     src = ring_source(n, ring, steps_arr)  # (n,) or (lines, n)
     ii, jj = _grid(mesh)
+    if src.ndim == 1:
+        # the same rotation on every line
+        idx = (ii, src[jj]) if axis == "x" else (src[ii], jj)
+        return t.with_tiles(t.tiles[idx], blocks=_moved_blocks(t, idx, ii, jj))
     if axis == "x":
         idx = (ii, np.broadcast_to(src, (mesh.rows, n)) if src.ndim == 2 else np.broadcast_to(src, ii.shape))
     else:
         s = src.T if src.ndim == 2 else src[:, None]
         idx = (np.broadcast_to(s, ii.shape), jj)
-    tiles = t.tiles[idx]
-    blocks = None if t.blocks is None else {d: b[idx] for d, b in t.blocks.items()}
-    if t.blocks is None:
-        # Moving tiles means each PE now holds another PE's block: record which.
-        d = t.axis_dim(axis)
-        blocks = {}
-        base = {0: ii, 1: jj}
-        for dim, a in enumerate(t.layout):
-            if a is not None:
-                blocks[dim] = base[AXES[a]][idx]
-        if not blocks:
-            blocks = None
-    return t.with_tiles(tiles, blocks=blocks)
+    return t.with_tiles(t.tiles[idx], blocks=_moved_blocks(t, idx, ii, jj))
+
+
+def _moved_blocks(t: DistTensor, idx, ii, jj):
+    """Moving tiles means each PE now holds another PE's block: record which, for every
+    split dim (a dim missing from t.blocks holds its own coordinate before the move)."""
+    blocks = dict(t.blocks or {})
+    base = {0: ii, 1: jj}
+    for dim, a in enumerate(t.layout):
+        if a is not None:
+            blocks[dim] = np.asarray(blocks.get(dim, base[AXES[a]]))[idx]
+    return blocks or None
 
 
 # ------------------------------------------------------------------------ broadcast
@@ -162,7 +165,10 @@ def broadcast(t: DistTensor, axis: str, root=0, routes_per_pe: int = 1, name: st
         if blocks:
             sel = (slice(int(root), int(root) + 1), slice(None)) if ax == 0 else (slice(None), slice(int(root), int(root) + 1))
             blocks = {k: np.broadcast_to(v[sel], v.shape) for k, v in blocks.items()}
-    return DistTensor(mesh, shape, layout, t.dtype, tiles, name=name, blocks=blocks, partial=None,
+    # a partial along this axis is resolved by the root (reduce-to-root then broadcast);
+    # a partial along the other axis is untouched by copying along this one
+    partial = t.partial if t.partial is not None and t.partial[0] != axis else None
+    return DistTensor(mesh, shape, layout, t.dtype, tiles, name=name, blocks=blocks, partial=partial,
                       tile_shape=t.tile_shape)
 
 
@@ -201,9 +207,11 @@ def reduce_schedule(n: int, algo: str, k: int = 2, group: int | None = None, roo
     if algo == "ring":
         # reduce-scatter then allgather on the interleaved ring: 2(n-1) steps of 1/n of the vector
         steps = n - 1
-        phases = [Phase("ring-reduce-scatter", 1, 2, 1.0 / n, repeats=steps)]
+        hops = ring_max_hops(n, "interleave")  # 2, or 1 on a line of 2
+        phases = [Phase("ring-reduce-scatter", 1, hops, 1.0 / n, repeats=steps)]
         if allreduce:
-            phases.append(Phase("ring-allgather", 0, 2, 1.0 / n, repeats=steps, extra_hops=0))
+            # each allgather step forwards one chunk to the ring neighbour: same hops, no add
+            phases.append(Phase("ring-allgather", 0, hops, 1.0 / n, repeats=steps, extra_hops=hops))
         return phases, 3
     if algo == "ktree":
         if k < 1:
@@ -253,9 +261,19 @@ def reduce(t: DistTensor, axis: str, op: str = "sum", algo: str = "ktree", k: in
     mesh = t.mesh
     n = mesh.axis_size(axis)
     name = name or f"{'allreduce' if allreduce else 'reduce'}[{algo}]"
+    keep_partial = None
+    if t.partial is not None and t.partial != (axis, op):
+        # the tiles are partial along the other axis: reducing them is exact only for the
+        # same op, and only an allreduce can keep that other partial
+        if t.partial[0] == axis or t.partial[1] != op or not allreduce:
+            raise MeshError(f"{name}: {t.name} is partial along {t.partial[0]} ({t.partial[1]}); "
+                            f"cannot {op}-reduce it along {axis}{'' if allreduce else ' to a root'}")
+        keep_partial = t.partial
     worst_root = None
     if root is not None:
         r_arr = np.asarray(root)
+        if r_arr.size and (r_arr.min() < 0 or r_arr.max() >= n):
+            raise MeshError(f"{name}: root {root} outside a line of {n} PEs")
         worst_root = int(r_arr.flat[np.argmax(np.maximum(r_arr, n - 1 - r_arr))]) if r_arr.size else None
     phases, routes = reduce_schedule(n, algo, k, group, worst_root, allreduce)
     if routes:
@@ -285,7 +303,7 @@ def reduce(t: DistTensor, axis: str, op: str = "sum", algo: str = "ktree", k: in
                 tiles[rroot, line] = acc[0]
             else:
                 tiles[line, rroot] = acc[:, 0]
-    partial = None if allreduce else (axis, op)
+    partial = keep_partial if allreduce else (axis, op)
     return t.with_tiles(tiles, partial=partial, name=name)
 
 

@@ -7,6 +7,9 @@ fp32 accumulation (mixed precision), then stored in the tensor's dtype.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 from waferllm.errors import MeshError
@@ -40,14 +43,45 @@ def matmul_tiles(mesh, a_tiles, b_tiles, acc=None, transpose_b=False, dtype="fp3
             item * batch * (m * k + k * n + m * n), 4 * batch * m * n)
     if a_tiles is None:
         return None
-    a = a_tiles if a_tiles.dtype == np.float32 else a_tiles.astype(np.float32)
-    b = b_tiles if b_tiles.dtype == np.float32 else b_tiles.astype(np.float32)
+    return _batched_matmul(a_tiles, b_tiles, acc, transpose_b)
+
+
+_POOL = None
+
+
+def _pool():
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)))
+    return _POOL
+
+
+def _batched_matmul(a, b, acc, transpose_b):
+    """acc + a @ b over leading (mesh) dims in fp32, split over threads by mesh rows.
+
+    numpy hands each small tile product to BLAS one at a time on one thread; splitting
+    the PE rows over a thread pool (numpy releases the GIL) uses every core.
+    """
     if transpose_b:
         b = np.swapaxes(b, -1, -2)
-    prod = np.matmul(a, b)
+    a = np.broadcast_to(a, np.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + a.shape[-2:])
+    b = np.broadcast_to(b, a.shape[:-2] + b.shape[-2:])
+    out_shape = a.shape[:-1] + b.shape[-1:]
     if acc is None:
-        return prod
-    acc += prod
+        acc = np.zeros(out_shape, np.float32)
+
+    def work(lo, hi):
+        aa = a[lo:hi] if a.dtype == np.float32 else a[lo:hi].astype(np.float32)
+        bb = b[lo:hi] if b.dtype == np.float32 else b[lo:hi].astype(np.float32)
+        acc[lo:hi] += np.matmul(aa, bb)
+
+    rows = a.shape[0]
+    workers = _pool()._max_workers
+    if rows < 2 or workers == 1 or a.size + b.size < 1 << 16:
+        work(0, rows)
+        return acc
+    bounds = np.linspace(0, rows, min(rows, workers) + 1).astype(int)
+    list(_pool().map(lambda lh: work(*lh), zip(bounds[:-1], bounds[1:])))
     return acc
 
 
@@ -72,6 +106,10 @@ def elementwise(fn, *tensors: DistTensor, ops_per_elem: float = 1.0, name: str =
     """
     ref = out_like or tensors[0]
     mesh = ref.mesh
+    for t in tensors:
+        if t.partial is not None:
+            raise MeshError(f"{name}: {t.name} is partial along {t.partial[0]} ({t.partial[1]}); "
+                            "finish it with comm.allreduce/reduce before an elementwise op")
     elems = ref.tile_elems
     dt = dtype or ref.dtype
     _charge(mesh, name, vector_cycles(mesh.wafer, elems, dt, ops_per_elem), ops_per_elem * elems,
@@ -81,6 +119,9 @@ def elementwise(fn, *tensors: DistTensor, ops_per_elem: float = 1.0, name: str =
         with np.errstate(over="ignore", under="ignore"):
             tiles = np.asarray(fn(*[t.tiles.astype(np.float32) for t in tensors]), dtype=np.float32)
         tiles = np.broadcast_to(tiles, (mesh.rows, mesh.cols, *ref.tile_shape)).astype(NP_DTYPES[dt])
+        mask = ref.pad_mask()
+        if mask is not None:  # keep the padding zero (fn(0) need not be 0, e.g. exp)
+            tiles = np.where(mask, tiles, np.zeros((), tiles.dtype))
     return ref.with_tiles(tiles, dtype=dt, name=name, partial=None)
 
 
@@ -103,6 +144,9 @@ def tile_reduce(t: DistTensor, dim: int, op: str = "sum", name: str = "tile_redu
     tiles = None
     if t.tiles is not None:
         x = t.tiles.astype(np.float32)
+        mask = t.pad_mask(dims=(dim,))
+        if mask is not None:  # padding of the reduced dim must not take part
+            x = np.where(mask, x, np.float32(-np.inf if op == "max" else 0.0))
         if op == "sumsq":
             tiles = np.sum(x * x, axis=2 + dim, keepdims=keepdims)
         elif op == "sum":
@@ -111,6 +155,12 @@ def tile_reduce(t: DistTensor, dim: int, op: str = "sum", name: str = "tile_redu
             tiles = np.max(x, axis=2 + dim, keepdims=keepdims)
     red = "max" if op == "max" else "sum"
     partial = (axis, red) if axis is not None else None
+    if t.partial is not None:
+        # a partial sum stays a partial sum under a sum (and max under max); nothing else is exact
+        if partial is not None or t.partial[1] != red or op == "sumsq":
+            raise MeshError(f"{name}: {t.name} is partial along {t.partial[0]} ({t.partial[1]}); "
+                            f"finish it with comm.allreduce before a tile {op}")
+        partial = t.partial
     blocks = None
     if t.blocks:
         blocks = {(d if d < dim or keepdims else d - 1): b for d, b in t.blocks.items() if d != dim} or None
