@@ -107,16 +107,24 @@ class ReferenceModel:
 
     ``prefill(ids)`` runs the ids at positions ``len .. len+T-1`` after what the cache holds
     and returns logits [T, V]; ``decode(id)`` runs one token and returns logits [V].
+    ``preload=False`` keeps layers lazy (built from the file on each access when the
+    weights' layer cache is small), for models larger than memory.
     """
 
-    def __init__(self, weights: ModelWeights, dtype=np.float32, max_seq_len: int | None = None):
+    def __init__(self, weights: ModelWeights, dtype=np.float32, max_seq_len: int | None = None, preload: bool = True):
         self.weights = weights
         self.config = c = weights.config
         self.dtype = np.dtype(dtype)
         self.max_seq_len = int(max_seq_len or c.max_position_embeddings)
         self.cache = KVCache(c.num_layers, c.num_kv_heads, c.head_dim, self.max_seq_len, self.dtype)
         self._cast = self.dtype != np.float32
-        self._layers = [self._convert(layer) for layer in weights.layers] if self._cast else None
+        # preload: materialise (dequantise) every layer now, so timings measure the forward only
+        if self._cast:
+            self._layers = [self._convert(layer) for layer in weights.layers]
+        elif preload:
+            self._layers = list(weights.layers)
+        else:
+            self._layers = None
         self._embed = weights.embed.astype(self.dtype) if self._cast else weights.embed
         self._lm_head = weights.lm_head.astype(self.dtype) if self._cast else weights.lm_head
         self._final_norm = weights.final_norm.astype(self.dtype)

@@ -1,0 +1,63 @@
+"""``ReferenceEngine``: the dense numpy forward behind the shared generation loop.
+
+It produces the tokens the wafer engine must reproduce, and is what
+``waferllm generate --engine reference`` runs.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+from waferllm.engine.generate import OnToken, generate_one
+from waferllm.engine.outputs import RequestOutput
+from waferllm.engine.sampling import SamplingParams
+from waferllm.errors import RequestError
+
+
+class ReferenceEngine:
+    """``ReferenceEngine(model)``: ``model`` is a ``LoadedModel``, a path, or ``None`` (embedded SmolLM2)."""
+
+    name = "reference"
+
+    def __init__(self, model=None, dtype="float32", max_seq_len: int | None = None):
+        from waferllm.models.loader import LoadedModel, load_model
+        from waferllm.models.reference import ReferenceModel
+
+        if model is None or isinstance(model, (str, os.PathLike)):
+            model = load_model(model)
+        if not isinstance(model, LoadedModel):
+            raise TypeError(f"model must be a LoadedModel, a path or None, got {type(model).__name__}")
+        self.model = model
+        self.tokenizer = model.tokenizer
+        self.config = model.config
+        self.backend = ReferenceModel(model.weights, dtype=dtype, max_seq_len=max_seq_len)
+
+    def encode_prompt(self, prompt: str | Sequence[dict], chat: bool = False) -> tuple[str, list[int]]:
+        """The prompt text (after the chat template, when ``chat``) and its token ids."""
+        if chat or not isinstance(prompt, str):
+            text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
+            # the template writes its own special tokens (e.g. BOS), so none are added here
+            return text, self.tokenizer.encode(text, add_special_tokens=False)
+        if not prompt:
+            raise RequestError("the prompt is empty")
+        return prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
+
+    def generate(self, prompts, params: SamplingParams | None = None, chat: bool = False,
+                 on_token: OnToken | None = None) -> list[RequestOutput]:
+        """Generate for one prompt (a string, or a list of chat messages) or a list of string prompts."""
+        params = params or SamplingParams()
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict)):
+            prompts = [prompts]
+        outs = []
+        for p in prompts:
+            text, ids = self.encode_prompt(p, chat=chat)
+            outs.append(self.generate_ids(ids, params, on_token=on_token, prompt=text))
+        return outs
+
+    def generate_ids(self, prompt_token_ids: Sequence[int], params: SamplingParams | None = None,
+                     on_token: OnToken | None = None, prompt: str | None = None) -> RequestOutput:
+        out = generate_one(self.backend, self.tokenizer, prompt_token_ids, params or SamplingParams(),
+                           on_token=on_token, prompt=prompt)
+        out.metrics["engine"] = self.name
+        return out

@@ -1,0 +1,156 @@
+"""Sampling parameters (vLLM semantics) and the sampler that turns logits into tokens.
+
+* ``temperature == 0`` -> greedy (argmax); otherwise logits / temperature.
+* ``top_k`` -1 or 0 = off; otherwise keep the k most likely tokens.
+* ``top_p`` < 1 keeps the smallest set of tokens whose probability mass reaches ``top_p``.
+* ``seed`` makes sampling deterministic (one ``numpy.random.Generator`` per request).
+* ``logprobs=K`` returns, per generated token, ``{token_id: logprob}`` for the K most
+  likely tokens plus the sampled one (so K+1 entries at most), computed from the raw model
+  logits (before temperature / top-k / top-p), like vLLM.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, asdict
+from typing import Sequence
+
+import numpy as np
+
+from waferllm.errors import RequestError
+
+_SAMPLING_EPS = 1e-5
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = -1
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def is_int(x) -> bool:
+            return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+        if not is_int(self.max_tokens) or self.max_tokens < 1:
+            raise RequestError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
+                or not math.isfinite(self.temperature) or self.temperature < 0:
+            raise RequestError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not is_int(self.top_k) or (self.top_k < 1 and self.top_k not in (-1, 0)):
+            raise RequestError(f"top_k must be -1 or 0 (disabled) or at least 1, got {self.top_k!r}")
+        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not (0.0 < self.top_p <= 1.0):
+            raise RequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and not is_int(self.seed):
+            raise RequestError(f"seed must be an integer or None, got {self.seed!r}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        for s in self.stop:
+            if not isinstance(s, str) or not s:
+                raise RequestError(f"stop strings must be non-empty strings, got {s!r}")
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        for t in self.stop_token_ids:
+            if not is_int(t) or t < 0:
+                raise RequestError(f"stop_token_ids must be non-negative integers, got {t!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and (not is_int(v) or v < 0):
+                raise RequestError(f"{name} must be None or an integer >= 0, got {v!r}")
+        self.temperature = float(self.temperature)
+        self.top_p = float(self.top_p)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < _SAMPLING_EPS
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def top_logprobs(logprobs: np.ndarray, k: int, extra: int | None = None) -> dict[int, float]:
+    """``{token_id: logprob}`` for the k largest entries of a [V] log-prob vector, plus ``extra``."""
+    out: dict[int, float] = {}
+    if extra is not None:
+        out[int(extra)] = float(logprobs[extra])
+    if k > 0:
+        k = min(k, logprobs.shape[-1])
+        idx = np.argpartition(-logprobs, k - 1)[:k]
+        idx = idx[np.lexsort((idx, -logprobs[idx]))]  # by logprob descending, then id
+        for i in idx:
+            out.setdefault(int(i), float(logprobs[i]))
+    return out
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = np.asarray(logits, dtype=np.float64)
+    m = np.max(x, axis=-1, keepdims=True)
+    return x - m - np.log(np.sum(np.exp(x - m), axis=-1, keepdims=True))
+
+
+def apply_top_k_top_p(logits: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
+    """Return a copy of [V] logits with filtered tokens set to -inf."""
+    x = np.array(logits, dtype=np.float64)
+    V = x.shape[-1]
+    if top_k > 0 and top_k < V:
+        kth = np.partition(x, V - top_k)[V - top_k]  # the k-th largest value
+        x[x < kth] = -np.inf
+    if top_p < 1.0:
+        order = np.argsort(-x, kind="stable")
+        p = np.exp(x[order] - x[order[0]])
+        p /= p.sum()
+        cum = np.cumsum(p)
+        # keep tokens until the mass *before* a token reaches top_p (the top token always stays)
+        drop = (cum - p) >= top_p
+        drop[0] = False
+        x[order[drop]] = -np.inf
+    return x
+
+
+class Sampler:
+    """Turns logits into a token for one request (owns the request's random generator)."""
+
+    def __init__(self, params: SamplingParams):
+        self.params = params
+        self.rng = np.random.default_rng(params.seed)
+
+    def probs(self, logits: np.ndarray) -> np.ndarray:
+        """The distribution sampled from (after temperature, top-k, top-p), float64 [V]."""
+        p = self.params
+        x = apply_top_k_top_p(np.asarray(logits, dtype=np.float64) / max(p.temperature, _SAMPLING_EPS), p.top_k, p.top_p)
+        x = np.exp(x - np.max(x))
+        return x / x.sum()
+
+    def sample(self, logits: np.ndarray) -> int:
+        logits = np.asarray(logits).reshape(-1)
+        if self.params.greedy:
+            return int(np.argmax(logits))
+        probs = self.probs(logits)
+        cdf = np.cumsum(probs)
+        r = self.rng.random() * cdf[-1]
+        tok = int(np.searchsorted(cdf, r, side="right"))
+        tok = min(tok, len(probs) - 1)
+        while probs[tok] == 0.0 and tok > 0:  # guard against landing on a masked token at the edge
+            tok -= 1
+        return tok
+
+    def logprobs(self, logits: np.ndarray, token_id: int, k: int) -> dict[int, float]:
+        return top_logprobs(log_softmax(np.asarray(logits).reshape(-1)), k, extra=token_id)
+
+
+def sample_greedy(logits: np.ndarray) -> int:
+    return int(np.argmax(np.asarray(logits).reshape(-1)))
+
+
+__all__ = ["SamplingParams", "Sampler", "top_logprobs", "log_softmax", "apply_top_k_top_p", "sample_greedy"]
