@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -216,20 +217,41 @@ def reduce_schedule(n: int, algo: str, k: int = 2, group: int | None = None, roo
     if algo == "ktree":
         if k < 1:
             raise MeshError("K-tree needs K >= 1")
-        g = int(group) if group else max(2, int(round(n ** (1.0 / k))))
-        phases = []
-        members, spacing, level = n, 1, 1
-        while members > 1:
-            last = level >= k or members <= g
-            size = members if last else g
-            phases.append(Phase(f"ktree-L{level}", math.ceil((size - 1) / 2), spacing))
-            members = math.ceil(members / size)
-            spacing *= size
-            level += 1
+        g = int(group) if group else _ktree_group(n, k)
+        phases = _ktree_levels(n, k, g)
         if allreduce:
             phases.append(Phase("ktree-multicast", 0, 1, extra_hops=math.ceil((n - 1) / 2)))
         return phases, len(phases) + 1
     raise MeshError(f"unknown reduction algorithm {algo!r}; expected chain, pipeline, ring or ktree")
+
+
+def _ktree_levels(n: int, k: int, g: int) -> list[Phase]:
+    phases = []
+    members, spacing, level = n, 1, 1
+    while members > 1:
+        last = level >= k or members <= g
+        size = members if last else g
+        phases.append(Phase(f"ktree-L{level}", math.ceil((size - 1) / 2), spacing))
+        members = math.ceil(members / size)
+        spacing *= size
+        level += 1
+    return phases
+
+
+@lru_cache(maxsize=4096)
+def _ktree_group(n: int, k: int) -> int:
+    """Group size ~ n^(1/k): the rounded root unless a neighbouring size needs fewer routing
+    stages (rounding alone is not stage-optimal, and made the stage count non-monotone in n)."""
+    r = n ** (1.0 / k)
+    g0 = max(2, int(round(r)))
+    cands = sorted({max(2, g) for g in (math.floor(r) - 1, math.floor(r), math.ceil(r), math.ceil(r) + 1)})
+
+    def cost(g):
+        levels = _ktree_levels(n, k, g)
+        return sum(p.stages for p in levels), sum(p.stages * p.spacing for p in levels)
+
+    best = min(cands, key=cost)
+    return g0 if cost(g0)[0] == cost(best)[0] else best
 
 
 def _schedule_cycles(mesh, phases: list[Phase], nbytes: int) -> tuple[float, int, int]:

@@ -193,10 +193,16 @@ class Ledger:
                        "ts": start * us, "dur": max(end - start, 0) * us})
         for e in self.events:
             ev.append({"ph": "X", "pid": 1, "tid": tids.get(e.kind, 4), "name": e.name, "cat": "/".join(e.span) or "root",
-                       "ts": e.start * us, "dur": e.cycles * us, "args": {"cycles": e.cycles, **e.counters}})
+                       "ts": e.start * us, "dur": e.cycles * us,
+                       "args": {"cycles": e.cycles, **{k: _plain(v) for k, v in e.counters.items()}}})
         return {"traceEvents": ev, "displayTimeUnit": "ns", "otherData": {"wafer": self.wafer.name}}
 
     def write_trace(self, path: str | Path) -> Path:
         path = Path(path)
         path.write_text(json.dumps(self.chrome_trace()))
         return path
+
+
+def _plain(v):
+    """Counters may be numpy scalars (e.g. from a region sized with numpy ints): make them JSON-able."""
+    return v.item() if hasattr(v, "item") else v

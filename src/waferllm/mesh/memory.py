@@ -69,9 +69,15 @@ class SRAM:
 
     def resize(self, handle: int, bytes_per_pe) -> None:
         """Change an allocation in place (e.g. a KV cache that grows), with the same checks."""
-        name, _ = self._allocs[handle]
+        name, old = self._allocs[handle]
         self.free(handle)
-        new = self.alloc(name, bytes_per_pe)
+        try:
+            new = self.alloc(name, bytes_per_pe)
+        except SRAMOverflowError:
+            # keep the old allocation: a failed resize must not lose it from the accounting
+            restored = self.alloc(name, old)
+            self._allocs[handle] = self._allocs.pop(restored)
+            raise
         self._allocs[handle] = self._allocs.pop(new)
 
     def free(self, handle: int) -> None:

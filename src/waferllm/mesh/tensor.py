@@ -112,6 +112,8 @@ class DistTensor:
             return cls(mesh, shape, layout, dtype, None, name=name, blocks=blocks)
         array = np.asarray(array)
         layout = check_layout(array.shape, layout)
+        if dtype not in NP_DTYPES:
+            raise MeshError(f"dtype must be fp16 or fp32, got {dtype!r}")
         tshape = tile_shape_for(array.shape, layout, mesh.shape)
         r, c = mesh.shape
         parts = [r if a == "y" else c if a == "x" else 1 for a in layout]
@@ -172,6 +174,27 @@ class DistTensor:
                             if d == xdim else self.tile_shape[d] for d in range(nd)])
         out = full[tuple(slice(0, n) for n in self.shape)]
         return np.array(out, dtype=dtype or NP_DTYPES[self.dtype])
+
+    def pad_mask(self, dims=None):
+        """Boolean array broadcastable to ``tiles``: True where an element is real data,
+        False on the zero padding of split dims that do not divide; None if there is none.
+        ``dims`` restricts the mask to those logical dims."""
+        mask = None
+        ii = jj = None
+        for d, a in enumerate(self.layout):
+            if a is None or (dims is not None and d not in dims):
+                continue
+            t = self.tile_shape[d]
+            parts = self.mesh.rows if a == "y" else self.mesh.cols
+            if parts * t == self.shape[d]:
+                continue
+            if ii is None:
+                ii, jj = np.meshgrid(np.arange(self.mesh.rows), np.arange(self.mesh.cols), indexing="ij")
+            block = (self.blocks or {}).get(d, ii if a == "y" else jj)
+            idx = np.arange(t).reshape((1,) * d + (t,) + (1,) * (len(self.shape) - d - 1))
+            valid = (np.asarray(block).reshape(block.shape + (1,) * len(self.shape)) * t + idx) < self.shape[d]
+            mask = valid if mask is None else mask & valid
+        return mask
 
     def with_tiles(self, tiles, *, name=None, layout=None, shape=None, blocks="keep", partial="keep", dtype=None) -> "DistTensor":
         """A new tensor on the same mesh with new tiles and optionally new metadata."""
