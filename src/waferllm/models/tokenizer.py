@@ -178,9 +178,7 @@ class Tokenizer:
                 for i, t in enumerate(tokens):
                     key = t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8"))
                     vocab.setdefault(key, i)
-                if merges_raw is None:
-                    raise ModelError(f"{name}: byte-level BPE vocabulary without merges")
-                merges = [tuple(m.split(" ", 1)) for m in merges_raw]
+                merges = [tuple(m.split(" ", 1)) for m in (merges_raw or [])]
                 backend = HFTok(BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
                                     end_of_word_suffix="", fuse_unk=False))
                 split = _SPLITS.get(meta.get("tokenizer.ggml.pre"))
