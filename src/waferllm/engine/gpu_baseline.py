@@ -1,0 +1,302 @@
+"""GPU roofline baseline for LLM inference (printed beside every wafer prediction).
+
+The numbers are what an ideal GPU (or an ideal tensor-parallel group of GPUs) would need
+for the same request: every phase takes the larger of its compute time and its HBM time,
+plus, for tensor parallelism, the time of its allreduces. They are a *floor* for a real
+serving system (SGLang/vLLM on the same GPUs), not a measurement: ``mfu``/``mbu`` (model
+FLOP and bandwidth utilisation, default 1.0) scale the peak figures down when the caller
+wants a more realistic estimate.
+
+Model of one request of ``batch`` sequences, ``input_len`` prompt tokens each, then
+``output_len`` generated tokens (batch 1 and fp16 are the paper's setting):
+
+* **Prefill** (time to first token): FLOPs of every matmul of every layer for all prompt
+  tokens (``2 * matmul_params * tokens``), causal attention (``QK^T`` and ``PV``, 4 * H * D
+  FLOPs per (query, key) pair, ``n(n+1)/2`` pairs per sequence and layer) and the LM head
+  for the last token only. Bytes: the weights read once (the embedding table only for the
+  looked-up rows), the K/V cache written, and the activations read and written around
+  every matmul/elementwise op (flash attention: no ``n x n`` score matrix in HBM).
+* **Decode**: one step per output token, the token at position ``p`` for
+  ``p = input_len .. input_len + output_len - 1``; the step reads all weights once (shared
+  by the batch), reads the K/V cache of the ``p`` earlier positions and writes its own
+  (``p + 1`` entries of traffic) and does ``2 * matmul_params`` + ``4 * H * D * (p + 1)``
+  FLOPs per layer per sequence + the LM head. ``tpot_s`` is the exact mean of the step
+  time over those positions (closed form, see :func:`_sum_max_lines`).
+* **Tensor parallelism** (``num_gpus > 1``): Megatron-style, every weight and the K/V
+  heads split evenly; 2 allreduces per layer (after attention and after the MLP) of
+  ``batch * tokens * hidden * dtype_bytes`` bytes, each a ring allreduce taking
+  ``2 (n-1)/n * bytes / interconnect`` + a fixed latency, added (not overlapped) to the
+  layer's time in both phases.
+* **Memory**: weights (all parameters) + the K/V cache at its largest
+  (``batch * (input_len + output_len)`` positions); ``fits`` compares it with
+  ``num_gpus * HBM capacity``. A model that does not fit still gets its times (as if
+  it did) and ``fits=False``; nothing is raised.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from waferllm.errors import ModelError, RequestError
+from waferllm.hardware.gpu import GPUSpec, get_gpu
+
+#: Latency of one NVLink allreduce (kernel launch + synchronisation), seconds. ASSUMED:
+#: NCCL small-message allreduce latency within one NVLink node is a few microseconds.
+NVLINK_ALLREDUCE_LATENCY_S = 5e-6
+
+#: The GPU set the CLI prints beside a wafer prediction: (gpu preset, number of GPUs).
+STANDARD_BASELINES: tuple[tuple[str, int], ...] = (("a100", 1), ("a100", 8), ("h100", 1))
+
+ASSUMPTIONS: tuple[str, ...] = (
+    "roofline: each phase/step takes max(FLOPs / (GPUs x peak x mfu), bytes / (GPUs x HBM bandwidth x mbu)); "
+    "compute and memory traffic overlap perfectly, no kernel-launch, scheduling or framework overhead",
+    "dense fp16/bf16 tensor-core peak; elementwise ops (norms, RoPE, SiLU, softmax) cost no FLOPs, only their activation traffic",
+    "flash-style attention: the score matrix never reaches HBM and K/V tiles are reused on chip during prefill",
+    "activation traffic = inputs and outputs of every matmul and elementwise op per token and layer "
+    "(14 E + 4 q_dim + 6 F values), small next to the weights in decode",
+    "decode: one step per output token at positions input_len .. input_len+output_len-1, each reading all weights once "
+    "and the K/V cache at its current length; the first output token is counted as a decode step too (conservative)",
+    "tensor parallelism: Megatron-style, weights, K/V heads, FLOPs and bytes split evenly over the GPUs; "
+    "2 ring allreduces per layer, not overlapped with compute; the vocab-parallel LM head's gather is ignored",
+    f"allreduce latency {NVLINK_ALLREDUCE_LATENCY_S * 1e6:g} us each (assumed NVLink/NCCL figure); "
+    "more than 8 GPUs would cross nodes over slower links, which is not modelled",
+    "memory = all weights + K/V cache at its longest; activation workspace, CUDA context and allocator slack are ignored",
+    "energy = board power x GPUs x total time (GPUs at full power throughout)",
+)
+
+
+# --------------------------------------------------------------------------- model shape
+def _shape(config: Any) -> dict[str, int | bool]:
+    """The shape figures the roofline needs, read from any ModelConfig-like object."""
+    try:
+        E = int(config.hidden_size)
+        F = int(config.intermediate_size)
+        L = int(config.num_layers)
+        H = int(config.num_heads)
+        Hkv = int(getattr(config, "num_kv_heads", None) or H)
+        V = int(config.vocab_size)
+        D = int(getattr(config, "head_dim", 0) or 0) or (E // H if H else 0)
+    except AttributeError as exc:
+        raise ModelError(f"model config lacks {exc.name or exc.args[0]!r} needed by the GPU roofline") from None
+    except (TypeError, ValueError) as exc:
+        raise ModelError(f"bad model config for the GPU roofline ({exc})") from None
+    if min(E, F, L, H, Hkv, V, D) <= 0:
+        raise ModelError("model config sizes must be positive for the GPU roofline")
+    return dict(E=E, F=F, L=L, H=H, Hkv=Hkv, V=V, D=D, q=H * D, kv=Hkv * D,
+                tied=bool(getattr(config, "tie_word_embeddings", False)),
+                bias=bool(getattr(config, "qkv_bias", False)))
+
+
+def _counts(s: dict) -> dict[str, float]:
+    E, F, L, V, q, kv = s["E"], s["F"], s["L"], s["V"], s["q"], s["kv"]
+    matmul_layer = E * q + 2 * E * kv + q * E + 3 * E * F  # wq wk wv wo gate up down
+    layer = matmul_layer + 2 * E + ((q + 2 * kv) if s["bias"] else 0)
+    embed = V * E
+    head = V * E  # the LM head (the embedding table itself when tied)
+    params = L * layer + E + embed + (0 if s["tied"] else head)
+    return dict(
+        matmul_layer=matmul_layer,
+        layer=layer,
+        params=params,
+        # parameters streamed by one forward pass: layers, final norm, LM head (not the embedding table)
+        streamed=L * layer + E + head,
+        act_values_per_token_layer=14 * E + 4 * q + 6 * F,
+    )
+
+
+# --------------------------------------------------------------------------- exact sums
+def _line_sum(c0: float, c1: float, lo: int, n: int) -> float:
+    """sum_{p=lo}^{lo+n-1} (c0 + c1 p)."""
+    if n <= 0:
+        return 0.0
+    return n * c0 + c1 * (n * lo + n * (n - 1) / 2.0)
+
+
+def _sum_max_lines(a0: float, a1: float, b0: float, b1: float, start: int, count: int) -> float:
+    """Exact ``sum_{p=start}^{start+count-1} max(a0 + a1 p, b0 + b1 p)`` in closed form.
+
+    Two lines cross at most once, so the range splits into one run where ``a`` is the
+    larger and one where ``b`` is; each run is an arithmetic series.
+    """
+    if count <= 0:
+        return 0.0
+    end = start + count  # exclusive
+    d0, d1 = a0 - b0, a1 - b1  # a - b = d0 + d1 p
+    if d1 == 0:
+        return _line_sum(a0, a1, start, count) if d0 >= 0 else _line_sum(b0, b1, start, count)
+    cross = -d0 / d1  # a == b here
+    if d1 > 0:  # a wins for p >= cross
+        split = int(min(max(math.ceil(cross), start), end)) if math.isfinite(cross) else (start if cross < 0 else end)
+        return _line_sum(b0, b1, start, split - start) + _line_sum(a0, a1, split, end - split)
+    # a wins for p <= cross
+    split = int(min(max(math.floor(cross) + 1, start), end)) if math.isfinite(cross) else (start if cross < 0 else end)
+    return _line_sum(a0, a1, start, split - start) + _line_sum(b0, b1, split, end - split)
+
+
+# --------------------------------------------------------------------------- helpers
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise RequestError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _check_fraction(name: str, value: Any) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise RequestError(f"{name} must be a number in (0, 1], got {value!r}") from None
+    if not (0.0 < v <= 1.0):
+        raise RequestError(f"{name} must be in (0, 1], got {value!r}")
+    return v
+
+
+def allreduce_seconds(nbytes: float, gpu: GPUSpec, num_gpus: int,
+                      latency_s: float = NVLINK_ALLREDUCE_LATENCY_S) -> float:
+    """Ring allreduce of ``nbytes`` over ``num_gpus`` GPUs: 2 (n-1)/n * bytes / link + latency."""
+    if num_gpus <= 1:
+        return 0.0
+    return 2.0 * (num_gpus - 1) / num_gpus * nbytes / gpu.interconnect_bytes_per_s + latency_s
+
+
+def device_label(gpu: GPUSpec, num_gpus: int) -> str:
+    return gpu.name if num_gpus == 1 else f"{num_gpus}x{gpu.name} TP"
+
+
+# --------------------------------------------------------------------------- the baseline
+def gpu_inference_roofline(
+    config: Any,
+    gpu: str | GPUSpec,
+    num_gpus: int = 1,
+    input_len: int | None = None,
+    output_len: int | None = None,
+    batch: int = 1,
+    dtype_bytes: int = 2,
+    mfu: float = 1.0,
+    mbu: float = 1.0,
+    allreduce_latency_s: float = NVLINK_ALLREDUCE_LATENCY_S,
+) -> dict:
+    """Roofline time, throughput, energy and memory of one request on ``num_gpus`` GPUs.
+
+    Returns a dict with ``device``, ``ttft_s``, ``tpot_s`` (mean over the output tokens),
+    ``prefill_tokens_per_s``, ``decode_tokens_per_s`` (TPR = 1/TPOT, per sequence),
+    ``e2e_tokens_per_s`` (output_len / (ttft + output_len * tpot), per sequence),
+    ``total_s``, ``energy_j``, ``fits``, ``memory_bytes`` and a breakdown, plus
+    ``assumptions`` (what the roofline ignores). See the module docstring for the model.
+    """
+    spec = gpu if isinstance(gpu, GPUSpec) else get_gpu(gpu)
+    n = _check_int("num_gpus", num_gpus, 1)
+    Lin = _check_int("input_len", input_len, 1)
+    Lout = _check_int("output_len", output_len, 1)
+    b = _check_int("batch", batch, 1)
+    dt = _check_int("dtype_bytes", dtype_bytes, 1)
+    mfu = _check_fraction("mfu", mfu)
+    mbu = _check_fraction("mbu", mbu)
+    if not (allreduce_latency_s >= 0 and math.isfinite(allreduce_latency_s)):
+        raise RequestError(f"allreduce_latency_s must be >= 0, got {allreduce_latency_s!r}")
+
+    s = _shape(config)
+    c = _counts(s)
+    E, L, V, q = s["E"], s["L"], s["V"], s["q"]
+    flops_rate = n * spec.peak_flops_fp16 * mfu
+    bytes_rate = n * spec.hbm_bytes_per_s * mbu
+    kv_bytes_per_token = 2 * L * s["kv"] * dt  # K and V, all layers, one sequence position
+    act_bytes_per_token = L * c["act_values_per_token_layer"] * dt
+    streamed_bytes = c["streamed"] * dt
+    weights_bytes = c["params"] * dt
+
+    # ---------------------------------------------------------------- prefill
+    tokens = b * Lin
+    attn_pairs = b * Lin * (Lin + 1) / 2.0  # causal (query, key) pairs per layer
+    prefill_flops = (2.0 * c["matmul_layer"] * tokens * L
+                     + 4.0 * q * attn_pairs * L
+                     + 2.0 * E * V * b)  # LM head, last token of each sequence
+    prefill_bytes = (streamed_bytes
+                     + min(tokens, V) * E * dt  # embedding rows looked up
+                     + tokens * kv_bytes_per_token  # K/V written
+                     + tokens * act_bytes_per_token)
+    prefill_compute_s = prefill_flops / flops_rate
+    prefill_memory_s = prefill_bytes / bytes_rate
+    prefill_comm_s = 2 * L * allreduce_seconds(tokens * E * dt, spec, n, allreduce_latency_s)
+    ttft = max(prefill_compute_s, prefill_memory_s) + prefill_comm_s
+
+    # ---------------------------------------------------------------- decode
+    # step at position p: compute = f0 + f1 p, memory = m0 + m1 p (seconds)
+    f0 = (2.0 * c["matmul_layer"] * L * b + 4.0 * q * L * b + 2.0 * E * V * b) / flops_rate
+    f1 = 4.0 * q * L * b / flops_rate
+    m0 = (streamed_bytes + b * E * dt + b * kv_bytes_per_token + b * act_bytes_per_token) / bytes_rate
+    m1 = b * kv_bytes_per_token / bytes_rate
+    decode_comm_s = 2 * L * allreduce_seconds(b * E * dt, spec, n, allreduce_latency_s)
+    decode_total = _sum_max_lines(f0, f1, m0, m1, Lin, Lout) + Lout * decode_comm_s
+    tpot = decode_total / Lout
+    p_first, p_last = Lin, Lin + Lout - 1
+
+    def step(p: int) -> float:
+        return max(f0 + f1 * p, m0 + m1 * p) + decode_comm_s
+
+    compute_first, compute_last = f0 + f1 * p_first, f0 + f1 * p_last
+    memory_first, memory_last = m0 + m1 * p_first, m0 + m1 * p_last
+    mem_bound = (memory_first >= compute_first, memory_last >= compute_last)
+    decode_bound = "memory" if all(mem_bound) else ("compute" if not any(mem_bound) else "mixed")
+
+    # ---------------------------------------------------------------- memory, energy
+    kv_cache_bytes = b * (Lin + Lout) * kv_bytes_per_token
+    memory_bytes = weights_bytes + kv_cache_bytes
+    capacity = n * spec.hbm_capacity_bytes
+    total_s = ttft + decode_total
+    energy_j = spec.power_w * n * total_s
+
+    return {
+        "device": device_label(spec, n),
+        "gpu": spec.name,
+        "num_gpus": n,
+        "input_len": Lin,
+        "output_len": Lout,
+        "batch": b,
+        "dtype_bytes": dt,
+        "mfu": mfu,
+        "mbu": mbu,
+        "ttft_s": ttft,
+        "tpot_s": tpot,
+        "tpot_first_s": step(p_first),
+        "tpot_last_s": step(p_last),
+        "decode_s": decode_total,
+        "total_s": total_s,
+        "prefill_tokens_per_s": tokens / ttft,
+        "decode_tokens_per_s": 1.0 / tpot,
+        "decode_tokens_per_s_all": b / tpot,
+        "e2e_tokens_per_s": Lout / total_s,
+        "energy_j": energy_j,
+        "energy_per_output_token_j": energy_j / (b * Lout),
+        "fits": memory_bytes <= capacity,
+        "memory_bytes": memory_bytes,
+        "memory_capacity_bytes": capacity,
+        "weights_bytes": weights_bytes,
+        "kv_cache_bytes": kv_cache_bytes,
+        "param_count": c["params"],
+        "prefill_flops": prefill_flops,
+        "prefill_bytes": prefill_bytes,
+        "prefill_compute_s": prefill_compute_s,
+        "prefill_memory_s": prefill_memory_s,
+        "prefill_comm_s": prefill_comm_s,
+        "prefill_bound": "compute" if prefill_compute_s >= prefill_memory_s else "memory",
+        "decode_comm_s_per_token": decode_comm_s,
+        "decode_bound": decode_bound,
+        "allreduce_latency_s": allreduce_latency_s if n > 1 else 0.0,
+        "assumptions": list(ASSUMPTIONS),
+        "source": spec.source,
+    }
+
+
+def gpu_baselines(config: Any, input_len: int, output_len: int, *, batch: int = 1,
+                  dtype_bytes: int = 2, mfu: float = 1.0, mbu: float = 1.0) -> list[dict]:
+    """The standard set printed beside a wafer prediction: A100, 8xA100 (TP), H100."""
+    return [gpu_inference_roofline(config, name, count, input_len=input_len, output_len=output_len,
+                                   batch=batch, dtype_bytes=dtype_bytes, mfu=mfu, mbu=mbu)
+            for name, count in STANDARD_BASELINES]
+
+
+__all__ = [
+    "ASSUMPTIONS", "NVLINK_ALLREDUCE_LATENCY_S", "STANDARD_BASELINES", "allreduce_seconds",
+    "device_label", "gpu_baselines", "gpu_inference_roofline",
+]
