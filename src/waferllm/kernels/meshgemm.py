@@ -22,7 +22,7 @@ from waferllm.errors import MeshError
 from waferllm.kernels.report import KernelResult, measured
 from waferllm.mesh import comm
 from waferllm.mesh.compute import matmul_tiles
-from waferllm.mesh.interleave import ring_order, ring_rank
+from waferllm.mesh.interleave import ring_order, ring_rank, ring_source
 from waferllm.mesh.tensor import NP_DTYPES, DistTensor
 
 
@@ -95,3 +95,174 @@ def meshgemm(a: DistTensor, b: DistTensor, *, ring: str = "interleave", a_skewed
         del acc
     rep.extra.update(m=a.shape[0], k=a.shape[1], n=b.shape[1], grid=n, skew_rounds=n // 2)
     return KernelResult(out, rep, {"a_skewed": skewed, "b": b})
+
+
+# ---------------------------------------------------------------- non-square regions
+#
+# SPEC: "Non-square meshes: work on the N_lcm x N_lcm logical grid (lcm of the sides)".
+# An R x C region runs MeshGEMM on an L x L logical grid, L = lcm(R, C), by *folding*:
+# physical PE (p, q) emulates the fr x fc logical PEs (p*fr + u, q*fc + v), fr = L/R,
+# fc = L/C. Logical tiles are ceil(M/L) x ceil(K/L) (A), ceil(K/L) x ceil(N/L) (B), so a
+# physical PE's share of every operand is a contiguous fr x fc block of logical tiles:
+# the ordinary (y, x) block layout with a tile of (fr*mt, fc*kt).
+#
+# Cost per physical PE (vectorised: every PE alike, the busiest one sets the time):
+# - compute: each step, the sum of its fr*fc logical tile products (one op each);
+# - a logical ring step along x moves every logical tile one INTERLEAVE position (at
+#   most 2 logical positions). Tiles whose neighbour is emulated by the same PE stay
+#   put; the others leave through the PE's one ramp, so the message body is the bytes
+#   of *all* its logical tiles that leave (fr rows of them for A), and the head pays the
+#   physical hops of the farthest one (2 when fc == 1, else 1). Every logical boundary
+#   is crossed by one flow per direction per logical line, so a physical link never
+#   carries more than the ramp does;
+# - the skew of A: round t moves the logical rows whose offset needs >= t rounds;
+# - routes: 3 per ring when the fold is 1 (send, receive, pass-through, as on a square
+#   region), 4 when it is >= 2 (send and receive in each direction, no pass-through).
+# On a square region (fr = fc = 1) this charges exactly what :func:`meshgemm` charges.
+
+
+def _fold_ring(n_logical: int, fold: int, ring: str) -> tuple[int, int]:
+    """(max tiles of one logical line leaving a physical PE per ring step, max physical hops)."""
+    from waferllm.mesh.interleave import ring_next
+
+    if n_logical <= 1:
+        return 0, 0
+    pos = np.arange(n_logical)
+    nxt = ring_next(n_logical, ring)  # same count for either direction round the ring
+    src_pe, dst_pe = pos // fold, nxt // fold
+    leaving = np.bincount(src_pe[src_pe != dst_pe], minlength=n_logical // fold)
+    hops = int(np.abs(dst_pe - src_pe).max())
+    return int(leaving.max()) if leaving.size else 0, hops
+
+
+def _fold(x, r, c, fr, fc):
+    """(L, L, *tile) logical tiles -> (fr, fc, R, C, *tile): sub-position (u, v) of every PE."""
+    t = x.shape[2:]
+    return x.reshape(r, fr, c, fc, *t).transpose(1, 3, 0, 2, *range(4, 4 + len(t)))
+
+
+def _physical(x, r, c, fr, fc):
+    """(L, L, a, b) logical tiles -> (R, C, fr*a, fc*b): each PE's contiguous block."""
+    a, b = x.shape[2:]
+    return x.reshape(r, fr, c, fc, a, b).transpose(0, 2, 1, 4, 3, 5).reshape(r, c, fr * a, fc * b)
+
+
+def _logical_tiles(arr, L, tile):
+    """Host [rows, cols] -> (L, L, *tile) logical tiles, zero-padded."""
+    mt, nt = tile
+    pad = np.zeros((L * mt, L * nt), arr.dtype)
+    pad[:arr.shape[0], :arr.shape[1]] = arr
+    return np.ascontiguousarray(pad.reshape(L, mt, L, nt).transpose(0, 2, 1, 3))
+
+
+def meshgemm_rect(mesh, a, b, *, dtype: str = "fp16", ring: str = "interleave", out_dtype: str | None = None,
+                  algo: str | None = None, name: str = "C") -> KernelResult:
+    """C = A @ B on any R x C region by folding the lcm(R, C)-square logical grid (see above).
+
+    ``a`` [M, K] and ``b`` [K, N] are host arrays (numeric mesh) or shape tuples (dry
+    run); they are placed here (A plain, B pre-skewed for the logical grid; placement is
+    not charged). Returns C [M, N] with layout (y, x) on the physical region.
+    """
+    import math
+
+    from waferllm.mesh.cost import message_cycles
+    from waferllm.mesh.tensor import NP_DTYPES as _NP
+
+    algo = algo or ("meshgemm" if ring == "interleave" else "cannon")
+    if ring not in ("interleave", "plain"):
+        raise MeshError(f"{algo}: ring must be 'interleave' or 'plain', got {ring!r}")
+    if dtype not in _NP:
+        raise MeshError(f"{algo}: dtype must be fp16 or fp32, got {dtype!r}")
+    a_shape = tuple(a) if isinstance(a, tuple) else tuple(np.shape(a))
+    b_shape = tuple(b) if isinstance(b, tuple) else tuple(np.shape(b))
+    if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[1] != b_shape[0]:
+        raise MeshError(f"{algo}: need A [M, K] and B [K, N] with equal K; got {a_shape} and {b_shape}")
+    numeric = mesh.numeric
+    if numeric and (isinstance(a, tuple) or isinstance(b, tuple)):
+        raise MeshError(f"{algo}: a numeric mesh needs host arrays, not shapes")
+    out_dtype = out_dtype or dtype
+    R, C = mesh.shape
+    L = math.lcm(R, C)
+    fr, fc = L // R, L // C
+    M, K = a_shape
+    N = b_shape[1]
+    mt, kt, nt = math.ceil(M / L), math.ceil(K / L), math.ceil(N / L)
+    w = mesh.wafer
+    item = 2 if dtype == "fp16" else 4
+    order = np.asarray(ring_order(L, ring))
+    rho = ring_rank(L, ring)
+    lx, hx = _fold_ring(L, fc, ring)  # A moves along logical rows (x), folded by fc
+    ly, hy = _fold_ring(L, fr, ring)  # B moves along logical columns (y), folded by fr
+    a_bytes, b_bytes = fr * lx * mt * kt * item, fc * ly * kt * nt * item
+    routes = lambda fold, n_log: 0 if n_log // fold <= 1 else (3 if fold == 1 else 4)  # noqa: E731
+    routes_pe = routes(fc, L) + routes(fr, L)
+
+    def phys_tensor(shape, tiles, tshape, dt, nm):
+        return DistTensor(mesh, shape, ("y", "x"), dt, tiles, name=nm, tile_shape=tshape)
+
+    a_log = b_log = None
+    if numeric:
+        a_log = _logical_tiles(np.asarray(a, dtype=_NP[dtype]), L, (mt, kt))
+        b_log = _logical_tiles(np.asarray(b, dtype=_NP[dtype]), L, (kt, nt))
+        ii, jj = np.meshgrid(np.arange(L), np.arange(L), indexing="ij")
+        b_log = b_log[order[(rho[ii] + rho[jj]) % L], jj]  # pre-skewed at placement
+    a_t = phys_tensor((M, K), None if a_log is None else _physical(a_log, R, C, fr, fc), (fr * mt, fc * kt), dtype, "A")
+    b_t = phys_tensor((K, N), None if b_log is None else _physical(b_log, R, C, fr, fc), (fr * kt, fc * nt), dtype, "B")
+
+    def ring_cost(nbytes, hops, label, rounds=1.0):
+        if nbytes <= 0:
+            return
+        cyc = message_cycles(w, nbytes, hops)
+        msgs = R * C * rounds
+        mesh.ledger.charge(label, "comm", cyc * rounds, bytes_moved=nbytes * msgs,
+                           hop_bytes=nbytes * msgs * max(hops, 1), messages=msgs,
+                           sram_read_bytes=nbytes * msgs, sram_write_bytes=nbytes * msgs)
+
+    with measured(mesh, algo, routes_per_pe=routes_pe) as rep:
+        if routes(fc, L):
+            mesh.routes.request(f"{algo}.ring_x[{ring}]", routes(fc, L), relayable=False)
+        if routes(fr, L):
+            mesh.routes.request(f"{algo}.ring_y[{ring}]", routes(fr, L), relayable=False)
+        # ---- skew A: logical row li turns by rho(li) positions, min(k, L-k) rounds
+        need = np.minimum(rho, L - rho)  # rounds of each logical row
+        skew_rounds = int(need.max()) if L > 1 else 0
+        if skew_rounds and lx:
+            per_pe = need.reshape(R, fr)
+            cyc = 0.0
+            for t in range(1, skew_rounds + 1):
+                moving = int((per_pe >= t).sum(axis=1).max())
+                cyc += message_cycles(w, moving * lx * mt * kt * item, hx)
+            mesh.ledger.charge(f"{algo}.skew_A", "comm", cyc, bytes_moved=float(need.sum()) * L * mt * kt * item,
+                               messages=int(need.sum()) * C)
+        if numeric:
+            a_log = a_log[ii, order[(rho[ii] + rho[jj]) % L]]
+        skewed = phys_tensor((M, K), None if a_log is None else _physical(a_log, R, C, fr, fc),
+                             (fr * mt, fc * kt), dtype, "A_skewed")
+        acc = np.zeros((L, L, mt, nt), np.float32) if numeric else None
+        acc_h = mesh.sram.alloc(f"{name}_acc", fr * fc * mt * nt * 4)
+        src_x = ring_source(L, ring, -1) if L > 1 else np.zeros(1, np.int64)
+        for s in range(L):
+            nxt_h = mesh.sram.alloc(f"{algo}.next_tiles", (fr * fc * (mt * kt + kt * nt)) * item)
+            with mesh.ledger.overlap():
+                fa = None if a_log is None else _fold(a_log, R, C, fr, fc)
+                fb = None if b_log is None else _fold(b_log, R, C, fr, fc)
+                fo = None if acc is None else _fold(acc, R, C, fr, fc)
+                for u in range(fr):
+                    for v in range(fc):
+                        # fo[u, v] is a view of acc: the product accumulates in place
+                        matmul_tiles(mesh, None if fa is None else fa[u, v], None if fb is None else fb[u, v],
+                                     None if fo is None else fo[u, v], dtype=dtype,
+                                     name=f"{algo}.tile_matmul", shapes=(mt, kt, nt))
+                ring_cost(a_bytes, hx, f"{algo}.shift_A")
+                ring_cost(b_bytes, hy, f"{algo}.shift_B")
+                if numeric and L > 1:
+                    a_log = a_log[:, src_x]
+                    b_log = b_log[src_x]
+            mesh.ledger.charge(f"{algo}.step", "overhead", w.step_overhead_cycles)
+            mesh.sram.free(nxt_h)
+        out = phys_tensor((M, N), None if acc is None else _physical(acc, R, C, fr, fc).astype(_NP[out_dtype]),
+                          (fr * mt, fc * nt), out_dtype, name)
+        mesh.sram.free(acc_h)
+        del skewed
+    rep.extra.update(m=M, k=K, n=N, grid=f"{R}x{C}", logical_grid=L, fold=(fr, fc), skew_rounds=skew_rounds)
+    return KernelResult(out, rep, {"a": a_t, "b": b_t})

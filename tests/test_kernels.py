@@ -1,0 +1,301 @@
+"""Kernels equal numpy, and their costs have the shape the SPEC's tables say they have."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from waferllm.errors import MeshError, RouteOverflowError
+from waferllm.hardware import get_wafer
+from waferllm.kernels import allgather_gemm, cannon, dist_gemm_t, gemv, meshgemm, place_b, summa
+from waferllm.kernels.meshgemm import meshgemm_rect
+from waferllm.mesh import Mesh, Region
+from waferllm.mesh.cost import message_cycles
+
+WAFER = get_wafer("wse2")
+GEMM_ALGOS = ("meshgemm", "cannon", "summa", "allgather")
+NP = {"fp32": np.float32, "fp16": np.float16}
+RTOL = {"fp32": 1e-4, "fp16": 2e-3}
+
+
+def _mesh(rows, cols=None, mode="numeric", wafer=WAFER, **kw):
+    cols = rows if cols is None else cols
+    return Mesh(Region(wafer, rows, cols, name=f"{rows}x{cols}"), mode=mode, **kw)
+
+
+def _rand(rng, shape):
+    return rng.uniform(-1, 1, shape).astype(np.float32)
+
+
+def _check(got, a, b, dtype, ref=None):
+    """|got - a@b| within the dtype's tolerance, relative to max(|a| @ |b|) (inputs rounded as placed)."""
+    a64 = np.asarray(a, NP[dtype]).astype(np.float64)
+    b64 = np.asarray(b, NP[dtype]).astype(np.float64)
+    ref = a64 @ b64 if ref is None else ref
+    scale = (np.abs(a64) @ np.abs(b64)).max() if a64.size and b64.size else 1.0
+    err = np.abs(np.asarray(got, np.float64) - ref).max() if ref.size else 0.0
+    assert err <= RTOL[dtype] * scale + 1e-30, (err, scale)
+    return err
+
+
+def run_gemm(algo, mesh, a, b, dtype="fp32"):
+    """a, b: host arrays (numeric) or shape tuples (dry)."""
+    if mesh.rows != mesh.cols:
+        return meshgemm_rect(mesh, a, b, dtype=dtype, ring="interleave" if algo == "meshgemm" else "plain")
+    at = mesh.place(a, ("y", "x"), dtype, name="A")
+    if algo in ("meshgemm", "cannon"):
+        bt = place_b(mesh, b, dtype, ring="interleave" if algo == "meshgemm" else "plain")
+        return (meshgemm if algo == "meshgemm" else cannon)(at, bt)
+    bt = mesh.place(b, ("y", "x"), dtype, name="B")
+    return (summa if algo == "summa" else allgather_gemm)(at, bt)
+
+
+# ------------------------------------------------------------------ GEMM numerics
+
+
+@pytest.mark.parametrize("algo", GEMM_ALGOS)
+@pytest.mark.parametrize("n", [1, 2, 3, 5])
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_gemm_matches_numpy(algo, n, dtype):
+    rng = np.random.default_rng(n)
+    m, k, nn = 4 * n + 3, 3 * n + 2, 5 * n + 1  # never divisible by the grid (n > 1)
+    a, b = _rand(rng, (m, k)), _rand(rng, (k, nn))
+    res = run_gemm(algo, _mesh(n), a, b, dtype)
+    assert res.out.shape == (m, nn) and res.out.dtype == dtype
+    _check(res.out.to_global(), a, b, dtype)
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.sampled_from(GEMM_ALGOS), st.integers(1, 6), st.integers(1, 20), st.integers(1, 20), st.integers(1, 20),
+       st.sampled_from(["fp32", "fp16"]), st.integers(0, 99))
+def test_gemm_random_shapes(algo, n, m, k, nn, dtype, seed):
+    rng = np.random.default_rng(seed)
+    a, b = _rand(rng, (m, k)), _rand(rng, (k, nn))
+    res = run_gemm(algo, _mesh(n), a, b, dtype)
+    _check(res.out.to_global(), a, b, dtype)
+
+
+@pytest.mark.parametrize("algo", GEMM_ALGOS)
+def test_gemm_dry_run_charges_the_same(algo):
+    rng = np.random.default_rng(0)
+    a, b = _rand(rng, (17, 13)), _rand(rng, (13, 11))
+    num = run_gemm(algo, _mesh(4), a, b, "fp16").report
+    dry = run_gemm(algo, _mesh(4, mode="dry"), (17, 13), (13, 11), "fp16").report
+    for key in ("cycles", "compute_cycles", "comm_cycles", "exposed_comm_cycles", "flops", "bytes_moved",
+                "routes_per_pe", "sram_peak_bytes_per_pe"):
+        assert getattr(num, key) == getattr(dry, key), key
+
+
+# ------------------------------------------------------------------ non-square MeshGEMM (lcm folding)
+
+
+@pytest.mark.parametrize("rows,cols", [(2, 3), (3, 5), (4, 6), (3, 2), (1, 4), (4, 1)])
+@pytest.mark.parametrize("algo", ["meshgemm", "cannon"])
+def test_meshgemm_rect_matches_numpy(rows, cols, algo):
+    rng = np.random.default_rng(rows * 10 + cols)
+    for (m, k, n), dtype in (((23, 17, 29), "fp32"), ((8, 31, 5), "fp16")):
+        a, b = _rand(rng, (m, k)), _rand(rng, (k, n))
+        mesh = _mesh(rows, cols)
+        res = run_gemm(algo, mesh, a, b, dtype)
+        assert res.out.mesh is mesh and res.out.layout == ("y", "x")
+        _check(res.out.to_global(), a, b, dtype)
+        dry = run_gemm(algo, _mesh(rows, cols, mode="dry"), (m, k), (k, n), dtype)
+        assert dry.report.cycles == res.report.cycles
+        assert dry.report.sram_peak_bytes_per_pe == res.report.sram_peak_bytes_per_pe
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 6])
+def test_meshgemm_rect_on_square_equals_meshgemm(n):
+    """With no folding the lcm path charges exactly what the square kernel charges."""
+    rng = np.random.default_rng(n)
+    a, b = _rand(rng, (19, 14)), _rand(rng, (14, 9))
+    sq = run_gemm("meshgemm", _mesh(n), a, b)
+    rect = meshgemm_rect(_mesh(n), a, b, dtype="fp32")
+    np.testing.assert_allclose(rect.out.to_global(), sq.out.to_global(), rtol=1e-6, atol=1e-6)
+    for key in ("cycles", "compute_cycles", "comm_cycles", "exposed_comm_cycles", "overhead_cycles"):
+        assert getattr(rect.report, key) == getattr(sq.report, key), key
+
+
+def test_meshgemm_rect_folding_costs():
+    """Each physical PE does the compute of all its logical PEs; work per PE is balanced."""
+    rep = meshgemm_rect(_mesh(4, 6, mode="dry"), (120, 120), (120, 120), dtype="fp16").report
+    assert rep.extra["logical_grid"] == 12 and rep.extra["fold"] == (3, 2)
+    assert rep.flops == pytest.approx(2 * 120**3)
+    assert rep.routes_per_pe == 8  # send + receive each way, per ring, no pass-through
+    # every PE holds 3x2 logical tiles of A (10x10 fp16) + B + fp32 accumulator, at least
+    assert rep.sram_peak_bytes_per_pe >= 6 * (200 + 200 + 400)
+
+
+# ------------------------------------------------------------------ cost shape (SPEC section 2 table)
+
+
+def _tile_mesh(n, algo, t=4, mode="dry", **kw):
+    """An n x n dry GEMM with t x t tiles per PE."""
+    return run_gemm(algo, _mesh(n, mode=mode, **kw), (n * t, n * t), (n * t, n * t), "fp16")
+
+
+def test_routes_per_pe():
+    for n in (4, 16, 30):
+        assert _tile_mesh(n, "meshgemm").report.routes_per_pe == 6
+        assert _tile_mesh(n, "cannon").report.routes_per_pe == 6
+        s = _tile_mesh(n, "summa").report
+        assert s.routes_per_pe == n
+        assert s.relayed == (n > 24)
+        assert not _tile_mesh(n, "meshgemm").report.relayed
+    with pytest.raises(RouteOverflowError):
+        run_gemm("summa", _mesh(25, mode="dry", route_policy="raise"), (100, 100), (100, 100), "fp16")
+    run_gemm("summa", _mesh(24, mode="dry", route_policy="raise"), (96, 96), (96, 96), "fp16")
+
+
+def _per_event(rep_mesh, name):
+    ev = [e.cycles for e in rep_mesh.ledger.events if e.name == name]
+    assert ev, name
+    return ev
+
+
+def test_skew_rounds_at_most_half():
+    for n in (2, 3, 7, 8, 16):
+        mesh = _mesh(n, mode="dry")
+        run_gemm("meshgemm", mesh, (4 * n, 4 * n), (4 * n, 4 * n), "fp16")
+        (skew,) = _per_event(mesh, "skew_A")
+        one_round = message_cycles(WAFER, 4 * 4 * 2, 2 if n > 2 else 1)
+        assert skew / one_round == n // 2
+
+
+def test_critical_path_per_step():
+    """MeshGEMM's per-step shift does not grow with N (2 hops); Cannon's wrap-around does."""
+    mg, ca = [], []
+    for n in (4, 8, 16, 32):
+        m1, m2 = _mesh(n, mode="dry"), _mesh(n, mode="dry")
+        run_gemm("meshgemm", m1, (4 * n, 4 * n), (4 * n, 4 * n), "fp16")
+        run_gemm("cannon", m2, (4 * n, 4 * n), (4 * n, 4 * n), "fp16")
+        mg.append(set(_per_event(m1, "meshgemm.shift_A")))
+        ca.append(set(_per_event(m2, "cannon.shift_A")))
+    assert all(len(s) == 1 for s in mg + ca)
+    mg = [s.pop() for s in mg]
+    ca = [s.pop() for s in ca]
+    assert len(set(mg)) == 1
+    assert all(x < y for x, y in zip(ca, ca[1:]))
+    assert ca[-1] > mg[-1]
+
+
+@pytest.mark.parametrize("algo", GEMM_ALGOS)
+def test_cost_monotone_in_size(algo):
+    cyc = [run_gemm(algo, _mesh(6, mode="dry"), (s, s), (s, s), "fp16").report.cycles for s in (6, 12, 30, 60, 96)]
+    assert all(x <= y for x, y in zip(cyc, cyc[1:])), cyc
+    cyc = [meshgemm_rect(_mesh(2, 3, mode="dry"), (s, s), (s, s), dtype="fp16").report.cycles for s in (6, 12, 30, 60)]
+    assert all(x <= y for x, y in zip(cyc, cyc[1:])), cyc
+
+
+def test_skew_reuse():
+    """Q, K, V share one skew of A: the second GEMM gives the same numbers for fewer cycles."""
+    rng = np.random.default_rng(3)
+    mesh = _mesh(5)
+    a_h, b1_h, b2_h = _rand(rng, (23, 17)), _rand(rng, (17, 12)), _rand(rng, (17, 14))
+    a = mesh.place(a_h, ("y", "x"), "fp32", name="A")
+    r1 = meshgemm(a, place_b(mesh, b1_h, "fp32"))
+    b2 = place_b(mesh, b2_h, "fp32")
+    fresh = meshgemm(a, b2)
+    reused = meshgemm(r1.state["a_skewed"], b2, a_skewed=True)
+    np.testing.assert_array_equal(reused.out.to_global(), fresh.out.to_global())
+    _check(reused.out.to_global(), a_h, b2_h, "fp32")
+    assert reused.report.cycles < fresh.report.cycles
+    # the skewed A comes home after N steps: reusable again
+    again = meshgemm(reused.state["a_skewed"], b2, a_skewed=True)
+    np.testing.assert_array_equal(again.out.to_global(), fresh.out.to_global())
+
+
+def test_gemm_errors():
+    mesh = _mesh(3)
+    a = mesh.place(np.ones((6, 4), np.float32), ("y", "x"), "fp32")
+    b = place_b(mesh, np.ones((5, 6), np.float32), "fp32")
+    with pytest.raises(MeshError, match="inner dims"):
+        meshgemm(a, b)
+    with pytest.raises(MeshError, match="square"):
+        meshgemm(_mesh(2, 3).place(np.ones((4, 4), np.float32), ("y", "x"), "fp32"), b)
+    with pytest.raises(MeshError):
+        meshgemm_rect(_mesh(2, 3), np.ones((4, 5)), np.ones((4, 5)))
+    with pytest.raises(MeshError):
+        meshgemm_rect(_mesh(2, 3), (4, 5), (5, 4))  # shapes on a numeric mesh
+
+
+# ------------------------------------------------------------------ dist-GEMM-T
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+@pytest.mark.parametrize("heads", [(), (3,)])
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_dist_gemm_t(n, heads, dtype):
+    rng = np.random.default_rng(n)
+    lq, lk, d = 3 * n + 1, 2 * n + 3, 4 * n + 1
+    qh, kh = _rand(rng, (*heads, lq, d)), _rand(rng, (*heads, lk, d))
+    lay = (*(None,) * len(heads), "y", "x")
+    mesh = _mesh(n)
+    res = dist_gemm_t(mesh.place(qh, lay, dtype, name="Q"), mesh.place(kh, lay, dtype, name="K"))
+    assert res.out.shape == (*heads, lq, lk) and res.out.layout == lay
+    got = res.out.to_global()
+    q64, k64 = qh.astype(NP[dtype]).astype(np.float64), kh.astype(NP[dtype]).astype(np.float64)
+    ref = q64 @ np.swapaxes(k64, -1, -2)
+    scale = (np.abs(q64) @ np.abs(np.swapaxes(k64, -1, -2))).max()
+    assert np.abs(got - ref).max() <= RTOL["fp32"] * scale  # the scores stay fp32
+    dry = _mesh(n, mode="dry")
+    rd = dist_gemm_t(dry.place((*heads, lq, d), lay, dtype), dry.place((*heads, lk, d), lay, dtype))
+    assert rd.report.cycles == res.report.cycles
+
+
+# ------------------------------------------------------------------ GEMV
+
+
+def _gemv(mesh, x, w, dtype, algo, layout="yx", **kw):
+    wl = ("y", "x") if layout == "yx" else ("x", "y")
+    return gemv(mesh.place(x, (wl[0],), dtype, name="x"), mesh.place(w, wl, dtype, name="W"), algo=algo, **kw)
+
+
+@pytest.mark.parametrize("algo,kk", [("meshgemv", 1), ("meshgemv", 2), ("meshgemv", 3), ("pipeline", 2), ("ring", 2)])
+@pytest.mark.parametrize("layout", ["yx", "xy"])
+@pytest.mark.parametrize("rows,cols", [(1, 1), (2, 2), (3, 3), (5, 4), (7, 7)])
+def test_gemv_matches_numpy(algo, kk, layout, rows, cols):
+    rng = np.random.default_rng(rows * cols)
+    k, n = 4 * rows + 3, 3 * cols + 2
+    x, w = _rand(rng, (k,)), _rand(rng, (k, n))
+    for dtype in ("fp32", "fp16"):
+        res = _gemv(_mesh(rows, cols), x, w, dtype, algo, layout, k=kk)
+        assert res.out.layout == (("x",) if layout == "yx" else ("y",))
+        _check(res.out.to_global()[None, :], x[None, :], w, dtype)
+        dry = _gemv(_mesh(rows, cols, mode="dry"), (k,), (k, n), dtype, algo, layout, k=kk)
+        assert dry.report.cycles == res.report.cycles
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.sampled_from(["meshgemv", "pipeline", "ring"]), st.integers(1, 3), st.integers(1, 8), st.integers(1, 8),
+       st.integers(1, 40), st.integers(1, 40), st.sampled_from(["yx", "xy"]), st.integers(0, 99))
+def test_gemv_random(algo, kk, rows, cols, k, n, layout, seed):
+    rng = np.random.default_rng(seed)
+    x, w = _rand(rng, (k,)), _rand(rng, (k, n))
+    res = _gemv(_mesh(rows, cols), x, w, "fp32", algo, layout, k=kk)
+    _check(res.out.to_global()[None, :], x[None, :], w, "fp32")
+
+
+def test_gemv_allreduce_scaling():
+    """At wafer scale the K-tree beats the pipeline and the ring, and needs O(K) routes."""
+    def t(algo, g, size=8192):
+        return _gemv(_mesh(g, mode="dry"), (size,), (size, size), "fp16", algo).report
+    for g in (240, 720):
+        mg, pipe, ring = t("meshgemv", g), t("pipeline", g), t("ring", g)
+        assert mg.cycles < pipe.cycles and mg.cycles < ring.cycles
+        assert mg.routes_per_pe <= 4
+    # the pipeline's communication grows with N; the K-tree's far more slowly
+    assert t("pipeline", 720).comm_cycles / t("pipeline", 240).comm_cycles > 2
+    assert t("meshgemv", 720).comm_cycles / t("meshgemv", 240).comm_cycles < 2
+
+
+def test_gemv_errors():
+    mesh = _mesh(2)
+    x = mesh.place(np.ones(4, np.float32), ("y",), "fp32")
+    w = mesh.place(np.ones((4, 3), np.float32), ("y", "x"), "fp32")
+    with pytest.raises(MeshError, match="unknown GEMV"):
+        gemv(x, w, algo="tree")
+    with pytest.raises(MeshError):
+        gemv(mesh.place(np.ones(4, np.float32), ("x",), "fp32"), w)
