@@ -169,14 +169,17 @@ def main() -> None:
     out("# Kernel benchmarks")
     out()
     out("Command: `" + " ".join(["python", "benchmarks/kernels.py", *sys.argv[1:]]) + "`")
+    preset = "src/waferllm/hardware/presets/wse2.toml"
     try:
-        commit = subprocess.run(["git", "log", "-1", "--format=%h %s", "--", "src/waferllm/hardware/presets/wse2.toml"],
-                                capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+        git = dict(capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+        commit = subprocess.run(["git", "log", "-1", "--format=%h %s", "--", preset], **git).stdout.strip()
+        if subprocess.run(["git", "diff", "--quiet", "--", preset], **git).returncode:
+            commit = f"uncommitted edits on top of {commit}"
     except OSError:
         commit = "?"
     out()
     out(f"Host: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, numpy {np.__version__}.")
-    out(f"Wafer: {wafer.name} (preset last changed in: {commit or 'uncommitted'}); free constants: "
+    out(f"Wafer: {wafer.name} (preset: {commit or '?'}); free constants: "
         f"beta={wafer.beta_cycles:g}, op_overhead={wafer.op_overhead_cycles:g}, "
         f"step_overhead={wafer.step_overhead_cycles:g} cycles, fp16 lanes={wafer.fp16_macs_per_cycle:g}.")
     out()

@@ -286,9 +286,12 @@ def test_gemv_allreduce_scaling():
         mg, pipe, ring = t("meshgemv", g), t("pipeline", g), t("ring", g)
         assert mg.cycles < pipe.cycles and mg.cycles < ring.cycles
         assert mg.routes_per_pe <= 4
-    # the pipeline's communication grows with N; the K-tree's far more slowly
-    assert t("pipeline", 720).comm_cycles / t("pipeline", 240).comm_cycles > 2
-    assert t("meshgemv", 720).comm_cycles / t("meshgemv", 240).comm_cycles < 2
+    # the pipeline's routing stages grow with N, the K-tree's with ~sqrt(N): its
+    # communication grows more slowly (whatever the calibrated beta, as long as it is > 0)
+    grow_pipe = t("pipeline", 720).comm_cycles / t("pipeline", 240).comm_cycles
+    grow_tree = t("meshgemv", 720).comm_cycles / t("meshgemv", 240).comm_cycles
+    assert grow_pipe > 2 and grow_tree < grow_pipe
+    assert t("pipeline", 720).routing_stages > 10 * t("meshgemv", 720).routing_stages
 
 
 def test_gemv_errors():
