@@ -127,6 +127,38 @@ class Ledger:
             self.events.append(Event(name, kind, start, cycles, path, counters))
         return cycles
 
+    @contextmanager
+    def parallel(self):
+        """Independent regions working at the same time: ``with ledger.parallel() as par:``
+        then ``with par.branch(): ...`` for each; the critical path advances by the slowest."""
+        if self._overlap is not None:
+            raise RuntimeError("parallel() cannot be nested inside overlap()")
+        par = _Parallel(self, self.cycles)
+        yield par
+        self.cycles = par.start + par.longest
+
+    def replay(self, delta: dict, name: str) -> None:
+        """Charge again the cost of an identical program run measured by ``since()``.
+
+        Dry-run uses this for layers whose program (shapes, layouts, constants) is the
+        same as one already executed: the cost is that execution's, not a formula.
+        """
+        counters = {k: v for k, v in delta.items() if k in COUNTERS}
+        start = self.cycles
+        self.cycles += delta["cycles"]
+        self.compute_cycles += delta["compute_cycles"]
+        self.comm_cycles += delta["comm_cycles"]
+        self.exposed_comm_cycles += delta["exposed_comm_cycles"]
+        self.overhead_cycles += delta["overhead_cycles"]
+        for k, v in counters.items():
+            self.totals[k] += v
+        self.by_primitive[name] += delta["cycles"]
+        path = tuple(self._stack)
+        if self.keep_events and len(self.events) < self.max_events:
+            self.events.append(Event(name, "replay", start, delta["cycles"], path, counters))
+        if self.keep_events and len(self.spans) < self.max_events:
+            self.spans.append((path + (name,), start, self.cycles))
+
     def note(self, text: str) -> None:
         if text not in self.notes:
             self.notes.append(text)
@@ -206,3 +238,20 @@ class Ledger:
 def _plain(v):
     """Counters may be numpy scalars (e.g. from a region sized with numpy ints): make them JSON-able."""
     return v.item() if hasattr(v, "item") else v
+
+
+class _Parallel:
+    def __init__(self, ledger: Ledger, start: float):
+        self.ledger = ledger
+        self.start = start
+        self.longest = 0.0
+
+    @contextmanager
+    def branch(self):
+        led = self.ledger
+        led.cycles = self.start
+        try:
+            yield led
+        finally:
+            self.longest = max(self.longest, led.cycles - self.start)
+            led.cycles = self.start

@@ -1,0 +1,132 @@
+"""Attention kernels with heads: GQA/MQA/MHA grouped *before* the local products.
+
+Features of every attention operand are split over mesh x in a head-aware order (see
+``waferllm.engine.layouts``): PE column j holds the same block of kv features F_j for
+K and V, and for Q the r = Hq/Hkv query heads that share each of those kv heads, so a
+PE never needs a feature another PE holds. ``head_of_pos[j, p]`` says which kv head
+feature p of column j belongs to (-1 for padding).
+
+- :func:`grouped_scores`: S = Q K^T per head with dist-GEMM-T's schedule (K rotates
+  along the column ring, partials reduce-add along the row to a rotating root).
+  Each PE's product touches only its own features, r x tq x tf x tk MACs.
+- :func:`grouped_pv`: O = P V per head with MeshGEMM's schedule (both operands are
+  activations, so both are skewed on the mesh). P tiles carry all heads, V tiles the
+  column's features; out[t, r, p] = sum_k P[head(p), r, t, k] V[k, p].
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from waferllm.errors import MeshError
+from waferllm.kernels.report import KernelResult, measured
+from waferllm.mesh import comm
+from waferllm.mesh.compute import _charge
+from waferllm.mesh.cost import compute_cycles
+from waferllm.mesh.interleave import ring_order, ring_rank
+from waferllm.mesh.tensor import NP_DTYPES, DistTensor
+
+
+def _onehot(head_of_pos: np.ndarray, num_kv_heads: int) -> np.ndarray:
+    """(C, tf) head ids -> (C, tf, Hkv) one-hot (padding rows all zero)."""
+    hp = np.asarray(head_of_pos)
+    oh = (hp[..., None] == np.arange(num_kv_heads)).astype(np.float32)
+    return oh
+
+
+def _charge_macs(mesh, name, macs, dtype, read_bytes, write_bytes):
+    _charge(mesh, name, compute_cycles(mesh.wafer, macs, dtype), 2 * macs, read_bytes, write_bytes)
+
+
+def grouped_scores(q: DistTensor, k: DistTensor, head_of_pos: np.ndarray, num_kv_heads: int, group: int, *,
+                   ring: str = "interleave", reduce_algo: str = "ktree", name: str = "scores") -> KernelResult:
+    """S [Hkv, r, Lq, Lk] (None, None, y, x) from Q [Lq, r*Fpad] and K [Lk, Fpad], both (y, x)."""
+    mesh = q.mesh
+    if mesh.rows != mesh.cols:
+        raise MeshError("grouped dist-GEMM-T runs on a square region")
+    n = mesh.rows
+    tq, tqf = q.tile_shape
+    tk, tf = k.tile_shape
+    if tqf != group * tf:
+        raise MeshError(f"{name}: Q tile has {tqf} features, expected {group} x {tf}")
+    hkv, r = num_kv_heads, group
+    onehot = _onehot(head_of_pos, hkv) if mesh.numeric else None  # (C, tf, Hkv)
+    order = np.asarray(ring_order(n, ring))
+    rho = ring_rank(n, ring)
+    shape = (hkv, r, q.shape[0], k.shape[0])
+    layout = (None, None, "y", "x")
+    rows = np.arange(n)
+    with measured(mesh, "grouped_scores", routes_per_pe=6) as rep:
+        out = np.zeros((n, n, hkv, r, tq, tk), np.float32) if mesh.numeric else None
+        qt = None if q.tiles is None else q.tiles.astype(np.float32).reshape(n, n, tq, r, tf)
+        for s in range(n):
+            root = order[(rho + s) % n]
+            with mesh.ledger.overlap():
+                _charge_macs(mesh, "grouped_scores.tile_matmul", r * tq * tf * tk, q.dtype,
+                             q.bytes_per_pe + k.bytes_per_pe, 4 * hkv * r * tq * tk)
+                part = None
+                if qt is not None:
+                    kt = k.tiles.astype(np.float32)
+                    # (n,n,tq,r,tf) x (n,tf,Hkv) x (n,n,tk,tf) -> (n,n,Hkv,r,tq,tk)
+                    qh = qt[..., None] * onehot[None, :, None, None, :, :]  # (n,n,tq,r,tf,Hkv)
+                    part = np.einsum("ijtrfg,ijkf->ijgrtk", qh, kt, optimize=True)
+                partial = DistTensor(mesh, (hkv, r, n * tq, tk), (None, None, "y", None), "fp32", part,
+                                     name="scores_partial", partial=("x", "sum"))
+                red = comm.reduce(partial, "x", "sum", algo=reduce_algo, root=root, allreduce=False,
+                                  name="grouped_scores.reduce")
+                k = comm.ring_shift(k, "y", -1, ring=ring, name="grouped_scores.shift_K")
+            mesh.ledger.charge("grouped_scores.step", "overhead", mesh.wafer.step_overhead_cycles)
+            if out is not None:
+                out[rows, root] = red.tiles[rows, root]
+            del red, partial
+        res = DistTensor(mesh, shape, layout, "fp32", out, name=name)
+    rep.extra.update(grid=n, heads=hkv * r)
+    return KernelResult(res, rep, {"k": k})
+
+
+def skew(t: DistTensor, operand: str, ring: str = "interleave", name: str | None = None) -> DistTensor:
+    """Cannon's initial alignment on the mesh: A rows by rho(i) along x, B columns by rho(j) along y."""
+    n = t.mesh.rows
+    rho = ring_rank(n, ring)
+    if operand == "A":
+        return comm.ring_shift(t, "x", -rho, ring=ring, name=name or "skew_A")
+    return comm.ring_shift(t, "y", -rho, ring=ring, name=name or "skew_B")
+
+
+def grouped_pv(p: DistTensor, v: DistTensor, head_of_pos: np.ndarray, *, ring: str = "interleave",
+               out_dtype: str = "fp32", name: str = "attn_out") -> KernelResult:
+    """O [Lq, r*Fpad] (y, x) from P [Hkv, r, Lq, Lk] (None, None, y, x) and V [Lk, Fpad] (y, x)."""
+    mesh = p.mesh
+    n = mesh.rows
+    hkv, r, tq, tk = p.tile_shape
+    tk2, tf = v.tile_shape
+    if tk != tk2:
+        raise MeshError(f"{name}: P key tile {tk} != V key tile {tk2}")
+    hp = np.asarray(head_of_pos)
+    with measured(mesh, "grouped_pv", routes_per_pe=6) as rep:
+        p = skew(p, "A", ring)
+        v = skew(v, "B", ring)
+        acc = np.zeros((n, n, tq, r, tf), np.float32) if mesh.numeric else None
+        if acc is not None:
+            cols = np.arange(n)[:, None]
+            safe = np.where(hp < 0, 0, hp)  # (C, tf)
+            valid = (hp >= 0).astype(np.float32)
+        for s in range(n):
+            with mesh.ledger.overlap():
+                _charge_macs(mesh, "grouped_pv.tile_matmul", r * tq * tk * tf, v.dtype,
+                             p.bytes_per_pe + v.bytes_per_pe, 4 * tq * r * tf)
+                if acc is not None:
+                    pt = p.tiles.astype(np.float32)  # (n,n,Hkv,r,tq,tk)
+                    vt = v.tiles.astype(np.float32)  # (n,n,tk,tf)
+                    allh = np.einsum("ijgrtk,ijkf->ijgrtf", pt, vt, optimize=True)  # every head x feature
+                    # keep, for each feature, its own head: gather along g with the column's map
+                    sel = np.take_along_axis(allh, safe[None, :, None, None, None, :], axis=2)[:, :, 0]
+                    acc += (sel * valid[None, :, None, None, :]).transpose(0, 1, 3, 2, 4)
+                p = comm.ring_shift(p, "x", -1, ring=ring, name="grouped_pv.shift_P")
+                v = comm.ring_shift(v, "y", -1, ring=ring, name="grouped_pv.shift_V")
+            mesh.ledger.charge("grouped_pv.step", "overhead", mesh.wafer.step_overhead_cycles)
+        res = DistTensor(mesh, (p.shape[2], r * n * tf), ("y", "x"), out_dtype,
+                         None if acc is None else acc.reshape(n, n, tq, r * tf).astype(NP_DTYPES[out_dtype]),
+                         name=name)
+    rep.extra.update(grid=n)
+    return KernelResult(res, rep)
