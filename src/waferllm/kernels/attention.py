@@ -72,9 +72,10 @@ def grouped_scores(q: DistTensor, k: DistTensor, head_of_pos: np.ndarray, num_kv
                     part = np.einsum("ijtrfg,ijkf->ijgrtk", qh, kt, optimize=True)
                 partial = DistTensor(mesh, (hkv, r, n * tq, tk), (None, None, "y", None), "fp32", part,
                                      name="scores_partial", partial=("x", "sum"))
-                red = comm.reduce(partial, "x", "sum", algo=reduce_algo, root=root, allreduce=False,
-                                  name="grouped_scores.reduce")
-                k = comm.ring_shift(k, "y", -1, ring=ring, name="grouped_scores.shift_K")
+                with mesh.ledger.concurrent():  # partials reduce along rows, K moves along columns
+                    red = comm.reduce(partial, "x", "sum", algo=reduce_algo, root=root, allreduce=False,
+                                      name="grouped_scores.reduce")
+                    k = comm.ring_shift(k, "y", -1, ring=ring, name="grouped_scores.shift_K")
             mesh.ledger.charge("grouped_scores.step", "overhead", mesh.wafer.step_overhead_cycles)
             if out is not None:
                 out[rows, root] = red.tiles[rows, root]
@@ -122,8 +123,9 @@ def grouped_pv(p: DistTensor, v: DistTensor, head_of_pos: np.ndarray, *, ring: s
                     # keep, for each feature, its own head: gather along g with the column's map
                     sel = np.take_along_axis(allh, safe[None, :, None, None, None, :], axis=2)[:, :, 0]
                     acc += (sel * valid[None, :, None, None, :]).transpose(0, 1, 3, 2, 4)
-                p = comm.ring_shift(p, "x", -1, ring=ring, name="grouped_pv.shift_P")
-                v = comm.ring_shift(v, "y", -1, ring=ring, name="grouped_pv.shift_V")
+                with mesh.ledger.concurrent():  # P on row links, V on column links
+                    p = comm.ring_shift(p, "x", -1, ring=ring, name="grouped_pv.shift_P")
+                    v = comm.ring_shift(v, "y", -1, ring=ring, name="grouped_pv.shift_V")
             mesh.ledger.charge("grouped_pv.step", "overhead", mesh.wafer.step_overhead_cycles)
         res = DistTensor(mesh, (p.shape[2], r * n * tf), ("y", "x"), out_dtype,
                          None if acc is None else acc.reshape(n, n, tq, r * tf).astype(NP_DTYPES[out_dtype]),

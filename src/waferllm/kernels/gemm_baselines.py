@@ -37,7 +37,7 @@ def summa(a: DistTensor, b: DistTensor, *, out_dtype: str | None = None, name: s
         acc = mesh.zeros((a.shape[0], b.shape[1]), ("y", "x"), "fp32", name=f"{name}_acc")
         acc_tiles = acc.tiles
         for k in range(n):
-            with mesh.ledger.overlap():
+            with mesh.ledger.concurrent():  # row and column broadcasts use disjoint links
                 a_k = comm.broadcast(a, "x", k, routes_per_pe=n, name="summa.bcast_A")
                 b_k = comm.broadcast(b, "y", k, routes_per_pe=n, name="summa.bcast_B")
             # SUMMA's product needs the tiles just received: it cannot hide them

@@ -51,9 +51,10 @@ def dist_gemm_t(q: DistTensor, k: DistTensor, *, ring: str = "interleave", reduc
                 # partial scores over this PE's feature block: summed along the row (x)
                 partial = DistTensor(mesh, (*lead, n * tq, tk), (*(None,) * len(lead), "y", None), "fp32", part,
                                      name="S_partial", partial=("x", "sum"))
-                red = comm.reduce(partial, "x", "sum", algo=reduce_algo, root=b_of_row, allreduce=False,
-                                  name="dist_gemm_t.reduce")
-                k = comm.ring_shift(k, "y", -1, ring=ring, name="dist_gemm_t.shift_K")
+                with mesh.ledger.concurrent():  # partials reduce along rows, K moves along columns
+                    red = comm.reduce(partial, "x", "sum", algo=reduce_algo, root=b_of_row, allreduce=False,
+                                      name="dist_gemm_t.reduce")
+                    k = comm.ring_shift(k, "y", -1, ring=ring, name="dist_gemm_t.shift_K")
             mesh.ledger.charge("dist_gemm_t.step", "overhead", mesh.wafer.step_overhead_cycles)
             if s_tiles is not None:
                 s_tiles[rows, b_of_row] = red.tiles[rows, b_of_row]

@@ -86,8 +86,9 @@ def meshgemm(a: DistTensor, b: DistTensor, *, ring: str = "interleave", a_skewed
                                          shapes=(m_t, k_t, n_t))
                 # next tiles travel while this product runs (double buffering); the N-th
                 # shift brings every operand home.
-                a = comm.ring_shift(a, "x", -1, ring=ring, name=f"{algo}.shift_A")
-                b_next = comm.ring_shift(b, "y", -1, ring=ring, name=f"{algo}.shift_B")
+                with mesh.ledger.concurrent():  # A on row links, B on column links
+                    a = comm.ring_shift(a, "x", -1, ring=ring, name=f"{algo}.shift_A")
+                    b_next = comm.ring_shift(b, "y", -1, ring=ring, name=f"{algo}.shift_B")
             mesh.ledger.charge(f"{algo}.step", "overhead", mesh.wafer.step_overhead_cycles)
             b = b_next
         out = DistTensor(mesh, (a.shape[0], b.shape[1]), ("y", "x"), out_dtype,
@@ -253,8 +254,9 @@ def meshgemm_rect(mesh, a, b, *, dtype: str = "fp16", ring: str = "interleave", 
                         matmul_tiles(mesh, None if fa is None else fa[u, v], None if fb is None else fb[u, v],
                                      None if fo is None else fo[u, v], dtype=dtype,
                                      name=f"{algo}.tile_matmul", shapes=(mt, kt, nt))
-                ring_cost(a_bytes, hx, f"{algo}.shift_A")
-                ring_cost(b_bytes, hy, f"{algo}.shift_B")
+                with mesh.ledger.concurrent():  # A on row links, B on column links
+                    ring_cost(a_bytes, hx, f"{algo}.shift_A")
+                    ring_cost(b_bytes, hy, f"{algo}.shift_B")
                 if numeric and L > 1:
                     a_log = a_log[:, src_x]
                     b_log = b_log[src_x]

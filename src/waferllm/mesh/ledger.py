@@ -62,6 +62,7 @@ class Ledger:
         self.spans: list[tuple[tuple[str, ...], float, float]] = []
         self._stack: list[str] = []
         self._overlap: _Overlap | None = None
+        self._group: dict | None = None
 
     # ---- structure ---------------------------------------------------------
     @contextmanager
@@ -96,36 +97,63 @@ class Ledger:
     # ---- charging ----------------------------------------------------------
     def charge(self, name: str, kind: str, cycles: float, **counters) -> float:
         cycles = float(cycles)
+        grp = self._group
+        if grp is not None and kind == "comm":
+            # concurrent transfers on different links: the group costs its slowest one
+            start = grp["start"]
+            grp["longest"] = max(grp["longest"], cycles)
+        else:
+            start = self._advance(kind, cycles)
+        if kind == "compute":
+            self.compute_cycles += cycles
+        elif kind == "comm":
+            self.comm_cycles += cycles if grp is None else 0.0
+        else:
+            self.overhead_cycles += cycles
+        for k, v in counters.items():
+            self.totals[k] += v
+        path = tuple(self._stack)
+        self.by_primitive[name] += cycles
+        if self.keep_events and len(self.events) < self.max_events:
+            self.events.append(Event(name, kind, start, cycles, path, counters))
+        return cycles
+
+    def _advance(self, kind: str, cycles: float) -> float:
+        """Put ``cycles`` of work of ``kind`` on the critical path; returns its start."""
         ov = self._overlap
         if ov is None:
             start = self.cycles
             self.cycles += cycles
             if kind == "comm":
                 self.exposed_comm_cycles += cycles
-        else:
-            if kind == "compute":
-                start = ov.start + ov.compute
-                ov.compute += cycles
-            elif kind == "comm":
-                start = ov.start + ov.comm
-                ov.comm += cycles
-            else:
-                start = ov.start + max(ov.compute, ov.comm) + ov.overhead
-                ov.overhead += cycles
+            return start
         if kind == "compute":
-            self.compute_cycles += cycles
+            start = ov.start + ov.compute
+            ov.compute += cycles
         elif kind == "comm":
-            self.comm_cycles += cycles
+            start = ov.start + ov.comm
+            ov.comm += cycles
         else:
-            self.overhead_cycles += cycles
-        for k, v in counters.items():
-            self.totals[k] += v
-        path = tuple(self._stack)
-        self.by_span[path] += cycles if ov is None else 0.0
-        self.by_primitive[name] += cycles
-        if self.keep_events and len(self.events) < self.max_events:
-            self.events.append(Event(name, kind, start, cycles, path, counters))
-        return cycles
+            start = ov.start + max(ov.compute, ov.comm) + ov.overhead
+            ov.overhead += cycles
+        return start
+
+    @contextmanager
+    def concurrent(self):
+        """Transfers issued together on disjoint links (e.g. A along rows and B along
+        columns in one MeshGEMM step) run at the same time: the group costs its slowest."""
+        if self._group is not None:
+            yield self
+            return
+        ov = self._overlap
+        start = self.cycles if ov is None else ov.start + ov.comm
+        self._group = {"start": start, "longest": 0.0}
+        try:
+            yield self
+        finally:
+            grp, self._group = self._group, None
+            self._advance("comm", grp["longest"])
+            self.comm_cycles += grp["longest"]
 
     @contextmanager
     def parallel(self):
