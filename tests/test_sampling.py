@@ -1,0 +1,148 @@
+"""SamplingParams validation, the sampler, and the shared generation loop (on a fake backend)."""
+
+import numpy as np
+import pytest
+
+from waferllm.engine.generate import generate_one
+from waferllm.engine.sampling import Sampler, SamplingParams, apply_top_k_top_p, log_softmax
+from waferllm.errors import RequestError
+
+
+@pytest.mark.parametrize("kw", [
+    dict(max_tokens=0), dict(max_tokens=1.5), dict(temperature=-0.1), dict(temperature=float("nan")),
+    dict(top_k=-2), dict(top_p=0.0), dict(top_p=1.5), dict(seed="x"), dict(stop=[""]), dict(stop_token_ids=[-1]),
+    dict(logprobs=-1), dict(prompt_logprobs=1.5),
+])
+def test_params_validation(kw):
+    with pytest.raises(RequestError):
+        SamplingParams(**kw)
+
+
+def test_params_defaults_and_normalisation():
+    p = SamplingParams(stop="###", top_k=0)
+    assert p.stop == ["###"] and p.stop_token_ids == [] and not p.greedy
+    assert SamplingParams(temperature=0).greedy
+
+
+LOGITS = np.log(np.array([0.5, 0.2, 0.15, 0.1, 0.05]))
+
+
+def test_greedy_and_seeded_determinism():
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal(1000)
+    assert Sampler(SamplingParams(temperature=0)).sample(logits) == int(np.argmax(logits))
+    a = [Sampler(SamplingParams(seed=7)).sample(logits) for _ in range(3)]
+    assert len(set(a)) == 1
+    s1, s2 = Sampler(SamplingParams(seed=11)), Sampler(SamplingParams(seed=11))
+    assert [s1.sample(logits) for _ in range(20)] == [s2.sample(logits) for _ in range(20)]
+
+
+def test_sampling_distribution():
+    s = Sampler(SamplingParams(seed=0))
+    counts = np.bincount([s.sample(LOGITS) for _ in range(20000)], minlength=5) / 20000
+    np.testing.assert_allclose(counts, np.exp(LOGITS), atol=0.015)
+
+
+def test_top_k_top_p():
+    x = apply_top_k_top_p(LOGITS, 2, 1.0)
+    assert np.isfinite(x[:2]).all() and np.isinf(x[2:]).all()
+    # top_p=0.7: 0.5 alone is below 0.7, 0.5+0.2 reaches it -> keep two
+    x = apply_top_k_top_p(LOGITS, -1, 0.7)
+    assert np.isfinite(x[:2]).all() and np.isinf(x[2:]).all()
+    x = apply_top_k_top_p(LOGITS, -1, 0.71)
+    assert np.isfinite(x[:3]).all() and np.isinf(x[3:]).all()
+    x = apply_top_k_top_p(LOGITS, -1, 0.01)  # the top token always stays
+    assert np.isfinite(x[0]) and np.isinf(x[1:]).all()
+    s = Sampler(SamplingParams(seed=1, top_k=3, top_p=0.9, temperature=0.7))
+    seen = {s.sample(LOGITS) for _ in range(2000)}
+    assert seen == {0, 1, 2}
+    p = Sampler(SamplingParams(top_p=0.8)).probs(LOGITS)
+    np.testing.assert_allclose(p[:3], np.array([0.5, 0.2, 0.15]) / 0.85)
+
+
+def test_logprobs_dict():
+    s = Sampler(SamplingParams(logprobs=2))
+    d = s.logprobs(LOGITS, 4, 2)
+    assert list(d) == [4, 0, 1]
+    np.testing.assert_allclose(d[0], np.log(0.5))
+    np.testing.assert_allclose(log_softmax(LOGITS), LOGITS, atol=1e-12)
+
+
+class FakeBackend:
+    """Logits from a fixed table: next token is (last + 1) % V, strongly preferred."""
+
+    V = 10
+
+    def __init__(self):
+        self.calls = []
+
+    def reset(self):
+        self.calls.append("reset")
+
+    def _row(self, t):
+        r = np.zeros(self.V, np.float32)
+        r[(t + 1) % self.V] = 10.0
+        return r
+
+    def prefill(self, ids):
+        self.calls.append(("prefill", list(ids)))
+        return np.stack([self._row(t) for t in ids])
+
+    def decode(self, t):
+        self.calls.append(("decode", t))
+        return self._row(t)
+
+
+class FakeTok:
+    eos_token_ids = [9]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join("ABCDEFGHI"[i] if i < 9 else ("" if skip_special_tokens else "</s>") for i in ids)
+
+
+def test_generate_loop_length_eos_stop_ids():
+    b = FakeBackend()
+    out = generate_one(b, FakeTok(), [0], SamplingParams(max_tokens=3, temperature=0))
+    assert out.token_ids == [1, 2, 3] and out.text == "BCD" and out.finish_reason == "length"
+    assert b.calls == ["reset", ("prefill", [0]), ("decode", 1), ("decode", 2)]  # no wasted step after the last token
+    out = generate_one(FakeBackend(), FakeTok(), [5], SamplingParams(max_tokens=10, temperature=0))
+    assert out.token_ids == [6, 7, 8, 9] and out.text == "GHI" and out.finish_reason == "stop"
+    out = generate_one(FakeBackend(), FakeTok(), [5], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+    assert out.token_ids == [6, 7, 8, 9, 0, 1] and out.finish_reason == "length"
+    out = generate_one(FakeBackend(), FakeTok(), [0], SamplingParams(max_tokens=10, temperature=0, stop_token_ids=[4]))
+    assert out.token_ids == [1, 2, 3, 4] and out.text == "BCD" and out.stop_reason == 4
+
+
+def test_generate_stop_strings_and_streaming():
+    deltas = []
+    out = generate_one(FakeBackend(), FakeTok(), [0], SamplingParams(max_tokens=10, temperature=0, stop=["DEF", "XYZ"]),
+                       on_token=lambda t, d: deltas.append((t, d)))
+    assert out.text == "BC" and out.finish_reason == "stop" and out.stop_reason == "DEF"
+    assert out.token_ids == [1, 2, 3, 4, 5]
+    assert "".join(d for _, d in deltas) == "BC" and [t for t, _ in deltas] == out.token_ids
+    out = generate_one(FakeBackend(), FakeTok(), [0], SamplingParams(max_tokens=10, temperature=0, stop="DE",
+                                                                     include_stop_str_in_output=True))
+    assert out.text == "BCDE"
+    deltas = []
+    generate_one(FakeBackend(), FakeTok(), [0], SamplingParams(max_tokens=4, temperature=0), on_token=lambda t, d: deltas.append(d))
+    assert deltas == ["B", "C", "D", "E"]
+
+
+def test_generate_logprobs_and_prompt_logprobs():
+    out = generate_one(FakeBackend(), FakeTok(), [0, 1, 5], SamplingParams(max_tokens=2, temperature=0, logprobs=1, prompt_logprobs=0))
+    assert len(out.logprobs) == 2 and set(out.logprobs[0]) == {6}
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == 3
+    assert out.prompt_logprobs[1][1] > -1e-3 and out.prompt_logprobs[2][5] < -9
+    d = out.to_dict()
+    assert d["logprobs"][0] == {"6": pytest.approx(out.logprobs[0][6])}
+    with pytest.raises(RequestError):
+        generate_one(FakeBackend(), FakeTok(), [], SamplingParams())
+
+
+def test_real_model_seeded_sampling(smollm_reference):
+    p = SamplingParams(max_tokens=8, temperature=0.9, top_p=0.95, top_k=50, seed=1234)
+    a = smollm_reference.generate("Tell me a story", p)[0]
+    b = smollm_reference.generate("Tell me a story", p)[0]
+    assert a.token_ids == b.token_ids and a.text == b.text and len(a.token_ids) >= 1
+    c = smollm_reference.generate("Hello", SamplingParams(max_tokens=12, temperature=0, stop=["."]))[0]
+    assert "." not in c.text
