@@ -19,6 +19,7 @@ from waferllm.hardware.plmr import DTYPE_BYTES, WaferSpec
 from waferllm.mesh.region import Region
 
 PHASES = ("prefill", "decode")
+PLANNING_SLACK = 2048  # bytes per PE
 
 
 def cdiv(a: int, b: int) -> int:
@@ -129,7 +130,8 @@ def activation_bytes(config, grid: int, phase: str, seq_len: int, dtype: str = "
         heads = heads_per_pass * hl.group
         scores = heads * t * t * (4 + 4 + 2 * b)  # partial, S, P and P's double buffer
         ffn = 2 * t * f * b + t * f * 4
-        return hidden + qkv + max(scores + t * qt * 4, ffn) + 1024
+        in_flight = max(e * f, e * qt) * b  # MeshGEMM's next weight tile (double buffer)
+        return hidden + qkv + max(scores + t * qt * 4, ffn) + in_flight + 1024
     cap = cdiv(seq_len, grid)
     vec = 6 * e * 4 + 3 * (qt + 2 * hl.tf) * 4
     scores = 4 * config.num_heads * cap * 4
@@ -170,7 +172,9 @@ def plan_phase(config, wafer: WaferSpec, grid: int, phase: str, seq_len: int, dt
     at once. ``layers`` < num_layers plans only the first ``layers`` (extrapolation).
     """
     n_layers = config.num_layers if layers is None else layers
-    usable = wafer.usable_sram_bytes_per_pe
+    # plan with some slack for the small buffers the estimate leaves out; the runtime
+    # SRAM accounting checks every real allocation anyway
+    usable = wafer.usable_sram_bytes_per_pe - PLANNING_SLACK
     slots = region_slots(wafer, grid, phase)
     w_layer = layer_weight_bytes(config, grid, phase, dtype)
     kv_layer = kv_bytes_per_slot(config, grid, dtype) * cdiv(seq_len, grid)
@@ -210,14 +214,14 @@ def plan_phase(config, wafer: WaferSpec, grid: int, phase: str, seq_len: int, dt
         while hpp < config.num_kv_heads and sum(usage(chosen, hpp + 1).values()) <= usable:
             hpp += 1
     lpr = cdiv(n_layers, chosen)
-    n_regions = cdiv(n_layers, lpr)
+    n_regions = chosen  # the last regions may hold fewer layers (or only their vocabulary slice)
     vstep = cdiv(config.vocab_size, n_regions)
     stages = [
         Stage("layers", slots[k], layers=range(k * lpr, min(n_layers, (k + 1) * lpr)),
               vocab=range(k * vstep, min(config.vocab_size, (k + 1) * vstep)))
         for k in range(n_regions)
     ]
-    b = usage(n_regions, hpp) | {"reserved": wafer.reserved_bytes_per_pe, "usable": usable}
+    b = usage(n_regions, hpp) | {"reserved": wafer.reserved_bytes_per_pe, "usable": wafer.usable_sram_bytes_per_pe}
     pp = PhasePlan(phase, grid, stages, lpr, b, len(slots))
     pp.heads_per_pass = hpp
     return pp

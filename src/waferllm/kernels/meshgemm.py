@@ -95,7 +95,8 @@ def meshgemm(a: DistTensor, b: DistTensor, *, ring: str = "interleave", a_skewed
                          None if acc_tiles is None else acc_tiles.astype(NP_DTYPES[out_dtype]), name=name)
         del acc
     rep.extra.update(m=a.shape[0], k=a.shape[1], n=b.shape[1], grid=n, skew_rounds=n // 2)
-    return KernelResult(out, rep, {"a_skewed": skewed, "b": b})
+    # after N steps B is home again: the caller's placed B stays the operand of record
+    return KernelResult(out, rep, {"a_skewed": skewed})
 
 
 # ---------------------------------------------------------------- non-square regions

@@ -116,7 +116,8 @@ def elementwise(fn, *tensors: DistTensor, ops_per_elem: float = 1.0, name: str =
             sum(t.bytes_per_pe for t in tensors), ref.bytes_per_pe)
     tiles = None
     if mesh.numeric:
-        with np.errstate(over="ignore", under="ignore"):
+        # padding (reset to zero below) may divide 0 by 0; real elements never do
+        with np.errstate(over="ignore", under="ignore", invalid="ignore", divide="ignore"):
             tiles = np.asarray(fn(*[t.tiles.astype(np.float32) for t in tensors]), dtype=np.float32)
         tiles = np.broadcast_to(tiles, (mesh.rows, mesh.cols, *ref.tile_shape)).astype(NP_DTYPES[dt])
         mask = ref.pad_mask()

@@ -1,0 +1,274 @@
+"""Decode on the mesh: one token through a run of layers, every projection a MeshGEMV.
+
+Layout ``B E_y L^x``: the hidden vector is split over mesh y and replicated along x.
+GEMVs alternate their reduce axis so nothing is ever transposed:
+
+    x (y) --QKV (W y,x)--> q,k,v (x) ... attention ... o (x) --O (W x,y)--> (y)
+    x (y) --gate/up (W y,x)--> (x) --SiLU*up--> (x) --down (W x,y)--> (y)
+
+W_O and W_down therefore get a decode-specific placement (input dim on x). Q, K and V
+come out of one fused GEMV: each PE column's weight tile is [q block | k block | v
+block] for the same kv feature block (see ``layouts.HeadLayout``), so they land on the
+columns that need them. K is cached transposed, so q K^T is one more GEMV-shaped
+product reduced along x (within the columns of each head), and p V reduces along y.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from waferllm.engine.kvcache import KVCache
+from waferllm.engine.layouts import HeadLayout
+from waferllm.kernels.attention import _onehot
+from waferllm.kernels.meshgemv import gemv
+from waferllm.mesh import comm, compute
+from waferllm.mesh.compute import _charge
+from waferllm.mesh.cost import compute_cycles, vector_cycles
+from waferllm.mesh.tensor import DistTensor
+from waferllm.models.rope import rope_cos_sin
+
+
+def _blocks(mats: list[np.ndarray], widths: list[int], parts: int) -> np.ndarray:
+    """Concatenate column blocks so PE column j holds [m0 block j | m1 block j | ...]."""
+    split = [m.reshape(m.shape[0], parts, w) for m, w in zip(mats, widths)]
+    return np.concatenate(split, axis=2).reshape(mats[0].shape[0], -1)
+
+
+class DecodeStage:
+    """The decode program of one region: its layers' weights, KV cache, and vocab slice."""
+
+    def __init__(self, mesh, config, layer_ids: range, layers, vocab: range, lm_head, embed, final_norm,
+                 capacity_tokens: int, dtype: str = "fp16", kv_scheme: str = "shift", gemv_k: int = 2):
+        self.mesh = mesh
+        self.config = config
+        self.layer_ids = layer_ids
+        self.vocab = vocab
+        self.dtype = dtype
+        self.gemv_k = gemv_k
+        q = mesh.rows
+        c = config
+        self.hl = hl = HeadLayout(c.num_heads, c.num_kv_heads, c.head_dim, q)
+        self.tff = -(-c.intermediate_size // q)
+        self.fpad = self.tff * q
+        self.heads_per_column = hl.max_heads_per_column()
+        # columns a head's features span: the segment its score reduction runs over
+        self.head_span = max(1, math.ceil(c.head_dim / hl.tf) + (1 if c.head_dim % hl.tf else 0))
+        E = c.hidden_size
+        self.w = []
+        for li, lw in zip(layer_ids, layers):
+            self.w.append(self._place_layer(li, lw))
+        # vocab slice of the LM head [E, Vc] (y, x); also the embedding table when tied
+        vc = len(vocab)
+        self.lm = mesh.place(lm_head if lm_head is not None else (E, vc), ("y", "x"), dtype, name="lm_head")
+        self.embed = None
+        if not c.tie_word_embeddings:
+            self.embed = mesh.place(embed if embed is not None else (E, vc), ("y", "x"), dtype, name="embedding")
+        self.final_norm = mesh.place(final_norm if final_norm is not None else (E,), ("y",), "fp32", name="final_norm")
+        self.cache = KVCache(mesh, hl, len(layer_ids), capacity_tokens, kv_scheme, dtype,
+                             name=f"kv[{layer_ids.start}:{layer_ids.stop}]")
+        self._onehot = _onehot(hl.head_of_pos, c.num_kv_heads) if mesh.numeric else None
+
+    # ---- placement -------------------------------------------------------------------
+    def _place_layer(self, li: int, lw) -> dict:
+        m, c, hl, d = self.mesh, self.config, self.hl, self.dtype
+        E, q = c.hidden_size, m.rows
+        r, tf = hl.group, hl.tf
+        qkv_w = (r + 2) * tf
+        out = {}
+        if lw is not None:
+            wq = hl.take_cols(lw.wq, hl.q_cols)
+            wk = hl.take_cols(lw.wk, hl.kv_cols)
+            wv = hl.take_cols(lw.wv, hl.kv_cols)
+            out["qkv"] = m.place(_blocks([wq, wk, wv], [r * tf, tf, tf], q), ("y", "x"), d, name=f"L{li}.w_qkv")
+            if lw.bq is not None:
+                b = _blocks([hl.take_cols(lw.bq[None], hl.q_cols), hl.take_cols(lw.bk[None], hl.kv_cols),
+                             hl.take_cols(lw.bv[None], hl.kv_cols)], [r * tf, tf, tf], q)[0]
+                out["qkv_bias"] = m.place(b, ("x",), "fp32", name=f"L{li}.b_qkv")
+            out["o"] = m.place(hl.take_rows(lw.wo, hl.q_cols), ("x", "y"), d, name=f"L{li}.w_o")
+            fcols = np.where(np.arange(self.fpad) < c.intermediate_size, np.arange(self.fpad), -1)
+            g = hl.take_cols(lw.w_gate, fcols)
+            u = hl.take_cols(lw.w_up, fcols)
+            out["gate_up"] = m.place(_blocks([g, u], [self.tff, self.tff], q), ("y", "x"), d, name=f"L{li}.w_gate_up")
+            out["down"] = m.place(hl.take_rows(lw.w_down, fcols), ("x", "y"), d, name=f"L{li}.w_down")
+            out["attn_norm"] = m.place(lw.attn_norm, ("y",), "fp32", name=f"L{li}.attn_norm")
+            out["ffn_norm"] = m.place(lw.ffn_norm, ("y",), "fp32", name=f"L{li}.ffn_norm")
+        else:
+            out["qkv"] = m.place((E, q * qkv_w), ("y", "x"), d, name=f"L{li}.w_qkv")
+            if c.qkv_bias:
+                out["qkv_bias"] = m.place((q * qkv_w,), ("x",), "fp32", name=f"L{li}.b_qkv")
+            out["o"] = m.place((hl.q_padded, E), ("x", "y"), d, name=f"L{li}.w_o")
+            out["gate_up"] = m.place((E, 2 * self.fpad), ("y", "x"), d, name=f"L{li}.w_gate_up")
+            out["down"] = m.place((self.fpad, E), ("x", "y"), d, name=f"L{li}.w_down")
+            out["attn_norm"] = m.place((E,), ("y",), "fp32", name=f"L{li}.attn_norm")
+            out["ffn_norm"] = m.place((E,), ("y",), "fp32", name=f"L{li}.ffn_norm")
+        return out
+
+    # ---- building blocks ---------------------------------------------------------------
+    def _gemv(self, x, w, name):
+        with self.mesh.ledger.span(name):
+            return gemv(x, w, algo="meshgemv", k=self.gemv_k, out_dtype="fp32", name=name).out
+
+    def rmsnorm(self, h: DistTensor, weight: DistTensor, name: str) -> DistTensor:
+        """h [E] (y): sum of squares allreduced along y, then scaled on every PE."""
+        eps, E = self.config.rms_norm_eps, self.config.hidden_size
+        with self.mesh.ledger.span(name):
+            ss = compute.tile_reduce(h, 0, "sumsq", name=f"{name}.sumsq")
+            ss = comm.allreduce(ss, "y", "sum", k=self.gemv_k, name=f"{name}.allreduce")
+            return compute.elementwise(lambda x, s, w: x / np.sqrt(s / E + eps) * w, h, ss, weight,
+                                       ops_per_elem=3, name=f"{name}.scale", dtype="fp32")
+
+    def rope(self, t: DistTensor, pos: int, rows: int, name: str) -> DistTensor:
+        """Rotate the (pair-ordered) features of q or k on every PE for position ``pos``."""
+        hl = self.hl
+        mesh = self.mesh
+        tiles = None
+        if mesh.numeric:
+            cos, sin = rope_cos_sin(self.config, [pos])
+            d_of = np.where(hl.kv_cols >= 0, hl.kv_cols % self.config.head_dim, 0)
+            ck = cos[0][d_of].reshape(mesh.cols, hl.tf)
+            sk = (sin[0][d_of] * hl.rope_sign).reshape(mesh.cols, hl.tf)
+            x = t.tiles.astype(np.float32).reshape(mesh.rows, mesh.cols, rows, hl.tf)
+            partner = x.reshape(*x.shape[:-1], hl.tf // 2, 2)[..., ::-1].reshape(x.shape)
+            y = x * ck[None, :, None, :] + partner * sk[None, :, None, :]
+            tiles = y.reshape(t.tiles.shape)
+        # angle, cos, sin and two multiply-adds per element
+        _charge(mesh, name, vector_cycles(mesh.wafer, t.tile_elems, t.dtype, 6), 6 * t.tile_elems,
+                t.bytes_per_pe, t.bytes_per_pe)
+        return t.with_tiles(tiles, name=name)
+
+    # ---- one layer -------------------------------------------------------------------
+    def layer(self, idx: int, h: DistTensor, pos: int, movers: np.ndarray) -> DistTensor:
+        c, hl, mesh, w = self.config, self.hl, self.mesh, self.w[idx]
+        q_n, r, tf = mesh.rows, hl.group, hl.tf
+        x = self.rmsnorm(h, w["attn_norm"], "attn_norm")
+        qkv = self._gemv(x, w["qkv"], "qkv_gemv")
+        if "qkv_bias" in w:
+            qkv = compute.elementwise(lambda a, b: a + b, qkv, w["qkv_bias"], name="qkv_bias", dtype="fp32")
+        # the fused tile is [q (r*tf) | k (tf) | v (tf)]: slicing it is free (an address offset)
+        tiles = qkv.tiles
+        qt = None if tiles is None else tiles[..., : r * tf]
+        kt = None if tiles is None else tiles[..., r * tf: (r + 1) * tf]
+        vt = None if tiles is None else tiles[..., (r + 1) * tf:]
+        qv = DistTensor(mesh, (hl.q_padded,), ("x",), "fp32", qt, name="q")
+        kv = DistTensor(mesh, (hl.kv_padded,), ("x",), "fp32", kt, name="k")
+        vv = DistTensor(mesh, (hl.kv_padded,), ("x",), self.dtype, vt, name="v")
+        del qkv
+        qv = self.rope(qv, pos, r, "rope_q")
+        kv = self.rope(kv, pos, 1, "rope_k")
+        self.cache.write(idx, kv, vv, movers)
+        o = self.attention(idx, qv, movers)
+        attn = self._gemv(o, w["o"], "o_gemv")
+        h = compute.elementwise(lambda a, b: a + b, h, attn, name="residual", dtype="fp32")
+        x = self.rmsnorm(h, w["ffn_norm"], "ffn_norm")
+        gu = self._gemv(x, w["gate_up"], "gate_up_gemv")
+        tff = self.tff
+        act_tiles = None
+        if gu.tiles is not None:
+            g, u = gu.tiles[..., :tff].astype(np.float32), gu.tiles[..., tff:].astype(np.float32)
+            act_tiles = g / (1 + np.exp(-g)) * u
+        _charge(mesh, "silu_mul", vector_cycles(mesh.wafer, tff, "fp32", 5), 5 * tff, gu.bytes_per_pe, 4 * tff)
+        act = DistTensor(mesh, (self.fpad,), ("x",), "fp32", act_tiles, name="act")
+        del gu
+        down = self._gemv(act, w["down"], "down_gemv")
+        return compute.elementwise(lambda a, b: a + b, h, down, name="residual", dtype="fp32")
+
+    def attention(self, idx: int, q: DistTensor, movers: np.ndarray) -> DistTensor:
+        """softmax(q K^T / sqrt(D)) V for one new token against the cached ones."""
+        c, hl, mesh, cache = self.config, self.hl, self.mesh, self.cache
+        n, r, tf, hkv = mesh.rows, hl.group, hl.tf, c.num_kv_heads
+        valid = cache.valid(movers)  # (n, cap), the new token included
+        occ = int(valid.sum(axis=1).max())
+        cap = cache.cap
+        hpc = self.heads_per_column
+        led = mesh.ledger
+        with led.span("attention"):
+            # scores: each column multiplies its q features by its K^T block, per head
+            s_tiles = None
+            if mesh.numeric:
+                qt = q.tiles.astype(np.float32).reshape(n, n, r, tf)
+                kt = cache.k[idx].astype(np.float32)  # (n, n, tf, cap)
+                qh = qt[..., None] * self._onehot[None, :, None, :, :]  # (n,n,r,tf,Hkv)
+                s_tiles = np.einsum("ijrfg,ijfs->ijgrs", qh, kt, optimize=True)
+            _charge(mesh, "qk_gemv", compute_cycles(mesh.wafer, r * tf * occ, self.dtype), 2 * r * tf * occ,
+                    4 * r * tf + tf * occ * 2, 4 * hpc * r * occ)
+            scores = DistTensor(mesh, (hkv, r, n * cap), (None, None, "y"), "fp32", s_tiles, name="scores",
+                                partial=("x", "sum"))
+            scores = self._segment_allreduce(scores, hpc * r * occ * 4, "qk_allreduce")
+            # softmax over tokens (split along y); empty slots are masked
+            scale = 1.0 / math.sqrt(c.head_dim)
+            vm = valid[:, None, None, None, :] if mesh.numeric else None
+            with led.span("softmax"):
+                z = compute.elementwise(lambda s: np.where(vm, s * scale, -np.inf), scores, ops_per_elem=1,
+                                        name="softmax.scale", dtype="fp32")
+                mx = compute.tile_reduce(z, 2, "max", name="softmax.max")
+                mx = comm.allreduce(mx, "y", "max", k=self.gemv_k, name="softmax.allreduce_max")
+                e = compute.elementwise(lambda s, m: np.where(vm, np.exp(s - m), 0.0) if vm is not None else s, z, mx,
+                                        ops_per_elem=4, name="softmax.exp", dtype="fp32")
+                tot = compute.tile_reduce(e, 2, "sum", name="softmax.sum")
+                tot = comm.allreduce(tot, "y", "sum", k=self.gemv_k, name="softmax.allreduce_sum")
+                p = compute.elementwise(lambda a, b: a / b, e, tot, ops_per_elem=1, name="softmax.div", dtype="fp32")
+            # p V: each PE weights its V block by its heads' probabilities, then sum along y
+            o_tiles = None
+            if mesh.numeric:
+                pt = p.tiles  # (n,n,Hkv,r,cap)
+                vt = cache.v[idx].astype(np.float32)  # (n,n,cap,tf)
+                allh = np.einsum("ijgrs,ijsf->ijgrf", pt, vt, optimize=True)
+                o_tiles = np.einsum("ijgrf,jfg->ijrf", allh, self._onehot, optimize=True).reshape(n, n, r * tf)
+            _charge(mesh, "pv_gemv", compute_cycles(mesh.wafer, r * occ * tf, self.dtype), 2 * r * occ * tf,
+                    4 * hpc * r * occ + 2 * occ * tf, 4 * r * tf)
+            o = DistTensor(mesh, (hl.q_padded,), ("x",), "fp32", o_tiles, name="attn_out", partial=("y", "sum"))
+            return comm.allreduce(o, "y", "sum", k=self.gemv_k, name="pv_allreduce")
+
+    def _segment_allreduce(self, t: DistTensor, bytes_per_pe: int, name: str) -> DistTensor:
+        """Allreduce along x within each head's columns (segments run at the same time).
+
+        A PE holds non-zero partials only for its own heads, so summing the whole row
+        gives each head's total; the cost is that of a K-tree over the head's span of
+        columns, carrying only the heads the PE holds.
+        """
+        mesh = self.mesh
+        phases, routes = comm.reduce_schedule(self.head_span, "ktree", self.gemv_k, None, None, True)
+        cycles, stages, hops = comm._schedule_cycles(mesh, phases, bytes_per_pe)
+        if routes:
+            mesh.routes.request(name, routes, relayable=False)
+        lines = mesh.rows * (mesh.cols // max(self.head_span, 1))
+        mesh.ledger.charge(name, "comm", cycles, bytes_moved=bytes_per_pe * mesh.rows * mesh.cols,
+                           hop_bytes=bytes_per_pe * hops * lines, routing_stages=stages,
+                           messages=mesh.rows * mesh.cols)
+        tiles = None
+        if t.tiles is not None:
+            tiles = np.broadcast_to(t.tiles.sum(axis=1, keepdims=True), t.tiles.shape)
+        return t.with_tiles(tiles, partial=None, name=name)
+
+    # ---- vocabulary slice ---------------------------------------------------------------
+    def embed_lookup(self, token: int) -> DistTensor:
+        """Broadcast the token's embedding column along x from the PE column that holds it."""
+        table = self.embed if self.embed is not None else self.lm
+        local = token - self.vocab.start
+        tv = table.tile_shape[1]
+        col, off = divmod(local, tv)
+        with self.mesh.ledger.span("embedding"):
+            # the root column's PEs hold the token's features (split along y) as one tile column
+            tiles = None
+            if table.tiles is not None:
+                tiles = np.zeros(table.tiles.shape[:3], np.float32)
+                tiles[:, col] = table.tiles[:, col, :, off]
+            row = DistTensor(self.mesh, (self.config.hidden_size,), ("y",), "fp32", tiles, name="embedding_row")
+            return comm.broadcast(row, "x", col, name="embedding.broadcast")
+
+    def lm_head(self, x: DistTensor) -> tuple[np.ndarray | None, DistTensor]:
+        """Logits of this region's vocabulary slice (x is already normalised, on this mesh)."""
+        with self.mesh.ledger.span("lm_head"):
+            out = gemv(x, self.lm, algo="meshgemv", k=self.gemv_k, broadcast=False, out_dtype="fp32",
+                       name="logits").out
+            # the slice's best token: a local max over the tile, then a max-allreduce of
+            # (value, index) along the root row (what greedy sampling needs on the wafer)
+            tv = out.tile_shape[0]
+            _charge(self.mesh, "argmax.local", vector_cycles(self.mesh.wafer, tv, "fp32"), tv, 4 * tv, 8)
+            pair = DistTensor(self.mesh, (2,), (None,), "fp32",
+                              np.zeros((self.mesh.rows, self.mesh.cols, 2), np.float32) if self.mesh.numeric else None,
+                              name="argmax")
+            comm.allreduce(pair, "x", "max", k=self.gemv_k, name="argmax.allreduce")
+        return (out.to_global() if out.tiles is not None else None), out

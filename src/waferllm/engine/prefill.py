@@ -1,0 +1,202 @@
+"""Prefill on the mesh: the whole prompt through a run of layers, every projection a MeshGEMM.
+
+Layout ``B L_y E_x``: tokens split over mesh y, features over mesh x. Weights are
+2D-partitioned and pre-skewed for MeshGEMM at placement; Q/K/V share one skew of the
+normalised activations, as do gate/up. Attention runs per pass of kv heads (as many as
+the SRAM budget allows): Q K^T by the grouped dist-GEMM-T, a causal softmax with its
+max and sum allreduced along x, then P V by the grouped MeshGEMM (both activations
+skewed on the mesh). RMSNorm statistics are allreduced along x; RoPE uses each token's
+true position.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from waferllm.engine.layouts import HeadLayout
+from waferllm.kernels.attention import grouped_pv, grouped_scores
+from waferllm.kernels.meshgemm import meshgemm, place_b
+from waferllm.mesh import comm, compute
+from waferllm.mesh.compute import _charge
+from waferllm.mesh.cost import vector_cycles
+from waferllm.mesh.tensor import DistTensor
+from waferllm.models.rope import rope_cos_sin
+
+
+class PrefillStage:
+    def __init__(self, mesh, config, layer_ids: range, layers, vocab: range, lm_head, final_norm,
+                 dtype: str = "fp16", heads_per_pass: int = 1):
+        self.mesh = mesh
+        self.config = config
+        self.layer_ids = layer_ids
+        self.vocab = vocab
+        self.dtype = dtype
+        self.heads_per_pass = max(1, heads_per_pass)
+        n = mesh.rows
+        c = config
+        self.hl = HeadLayout(c.num_heads, c.num_kv_heads, c.head_dim, n)
+        self.w = [self._place_layer(li, lw) for li, lw in zip(layer_ids, layers)]
+        E = c.hidden_size
+        self.lm = place_b(mesh, lm_head if lm_head is not None else (E, len(vocab)), dtype, name="lm_head")
+        self.final_norm = mesh.place(final_norm[None] if final_norm is not None else (1, E), (None, "x"), "fp32",
+                                     name="final_norm")
+
+    def _place_layer(self, li, lw) -> dict:
+        m, hl, d, c = self.mesh, self.hl, self.dtype, self.config
+        E, F = c.hidden_size, c.intermediate_size
+        out = {}
+        if lw is not None:
+            out["q"] = place_b(m, hl.take_cols(lw.wq, hl.q_cols), d, name=f"L{li}.wq")
+            out["k"] = place_b(m, hl.take_cols(lw.wk, hl.kv_cols), d, name=f"L{li}.wk")
+            out["v"] = place_b(m, hl.take_cols(lw.wv, hl.kv_cols), d, name=f"L{li}.wv")
+            out["o"] = place_b(m, hl.take_rows(lw.wo, hl.q_cols), d, name=f"L{li}.wo")
+            out["gate"] = place_b(m, lw.w_gate, d, name=f"L{li}.w_gate")
+            out["up"] = place_b(m, lw.w_up, d, name=f"L{li}.w_up")
+            out["down"] = place_b(m, lw.w_down, d, name=f"L{li}.w_down")
+            out["attn_norm"] = m.place(lw.attn_norm[None], (None, "x"), "fp32", name=f"L{li}.attn_norm")
+            out["ffn_norm"] = m.place(lw.ffn_norm[None], (None, "x"), "fp32", name=f"L{li}.ffn_norm")
+            if lw.bq is not None:
+                out["bq"] = m.place(hl.take_cols(lw.bq[None], hl.q_cols), (None, "x"), "fp32", name=f"L{li}.bq")
+                out["bk"] = m.place(hl.take_cols(lw.bk[None], hl.kv_cols), (None, "x"), "fp32", name=f"L{li}.bk")
+                out["bv"] = m.place(hl.take_cols(lw.bv[None], hl.kv_cols), (None, "x"), "fp32", name=f"L{li}.bv")
+        else:
+            out["q"] = place_b(m, (E, hl.q_padded), d, name=f"L{li}.wq")
+            out["k"] = place_b(m, (E, hl.kv_padded), d, name=f"L{li}.wk")
+            out["v"] = place_b(m, (E, hl.kv_padded), d, name=f"L{li}.wv")
+            out["o"] = place_b(m, (hl.q_padded, E), d, name=f"L{li}.wo")
+            out["gate"] = place_b(m, (E, F), d, name=f"L{li}.w_gate")
+            out["up"] = place_b(m, (E, F), d, name=f"L{li}.w_up")
+            out["down"] = place_b(m, (F, E), d, name=f"L{li}.w_down")
+            out["attn_norm"] = m.place((1, E), (None, "x"), "fp32", name=f"L{li}.attn_norm")
+            out["ffn_norm"] = m.place((1, E), (None, "x"), "fp32", name=f"L{li}.ffn_norm")
+            if c.qkv_bias:
+                out["bq"] = m.place((1, hl.q_padded), (None, "x"), "fp32", name=f"L{li}.bq")
+                out["bk"] = m.place((1, hl.kv_padded), (None, "x"), "fp32", name=f"L{li}.bk")
+                out["bv"] = m.place((1, hl.kv_padded), (None, "x"), "fp32", name=f"L{li}.bv")
+        return out
+
+    # ---- building blocks ---------------------------------------------------------------
+    def _mm(self, a, b, name, a_skewed=False):
+        with self.mesh.ledger.span(name):
+            return meshgemm(a, b, a_skewed=a_skewed, out_dtype=self.dtype, name=name)
+
+    def rmsnorm(self, h: DistTensor, weight: DistTensor, name: str) -> DistTensor:
+        eps, E = self.config.rms_norm_eps, self.config.hidden_size
+        with self.mesh.ledger.span(name):
+            ss = compute.tile_reduce(h, 1, "sumsq", name=f"{name}.sumsq")
+            ss = comm.allreduce(ss, "x", "sum", name=f"{name}.allreduce")
+            return compute.elementwise(lambda x, s, w: x / np.sqrt(s / E + eps) * w, h, ss, weight,
+                                       ops_per_elem=3, name=f"{name}.scale", dtype=self.dtype)
+
+    def rope(self, t: DistTensor, tables, name: str) -> DistTensor:
+        """Rotate pair-ordered features with per-token cos/sin (true positions)."""
+        mesh = self.mesh
+        tiles = None
+        if mesh.numeric:
+            cos_t, sin_t = tables  # (n, n, tl, tf) each, for the kv features of the PE
+            x = t.tiles.astype(np.float32)
+            reps = x.shape[-1] // cos_t.shape[-1]
+            ck = np.tile(cos_t, (1, 1, 1, reps))
+            sk = np.tile(sin_t, (1, 1, 1, reps))
+            partner = x.reshape(*x.shape[:-1], x.shape[-1] // 2, 2)[..., ::-1].reshape(x.shape)
+            tiles = x * ck + partner * sk
+        _charge(mesh, name, vector_cycles(mesh.wafer, t.tile_elems, t.dtype, 6), 6 * t.tile_elems,
+                t.bytes_per_pe, t.bytes_per_pe)
+        return t.with_tiles(tiles, name=name)
+
+    def rope_tables(self, positions: np.ndarray):
+        if not self.mesh.numeric:
+            return None
+        hl, n = self.hl, self.mesh.rows
+        cos, sin = rope_cos_sin(self.config, positions)
+        d_of = np.where(hl.kv_cols >= 0, hl.kv_cols % self.config.head_dim, 0)
+        ck = cos[:, d_of]  # [L, kv_padded]
+        sk = sin[:, d_of] * hl.rope_sign
+        L = len(positions)
+        tl = -(-L // n)
+        pad = tl * n - L
+
+        def tile(a):
+            a = np.pad(a, ((0, pad), (0, 0)))
+            return a.reshape(n, tl, n, hl.tf).transpose(0, 2, 1, 3)
+
+        return tile(ck), tile(sk)
+
+    # ---- one layer -------------------------------------------------------------------
+    def layer(self, idx: int, h: DistTensor, length: int, tables) -> tuple[DistTensor, DistTensor, DistTensor]:
+        """Returns the new hidden states and this layer's K and V (kept for the decode cache)."""
+        w, hl, c, mesh = self.w[idx], self.hl, self.config, self.mesh
+        x = self.rmsnorm(h, w["attn_norm"], "attn_norm")
+        qr = self._mm(x, w["q"], "q_proj")
+        kr = self._mm(qr.state["a_skewed"], w["k"], "k_proj", a_skewed=True)
+        vr = self._mm(qr.state["a_skewed"], w["v"], "v_proj", a_skewed=True)
+        q, k, v = qr.out, kr.out, vr.out
+        del qr, kr, vr, x
+        if "bq" in w:
+            q = compute.elementwise(lambda a, b: a + b, q, w["bq"], name="bias_q")
+            k = compute.elementwise(lambda a, b: a + b, k, w["bk"], name="bias_k")
+            v = compute.elementwise(lambda a, b: a + b, v, w["bv"], name="bias_v")
+        q = self.rope(q, tables, "rope_q")
+        k = self.rope(k, tables, "rope_k")
+        o = self.attention(q, k, v, length)
+        del q
+        a = self._mm(o, w["o"], "o_proj").out
+        h = compute.elementwise(lambda p, s: p + s, h, a, name="residual", dtype=self.dtype)
+        del a, o
+        x = self.rmsnorm(h, w["ffn_norm"], "ffn_norm")
+        gr = self._mm(x, w["gate"], "gate_proj")
+        ur = self._mm(gr.state["a_skewed"], w["up"], "up_proj", a_skewed=True)
+        g, u = gr.out, ur.out
+        del gr, ur, x
+        act = compute.elementwise(lambda g_, u_: g_ / (1 + np.exp(-g_)) * u_, g, u, ops_per_elem=5, name="silu_mul",
+                                  dtype=self.dtype)
+        del g, u
+        d = self._mm(act, w["down"], "down_proj").out
+        del act
+        h = compute.elementwise(lambda p, s: p + s, h, d, name="residual", dtype=self.dtype)
+        return h, k, v
+
+    def attention(self, q: DistTensor, k: DistTensor, v: DistTensor, length: int) -> DistTensor:
+        hl, c, mesh = self.hl, self.config, self.mesh
+        n = mesh.rows
+        tq = q.tile_shape[0]
+        scale = 1.0 / math.sqrt(c.head_dim)
+        qi = (np.arange(n)[:, None] * tq + np.arange(tq)[None, :])  # (rows, tq) query index
+        ki = (np.arange(n)[:, None] * tq + np.arange(tq)[None, :])  # (cols, tk) key index
+        allowed = None
+        if mesh.numeric:
+            # causal and real keys only: (n, n, 1, 1, tq, tk)
+            allowed = ((ki[None, :, None, :] <= qi[:, None, :, None]) & (ki[None, :, None, :] < length))[:, :, None, None]
+        out = None
+        with mesh.ledger.span("attention"):
+            for g0 in range(0, c.num_kv_heads, self.heads_per_pass):
+                chunk = range(g0, min(c.num_kv_heads, g0 + self.heads_per_pass))
+                hop = np.where((hl.head_of_pos >= chunk.start) & (hl.head_of_pos < chunk.stop),
+                               hl.head_of_pos - chunk.start, -1)
+                s = grouped_scores(q, k, hop, len(chunk), hl.group, name="scores").out
+                with mesh.ledger.span("softmax"):
+                    z = compute.elementwise(lambda x: np.where(allowed, x * scale, -np.inf), s, name="softmax.mask",
+                                            dtype="fp32")
+                    del s
+                    mx = compute.tile_reduce(z, 3, "max", name="softmax.max")
+                    mx = comm.allreduce(mx, "x", "max", name="softmax.allreduce_max")
+                    e = compute.elementwise(lambda x, m: np.where(allowed, np.exp(x - m), 0.0), z, mx, ops_per_elem=4,
+                                            name="softmax.exp", dtype="fp32")
+                    del z
+                    tot = compute.tile_reduce(e, 3, "sum", name="softmax.sum")
+                    tot = comm.allreduce(tot, "x", "sum", name="softmax.allreduce_sum")
+                    p = compute.elementwise(lambda a, b: a / b, e, tot, name="softmax.div", dtype=self.dtype)
+                    del e
+                part = grouped_pv(p, v, hop, out_dtype="fp32", name="attn_out").out
+                del p
+                out = part if out is None else compute.elementwise(lambda a, b: a + b, out, part, name="attn_accumulate",
+                                                                   dtype="fp32")
+        return out.with_tiles(out.tiles, dtype=self.dtype, name="attn_out") if out.dtype != self.dtype else out
+
+    # ---- vocabulary slice ------------------------------------------------------------
+    def lm_head(self, h: DistTensor) -> DistTensor:
+        """Logits [rows of h, vocab slice] of normalised hidden states on this mesh."""
+        with self.mesh.ledger.span("lm_head"):
+            return meshgemm(h, self.lm, out_dtype="fp32", name="logits").out
