@@ -72,8 +72,8 @@ class Plan:
     wafer: str
     dtype: str
     max_seq_len: int
-    prefill: PhasePlan
-    decode: PhasePlan
+    prefill: PhasePlan | None
+    decode: PhasePlan | None
     kv_capacity_tokens: int
     kv_capacity_tokens_concat: int
     notes: list[str] = field(default_factory=list)
@@ -81,7 +81,8 @@ class Plan:
     def to_dict(self) -> dict:
         return {
             "model": self.model, "wafer": self.wafer, "dtype": self.dtype, "max_seq_len": self.max_seq_len,
-            "prefill": self.prefill.to_dict(), "decode": self.decode.to_dict(),
+            "prefill": self.prefill.to_dict() if self.prefill else None,
+            "decode": self.decode.to_dict() if self.decode else None,
             "kv_capacity_tokens": self.kv_capacity_tokens,
             "kv_capacity_tokens_concat": self.kv_capacity_tokens_concat, "notes": list(self.notes),
         }
@@ -235,24 +236,27 @@ def _fits(config, wafer, grid, phase, seq_len, dtype, n_layers) -> bool:
         return False
 
 
-def plan(config, wafer: WaferSpec, prefill_grid: int, decode_grid: int, max_seq_len: int, dtype: str = "fp16",
-         prompt_len: int | None = None, layers: int | None = None) -> Plan:
-    """Plan both phases for sequences up to ``max_seq_len`` tokens (prompt + output)."""
+def plan(config, wafer: WaferSpec, prefill_grid: int | None, decode_grid: int | None, max_seq_len: int,
+         dtype: str = "fp16", prompt_len: int | None = None, layers: int | None = None) -> Plan:
+    """Plan both phases (or one, when the other grid is None) for sequences up to ``max_seq_len``."""
     if max_seq_len < 1:
         raise PlacementError("max_seq_len must be positive")
-    pre = plan_phase(config, wafer, prefill_grid, "prefill", prompt_len or max_seq_len, dtype, layers)
-    dec = plan_phase(config, wafer, decode_grid, "decode", max_seq_len, dtype, layers)
-    # KV capacity of the decode layout: what the fullest layer region can still hold.
-    usable = wafer.usable_sram_bytes_per_pe
-    per_slot = kv_bytes_per_slot(config, decode_grid, dtype) * dec.layers_per_region
-    free = usable - dec.bytes_per_pe["activations"] - dec.bytes_per_pe["weights"] - dec.bytes_per_pe["vocab_tables"]
-    slots_per_pe = max(0, free // per_slot)
-    shift_cap = slots_per_pe * decode_grid  # every row fills evenly
-    concat_cap = slots_per_pe  # growth lands on one row of PEs
-    notes = []
-    if shift_cap < max_seq_len:
-        raise PlacementError(
-            f"the KV cache for {max_seq_len} tokens does not fit the {decode_grid}x{decode_grid} decode regions "
-            f"(capacity {shift_cap} tokens with the shift-based cache)"
-        )
-    return Plan(config.name, wafer.name, dtype, max_seq_len, pre, dec, int(shift_cap), int(concat_cap), notes)
+    pre = dec = None
+    if prefill_grid is not None:
+        pre = plan_phase(config, wafer, prefill_grid, "prefill", prompt_len or max_seq_len, dtype, layers)
+    shift_cap = concat_cap = 0
+    if decode_grid is not None:
+        dec = plan_phase(config, wafer, decode_grid, "decode", max_seq_len, dtype, layers)
+        # KV capacity of the decode layout: what the fullest layer region can still hold
+        usable = wafer.usable_sram_bytes_per_pe
+        per_slot = kv_bytes_per_slot(config, decode_grid, dtype) * dec.layers_per_region
+        free = usable - dec.bytes_per_pe["activations"] - dec.bytes_per_pe["weights"] - dec.bytes_per_pe["vocab_tables"]
+        slots_per_pe = max(0, free // per_slot)
+        shift_cap = slots_per_pe * decode_grid  # every row fills evenly
+        concat_cap = slots_per_pe  # growth lands on one row of PEs
+        if shift_cap < max_seq_len:
+            raise PlacementError(
+                f"the KV cache for {max_seq_len} tokens does not fit the {decode_grid}x{decode_grid} decode regions "
+                f"(capacity {shift_cap} tokens with the shift-based cache)"
+            )
+    return Plan(config.name, wafer.name, dtype, max_seq_len, pre, dec, int(shift_cap), int(concat_cap), [])

@@ -63,8 +63,9 @@ class WaferModel:
             if progress:
                 progress(done[0], total, desc)
 
-        self.prefill_stages = [self._prefill_stage(st, tick) for st in self.plan.prefill.stages]
-        self.decode_stages = [self._decode_stage(st, tick) for st in self.plan.decode.stages]
+        pre, dec = self.plan.prefill, self.plan.decode
+        self.prefill_stages = [self._prefill_stage(st, tick) for st in pre.stages] if pre else []
+        self.decode_stages = [self._decode_stage(st, tick) for st in dec.stages] if dec else []
         self.placement_wall_s = time.perf_counter() - t0
         self._memo: dict = {}
         self.position = 0
@@ -112,6 +113,12 @@ class WaferModel:
     @property
     def max_seq_len_(self) -> int:
         return self.max_seq_len
+
+    def start_decode(self, prompt_len: int) -> None:
+        """Decode-only runs (dry): put ``prompt_len`` tokens in the cache as the transition would."""
+        for st in self.decode_stages:
+            st.cache.load(prompt_len)
+        self.position = prompt_len
 
     def reset(self) -> None:
         self.position = 0
@@ -179,7 +186,8 @@ class WaferModel:
                         vs.append(v)
             logits = self._prefill_logits(h, length)
         self.phase_cycles["prefill"] += led.since(start)["cycles"]
-        self._transition(length, ks, vs)
+        if self.decode_stages:
+            self._transition(length, ks, vs)
         self.position = length
         return logits
 
@@ -251,6 +259,20 @@ class WaferModel:
             raise RequestError(f"context of {self.max_seq_len} tokens is full")
         pos = self.position
         start = led.mark()
+        if self.mode == "dry":
+            movers = self.decode_stages[0].cache.plan_append()
+            step_key = ("step", self.decode_stages[0].cache.occupied, bool(movers.size))
+            if step_key in self._memo:
+                d = self._memo[step_key]
+                led.replay(d, "decode step (replayed)")
+                for st in self.decode_stages:
+                    st.cache.commit(st.cache.plan_append())
+                self.layer_cycles["decode"] += d["layer_cycles"]
+                self.phase_cycles["decode"] += d["cycles"]
+                self.step_cycles.append(d["cycles"])
+                self.position += 1
+                return None
+            layer_before = self.layer_cycles["decode"]
         with led.span("decode"):
             estage = next((s for s in self.decode_stages if tok is not None and tok in s.vocab), self.decode_stages[0])
             local_tok = tok if tok is not None else estage.vocab.start
@@ -268,11 +290,13 @@ class WaferModel:
                         res = self._run_layer("decode", key, lambda: st.layer(idx, h, pos, movers))
                     if res is not None:
                         h = res
-                    elif self.mode == "dry":
-                        st.cache.write(idx, None, None, movers) if False else None
                 st.cache.commit(movers)
             logits = self._decode_logits(h)
-        d = led.since(start)["cycles"]
+        delta = led.since(start)
+        d = delta["cycles"]
+        if self.mode == "dry":
+            delta["layer_cycles"] = self.layer_cycles["decode"] - layer_before
+            self._memo[step_key] = delta
         self.phase_cycles["decode"] += d
         self.step_cycles.append(d)
         self.position += 1
@@ -312,8 +336,8 @@ class WaferModel:
         return {
             "wafer": w.name,
             "extrapolated_from_layers": self.layers if self.layers != self.config.num_layers else None,
-            "prefill_grid": self.plan.prefill.grid,
-            "decode_grid": self.plan.decode.grid,
+            "prefill_grid": self.plan.prefill.grid if self.plan.prefill else None,
+            "decode_grid": self.plan.decode.grid if self.plan.decode else None,
             "ttft_s": sec(pre),
             "transition_s": sec(trans),
             "tpot_s": tpot,
@@ -327,11 +351,11 @@ class WaferModel:
             "bytes_moved": d.get("bytes_moved", 0.0) * scale,
             "routing_stages": d.get("routing_stages", 0.0) * scale,
             "sram_peak_bytes_per_pe": {
-                "prefill": max(s.mesh.sram.peak_bytes for s in self.prefill_stages),
-                "decode": max(s.mesh.sram.peak_bytes for s in self.decode_stages),
+                "prefill": max((s.mesh.sram.peak_bytes for s in self.prefill_stages), default=0),
+                "decode": max((s.mesh.sram.peak_bytes for s in self.decode_stages), default=0),
                 "usable": w.usable_sram_bytes_per_pe,
             },
-            "routes_peak_per_pe": max(s.mesh.routes.peak for s in self.prefill_stages + self.decode_stages),
+            "routes_peak_per_pe": max((s.mesh.routes.peak for s in self.prefill_stages + self.decode_stages), default=0),
             "kv_shift_moves": sum(s.cache.shift_moves for s in self.decode_stages),
             "breakdown_s": {k: sec(v) for k, v in self.phase_breakdown().items()},
         }

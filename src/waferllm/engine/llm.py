@@ -1,0 +1,128 @@
+"""``LLM``: the user-facing API, shaped like vLLM's.
+
+    from waferllm import LLM, SamplingParams
+    llm = LLM(wafer="wse2")                                  # embedded SmolLM2, grids tuned
+    out = llm.generate("The wafer-scale engine is", SamplingParams(max_tokens=32, temperature=0))[0]
+    out.text, out.token_ids, out.metrics["ttft_s"], out.metrics["tpot_s"]
+
+Every request runs numerically on the simulated wafer; its ``metrics`` hold the
+predicted wafer figures (TTFT, TPOT, decode TPR, end-to-end TPR, energy, breakdowns,
+SRAM and routes) from the same execution, and the host wall time of the simulation.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Sequence
+
+from waferllm.engine.generate import OnToken, generate_one
+from waferllm.engine.outputs import RequestOutput
+from waferllm.engine.sampling import SamplingParams
+from waferllm.engine.tuner import tune_grids
+from waferllm.engine.wafer import WaferModel
+from waferllm.errors import RequestError
+from waferllm.hardware import get_wafer
+from waferllm.hardware.plmr import WaferSpec
+
+DEFAULT_MAX_MODEL_LEN = 512
+NUMERIC_MAX_GRID = 48  # numeric runs tune grids up to this size (host time grows with the grid)
+
+
+def _grid(value, what: str):
+    if value is None or value == "auto":
+        return "auto"
+    if isinstance(value, tuple):
+        if value[0] != value[1]:
+            raise RequestError(f"{what} must be square (P or PxP); got {value[0]}x{value[1]}")
+        value = value[0]
+    try:
+        v = int(value)
+    except (TypeError, ValueError):
+        raise RequestError(f"{what} must be a positive integer or 'auto', got {value!r}") from None
+    if v < 1:
+        raise RequestError(f"{what} must be positive, got {v}")
+    return v
+
+
+class LLM:
+    """A model placed on a simulated wafer. ``model``: GGUF file, HF directory, LoadedModel or None."""
+
+    name = "wafer"
+
+    def __init__(self, model=None, wafer: str | WaferSpec | None = "wse2", prefill_grid="auto", decode_grid="auto",
+                 dtype: str = "fp16", kv_scheme: str = "shift", max_model_len: int | None = None,
+                 wafer_overrides: dict | None = None, progress=None):
+        from waferllm.models.loader import LoadedModel, load_model
+
+        if model is None or isinstance(model, (str, os.PathLike)):
+            model = load_model(model)
+        if not isinstance(model, LoadedModel):
+            raise RequestError(f"model must be a path, a LoadedModel or None, got {type(model).__name__}")
+        self.model = model
+        self.tokenizer = model.tokenizer
+        self.config = model.config
+        spec = wafer if isinstance(wafer, WaferSpec) else get_wafer(wafer or "wse2")
+        if wafer_overrides:
+            spec = spec.replace(**wafer_overrides)
+        self.wafer = spec
+        self.max_model_len = int(max_model_len or min(DEFAULT_MAX_MODEL_LEN, self.config.max_position_embeddings))
+        pg, dg = _grid(prefill_grid, "prefill_grid"), _grid(decode_grid, "decode_grid")
+        self.tuning = None
+        if pg == "auto" or dg == "auto":
+            self.tuning = tune_grids(self.config, spec, input_len=max(1, self.max_model_len // 4),
+                                     output_len=max(1, self.max_model_len // 4), max_seq_len=self.max_model_len,
+                                     dtype=dtype, max_grid=NUMERIC_MAX_GRID,
+                                     prefill_grid=None if pg == "auto" else pg, decode_grid=None if dg == "auto" else dg)
+            pg, dg = self.tuning["prefill_grid"], self.tuning["decode_grid"]
+        self.backend = WaferModel(self.config, model.weights, spec, pg, dg, max_seq_len=self.max_model_len,
+                                  mode="numeric", dtype=dtype, kv_scheme=kv_scheme, progress=progress)
+
+    @property
+    def plan(self):
+        return self.backend.plan
+
+    def encode_prompt(self, prompt, chat: bool = False) -> tuple[str, list[int]]:
+        if chat or not isinstance(prompt, str):
+            text = self.tokenizer.apply_chat_template(prompt if not isinstance(prompt, str) else
+                                                      [{"role": "user", "content": prompt}], add_generation_prompt=True)
+            return text, self.tokenizer.encode(text, add_special_tokens=False)
+        if not prompt:
+            raise RequestError("the prompt is empty")
+        return prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
+
+    def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 chat: bool = False, on_token: OnToken | None = None) -> list[RequestOutput]:
+        """Generate for a prompt or a list of prompts (one request at a time, batch size 1 as in the paper)."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict)):
+            prompts = [prompts]
+        if not prompts:
+            raise RequestError("no prompts given")
+        if isinstance(sampling_params, (list, tuple)):
+            if len(sampling_params) != len(prompts):
+                raise RequestError(f"{len(sampling_params)} SamplingParams for {len(prompts)} prompts")
+            plist = list(sampling_params)
+        else:
+            plist = [sampling_params or SamplingParams()] * len(prompts)
+        outs = []
+        for p, params in zip(prompts, plist):
+            text, ids = self.encode_prompt(p, chat=chat)
+            outs.append(self.generate_ids(ids, params, on_token=on_token, prompt=text))
+        return outs
+
+    def generate_ids(self, prompt_token_ids, params: SamplingParams | None = None, on_token: OnToken | None = None,
+                     prompt: str | None = None) -> RequestOutput:
+        params = params or SamplingParams()
+        if len(prompt_token_ids) + params.max_tokens > self.max_model_len:
+            raise RequestError(
+                f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds max_model_len "
+                f"{self.max_model_len}; create the LLM with a larger max_model_len"
+            )
+        self.backend.want_prompt_logits = params.prompt_logprobs is not None
+        t0 = time.perf_counter()
+        out = generate_one(self.backend, self.tokenizer, prompt_token_ids, params, on_token=on_token, prompt=prompt)
+        host = out.metrics
+        wafer = host.pop("backend", None) or self.backend.request_metrics()
+        out.metrics = {**wafer, "engine": self.name, "host": {**host, "wall_s": time.perf_counter() - t0,
+                                                              "placement_wall_s": self.backend.placement_wall_s}}
+        return out
