@@ -189,8 +189,9 @@ class DecodeStage:
             if mesh.numeric:
                 qt = q.tiles.astype(np.float32).reshape(n, n, r, tf)
                 kt = cache.k[idx].astype(np.float32)  # (n, n, tf, cap)
-                qh = qt[..., None] * self._onehot[None, :, None, :, :]  # (n,n,r,tf,Hkv)
-                s_tiles = np.einsum("ijrfg,ijfs->ijgrs", qh, kt, optimize=True)
+                prod = qt[..., :, :, None] * kt[:, :, None, :, :]  # (n,n,r,tf,cap)
+                # sum each head's features: (n,n,r,cap,tf) @ (1,n,1,tf,Hkv)
+                s_tiles = np.matmul(prod.transpose(0, 1, 2, 4, 3), self._onehot[None, :, None]).transpose(0, 1, 4, 2, 3)
             _charge(mesh, "qk_gemv", compute_cycles(mesh.wafer, r * tf * occ, self.dtype), 2 * r * tf * occ,
                     4 * r * tf + tf * occ * 2, 4 * hpc * r * occ)
             scores = DistTensor(mesh, (hkv, r, n * cap), (None, None, "y"), "fp32", s_tiles, name="scores",
@@ -214,8 +215,9 @@ class DecodeStage:
             if mesh.numeric:
                 pt = p.tiles  # (n,n,Hkv,r,cap)
                 vt = cache.v[idx].astype(np.float32)  # (n,n,cap,tf)
-                allh = np.einsum("ijgrs,ijsf->ijgrf", pt, vt, optimize=True)
-                o_tiles = np.einsum("ijgrf,jfg->ijrf", allh, self._onehot, optimize=True).reshape(n, n, r * tf)
+                allh = np.matmul(pt, vt[:, :, None])  # (n,n,Hkv,r,tf): every head x feature
+                sel = self._onehot.transpose(0, 2, 1)[None, :, :, None, :]  # (1,n,Hkv,1,tf): the feature's head
+                o_tiles = (allh * sel).sum(axis=2).reshape(n, n, r * tf)
             _charge(mesh, "pv_gemv", compute_cycles(mesh.wafer, r * occ * tf, self.dtype), 2 * r * occ * tf,
                     4 * hpc * r * occ + 2 * occ * tf, 4 * r * tf)
             o = DistTensor(mesh, (hl.q_padded,), ("x",), "fp32", o_tiles, name="attn_out", partial=("y", "sum"))

@@ -361,9 +361,14 @@ class WaferModel:
         }
 
     def phase_breakdown(self) -> dict[str, float]:
-        """Cycles per op name (primitive names before the first dot) across the run."""
+        """Busy cycles per op (primitive names before the first dot) in this request.
+
+        Work that overlapped other work is counted in full, so the shares show where
+        the PEs are busy, not a partition of the critical path."""
         out: dict[str, float] = {}
-        for name, cyc in self.ledger.by_primitive.items():
+        prims = (self.ledger.since(self._request_mark)["by_primitive"] if hasattr(self, "_request_mark")
+                 else self.ledger.by_primitive)
+        for name, cyc in prims.items():
             key = name.split(".")[0]
             out[key] = out.get(key, 0.0) + cyc
         return dict(sorted(out.items(), key=lambda kv: -kv[1]))

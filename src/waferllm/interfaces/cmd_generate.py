@@ -26,7 +26,27 @@ def _parse_grid(value: Optional[str]):
         raise RequestError(f"bad grid {value!r}: expected P or PxQ") from None
 
 
-def _make_engine(name: str, model, wafer=None, prefill_grid=None, decode_grid=None):
+def _build_wafer_llm(LLM, model, wafer, prefill_grid, decode_grid, dtype, kv_scheme, max_model_len, quiet):
+    """Place the model on the wafer with a progress bar on stderr."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    kw = dict(model=model, wafer=wafer or "wse2", prefill_grid=prefill_grid or "auto", decode_grid=decode_grid or "auto",
+              dtype=dtype, kv_scheme=kv_scheme, max_model_len=max_model_len)
+    if quiet:
+        return LLM(**kw)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("loading model", total=None)
+
+        def progress(done, total, desc):
+            bar.update(task, completed=done, total=total, description=desc)
+
+        return LLM(progress=progress, **kw)
+
+
+def _make_engine(name: str, model, wafer=None, prefill_grid=None, decode_grid=None, dtype="fp16", kv_scheme="shift",
+                 max_model_len=None, quiet=False):
     """Build the engine named ``name`` ("wafer" or "reference").
 
     ``wafer`` needs ``waferllm.engine.llm``; while that layer is not importable the
@@ -40,7 +60,8 @@ def _make_engine(name: str, model, wafer=None, prefill_grid=None, decode_grid=No
             typer.echo("notice: the wafer engine is not available yet; using --engine reference", err=True)
             name = "reference"
         else:
-            return LLM(model=model, wafer=wafer, prefill_grid=prefill_grid, decode_grid=decode_grid)
+            return _build_wafer_llm(LLM, model, wafer, prefill_grid, decode_grid, dtype, kv_scheme, max_model_len,
+                                    quiet)
     if name == "reference":
         from waferllm.engine.reference import ReferenceEngine
 
@@ -64,19 +85,27 @@ def generate(
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming text."),
     wafer: Optional[str] = typer.Option(None, "--wafer", help="Wafer preset name or TOML/JSON file (wafer engine)."),
-    prefill_grid: Optional[str] = typer.Option(None, "--prefill-grid", help="Prefill core grid: P (PxP) or PxQ (wafer engine)."),
-    decode_grid: Optional[str] = typer.Option(None, "--decode-grid", help="Decode core grid: P (PxP) or PxQ (wafer engine)."),
+    prefill_grid: Optional[str] = typer.Option(None, "--prefill-grid", help="Prefill core grid: P (a PxP region) or auto (wafer engine)."),
+    decode_grid: Optional[str] = typer.Option(None, "--decode-grid", help="Decode core grid: P (a PxP region) or auto (wafer engine)."),
+    dtype: str = typer.Option("fp16", "--dtype", help="fp16 (as the paper) or fp32 (wafer engine)."),
+    kv_scheme: str = typer.Option("shift", "--kv-scheme", help="shift (WaferLLM) or concat (baseline) KV cache."),
+    max_model_len: Optional[int] = typer.Option(None, "--max-model-len", help="Context reserved on the wafer (default 512)."),
+    trace: Optional[str] = typer.Option(None, "--trace", help="Write a Chrome/Perfetto trace JSON of the wafer run."),
 ) -> None:
     """Generate text with a real model on the simulated wafer (or the dense reference)."""
     from waferllm.engine.sampling import SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                             stop=stop or None, logprobs=logprobs, ignore_eos=ignore_eos)
-    eng = _make_engine(engine, model, wafer=wafer, prefill_grid=_parse_grid(prefill_grid),
-                       decode_grid=_parse_grid(decode_grid))
+    pg = None if prefill_grid in (None, "auto") else _parse_grid(prefill_grid)
+    dg = None if decode_grid in (None, "auto") else _parse_grid(decode_grid)
+    eng = _make_engine(engine, model, wafer=wafer, prefill_grid=pg, decode_grid=dg, dtype=dtype, kv_scheme=kv_scheme,
+                       max_model_len=max_model_len, quiet=as_json)
 
     if as_json:
         out = eng.generate(prompt, params, chat=chat)[0]
+        if trace and hasattr(eng, "backend"):
+            eng.backend.ledger.write_trace(trace)
         d = out.to_dict()
         if logprobs is None:
             d.pop("logprobs", None)
@@ -93,6 +122,17 @@ def generate(
     sys.stdout.write("\n")
     sys.stdout.flush()
     m = out.metrics
+    if trace and hasattr(eng, "backend"):
+        eng.backend.ledger.write_trace(trace)
+    if m.get("engine") == "wafer":
+        from waferllm.interfaces.report import print_report
+
+        print_report(m, plan=eng.plan.to_dict())
+        host = m.get("host", {})
+        typer.echo(f"[wafer] {host.get('prompt_tokens')} prompt + {host.get('generated_tokens')} generated tokens, "
+                   f"finish={out.finish_reason}; host simulation {host.get('wall_s', 0):.2f} s "
+                   f"(placement {host.get('placement_wall_s', 0):.2f} s)", err=True)
+        return
     parts = [f"{m.get('prompt_tokens')} prompt + {m.get('generated_tokens')} generated tokens",
              f"finish={out.finish_reason}"]
     if m.get("prefill_tokens_per_s"):

@@ -1,1 +1,83 @@
-"""`waferllm predict`: registered when its layer lands."""
+"""`waferllm predict --model NAME|PATH --wafer wse2 --input-len N --output-len M [...]`."""
+
+from __future__ import annotations
+
+import json
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+from waferllm.interfaces.cli import app
+
+
+def _config(model: str):
+    from pathlib import Path
+
+    from waferllm.models.presets import get_model_preset, list_model_presets
+
+    if Path(model).exists():
+        from waferllm.models.loader import load_model
+
+        return load_model(model).config
+    if model.lower() in list_model_presets() or not any(c in model for c in "/\\."):
+        return get_model_preset(model)
+    from waferllm.errors import ModelError
+
+    raise ModelError(f"model {model!r} is neither a preset ({', '.join(list_model_presets())}) nor an existing path")
+
+
+@app.command()
+def predict(
+    model: str = typer.Option("llama3-8b", "--model", "-m", help="Preset (llama3-8b, llama2-13b, ...) or a model path."),
+    wafer: str = typer.Option("wse2", "--wafer", help="Wafer preset name or TOML/JSON file."),
+    input_len: int = typer.Option(2048, "--input-len", help="Prompt tokens."),
+    output_len: int = typer.Option(128, "--output-len", help="Generated tokens."),
+    prefill_grid: str = typer.Option("auto", "--prefill-grid", help="P (a PxP region) or auto (tuned)."),
+    decode_grid: str = typer.Option("auto", "--decode-grid", help="P (a PxP region) or auto (tuned)."),
+    dtype: str = typer.Option("fp16", "--dtype", help="fp16 or fp32."),
+    kv_scheme: str = typer.Option("shift", "--kv-scheme", help="shift (WaferLLM) or concat (baseline)."),
+    extrapolate: Optional[int] = typer.Option(None, "--extrapolate-from-layers",
+                                              help="Place and run only K layers, scale to the whole model."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a wafer constant: KEY=VALUE."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Predict TTFT, TPOT, throughput and energy of a model on a wafer (dry run: no weights needed)."""
+    from waferllm.engine.predict import predict as run_predict
+    from waferllm.engine.tuner import tune_grids
+    from waferllm.errors import RequestError
+    from waferllm.hardware import get_wafer, parse_overrides
+    from waferllm.interfaces.report import print_report
+
+    cfg = _config(model)
+    spec = get_wafer(wafer, **parse_overrides(set_))
+
+    def grid(v, what):
+        if v == "auto":
+            return None
+        try:
+            return int(v)
+        except ValueError:
+            raise RequestError(f"{what} must be an integer or 'auto', got {v!r}") from None
+
+    pg, dg = grid(prefill_grid, "--prefill-grid"), grid(decode_grid, "--decode-grid")
+    tuning = None
+    if pg is None or dg is None:
+        if extrapolate:
+            cfg_t = cfg
+            tuning = tune_grids(cfg_t.replace(num_layers=extrapolate), spec, input_len, output_len, dtype=dtype,
+                                prefill_grid=pg, decode_grid=dg)
+        else:
+            tuning = tune_grids(cfg, spec, input_len, output_len, dtype=dtype, prefill_grid=pg, decode_grid=dg)
+        pg, dg = tuning["prefill_grid"], tuning["decode_grid"]
+    m = run_predict(cfg, spec, input_len, output_len, pg, dg, dtype=dtype, kv_scheme=kv_scheme, layers=extrapolate)
+    if tuning:
+        m["tuning"] = {"prefill_grid": pg, "decode_grid": dg,
+                       "tried_s": {ph: {str(g): v for g, v in d.items()} for ph, d in tuning["tried"].items()}}
+    if as_json:
+        typer.echo(json.dumps(m, indent=2, default=float))
+        return
+    console = Console()
+    console.print(f"[bold]{cfg.name}[/] on [bold]{spec.name}[/]: {input_len} input + {output_len} output tokens, {dtype}, "
+                  f"{kv_scheme} KV cache" + (f", tuned grids {pg}/{dg}" if tuning else ""))
+    print_report(m, console, plan=m["placement"], gpus=m.get("gpu_baselines"))

@@ -59,6 +59,7 @@ def grouped_scores(q: DistTensor, k: DistTensor, head_of_pos: np.ndarray, num_kv
     with measured(mesh, "grouped_scores", routes_per_pe=6) as rep:
         out = np.zeros((n, n, hkv, r, tq, tk), np.float32) if mesh.numeric else None
         qt = None if q.tiles is None else q.tiles.astype(np.float32).reshape(n, n, tq, r, tf)
+        k = k.compute_view()
         for s in range(n):
             root = order[(rho + s) % n]
             with mesh.ledger.overlap():
@@ -66,7 +67,7 @@ def grouped_scores(q: DistTensor, k: DistTensor, head_of_pos: np.ndarray, num_kv
                              q.bytes_per_pe + k.bytes_per_pe, 4 * hkv * r * tq * tk)
                 part = None
                 if qt is not None:
-                    kt = k.tiles.astype(np.float32)
+                    kt = k.tiles
                     # (n,n,tq,r,tf) x (n,tf,Hkv) x (n,n,tk,tf) -> (n,n,Hkv,r,tq,tk)
                     qh = qt[..., None] * onehot[None, :, None, None, :, :]  # (n,n,tq,r,tf,Hkv)
                     part = np.einsum("ijtrfg,ijkf->ijgrtk", qh, kt, optimize=True)
@@ -105,8 +106,8 @@ def grouped_pv(p: DistTensor, v: DistTensor, head_of_pos: np.ndarray, *, ring: s
         raise MeshError(f"{name}: P key tile {tk} != V key tile {tk2}")
     hp = np.asarray(head_of_pos)
     with measured(mesh, "grouped_pv", routes_per_pe=6) as rep:
-        p = skew(p, "A", ring)
-        v = skew(v, "B", ring)
+        p = skew(p.compute_view(), "A", ring)
+        v = skew(v.compute_view(), "B", ring)
         acc = np.zeros((n, n, tq, r, tf), np.float32) if mesh.numeric else None
         if acc is not None:
             cols = np.arange(n)[:, None]
@@ -117,8 +118,8 @@ def grouped_pv(p: DistTensor, v: DistTensor, head_of_pos: np.ndarray, *, ring: s
                 _charge_macs(mesh, "grouped_pv.tile_matmul", r * tq * tk * tf, v.dtype,
                              p.bytes_per_pe + v.bytes_per_pe, 4 * tq * r * tf)
                 if acc is not None:
-                    pt = p.tiles.astype(np.float32)  # (n,n,Hkv,r,tq,tk)
-                    vt = v.tiles.astype(np.float32)  # (n,n,tk,tf)
+                    pt = p.tiles  # (n,n,Hkv,r,tq,tk), float32 host view
+                    vt = v.tiles  # (n,n,tk,tf)
                     allh = np.einsum("ijgrtk,ijkf->ijgrtf", pt, vt, optimize=True)  # every head x feature
                     # keep, for each feature, its own head: gather along g with the column's map
                     sel = np.take_along_axis(allh, safe[None, :, None, None, None, :], axis=2)[:, :, 0]

@@ -75,6 +75,7 @@ def meshgemm(a: DistTensor, b: DistTensor, *, ring: str = "interleave", a_skewed
         raise MeshError(f"{algo}: tile K sizes differ ({k_t} vs {b.tile_shape[0]})")
     # three routes per ring (send, receive, pass-through), one ring per operand
     with measured(mesh, algo, routes_per_pe=6) as rep:
+        a, b = a.compute_view(), b.compute_view()
         if not a_skewed:
             a = skew_a(a, ring)
         skewed = a

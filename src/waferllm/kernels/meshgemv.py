@@ -39,6 +39,7 @@ def gemv(x: DistTensor, w: DistTensor, *, algo: str = "meshgemv", k: int = 2, gr
     out_dtype = out_dtype or x.dtype
     tk, tn = w.tile_shape
     with measured(mesh, algo) as rep:
+        w = w.compute_view()
         part = matmul_tiles(mesh, None if x.tiles is None else x.tiles[:, :, None, :], w.tiles, dtype=w.dtype,
                             name=f"{algo}.local_gemv", shapes=(1, tk, tn))
         partial = DistTensor(mesh, (w.shape[1],), (out_axis,), "fp32",

@@ -43,7 +43,11 @@ def _charge_comm(mesh, name, nbytes_per_pe, hops, stages=0, rounds=1, links_shar
 
 
 def _grid(mesh):
-    return np.meshgrid(np.arange(mesh.rows), np.arange(mesh.cols), indexing="ij")
+    g = getattr(mesh, "_grid_cache", None)
+    if g is None:
+        g = np.meshgrid(np.arange(mesh.rows), np.arange(mesh.cols), indexing="ij")
+        mesh._grid_cache = g
+    return g
 
 
 # ------------------------------------------------------------------------ shifts
@@ -102,9 +106,10 @@ def ring_shift(t: DistTensor, axis: str, steps=1, ring: str = "interleave", name
     src = ring_source(n, ring, steps_arr)  # (n,) or (lines, n)
     ii, jj = _grid(mesh)
     if src.ndim == 1:
-        # the same rotation on every line
+        # the same rotation on every line: index one mesh axis only (much cheaper)
         idx = (ii, src[jj]) if axis == "x" else (src[ii], jj)
-        return t.with_tiles(t.tiles[idx], blocks=_moved_blocks(t, idx, ii, jj))
+        tiles = t.tiles[:, src] if axis == "x" else t.tiles[src]
+        return t.with_tiles(tiles, blocks=_moved_blocks(t, idx, ii, jj))
     if axis == "x":
         idx = (ii, np.broadcast_to(src, (mesh.rows, n)) if src.ndim == 2 else np.broadcast_to(src, ii.shape))
     else:

@@ -77,7 +77,8 @@ def _batched_matmul(a, b, acc, transpose_b):
 
     rows = a.shape[0]
     workers = _pool()._max_workers
-    if rows < 2 or workers == 1 or a.size + b.size < 1 << 16:
+    macs = acc.size * a.shape[-1]
+    if rows < 2 or workers == 1 or macs < 1 << 24:  # small products: threads cost more than they save
         work(0, rows)
         return acc
     bounds = np.linspace(0, rows, min(rows, workers) + 1).astype(int)

@@ -48,6 +48,19 @@ def ring_next(n: int, kind: str = "interleave", steps: int = 1) -> np.ndarray:
 
 
 def ring_source(n: int, kind: str = "interleave", steps=1) -> np.ndarray:
+    if np.ndim(steps) == 0:
+        return _ring_source_uniform(n, kind, int(steps))
+    return _ring_source(n, kind, steps)
+
+
+@lru_cache(maxsize=4096)
+def _ring_source_uniform(n: int, kind: str, steps: int) -> np.ndarray:
+    out = _ring_source(n, kind, steps)
+    out.setflags(write=False)
+    return out
+
+
+def _ring_source(n: int, kind: str = "interleave", steps=1) -> np.ndarray:
     """src[p] = physical position whose tile lands on p after ``steps`` ring steps.
 
     ``steps`` may be an int or an array (one value per line, broadcast against positions).

@@ -180,7 +180,11 @@ class Ledger:
         self.overhead_cycles += delta["overhead_cycles"]
         for k, v in counters.items():
             self.totals[k] += v
-        self.by_primitive[name] += delta["cycles"]
+        if "by_primitive" in delta:  # keep the per-op breakdown of the replayed program
+            for k, v in delta["by_primitive"].items():
+                self.by_primitive[k] += v
+        else:
+            self.by_primitive[name] += delta["cycles"]
         path = tuple(self._stack)
         if self.keep_events and len(self.events) < self.max_events:
             self.events.append(Event(name, "replay", start, delta["cycles"], path, counters))
@@ -206,6 +210,7 @@ class Ledger:
         return {
             "cycles": self.cycles, "compute": self.compute_cycles, "comm": self.comm_cycles,
             "exposed": self.exposed_comm_cycles, "overhead": self.overhead_cycles, "totals": dict(self.totals),
+            "by_primitive": dict(self.by_primitive),
         }
 
     def since(self, mark: dict) -> dict:
@@ -219,6 +224,9 @@ class Ledger:
         for k in set(self.totals) | set(mark["totals"]):
             out[k] = self.totals.get(k, 0.0) - mark["totals"].get(k, 0.0)
         out["seconds"] = self.wafer.cycles_to_seconds(out["cycles"])
+        before = mark.get("by_primitive", {})
+        out["by_primitive"] = {k: v - before.get(k, 0.0) for k, v in self.by_primitive.items()
+                               if v != before.get(k, 0.0)}
         return out
 
     def breakdown(self, depth: int = 1) -> dict[str, float]:

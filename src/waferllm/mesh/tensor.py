@@ -53,10 +53,10 @@ class DistTensor:
     """A logical tensor distributed over a mesh; see the module docstring."""
 
     __slots__ = ("mesh", "shape", "layout", "dtype", "tiles", "tile_shape", "blocks", "partial", "name",
-                 "_handle", "__weakref__")
+                 "_handle", "_view", "_elems", "__weakref__")
 
     def __init__(self, mesh, shape, layout, dtype, tiles=None, *, name="tensor", blocks=None, partial=None,
-                 tile_shape=None, charge_sram=True):
+                 tile_shape=None, charge_sram=True, host_f32=False):
         self.mesh = mesh
         self.shape = tuple(int(s) for s in shape)
         self.layout = check_layout(self.shape, layout)
@@ -68,7 +68,9 @@ class DistTensor:
             expect = (mesh.rows, mesh.cols, *self.tile_shape)
             if tuple(tiles.shape) != expect:
                 raise MeshError(f"{name}: tiles of shape {tuple(tiles.shape)}, expected {expect}")
-            if tiles.dtype != NP_DTYPES[dtype]:
+            # host_f32: fp16 values already held exactly in float32 (a compute view, and
+            # the tiles it moves), so products need no conversion at every step
+            if tiles.dtype != NP_DTYPES[dtype] and not (host_f32 and tiles.dtype == np.float32):
                 tiles = tiles.astype(NP_DTYPES[dtype])
         elif mesh.numeric:
             raise MeshError(f"{name}: numeric mesh needs tile data")
@@ -77,6 +79,8 @@ class DistTensor:
         self.partial = partial
         self.name = name
         self._handle = None
+        self._view = None
+        self._elems = None
         if charge_sram:
             self._handle = mesh.sram.alloc(name, self.bytes_per_pe)
             weakref.finalize(self, mesh.sram.free, self._handle)
@@ -88,7 +92,23 @@ class DistTensor:
 
     @property
     def tile_elems(self) -> int:
-        return int(np.prod(self.tile_shape, dtype=np.int64))
+        if self._elems is None:
+            self._elems = int(np.prod(self.tile_shape, dtype=np.int64))
+        return self._elems
+
+    def compute_view(self) -> "DistTensor":
+        """The same tensor with float32 host tiles (fp16 values exactly), for repeated products.
+
+        It is not a new allocation on the wafer (no SRAM is charged); weights keep theirs
+        cached, so a placed weight is converted once, not at every step of every GEMM.
+        """
+        if self.tiles is None or self.tiles.dtype == np.float32:
+            return self
+        if self._view is None:
+            self._view = DistTensor(self.mesh, self.shape, self.layout, self.dtype, self.tiles.astype(np.float32),
+                                    name=self.name, blocks=self.blocks, partial=self.partial,
+                                    tile_shape=self.tile_shape, charge_sram=False, host_f32=True)
+        return self._view
 
     @property
     def bytes_per_pe(self) -> int:
@@ -208,6 +228,7 @@ class DistTensor:
             blocks=self.blocks if blocks == "keep" else blocks,
             partial=self.partial if partial == "keep" else partial,
             tile_shape=None if (layout is not None or shape is not None) else self.tile_shape,
+            host_f32=(dtype is None or dtype == self.dtype) and tiles is not None and tiles.dtype == np.float32,
         )
 
 

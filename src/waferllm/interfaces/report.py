@@ -1,0 +1,83 @@
+"""Human-readable reports of wafer predictions (rich tables)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _t(s):
+    if s is None:
+        return "-"
+    if s >= 1:
+        return f"{s:.3g} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.3g} ms"
+    return f"{s * 1e6:.3g} us"
+
+
+def _r(x):
+    return "-" if x is None else f"{x:,.1f}"
+
+
+def timing_table(m: dict, title: str = "predicted on the wafer") -> Table:
+    t = Table("metric", "value", title=title)
+    t.add_row("wafer", f"{m.get('wafer')}  (prefill grid {m.get('prefill_grid')}, decode grid {m.get('decode_grid')})")
+    t.add_row("TTFT (prefill)", _t(m.get("ttft_s")))
+    t.add_row("prefill -> decode transition", _t(m.get("transition_s")))
+    t.add_row("TPOT", _t(m.get("tpot_s")))
+    t.add_row("prefill tokens/s", _r(m.get("prefill_tokens_per_s")))
+    t.add_row("decode TPR (tokens/s)", _r(m.get("decode_tokens_per_s")))
+    t.add_row("end-to-end TPR (tokens/s)", _r(m.get("e2e_tokens_per_s")))
+    t.add_row("energy", f"{m.get('energy_j', 0):.4g} J")
+    t.add_row("KV capacity (shift / concat)",
+              f"{m.get('kv_capacity_tokens', 0):,} / {m.get('kv_capacity_tokens_concat', 0):,} tokens")
+    sram = m.get("sram_peak_bytes_per_pe") or {}
+    if sram:
+        t.add_row("SRAM peak per PE (prefill / decode / usable)",
+                  f"{sram.get('prefill', 0):,} / {sram.get('decode', 0):,} / {sram.get('usable', 0):,} B")
+    t.add_row("routes per PE (peak)", str(m.get("routes_peak_per_pe")))
+    if m.get("note"):
+        t.add_row("note", m["note"])
+    return t
+
+
+def breakdown_table(m: dict, top: int = 10) -> Table:
+    t = Table("op", "time", "share", title="busy time per op (overlapped work counted in full)")
+    items = list((m.get("breakdown_s") or {}).items())
+    total = sum(v for _, v in items) or 1.0
+    for k, v in items[:top]:
+        t.add_row(k, _t(v), f"{100 * v / total:.1f}%")
+    return t
+
+
+def gpu_table(baselines: list[dict]) -> Table:
+    t = Table("device", "TTFT", "TPOT", "decode TPR", "e2e TPR", "energy", "fits", title="GPU roofline baseline")
+    for g in baselines:
+        t.add_row(g["device"], _t(g["ttft_s"]), _t(g["tpot_s"]), _r(g["decode_tokens_per_s"]),
+                  _r(g["e2e_tokens_per_s"]), f"{g['energy_j']:.4g} J", "yes" if g.get("fits") else "no")
+    return t
+
+
+def plan_table(plan: dict) -> Table:
+    t = Table("phase", "grid", "regions", "layers/region", "weights", "KV cache", "activations", "vocab tables",
+              title="placement plan (bytes per PE)")
+    for phase in ("prefill", "decode"):
+        p = plan.get(phase)
+        if not p:
+            continue
+        b = p["bytes_per_pe"]
+        t.add_row(phase, f"{p['grid']}x{p['grid']}", f"{p['regions']} of {p['regions_available']}",
+                  str(p["layers_per_region"]), f"{b['weights']:,}", f"{b['kv_cache']:,}", f"{b['activations']:,}",
+                  f"{b['vocab_tables']:,}")
+    return t
+
+
+def print_report(m: dict, console: Console | None = None, plan: dict | None = None, gpus: list | None = None) -> None:
+    console = console or Console(stderr=True)
+    console.print(timing_table(m))
+    if plan:
+        console.print(plan_table(plan))
+    console.print(breakdown_table(m))
+    if gpus:
+        console.print(gpu_table(gpus))
