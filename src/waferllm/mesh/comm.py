@@ -178,6 +178,34 @@ def broadcast(t: DistTensor, axis: str, root=0, routes_per_pe: int = 1, name: st
                       tile_shape=t.tile_shape)
 
 
+def multicast(t: DistTensor, axis: str, root: int, lo: int, hi: int, name: str = "multicast") -> DistTensor:
+    """Copy the root PE's tile to the PEs ``lo .. hi-1`` of its line along ``axis`` (one route).
+
+    The other PEs keep their own tiles. The message's head travels from the root to the
+    farther end of the span; a hardware multicast delivers to every PE it passes.
+    """
+    ax = _check_axis(axis)
+    mesh = t.mesh
+    n = mesh.axis_size(axis)
+    if not (0 <= root < n and 0 <= lo < hi <= n):
+        raise MeshError(f"{name}: root {root} and span [{lo}, {hi}) must lie in a line of {n} PEs")
+    if t.axis_dim(axis) is not None:
+        raise MeshError(f"{name}: {t.name} is split along {axis}; multicast a tensor replicated along it")
+    mesh.routes.request(name, 1, relayable=False)
+    hops = max(abs(root - lo), abs(hi - 1 - root))
+    if hops:
+        _charge_comm(mesh, name, t.bytes_per_pe, hops=hops, messages=(hi - lo) * (mesh.rows * mesh.cols // n))
+    tiles = None
+    if t.tiles is not None:
+        tiles = np.array(t.tiles)
+        src = [slice(None)] * tiles.ndim
+        dst = [slice(None)] * tiles.ndim
+        src[ax] = slice(root, root + 1)
+        dst[ax] = slice(lo, hi)
+        tiles[tuple(dst)] = t.tiles[tuple(src)]
+    return t.with_tiles(tiles, name=name)
+
+
 # ------------------------------------------------------------------------ reductions
 
 
