@@ -62,6 +62,20 @@ def _prompt_logprobs(logits: np.ndarray, prompt: Sequence[int], k: int) -> list[
     return out
 
 
+def encode_prompt(tokenizer, prompt, chat: bool = False) -> tuple[str, list[int]]:
+    """The prompt text (after the chat template when ``chat`` or a message list) and its ids.
+
+    A chat template writes its own special tokens (e.g. BOS), so none are added then.
+    """
+    if chat or not isinstance(prompt, str):
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return text, tokenizer.encode(text, add_special_tokens=False)
+    if not prompt:
+        raise RequestError("the prompt is empty")
+    return prompt, tokenizer.encode(prompt, add_special_tokens=True)
+
+
 def generate_one(backend, tokenizer, prompt_token_ids: Sequence[int], params: SamplingParams | None = None,
                  on_token: OnToken | None = None, prompt: str | None = None) -> RequestOutput:
     """Generate one completion. ``on_token(token_id, text_delta)`` is called once per generated token."""

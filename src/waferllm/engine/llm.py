@@ -16,7 +16,7 @@ import os
 import time
 from typing import Sequence
 
-from waferllm.engine.generate import OnToken, generate_one
+from waferllm.engine.generate import OnToken, encode_prompt, generate_one
 from waferllm.engine.outputs import RequestOutput
 from waferllm.engine.sampling import SamplingParams
 from waferllm.engine.tuner import tune_grids
@@ -83,13 +83,7 @@ class LLM:
         return self.backend.plan
 
     def encode_prompt(self, prompt, chat: bool = False) -> tuple[str, list[int]]:
-        if chat or not isinstance(prompt, str):
-            text = self.tokenizer.apply_chat_template(prompt if not isinstance(prompt, str) else
-                                                      [{"role": "user", "content": prompt}], add_generation_prompt=True)
-            return text, self.tokenizer.encode(text, add_special_tokens=False)
-        if not prompt:
-            raise RequestError("the prompt is empty")
-        return prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
+        return encode_prompt(self.tokenizer, prompt, chat)
 
     def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  chat: bool = False, on_token: OnToken | None = None) -> list[RequestOutput]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-from waferllm.engine.generate import OnToken, generate_one
+from waferllm.engine.generate import OnToken, encode_prompt, generate_one
 from waferllm.engine.outputs import RequestOutput
 from waferllm.engine.sampling import SamplingParams
 from waferllm.errors import RequestError
@@ -35,13 +35,7 @@ class ReferenceEngine:
 
     def encode_prompt(self, prompt: str | Sequence[dict], chat: bool = False) -> tuple[str, list[int]]:
         """The prompt text (after the chat template, when ``chat``) and its token ids."""
-        if chat or not isinstance(prompt, str):
-            text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
-            # the template writes its own special tokens (e.g. BOS), so none are added here
-            return text, self.tokenizer.encode(text, add_special_tokens=False)
-        if not prompt:
-            raise RequestError("the prompt is empty")
-        return prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
+        return encode_prompt(self.tokenizer, prompt, chat)
 
     def generate(self, prompts, params: SamplingParams | None = None, chat: bool = False,
                  on_token: OnToken | None = None) -> list[RequestOutput]:
