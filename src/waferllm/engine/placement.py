@@ -183,10 +183,18 @@ def plan_phase(config, wafer: WaferSpec, grid: int, phase: str, seq_len: int, dt
 
     def usage(n_regions: int, hpp: int) -> dict[str, int]:
         lpr = cdiv(n_layers, n_regions)
+        act = activation_bytes(config, grid, phase, seq_len, dtype, hpp)
+        if phase == "prefill":
+            # the LM head's MeshGEMM (after the layers): the placed vocabulary tile stays the
+            # operand of record while the tile in use and the next one arriving are held
+            # too (2 more), plus the fp32 accumulator and the normalised rows
+            b, t, vt = DTYPE_BYTES[dtype], cdiv(seq_len, grid), cdiv(cdiv(config.vocab_size, n_regions), grid)
+            e = cdiv(config.hidden_size, grid)
+            act = max(act, 2 * e * vt * b + t * vt * 4 + 4 * t * e * b + 1024)
         return {
             "weights": lpr * w_layer,
             "kv_cache": lpr * kv_layer,
-            "activations": activation_bytes(config, grid, phase, seq_len, dtype, hpp),
+            "activations": act,
             "vocab_tables": tables * lm_head_bytes(config, grid, cdiv(config.vocab_size, n_regions), dtype),
         }
 
@@ -206,7 +214,8 @@ def plan_phase(config, wafer: WaferSpec, grid: int, phase: str, seq_len: int, dt
             f"{config.name} does not fit {wafer.name} for {phase} on {grid}x{grid} regions: even spread over all "
             f"{len(slots)} such regions a PE needs {total:,} B ("
             + ", ".join(f"{k} {v:,}" for k, v in best.items())
-            + f"), {total - usable:,} B over its {usable:,} B usable. "
+            + f"), {total - usable:,} B over the {usable:,} B it may plan for ({wafer.usable_sram_bytes_per_pe:,} B "
+            f"usable, {PLANNING_SLACK:,} B kept as slack for small buffers). "
             + (f"A {fit}x{fit} grid would fit. " if fit else "No square grid of this wafer fits it. ")
             + "Other options: a wafer with more SRAM per PE, shorter sequences, or --extrapolate-from-layers K."
         )

@@ -38,11 +38,12 @@ def tune_grids(config, wafer, input_len: int, output_len: int, max_seq_len: int 
                 scores[g] = predict_phase(config, wafer, phase, g, input_len, output_len, max_seq_len, dtype)
                 tried[phase][g] = scores[g]
             except WaferLLMError as exc:
-                tried[phase][g] = f"does not fit: {str(exc)[:80]}"
+                tried[phase][g] = f"does not fit: {exc}"
         if not scores:
+            largest = max(grids)
             raise PlacementError(
-                f"{config.name}: no {phase} grid among {grids} fits {wafer.name}; "
-                + "; ".join(f"{g}: {v}" for g, v in list(tried[phase].items())[:3])
+                f"{config.name} does not fit {wafer.name} for {phase} on any grid tried ({min(grids)}..{largest}). "
+                f"The largest, {largest}x{largest}: {str(tried[phase][largest]).removeprefix('does not fit: ')}"
             )
         best[phase] = min(scores, key=scores.get)
     return {"prefill_grid": best["prefill"], "decode_grid": best["decode"], "tried": tried}
