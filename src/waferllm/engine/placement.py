@@ -181,7 +181,10 @@ def plan_phase(config, wafer: WaferSpec, grid: int, phase: str, seq_len: int, dt
     kv_layer = kv_bytes_per_slot(config, grid, dtype) * cdiv(seq_len, grid)
     tables = 1 if config.tie_word_embeddings else 2
 
-    def usage(n_regions: int, hpp: int) -> dict[str, int]:
+    full_layers = config.num_layers
+    extrapolating = n_layers < full_layers
+
+    def usage(n_regions: int, hpp: int, n_layers: int = n_layers) -> dict[str, int]:
         lpr = cdiv(n_layers, n_regions)
         act = activation_bytes(config, grid, phase, seq_len, dtype, hpp)
         if phase == "prefill":
@@ -219,12 +222,27 @@ def plan_phase(config, wafer: WaferSpec, grid: int, phase: str, seq_len: int, dt
             + (f"A {fit}x{fit} grid would fit. " if fit else "No square grid of this wafer fits it. ")
             + "Other options: a wafer with more SRAM per PE, shorter sequences, or --extrapolate-from-layers K."
         )
+    # Extrapolating from K layers: give the executed layers the whole model's conditions,
+    # not a nearly empty wafer's. The vocabulary is sliced over the regions the whole
+    # model would use (all of them if it does not fit), and the attention pass width is
+    # what a region holding the whole model's share of layers could afford.
+    pressure_regions, pressure_layers = chosen, n_layers
+    if extrapolating:
+        full = next((r for r in range(1, min(len(slots), full_layers) + 1)
+                     if sum(usage(r, 1, full_layers).values()) <= usable), None)
+        pressure_regions, pressure_layers = (full or min(len(slots), full_layers)), full_layers
     hpp = 1
     if phase == "prefill":  # as many kv heads per attention pass as the SRAM allows
-        while hpp < config.num_kv_heads and sum(usage(chosen, hpp + 1).values()) <= usable:
+        while hpp < config.num_kv_heads and sum(usage(pressure_regions, hpp + 1, pressure_layers).values()) <= usable:
             hpp += 1
     lpr = cdiv(n_layers, chosen)
     n_regions = chosen  # the last regions may hold fewer layers (or only their vocabulary slice)
+    if extrapolating:
+        lpr = min(cdiv(full_layers, pressure_regions), n_layers)
+        n_regions = max(pressure_regions, cdiv(n_layers, lpr))
+        if n_regions > len(slots):
+            raise PlacementError(f"{n_layers} layers at {lpr} per region need {n_regions} {grid}x{grid} regions; "
+                                 f"{wafer.name} holds {len(slots)}")
     vstep = cdiv(config.vocab_size, n_regions)
     stages = [
         Stage("layers", slots[k], layers=range(k * lpr, min(n_layers, (k + 1) * lpr)),
