@@ -75,12 +75,15 @@ def grouped_scores(q: DistTensor, k: DistTensor, head_of_pos: np.ndarray, num_kv
                                      name="scores_partial", partial=("x", "sum"))
                 with mesh.ledger.concurrent():  # partials reduce along rows, K moves along columns
                     red = comm.reduce(partial, "x", "sum", algo=reduce_algo, root=root, allreduce=False,
-                                      name="grouped_scores.reduce")
+                                      name="grouped_scores.reduce", pipelined=True)
                     k = comm.ring_shift(k, "y", -1, ring=ring, name="grouped_scores.shift_K")
             mesh.ledger.charge("grouped_scores.step", "overhead", mesh.wafer.step_overhead_cycles)
             if out is not None:
                 out[rows, root] = red.tiles[rows, root]
             del red, partial
+        # the reductions were pipelined step after step: the last one's latency remains
+        mesh.ledger.charge("grouped_scores.reduce_tail", "comm",
+                           comm.pipeline_tail(mesh, n, 4 * hkv * r * tq * tk, reduce_algo))
         res = DistTensor(mesh, shape, layout, "fp32", out, name=name)
     rep.extra.update(grid=n, heads=hkv * r)
     return KernelResult(res, rep, {"k": k})

@@ -5,7 +5,9 @@ queries/keys, columns hold blocks of features. Q stays put. At step s, row i hol
 key block b(i, s) = order[rho(i) + s] (K travels one position along the column ring
 per step, at most 2 hops, no skew). Every PE forms its partial scores
 Q(i, j) @ K(b, j)^T over its feature block, and the partials are reduce-added along
-the row to the root PE (i, b), which rotates each step. After N steps PE (i, r) holds
+the row to the root PE (i, b), which rotates each step so that consecutive reductions
+do not queue at one PE: they are pipelined, each step paying the time a reduction keeps
+its busiest PE occupied, and the stream its latency once. After N steps PE (i, r) holds
 S(i, r): the (y, x) layout that the next GEMM (S @ V) takes as its A operand.
 """
 
@@ -53,12 +55,14 @@ def dist_gemm_t(q: DistTensor, k: DistTensor, *, ring: str = "interleave", reduc
                                      name="S_partial", partial=("x", "sum"))
                 with mesh.ledger.concurrent():  # partials reduce along rows, K moves along columns
                     red = comm.reduce(partial, "x", "sum", algo=reduce_algo, root=b_of_row, allreduce=False,
-                                      name="dist_gemm_t.reduce")
+                                      name="dist_gemm_t.reduce", pipelined=True)
                     k = comm.ring_shift(k, "y", -1, ring=ring, name="dist_gemm_t.shift_K")
             mesh.ledger.charge("dist_gemm_t.step", "overhead", mesh.wafer.step_overhead_cycles)
             if s_tiles is not None:
                 s_tiles[rows, b_of_row] = red.tiles[rows, b_of_row]
             del red, partial
+        # the reductions were pipelined step after step: the last one's latency remains
+        mesh.ledger.charge("dist_gemm_t.reduce_tail", "comm", comm.pipeline_tail(mesh, n, 4 * batch * tq * tk, reduce_algo))
         out = DistTensor(mesh, shape, layout, out_dtype,
                          None if s_tiles is None else s_tiles.astype(NP_DTYPES[out_dtype]), name=name)
     rep.extra.update(m=q.shape[-2], k=q.shape[-1], n=k.shape[-2], grid=n, batch=batch)

@@ -299,14 +299,38 @@ def _schedule_cycles(mesh, phases: list[Phase], nbytes: int) -> tuple[float, int
     return cycles, stages, hops
 
 
+def _occupancy_cycles(mesh, phases: list[Phase], nbytes: int) -> float:
+    """Cycles a reduction keeps its busiest PE occupied: at every level it relays, a PE
+    takes in the streams from both sides, adds them and sends one on."""
+    w = mesh.wafer
+    busy = 2 * w.ramp_cycles
+    for p in phases:
+        body = math.ceil(math.ceil(nbytes * p.bytes_factor) / w.link_bytes_per_cycle)
+        busy += p.repeats * ((2 * body + w.beta_cycles) if p.stages else body)
+    return busy
+
+
+def pipeline_tail(mesh, n: int, nbytes: int, algo: str = "ktree", k: int = 2, allreduce: bool = False) -> float:
+    """What the last of a stream of pipelined reductions adds after the stream's steps."""
+    phases, _ = reduce_schedule(n, algo, k, None, None, allreduce)
+    full, _, _ = _schedule_cycles(mesh, phases, nbytes)
+    return max(0.0, full - _occupancy_cycles(mesh, phases, nbytes))
+
+
 def reduce(t: DistTensor, axis: str, op: str = "sum", algo: str = "ktree", k: int = 2, group: int | None = None,
-           root: int | None = None, allreduce: bool = True, name: str | None = None) -> DistTensor:
+           root: int | None = None, allreduce: bool = True, name: str | None = None,
+           pipelined: bool = False) -> DistTensor:
     """Reduce tiles along ``axis`` (sum or max).
 
     The input is either a tensor with ``partial == (axis, op)`` or any tensor not split
     along ``axis`` whose tiles are combined. With ``allreduce`` every PE of the line ends
     with the result; otherwise only the root does (the other tiles are zeroed, and the
     result stays ``partial`` so that its logical value is exact).
+
+    ``pipelined``: one of a stream of independent reductions issued step after step (as in
+    dist-GEMM-T, whose root rotates so consecutive reductions do not queue at one PE):
+    each is charged only the time it occupies its busiest PE; the caller charges the
+    stream's latency tail once (:func:`pipeline_tail`).
     """
     ax = _check_axis(axis)
     if op not in ("sum", "max"):
@@ -334,6 +358,8 @@ def reduce(t: DistTensor, axis: str, op: str = "sum", algo: str = "ktree", k: in
     if routes:
         mesh.routes.request(name, routes, relayable=False)
     cycles, stages, hops = _schedule_cycles(mesh, phases, t.bytes_per_pe)
+    if pipelined:
+        cycles = _occupancy_cycles(mesh, phases, t.bytes_per_pe)
     lines = mesh.rows * mesh.cols // max(n, 1)
     if n > 1:
         mesh.ledger.charge(
