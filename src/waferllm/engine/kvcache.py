@@ -158,7 +158,6 @@ class KVCache:
                                bytes_moved=entry * movers.size * self.q, hop_bytes=entry * movers.size * self.q,
                                messages=movers.size * self.q, sram_read_bytes=entry * movers.size * self.q,
                                sram_write_bytes=entry * movers.size * self.q)
-            self.shift_moves += int(movers.size)
         mesh.ledger.charge(f"{name}.write", "compute", mesh.wafer.op_overhead_cycles + -(-entry // 4),
                            sram_write_bytes=entry * self.q)
         if self.k is None:
@@ -179,6 +178,9 @@ class KVCache:
         V[last, :, slot, :] = v.tiles[last].astype(V.dtype)
 
     def commit(self, movers: np.ndarray) -> None:
+        # counted here, once per step for all layers, so that steps and layers a dry run
+        # replays (without calling write) are counted too
+        self.shift_moves += int(movers.size) * self.layers
         self.head, self.count = self.after(movers)
         self._resize_concat()
 
