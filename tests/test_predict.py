@@ -1,0 +1,150 @@
+"""Dry-run prediction: exact replay, extrapolation from K layers, sane trends, JSON output."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from waferllm.engine.predict import predict
+from waferllm.engine.wafer import WaferModel
+from waferllm.errors import RequestError
+from waferllm.hardware import get_wafer
+from waferllm.models.presets import get_model_preset
+from waferllm.models.testing import random_weights, tiny_config
+
+WSE2 = get_wafer("wse2")
+BIG = WSE2.replace(sram_bytes_per_pe=96 * 1024)
+L8B_GRIDS = (420, 360)  # llama3-8b, one layer: fits these prefill / decode grids on wse2
+
+
+def _run(cfg, weights, mode, prefill_grid, decode_grid, prompt_len, steps, wafer=WSE2, kv_scheme="shift",
+         dtype="fp32"):
+    wm = WaferModel(cfg, weights if mode == "numeric" else None, wafer, prefill_grid, decode_grid,
+                    max_seq_len=prompt_len + steps + 1, prompt_len=prompt_len, mode=mode, dtype=dtype,
+                    kv_scheme=kv_scheme)
+    wm.reset()
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, cfg.vocab_size, prompt_len)
+    wm.prefill(ids if mode == "numeric" else prompt_len)
+    for i in range(steps):
+        # a dry run's token is the first of the vocabulary (its embedding column sets the broadcast's root)
+        wm.decode(0 if mode == "numeric" else None)
+    return wm
+
+
+@pytest.mark.parametrize("case", [
+    dict(name="gqa", cfg={}, grids=(4, 5), prompt_len=9, steps=7, kv_scheme="shift"),
+    dict(name="concat", cfg={}, grids=(5, 4), prompt_len=6, steps=6, kv_scheme="concat"),
+    dict(name="pipeline", cfg=dict(num_layers=4), grids=(4, 4), prompt_len=5, steps=9, kv_scheme="shift"),
+    dict(name="tied_fp16", cfg=dict(tie_word_embeddings=True, num_kv_heads=1), grids=(3, 3), prompt_len=4, steps=5,
+         kv_scheme="shift", dtype="fp16", wafer=BIG),
+], ids=lambda c: c["name"])
+def test_dry_run_replay_equals_numeric_execution(case):
+    """Dry runs replay identical layers and steps; numeric runs execute them all: same ledger."""
+    cfg = tiny_config(**case["cfg"])
+    w = random_weights(cfg, seed=1)
+    kw = dict(kv_scheme=case["kv_scheme"], dtype=case.get("dtype", "fp32"), wafer=case.get("wafer", WSE2))
+    num = _run(cfg, w, "numeric", *case["grids"], case["prompt_len"], case["steps"], **kw)
+    dry = _run(cfg, None, "dry", *case["grids"], case["prompt_len"], case["steps"], **kw)
+    mn, md = num.request_metrics(), dry.request_metrics()
+    for key in ("ttft_s", "tpot_s", "transition_s", "energy_j", "e2e_tokens_per_s", "flops"):
+        assert md[key] == pytest.approx(mn[key], rel=1e-12, abs=0), key
+    # known inexactness: a replayed decode step is keyed on (occupancy, any rows shifting),
+    # not on how many rows shift, so the shift's bytes (not its cycles) may differ slightly
+    assert md["bytes_moved"] == pytest.approx(mn["bytes_moved"], rel=1e-2)
+    assert dry.step_cycles == pytest.approx(num.step_cycles, rel=1e-12)
+    assert md["kv_shift_moves"] == mn["kv_shift_moves"]
+    assert md["sram_peak_bytes_per_pe"] == mn["sram_peak_bytes_per_pe"]
+    assert mn["ttft_s"] > 0 and mn["tpot_s"] > 0
+
+
+@pytest.fixture(scope="module")
+def l8b():
+    return get_model_preset("llama3-8b")
+
+
+@pytest.fixture(scope="module")
+def l8b_pred(l8b):
+    return predict(l8b, "wse2", 128, 16, *L8B_GRIDS, layers=1)
+
+
+def test_predict_llama3_8b_extrapolated(l8b_pred, l8b):
+    m = l8b_pred
+    for key in ("ttft_s", "tpot_s", "transition_s", "decode_tokens_per_s", "e2e_tokens_per_s", "energy_j",
+                "kv_capacity_tokens", "flops"):
+        assert m[key] > 0 and math.isfinite(m[key]), key
+    assert m["extrapolated_from_layers"] == 1
+    assert "extrapolated" in m["note"] and "1 of 32" in m["note"]
+    assert m["model"] == "llama3-8b" and m["input_len"] == 128 and m["output_len"] == 16
+    assert m["prefill_grid"] == L8B_GRIDS[0] and m["decode_grid"] == L8B_GRIDS[1]
+    assert m["decode_tokens_per_s"] == pytest.approx(1 / m["tpot_s"])
+    total = m["ttft_s"] + m["transition_s"] + 15 * m["tpot_s"]
+    assert m["e2e_tokens_per_s"] == pytest.approx(16 / total)
+    assert m["gpu_baselines"]
+    for g in m["gpu_baselines"]:
+        assert g["ttft_s"] > 0 and g["tpot_s"] > 0
+    # the whole result is plain JSON
+    back = json.loads(json.dumps(m))
+    assert back["ttft_s"] == m["ttft_s"]
+
+
+def test_extrapolation_scales_layer_time(l8b):
+    one = predict(l8b, "wse2", 64, 4, *L8B_GRIDS, layers=1, gpus=False)
+    two = predict(l8b, "wse2", 64, 4, *L8B_GRIDS, layers=2, gpus=False)
+    # both stand for the full 32 layers: close, not 2x apart
+    assert two["ttft_s"] == pytest.approx(one["ttft_s"], rel=0.2)
+    assert two["tpot_s"] == pytest.approx(one["tpot_s"], rel=0.2)
+    assert "gpu_baselines" not in one
+
+
+def test_longer_input_larger_ttft_more_output_larger_total(l8b):
+    short = predict(l8b, "wse2", 64, 8, *L8B_GRIDS, layers=1, gpus=False)
+    long_in = predict(l8b, "wse2", 256, 8, *L8B_GRIDS, layers=1, gpus=False)
+    long_out = predict(l8b, "wse2", 64, 32, *L8B_GRIDS, layers=1, gpus=False)
+    assert long_in["ttft_s"] > short["ttft_s"]
+
+    def total(m):
+        return m["ttft_s"] + m["transition_s"] + (m["output_len"] - 1) * m["tpot_s"]
+
+    assert total(long_out) > total(short)
+    assert long_out["ttft_s"] == pytest.approx(short["ttft_s"], rel=0.05)
+
+
+def test_concat_capacity_is_about_decode_grid_times_smaller(l8b):
+    shift = predict(l8b, "wse2", 32, 8, *L8B_GRIDS, layers=1, gpus=False)
+    concat = predict(l8b, "wse2", 32, 8, *L8B_GRIDS, layers=1, gpus=False, kv_scheme="concat")
+    assert shift["kv_capacity_tokens"] == concat["kv_capacity_tokens"]  # the plan reports both
+    ratio = shift["kv_capacity_tokens"] / shift["kv_capacity_tokens_concat"]
+    assert ratio == pytest.approx(L8B_GRIDS[1], rel=0.01)
+    # the paper: ~360-385x on its decode grids
+    assert 300 <= ratio <= 400
+    assert concat["kv_shift_moves"] == 0 < shift["kv_shift_moves"]
+
+
+@pytest.mark.xfail(strict=True, reason="engine bug: the concat scheme's decode attention sizes its score tiles by the "
+                   "cache's whole per-row capacity (max_seq_len slots), not by the bottom row's occupancy, so "
+                   "llama3-8b 128+8 tokens overflows SRAM on 360x360 although the concat cache holds 709 tokens")
+def test_concat_scheme_runs_where_its_capacity_allows(l8b):
+    m = predict(l8b, "wse2", 128, 8, *L8B_GRIDS, layers=1, gpus=False, kv_scheme="concat")
+    assert m["kv_capacity_tokens_concat"] >= 136
+
+
+@pytest.mark.parametrize("bad", [0, -3, 1.5, True, "8"])
+def test_predict_rejects_bad_lengths(l8b, bad):
+    with pytest.raises(RequestError):
+        predict(l8b, "wse2", bad, 4, *L8B_GRIDS, layers=1)
+    with pytest.raises(RequestError):
+        predict(l8b, "wse2", 8, bad, *L8B_GRIDS, layers=1)
+
+
+def test_predict_matches_a_numeric_run_of_a_small_model():
+    """predict() is the same code path as a numeric request with the same shapes."""
+    cfg = tiny_config(num_layers=3)
+    p = predict(cfg, BIG, 7, 5, 4, 5, dtype="fp32", gpus=False)
+    num = _run(cfg, random_weights(cfg), "numeric", 4, 5, 7, 4, wafer=BIG)
+    mn = num.request_metrics()
+    for key in ("ttft_s", "tpot_s", "energy_j"):
+        assert p[key] == pytest.approx(mn[key], rel=1e-12), key
