@@ -180,7 +180,10 @@ class DecodeStage:
         n, r, tf, hkv = mesh.rows, hl.group, hl.tf, c.num_kv_heads
         valid = cache.valid(movers)  # (n, cap), the new token included
         occ = int(valid.sum(axis=1).max())
-        cap = cache.cap
+        # slots to scan: a shift-based row is a ring buffer (all its slots); a concat row
+        # fills from slot 0, so only the occupied prefix is read
+        cap = cache.cap if cache.scheme == "shift" else max(occ, 1)
+        valid = valid[:, :cap]
         hpc = self.heads_per_column
         led = mesh.ledger
         with led.span("attention"):
@@ -188,7 +191,7 @@ class DecodeStage:
             s_tiles = None
             if mesh.numeric:
                 qt = q.tiles.astype(np.float32).reshape(n, n, r, tf)
-                kt = cache.k[idx].astype(np.float32)  # (n, n, tf, cap)
+                kt = cache.k[idx][..., :cap].astype(np.float32)  # (n, n, tf, cap)
                 prod = qt[..., :, :, None] * kt[:, :, None, :, :]  # (n,n,r,tf,cap)
                 # sum each head's features: (n,n,r,cap,tf) @ (1,n,1,tf,Hkv)
                 s_tiles = np.matmul(prod.transpose(0, 1, 2, 4, 3), self._onehot[None, :, None]).transpose(0, 1, 4, 2, 3)
@@ -214,7 +217,7 @@ class DecodeStage:
             o_tiles = None
             if mesh.numeric:
                 pt = p.tiles  # (n,n,Hkv,r,cap)
-                vt = cache.v[idx].astype(np.float32)  # (n,n,cap,tf)
+                vt = cache.v[idx][:, :, :cap].astype(np.float32)  # (n,n,cap,tf)
                 allh = np.matmul(pt, vt[:, :, None])  # (n,n,Hkv,r,tf): every head x feature
                 sel = self._onehot.transpose(0, 2, 1)[None, :, :, None, :]  # (1,n,Hkv,1,tf): the feature's head
                 o_tiles = (allh * sel).sum(axis=2).reshape(n, n, r * tf)

@@ -207,15 +207,16 @@ def plan_phase(config, wafer: WaferSpec, grid: int, phase: str, seq_len: int, dt
             chosen = n_regions
             break
     if chosen is None:
-        best = usage(min(len(slots), n_layers) or 1, 1)
+        spread = min(len(slots), n_layers) or 1
+        best = usage(spread, 1)
         total = sum(best.values())
         fit = None
         if suggest:
             fit = next((g for g in range(grid + 1, min(wafer.rows, wafer.cols) + 1, max(1, grid // 16))
                         if _fits(config, wafer, g, phase, seq_len, dtype, n_layers)), None)
         raise PlacementError(
-            f"{config.name} does not fit {wafer.name} for {phase} on {grid}x{grid} regions: even spread over all "
-            f"{len(slots)} such regions a PE needs {total:,} B ("
+            f"{config.name} does not fit {wafer.name} for {phase} on {grid}x{grid} regions: even spread over "
+            f"{spread} of the {len(slots)} such regions (at most one layer each) a PE needs {total:,} B ("
             + ", ".join(f"{k} {v:,}" for k, v in best.items())
             + f"), {total - usable:,} B over the {usable:,} B it may plan for ({wafer.usable_sram_bytes_per_pe:,} B "
             f"usable, {PLANNING_SLACK:,} B kept as slack for small buffers). "
