@@ -39,6 +39,9 @@ from waferllm.errors import PlacementError
 from waferllm.hardware import get_wafer
 from waferllm.models.presets import get_model_preset
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import Out  # noqa: E402
+
 MODELS = ("llama3-8b", "llama2-13b")
 LENGTHS = ((2048, 128), (4096, 128), (2048, 2048), (4096, 4096))
 PREFILL_GRIDS = (480, 600, 720)
@@ -47,22 +50,6 @@ FIXED_DECODE = 420
 FIXED_PREFILL = 600
 PLOT_DECODE_GRIDS = (240, 300, 360, 420, 480, 540, 600, 660, 720)
 GPU_ORDER = ("A100-80GB", "8xA100-80GB TP", "H100-SXM")
-
-
-class Out:
-    def __init__(self):
-        self.lines: list[str] = []
-
-    def __call__(self, text: str = "") -> None:
-        print(text, flush=True)
-        self.lines.append(text)
-
-    def table(self, header: list[str], rows: list[list]) -> None:
-        self("| " + " | ".join(header) + " |")
-        self("|" + "|".join("---" for _ in header) + "|")
-        for r in rows:
-            self("| " + " | ".join(str(c) for c in r) + " |")
-        self()
 
 
 def _f(x: float | None, digits: int = 4) -> str:

@@ -31,24 +31,11 @@ from waferllm.kernels.meshgemm import meshgemm, place_b
 from waferllm.kernels.meshgemv import gemv
 from waferllm.mesh import Mesh
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import Out  # noqa: E402
+
 GEMM_GRIDS = (120, 240, 360, 480, 600, 720)
 GEMV_GRIDS = (60, 120, 180, 240, 360, 480, 600, 720)
-
-
-class Out:
-    def __init__(self):
-        self.lines: list[str] = []
-
-    def __call__(self, text: str = "") -> None:
-        print(text, flush=True)
-        self.lines.append(text)
-
-    def table(self, header: list[str], rows: list[list[str]]) -> None:
-        self("| " + " | ".join(header) + " |")
-        self("|" + "|".join("---" for _ in header) + "|")
-        for r in rows:
-            self("| " + " | ".join(str(c) for c in r) + " |")
-        self()
 
 
 def _us(s: float) -> str:

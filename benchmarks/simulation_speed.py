@@ -23,24 +23,11 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import Out  # noqa: E402
+
 PROMPT = ("The wafer-scale engine is a single silicon wafer holding hundreds of thousands of cores, "
           "each with its own small memory, connected by a two-dimensional mesh. Large language models")
-
-
-class Out:
-    def __init__(self):
-        self.lines: list[str] = []
-
-    def __call__(self, text: str = "") -> None:
-        print(text, flush=True)
-        self.lines.append(text)
-
-    def table(self, header: list[str], rows: list[list]) -> None:
-        self("| " + " | ".join(header) + " |")
-        self("|" + "|".join("---" for _ in header) + "|")
-        for r in rows:
-            self("| " + " | ".join(str(c) for c in r) + " |")
-        self()
 
 
 def main() -> None:
