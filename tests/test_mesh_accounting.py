@@ -298,3 +298,25 @@ def test_dry_run_ktree_720_is_fast():
     elapsed = time.perf_counter() - t0
     assert out.tiles is None and m.ledger.cycles > 0
     assert elapsed < 0.5
+
+
+def test_sram_lent_frees_during_and_restores_after():
+    """A kernel borrowing a placed tensor's space: not counted twice, back afterwards."""
+    import numpy as np
+
+    from waferllm.hardware import get_wafer
+    from waferllm.kernels.meshgemm import meshgemm, place_b
+    from waferllm.mesh import Mesh
+
+    m = Mesh.square(get_wafer("wse2"), 4)
+    b = place_b(m, np.ones((16, 16), np.float32), "fp32", name="W")
+    a = m.place(np.ones((8, 16), np.float32), ("y", "x"), "fp32", name="A")
+    before = m.sram.used_max()
+    with m.sram.lent(b._handle):
+        assert m.sram.used_max() == before - b.bytes_per_pe
+    assert m.sram.used_max() == before
+    r = meshgemm(a, b)
+    # during the kernel: A, skewed A and its incoming copy, B's own space and one receive
+    # buffer, the fp32 accumulator and the output, never a third copy of B
+    assert r.report.sram_peak_bytes_per_pe <= before + 2 * a.bytes_per_pe + b.bytes_per_pe + 2 * 4 * 2 * 4
+    assert "W" in m.sram.by_name()

@@ -74,7 +74,8 @@ def meshgemm(a: DistTensor, b: DistTensor, *, ring: str = "interleave", a_skewed
     if b.tile_shape[0] != k_t:
         raise MeshError(f"{algo}: tile K sizes differ ({k_t} vs {b.tile_shape[0]})")
     # three routes per ring (send, receive, pass-through), one ring per operand
-    with measured(mesh, algo, routes_per_pe=6) as rep:
+    with measured(mesh, algo, routes_per_pe=6) as rep, mesh.sram.lent(b._handle):
+        # B rotates through its own placed space plus one receive buffer
         a, b = a.compute_view(), b.compute_view()
         if not a_skewed:
             a = skew_a(a, ring)

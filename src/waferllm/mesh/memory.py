@@ -9,6 +9,7 @@ capacity and what was being allocated.
 from __future__ import annotations
 
 import itertools
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -89,3 +90,22 @@ class SRAM:
             self._varying = self._varying - b
         else:
             self._uniform -= b
+
+    @contextmanager
+    def lent(self, handle: int | None):
+        """Let a kernel use an allocation's space as one of its own rotating buffers.
+
+        MeshGEMM rotates a placed weight through the mesh with one receive buffer: the
+        placed tile's space is reused, so during the kernel the weight is not counted
+        twice. Afterwards (the weight is home again) the allocation is restored.
+        """
+        entry = self._allocs.get(handle) if handle is not None else None
+        if entry is None:
+            yield
+            return
+        self.free(handle)
+        try:
+            yield
+        finally:
+            restored = self.alloc(entry[0], entry[1])
+            self._allocs[handle] = self._allocs.pop(restored)
