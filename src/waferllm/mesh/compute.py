@@ -67,20 +67,22 @@ def _batched_matmul(a, b, acc, transpose_b):
     a = np.broadcast_to(a, np.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + a.shape[-2:])
     b = np.broadcast_to(b, a.shape[:-2] + b.shape[-2:])
     out_shape = a.shape[:-1] + b.shape[-1:]
+    rows = a.shape[0]
+    workers = _pool()._max_workers
+    macs = int(np.prod(out_shape, dtype=np.int64)) * a.shape[-1]
+    f32 = (lambda x: x if x.dtype == np.float32 else x.astype(np.float32))
+    if rows < 2 or workers == 1 or macs < 1 << 24:  # small products: threads cost more than they save
+        prod = np.matmul(f32(a), f32(b))
+        if acc is None:
+            return prod
+        acc += prod
+        return acc
     if acc is None:
         acc = np.zeros(out_shape, np.float32)
 
     def work(lo, hi):
-        aa = a[lo:hi] if a.dtype == np.float32 else a[lo:hi].astype(np.float32)
-        bb = b[lo:hi] if b.dtype == np.float32 else b[lo:hi].astype(np.float32)
-        acc[lo:hi] += np.matmul(aa, bb)
+        acc[lo:hi] += np.matmul(f32(a[lo:hi]), f32(b[lo:hi]))
 
-    rows = a.shape[0]
-    workers = _pool()._max_workers
-    macs = acc.size * a.shape[-1]
-    if rows < 2 or workers == 1 or macs < 1 << 24:  # small products: threads cost more than they save
-        work(0, rows)
-        return acc
     bounds = np.linspace(0, rows, min(rows, workers) + 1).astype(int)
     list(_pool().map(lambda lh: work(*lh), zip(bounds[:-1], bounds[1:])))
     return acc
