@@ -13,6 +13,8 @@ S(i, r): the (y, x) layout that the next GEMM (S @ V) takes as its A operand.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from waferllm.errors import MeshError
@@ -35,7 +37,7 @@ def dist_gemm_t(q: DistTensor, k: DistTensor, *, ring: str = "interleave", reduc
     if q.shape[-1] != k.shape[-1] or q.shape[:-2] != k.shape[:-2]:
         raise MeshError(f"dist-GEMM-T: Q {q.shape} and K {k.shape} disagree")
     lead = q.shape[:-2]
-    batch = int(np.prod(lead, dtype=np.int64)) if lead else 1
+    batch = math.prod(lead)
     tq, td = q.tile_shape[-2:]
     tk = k.tile_shape[-2]
     order = np.asarray(ring_order(n, ring))

@@ -404,7 +404,7 @@ def gather(t: DistTensor, to: tuple[int, int] = (0, 0), name: str = "gather"):
     r, c = to
     if not (0 <= r < mesh.rows and 0 <= c < mesh.cols):
         raise MeshError(f"{name}: target PE {to} outside region {mesh.region.describe()}")
-    total = int(np.prod(t.shape)) * t.itemsize
+    total = math.prod(t.shape) * t.itemsize
     cap = mesh.sram.capacity - mesh.sram.used_max() + t.bytes_per_pe
     if total > cap:
         raise SRAMOverflowError(
@@ -437,7 +437,7 @@ def replace(t: DistTensor, mesh, layout, dtype: str | None = None, name: str = "
     mean_hops = cy + cx + (max(ra.rows, rb.rows) + max(ra.cols, rb.cols)) / 3
     max_hops = int(max(ra.row0 + ra.rows, rb.row0 + rb.rows) - min(ra.row0, rb.row0)
                    + max(ra.col0 + ra.cols, rb.col0 + rb.cols) - min(ra.col0, rb.col0) - 2)
-    total = int(np.prod(t.shape)) * t.itemsize
+    total = math.prod(t.shape) * t.itemsize
     w = mesh.wafer
     ramp_time = max(t.bytes_per_pe, out.bytes_per_pe) / w.link_bytes_per_cycle
     ys = (min(ra.row0, rb.row0), max(ra.row0 + ra.rows, rb.row0 + rb.rows))

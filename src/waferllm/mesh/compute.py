@@ -7,6 +7,8 @@ fp32 accumulation (mixed precision), then stored in the tensor's dtype.
 
 from __future__ import annotations
 
+import math
+
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -33,7 +35,7 @@ def matmul_tiles(mesh, a_tiles, b_tiles, acc=None, transpose_b=False, dtype="fp3
     if shapes is None:
         m, k = a_tiles.shape[-2:]
         n = b_tiles.shape[-2] if transpose_b else b_tiles.shape[-1]
-        batch = int(np.prod(a_tiles.shape[2:-2], dtype=np.int64))
+        batch = math.prod(a_tiles.shape[2:-2])
     else:
         m, k, n, *rest = shapes
         batch = rest[0] if rest else 1
@@ -69,7 +71,7 @@ def _batched_matmul(a, b, acc, transpose_b):
     out_shape = a.shape[:-1] + b.shape[-1:]
     rows = a.shape[0]
     workers = _pool()._max_workers
-    macs = int(np.prod(out_shape, dtype=np.int64)) * a.shape[-1]
+    macs = math.prod(out_shape) * a.shape[-1]
     f32 = (lambda x: x if x.dtype == np.float32 else x.astype(np.float32))
     if rows < 2 or workers == 1 or macs < 1 << 24:  # small products: threads cost more than they save
         prod = np.matmul(f32(a), f32(b))
@@ -95,7 +97,7 @@ def local_matmul(a: DistTensor, b: DistTensor, *, shape, layout, transpose_b=Fal
                          shapes=None if a.tiles is not None else (
                              a.tile_shape[-2], a.tile_shape[-1],
                              b.tile_shape[-2] if transpose_b else b.tile_shape[-1],
-                             int(np.prod(a.tile_shape[:-2], dtype=np.int64))))
+                             math.prod(a.tile_shape[:-2])))
     dtype = dtype or a.dtype
     return DistTensor(a.mesh, shape, layout, dtype, None if tiles is None else tiles.astype(NP_DTYPES[dtype]),
                       name=name, partial=partial)

@@ -29,8 +29,13 @@ NP_DTYPES = {"fp16": np.float16, "fp32": np.float32}
 AXES = {"y": 0, "x": 1}
 
 
+_VALID_LAYOUTS: set = set()
+
+
 def check_layout(shape: Sequence[int], layout: Sequence) -> tuple:
     layout = tuple(layout)
+    if (len(shape), layout) in _VALID_LAYOUTS:  # the same few layouts recur in every step
+        return layout
     if len(layout) != len(shape):
         raise MeshError(f"layout {layout} has {len(layout)} entries for a {len(shape)}-d tensor of shape {tuple(shape)}")
     for a in layout:
@@ -39,6 +44,7 @@ def check_layout(shape: Sequence[int], layout: Sequence) -> tuple:
     for a in ("y", "x"):
         if layout.count(a) > 1:
             raise MeshError(f"layout {layout} splits two dims along mesh axis {a}")
+    _VALID_LAYOUTS.add((len(shape), layout))
     return layout
 
 
@@ -93,7 +99,7 @@ class DistTensor:
     @property
     def tile_elems(self) -> int:
         if self._elems is None:
-            self._elems = int(np.prod(self.tile_shape, dtype=np.int64))
+            self._elems = math.prod(self.tile_shape)
         return self._elems
 
     def compute_view(self) -> "DistTensor":
