@@ -202,7 +202,10 @@ def plan_phase(config, wafer: WaferSpec, grid: int, phase: str, seq_len: int, dt
         }
 
     chosen = None
-    for n_regions in range(1, min(len(slots), n_layers) + 1):
+    # a run of K extrapolated layers may spread its vocabulary slices over more regions
+    # than it has layers, as the whole model would
+    max_regions = min(len(slots), full_layers if extrapolating else n_layers)
+    for n_regions in range(1, max_regions + 1):
         if sum(usage(n_regions, 1).values()) <= usable:
             chosen = n_regions
             break
