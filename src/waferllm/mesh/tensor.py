@@ -59,7 +59,7 @@ class DistTensor:
     """A logical tensor distributed over a mesh; see the module docstring."""
 
     __slots__ = ("mesh", "shape", "layout", "dtype", "tiles", "tile_shape", "blocks", "partial", "name",
-                 "_handle", "_view", "_elems", "__weakref__")
+                 "_handle", "_view", "_elems", "_host", "__weakref__")
 
     def __init__(self, mesh, shape, layout, dtype, tiles=None, *, name="tensor", blocks=None, partial=None,
                  tile_shape=None, charge_sram=True, host_f32=False):
@@ -87,6 +87,7 @@ class DistTensor:
         self._handle = None
         self._view = None
         self._elems = None
+        self._host = None
         if charge_sram:
             self._handle = mesh.sram.alloc(name, self.bytes_per_pe)
             weakref.finalize(self, mesh.sram.free, self._handle)
@@ -101,6 +102,15 @@ class DistTensor:
         if self._elems is None:
             self._elems = math.prod(self.tile_shape)
         return self._elems
+
+    def host_layout(self, key: str, build):
+        """A derived host-side arrangement of the tiles, built once (weights reuse it every
+        token). Only the simulator's own speed depends on it, never the numbers or cost."""
+        if self._host is None:
+            self._host = {}
+        if key not in self._host:
+            self._host[key] = build(self.tiles)
+        return self._host[key]
 
     def compute_view(self) -> "DistTensor":
         """The same tensor with float32 host tiles (fp16 values exactly), for repeated products.
