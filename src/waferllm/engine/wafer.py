@@ -127,7 +127,7 @@ class WaferModel:
         self.step_cycles = []
         self.layer_cycles = {"prefill": 0.0, "decode": 0.0}
         self.phase_cycles = {"prefill": 0.0, "transition": 0.0, "decode": 0.0}
-        self._request_mark = self.ledger.mark()
+        self._request_mark = self.ledger.mark(per_primitive=True)
 
     def _run_layer(self, phase, key, fn):
         """Run one layer (or replay an identical one in dry mode); returns fn's result or None."""
@@ -136,7 +136,7 @@ class WaferModel:
             led.replay(self._memo[key], "layer (replayed)")
             self.layer_cycles[phase] += self._memo[key]["cycles"]
             return None
-        m = led.mark()
+        m = led.mark(per_primitive=self.mode == "dry")
         out = fn()
         d = led.since(m)
         self.layer_cycles[phase] += d["cycles"]
@@ -262,7 +262,7 @@ class WaferModel:
         if self.position + 1 > self.max_seq_len:
             raise RequestError(f"context of {self.max_seq_len} tokens is full")
         pos = self.position
-        start = led.mark()
+        start = led.mark(per_primitive=self.mode == "dry")
         if self.mode == "dry":
             movers = self.decode_stages[0].cache.plan_append()
             step_key = ("step", self.decode_stages[0].cache.occupied, bool(movers.size))

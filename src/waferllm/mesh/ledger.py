@@ -205,13 +205,16 @@ class Ledger:
         """Whole-system power for the time on the critical path (see the wafer's power_w provenance)."""
         return self.wafer.power_w * self.seconds
 
-    def mark(self) -> dict:
-        """Snapshot for measuring a sub-range: ``ledger.since(mark)``."""
-        return {
+    def mark(self, per_primitive: bool = False) -> dict:
+        """Snapshot for measuring a sub-range: ``ledger.since(mark)``; with ``per_primitive``
+        the delta also has the cycles of every primitive (what ``replay`` needs)."""
+        m = {
             "cycles": self.cycles, "compute": self.compute_cycles, "comm": self.comm_cycles,
             "exposed": self.exposed_comm_cycles, "overhead": self.overhead_cycles, "totals": dict(self.totals),
-            "by_primitive": dict(self.by_primitive),
         }
+        if per_primitive:
+            m["by_primitive"] = dict(self.by_primitive)
+        return m
 
     def since(self, mark: dict) -> dict:
         out = {
@@ -224,9 +227,10 @@ class Ledger:
         for k in set(self.totals) | set(mark["totals"]):
             out[k] = self.totals.get(k, 0.0) - mark["totals"].get(k, 0.0)
         out["seconds"] = self.wafer.cycles_to_seconds(out["cycles"])
-        before = mark.get("by_primitive", {})
-        out["by_primitive"] = {k: v - before.get(k, 0.0) for k, v in self.by_primitive.items()
-                               if v != before.get(k, 0.0)}
+        if "by_primitive" in mark:
+            before = mark["by_primitive"]
+            out["by_primitive"] = {k: v - before.get(k, 0.0) for k, v in self.by_primitive.items()
+                                   if v != before.get(k, 0.0)}
         return out
 
     def breakdown(self, depth: int = 1) -> dict[str, float]:
