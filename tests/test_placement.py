@@ -16,10 +16,12 @@ from waferllm.models.testing import tiny_config
 WSE2 = get_wafer("wse2")
 
 
-def _bytes_over(msg: str) -> int:
-    m = re.search(r"needs ([\d,]+) B .*?\), ([\d,]+) B over", msg)
+def _layers_short(msg: str) -> int:
+    m = re.search(r"hold (\d+) of its (\d+) layers, (\d+) short", msg)
     assert m, msg
-    return int(m.group(2).replace(",", ""))
+    held, total, short = (int(g) for g in m.groups())
+    assert held + short == total
+    return short
 
 
 def test_llama3_8b_does_not_fit_default_grids_and_says_by_how_much():
@@ -28,13 +30,22 @@ def test_llama3_8b_does_not_fit_default_grids_and_says_by_how_much():
         WaferModel(cfg, None, "wse2", 32, 32, max_seq_len=4096, mode="dry")
     msg = str(exc.value)
     assert "llama3-8b" in msg and "wse2" in msg
-    over = _bytes_over(msg)
-    assert over > 0
-    # the reported excess is the PE's need minus what the planner may use
-    need = int(re.search(r"needs ([\d,]+) B", msg).group(1).replace(",", ""))
-    assert need - over == WSE2.usable_sram_bytes_per_pe - PLANNING_SLACK
+    assert _layers_short(msg) == 32  # a 32x32 region cannot hold one layer of an 8B model
+    # the per-layer need and the budget it is compared against
+    budget = int(re.search(r"of the ([\d,]+) B it may plan for", msg).group(1).replace(",", ""))
+    assert budget == WSE2.usable_sram_bytes_per_pe - PLANNING_SLACK
     # what to do about it
-    assert "--extrapolate-from-layers" in msg and ("would fit" in msg or "No square grid" in msg)
+    assert "--extrapolate-from-layers" in msg and ("would fit" in msg or "No grid" in msg)
+
+
+def test_llama3_8b_fits_wse2_with_the_squares_around_the_main_regions():
+    """600x600 prefill and 360x360 decode regions leave strips; smaller squares there
+    take the layers the main regions cannot."""
+    p = plan(get_model_preset("llama3-8b"), WSE2, 600, 360, 2048 + 128, "fp16", prompt_len=2048)
+    assert sum(len(s.layers) for s in p.prefill.stages) == 32
+    assert {s.region.rows for s in p.prefill.stages} > {600}
+    assert sum(len(s.layers) for s in p.decode.stages) == 32
+    assert p.kv_capacity_tokens >= 2048 + 128
 
 
 def test_does_not_fit_error_suggests_a_grid_that_fits():
@@ -42,7 +53,7 @@ def test_does_not_fit_error_suggests_a_grid_that_fits():
     with pytest.raises(PlacementError) as exc:
         plan(cfg, WSE2, 16, 32, 256, "fp16")
     msg = str(exc.value)
-    assert "prefill" in msg and _bytes_over(msg) > 0
+    assert "prefill" in msg and _layers_short(msg) > 0
     g = int(re.search(r"A (\d+)x\1 grid would fit", msg).group(1))
     assert g > 16
     p = plan(cfg, WSE2, g, 32, 256, "fp16")  # the suggestion really fits
@@ -56,8 +67,8 @@ def test_tiny_wafer_cannot_hold_a_model():
     cfg = get_model_preset("llama2-13b")
     with pytest.raises(PlacementError) as exc:
         plan(cfg, tiny_wafer, 8, 8, 128, "fp16")
-    assert _bytes_over(str(exc.value)) > 0
-    assert "No square grid of this wafer fits it" in str(exc.value)
+    assert _layers_short(str(exc.value)) > 0
+    assert "No grid of this wafer fits it" in str(exc.value)
 
 
 @pytest.mark.parametrize("grid", [0, -1, 751, 2000])
@@ -111,8 +122,10 @@ def test_single_phase_and_extrapolated_plans():
     assert p.prefill is None and p.decode is not None
     assert [i for s in p.decode.stages for i in s.layers] == [0]
     assert p.decode.stages[0].layers == range(0, 1)
+    full = plan(cfg, WSE2, None, 360, 256, "fp16")  # all 32 layers: the 360s and the squares beside them
+    assert sum(len(s.layers) for s in full.decode.stages) == 32
     with pytest.raises(PlacementError):
-        plan(cfg, WSE2, None, 360, 256, "fp16")  # all 32 layers do not fit
+        plan(get_model_preset("llama3-70b"), WSE2, None, 360, 256, "fp16")  # 140 GB does not fit 36 GB
 
 
 @pytest.mark.parametrize("prefill_grid,decode_grid,max_seq_len", [

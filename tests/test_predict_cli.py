@@ -30,7 +30,7 @@ def test_predict_extrapolation_says_so(capsys):
 
 
 def test_predict_model_that_does_not_fit_is_a_clean_error(capsys):
-    rc = main(["predict", "--model", "llama3-8b", "--input-len", "256", "--output-len", "4",
+    rc = main(["predict", "--model", "llama3-70b", "--input-len", "256", "--output-len", "4",
                "--prefill-grid", "360", "--decode-grid", "360"])
     assert rc == 2
     err = capsys.readouterr().err

@@ -49,6 +49,7 @@ class PhasePlan:
     bytes_per_pe: dict[str, int]
     regions_available: int
     heads_per_pass: int = 1
+    region_bytes: list = field(default_factory=list)  # bytes per PE by kind, for each stage
 
     @property
     def layer_stages(self) -> list[Stage]:
@@ -58,6 +59,7 @@ class PhasePlan:
         return {
             "grid": self.grid,
             "regions": len(self.stages),
+            "region_sides": [s.region.rows for s in self.stages],
             "regions_available": self.regions_available,
             "layers_per_region": self.layers_per_region,
             "heads_per_pass": self.heads_per_pass,
@@ -147,115 +149,192 @@ def lm_head_bytes(config, grid: int, vocab: int, dtype: str = "fp16") -> int:
 # ------------------------------------------------------------------ region tiling
 
 
-def region_slots(wafer: WaferSpec, grid: int, phase: str) -> list[Region]:
-    """Square regions of grid x grid over the wafer, row-major, skipping any with a defective PE."""
+def _squares(wafer, r0: int, c0: int, h: int, w: int, min_side: int) -> list[tuple[int, int, int]]:
+    """Largest squares first, greedily tiling an h x w rectangle at (r0, c0): (row, col, side)."""
+    if min(h, w) < min_side:
+        return []
+    side = min(h, w)
+    count = max(h, w) // side
+    out = [(r0 + (i * side if h > w else 0), c0 + (i * side if h <= w else 0), side) for i in range(count)]
+    used = count * side
+    if h > w:
+        return out + _squares(wafer, r0 + used, c0, h - used, w, min_side)
+    return out + _squares(wafer, r0, c0 + used, h, w - used, min_side)
+
+
+def region_slots(wafer: WaferSpec, grid: int, phase: str, fill: bool = True) -> list[Region]:
+    """Square regions for a phase: grid x grid ones first (row-major), then, with ``fill``,
+    the largest squares that fit in the strips they leave (a 750x994 mesh at grid 360 has
+    four 360s and 30% of its PEs in the strips). Squares with a defective PE are skipped."""
     if grid < 1 or grid > min(wafer.rows, wafer.cols):
         raise PlacementError(
             f"{phase} grid {grid} does not fit the {wafer.rows}x{wafer.cols} mesh of {wafer.name} "
             f"(largest square: {min(wafer.rows, wafer.cols)})"
         )
+    nr, nc = wafer.rows // grid, wafer.cols // grid
+    squares = [(r * grid, c * grid, grid) for r in range(nr) for c in range(nc)]
+    if fill:
+        min_side = max(8, grid // 4)
+        squares += _squares(wafer, 0, nc * grid, wafer.rows, wafer.cols - nc * grid, min_side)
+        squares += _squares(wafer, nr * grid, 0, wafer.rows - nr * grid, nc * grid, min_side)
     out = []
-    for r in range(wafer.rows // grid):
-        for c in range(wafer.cols // grid):
-            try:
-                out.append(Region(wafer, grid, grid, r * grid, c * grid, name=f"{phase}[{len(out)}]"))
-            except MeshError:
-                continue
+    for r, c, side in squares:
+        try:
+            out.append(Region(wafer, side, side, r, c, name=f"{phase}[{len(out)}]"))
+        except MeshError:
+            continue
+    return out
+
+
+def _split(total: int, weights: list[int]) -> list[int]:
+    """Integer shares of ``total`` proportional to ``weights`` (largest remainders)."""
+    wsum = sum(weights)
+    raw = [total * w / wsum for w in weights]
+    out = [int(x) for x in raw]
+    for i in sorted(range(len(raw)), key=lambda i: out[i] - raw[i])[: total - sum(out)]:
+        out[i] += 1
     return out
 
 
 def plan_phase(config, wafer: WaferSpec, grid: int, phase: str, seq_len: int, dtype: str = "fp16",
                layers: int | None = None, suggest: bool = True) -> PhasePlan:
-    """Regions for one phase: the fewest grid x grid regions that hold every layer.
+    """Regions for one phase: the fewest square regions that hold every layer.
 
-    Each region holds a run of consecutive layers plus a vocabulary slice of the LM head
-    (and of the embedding table when it is not tied), so the LM head runs on all regions
-    at once. ``layers`` < num_layers plans only the first ``layers`` (extrapolation).
+    grid x grid regions come first; when they are not enough, smaller squares from the
+    strips they leave join (each region has its own tiling). Each region holds a run of
+    consecutive layers (as many as its SRAM allows, spread evenly) plus a vocabulary
+    slice of the LM head (and of the embedding table when it is not tied) in proportion
+    to its PEs, so the LM head runs on all regions at once. ``layers`` < num_layers plans
+    only the first ``layers`` (extrapolation) under the whole model's conditions.
     """
     n_layers = config.num_layers if layers is None else layers
     # plan with some slack for the small buffers the estimate leaves out; the runtime
     # SRAM accounting checks every real allocation anyway
     usable = wafer.usable_sram_bytes_per_pe - PLANNING_SLACK
     slots = region_slots(wafer, grid, phase)
-    w_layer = layer_weight_bytes(config, grid, phase, dtype)
-    kv_layer = kv_bytes_per_slot(config, grid, dtype) * cdiv(seq_len, grid)
     tables = 1 if config.tie_word_embeddings else 2
-
     full_layers = config.num_layers
     extrapolating = n_layers < full_layers
 
-    def usage(n_regions: int, hpp: int, n_layers: int = n_layers) -> dict[str, int]:
-        lpr = cdiv(n_layers, n_regions)
-        act = activation_bytes(config, grid, phase, seq_len, dtype, hpp)
+    def need(g: int, lay: int, vocab: int, hpp: int) -> dict[str, int]:
+        act = activation_bytes(config, g, phase, seq_len, dtype, hpp)
         if phase == "prefill":
-            # the LM head's MeshGEMM (after the layers): the placed vocabulary tile stays the
-            # operand of record while the tile in use and the next one arriving are held
-            # too (2 more), plus the fp32 accumulator and the normalised rows
-            b, t, vt = DTYPE_BYTES[dtype], cdiv(seq_len, grid), cdiv(cdiv(config.vocab_size, n_regions), grid)
-            e = cdiv(config.hidden_size, grid)
+            # the LM head's MeshGEMM (after the layers): the placed vocabulary tile, the one
+            # in use and the next one arriving, the fp32 accumulator and the normalised rows
+            b, t, vt = DTYPE_BYTES[dtype], cdiv(seq_len, g), cdiv(vocab, g)
+            e = cdiv(config.hidden_size, g)
             act = max(act, 2 * e * vt * b + t * vt * 4 + 4 * t * e * b + 1024)
         return {
-            "weights": lpr * w_layer,
-            "kv_cache": lpr * kv_layer,
+            "weights": lay * layer_weight_bytes(config, g, phase, dtype),
+            "kv_cache": lay * kv_bytes_per_slot(config, g, dtype) * cdiv(seq_len, g),
             "activations": act,
-            "vocab_tables": tables * lm_head_bytes(config, grid, cdiv(config.vocab_size, n_regions), dtype),
+            "vocab_tables": tables * lm_head_bytes(config, g, vocab, dtype),
         }
 
-    chosen = None
-    # a run of K extrapolated layers may spread its vocabulary slices over more regions
-    # than it has layers, as the whole model would
-    max_regions = min(len(slots), full_layers if extrapolating else n_layers)
-    for n_regions in range(1, max_regions + 1):
-        if sum(usage(n_regions, 1).values()) <= usable:
-            chosen = n_regions
+    cap_cache: dict = {}
+
+    def capacity(g: int, vocab: int) -> int:
+        """Layers a g x g region holding this vocabulary slice can take (-1: not even the slice)."""
+        key = (g, vocab)
+        if key not in cap_cache:
+            base = sum(need(g, 0, vocab, 1).values())
+            per = sum(need(g, 1, vocab, 1).values()) - base
+            cap_cache[key] = -1 if base > usable else int((usable - base) // per)
+        return cap_cache[key]
+
+    def assign(regs: list[Region], total_layers: int):
+        vocab = _split(config.vocab_size, [r.pes for r in regs])
+        caps = [capacity(r.rows, v) for r, v in zip(regs, vocab)]
+        if min(caps) < 0 or sum(caps) < total_layers:
+            return None
+        counts = [min(c, x) for c, x in zip(caps, _split(total_layers, [max(c, 0) for c in caps]))]
+        short = total_layers - sum(counts)
+        for i in range(len(regs)):  # top up where there is room
+            take = min(short, caps[i] - counts[i])
+            counts[i] += take
+            short -= take
+        return vocab, counts
+
+    # keep only regions that can take at least one layer beside their vocabulary share
+    # (tiny squares in the strips may not); drop and re-split until that holds
+    while slots:
+        vocab_all = _split(config.vocab_size, [r.pes for r in slots])
+        keep = [r for r, v in zip(slots, vocab_all) if capacity(r.rows, v) >= 1]
+        if len(keep) == len(slots):
             break
-    if chosen is None:
-        spread = min(len(slots), n_layers) or 1
-        best = usage(spread, 1)
-        total = sum(best.values())
+        slots = keep or slots[:1]
+        if not keep:
+            break
+
+    def search(total_layers: int):
+        """Fewest regions that hold the layers: more regions only add room (and shrink the
+        vocabulary slices), so a binary search over the count finds it."""
+        if assign(slots, total_layers) is None:
+            return None
+        lo, hi = 1, len(slots)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if assign(slots[:mid], total_layers) is None:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo, assign(slots[:lo], total_layers)
+
+    found = search(full_layers if extrapolating else n_layers)
+    if found is None and not extrapolating:
+        vocab = _split(config.vocab_size, [r.pes for r in slots])
+        caps = [max(0, capacity(r.rows, v)) for r, v in zip(slots, vocab)]
+        one = need(grid, 1, vocab[0], 1)
         fit = None
         if suggest:
             fit = next((g for g in range(grid + 1, min(wafer.rows, wafer.cols) + 1, max(1, grid // 16))
                         if _fits(config, wafer, g, phase, seq_len, dtype, n_layers)), None)
         raise PlacementError(
-            f"{config.name} does not fit {wafer.name} for {phase} on {grid}x{grid} regions: even spread over "
-            f"{spread} of the {len(slots)} such regions (at most one layer each) a PE needs {total:,} B ("
-            + ", ".join(f"{k} {v:,}" for k, v in best.items())
-            + f"), {total - usable:,} B over the {usable:,} B it may plan for ({wafer.usable_sram_bytes_per_pe:,} B "
-            f"usable, {PLANNING_SLACK:,} B kept as slack for small buffers). "
-            + (f"A {fit}x{fit} grid would fit. " if fit else "No square grid of this wafer fits it. ")
+            f"{config.name} does not fit {wafer.name} for {phase} on {grid}x{grid} regions: all {len(slots)} regions "
+            f"({grid}x{grid} and the smaller squares around them, {sum(r.pes for r in slots):,} PEs) hold "
+            f"{sum(caps)} of its {n_layers} layers, {n_layers - sum(caps)} short. On a {grid}x{grid} region a layer "
+            f"takes {one['weights'] + one['kv_cache']:,} B per PE (weights {one['weights']:,}, KV cache "
+            f"{one['kv_cache']:,} for {seq_len} tokens) of the {usable:,} B it may plan for "
+            f"({wafer.usable_sram_bytes_per_pe:,} B usable, {PLANNING_SLACK:,} B kept as slack), after activations "
+            f"{one['activations']:,} B and vocabulary slices {one['vocab_tables']:,} B. "
+            + (f"A {fit}x{fit} grid would fit. " if fit else "No grid of this wafer fits it. ")
             + "Other options: a wafer with more SRAM per PE, shorter sequences, or --extrapolate-from-layers K."
         )
-    # Extrapolating from K layers: give the executed layers the whole model's conditions,
-    # not a nearly empty wafer's. The vocabulary is sliced over the regions the whole
-    # model would use (all of them if it does not fit), and the attention pass width is
-    # what a region holding the whole model's share of layers could afford.
-    pressure_regions, pressure_layers = chosen, n_layers
     if extrapolating:
-        full = next((r for r in range(1, min(len(slots), full_layers) + 1)
-                     if sum(usage(r, 1, full_layers).values()) <= usable), None)
-        pressure_regions, pressure_layers = (full or min(len(slots), full_layers)), full_layers
+        # Extrapolating from K layers: give them the whole model's conditions, not a nearly
+        # empty wafer's: the vocabulary sliced over the regions the whole model uses (all
+        # of them if it does not fit), the attention pass width its layer share allows,
+        # and at most that share of the K layers per region.
+        n = found[0] if found else len(slots)
+        regs = slots[:n]
+        vocab = _split(config.vocab_size, [r.pes for r in regs])
+        share = found[1][1] if found else [max(1, x) for x in _split(full_layers, [r.pes for r in regs])]
+        counts, left = [], n_layers
+        for c in share:
+            counts.append(min(c, left))
+            left -= counts[-1]
+        pressure = share
+    else:
+        n, (vocab, counts) = found
+        regs = slots[:n]
+        pressure = counts
     hpp = 1
-    if phase == "prefill":  # as many kv heads per attention pass as the SRAM allows
-        while hpp < config.num_kv_heads and sum(usage(pressure_regions, hpp + 1, pressure_layers).values()) <= usable:
+    if phase == "prefill":  # as many kv heads per attention pass as every region's SRAM allows
+        def fits(h):
+            return all(sum(need(r.rows, p, v, h).values()) <= usable for r, p, v in zip(regs, pressure, vocab) if p)
+        while hpp < config.num_kv_heads and fits(hpp + 1):
             hpp += 1
-    lpr = cdiv(n_layers, chosen)
-    n_regions = chosen  # the last regions may hold fewer layers (or only their vocabulary slice)
-    if extrapolating:
-        lpr = min(cdiv(full_layers, pressure_regions), n_layers)
-        n_regions = max(pressure_regions, cdiv(n_layers, lpr))
-        if n_regions > len(slots):
-            raise PlacementError(f"{n_layers} layers at {lpr} per region need {n_regions} {grid}x{grid} regions; "
-                                 f"{wafer.name} holds {len(slots)}")
-    vstep = cdiv(config.vocab_size, n_regions)
-    stages = [
-        Stage("layers", slots[k], layers=range(k * lpr, min(n_layers, (k + 1) * lpr)),
-              vocab=range(k * vstep, min(config.vocab_size, (k + 1) * vstep)))
-        for k in range(n_regions)
-    ]
-    b = usage(n_regions, hpp) | {"reserved": wafer.reserved_bytes_per_pe, "usable": wafer.usable_sram_bytes_per_pe}
-    pp = PhasePlan(phase, grid, stages, lpr, b, len(slots))
+    stages, lstart, vstart = [], 0, 0
+    for r, c, v in zip(regs, counts, vocab):
+        stages.append(Stage("layers", r, layers=range(lstart, lstart + c), vocab=range(vstart, vstart + v)))
+        lstart += c
+        vstart += v
+    per_region = [need(r.rows, c, v, hpp) for r, c, v in zip(regs, counts, vocab)]
+    fullest = max(range(len(regs)), key=lambda i: sum(per_region[i].values()))
+    b = per_region[fullest] | {"reserved": wafer.reserved_bytes_per_pe, "usable": wafer.usable_sram_bytes_per_pe}
+    pp = PhasePlan(phase, grid, stages, max(counts), b, len(slots))
     pp.heads_per_pass = hpp
+    pp.region_bytes = per_region
     return pp
 
 
@@ -278,12 +357,17 @@ def plan(config, wafer: WaferSpec, prefill_grid: int | None, decode_grid: int | 
     shift_cap = concat_cap = 0
     if decode_grid is not None:
         dec = plan_phase(config, wafer, decode_grid, "decode", max_seq_len, dtype, layers)
-        # KV capacity of the decode layout: what the fullest layer region can still hold
+        # KV capacity of the decode layout: what the tightest layer region can still hold
         usable = wafer.usable_sram_bytes_per_pe
-        per_slot = kv_bytes_per_slot(config, decode_grid, dtype) * dec.layers_per_region
-        free = usable - dec.bytes_per_pe["activations"] - dec.bytes_per_pe["weights"] - dec.bytes_per_pe["vocab_tables"]
-        slots_per_pe = max(0, free // per_slot)
-        shift_cap = slots_per_pe * decode_grid  # every row fills evenly
+        caps = []
+        for st, rb in zip(dec.stages, dec.region_bytes):
+            if not len(st.layers):
+                continue
+            per_slot = kv_bytes_per_slot(config, st.region.rows, dtype) * len(st.layers)
+            free = usable - rb["activations"] - rb["weights"] - rb["vocab_tables"]
+            caps.append((max(0, free // per_slot), st.region.rows))
+        slots_per_pe = min(c for c, _ in caps)
+        shift_cap = min(c * side for c, side in caps)  # every row fills evenly
         concat_cap = slots_per_pe  # growth lands on one row of PEs
         if shift_cap < max_seq_len:
             raise PlacementError(
