@@ -19,11 +19,12 @@ from __future__ import annotations
 import numpy as np
 
 from waferllm.errors import MeshError
+from waferllm.kernels.gemm_t import rotating_root_schedule
+from waferllm.kernels.meshgemm import ring_routes, skew_a, skew_b
 from waferllm.kernels.report import KernelResult, measured
 from waferllm.mesh import comm
 from waferllm.mesh.compute import _charge
 from waferllm.mesh.cost import compute_cycles
-from waferllm.mesh.interleave import ring_order, ring_rank
 from waferllm.mesh.tensor import NP_DTYPES, DistTensor
 
 
@@ -51,51 +52,23 @@ def grouped_scores(q: DistTensor, k: DistTensor, head_of_pos: np.ndarray, num_kv
         raise MeshError(f"{name}: Q tile has {tqf} features, expected {group} x {tf}")
     hkv, r = num_kv_heads, group
     onehot = _onehot(head_of_pos, hkv) if mesh.numeric else None  # (C, tf, Hkv)
-    order = np.asarray(ring_order(n, ring))
-    rho = ring_rank(n, ring)
-    shape = (hkv, r, q.shape[0], k.shape[0])
-    layout = (None, None, "y", "x")
-    rows = np.arange(n)
-    with measured(mesh, "grouped_scores", routes_per_pe=6) as rep:
-        out = np.zeros((n, n, hkv, r, tq, tk), np.float32) if mesh.numeric else None
-        qt = None if q.tiles is None else q.tiles.astype(np.float32).reshape(n, n, tq, r, tf)
-        k = k.compute_view()
-        for s in range(n):
-            root = order[(rho + s) % n]
-            with mesh.ledger.overlap():
-                _charge_macs(mesh, "grouped_scores.tile_matmul", r * tq * tf * tk, q.dtype,
-                             q.bytes_per_pe + k.bytes_per_pe, 4 * hkv * r * tq * tk)
-                part = None
-                if qt is not None:
-                    kt = k.tiles
-                    # (n,n,tq,r,tf) x (n,tf,Hkv) x (n,n,tk,tf) -> (n,n,Hkv,r,tq,tk)
-                    qh = qt[..., None] * onehot[None, :, None, None, :, :]  # (n,n,tq,r,tf,Hkv)
-                    part = np.einsum("ijtrfg,ijkf->ijgrtk", qh, kt, optimize=True)
-                partial = DistTensor(mesh, (hkv, r, n * tq, tk), (None, None, "y", None), "fp32", part,
-                                     name="scores_partial", partial=("x", "sum"))
-                with mesh.ledger.concurrent():  # partials reduce along rows, K moves along columns
-                    red = comm.reduce(partial, "x", "sum", algo=reduce_algo, root=root, allreduce=False,
-                                      name="grouped_scores.reduce", pipelined=True)
-                    k = comm.ring_shift(k, "y", -1, ring=ring, name="grouped_scores.shift_K")
-            mesh.ledger.charge("grouped_scores.step", "overhead", mesh.wafer.step_overhead_cycles)
-            if out is not None:
-                out[rows, root] = red.tiles[rows, root]
-            del red, partial
-        # the reductions were pipelined step after step: the last one's latency remains
-        mesh.ledger.charge("grouped_scores.reduce_tail", "comm",
-                           comm.pipeline_tail(mesh, n, 4 * hkv * r * tq * tk, reduce_algo))
-        res = DistTensor(mesh, shape, layout, "fp32", out, name=name)
+    qt = None if q.tiles is None else q.tiles.astype(np.float32).reshape(n, n, tq, r, tf)
+
+    def local(kk):
+        _charge_macs(mesh, "grouped_scores.tile_matmul", r * tq * tf * tk, q.dtype,
+                     q.bytes_per_pe + kk.bytes_per_pe, 4 * hkv * r * tq * tk)
+        if qt is None:
+            return None
+        # (n,n,tq,r,tf) x (n,tf,Hkv) x (n,n,tk,tf) -> (n,n,Hkv,r,tq,tk): each feature to its head
+        qh = qt[..., None] * onehot[None, :, None, None, :, :]
+        return np.einsum("ijtrfg,ijkf->ijgrtk", qh, kk.tiles, optimize=True)
+
+    with measured(mesh, "grouped_scores") as rep:
+        out, k = rotating_root_schedule(k.compute_view(), local, (hkv, r), tq, algo="grouped_scores", ring=ring,
+                                        reduce_algo=reduce_algo)
+        res = DistTensor(mesh, (hkv, r, q.shape[0], k.shape[0]), (None, None, "y", "x"), "fp32", out, name=name)
     rep.extra.update(grid=n, heads=hkv * r)
     return KernelResult(res, rep, {"k": k})
-
-
-def skew(t: DistTensor, operand: str, ring: str = "interleave", name: str | None = None) -> DistTensor:
-    """Cannon's initial alignment on the mesh: A rows by rho(i) along x, B columns by rho(j) along y."""
-    n = t.mesh.rows
-    rho = ring_rank(n, ring)
-    if operand == "A":
-        return comm.ring_shift(t, "x", -rho, ring=ring, name=name or "skew_A")
-    return comm.ring_shift(t, "y", -rho, ring=ring, name=name or "skew_B")
 
 
 def grouped_pv(p: DistTensor, v: DistTensor, head_of_pos: np.ndarray, *, ring: str = "interleave",
@@ -108,9 +81,10 @@ def grouped_pv(p: DistTensor, v: DistTensor, head_of_pos: np.ndarray, *, ring: s
     if tk != tk2:
         raise MeshError(f"{name}: P key tile {tk} != V key tile {tk2}")
     hp = np.asarray(head_of_pos)
-    with measured(mesh, "grouped_pv", routes_per_pe=6) as rep:
-        p = skew(p.compute_view(), "A", ring)
-        v = skew(v.compute_view(), "B", ring)
+    with measured(mesh, "grouped_pv") as rep:
+        mesh.routes.request("grouped_pv.rings", 2 * ring_routes(n), relayable=False)
+        p = skew_a(p.compute_view(), ring)
+        v = skew_b(v.compute_view(), ring)
         acc = np.zeros((n, n, tq, r, tf), np.float32) if mesh.numeric else None
         if acc is not None:
             cols = np.arange(n)[:, None]

@@ -33,7 +33,7 @@ def summa(a: DistTensor, b: DistTensor, *, out_dtype: str | None = None, name: s
     out_dtype = out_dtype or a.dtype
     m_t, k_t = a.tile_shape
     n_t = b.tile_shape[1]
-    with measured(mesh, "summa", routes_per_pe=n) as rep:
+    with measured(mesh, "summa") as rep:
         acc = mesh.zeros((a.shape[0], b.shape[1]), ("y", "x"), "fp32", name=f"{name}_acc")
         acc_tiles = acc.tiles
         for k in range(n):
@@ -66,7 +66,7 @@ def allgather_gemm(a: DistTensor, b: DistTensor, *, out_dtype: str | None = None
     m_t, k_t = a.tile_shape
     n_t = b.tile_shape[1]
     w = mesh.wafer
-    with measured(mesh, "allgather", routes_per_pe=n) as rep:
+    with measured(mesh, "allgather") as rep:
         hardware = mesh.routes.request("allgather", n)
         # whole row block of A [m_t, K] and column block of B [K, n_t] on every PE
         a_row = DistTensor(mesh, (a.shape[0], n * k_t), ("y", None), a.dtype,

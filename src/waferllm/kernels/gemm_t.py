@@ -18,11 +18,53 @@ import math
 import numpy as np
 
 from waferllm.errors import MeshError
+from waferllm.kernels.meshgemm import ring_routes
 from waferllm.kernels.report import KernelResult, measured
 from waferllm.mesh import comm
 from waferllm.mesh.compute import matmul_tiles
 from waferllm.mesh.interleave import ring_order, ring_rank
 from waferllm.mesh.tensor import NP_DTYPES, DistTensor
+
+
+def rotating_root_schedule(k: DistTensor, local, part_lead: tuple, tq: int, *, algo: str, ring: str = "interleave",
+                           reduce_algo: str = "ktree"):
+    """dist-GEMM-T's N steps: K moves one position along the column ring per step while
+    every PE's partial tile (``local(k)``, which also charges the product) is reduce-added
+    along its row to the root column holding that key block.
+
+    Returns the assembled tiles ``(n, n, *part_lead, tq, tk)`` (None in a dry run) and K,
+    home again. ``part_lead``: leading dims of a partial tile (batch or heads).
+    """
+    mesh = k.mesh
+    n = mesh.rows
+    tk = k.tile_shape[-2]
+    order = np.asarray(ring_order(n, ring))
+    rho = ring_rank(n, ring)
+    rows = np.arange(n)
+    lead_layout = (None,) * len(part_lead)
+    out = np.zeros((n, n, *part_lead, tq, tk), np.float32) if mesh.numeric else None
+    nbytes = 4 * math.prod(part_lead) * tq * tk
+    # held for the whole kernel: K's column ring and the row reduction tree
+    _, tree_routes = comm.reduce_schedule(n, reduce_algo, 2, None, None, False)
+    mesh.routes.request(f"{algo}.routes", ring_routes(n) + tree_routes, relayable=False)
+    for s in range(n):
+        root = order[(rho + s) % n]  # key block held by each row now = root column
+        with mesh.ledger.overlap():
+            part = local(k)
+            # partial scores over this PE's feature block: summed along the row (x)
+            partial = DistTensor(mesh, (*part_lead, n * tq, tk), (*lead_layout, "y", None), "fp32", part,
+                                 name=f"{algo}_partial", partial=("x", "sum"))
+            with mesh.ledger.concurrent():  # partials reduce along rows, K moves along columns
+                red = comm.reduce(partial, "x", "sum", algo=reduce_algo, root=root, allreduce=False,
+                                  name=f"{algo}.reduce", pipelined=True)
+                k = comm.ring_shift(k, "y", -1, ring=ring, name=f"{algo}.shift_K")
+        mesh.ledger.charge(f"{algo}.step", "overhead", mesh.wafer.step_overhead_cycles)
+        if out is not None:
+            out[rows, root] = red.tiles[rows, root]
+        del red, partial
+    # the reductions were pipelined step after step: the last one's latency remains
+    mesh.ledger.charge(f"{algo}.reduce_tail", "comm", comm.pipeline_tail(mesh, n, nbytes, reduce_algo))
+    return out, k
 
 
 def dist_gemm_t(q: DistTensor, k: DistTensor, *, ring: str = "interleave", reduce_algo: str = "ktree",
@@ -40,31 +82,16 @@ def dist_gemm_t(q: DistTensor, k: DistTensor, *, ring: str = "interleave", reduc
     batch = math.prod(lead)
     tq, td = q.tile_shape[-2:]
     tk = k.tile_shape[-2]
-    order = np.asarray(ring_order(n, ring))
-    rho = ring_rank(n, ring)
     shape = (*lead, q.shape[-2], k.shape[-2])
     layout = (*(None,) * len(lead), "y", "x")
-    with measured(mesh, "dist_gemm_t", routes_per_pe=3 + 3) as rep:
-        s_tiles = np.zeros((n, n, *lead, tq, tk), np.float32) if mesh.numeric else None
-        rows = np.arange(n)
-        for s in range(n):
-            b_of_row = order[(rho + s) % n]  # key block held by each row now = root column
-            with mesh.ledger.overlap():
-                part = matmul_tiles(mesh, q.tiles, k.tiles, transpose_b=True, dtype=q.dtype,
-                                    name="dist_gemm_t.tile_matmul", shapes=(tq, td, tk, batch))
-                # partial scores over this PE's feature block: summed along the row (x)
-                partial = DistTensor(mesh, (*lead, n * tq, tk), (*(None,) * len(lead), "y", None), "fp32", part,
-                                     name="S_partial", partial=("x", "sum"))
-                with mesh.ledger.concurrent():  # partials reduce along rows, K moves along columns
-                    red = comm.reduce(partial, "x", "sum", algo=reduce_algo, root=b_of_row, allreduce=False,
-                                      name="dist_gemm_t.reduce", pipelined=True)
-                    k = comm.ring_shift(k, "y", -1, ring=ring, name="dist_gemm_t.shift_K")
-            mesh.ledger.charge("dist_gemm_t.step", "overhead", mesh.wafer.step_overhead_cycles)
-            if s_tiles is not None:
-                s_tiles[rows, b_of_row] = red.tiles[rows, b_of_row]
-            del red, partial
-        # the reductions were pipelined step after step: the last one's latency remains
-        mesh.ledger.charge("dist_gemm_t.reduce_tail", "comm", comm.pipeline_tail(mesh, n, 4 * batch * tq * tk, reduce_algo))
+
+    def local(kk):
+        return matmul_tiles(mesh, q.tiles, kk.tiles, transpose_b=True, dtype=q.dtype,
+                            name="dist_gemm_t.tile_matmul", shapes=(tq, td, tk, batch))
+
+    with measured(mesh, "dist_gemm_t") as rep:
+        s_tiles, k = rotating_root_schedule(k, local, lead, tq, algo="dist_gemm_t", ring=ring,
+                                            reduce_algo=reduce_algo)
         out = DistTensor(mesh, shape, layout, out_dtype,
                          None if s_tiles is None else s_tiles.astype(NP_DTYPES[out_dtype]), name=name)
     rep.extra.update(m=q.shape[-2], k=q.shape[-1], n=k.shape[-2], grid=n, batch=batch)

@@ -32,6 +32,18 @@ def _square(mesh, algo):
     return mesh.rows
 
 
+def ring_routes(n: int) -> int:
+    """Routes one ring needs through a PE: send and receive, plus a pass-through on rings
+    of 3 or more (the 2-hop INTERLEAVE links and the plain ring's wrap cross a PE)."""
+    return 0 if n <= 1 else 2 if n == 2 else 3
+
+
+def skew_rounds(n: int, ring: str = "interleave") -> int:
+    """Rounds the on-mesh skew of A takes: the slowest line turns min(k, n-k) positions."""
+    k = np.asarray(ring_rank(n, ring)) % n
+    return int(np.minimum(k, n - k).max()) if n > 1 else 0
+
+
 def skew_blocks(n: int, ring: str, operand: str) -> dict:
     """Block map of a pre-skewed operand: which logical block each PE holds."""
     order = np.asarray(ring_order(n, ring))
@@ -54,6 +66,14 @@ def skew_a(a: DistTensor, ring: str = "interleave", name="skew_A") -> DistTensor
     return comm.ring_shift(a, "x", -rho, ring=ring, name=name)
 
 
+def skew_b(b: DistTensor, ring: str = "interleave", name="skew_B") -> DistTensor:
+    """Rotate column j of B by rho(j) ring positions: what ``place_b`` does at placement,
+    done on the mesh for a B that is an activation (e.g. V in P V)."""
+    n = _square(b.mesh, "MeshGEMM")
+    rho = ring_rank(n, ring)
+    return comm.ring_shift(b, "y", -rho, ring=ring, name=name)
+
+
 def meshgemm(a: DistTensor, b: DistTensor, *, ring: str = "interleave", a_skewed: bool = False,
              out_dtype: str | None = None, algo: str | None = None, name: str = "C") -> KernelResult:
     """C = A @ B with A [M, K] (y, x) and B [K, N] (y, x) pre-skewed by :func:`place_b`.
@@ -74,8 +94,10 @@ def meshgemm(a: DistTensor, b: DistTensor, *, ring: str = "interleave", a_skewed
     if b.tile_shape[0] != k_t:
         raise MeshError(f"{algo}: tile K sizes differ ({k_t} vs {b.tile_shape[0]})")
     # three routes per ring (send, receive, pass-through), one ring per operand
-    with measured(mesh, algo, routes_per_pe=6) as rep, mesh.sram.lent(b._handle):
-        # B rotates through its own placed space plus one receive buffer
+    with measured(mesh, algo) as rep, mesh.sram.lent(b._handle):
+        # two rings held for the whole kernel; B rotates through its own placed space
+        # plus one receive buffer
+        mesh.routes.request(f"{algo}.rings[{ring}]", 2 * ring_routes(n), relayable=False)
         a, b = a.compute_view(), b.compute_view()
         if not a_skewed:
             a = skew_a(a, ring)
@@ -96,7 +118,7 @@ def meshgemm(a: DistTensor, b: DistTensor, *, ring: str = "interleave", a_skewed
         out = DistTensor(mesh, (a.shape[0], b.shape[1]), ("y", "x"), out_dtype,
                          None if acc_tiles is None else acc_tiles.astype(NP_DTYPES[out_dtype]), name=name)
         del acc
-    rep.extra.update(m=a.shape[0], k=a.shape[1], n=b.shape[1], grid=n, skew_rounds=n // 2)
+    rep.extra.update(m=a.shape[0], k=a.shape[1], n=b.shape[1], grid=n, skew_rounds=skew_rounds(n, ring))
     # after N steps B is home again: the caller's placed B stays the operand of record
     return KernelResult(out, rep, {"a_skewed": skewed})
 
@@ -222,11 +244,9 @@ def meshgemm_rect(mesh, a, b, *, dtype: str = "fp16", ring: str = "interleave", 
                            hop_bytes=nbytes * msgs * max(hops, 1), messages=msgs,
                            sram_read_bytes=nbytes * msgs, sram_write_bytes=nbytes * msgs)
 
-    with measured(mesh, algo, routes_per_pe=routes_pe) as rep:
-        if routes(fc, L):
-            mesh.routes.request(f"{algo}.ring_x[{ring}]", routes(fc, L), relayable=False)
-        if routes(fr, L):
-            mesh.routes.request(f"{algo}.ring_y[{ring}]", routes(fr, L), relayable=False)
+    with measured(mesh, algo) as rep:
+        if routes_pe:  # both rings, held for the whole kernel
+            mesh.routes.request(f"{algo}.rings[{ring}]", routes_pe, relayable=False)
         # ---- skew A: logical row li turns by rho(li) positions, min(k, L-k) rounds
         need = np.minimum(rho, L - rho)  # rounds of each logical row
         skew_rounds = int(need.max()) if L > 1 else 0

@@ -50,7 +50,6 @@ def gemv(x: DistTensor, w: DistTensor, *, algo: str = "meshgemv", k: int = 2, gr
         if out_dtype != "fp32":
             y = y.with_tiles(None if y.tiles is None else y.tiles.astype("float16" if out_dtype == "fp16" else "float32"),
                              dtype=out_dtype, name=name)
-    rep.routes_per_pe = mesh.routes.peak
     n = mesh.axis_size(red_axis)
     rep.extra.update(k=w.shape[0], n=w.shape[1], grid=n, reduce_axis=red_axis, output_axis=out_axis)
     return KernelResult(y, rep)

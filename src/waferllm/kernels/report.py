@@ -42,15 +42,19 @@ class KernelResult:
 
 
 @contextmanager
-def measured(mesh, algo: str, routes_per_pe: int = 0):
-    """Collect a KernelReport from the ledger and accounting over a block of primitives."""
-    rep = KernelReport(algo=algo, routes_per_pe=routes_per_pe)
+def measured(mesh, algo: str):
+    """Collect a KernelReport from the ledger and accounting over a block of primitives.
+
+    Routes per PE are the most any request in the block needed: kernels request the
+    route set they hold for their whole run (e.g. MeshGEMM's two rings) up front."""
+    rep = KernelReport(algo=algo)
     mark = mesh.ledger.mark()
     relayed_before = sum(mesh.routes.relayed.values())
     sram_before = mesh.sram.peak_bytes
     mesh.sram.peak_bytes = mesh.sram.used_max()
-    with mesh.ledger.span(algo):
+    with mesh.ledger.span(algo), mesh.routes.window() as routes:
         yield rep
+    rep.routes_per_pe = routes["peak"]
     d = mesh.ledger.since(mark)
     rep.cycles = d["cycles"]
     rep.compute_cycles = d["compute_cycles"]

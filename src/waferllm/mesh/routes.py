@@ -8,6 +8,8 @@ it runs on hardware routes; over budget, the region's policy decides: ``raise`` 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from waferllm.errors import RouteOverflowError
 
 POLICIES = ("relay", "raise")
@@ -23,12 +25,14 @@ class Routes:
         self.peak = 0
         self.peak_user = ""
         self.relayed: dict[str, int] = {}
+        self._windows: list[int] = []  # most routes requested at once, per open window
 
     def request(self, name: str, per_pe: int, relayable: bool = True) -> bool:
         """True if the routes fit (hardware routing); False if the caller must relay in software."""
         if per_pe <= self.budget:
             if per_pe > self.peak:
                 self.peak, self.peak_user = per_pe, name
+            self._note(per_pe)
             return True
         if self.policy == "raise" or not relayable:
             raise RouteOverflowError(
@@ -39,4 +43,20 @@ class Routes:
             )
         self.peak = max(self.peak, self.budget)
         self.relayed[name] = self.relayed.get(name, 0) + 1
+        self._note(per_pe)
         return False
+
+    def _note(self, per_pe: int) -> None:
+        if self._windows:
+            self._windows[-1] = max(self._windows[-1], per_pe)
+
+    @contextmanager
+    def window(self):
+        """Collect the most routes any request needed inside the block: ``w["peak"]``."""
+        self._windows.append(0)
+        result = {"peak": 0}
+        try:
+            yield result
+        finally:
+            result["peak"] = self._windows.pop()
+            self._note(result["peak"])
