@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from waferllm.errors import PlacementError
-from waferllm.mesh.cost import message_cycles
+from waferllm.mesh.cost import message_cycles, vector_cycles
 from waferllm.mesh.tensor import NP_DTYPES
 
 SCHEMES = ("shift", "concat")
@@ -158,7 +158,8 @@ class KVCache:
                                bytes_moved=entry * movers.size * self.q, hop_bytes=entry * movers.size * self.q,
                                messages=movers.size * self.q, sram_read_bytes=entry * movers.size * self.q,
                                sram_write_bytes=entry * movers.size * self.q)
-        mesh.ledger.charge(f"{name}.write", "compute", mesh.wafer.op_overhead_cycles + -(-entry // 4),
+        # the new entry (K and V feature blocks) stored into the bottom row's slot
+        mesh.ledger.charge(f"{name}.write", "compute", vector_cycles(mesh.wafer, 2 * self.hl.tf, self.dtype),
                            sram_write_bytes=entry * self.q)
         if self.k is None:
             return
@@ -187,9 +188,13 @@ class KVCache:
     # ---- reading back ----------------------------------------------------------------
     def logical(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
         """(K, V) each [n, kv_padded] in token order, wafer feature order (numeric mode)."""
-        ks, vs = [], []
-        for i in range(self.q):
-            slots = (self.head[i] + np.arange(self.count[i])) % self.cap
-            ks.append(self.k[layer][i][:, :, slots].transpose(2, 0, 1).reshape(len(slots), self.hl.kv_padded))
-            vs.append(self.v[layer][i][:, slots, :].transpose(1, 0, 2).reshape(len(slots), self.hl.kv_padded))
-        return np.concatenate(ks).astype(np.float32), np.concatenate(vs).astype(np.float32)
+        j = np.arange(self.cap)[None, :]
+        slots = (self.head[:, None] + j) % self.cap  # (Q rows, cap): the j-th oldest token's slot
+        held = j < self.count[:, None]  # row-major order of `held` is token order
+        k = self.k[layer].transpose(0, 3, 1, 2)  # (rows, cap, cols, tf)
+        v = self.v[layer].transpose(0, 2, 1, 3)
+        k = np.take_along_axis(k, slots[:, :, None, None], axis=1)[held]
+        v = np.take_along_axis(v, slots[:, :, None, None], axis=1)[held]
+        n = int(held.sum())
+        return (k.reshape(n, self.hl.kv_padded).astype(np.float32),
+                v.reshape(n, self.hl.kv_padded).astype(np.float32))

@@ -17,7 +17,7 @@ import numpy as np
 
 from waferllm.errors import MeshError, SRAMOverflowError
 from waferllm.mesh.cost import message_cycles
-from waferllm.mesh.interleave import ring_max_hops, ring_source
+from waferllm.mesh.interleave import ring_max_hops, ring_max_link_load, ring_source
 from waferllm.mesh.tensor import AXES, DistTensor
 
 # ------------------------------------------------------------------------ helpers
@@ -99,8 +99,8 @@ def ring_shift(t: DistTensor, axis: str, steps=1, ring: str = "interleave", name
         return t
     mesh.routes.request(f"{name}[{ring}]", 3, relayable=False)
     hops = ring_max_hops(n, ring)
-    # each ring step: every directed link carries one flow (see interleave.ring_link_loads)
-    _charge_comm(mesh, name, t.bytes_per_pe, hops=hops, rounds=rounds)
+    # flows of one step that share a directed link serialise on it
+    _charge_comm(mesh, name, t.bytes_per_pe, hops=hops, rounds=rounds, links_shared=ring_max_link_load(n, ring))
     if not mesh.numeric:
         return t.with_tiles(None)
     src = ring_source(n, ring, steps_arr)  # (n,) or (lines, n)

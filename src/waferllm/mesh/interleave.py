@@ -77,11 +77,33 @@ def ring_max_hops(n: int, kind: str = "interleave") -> int:
     return int(np.abs(nxt - np.arange(n)).max())
 
 
+@lru_cache(maxsize=256)
+def _link_loads(n: int, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """(right, left): flows of one ring step on each link a -> a+1 and a+1 -> a."""
+    p = np.arange(n)
+    q = ring_next(n, kind)
+    right = np.zeros(n + 1, np.int64)
+    left = np.zeros(n + 1, np.int64)
+    r, l_ = q > p, q < p
+    np.add.at(right, p[r], 1)  # a flow p -> q (q > p) uses links p..q-1 rightward
+    np.add.at(right, q[r], -1)
+    np.add.at(left, q[l_], 1)  # a flow p -> q (q < p) uses links q..p-1 leftward
+    np.add.at(left, p[l_], -1)
+    out = np.cumsum(right)[: n - 1], np.cumsum(left)[: n - 1]
+    for a in out:
+        a.setflags(write=False)
+    return out
+
+
 def ring_link_loads(n: int, kind: str = "interleave") -> dict[tuple[int, int], int]:
-    """How many flows of one ring step cross each directed link (p -> p±1)."""
-    loads: dict[tuple[int, int], int] = {}
-    for p, q in zip(range(n), ring_next(n, kind)):
-        step = 1 if q > p else -1
-        for a in range(p, int(q), step):
-            loads[(a, a + step)] = loads.get((a, a + step), 0) + 1
+    """How many flows of one ring step cross each directed link (p -> p±1), links in use only."""
+    right, left = _link_loads(n, kind)
+    loads = {(int(a), int(a) + 1): int(right[a]) for a in np.flatnonzero(right)}
+    loads.update({(int(a) + 1, int(a)): int(left[a]) for a in np.flatnonzero(left)})
     return loads
+
+
+def ring_max_link_load(n: int, kind: str = "interleave") -> int:
+    """Most flows one directed link carries in a ring step (1 for both rings: no sharing)."""
+    right, left = _link_loads(n, kind)
+    return int(max(right.max(initial=0), left.max(initial=0)))
