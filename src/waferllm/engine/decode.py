@@ -20,14 +20,13 @@ import math
 import numpy as np
 
 from waferllm.engine.kvcache import KVCache
-from waferllm.engine.layouts import HeadLayout
+from waferllm.engine.layouts import HeadLayout, rope_on_mesh
 from waferllm.kernels.attention import _onehot
 from waferllm.kernels.meshgemv import gemv
 from waferllm.mesh import comm, compute
 from waferllm.mesh.compute import _charge
 from waferllm.mesh.cost import compute_cycles, vector_cycles
 from waferllm.mesh.tensor import DistTensor
-from waferllm.models.rope import rope_cos_sin
 
 
 def _blocks(mats: list[np.ndarray], widths: list[int], parts: int) -> np.ndarray:
@@ -54,7 +53,7 @@ class DecodeStage:
         self.fpad = self.tff * q
         self.heads_per_column = hl.max_heads_per_column()
         # columns a head's features span: the segment its score reduction runs over
-        self.head_span = max(1, math.ceil(c.head_dim / hl.tf) + (1 if c.head_dim % hl.tf else 0))
+        self.head_span = hl.max_columns_per_head()
         E = c.hidden_size
         self.w = []
         for li, lw in zip(layer_ids, layers):
@@ -69,6 +68,7 @@ class DecodeStage:
         self.cache = KVCache(mesh, hl, len(layer_ids), capacity_tokens, kv_scheme, dtype,
                              name=f"kv[{layer_ids.start}:{layer_ids.stop}]")
         self._onehot = _onehot(hl.head_of_pos, c.num_kv_heads) if mesh.numeric else None
+        self._rope = None
 
     # ---- placement -------------------------------------------------------------------
     def _place_layer(self, li: int, lw) -> dict:
@@ -119,29 +119,20 @@ class DecodeStage:
             return compute.elementwise(lambda x, s, w: x / np.sqrt(s / E + eps) * w, h, ss, weight,
                                        ops_per_elem=3, name=f"{name}.scale", dtype="fp32")
 
-    def rope(self, t: DistTensor, pos: int, rows: int, name: str) -> DistTensor:
-        """Rotate the (pair-ordered) features of q or k on every PE for position ``pos``."""
-        hl = self.hl
-        mesh = self.mesh
-        tiles = None
-        if mesh.numeric:
-            cos, sin = rope_cos_sin(self.config, [pos])
-            d_of = np.where(hl.kv_cols >= 0, hl.kv_cols % self.config.head_dim, 0)
-            ck = cos[0][d_of].reshape(mesh.cols, hl.tf)
-            sk = (sin[0][d_of] * hl.rope_sign).reshape(mesh.cols, hl.tf)
-            x = t.tiles.astype(np.float32).reshape(mesh.rows, mesh.cols, rows, hl.tf)
-            partner = x.reshape(*x.shape[:-1], hl.tf // 2, 2)[..., ::-1].reshape(x.shape)
-            y = x * ck[None, :, None, :] + partner * sk[None, :, None, :]
-            tiles = y.reshape(t.tiles.shape)
-        # angle, cos, sin and two multiply-adds per element
-        _charge(mesh, name, vector_cycles(mesh.wafer, t.tile_elems, t.dtype, 6), 6 * t.tile_elems,
-                t.bytes_per_pe, t.bytes_per_pe)
-        return t.with_tiles(tiles, name=name)
+    def rope_tables(self, pos: int):
+        """Per-column cos/sin for this token's position, computed once per token."""
+        if not self.mesh.numeric:
+            return None, None
+        if self._rope is None or self._rope[0] != pos:
+            cos, sin = self.hl.rope_tables(self.config, [pos])
+            self._rope = (pos, cos[0].reshape(1, self.mesh.cols, self.hl.tf),
+                          sin[0].reshape(1, self.mesh.cols, self.hl.tf))
+        return self._rope[1:]
 
     # ---- one layer -------------------------------------------------------------------
     def layer(self, idx: int, h: DistTensor, pos: int, movers: np.ndarray) -> DistTensor:
-        c, hl, mesh, w = self.config, self.hl, self.mesh, self.w[idx]
-        q_n, r, tf = mesh.rows, hl.group, hl.tf
+        hl, mesh, w = self.hl, self.mesh, self.w[idx]
+        r, tf = hl.group, hl.tf
         x = self.rmsnorm(h, w["attn_norm"], "attn_norm")
         qkv = self._gemv(x, w["qkv"], "qkv_gemv")
         if "qkv_bias" in w:
@@ -155,8 +146,9 @@ class DecodeStage:
         kv = DistTensor(mesh, (hl.kv_padded,), ("x",), "fp32", kt, name="k")
         vv = DistTensor(mesh, (hl.kv_padded,), ("x",), self.dtype, vt, name="v")
         del qkv
-        qv = self.rope(qv, pos, r, "rope_q")
-        kv = self.rope(kv, pos, 1, "rope_k")
+        cos, sin = self.rope_tables(pos)
+        qv = rope_on_mesh(qv, cos, sin, "rope_q")
+        kv = rope_on_mesh(kv, cos, sin, "rope_k")
         self.cache.write(idx, kv, vv, movers)
         o = self.attention(idx, qv, movers)
         attn = self._gemv(o, w["o"], "o_gemv")
@@ -199,7 +191,9 @@ class DecodeStage:
                     4 * r * tf + tf * occ * 2, 4 * hpc * r * occ)
             scores = DistTensor(mesh, (hkv, r, n * cap), (None, None, "y"), "fp32", s_tiles, name="scores",
                                 partial=("x", "sum"))
-            scores = self._segment_allreduce(scores, hpc * r * occ * 4, "qk_allreduce")
+            # each head's partials sum over the columns holding its features, all heads at once
+            scores = comm.allreduce_segments(scores, "x", self.head_span, hpc * r * occ * 4, self.gemv_k,
+                                             name="qk_allreduce")
             # softmax over tokens (split along y); empty slots are masked
             scale = 1.0 / math.sqrt(c.head_dim)
             vm = valid[:, None, None, None, :] if mesh.numeric else None
@@ -225,27 +219,6 @@ class DecodeStage:
                     4 * hpc * r * occ + 2 * occ * tf, 4 * r * tf)
             o = DistTensor(mesh, (hl.q_padded,), ("x",), "fp32", o_tiles, name="attn_out", partial=("y", "sum"))
             return comm.allreduce(o, "y", "sum", k=self.gemv_k, name="pv_allreduce")
-
-    def _segment_allreduce(self, t: DistTensor, bytes_per_pe: int, name: str) -> DistTensor:
-        """Allreduce along x within each head's columns (segments run at the same time).
-
-        A PE holds non-zero partials only for its own heads, so summing the whole row
-        gives each head's total; the cost is that of a K-tree over the head's span of
-        columns, carrying only the heads the PE holds.
-        """
-        mesh = self.mesh
-        phases, routes = comm.reduce_schedule(self.head_span, "ktree", self.gemv_k, None, None, True)
-        cycles, stages, hops = comm._schedule_cycles(mesh, phases, bytes_per_pe)
-        if routes:
-            mesh.routes.request(name, routes, relayable=False)
-        lines = mesh.rows * (mesh.cols // max(self.head_span, 1))
-        mesh.ledger.charge(name, "comm", cycles, bytes_moved=bytes_per_pe * mesh.rows * mesh.cols,
-                           hop_bytes=bytes_per_pe * hops * lines, routing_stages=stages,
-                           messages=mesh.rows * mesh.cols)
-        tiles = None
-        if t.tiles is not None:
-            tiles = np.broadcast_to(t.tiles.sum(axis=1, keepdims=True), t.tiles.shape)
-        return t.with_tiles(tiles, partial=None, name=name)
 
     # ---- vocabulary slice ---------------------------------------------------------------
     def embed_lookup(self, token: int) -> DistTensor:

@@ -19,6 +19,10 @@ from functools import cached_property
 
 import numpy as np
 
+from waferllm.mesh.compute import _charge
+from waferllm.mesh.cost import vector_cycles
+from waferllm.models.rope import rope_cos_sin
+
 
 @dataclass(frozen=True)
 class HeadLayout:
@@ -89,9 +93,28 @@ class HeadLayout:
         kv = self.kv_cols
         return np.where((kv % self.head_dim) < self.head_dim // 2, -1.0, 1.0).astype(np.float32)
 
-    def max_heads_per_column(self) -> int:
+    @cached_property
+    def within_head(self) -> np.ndarray:
+        """(kv_padded,): index inside its head of each wafer kv position (0 for padding)."""
+        return np.where(self.kv_cols >= 0, self.kv_cols % self.head_dim, 0)
+
+    def rope_tables(self, config, positions) -> tuple[np.ndarray, np.ndarray]:
+        """cos and signed sin, each [T, kv_padded] in wafer order, for token ``positions``:
+        the same values as the reference's tables, rearranged."""
+        cos, sin = rope_cos_sin(config, positions)
+        return cos[:, self.within_head], sin[:, self.within_head] * self.rope_sign
+
+    def max_columns_per_head(self) -> int:
+        """Most PE columns one kv head's features are spread over."""
         hp = self.head_of_pos
-        return int(max(len(set(row[row >= 0].tolist())) for row in hp)) or 1
+        cols = (hp[:, :, None] == np.arange(self.num_kv_heads)).any(axis=1)  # (parts, Hkv)
+        return max(1, int(cols.sum(axis=0).max()))
+
+    def max_heads_per_column(self) -> int:
+        """Most kv heads whose features share one PE column."""
+        hp = self.head_of_pos
+        heads = (hp[:, :, None] == np.arange(self.num_kv_heads)).any(axis=1)  # (parts, Hkv)
+        return max(1, int(heads.sum(axis=1).max()))
 
     # ---- permuting weights and caches ---------------------------------------------
     def take_cols(self, w: np.ndarray, cols: np.ndarray) -> np.ndarray:
@@ -124,5 +147,21 @@ class HeadLayout:
         return out
 
 
-def padded(n: int, parts: int) -> int:
-    return math.ceil(n / parts) * parts
+def rope_on_mesh(t, cos, sin, name: str):
+    """Rotate the pair-ordered features of q or k on every PE.
+
+    ``cos``/``sin`` (signed) hold one kv feature block: they broadcast against the tiles'
+    leading dims plus ``tf``; a q tile holds the same block for each of its r heads.
+    Cost: angle, cos, sin and two multiply-adds per element.
+    """
+    mesh = t.mesh
+    tiles = None
+    if t.tiles is not None:
+        tf = cos.shape[-1]
+        x = t.tiles.astype(np.float32)
+        x = x.reshape(*x.shape[:-1], x.shape[-1] // tf, tf)
+        partner = x.reshape(*x.shape[:-1], tf // 2, 2)[..., ::-1].reshape(x.shape)
+        tiles = (x * cos[..., None, :] + partner * sin[..., None, :]).reshape(t.tiles.shape)
+    _charge(mesh, name, vector_cycles(mesh.wafer, t.tile_elems, t.dtype, 6), 6 * t.tile_elems,
+            t.bytes_per_pe, t.bytes_per_pe)
+    return t.with_tiles(tiles, name=name)

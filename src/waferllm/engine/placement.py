@@ -10,7 +10,6 @@ every allocation for real.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from waferllm.engine.layouts import HeadLayout
@@ -28,13 +27,14 @@ def cdiv(a: int, b: int) -> int:
 
 @dataclass
 class Stage:
-    kind: str  # "layers": a run of layers plus a vocabulary slice of the LM head / embedding
+    """A region of a phase: a run of layers plus a vocabulary slice of the LM head / embedding."""
+
     region: Region
     layers: range = range(0)
     vocab: range = range(0)
 
     def to_dict(self) -> dict:
-        d = {"kind": self.kind, "region": self.region.describe()}
+        d = {"region": self.region.describe()}
         d["layers"] = [self.layers.start, self.layers.stop]
         d["vocab"] = [self.vocab.start, self.vocab.stop]
         return d
@@ -50,10 +50,6 @@ class PhasePlan:
     regions_available: int
     heads_per_pass: int = 1
     region_bytes: list = field(default_factory=list)  # bytes per PE by kind, for each stage
-
-    @property
-    def layer_stages(self) -> list[Stage]:
-        return [s for s in self.stages if s.kind == "layers"]
 
     def to_dict(self) -> dict:
         return {
@@ -326,7 +322,7 @@ def plan_phase(config, wafer: WaferSpec, grid: int, phase: str, seq_len: int, dt
             hpp += 1
     stages, lstart, vstart = [], 0, 0
     for r, c, v in zip(regs, counts, vocab):
-        stages.append(Stage("layers", r, layers=range(lstart, lstart + c), vocab=range(vstart, vstart + v)))
+        stages.append(Stage(r, layers=range(lstart, lstart + c), vocab=range(vstart, vstart + v)))
         lstart += c
         vstart += v
     per_region = [need(r.rows, c, v, hpp) for r, c, v in zip(regs, counts, vocab)]

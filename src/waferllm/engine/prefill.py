@@ -15,14 +15,11 @@ import math
 
 import numpy as np
 
-from waferllm.engine.layouts import HeadLayout
+from waferllm.engine.layouts import HeadLayout, rope_on_mesh
 from waferllm.kernels.attention import grouped_pv, grouped_scores
 from waferllm.kernels.meshgemm import meshgemm, place_b
 from waferllm.mesh import comm, compute
-from waferllm.mesh.compute import _charge
-from waferllm.mesh.cost import vector_cycles
 from waferllm.mesh.tensor import DistTensor
-from waferllm.models.rope import rope_cos_sin
 
 
 class PrefillStage:
@@ -90,44 +87,25 @@ class PrefillStage:
             return compute.elementwise(lambda x, s, w: x / np.sqrt(s / E + eps) * w, h, ss, weight,
                                        ops_per_elem=3, name=f"{name}.scale", dtype=self.dtype)
 
-    def rope(self, t: DistTensor, tables, name: str) -> DistTensor:
-        """Rotate pair-ordered features with per-token cos/sin (true positions)."""
-        mesh = self.mesh
-        tiles = None
-        if mesh.numeric:
-            cos_t, sin_t = tables  # (n, n, tl, tf) each, for the kv features of the PE
-            x = t.tiles.astype(np.float32)
-            reps = x.shape[-1] // cos_t.shape[-1]
-            ck = np.tile(cos_t, (1, 1, 1, reps))
-            sk = np.tile(sin_t, (1, 1, 1, reps))
-            partner = x.reshape(*x.shape[:-1], x.shape[-1] // 2, 2)[..., ::-1].reshape(x.shape)
-            tiles = x * ck + partner * sk
-        _charge(mesh, name, vector_cycles(mesh.wafer, t.tile_elems, t.dtype, 6), 6 * t.tile_elems,
-                t.bytes_per_pe, t.bytes_per_pe)
-        return t.with_tiles(tiles, name=name)
-
     def rope_tables(self, positions: np.ndarray):
+        """cos/sin of every token's true position for this region's feature blocks: (n, n, tl, tf)."""
         if not self.mesh.numeric:
-            return None
+            return None, None
         hl, n = self.hl, self.mesh.rows
-        cos, sin = rope_cos_sin(self.config, positions)
-        d_of = np.where(hl.kv_cols >= 0, hl.kv_cols % self.config.head_dim, 0)
-        ck = cos[:, d_of]  # [L, kv_padded]
-        sk = sin[:, d_of] * hl.rope_sign
         L = len(positions)
         tl = -(-L // n)
-        pad = tl * n - L
 
         def tile(a):
-            a = np.pad(a, ((0, pad), (0, 0)))
+            a = np.pad(a, ((0, tl * n - L), (0, 0)))
             return a.reshape(n, tl, n, hl.tf).transpose(0, 2, 1, 3)
 
-        return tile(ck), tile(sk)
+        cos, sin = hl.rope_tables(self.config, positions)
+        return tile(cos), tile(sin)
 
     # ---- one layer -------------------------------------------------------------------
     def layer(self, idx: int, h: DistTensor, length: int, tables) -> tuple[DistTensor, DistTensor, DistTensor]:
         """Returns the new hidden states and this layer's K and V (kept for the decode cache)."""
-        w, hl, c, mesh = self.w[idx], self.hl, self.config, self.mesh
+        w = self.w[idx]
         x = self.rmsnorm(h, w["attn_norm"], "attn_norm")
         qr = self._mm(x, w["q"], "q_proj")
         kr = self._mm(qr.state["a_skewed"], w["k"], "k_proj", a_skewed=True)
@@ -138,8 +116,8 @@ class PrefillStage:
             q = compute.elementwise(lambda a, b: a + b, q, w["bq"], name="bias_q")
             k = compute.elementwise(lambda a, b: a + b, k, w["bk"], name="bias_k")
             v = compute.elementwise(lambda a, b: a + b, v, w["bv"], name="bias_v")
-        q = self.rope(q, tables, "rope_q")
-        k = self.rope(k, tables, "rope_k")
+        q = rope_on_mesh(q, *tables, "rope_q")
+        k = rope_on_mesh(k, *tables, "rope_k")
         o = self.attention(q, k, v, length)
         del q
         a = self._mm(o, w["o"], "o_proj").out

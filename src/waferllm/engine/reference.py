@@ -12,7 +12,6 @@ from typing import Sequence
 from waferllm.engine.generate import OnToken, encode_prompt, generate_one
 from waferllm.engine.outputs import RequestOutput
 from waferllm.engine.sampling import SamplingParams
-from waferllm.errors import RequestError
 
 
 class ReferenceEngine:

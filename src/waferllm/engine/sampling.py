@@ -12,8 +12,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, asdict
-from typing import Sequence
+from dataclasses import asdict, dataclass
 
 import numpy as np
 

@@ -22,7 +22,6 @@ import time
 import numpy as np
 
 from waferllm.engine.decode import DecodeStage
-from waferllm.engine.layouts import HeadLayout
 from waferllm.engine.placement import plan as make_plan
 from waferllm.engine.prefill import PrefillStage
 from waferllm.errors import RequestError
@@ -69,7 +68,6 @@ class WaferModel:
         self.placement_wall_s = time.perf_counter() - t0
         self._memo: dict = {}
         self.position = 0
-        self._phase_marks: dict = {}
         self.layer_cycles = {"prefill": 0.0, "decode": 0.0}
         self.want_prompt_logits = False
         self.step_cycles: list[float] = []
@@ -110,10 +108,6 @@ class WaferModel:
                            self.kv_scheme)
 
     # ---- backend protocol ------------------------------------------------------------------
-    @property
-    def max_seq_len_(self) -> int:
-        return self.max_seq_len
-
     def start_decode(self, prompt_len: int) -> None:
         """Decode-only runs (dry): put ``prompt_len`` tokens in the cache as the transition would."""
         for st in self.decode_stages:
@@ -216,28 +210,19 @@ class WaferModel:
         start = led.mark()
         with led.span("transition"):
             # cost: each prefill region's weights and K/V move to the decode regions of the same layers
+            item = 2 if self.dtype == "fp16" else 4
             for pst in self.prefill_stages:
-                src = Mesh(pst.mesh.region, mode="dry", ledger=led)
-                per_pe = sum(t.tile_elems for w in pst.w for t in w.values()) + 2 * len(pst.w) * (
-                    -(-length // src.rows)) * pst.hl.tf
+                n = pst.mesh.rows
+                per_pe = sum(t.tile_elems for w in pst.w for t in w.values()) + 2 * len(pst.w) * (-(-length // n)) * pst.hl.tf
                 for dst_st in self.decode_stages:
-                    overlap = set(pst.layer_ids) & set(dst_st.layer_ids)
-                    if not overlap:
-                        continue
-                    frac = len(overlap) / max(len(pst.layer_ids), 1)
-                    n = src.rows
-                    elems = max(1, int(per_pe * frac))
-                    blob = DistTensor(src, (n, n * elems), ("y", "x"), self.dtype, None, name="transition_blob")
-                    dst = Mesh(dst_st.mesh.region, mode="dry", ledger=led)
-                    # the blob only prices the move: what lands is the decode stage's own
-                    # weights and cache, already held (and checked) on its mesh; as one
-                    # block in the prefill tiling it may exceed a PE's SRAM, so do not check it here
-                    dst.sram.capacity = 1 << 62
-                    comm.replace(blob, dst, ("y", "x"), name="transition.replace")
+                    share = len(set(pst.layer_ids) & set(dst_st.layer_ids)) / max(len(pst.layer_ids), 1)
+                    if share:
+                        src_b = share * per_pe * item
+                        total = src_b * pst.mesh.region.pes
+                        comm.charge_move(led, pst.mesh.region, dst_st.mesh.region, total, src_b,
+                                         total / dst_st.mesh.region.pes, name="transition.replace")
             # numerics: the cache rows of each decode region
-            li = 0
             for dst_st in self.decode_stages:
-                n_l = len(dst_st.layer_ids)
                 if self.mode == "numeric":
                     kk, vv = [], []
                     for k, v, pst in self._kv_sources(ks, vs, dst_st):
@@ -246,7 +231,6 @@ class WaferModel:
                     dst_st.cache.load(length, kk, vv)
                 else:
                     dst_st.cache.load(length)
-                li += n_l
         self.phase_cycles["transition"] += led.since(start)["cycles"]
 
     def _kv_sources(self, ks, vs, dst_st):

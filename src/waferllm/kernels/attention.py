@@ -87,7 +87,6 @@ def grouped_pv(p: DistTensor, v: DistTensor, head_of_pos: np.ndarray, *, ring: s
         v = skew_b(v.compute_view(), ring)
         acc = np.zeros((n, n, tq, r, tf), np.float32) if mesh.numeric else None
         if acc is not None:
-            cols = np.arange(n)[:, None]
             safe = np.where(hp < 0, 0, hp)  # (C, tf)
             valid = (hp >= 0).astype(np.float32)
         for s in range(n):

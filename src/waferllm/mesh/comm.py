@@ -86,7 +86,7 @@ def ring_shift(t: DistTensor, axis: str, steps=1, ring: str = "interleave", name
     primitive costs the slowest line's rounds, each a single message of one tile over
     the ring's longest neighbour distance (2 hops on INTERLEAVE, n-1 on a plain ring).
     """
-    ax = _check_axis(axis)
+    _check_axis(axis)
     mesh = t.mesh
     n = mesh.axis_size(axis)
     lines = mesh.cols if axis == "y" else mesh.rows
@@ -392,6 +392,32 @@ def allreduce(t: DistTensor, axis: str, op: str = "sum", algo: str = "ktree", **
     return reduce(t, axis, op=op, algo=algo, allreduce=True, **kw)
 
 
+def allreduce_segments(t: DistTensor, axis: str, span: int, bytes_per_pe: int | None = None, k: int = 2,
+                       name: str = "allreduce_segments") -> DistTensor:
+    """Sum-allreduce along ``axis`` within segments of ``span`` PEs that run at the same time.
+
+    For values that live on a few neighbouring PEs of a line (an attention head's feature
+    columns): each entry of a tile is non-zero only on the PEs of its segment, so the sum
+    over the whole line is each segment's sum. The cost is a K-tree over ``span`` PEs
+    carrying ``bytes_per_pe`` (what a PE really holds; default its whole tile).
+    """
+    _check_axis(axis)
+    mesh = t.mesh
+    nbytes = t.bytes_per_pe if bytes_per_pe is None else bytes_per_pe
+    phases, routes = reduce_schedule(span, "ktree", k, None, None, True)
+    cycles, stages, hops = _schedule_cycles(mesh, phases, nbytes)
+    if routes:
+        mesh.routes.request(name, routes, relayable=False)
+    pes = mesh.rows * mesh.cols
+    lines = pes // max(span, 1)
+    mesh.ledger.charge(name, "comm", cycles, bytes_moved=nbytes * pes, hop_bytes=nbytes * hops * lines,
+                       routing_stages=stages, messages=pes)
+    tiles = None
+    if t.tiles is not None:
+        tiles = np.broadcast_to(t.tiles.sum(axis=AXES[axis], keepdims=True), t.tiles.shape)
+    return t.with_tiles(tiles, partial=None, name=name)
+
+
 # ------------------------------------------------------------------------ gather / re-place
 
 
@@ -430,21 +456,27 @@ def replace(t: DistTensor, mesh, layout, dtype: str | None = None, name: str = "
     dtype = dtype or t.dtype
     out = (DistTensor.from_global(mesh, t.to_global(), layout, dtype, name=name) if t.tiles is not None
            else DistTensor.from_global(mesh, t.shape, layout, dtype, name=name))
-    ra, rb = src.region, mesh.region
+    charge_move(mesh.ledger, src.region, mesh.region, math.prod(t.shape) * t.itemsize, t.bytes_per_pe,
+                out.bytes_per_pe, name)
+    return out
+
+
+def charge_move(ledger, ra, rb, total: float, src_bytes_per_pe: float, dst_bytes_per_pe: float,
+                name: str = "replace") -> float:
+    """Charge moving ``total`` bytes from region ``ra`` to region ``rb`` (see :func:`replace`):
+    every PE injects its source bytes and receives its destination bytes through one ramp
+    each, and the hop-bytes must cross the links of the rectangle spanning both regions."""
+    w = ledger.wafer
     # average Manhattan distance between a source PE and a destination PE
     cy = abs((ra.row0 + ra.rows / 2) - (rb.row0 + rb.rows / 2))
     cx = abs((ra.col0 + ra.cols / 2) - (rb.col0 + rb.cols / 2))
     mean_hops = cy + cx + (max(ra.rows, rb.rows) + max(ra.cols, rb.cols)) / 3
-    max_hops = int(max(ra.row0 + ra.rows, rb.row0 + rb.rows) - min(ra.row0, rb.row0)
-                   + max(ra.col0 + ra.cols, rb.col0 + rb.cols) - min(ra.col0, rb.col0) - 2)
-    total = math.prod(t.shape) * t.itemsize
-    w = mesh.wafer
-    ramp_time = max(t.bytes_per_pe, out.bytes_per_pe) / w.link_bytes_per_cycle
     ys = (min(ra.row0, rb.row0), max(ra.row0 + ra.rows, rb.row0 + rb.rows))
     xs = (min(ra.col0, rb.col0), max(ra.col0 + ra.cols, rb.col0 + rb.cols))
+    max_hops = int(ys[1] - ys[0] + xs[1] - xs[0] - 2)
+    ramp_time = max(src_bytes_per_pe, dst_bytes_per_pe) / w.link_bytes_per_cycle
     links = 2 * ((ys[1] - ys[0]) * (xs[1] - xs[0] - 1) + (xs[1] - xs[0]) * (ys[1] - ys[0] - 1))
     link_time = total * mean_hops / max(links, 1) / w.link_bytes_per_cycle
     cycles = 2 * w.ramp_cycles + w.alpha_cycles * max_hops + max(ramp_time, link_time)
-    mesh.ledger.charge(name, "comm", cycles, bytes_moved=total, hop_bytes=total * mean_hops,
-                       messages=ra.pes, sram_read_bytes=total, sram_write_bytes=total)
-    return out
+    return ledger.charge(name, "comm", cycles, bytes_moved=total, hop_bytes=total * mean_hops,
+                         messages=ra.pes, sram_read_bytes=total, sram_write_bytes=total)

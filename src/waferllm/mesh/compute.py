@@ -16,7 +16,7 @@ import numpy as np
 
 from waferllm.errors import MeshError
 from waferllm.mesh.cost import compute_cycles, vector_cycles
-from waferllm.mesh.tensor import AXES, NP_DTYPES, DistTensor
+from waferllm.mesh.tensor import NP_DTYPES, DistTensor
 
 
 def _charge(mesh, name, cycles, flops_per_pe, read_bytes, write_bytes):

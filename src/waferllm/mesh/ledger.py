@@ -53,7 +53,6 @@ class Ledger:
         self.exposed_comm_cycles = 0.0
         self.overhead_cycles = 0.0
         self.totals: dict[str, float] = defaultdict(float)
-        self.by_span: dict[tuple[str, ...], float] = defaultdict(float)
         self.by_primitive: dict[str, float] = defaultdict(float)
         self.notes: list[str] = []
         self.keep_events = keep_events
