@@ -62,6 +62,15 @@ def _prompt_logprobs(logits: np.ndarray, prompt: Sequence[int], k: int) -> list[
     return out
 
 
+def as_prompt_list(prompts) -> list:
+    """One prompt (a string or a chat message list) or a list of prompts -> a list."""
+    if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict)):
+        return [prompts]
+    if not prompts:
+        raise RequestError("no prompts given")
+    return list(prompts)
+
+
 def encode_prompt(tokenizer, prompt, chat: bool = False) -> tuple[str, list[int]]:
     """The prompt text (after the chat template when ``chat`` or a message list) and its ids.
 

@@ -12,11 +12,10 @@ SRAM and routes) from the same execution, and the host wall time of the simulati
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Sequence
 
-from waferllm.engine.generate import OnToken, encode_prompt, generate_one
+from waferllm.engine.generate import OnToken, as_prompt_list, encode_prompt, generate_one
 from waferllm.engine.outputs import RequestOutput
 from waferllm.engine.sampling import SamplingParams
 from waferllm.engine.tuner import tune_grids
@@ -53,12 +52,9 @@ class LLM:
     def __init__(self, model=None, wafer: str | WaferSpec | None = "wse2", prefill_grid="auto", decode_grid="auto",
                  dtype: str = "fp16", kv_scheme: str = "shift", max_model_len: int | None = None,
                  wafer_overrides: dict | None = None, progress=None):
-        from waferllm.models.loader import LoadedModel, load_model
+        from waferllm.models.loader import resolve_model
 
-        if model is None or isinstance(model, (str, os.PathLike)):
-            model = load_model(model)
-        if not isinstance(model, LoadedModel):
-            raise RequestError(f"model must be a path, a LoadedModel or None, got {type(model).__name__}")
+        model = resolve_model(model)
         self.model = model
         self.tokenizer = model.tokenizer
         self.config = model.config
@@ -88,10 +84,7 @@ class LLM:
     def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  chat: bool = False, on_token: OnToken | None = None) -> list[RequestOutput]:
         """Generate for a prompt or a list of prompts (one request at a time, batch size 1 as in the paper)."""
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict)):
-            prompts = [prompts]
-        if not prompts:
-            raise RequestError("no prompts given")
+        prompts = as_prompt_list(prompts)
         if isinstance(sampling_params, (list, tuple)):
             if len(sampling_params) != len(prompts):
                 raise RequestError(f"{len(sampling_params)} SamplingParams for {len(prompts)} prompts")

@@ -6,10 +6,9 @@ It produces the tokens the wafer engine must reproduce, and is what
 
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
-from waferllm.engine.generate import OnToken, encode_prompt, generate_one
+from waferllm.engine.generate import OnToken, as_prompt_list, encode_prompt, generate_one
 from waferllm.engine.outputs import RequestOutput
 from waferllm.engine.sampling import SamplingParams
 
@@ -20,13 +19,10 @@ class ReferenceEngine:
     name = "reference"
 
     def __init__(self, model=None, dtype="float32", max_seq_len: int | None = None):
-        from waferllm.models.loader import LoadedModel, load_model
+        from waferllm.models.loader import resolve_model
         from waferllm.models.reference import ReferenceModel
 
-        if model is None or isinstance(model, (str, os.PathLike)):
-            model = load_model(model)
-        if not isinstance(model, LoadedModel):
-            raise TypeError(f"model must be a LoadedModel, a path or None, got {type(model).__name__}")
+        model = resolve_model(model)
         self.model = model
         self.tokenizer = model.tokenizer
         self.config = model.config
@@ -40,10 +36,8 @@ class ReferenceEngine:
                  on_token: OnToken | None = None) -> list[RequestOutput]:
         """Generate for one prompt (a string, or a list of chat messages) or a list of string prompts."""
         params = params or SamplingParams()
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict)):
-            prompts = [prompts]
         outs = []
-        for p in prompts:
+        for p in as_prompt_list(prompts):
             text, ids = self.encode_prompt(p, chat=chat)
             outs.append(self.generate_ids(ids, params, on_token=on_token, prompt=text))
         return outs

@@ -49,6 +49,15 @@ def default_model_path() -> str:
     raise ModelError(f"no .gguf file found in the installed {DEFAULT_MODEL_PACKAGE} package ({', '.join(dirs)})")
 
 
+def resolve_model(model) -> LoadedModel:
+    """A ``LoadedModel`` from one, a GGUF/HF path, or ``None`` (the embedded default)."""
+    if model is None or isinstance(model, (str, os.PathLike)):
+        return load_model(model)
+    if not isinstance(model, LoadedModel):
+        raise ModelError(f"model must be a path, a LoadedModel or None, got {type(model).__name__}")
+    return model
+
+
 def load_model(path: str | os.PathLike | None = None, cache_layers: int | None = None) -> LoadedModel:
     """Load config, weights (lazily materialised layers) and tokenizer.
 
