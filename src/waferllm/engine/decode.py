@@ -158,7 +158,7 @@ class DecodeStage:
         tff = self.tff
         act_tiles = None
         if gu.tiles is not None:
-            g, u = gu.tiles[..., :tff].astype(np.float32), gu.tiles[..., tff:].astype(np.float32)
+            g, u = gu.tiles[..., :tff].astype(np.float32, copy=False), gu.tiles[..., tff:].astype(np.float32, copy=False)
             act_tiles = g / (1 + np.exp(-g)) * u
         _charge(mesh, "silu_mul", vector_cycles(mesh.wafer, tff, "fp32", 5), 5 * tff, gu.bytes_per_pe, 4 * tff)
         act = DistTensor(mesh, (self.fpad,), ("x",), "fp32", act_tiles, name="act")
@@ -182,8 +182,8 @@ class DecodeStage:
             # scores: each column multiplies its q features by its K^T block, per head
             s_tiles = None
             if mesh.numeric:
-                qt = q.tiles.astype(np.float32).reshape(n, n, r, tf)
-                kt = cache.k[idx][..., :cap].astype(np.float32)  # (n, n, tf, cap)
+                qt = q.tiles.astype(np.float32, copy=False).reshape(n, n, r, tf)
+                kt = cache.k[idx][..., :cap].astype(np.float32, copy=False)  # (n, n, tf, cap)
                 prod = qt[..., :, :, None] * kt[:, :, None, :, :]  # (n,n,r,tf,cap)
                 # sum each head's features: (n,n,r,cap,tf) @ (1,n,1,tf,Hkv)
                 s_tiles = np.matmul(prod.transpose(0, 1, 2, 4, 3), self._onehot[None, :, None]).transpose(0, 1, 4, 2, 3)
@@ -211,7 +211,7 @@ class DecodeStage:
             o_tiles = None
             if mesh.numeric:
                 pt = p.tiles  # (n,n,Hkv,r,cap)
-                vt = cache.v[idx][:, :, :cap].astype(np.float32)  # (n,n,cap,tf)
+                vt = cache.v[idx][:, :, :cap].astype(np.float32, copy=False)  # (n,n,cap,tf)
                 allh = np.matmul(pt, vt[:, :, None])  # (n,n,Hkv,r,tf): every head x feature
                 sel = self._onehot.transpose(0, 2, 1)[None, :, :, None, :]  # (1,n,Hkv,1,tf): the feature's head
                 o_tiles = (allh * sel).sum(axis=2).reshape(n, n, r * tf)

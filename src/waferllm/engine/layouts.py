@@ -158,7 +158,7 @@ def rope_on_mesh(t, cos, sin, name: str):
     tiles = None
     if t.tiles is not None:
         tf = cos.shape[-1]
-        x = t.tiles.astype(np.float32)
+        x = t.tiles.astype(np.float32, copy=False)
         x = x.reshape(*x.shape[:-1], x.shape[-1] // tf, tf)
         partner = x.reshape(*x.shape[:-1], tf // 2, 2)[..., ::-1].reshape(x.shape)
         tiles = (x * cos[..., None, :] + partner * sin[..., None, :]).reshape(t.tiles.shape)

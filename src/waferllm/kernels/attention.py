@@ -52,7 +52,7 @@ def grouped_scores(q: DistTensor, k: DistTensor, head_of_pos: np.ndarray, num_kv
         raise MeshError(f"{name}: Q tile has {tqf} features, expected {group} x {tf}")
     hkv, r = num_kv_heads, group
     onehot = _onehot(head_of_pos, hkv) if mesh.numeric else None  # (C, tf, Hkv)
-    qt = None if q.tiles is None else q.tiles.astype(np.float32).reshape(n, n, tq, r, tf)
+    qt = None if q.tiles is None else q.tiles.astype(np.float32, copy=False).reshape(n, n, tq, r, tf)
 
     def local(kk):
         _charge_macs(mesh, "grouped_scores.tile_matmul", r * tq * tf * tk, q.dtype,

@@ -66,7 +66,7 @@ def _local_gemv(x, w, red_axis):
         return None
     r, c = x.tiles.shape[:2]
     tk, tn = w.tile_shape
-    xt = x.tiles.astype(np.float32)
+    xt = x.tiles.astype(np.float32, copy=False)
     if red_axis == "y":  # x_i is the same on every PE of row i
         wr = w.host_layout("gemv_rows", lambda t: np.ascontiguousarray(
             t.astype(np.float32).transpose(0, 2, 1, 3).reshape(r, tk, c * tn)))

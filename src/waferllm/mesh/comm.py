@@ -373,7 +373,7 @@ def reduce(t: DistTensor, axis: str, op: str = "sum", algo: str = "ktree", k: in
     tiles = None
     if t.tiles is not None:
         red = np.sum if op == "sum" else np.max
-        acc = red(t.tiles.astype(np.float32), axis=ax, keepdims=True).astype(t.tiles.dtype)
+        acc = red(t.tiles.astype(np.float32, copy=False), axis=ax, keepdims=True).astype(t.tiles.dtype)
         if allreduce:
             tiles = np.broadcast_to(acc, t.tiles.shape)
         else:

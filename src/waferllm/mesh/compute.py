@@ -123,7 +123,7 @@ def elementwise(fn, *tensors: DistTensor, ops_per_elem: float = 1.0, name: str =
     if mesh.numeric:
         # padding (reset to zero below) may divide 0 by 0; real elements never do
         with np.errstate(over="ignore", under="ignore", invalid="ignore", divide="ignore"):
-            tiles = np.asarray(fn(*[t.tiles.astype(np.float32) for t in tensors]), dtype=np.float32)
+            tiles = np.asarray(fn(*[t.tiles.astype(np.float32, copy=False) for t in tensors]), dtype=np.float32)
         tiles = np.broadcast_to(tiles, (mesh.rows, mesh.cols, *ref.tile_shape)).astype(NP_DTYPES[dt])
         mask = ref.pad_mask()
         if mask is not None:  # keep the padding zero (fn(0) need not be 0, e.g. exp)
@@ -149,7 +149,7 @@ def tile_reduce(t: DistTensor, dim: int, op: str = "sum", name: str = "tile_redu
         del shape[dim], layout[dim]
     tiles = None
     if t.tiles is not None:
-        x = t.tiles.astype(np.float32)
+        x = t.tiles.astype(np.float32, copy=False)
         mask = t.pad_mask(dims=(dim,))
         if mask is not None:  # padding of the reduced dim must not take part
             x = np.where(mask, x, np.float32(-np.inf if op == "max" else 0.0))

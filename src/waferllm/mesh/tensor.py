@@ -187,7 +187,7 @@ class DistTensor:
         if self.partial is not None:
             axis, op = self.partial
             red = np.sum if op == "sum" else np.max
-            tiles = red(tiles.astype(np.float32), axis=AXES[axis], keepdims=True)
+            tiles = red(tiles.astype(np.float32, copy=False), axis=AXES[axis], keepdims=True)
             tiles = np.broadcast_to(tiles, self.tiles.shape)
         if self.blocks:
             tiles = _apply_blocks(tiles, self.layout, self.blocks, inverse=True)
