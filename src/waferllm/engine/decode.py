@@ -72,38 +72,29 @@ class DecodeStage:
 
     # ---- placement -------------------------------------------------------------------
     def _place_layer(self, li: int, lw) -> dict:
+        """One layer's weights in the decode placement (``lw`` None: shapes only, dry run)."""
         m, c, hl, d = self.mesh, self.config, self.hl, self.dtype
         E, q = c.hidden_size, m.rows
-        r, tf = hl.group, hl.tf
-        qkv_w = (r + 2) * tf
-        out = {}
-        if lw is not None:
-            wq = hl.take_cols(lw.wq, hl.q_cols)
-            wk = hl.take_cols(lw.wk, hl.kv_cols)
-            wv = hl.take_cols(lw.wv, hl.kv_cols)
-            out["qkv"] = m.place(_blocks([wq, wk, wv], [r * tf, tf, tf], q), ("y", "x"), d, name=f"L{li}.w_qkv")
-            if lw.bq is not None:
-                b = _blocks([hl.take_cols(lw.bq[None], hl.q_cols), hl.take_cols(lw.bk[None], hl.kv_cols),
-                             hl.take_cols(lw.bv[None], hl.kv_cols)], [r * tf, tf, tf], q)[0]
-                out["qkv_bias"] = m.place(b, ("x",), "fp32", name=f"L{li}.b_qkv")
-            out["o"] = m.place(hl.take_rows(lw.wo, hl.q_cols), ("x", "y"), d, name=f"L{li}.w_o")
-            fcols = np.where(np.arange(self.fpad) < c.intermediate_size, np.arange(self.fpad), -1)
-            g = hl.take_cols(lw.w_gate, fcols)
-            u = hl.take_cols(lw.w_up, fcols)
-            out["gate_up"] = m.place(_blocks([g, u], [self.tff, self.tff], q), ("y", "x"), d, name=f"L{li}.w_gate_up")
-            out["down"] = m.place(hl.take_rows(lw.w_down, fcols), ("x", "y"), d, name=f"L{li}.w_down")
-            out["attn_norm"] = m.place(lw.attn_norm, ("y",), "fp32", name=f"L{li}.attn_norm")
-            out["ffn_norm"] = m.place(lw.ffn_norm, ("y",), "fp32", name=f"L{li}.ffn_norm")
-        else:
-            out["qkv"] = m.place((E, q * qkv_w), ("y", "x"), d, name=f"L{li}.w_qkv")
-            if c.qkv_bias:
-                out["qkv_bias"] = m.place((q * qkv_w,), ("x",), "fp32", name=f"L{li}.b_qkv")
-            out["o"] = m.place((hl.q_padded, E), ("x", "y"), d, name=f"L{li}.w_o")
-            out["gate_up"] = m.place((E, 2 * self.fpad), ("y", "x"), d, name=f"L{li}.w_gate_up")
-            out["down"] = m.place((self.fpad, E), ("x", "y"), d, name=f"L{li}.w_down")
-            out["attn_norm"] = m.place((E,), ("y",), "fp32", name=f"L{li}.attn_norm")
-            out["ffn_norm"] = m.place((E,), ("y",), "fp32", name=f"L{li}.ffn_norm")
-        return out
+        r, tf, tff, fpad = hl.group, hl.tf, self.tff, self.fpad
+        fcols = np.where(np.arange(fpad) < c.intermediate_size, np.arange(fpad), -1)
+        # key: (logical shape, layout, dtype, host array from the layer's weights)
+        specs = {
+            "qkv": ((E, q * (r + 2) * tf), ("y", "x"), d, lambda w: _blocks(
+                [hl.take_cols(w.wq, hl.q_cols), hl.take_cols(w.wk, hl.kv_cols), hl.take_cols(w.wv, hl.kv_cols)],
+                [r * tf, tf, tf], q)),
+            "o": ((hl.q_padded, E), ("x", "y"), d, lambda w: hl.take_rows(w.wo, hl.q_cols)),
+            "gate_up": ((E, 2 * fpad), ("y", "x"), d, lambda w: _blocks(
+                [hl.take_cols(w.w_gate, fcols), hl.take_cols(w.w_up, fcols)], [tff, tff], q)),
+            "down": ((fpad, E), ("x", "y"), d, lambda w: hl.take_rows(w.w_down, fcols)),
+            "attn_norm": ((E,), ("y",), "fp32", lambda w: w.attn_norm),
+            "ffn_norm": ((E,), ("y",), "fp32", lambda w: w.ffn_norm),
+        }
+        if c.qkv_bias:
+            specs["qkv_bias"] = ((q * (r + 2) * tf,), ("x",), "fp32", lambda w: _blocks(
+                [hl.take_cols(w.bq[None], hl.q_cols), hl.take_cols(w.bk[None], hl.kv_cols),
+                 hl.take_cols(w.bv[None], hl.kv_cols)], [r * tf, tf, tf], q)[0])
+        return {key: m.place(build(lw) if lw is not None else shape, layout, dt, name=f"L{li}.{key}")
+                for key, (shape, layout, dt, build) in specs.items()}
 
     # ---- building blocks ---------------------------------------------------------------
     def _gemv(self, x, w, name):

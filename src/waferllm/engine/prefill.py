@@ -41,37 +41,28 @@ class PrefillStage:
                                      name="final_norm")
 
     def _place_layer(self, li, lw) -> dict:
+        """One layer's weights, pre-skewed for MeshGEMM (``lw`` None: shapes only, dry run)."""
         m, hl, d, c = self.mesh, self.hl, self.dtype, self.config
         E, F = c.hidden_size, c.intermediate_size
-        out = {}
-        if lw is not None:
-            out["q"] = place_b(m, hl.take_cols(lw.wq, hl.q_cols), d, name=f"L{li}.wq")
-            out["k"] = place_b(m, hl.take_cols(lw.wk, hl.kv_cols), d, name=f"L{li}.wk")
-            out["v"] = place_b(m, hl.take_cols(lw.wv, hl.kv_cols), d, name=f"L{li}.wv")
-            out["o"] = place_b(m, hl.take_rows(lw.wo, hl.q_cols), d, name=f"L{li}.wo")
-            out["gate"] = place_b(m, lw.w_gate, d, name=f"L{li}.w_gate")
-            out["up"] = place_b(m, lw.w_up, d, name=f"L{li}.w_up")
-            out["down"] = place_b(m, lw.w_down, d, name=f"L{li}.w_down")
-            out["attn_norm"] = m.place(lw.attn_norm[None], (None, "x"), "fp32", name=f"L{li}.attn_norm")
-            out["ffn_norm"] = m.place(lw.ffn_norm[None], (None, "x"), "fp32", name=f"L{li}.ffn_norm")
-            if lw.bq is not None:
-                out["bq"] = m.place(hl.take_cols(lw.bq[None], hl.q_cols), (None, "x"), "fp32", name=f"L{li}.bq")
-                out["bk"] = m.place(hl.take_cols(lw.bk[None], hl.kv_cols), (None, "x"), "fp32", name=f"L{li}.bk")
-                out["bv"] = m.place(hl.take_cols(lw.bv[None], hl.kv_cols), (None, "x"), "fp32", name=f"L{li}.bv")
-        else:
-            out["q"] = place_b(m, (E, hl.q_padded), d, name=f"L{li}.wq")
-            out["k"] = place_b(m, (E, hl.kv_padded), d, name=f"L{li}.wk")
-            out["v"] = place_b(m, (E, hl.kv_padded), d, name=f"L{li}.wv")
-            out["o"] = place_b(m, (hl.q_padded, E), d, name=f"L{li}.wo")
-            out["gate"] = place_b(m, (E, F), d, name=f"L{li}.w_gate")
-            out["up"] = place_b(m, (E, F), d, name=f"L{li}.w_up")
-            out["down"] = place_b(m, (F, E), d, name=f"L{li}.w_down")
-            out["attn_norm"] = m.place((1, E), (None, "x"), "fp32", name=f"L{li}.attn_norm")
-            out["ffn_norm"] = m.place((1, E), (None, "x"), "fp32", name=f"L{li}.ffn_norm")
-            if c.qkv_bias:
-                out["bq"] = m.place((1, hl.q_padded), (None, "x"), "fp32", name=f"L{li}.bq")
-                out["bk"] = m.place((1, hl.kv_padded), (None, "x"), "fp32", name=f"L{li}.bk")
-                out["bv"] = m.place((1, hl.kv_padded), (None, "x"), "fp32", name=f"L{li}.bv")
+        # key: (logical shape, host array from the layer's weights)
+        mats = {
+            "q": ((E, hl.q_padded), lambda w: hl.take_cols(w.wq, hl.q_cols)),
+            "k": ((E, hl.kv_padded), lambda w: hl.take_cols(w.wk, hl.kv_cols)),
+            "v": ((E, hl.kv_padded), lambda w: hl.take_cols(w.wv, hl.kv_cols)),
+            "o": ((hl.q_padded, E), lambda w: hl.take_rows(w.wo, hl.q_cols)),
+            "gate": ((E, F), lambda w: w.w_gate),
+            "up": ((E, F), lambda w: w.w_up),
+            "down": ((F, E), lambda w: w.w_down),
+        }
+        rows = {"attn_norm": ((1, E), lambda w: w.attn_norm[None]), "ffn_norm": ((1, E), lambda w: w.ffn_norm[None])}
+        if c.qkv_bias:
+            rows.update(bq=((1, hl.q_padded), lambda w: hl.take_cols(w.bq[None], hl.q_cols)),
+                        bk=((1, hl.kv_padded), lambda w: hl.take_cols(w.bk[None], hl.kv_cols)),
+                        bv=((1, hl.kv_padded), lambda w: hl.take_cols(w.bv[None], hl.kv_cols)))
+        out = {key: place_b(m, build(lw) if lw is not None else shape, d, name=f"L{li}.{key}")
+               for key, (shape, build) in mats.items()}
+        out.update({key: m.place(build(lw) if lw is not None else shape, (None, "x"), "fp32", name=f"L{li}.{key}")
+                    for key, (shape, build) in rows.items()})
         return out
 
     # ---- building blocks ---------------------------------------------------------------
