@@ -147,3 +147,23 @@ def test_predict_matches_a_numeric_run_of_a_small_model():
     mn = num.request_metrics()
     for key in ("ttft_s", "tpot_s", "energy_j"):
         assert p[key] == pytest.approx(mn[key], rel=1e-12), key
+
+
+def test_dry_replay_is_exact_when_decode_regions_differ_in_size():
+    """Decode regions of different grids (360s and a 274 beside them) change occupancy at
+    different tokens: replaying a step must still charge what executing it charges."""
+    from waferllm.engine.wafer import WaferModel
+
+    cfg = get_model_preset("llama3-8b")
+    steps = []
+    for memo in (True, False):
+        wm = WaferModel(cfg, None, "wse2", None, 360, max_seq_len=2100, mode="dry")
+        assert len({s.mesh.rows for s in wm.decode_stages}) > 1
+        wm.reset()
+        wm.start_decode(2070)
+        for _ in range(12):
+            if not memo:
+                wm._memo.clear()
+            wm.decode(None)
+        steps.append(wm.step_cycles)
+    assert steps[0] == pytest.approx(steps[1], rel=1e-9)

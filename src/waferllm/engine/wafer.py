@@ -248,8 +248,10 @@ class WaferModel:
         pos = self.position
         start = led.mark(per_primitive=self.mode == "dry")
         if self.mode == "dry":
-            movers = self.decode_stages[0].cache.plan_append()
-            step_key = ("step", self.decode_stages[0].cache.occupied, bool(movers.size))
+            # the step's program: every stage's cache occupancy and whether its rows shift
+            # (stages of different grids change occupancy at different tokens)
+            step_key = ("step",) + tuple((st.cache.occupied, bool(st.cache.plan_append().size))
+                                         for st in self.decode_stages)
             if step_key in self._memo:
                 d = self._memo[step_key]
                 led.replay(d, "decode step (replayed)")
