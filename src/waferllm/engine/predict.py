@@ -55,15 +55,15 @@ def predict(config, wafer, input_len: int, output_len: int, prefill_grid: int, d
 
 
 def predict_phase(config, wafer, phase: str, grid: int, input_len: int, output_len: int, max_seq_len: int,
-                  dtype: str = "fp16") -> float:
+                  dtype: str = "fp16", layers: int | None = None) -> float:
     """Predicted seconds of one phase on one grid (for the tuner): TTFT or mean TPOT."""
     if phase == "prefill":
         wm = WaferModel(config, None, wafer, grid, None, max_seq_len=max_seq_len, prompt_len=input_len, mode="dry",
-                        dtype=dtype)
+                        dtype=dtype, layers=layers)
         wm.reset()
         wm.prefill(input_len)
         return wm.request_metrics()["ttft_s"]
-    wm = WaferModel(config, None, wafer, None, grid, max_seq_len=max_seq_len, mode="dry", dtype=dtype)
+    wm = WaferModel(config, None, wafer, None, grid, max_seq_len=max_seq_len, mode="dry", dtype=dtype, layers=layers)
     wm.reset()
     wm.start_decode(input_len)
     for _ in range(max(1, output_len - 1)):

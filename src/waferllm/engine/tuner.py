@@ -21,7 +21,7 @@ def candidate_grids(wafer, lo: int = 8, hi: int | None = None, count: int = 12) 
 
 def tune_grids(config, wafer, input_len: int, output_len: int, max_seq_len: int | None = None, dtype: str = "fp16",
                max_grid: int | None = None, prefill_grid: int | None = None, decode_grid: int | None = None,
-               candidates: list[int] | None = None) -> dict:
+               candidates: list[int] | None = None, layers: int | None = None) -> dict:
     """Fastest (prefill_grid, decode_grid) by predicted TTFT and TPOT; fixed ones are kept."""
     from waferllm.engine.predict import predict_phase
 
@@ -35,7 +35,7 @@ def tune_grids(config, wafer, input_len: int, output_len: int, max_seq_len: int 
         scores = {}
         for g in grids:
             try:
-                scores[g] = predict_phase(config, wafer, phase, g, input_len, output_len, max_seq_len, dtype)
+                scores[g] = predict_phase(config, wafer, phase, g, input_len, output_len, max_seq_len, dtype, layers)
                 tried[phase][g] = scores[g]
             except WaferLLMError as exc:
                 tried[phase][g] = f"does not fit: {exc}"

@@ -63,12 +63,8 @@ def predict(
     pg, dg = grid(prefill_grid, "--prefill-grid"), grid(decode_grid, "--decode-grid")
     tuning = None
     if pg is None or dg is None:
-        if extrapolate:
-            cfg_t = cfg
-            tuning = tune_grids(cfg_t.replace(num_layers=extrapolate), spec, input_len, output_len, dtype=dtype,
-                                prefill_grid=pg, decode_grid=dg)
-        else:
-            tuning = tune_grids(cfg, spec, input_len, output_len, dtype=dtype, prefill_grid=pg, decode_grid=dg)
+        tuning = tune_grids(cfg, spec, input_len, output_len, dtype=dtype, prefill_grid=pg, decode_grid=dg,
+                            layers=extrapolate)
         pg, dg = tuning["prefill_grid"], tuning["decode_grid"]
     m = run_predict(cfg, spec, input_len, output_len, pg, dg, dtype=dtype, kv_scheme=kv_scheme, layers=extrapolate)
     if tuning:

@@ -18,6 +18,7 @@ from typing import Callable
 
 import numpy as np
 
+from waferllm.errors import WaferLLMError
 from waferllm.hardware.plmr import WaferSpec
 from waferllm.kernels.gemm_baselines import cannon, summa
 from waferllm.kernels.meshgemm import meshgemm, place_b
@@ -41,7 +42,7 @@ def best_gemv(wafer: WaferSpec, size: int, algo: str = "meshgemv", grids=GEMV_GR
     for g in grids:
         try:
             best = min(best, (gemv_seconds(wafer, size, g, algo), g))
-        except Exception:  # does not fit on that grid
+        except WaferLLMError:  # does not fit on that grid
             continue
     return best
 
