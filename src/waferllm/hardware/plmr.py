@@ -52,7 +52,18 @@ _FIELDS: dict[str, tuple[type, bool, str, str]] = {
     "fp32_macs_per_cycle": (float, True, "MAC/cycle", "fp32 multiply-accumulates per PE per cycle"),
     "fp16_macs_per_cycle": (float, True, "MAC/cycle", "fp16 multiply-accumulates per PE per cycle (SIMD lanes)"),
     "op_overhead_cycles": (float, False, "cycles", "fixed cost of launching one compute op on a PE"),
-    "step_overhead_cycles": (float, False, "cycles", "fixed cost of one synchronised algorithm step (task switch, barrier)"),
+    "step_overhead_cycles": (float, False, "cycles", "fixed cost of one synchronised algorithm step (the barrier between steps)"),
+    "collective_overhead_cycles": (float, False, "cycles",
+                                   "fixed cost of one collective (reduce, allreduce, broadcast) on top of its messages: "
+                                   "setting up its routes (colors) and activating its receive tasks"),
+    "task_switch_cycles": (float, False, "cycles",
+                           "fixed cost of switching a PE to its next task (one per op or collective), paid outside "
+                           "the op's own time"),
+    "ops_exp": (float, True, "ops/elem", "SIMD ops per element of exp (no transcendental unit)"),
+    "ops_silu": (float, True, "ops/elem", "SIMD ops per element of SiLU(g) * u"),
+    "ops_rmsnorm_scale": (float, True, "ops/elem", "SIMD ops per element of RMSNorm's x * rsqrt(mean) * w"),
+    "ops_rope": (float, True, "ops/elem", "SIMD ops per element of RoPE with per-token cos/sin tables"),
+    "ops_div": (float, True, "ops/elem", "SIMD ops per element of a division"),
     "power_w": (float, True, "W", "whole-system power while running"),
 }
 
@@ -78,6 +89,13 @@ class WaferSpec:
     fp16_macs_per_cycle: float
     op_overhead_cycles: float
     step_overhead_cycles: float
+    collective_overhead_cycles: float
+    task_switch_cycles: float
+    ops_exp: float
+    ops_silu: float
+    ops_rmsnorm_scale: float
+    ops_rope: float
+    ops_div: float
     power_w: float
     defective_pes: frozenset = frozenset()
     description: str = ""

@@ -16,6 +16,7 @@ from functools import lru_cache
 import numpy as np
 
 from waferllm.errors import MeshError, SRAMOverflowError
+from waferllm.mesh.compute import charge_task_switch
 from waferllm.mesh.cost import message_cycles
 from waferllm.mesh.interleave import ring_max_hops, ring_max_link_load, ring_source
 from waferllm.mesh.tensor import AXES, DistTensor
@@ -29,13 +30,18 @@ def _check_axis(axis: str) -> int:
     return AXES[axis]
 
 
-def _charge_comm(mesh, name, nbytes_per_pe, hops, stages=0, rounds=1, links_shared=1, messages=None, relayed=False):
+def _charge_comm(mesh, name, nbytes_per_pe, hops, stages=0, rounds=1, links_shared=1, messages=None, relayed=False,
+                 collective=False):
+    """Charge ``rounds`` messages of ``nbytes_per_pe`` per PE; a ``collective`` (broadcast,
+    multicast) also pays its fixed set-up cost and a task switch."""
     w = mesh.wafer
     per_round = message_cycles(w, nbytes_per_pe, hops, stages, links_shared)
     pes = mesh.rows * mesh.cols
     msgs = pes * rounds if messages is None else messages
+    if collective:
+        charge_task_switch(mesh)
     return mesh.ledger.charge(
-        name, "comm", per_round * rounds,
+        name, "comm", per_round * rounds + (w.collective_overhead_cycles if collective else 0.0),
         bytes_moved=nbytes_per_pe * msgs, hop_bytes=nbytes_per_pe * msgs * max(hops, 1),
         routing_stages=stages * rounds, messages=msgs, relayed_transfers=msgs if relayed else 0,
         sram_read_bytes=nbytes_per_pe * msgs, sram_write_bytes=nbytes_per_pe * msgs,
@@ -153,7 +159,7 @@ def broadcast(t: DistTensor, axis: str, root=0, routes_per_pe: int = 1, name: st
         mesh.ledger.note(f"{name}: {routes_per_pe} routes/PE exceed the router's {mesh.routes.budget}; relayed in software")
     if n > 1:
         _charge_comm(mesh, name, t.bytes_per_pe, hops=hops, stages=stages, relayed=not hardware,
-                     messages=mesh.rows * mesh.cols // n)
+                     messages=mesh.rows * mesh.cols // n, collective=True)
     d = t.axis_dim(axis)
     layout = list(t.layout)
     shape = list(t.shape)
@@ -194,7 +200,8 @@ def multicast(t: DistTensor, axis: str, root: int, lo: int, hi: int, name: str =
     mesh.routes.request(name, 1, relayable=False)
     hops = max(abs(root - lo), abs(hi - 1 - root))
     if hops:
-        _charge_comm(mesh, name, t.bytes_per_pe, hops=hops, messages=(hi - lo) * (mesh.rows * mesh.cols // n))
+        _charge_comm(mesh, name, t.bytes_per_pe, hops=hops, messages=(hi - lo) * (mesh.rows * mesh.cols // n),
+                     collective=True)
     tiles = None
     if t.tiles is not None:
         tiles = np.array(t.tiles)
@@ -288,8 +295,10 @@ def _ktree_group(n: int, k: int) -> int:
 
 
 def _schedule_cycles(mesh, phases: list[Phase], nbytes: int) -> tuple[float, int, int]:
+    """Cycles of a reduction schedule: its messages phase after phase, plus the collective's
+    fixed cost (setting up its routes and receive tasks) once."""
     w = mesh.wafer
-    cycles, stages, hops = 0.0, 0, 0
+    cycles, stages, hops = (w.collective_overhead_cycles if phases else 0.0), 0, 0
     for p in phases:
         b = math.ceil(nbytes * p.bytes_factor)
         h = p.stages * p.spacing + p.extra_hops
@@ -412,6 +421,7 @@ def allreduce_segments(t: DistTensor, axis: str, span: int, bytes_per_pe: int | 
     lines = pes // max(span, 1)
     mesh.ledger.charge(name, "comm", cycles, bytes_moved=nbytes * pes, hop_bytes=nbytes * hops * lines,
                        routing_stages=stages, messages=pes)
+    charge_task_switch(mesh)
     tiles = None
     if t.tiles is not None:
         tiles = np.broadcast_to(t.tiles.sum(axis=AXES[axis], keepdims=True), t.tiles.shape)

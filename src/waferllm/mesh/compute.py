@@ -21,8 +21,17 @@ from waferllm.mesh.tensor import NP_DTYPES, DistTensor
 
 def _charge(mesh, name, cycles, flops_per_pe, read_bytes, write_bytes):
     pes = mesh.rows * mesh.cols
-    return mesh.ledger.charge(name, "compute", cycles, flops=flops_per_pe * pes,
-                              sram_read_bytes=read_bytes * pes, sram_write_bytes=write_bytes * pes)
+    out = mesh.ledger.charge(name, "compute", cycles, flops=flops_per_pe * pes,
+                             sram_read_bytes=read_bytes * pes, sram_write_bytes=write_bytes * pes)
+    charge_task_switch(mesh)
+    return out
+
+
+def charge_task_switch(mesh) -> None:
+    """Every op (or collective) is a task the PE switches to: a fixed cost outside the op's own time."""
+    cycles = mesh.wafer.task_switch_cycles
+    if cycles:
+        mesh.ledger.charge("task_switch", "overhead", cycles)
 
 
 def matmul_tiles(mesh, a_tiles, b_tiles, acc=None, transpose_b=False, dtype="fp32", name="tile_matmul",
