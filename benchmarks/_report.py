@@ -1,6 +1,9 @@
-"""A tiny collector the benchmark scripts share: print lines and keep them for a markdown file."""
+"""Shared by the benchmark scripts: print lines and keep them for a markdown file; name the code a result came from."""
 
 from __future__ import annotations
+
+import subprocess
+from pathlib import Path
 
 
 class Out:
@@ -17,3 +20,14 @@ class Out:
         for r in rows:
             self("| " + " | ".join(str(c) for c in r) + " |")
         self()
+
+
+def code_version() -> str:
+    """The commit the results were made with ("hash subject"), and whether src/ had edits on top of it."""
+    git = dict(capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    try:
+        rev = subprocess.run(["git", "log", "-1", "--format=%h %s"], **git).stdout.strip()[:100]
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "src"], **git).returncode != 0
+    except OSError:
+        return "?"
+    return (rev or "?") + (" + uncommitted edits to src/" if dirty else "")

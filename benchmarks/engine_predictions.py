@@ -28,7 +28,6 @@ import argparse
 import dataclasses
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,7 +39,7 @@ from waferllm.hardware import get_wafer
 from waferllm.models.presets import get_model_preset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import Out  # noqa: E402
+from _report import Out, code_version  # noqa: E402
 
 MODELS = ("llama3-8b", "llama2-13b")
 LENGTHS = ((2048, 128), (4096, 128), (2048, 2048), (4096, 4096))
@@ -170,7 +169,7 @@ def section_sweeps(out: Out, wafer, models, lengths) -> None:
         f"the layer count, 32 for llama3-8b and 40 for llama2-13b), wafer {wafer.name}, fp16, batch 1")
     out()
     out("TPR = tokens/s per request: decode TPR = 1/TPOT, e2e TPR = output tokens / (TTFT + transition + decode). "
-        "GPU columns: the roofline of `waferllm.engine.gpu_baseline` (ideal: max(compute, HBM) per phase, "
+        "GPU columns: the roofline of `waferllm.hardware.gpu_roofline` (ideal: max(compute, HBM) per phase, "
         "tensor-parallel allreduces for 8xA100), a floor for a real serving system, not SGLang measurements.")
     out()
     out(f"### 3a. Prefill grid sweep (decode grid fixed at {FIXED_DECODE})")
@@ -294,11 +293,7 @@ def main() -> None:
     wafer = get_wafer(args.wafer)
     out = Out()
     t0 = time.perf_counter()
-    try:
-        rev = subprocess.run(["git", "log", "-1", "--format=%h %s"], capture_output=True, text=True,
-                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()[:100]
-    except OSError:
-        rev = "?"
+    rev = code_version()
     out("# Engine predictions")
     out()
     out("Command: `.venv/bin/python benchmarks/engine_predictions.py " + " ".join(sys.argv[1:]) + "`")

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
+from waferllm.calibration.targets import Evaluator
 from waferllm.hardware import get_wafer
 from waferllm.hardware.gpu import get_gpu
-from waferllm.interfaces.cmd_bench import bench_point
-from waferllm.kernels.calibration import best_gemv
+from waferllm.kernels.bench import bench_point
 from waferllm.kernels.meshgemm import meshgemm, place_b
 from waferllm.kernels.meshgemv import gemv
 from waferllm.mesh import Mesh
@@ -47,7 +47,7 @@ def part_a(out: Out, wafer) -> None:
     out()
     rows = []
     for size, meas, cublas in ((16384, 1.2e-6, 0.336e-3), (32768, 2.03e-6, 1.231e-3)):
-        pred, grid = best_gemv(wafer, size)
+        pred, grid = Evaluator(wafer).gemv_best(size)
         rep = bench_point("gemv", "meshgemv", 1, size, size, grid, wafer=wafer, dry_run=True)
         a100 = get_gpu("a100").roofline_seconds(2 * size * size, 2 * (size + size * size + size))
         rows.append([f"[1,{size // 1024}K]x[{size // 1024}K,{size // 1024}K]", f"{grid}x{grid}", _us(pred),

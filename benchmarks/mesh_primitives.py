@@ -15,12 +15,16 @@ import os
 import platform
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
 from waferllm.hardware import get_wafer
 from waferllm.mesh import Mesh, Region, comm, compute
 from waferllm.mesh.interleave import ring_rank
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import code_version  # noqa: E402
 
 TILE = 8
 MEM_LIMIT = 4e9
@@ -127,8 +131,8 @@ def main(argv=None):
             f"Command: `{cmd.strip()}` (wall {total:.0f} s in all)",
             "",
             f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-            f"numpy {np.__version__}. Each primitive runs once per repetition on {TILE}x{TILE} fp16 tiles "
-            f"(one per PE) of a WSE-2 region; wall = best of {args.repeat}. `wafer cycles` is what the "
+            f"numpy {np.__version__}. Code: {code_version()}. Each primitive runs once per repetition on "
+            f"{TILE}x{TILE} fp16 tiles (one per PE) of a WSE-2 region; wall = best of {args.repeat}. `wafer cycles` is what the "
             "primitive charges the ledger, identical in numeric and dry-run mode.",
             "",
             "| " + " | ".join(head) + " |",

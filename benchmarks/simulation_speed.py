@@ -18,13 +18,12 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import Out  # noqa: E402
+from _report import Out, code_version  # noqa: E402
 
 PROMPT = ("The wafer-scale engine is a single silicon wafer holding hundreds of thousands of cores, "
           "each with its own small memory, connected by a two-dimensional mesh. Large language models")
@@ -53,8 +52,7 @@ def main() -> None:
 
     out = Out()
     t_all = time.perf_counter()
-    rev = subprocess.run(["git", "log", "-1", "--format=%h %s"], capture_output=True, text=True,
-                         cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()[:100]
+    rev = code_version()
     out("# Simulation speed")
     out()
     out("Command: `.venv/bin/python benchmarks/simulation_speed.py " + " ".join(sys.argv[1:]) + "`")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from waferllm.engine.gpu_baseline import (
+from waferllm.hardware.gpu_roofline import (
     NVLINK_ALLREDUCE_LATENCY_S,
     _sum_max_lines,
     allreduce_seconds,
@@ -236,25 +236,32 @@ def test_duck_typed_config_and_tied_embeddings():
 
 
 # ------------------------------------------------------------------ errors
-@pytest.mark.parametrize("kwargs", [
-    dict(input_len=0, output_len=4), dict(input_len=4, output_len=0), dict(input_len=-1, output_len=4),
-    dict(input_len=4.5, output_len=4), dict(input_len=True, output_len=4), dict(input_len=None, output_len=4),
-    dict(input_len=4), dict(input_len=4, output_len=4, batch=0), dict(input_len=4, output_len=4, num_gpus=0),
-    dict(input_len=4, output_len=4, mfu=0.0), dict(input_len=4, output_len=4, mbu=1.5),
-    dict(input_len=4, output_len=4, dtype_bytes=0),
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(input_len=0, output_len=4), r"input_len must be an integer >= 1, got 0"),
+    (dict(input_len=4, output_len=0), r"output_len must be an integer >= 1, got 0"),
+    (dict(input_len=-1, output_len=4), r"input_len must be an integer >= 1, got -1"),
+    (dict(input_len=4.5, output_len=4), r"input_len must be an integer >= 1, got 4.5"),
+    (dict(input_len=True, output_len=4), r"input_len must be an integer >= 1, got True"),
+    (dict(input_len=None, output_len=4), r"input_len must be an integer >= 1, got None"),
+    (dict(input_len=4), r"output_len must be an integer >= 1, got None"),
+    (dict(input_len=4, output_len=4, batch=0), r"batch must be an integer >= 1, got 0"),
+    (dict(input_len=4, output_len=4, num_gpus=0), r"num_gpus must be an integer >= 1, got 0"),
+    (dict(input_len=4, output_len=4, mfu=0.0), r"mfu must be in \(0, 1\], got 0.0"),
+    (dict(input_len=4, output_len=4, mbu=1.5), r"mbu must be in \(0, 1\], got 1.5"),
+    (dict(input_len=4, output_len=4, dtype_bytes=0), r"dtype_bytes must be an integer >= 1, got 0"),
 ])
-def test_bad_requests_raise_request_error(kwargs):
-    with pytest.raises(RequestError):
+def test_bad_requests_raise_request_error(kwargs, match):
+    with pytest.raises(RequestError, match=match):
         gpu_inference_roofline(TinyConfig(), TOY, **kwargs)
 
 
 def test_unknown_gpu_and_bad_config():
-    with pytest.raises(HardwareError):
+    with pytest.raises(HardwareError, match="unknown GPU 'tpu-v4'"):
         gpu_inference_roofline(TinyConfig(), "tpu-v4", input_len=4, output_len=4)
 
     class NoHidden:
         vocab_size = 10
 
-    with pytest.raises(ModelError):
+    with pytest.raises(ModelError, match="model config lacks 'hidden_size' needed by the GPU roofline"):
         gpu_inference_roofline(NoHidden(), "a100", input_len=4, output_len=4)
     assert get_gpu("A100-80GB").name == "A100-80GB"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -29,11 +31,31 @@ def test_ring_visits_every_position_once(n, kind):
     assert p == 0 and sorted(seen) == list(range(n))
 
 
-@pytest.mark.parametrize("n", NS)
-def test_interleave_order_shape(n):
-    evens = list(range(0, n, 2))
-    odds = list(range(1, n, 2))
-    assert ring_order(n) == tuple(evens + odds[::-1])
+# Written out by hand from the paper's figure: out along the even positions, back along the odd ones.
+HAND_ORDERS = {
+    1: (0,),
+    2: (0, 1),
+    3: (0, 2, 1),
+    4: (0, 2, 3, 1),
+    5: (0, 2, 4, 3, 1),
+    6: (0, 2, 4, 5, 3, 1),
+    7: (0, 2, 4, 6, 5, 3, 1),
+    8: (0, 2, 4, 6, 7, 5, 3, 1),
+}
+
+
+@pytest.mark.parametrize("n", sorted(HAND_ORDERS))
+def test_interleave_order_matches_the_hand_written_ring(n):
+    assert ring_order(n) == HAND_ORDERS[n]
+
+
+@pytest.mark.parametrize("n", range(3, 9))
+def test_interleave_is_the_only_two_hop_ring(n):
+    # brute force over every cycle through 0: the rings whose links all span <= 2 positions
+    found = {perm for perm in itertools.permutations(range(1, n))
+             if all(abs(a - b) <= 2 for a, b in zip((0, *perm), (*perm, 0)))}
+    order = ring_order(n)
+    assert found == {order[1:], order[1:][::-1]}
 
 
 @pytest.mark.parametrize("n", NS)
@@ -91,7 +113,7 @@ def test_steps_compose_and_source_inverts_next(n):
 
 
 def test_bad_rings():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="ring length must be positive"):
         ring_order(0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unknown ring kind 'torus'"):
         ring_order(4, "torus")

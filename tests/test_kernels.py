@@ -302,3 +302,58 @@ def test_gemv_errors():
         gemv(x, w, algo="tree")
     with pytest.raises(MeshError):
         gemv(mesh.place(np.ones(4, np.float32), ("x",), "fp32"), w)
+
+
+# ------------------------------------------------------------------ grouped attention (GQA before the products)
+
+
+def _head_map(n, tf, hkv, seed):
+    """(n, tf) kv head of every feature slot of every PE column; -1 marks padding."""
+    rng = np.random.default_rng(seed)
+    hop = rng.integers(0, hkv, (n, tf))
+    hop[rng.random((n, tf)) < 0.2] = -1
+    return hop
+
+
+@pytest.mark.parametrize("n,hkv,r", [(1, 1, 1), (2, 2, 2), (3, 1, 3), (4, 3, 2)])
+def test_grouped_scores_and_pv_match_numpy(n, hkv, r):
+    from waferllm.kernels.attention import grouped_pv, grouped_scores
+
+    rng = np.random.default_rng(n * 7 + hkv)
+    tf, lq, lk = 3, 2 * n + 1, 3 * n - 1 if n > 1 else 2
+    hop = _head_map(n, tf, hkv, n)
+    fpad = n * tf
+    q, k, v = _rand(rng, (lq, r * fpad)), _rand(rng, (lk, fpad)), _rand(rng, (lk, fpad))
+    head = hop.reshape(-1)  # kv feature j*tf + p -> head
+    # Q feature j*r*tf + g*tf + p is query head g of the kv head of slot (j, p)
+    qg = q.reshape(lq, n, r, tf).transpose(0, 2, 1, 3).reshape(lq, r, fpad)  # [t, g, j*tf+p]
+    s_ref = np.zeros((hkv, r, lq, lk))
+    for h in range(hkv):
+        sel = head == h
+        s_ref[h] = np.einsum("tgf,kf->gtk", qg[:, :, sel].astype(np.float64), k[:, sel].astype(np.float64))
+    mesh = _mesh(n)
+    qt, kt = mesh.place(q, ("y", "x"), "fp32", name="Q"), mesh.place(k, ("y", "x"), "fp32", name="K")
+    sres = grouped_scores(qt, kt, hop, hkv, r)
+    assert sres.out.layout == (None, None, "y", "x")
+    np.testing.assert_allclose(sres.out.to_global(), s_ref, rtol=1e-5, atol=1e-5)
+    p = _rand(rng, (hkv, r, lq, lk))
+    o_ref = np.zeros((lq, n, r, tf))
+    for j in range(n):
+        for pp in range(tf):
+            if hop[j, pp] >= 0:
+                o_ref[:, j, :, pp] = p[hop[j, pp]].astype(np.float64).transpose(1, 0, 2) @ v[:, j * tf + pp]
+    pt = mesh.place(p, (None, None, "y", "x"), "fp32", name="P")
+    ores = grouped_pv(pt, mesh.place(v, ("y", "x"), "fp32", name="V"), hop)
+    np.testing.assert_allclose(ores.out.to_global(), o_ref.reshape(lq, r * fpad), rtol=1e-5, atol=1e-5)
+    dry = _mesh(n, mode="dry")
+    ds = grouped_scores(dry.place((lq, r * fpad), ("y", "x"), "fp32"), dry.place((lk, fpad), ("y", "x"), "fp32"),
+                        hop, hkv, r)
+    dp = grouped_pv(dry.place((hkv, r, lq, lk), (None, None, "y", "x"), "fp32"),
+                    dry.place((lk, fpad), ("y", "x"), "fp32"), hop)
+    assert (ds.report.cycles, dp.report.cycles) == (sres.report.cycles, ores.report.cycles)
+    # every PE, at each of the n steps, multiplies r query heads' tiles with its own features only;
+    # the scores also add each row's n partial tiles (all heads) at every step
+    tq, tk = -(-lq // n), -(-lk // n)
+    adds = hkv * r * tq * tk * (n - 1) * n * n
+    assert ds.report.flops == sres.report.flops == 2 * r * tq * tf * tk * n ** 3 + adds
+    assert dp.report.flops == ores.report.flops == 2 * r * tq * tk * tf * n ** 3

@@ -16,7 +16,7 @@ from waferllm.errors import RouteOverflowError, SRAMOverflowError
 from waferllm.hardware import get_wafer
 from waferllm.mesh import Ledger, Mesh, Region, comm, compute
 from waferllm.mesh.comm import reduce_schedule
-from waferllm.mesh.cost import message_cycles
+from waferllm.mesh.cost import ENERGY_TERMS, energy_breakdown_j, message_cycles
 
 WAFER = get_wafer("wse2")
 
@@ -168,7 +168,7 @@ def test_overlap_charges_max_and_records_exposed_comm():
     assert led.by_primitive["sh"] == 105
 
 
-def test_spans_breakdown_trace_energy(tmp_path):
+def test_spans_breakdown_trace(tmp_path):
     m = _mesh(4, 4)
     led = m.ledger
     with led.span("prefill"):
@@ -188,9 +188,10 @@ def test_spans_breakdown_trace_energy(tmp_path):
     p = led.write_trace(tmp_path / "t.json")
     assert json.loads(p.read_text())["traceEvents"]
     assert led.seconds == pytest.approx(led.cycles / WAFER.clock_hz)
-    assert led.energy_j == pytest.approx(WAFER.power_w * led.seconds)
-    s = led.summary()
-    assert s["energy_j"] == pytest.approx(led.energy_j) and s["flops"] > 0 and s["bytes_moved"] > 0
+    s = json.loads(json.dumps(led.summary()))
+    assert s["flops"] > 0 and s["bytes_moved"] > 0
+    assert s["macs_fp32"] == 64 / 2 and s["macs_fp16"] == 0  # exp on 64 fp32 elements: 64 one-flop ops
+    assert set(s["energy_breakdown_j"]) == set(ENERGY_TERMS)
     mark = led.mark()
     comm.shift(m.place(np.ones((8, 8)), ("y", "x")), "y")
     d = led.since(mark)
@@ -198,9 +199,158 @@ def test_spans_breakdown_trace_energy(tmp_path):
 
 
 def test_trace_with_numpy_sized_region():
+    """A region sized with numpy ints makes numpy counters: the trace still carries them as plain numbers."""
     m = Mesh(Region(WAFER, np.int64(3), np.int64(5)))
-    comm.broadcast(m.place(np.ones((3, 5)), ("y", "x")), "x", 1)
-    json.dumps(m.ledger.chrome_trace())
+    comm.broadcast(m.place(np.ones((3, 5)), ("y", "x")), "x", 1)  # fp32, one element (4 B) per PE
+    trace = json.loads(json.dumps(m.ledger.chrome_trace()))
+    (ev,) = [e for e in trace["traceEvents"] if e["ph"] == "X" and e["name"] == "broadcast"]
+    # root at column 1 of 5: the farthest receiver is 3 hops away; one message per row (3 rows)
+    cycles = 2 * WAFER.ramp_cycles + 3 * WAFER.alpha_cycles + 1 + WAFER.collective_overhead_cycles
+    assert ev["args"] == {"cycles": cycles, "bytes_moved": 12, "hop_bytes": 36, "routing_stages": 0, "messages": 3,
+                          "relayed_transfers": 0, "sram_read_bytes": 12, "sram_write_bytes": 12}
+    assert all(type(v) in (int, float) for v in ev["args"].values())
+    assert ev["dur"] == pytest.approx(cycles * 1e6 / WAFER.clock_hz)
+
+
+def _parallel(led, *branches):
+    """Run one ``parallel()`` block; each branch is a list of (kind, cycles) charges."""
+    with led.parallel() as par:
+        for charges in branches:
+            with par.branch():
+                for kind, cycles in charges:
+                    led.charge(kind, kind, cycles)
+
+
+def test_parallel_exposed_comm_is_the_critical_branchs():
+    led = Ledger(WAFER)
+    # (branches, critical-path cycles after the block, exposed communication after the block)
+    blocks = [
+        ([[("comm", 30)], [("compute", 100)]], 100, 0),  # the critical branch exposes no communication
+        ([[("comm", 30)], [("comm", 40), ("compute", 5)]], 145, 40),
+        ([[("compute", 10)], [("comm", 25)]], 170, 65),
+    ]
+    for branches, cycles, exposed in blocks:
+        _parallel(led, *branches)
+        assert (led.cycles, led.exposed_comm_cycles) == (cycles, exposed)
+    # busy totals still count every branch's work
+    assert led.comm_cycles == 30 + 30 + 40 + 25 and led.compute_cycles == 100 + 5 + 10
+    # and a delta across a block sees the same critical-path exposure
+    mark = led.mark()
+    _parallel(led, [("comm", 7)], [("comm", 9)], [("comm", 3)])
+    d = led.since(mark)
+    assert d["cycles"] == 9 and d["exposed_comm_cycles"] == 9
+
+
+# ------------------------------------------------------------------ energy from events
+
+# round constants so that the expected energies below are worked out by hand
+ROUND = get_wafer("wse2", clock_hz=1e9, fp16_macs_per_cycle=4, fp32_macs_per_cycle=1, op_overhead_cycles=10,
+                  task_switch_cycles=0, collective_overhead_cycles=0, ramp_cycles=2, alpha_cycles=1,
+                  link_bits_per_cycle=32, mac_energy_fp16_pj=1.0, mac_energy_fp32_pj=3.0,
+                  sram_read_energy_pj_per_byte=0.5, sram_write_energy_pj_per_byte=0.75,
+                  fabric_energy_pj_per_bit_hop=0.1, static_power_w=1000.0)
+
+
+def _round_mesh(rows, cols):
+    return Mesh(Region(ROUND, rows, cols), mode="dry")
+
+
+def _small_program(m):
+    """On a 2 x 3 mesh: an fp16 tile matmul, an fp32 elementwise op, a one-hop shift."""
+    compute.matmul_tiles(m, None, None, dtype="fp16", shapes=(4, 5, 6))
+    t = m.place((2, 3 * 8), ("y", "x"), "fp32")  # 8 fp32 elements (32 B) per PE
+    compute.elementwise(None, t, ops_per_elem=2)
+    comm.shift(t, "x")
+
+
+def test_energy_breakdown_of_a_small_program_by_hand():
+    m = _round_mesh(2, 3)
+    _small_program(m)
+    led = m.ledger
+    # matmul: 4*5*6 = 120 MACs per PE on 6 PEs; reads A, B, C (2 B each) = 148 B, writes C (fp32) = 96 B;
+    #         ceil(120 / 4) + 10 = 40 cycles
+    # elementwise: 8 elements x 2 ops = 16 flops = 8 fp32 MACs per PE; reads 32 B, writes 32 B; 16 + 10 = 26 cycles
+    # shift: 4 of the 6 PEs send 32 B one hop (the last column has no one to send to): 2+2+1+8 = 13 cycles
+    assert led.cycles == 40 + 26 + 13
+    assert led.totals["macs_fp16"] == 720 and led.totals["macs_fp32"] == 48
+    assert led.totals["sram_read_bytes"] == 6 * 148 + 6 * 32 + 4 * 32
+    assert led.totals["sram_write_bytes"] == 6 * 96 + 6 * 32 + 4 * 32
+    assert led.totals["hop_bytes"] == 4 * 32
+    pj = 1e-12
+    expect = {
+        "compute_fp16": 720 * 1.0 * pj,
+        "compute_fp32": 48 * 3.0 * pj,
+        "sram_read": 1208 * 0.5 * pj,
+        "sram_write": 896 * 0.75 * pj,
+        "fabric": 128 * 8 * 0.1 * pj,
+        "static": 1000.0 * 79e-9,
+    }
+    got = led.energy_breakdown_j()
+    assert set(got) == set(expect)
+    for k, v in expect.items():
+        assert got[k] == pytest.approx(v, rel=1e-12), k
+    assert led.energy_j == sum(got.values())
+    assert led.energy_j == pytest.approx(sum(expect.values()), rel=1e-12)
+    assert led.energy_power_x_time_j == pytest.approx(ROUND.power_w * 79e-9)
+    s = led.summary()
+    assert s["energy_breakdown_j"] == got and s["energy_j"] == led.energy_j
+
+
+def test_energy_is_not_time_alone():
+    """Programs of equal cycles but different work or traffic earn different energy."""
+    # compute: an fp16 product of 128 MACs and an fp32 one of 32 MACs both take 32 + 10 cycles
+    a, b = _round_mesh(2, 2), _round_mesh(2, 2)
+    compute.matmul_tiles(a, None, None, dtype="fp16", shapes=(4, 4, 8))
+    compute.matmul_tiles(b, None, None, dtype="fp32", shapes=(4, 4, 2))
+    assert a.ledger.cycles == b.ledger.cycles == 42
+    assert a.ledger.totals["macs_fp16"] == 4 * 128 and a.ledger.totals.get("macs_fp32", 0) == 0
+    assert b.ledger.totals["macs_fp32"] == 4 * 32 and b.ledger.totals.get("macs_fp16", 0) == 0
+    ea, eb = a.ledger.energy_breakdown_j(), b.ledger.energy_breakdown_j()
+    assert ea["static"] == eb["static"]
+    assert ea["compute_fp16"] == pytest.approx(512e-12) and eb["compute_fp32"] == pytest.approx(384e-12)
+    assert a.ledger.energy_j != b.ledger.energy_j
+    # communication: the same one-hop shift of 32 B per PE, along rows of 8 or along columns of 2
+    x, y = _round_mesh(2, 8), _round_mesh(2, 8)
+    comm.shift(x.place((2, 8 * 8), ("y", "x"), "fp32"), "x")
+    comm.shift(y.place((2, 8 * 8), ("y", "x"), "fp32"), "y")
+    assert x.ledger.cycles == y.ledger.cycles == 13
+    fx, fy = x.ledger.energy_breakdown_j(), y.ledger.energy_breakdown_j()
+    assert fx["fabric"] == pytest.approx(14 * 32 * 8 * 0.1e-12) and fy["fabric"] == pytest.approx(8 * 32 * 8 * 0.1e-12)
+    assert x.ledger.energy_j > y.ledger.energy_j
+
+
+def test_energy_of_a_delta_and_of_scaled_counters():
+    whole = _round_mesh(2, 3)
+    compute.matmul_tiles(whole, None, None, dtype="fp32", shapes=(3, 3, 3))
+    mark = whole.ledger.mark()
+    _small_program(whole)
+    delta = whole.ledger.since(mark)
+    alone = _round_mesh(2, 3)
+    _small_program(alone)
+    got, ref = whole.ledger.energy_breakdown_j(delta), alone.ledger.energy_breakdown_j()
+    assert got == pytest.approx(ref, rel=1e-12)
+    # counters scaled (an extrapolated run): every event term scales, static follows the given time
+    scaled = {k: 3 * v for k, v in delta.items() if isinstance(v, (int, float))}
+    s3 = energy_breakdown_j(ROUND, scaled, 3 * delta["seconds"])
+    assert s3 == pytest.approx({k: 3 * v for k, v in ref.items()}, rel=1e-12)
+    s_other_time = whole.ledger.energy_breakdown_j(delta, seconds=1e-3)
+    assert s_other_time["static"] == pytest.approx(1.0) and s_other_time["fabric"] == pytest.approx(ref["fabric"])
+    with pytest.raises(ValueError, match="seconds must be >= 0"):
+        energy_breakdown_j(ROUND, delta, -1.0)
+
+
+def test_replay_carries_energy_counters():
+    ran = _round_mesh(2, 3)
+    mark = ran.ledger.mark(per_primitive=True)
+    _small_program(ran)
+    delta = ran.ledger.since(mark)
+    replayed = Ledger(ROUND)
+    replayed.replay(delta, "layer")
+    replayed.replay(delta, "layer")
+    for k in ("macs_fp16", "macs_fp32", "sram_read_bytes", "sram_write_bytes", "hop_bytes"):
+        assert replayed.totals[k] == 2 * ran.ledger.totals[k], k
+    assert replayed.energy_breakdown_j() == pytest.approx(
+        {k: 2 * v for k, v in ran.ledger.energy_breakdown_j().items()}, rel=1e-12)
 
 
 # ------------------------------------------------------------------ SRAM
@@ -210,7 +360,7 @@ def test_sram_overflow_message():
     m = _mesh(4, 4)
     cap = WAFER.usable_sram_bytes_per_pe
     keep = m.place(np.zeros((4, 4 * 1000), np.float32), ("y", "x"), name="weights")  # 4000 B/PE
-    with pytest.raises(SRAMOverflowError) as exc:
+    with pytest.raises(SRAMOverflowError, match="kv_cache") as exc:
         m.place(np.zeros((4 * 100, 4 * 100), np.float32), ("y", "x"), name="kv_cache")  # 40000 B/PE
     msg = str(exc.value)
     assert "r4x4" in msg and "kv_cache" in msg and f"{cap:,}" in msg and f"{4000 + 40000:,}" in msg

@@ -258,13 +258,13 @@ def test_replace(dst_layout, dtype):
     a = np.random.default_rng(1).standard_normal((7, 9)).astype(np.float32)
     t = src.place(a, ("y", "x"), "fp32")
     s = comm.ring_shift(t, "x", 1)  # blocks moved: replace must still see the logical value
-    r = comm.replace(s, dst, dst_layout, dtype)
+    r = comm.relayout(s, dst, dst_layout, dtype)
     assert r.mesh is dst and r.layout == dst_layout and r.dtype == dtype
     assert np.array_equal(r.to_global(), a.astype(DTYPES[dtype]))
     assert src.ledger.totals["bytes_moved"] > 0
     other = Mesh(Region(get_wafer("wse3"), 2, 2))
     with pytest.raises(MeshError, match="different wafers"):
-        comm.replace(t, other, ("y", "x"))
+        comm.relayout(t, other, ("y", "x"))
     del ledger
 
 
@@ -272,7 +272,7 @@ def test_replace_partial_tensor():
     src, dst = _mesh(3, 3), _mesh(2, 2)
     tiles = np.random.default_rng(2).standard_normal((3, 3, 4)).astype(np.float32)
     t = DistTensor(src, (4,), (None,), "fp32", tiles, partial=("y", "sum"))
-    r = comm.replace(t, dst, ("x",))
+    r = comm.relayout(t, dst, ("x",))
     assert r.partial is None
     assert np.allclose(r.to_global(), tiles[:, 0].sum(0), rtol=1e-6)
 
@@ -309,7 +309,7 @@ def _program(m, seed=0):
         compute.tile_reduce(e, 1, "sumsq")
         compute.tile_reduce(t, 0, "max")
     dst = Mesh(Region(m.wafer, 2, 3, row0=r + 1, col0=0, name="dst"), mode=m.mode, ledger=m.ledger)
-    comm.replace(t, dst, (None, "y"), "fp32")
+    comm.relayout(t, dst, (None, "y"), "fp32")
     with m.ledger.overlap():
         compute.elementwise(lambda q: q * 2, t)
         comm.ring_shift(t, "x", 1)

@@ -39,6 +39,11 @@ def test_matmul_tiles(dtype, transpose_b):
     expect = math.ceil(macs / WAFER.macs_per_cycle(dtype)) + WAFER.op_overhead_cycles
     assert m.ledger.cycles == expect
     assert m.ledger.totals["flops"] == 2 * macs * 6
+    other = "fp32" if dtype == "fp16" else "fp16"
+    assert m.ledger.totals[f"macs_{dtype}"] == macs * 6 and m.ledger.totals.get(f"macs_{other}", 0) == 0
+    item = 2 if dtype == "fp16" else 4
+    assert m.ledger.totals["sram_read_bytes"] == 6 * item * (4 * 5 + 5 * 6 + 4 * 6)
+    assert m.ledger.totals["sram_write_bytes"] == 6 * 4 * 4 * 6  # the fp32 accumulator
     # dry run: same charge from shapes alone
     d = _mesh(2, 3, "dry")
     assert compute.matmul_tiles(d, None, None, dtype=dtype, shapes=(4, 5, 6)) is None
@@ -92,8 +97,12 @@ def test_elementwise(dtype):
     elems = tx.tile_elems
     assert m.ledger.cycles == math.ceil(elems * 3 / WAFER.macs_per_cycle(dtype)) + WAFER.op_overhead_cycles
     assert m.ledger.totals["flops"] == 3 * elems * 6
+    assert m.ledger.totals[f"macs_{dtype}"] == 3 * elems * 6 / 2  # a one-flop vector op is half a MAC
+    before = dict(m.ledger.totals)
     up = compute.elementwise(lambda a: a, tx, dtype="fp32")
     assert up.dtype == "fp32" and up.tiles.dtype == np.float32
+    # the op runs in its output dtype
+    assert m.ledger.totals["macs_fp32"] - before.get("macs_fp32", 0) == elems * 6 / 2
     # a row vector broadcast against a matrix tile (same layout on the split axis)
     v = m.place(rng.standard_normal(7).astype(np.float32), ("x",), "fp32")
     s = compute.elementwise(lambda a, b: a + b[:, :, None, :], tx, v, out_like=tx)
@@ -136,3 +145,28 @@ def test_tile_reduce_errors_and_partial_input():
     assert s.partial == ("y", "sum") and np.allclose(s.to_global(), 8.0)
     with pytest.raises(MeshError, match="partial"):
         compute.tile_reduce(p, 1, "max")
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+@pytest.mark.parametrize("op, flops_per_elem", [("sum", 1), ("max", 1), ("sumsq", 2)])
+def test_tile_reduce_counts(dtype, op, flops_per_elem):
+    m = _mesh(2, 3, "dry")
+    t = m.place((4, 3 * 5), ("y", "x"), dtype)  # 2 x 5 elements per PE
+    compute.tile_reduce(t, 1, op)
+    item = 2 if dtype == "fp16" else 4
+    tot = m.ledger.totals
+    assert tot["flops"] == 6 * 10 * flops_per_elem
+    assert tot[f"macs_{dtype}"] == 6 * 10 * flops_per_elem / 2
+    assert tot["sram_read_bytes"] == 6 * 10 * item and tot["sram_write_bytes"] == 6 * 2 * item
+    assert m.ledger.cycles == math.ceil(10 * flops_per_elem / WAFER.macs_per_cycle(dtype)) + WAFER.op_overhead_cycles \
+        + WAFER.task_switch_cycles
+
+
+def test_charge_counts_macs_by_dtype():
+    m = _mesh(2, 2, "dry")
+    compute._charge(m, "op", 10, 8, 0, 0)  # no dtype given: fp32
+    compute._charge(m, "op", 10, 6, 0, 0, dtype="fp16")
+    assert m.ledger.totals["macs_fp32"] == 4 * 4 and m.ledger.totals["macs_fp16"] == 4 * 3
+    assert m.ledger.totals["flops"] == 4 * 14
+    with pytest.raises(MeshError, match="unsupported dtype 'bf16'"):
+        compute._charge(m, "op", 10, 6, 0, 0, dtype="bf16")

@@ -5,7 +5,7 @@ import pytest
 
 from waferllm.errors import MeshError
 from waferllm.hardware import get_wafer
-from waferllm.mesh import Mesh, comm
+from waferllm.mesh import DistTensor, Mesh, comm
 from waferllm.mesh.cost import message_cycles
 
 
@@ -15,7 +15,7 @@ def test_multicast_numerics_and_cost(axis):
     m = Mesh.square(w, 7)
     rng = np.random.default_rng(0)
     tiles = rng.standard_normal((7, 7, 3)).astype(np.float32)
-    t = m.tiles_like((3,), (None,), "fp32", tiles, name="t")
+    t = DistTensor(m, (3,), (None,), "fp32", tiles, name="t")
     before = m.ledger.cycles
     out = comm.multicast(t, axis, root=2, lo=1, hi=6)
     ax = 0 if axis == "y" else 1

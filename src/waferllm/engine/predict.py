@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 
-from waferllm.engine.gpu_baseline import gpu_baselines
+from waferllm.hardware.gpu_roofline import gpu_baselines
 from waferllm.engine.wafer import WaferModel
 from waferllm.errors import RequestError
 

@@ -1,4 +1,5 @@
-"""Hardware descriptions: wafers (PLMR constants with provenance) and GPU presets."""
+"""Hardware descriptions: wafers (PLMR constants with provenance), GPU presets and the GPU
+roofline baseline of LLM inference (:mod:`waferllm.hardware.gpu_roofline`)."""
 
 from waferllm.hardware.gpu import GPUS, GPUSpec, get_gpu
 from waferllm.hardware.plmr import (

@@ -32,9 +32,15 @@ STATUSES = ("measured", "derived", "assumed", "calibrated", "user")
 class Provenance:
     source: str
     status: str
+    # (low, high): the values an uncertain constant could plausibly take; predictions
+    # report the band they span (see waferllm.calibration.band)
+    range: tuple[float, float] | None = None
 
     def to_dict(self) -> dict:
-        return {"source": self.source, "status": self.status}
+        out = {"source": self.source, "status": self.status}
+        if self.range is not None:
+            out["range"] = list(self.range)
+        return out
 
 
 # name -> (type, must be > 0, unit, meaning)
@@ -59,12 +65,29 @@ _FIELDS: dict[str, tuple[type, bool, str, str]] = {
     "task_switch_cycles": (float, False, "cycles",
                            "fixed cost of switching a PE to its next task (one per op or collective), paid outside "
                            "the op's own time"),
+    "calibration_error": (float, False, "fraction",
+                          "largest relative error of the cost model on this wafer's absolute measurements after its "
+                          "fit (0: never measured); it widens every predicted band"),
     "ops_exp": (float, True, "ops/elem", "SIMD ops per element of exp (no transcendental unit)"),
     "ops_silu": (float, True, "ops/elem", "SIMD ops per element of SiLU(g) * u"),
     "ops_rmsnorm_scale": (float, True, "ops/elem", "SIMD ops per element of RMSNorm's x * rsqrt(mean) * w"),
     "ops_rope": (float, True, "ops/elem", "SIMD ops per element of RoPE with per-token cos/sin tables"),
     "ops_div": (float, True, "ops/elem", "SIMD ops per element of a division"),
-    "power_w": (float, True, "W", "whole-system power while running"),
+    "power_w": (float, True, "W", "whole-system power while running: a cross-check (power x time), not the energy"),
+    "mac_energy_fp16_pj": (float, False, "pJ/MAC",
+                           "energy of one fp16 multiply-accumulate (fp16 product, fp32 accumulation) in a PE's "
+                           "datapath; a vector op of one flop counts as half a MAC"),
+    "mac_energy_fp32_pj": (float, False, "pJ/MAC",
+                           "energy of one fp32 multiply-accumulate in a PE's datapath; a vector op of one flop "
+                           "counts as half a MAC"),
+    "sram_read_energy_pj_per_byte": (float, False, "pJ/B", "energy to read one byte from a PE's local SRAM"),
+    "sram_write_energy_pj_per_byte": (float, False, "pJ/B", "energy to write one byte into a PE's local SRAM"),
+    "fabric_energy_pj_per_bit_hop": (float, False, "pJ/(bit hop)",
+                                     "energy to move one bit one hop on the fabric: a router traversal plus the wire "
+                                     "to the neighbouring PE"),
+    "static_power_w": (float, False, "W",
+                       "static power of the whole system while a program runs, busy or not: wafer leakage plus "
+                       "always-on load (cooling, power conversion, I/O); charged for the critical-path time"),
 }
 
 DTYPE_BYTES = {"fp16": 2, "fp32": 4}
@@ -91,12 +114,19 @@ class WaferSpec:
     step_overhead_cycles: float
     collective_overhead_cycles: float
     task_switch_cycles: float
+    calibration_error: float
     ops_exp: float
     ops_silu: float
     ops_rmsnorm_scale: float
     ops_rope: float
     ops_div: float
     power_w: float
+    mac_energy_fp16_pj: float
+    mac_energy_fp32_pj: float
+    sram_read_energy_pj_per_byte: float
+    sram_write_energy_pj_per_byte: float
+    fabric_energy_pj_per_bit_hop: float
+    static_power_w: float
     defective_pes: frozenset = frozenset()
     description: str = ""
     provenance: Mapping[str, Provenance] = field(default_factory=dict, compare=False)
@@ -121,6 +151,12 @@ class WaferSpec:
     def macs_per_cycle(self, dtype: str) -> float:
         try:
             return {"fp16": self.fp16_macs_per_cycle, "fp32": self.fp32_macs_per_cycle}[dtype]
+        except KeyError:
+            raise HardwareError(f"unsupported dtype {dtype!r}; expected one of fp16, fp32") from None
+
+    def mac_energy_pj(self, dtype: str) -> float:
+        try:
+            return {"fp16": self.mac_energy_fp16_pj, "fp32": self.mac_energy_fp32_pj}[dtype]
         except KeyError:
             raise HardwareError(f"unsupported dtype {dtype!r}; expected one of fp16, fp32") from None
 
@@ -213,6 +249,12 @@ class WaferSpec:
             "beta_cycles": self.beta_cycles,
             "routable_routes_per_pe": self.routable_routes_per_pe,
             "power_w": self.power_w,
+            "static_power_w": self.static_power_w,
+            "mac_energy_fp16_pj": self.mac_energy_fp16_pj,
+            "mac_energy_fp32_pj": self.mac_energy_fp32_pj,
+            "sram_read_energy_pj_per_byte": self.sram_read_energy_pj_per_byte,
+            "sram_write_energy_pj_per_byte": self.sram_write_energy_pj_per_byte,
+            "fabric_energy_pj_per_bit_hop": self.fabric_energy_pj_per_bit_hop,
         }
 
 
@@ -235,6 +277,18 @@ def _coerce(key: str, value: Any, where: str):
     if not positive and num < 0:
         raise HardwareError(f"{where}: {key} must be >= 0, got {value!r}")
     return num
+
+
+def _coerce_range(key: str, value: Any, where: str) -> tuple[float, float] | None:
+    if value is None:
+        return None
+    try:
+        lo, hi = (_coerce(key, v, where) for v in value)
+    except (TypeError, ValueError):
+        raise HardwareError(f"{where}: {key}.range must be [low, high], got {value!r}") from None
+    if lo > hi:
+        raise HardwareError(f"{where}: {key}.range must be [low, high] with low <= high, got {value!r}")
+    return (lo, hi)
 
 
 def _coerce_defects(value: Any, where: str) -> frozenset:
@@ -275,7 +329,7 @@ def from_mapping(data: Mapping[str, Any], where: str = "<mapping>", base: WaferS
             status = str(raw.get("status", "user"))
             if status not in STATUSES:
                 raise HardwareError(f"{where}: {key}.status must be one of {', '.join(STATUSES)}, got {status!r}")
-            prov[key] = Provenance(str(raw.get("source", where)), status)
+            prov[key] = Provenance(str(raw.get("source", where)), status, _coerce_range(key, raw.get("range"), where))
             raw = raw["value"]
         else:
             prov[key] = Provenance(where, "user")
@@ -339,7 +393,3 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
         key, value = item.split("=", 1)
         out[key.strip()] = value.strip()
     return out
-
-
-def field_docs() -> dict[str, tuple[str, str]]:
-    return {k: (v[2], v[3]) for k, v in _FIELDS.items()}

@@ -16,6 +16,8 @@ With ``ring="plain"`` the same code is Cannon on a mesh (its wrap-around is N-1 
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 
 from waferllm.errors import MeshError
@@ -44,19 +46,26 @@ def skew_rounds(n: int, ring: str = "interleave") -> int:
     return int(np.minimum(k, n - k).max()) if n > 1 else 0
 
 
-def skew_blocks(n: int, ring: str, operand: str) -> dict:
-    """Block map of a pre-skewed operand: which logical block each PE holds."""
+@lru_cache(maxsize=64)
+def _skew_kappa(n: int, ring: str) -> np.ndarray:
     order = np.asarray(ring_order(n, ring))
     rho = ring_rank(n, ring)
-    ii, jj = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
-    kappa = order[(rho[ii] + rho[jj]) % n]
+    kappa = order[(rho[:, None] + rho[None, :]) % n]
+    kappa.setflags(write=False)
+    return kappa
+
+
+def skew_blocks(n: int, ring: str, operand: str) -> dict:
+    """Block map of a pre-skewed operand: which logical block each PE holds."""
+    kappa = _skew_kappa(n, ring)
+    ii, jj = np.broadcast_to(np.arange(n)[:, None], (n, n)), np.broadcast_to(np.arange(n)[None, :], (n, n))
     return {0: kappa, 1: jj} if operand == "B" else {0: ii, 1: kappa}
 
 
 def place_b(mesh, b, dtype="fp16", ring="interleave", name="B") -> DistTensor:
     """Place a weight [K, N] pre-skewed for MeshGEMM (placement itself is not charged)."""
     n = _square(mesh, "MeshGEMM")
-    return mesh.place(b, ("y", "x"), dtype, name=name, blocks=skew_blocks(n, ring, "B") if mesh.numeric else None)
+    return mesh.place(b, ("y", "x"), dtype, name=name, blocks=skew_blocks(n, ring, "B"))
 
 
 def skew_a(a: DistTensor, ring: str = "interleave", name="skew_A") -> DistTensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from waferllm.mesh.compute import task
 from waferllm.mesh.tensor import DistTensor
 
 
@@ -52,7 +53,7 @@ def measured(mesh, algo: str):
     relayed_before = sum(mesh.routes.relayed.values())
     sram_before = mesh.sram.peak_bytes
     mesh.sram.peak_bytes = mesh.sram.used_max()
-    with mesh.ledger.span(algo), mesh.routes.window() as routes:
+    with mesh.ledger.span(algo), task(mesh), mesh.routes.window() as routes:
         yield rep
     rep.routes_per_pe = routes["peak"]
     d = mesh.ledger.since(mark)

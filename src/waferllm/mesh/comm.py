@@ -30,10 +30,16 @@ def _check_axis(axis: str) -> int:
     return AXES[axis]
 
 
-def _charge_comm(mesh, name, nbytes_per_pe, hops, stages=0, rounds=1, links_shared=1, messages=None, relayed=False,
-                 collective=False):
-    """Charge ``rounds`` messages of ``nbytes_per_pe`` per PE; a ``collective`` (broadcast,
-    multicast) also pays its fixed set-up cost and a task switch."""
+def charge_messages(mesh, name: str, nbytes_per_pe: float, hops: int, stages: int = 0, rounds: int = 1,
+                    links_shared: int = 1, messages: int | None = None, relayed: bool = False,
+                    collective: bool = False) -> float:
+    """Charge ``rounds`` rounds in which every PE (or ``messages`` senders per round in all)
+    sends ``nbytes_per_pe`` over ``hops`` hops and ``stages`` software relays; flows that
+    share a link serialise on it (``links_shared``). A ``collective`` (broadcast,
+    multicast) also pays its fixed set-up cost and a task switch. Returns the cycles.
+
+    For kernels whose tiles move in a pattern the tensor primitives do not express (the
+    folded rings of :func:`waferllm.kernels.meshgemm.meshgemm_rect`)."""
     w = mesh.wafer
     per_round = message_cycles(w, nbytes_per_pe, hops, stages, links_shared)
     pes = mesh.rows * mesh.cols
@@ -80,8 +86,8 @@ def shift(t: DistTensor, axis: str, direction: int = 1, fill: float = 0.0, name:
         tiles[tuple(edge)] = fill
     n = mesh.axis_size(axis)
     if n > 1:
-        _charge_comm(mesh, name, t.bytes_per_pe, hops=1, messages=mesh.rows * mesh.cols * (n - 1) // n)
-    return t.with_tiles(tiles, blocks=None if t.blocks is None else t.blocks)
+        charge_messages(mesh, name, t.bytes_per_pe, hops=1, messages=mesh.rows * mesh.cols * (n - 1) // n)
+    return t.with_tiles(tiles)
 
 
 def ring_shift(t: DistTensor, axis: str, steps=1, ring: str = "interleave", name: str = "ring_shift") -> DistTensor:
@@ -106,22 +112,15 @@ def ring_shift(t: DistTensor, axis: str, steps=1, ring: str = "interleave", name
     mesh.routes.request(f"{name}[{ring}]", 3, relayable=False)
     hops = ring_max_hops(n, ring)
     # flows of one step that share a directed link serialise on it
-    _charge_comm(mesh, name, t.bytes_per_pe, hops=hops, rounds=rounds, links_shared=ring_max_link_load(n, ring))
-    if not mesh.numeric:
-        return t.with_tiles(None)
+    charge_messages(mesh, name, t.bytes_per_pe, hops=hops, rounds=rounds, links_shared=ring_max_link_load(n, ring))
     src = ring_source(n, ring, steps_arr)  # (n,) or (lines, n)
-    ii, jj = _grid(mesh)
     if src.ndim == 1:
         # the same rotation on every line: index one mesh axis only (much cheaper)
-        idx = (ii, src[jj]) if axis == "x" else (src[ii], jj)
-        tiles = t.tiles[:, src] if axis == "x" else t.tiles[src]
-        return t.with_tiles(tiles, blocks=_moved_blocks(t, idx, ii, jj))
-    if axis == "x":
-        idx = (ii, np.broadcast_to(src, (mesh.rows, n)) if src.ndim == 2 else np.broadcast_to(src, ii.shape))
-    else:
-        s = src.T if src.ndim == 2 else src[:, None]
-        idx = (np.broadcast_to(s, ii.shape), jj)
-    return t.with_tiles(t.tiles[idx], blocks=_moved_blocks(t, idx, ii, jj))
+        tiles = None if t.tiles is None else (t.tiles[:, src] if axis == "x" else t.tiles[src])
+        return t.with_moved_tiles(tiles, axis, src)
+    ii, jj = _grid(mesh)
+    idx = (ii, src) if axis == "x" else (src.T, jj)
+    return t.with_tiles(None if t.tiles is None else t.tiles[idx], blocks=_moved_blocks(t, idx, ii, jj))
 
 
 def _moved_blocks(t: DistTensor, idx, ii, jj):
@@ -131,7 +130,7 @@ def _moved_blocks(t: DistTensor, idx, ii, jj):
     base = {0: ii, 1: jj}
     for dim, a in enumerate(t.layout):
         if a is not None:
-            blocks[dim] = np.asarray(blocks.get(dim, base[AXES[a]]))[idx]
+            blocks[dim] = np.broadcast_to(blocks.get(dim, base[AXES[a]]), ii.shape)[idx]
     return blocks or None
 
 
@@ -158,7 +157,7 @@ def broadcast(t: DistTensor, axis: str, root=0, routes_per_pe: int = 1, name: st
     if not hardware:
         mesh.ledger.note(f"{name}: {routes_per_pe} routes/PE exceed the router's {mesh.routes.budget}; relayed in software")
     if n > 1:
-        _charge_comm(mesh, name, t.bytes_per_pe, hops=hops, stages=stages, relayed=not hardware,
+        charge_messages(mesh, name, t.bytes_per_pe, hops=hops, stages=stages, relayed=not hardware,
                      messages=mesh.rows * mesh.cols // n, collective=True)
     d = t.axis_dim(axis)
     layout = list(t.layout)
@@ -200,7 +199,7 @@ def multicast(t: DistTensor, axis: str, root: int, lo: int, hi: int, name: str =
     mesh.routes.request(name, 1, relayable=False)
     hops = max(abs(root - lo), abs(hi - 1 - root))
     if hops:
-        _charge_comm(mesh, name, t.bytes_per_pe, hops=hops, messages=(hi - lo) * (mesh.rows * mesh.cols // n),
+        charge_messages(mesh, name, t.bytes_per_pe, hops=hops, messages=(hi - lo) * (mesh.rows * mesh.cols // n),
                      collective=True)
     tiles = None
     if t.tiles is not None:
@@ -448,11 +447,11 @@ def gather(t: DistTensor, to: tuple[int, int] = (0, 0), name: str = "gather"):
             f"needs {total - cap:,} B more than its {cap:,} B free"
         )
     hops = max(r, mesh.rows - 1 - r) + max(c, mesh.cols - 1 - c)
-    _charge_comm(mesh, name, total, hops=hops, messages=1)
+    charge_messages(mesh, name, total, hops=hops, messages=1)
     return t.to_global() if t.tiles is not None else None
 
 
-def replace(t: DistTensor, mesh, layout, dtype: str | None = None, name: str = "replace") -> DistTensor:
+def relayout(t: DistTensor, mesh, layout, dtype: str | None = None, name: str = "relayout") -> DistTensor:
     """Re-place a tensor onto another region and/or layout (e.g. prefill -> decode).
 
     Cost model: every PE injects its source tile and receives its destination tile
@@ -473,7 +472,7 @@ def replace(t: DistTensor, mesh, layout, dtype: str | None = None, name: str = "
 
 def charge_move(ledger, ra, rb, total: float, src_bytes_per_pe: float, dst_bytes_per_pe: float,
                 name: str = "replace") -> float:
-    """Charge moving ``total`` bytes from region ``ra`` to region ``rb`` (see :func:`replace`):
+    """Charge moving ``total`` bytes from region ``ra`` to region ``rb`` (see :func:`relayout`):
     every PE injects its source bytes and receives its destination bytes through one ramp
     each, and the hop-bytes must cross the links of the rectangle spanning both regions."""
     w = ledger.wafer
@@ -490,3 +489,7 @@ def charge_move(ledger, ra, rb, total: float, src_bytes_per_pe: float, dst_bytes
     cycles = 2 * w.ramp_cycles + w.alpha_cycles * max_hops + max(ramp_time, link_time)
     return ledger.charge(name, "comm", cycles, bytes_moved=total, hop_bytes=total * mean_hops,
                          messages=ra.pes, sram_read_bytes=total, sram_write_bytes=total)
+
+
+# the former name, kept until every caller says relayout
+replace = relayout

@@ -8,6 +8,7 @@ fp32 accumulation (mixed precision), then stored in the tensor's dtype.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -19,19 +20,40 @@ from waferllm.mesh.cost import compute_cycles, vector_cycles
 from waferllm.mesh.tensor import NP_DTYPES, DistTensor
 
 
-def _charge(mesh, name, cycles, flops_per_pe, read_bytes, write_bytes):
+def _charge(mesh, name, cycles, flops_per_pe, read_bytes, write_bytes, *, dtype="fp32"):
+    """Charge one compute op on every PE of ``mesh``: its cycles, flops, SRAM traffic, and its
+    multiply-accumulates counted by ``dtype`` (``macs_fp16`` / ``macs_fp32``, a MAC being 2 flops,
+    so a one-flop vector op counts as half a MAC) for the energy of the datapath."""
+    if dtype not in ("fp16", "fp32"):
+        raise MeshError(f"{name}: unsupported dtype {dtype!r}; expected fp16 or fp32")
     pes = mesh.rows * mesh.cols
-    out = mesh.ledger.charge(name, "compute", cycles, flops=flops_per_pe * pes,
+    flops = flops_per_pe * pes
+    out = mesh.ledger.charge(name, "compute", cycles, flops=flops, **{f"macs_{dtype}": flops / 2},
                              sram_read_bytes=read_bytes * pes, sram_write_bytes=write_bytes * pes)
     charge_task_switch(mesh)
     return out
 
 
 def charge_task_switch(mesh) -> None:
-    """Every op (or collective) is a task the PE switches to: a fixed cost outside the op's own time."""
+    """Every op (or collective) is a task the PE switches to: a fixed cost outside the op's
+    own time. Inside a kernel's :func:`task` the switch was paid once on entering it."""
     cycles = mesh.wafer.task_switch_cycles
-    if cycles:
+    if cycles and not mesh.ledger.task_depth:
         mesh.ledger.charge("task_switch", "overhead", cycles)
+
+
+@contextmanager
+def task(mesh):
+    """Run a kernel as one task: its steps (a Cannon step's product and shifts, a GEMV's
+    local product and allreduce) follow one another inside it, so the PE pays one task
+    switch to enter the kernel, not one per step."""
+    led = mesh.ledger
+    charge_task_switch(mesh)
+    led.task_depth += 1
+    try:
+        yield
+    finally:
+        led.task_depth -= 1
 
 
 def matmul_tiles(mesh, a_tiles, b_tiles, acc=None, transpose_b=False, dtype="fp32", name="tile_matmul",
@@ -51,7 +73,7 @@ def matmul_tiles(mesh, a_tiles, b_tiles, acc=None, transpose_b=False, dtype="fp3
     macs = batch * m * k * n
     item = 2 if dtype == "fp16" else 4
     _charge(mesh, name, compute_cycles(mesh.wafer, macs, dtype), 2 * macs,
-            item * batch * (m * k + k * n + m * n), 4 * batch * m * n)
+            item * batch * (m * k + k * n + m * n), 4 * batch * m * n, dtype=dtype)
     if a_tiles is None:
         return None
     return _batched_matmul(a_tiles, b_tiles, acc, transpose_b)
@@ -127,7 +149,7 @@ def elementwise(fn, *tensors: DistTensor, ops_per_elem: float = 1.0, name: str =
     elems = ref.tile_elems
     dt = dtype or ref.dtype
     _charge(mesh, name, vector_cycles(mesh.wafer, elems, dt, ops_per_elem), ops_per_elem * elems,
-            sum(t.bytes_per_pe for t in tensors), ref.bytes_per_pe)
+            sum(t.bytes_per_pe for t in tensors), ref.bytes_per_pe, dtype=dt)
     tiles = None
     if mesh.numeric:
         # padding (reset to zero below) may divide 0 by 0; real elements never do
@@ -149,7 +171,8 @@ def tile_reduce(t: DistTensor, dim: int, op: str = "sum", name: str = "tile_redu
     dim = dim % len(t.shape)
     axis = t.layout[dim]
     _charge(mesh, name, vector_cycles(mesh.wafer, t.tile_elems, t.dtype, 2 if op == "sumsq" else 1),
-            t.tile_elems * (2 if op == "sumsq" else 1), t.bytes_per_pe, t.bytes_per_pe // max(t.tile_shape[dim], 1))
+            t.tile_elems * (2 if op == "sumsq" else 1), t.bytes_per_pe, t.bytes_per_pe // max(t.tile_shape[dim], 1),
+            dtype=t.dtype)
     shape = list(t.shape)
     layout = list(t.layout)
     shape[dim] = 1

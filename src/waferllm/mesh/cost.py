@@ -1,14 +1,49 @@
-"""Cycle costs of the fabric's basic events, from the wafer's PLMR constants only.
+"""Cycle and energy costs of the fabric's basic events, from the wafer's constants only.
 
 A message of ``b`` bytes that travels ``h`` hops through ``s`` software routing stages
 costs ``ramp (out) + alpha*h + beta*s + ramp (in) + b / link_bytes_per_cycle``: the
 head pays the latency, the body streams behind it at link rate (wormhole routing).
 ``links_shared`` > 1 when several flows of one step serialise on the same link.
+
+Energy is earned from the counted events: multiply-accumulates by dtype, SRAM bytes
+read and written, bit-hops on the fabric, plus the system's static power for the time
+on the critical path (:func:`energy_breakdown_j`).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Mapping
+
+PJ = 1e-12
+
+# ledger counter -> energy term it pays for
+ENERGY_COUNTERS = ("macs_fp16", "macs_fp32", "sram_read_bytes", "sram_write_bytes", "hop_bytes")
+ENERGY_TERMS = ("compute_fp16", "compute_fp32", "sram_read", "sram_write", "fabric", "static")
+
+
+def energy_breakdown_j(wafer, counters: Mapping[str, float], seconds: float) -> dict[str, float]:
+    """Joules per term for a run with these event counts lasting ``seconds`` on the critical path.
+
+    A pure function of the counters, so it applies as well to a ledger delta or to counters
+    scaled for an extrapolated run. ``sum(result.values())`` is the energy.
+    """
+    if seconds < 0:
+        raise ValueError(f"seconds must be >= 0, got {seconds!r}")
+    get = counters.get
+    return {
+        "compute_fp16": float(get("macs_fp16", 0.0)) * wafer.mac_energy_fp16_pj * PJ,
+        "compute_fp32": float(get("macs_fp32", 0.0)) * wafer.mac_energy_fp32_pj * PJ,
+        "sram_read": float(get("sram_read_bytes", 0.0)) * wafer.sram_read_energy_pj_per_byte * PJ,
+        "sram_write": float(get("sram_write_bytes", 0.0)) * wafer.sram_write_energy_pj_per_byte * PJ,
+        "fabric": 8.0 * float(get("hop_bytes", 0.0)) * wafer.fabric_energy_pj_per_bit_hop * PJ,
+        "static": wafer.static_power_w * float(seconds),
+    }
+
+
+def energy_j(wafer, counters: Mapping[str, float], seconds: float) -> float:
+    """The sum of :func:`energy_breakdown_j` (same order, so equal to summing the breakdown)."""
+    return sum(energy_breakdown_j(wafer, counters, seconds).values())
 
 
 def message_cycles(wafer, nbytes: float, hops: float, stages: float = 0, links_shared: int = 1) -> float:

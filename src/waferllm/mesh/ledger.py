@@ -8,6 +8,9 @@ block costs ``max(compute, comm)``; outside it they follow one another.
 
 Spans (phase > layer > op > primitive) group events; ``breakdown()`` sums cycles by
 span name at any depth and ``chrome_trace()`` exports a Perfetto-readable trace.
+
+Energy is earned from the counters (MACs by dtype, SRAM bytes, bit-hops) plus static
+power for the critical-path time: ``energy_breakdown_j()``; ``energy_j`` is its sum.
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from waferllm.mesh.cost import energy_breakdown_j as _energy_breakdown_j
+
 COUNTERS = (
-    "flops", "bytes_moved", "hop_bytes", "sram_read_bytes", "sram_write_bytes",
+    "flops", "macs_fp16", "macs_fp32", "bytes_moved", "hop_bytes", "sram_read_bytes", "sram_write_bytes",
     "routing_stages", "relayed_transfers", "messages",
 )
 
@@ -62,6 +67,7 @@ class Ledger:
         self._stack: list[str] = []
         self._overlap: _Overlap | None = None
         self._group: dict | None = None
+        self.task_depth = 0  # > 0 inside a kernel that runs as one task (see compute.task)
 
     # ---- structure ---------------------------------------------------------
     @contextmanager
@@ -163,6 +169,7 @@ class Ledger:
         par = _Parallel(self, self.cycles)
         yield par
         self.cycles = par.start + par.longest
+        self.exposed_comm_cycles += par.exposed
 
     def replay(self, delta: dict, name: str) -> None:
         """Charge again the cost of an identical program run measured by ``since()``.
@@ -201,7 +208,27 @@ class Ledger:
 
     @property
     def energy_j(self) -> float:
-        """Whole-system power for the time on the critical path (see the wafer's power_w provenance)."""
+        """Energy earned by the executed events plus static power x time: the sum of ``energy_breakdown_j()``."""
+        return sum(self.energy_breakdown_j().values())
+
+    def energy_breakdown_j(self, delta: dict | None = None, seconds: float | None = None) -> dict[str, float]:
+        """Joules by term (``compute_fp16``, ``compute_fp32``, ``sram_read``, ``sram_write``, ``fabric``,
+        ``static``) of the whole ledger, or of ``delta`` (a ``since(mark)`` result, or counters scaled
+        from one). ``seconds`` (critical-path time, for the static term) defaults to the ledger's or
+        the delta's own."""
+        counters = self.totals if delta is None else delta
+        if seconds is None:
+            if delta is None:
+                seconds = self.seconds
+            elif "seconds" in delta:
+                seconds = delta["seconds"]
+            else:
+                seconds = self.wafer.cycles_to_seconds(delta["cycles"])
+        return _energy_breakdown_j(self.wafer, counters, seconds)
+
+    @property
+    def energy_power_x_time_j(self) -> float:
+        """Cross-check only: the wafer's whole-system ``power_w`` x the critical-path time."""
         return self.wafer.power_w * self.seconds
 
     def mark(self, per_primitive: bool = False) -> dict:
@@ -249,6 +276,8 @@ class Ledger:
             "exposed_comm_cycles": self.exposed_comm_cycles,
             "overhead_cycles": self.overhead_cycles,
             "energy_j": self.energy_j,
+            "energy_breakdown_j": self.energy_breakdown_j(),
+            "energy_power_x_time_j": self.energy_power_x_time_j,
             **{k: self.totals.get(k, 0.0) for k in COUNTERS},
             "by_primitive": dict(self.by_primitive),
             "notes": list(self.notes),
@@ -280,17 +309,26 @@ def _plain(v):
 
 
 class _Parallel:
+    """Branches start together; the block costs the slowest, and its exposed communication
+    is that branch's (the others' is hidden behind it)."""
+
     def __init__(self, ledger: Ledger, start: float):
         self.ledger = ledger
         self.start = start
         self.longest = 0.0
+        self.exposed = 0.0  # exposed communication of the slowest branch so far
 
     @contextmanager
     def branch(self):
         led = self.ledger
         led.cycles = self.start
+        exposed_before = led.exposed_comm_cycles
         try:
             yield led
         finally:
-            self.longest = max(self.longest, led.cycles - self.start)
+            took = led.cycles - self.start
+            exposed = led.exposed_comm_cycles - exposed_before
+            if took > self.longest or (took == self.longest and exposed > self.exposed):
+                self.longest, self.exposed = took, exposed
+            led.exposed_comm_cycles = exposed_before
             led.cycles = self.start

@@ -66,6 +66,3 @@ class Mesh:
         tshape = tile_shape_for(shape, check_layout(shape, layout), self.shape)
         tiles = np.zeros((self.rows, self.cols, *tshape), NP_DTYPES[dtype]) if self.numeric else None
         return DistTensor(self, shape, layout, dtype, tiles, name=name, partial=partial)
-
-    def tiles_like(self, shape, layout, dtype, tiles, name, **kw) -> DistTensor:
-        return DistTensor(self, shape, layout, dtype, tiles if self.numeric else None, name=name, **kw)

@@ -7,7 +7,10 @@ do not divide are zero-padded, and the pad never reaches ``to_global()``.
 
 Two extras make algorithm states exact:
 - ``blocks``: for a split dim, which logical block each PE holds (default: its own
-  coordinate). Skewed and rotating operands (Cannon, MeshGEMM) carry it.
+  coordinate). Skewed and rotating operands (Cannon, MeshGEMM) carry it, in dry runs
+  too (a move is priced from it). A rotation that is the same on every line is kept as
+  a pending permutation of rows and columns and applied only when ``blocks`` is read,
+  so a kernel's N ring steps cost O(N) each, not O(PEs).
 - ``partial``: ``("y"|"x", "sum"|"max")`` when the logical value is the reduction of the
   tiles along a mesh axis (a GEMV's partial products before the allreduce).
 
@@ -58,11 +61,11 @@ def tile_shape_for(shape, layout, mesh_shape) -> tuple[int, ...]:
 class DistTensor:
     """A logical tensor distributed over a mesh; see the module docstring."""
 
-    __slots__ = ("mesh", "shape", "layout", "dtype", "tiles", "tile_shape", "blocks", "partial", "name",
+    __slots__ = ("mesh", "shape", "layout", "dtype", "tiles", "tile_shape", "_blocks", "_moved", "partial", "name",
                  "_handle", "_view", "_elems", "_host", "__weakref__")
 
     def __init__(self, mesh, shape, layout, dtype, tiles=None, *, name="tensor", blocks=None, partial=None,
-                 tile_shape=None, charge_sram=True, host_f32=False):
+                 tile_shape=None, charge_sram=True, host_f32=False, moved=None):
         self.mesh = mesh
         self.shape = tuple(int(s) for s in shape)
         self.layout = check_layout(self.shape, layout)
@@ -81,7 +84,10 @@ class DistTensor:
         elif mesh.numeric:
             raise MeshError(f"{name}: numeric mesh needs tile data")
         self.tiles = tiles if mesh.numeric else None
-        self.blocks = blocks
+        self._blocks = blocks
+        # (py, px): the tile on PE (i, j) is the one ``blocks`` puts on PE (py[i], px[j])
+        # (None on an axis: no move along it); see with_moved_tiles
+        self._moved = moved if moved is not None and any(a for a in self.layout) else None
         self.partial = partial
         self.name = name
         self._handle = None
@@ -91,6 +97,41 @@ class DistTensor:
         if charge_sram:
             self._handle = mesh.sram.alloc(name, self.bytes_per_pe)
             weakref.finalize(self, mesh.sram.free, self._handle)
+
+    # ---- block maps ----------------------------------------------------------
+    @property
+    def blocks(self) -> dict | None:
+        """Split dim -> (rows, cols) array of the block each PE holds (None: every PE its own)."""
+        if self._moved is not None:
+            py, px = self._moved
+            r, c = self.mesh.shape
+            rows = np.arange(r) if py is None else np.asarray(py)
+            cols = np.arange(c) if px is None else np.asarray(px)
+            base = self._blocks or {}
+            out = {}
+            for d, a in enumerate(self.layout):
+                if a is None:
+                    continue
+                b = base.get(d)
+                if b is None:  # its own coordinate, taken from where the tile came from
+                    own = rows[:, None] if a == "y" else cols[None, :]
+                    out[d] = np.broadcast_to(own, (r, c))
+                else:
+                    out[d] = np.broadcast_to(b, (r, c))[rows[:, None], cols[None, :]]
+            self._blocks, self._moved = out, None
+        return self._blocks
+
+    def with_moved_tiles(self, tiles, axis: str, src, *, name=None) -> "DistTensor":
+        """The tensor after its tiles moved along ``axis`` the same way on every line: the tile
+        now at position p of a line came from position ``src[p]``. The block map is updated
+        in O(line length); ``blocks`` applies it when read."""
+        src = np.asarray(src)
+        py, px = self._moved or (None, None)
+        if axis == "y":
+            py = src if py is None else np.asarray(py)[src]
+        else:
+            px = src if px is None else np.asarray(px)[src]
+        return self.with_tiles(tiles, name=name, blocks=self._blocks, moved=(py, px))
 
     # ---- sizes -------------------------------------------------------------
     @property
@@ -122,7 +163,7 @@ class DistTensor:
             return self
         if self._view is None:
             self._view = DistTensor(self.mesh, self.shape, self.layout, self.dtype, self.tiles.astype(np.float32),
-                                    name=self.name, blocks=self.blocks, partial=self.partial,
+                                    name=self.name, blocks=self._blocks, moved=self._moved, partial=self.partial,
                                     tile_shape=self.tile_shape, charge_sram=False, host_f32=True)
         return self._view
 
@@ -232,8 +273,10 @@ class DistTensor:
             mask = valid if mask is None else mask & valid
         return mask
 
-    def with_tiles(self, tiles, *, name=None, layout=None, shape=None, blocks="keep", partial="keep", dtype=None) -> "DistTensor":
+    def with_tiles(self, tiles, *, name=None, layout=None, shape=None, blocks="keep", partial="keep", dtype=None,
+                   moved=None) -> "DistTensor":
         """A new tensor on the same mesh with new tiles and optionally new metadata."""
+        keep = isinstance(blocks, str) and blocks == "keep"
         return DistTensor(
             self.mesh,
             self.shape if shape is None else shape,
@@ -241,7 +284,8 @@ class DistTensor:
             dtype or self.dtype,
             tiles,
             name=name or self.name,
-            blocks=self.blocks if blocks == "keep" else blocks,
+            blocks=self._blocks if keep else blocks,
+            moved=self._moved if keep else moved,
             partial=self.partial if partial == "keep" else partial,
             tile_shape=None if (layout is not None or shape is not None) else self.tile_shape,
             host_f32=(dtype is None or dtype == self.dtype) and tiles is not None and tiles.dtype == np.float32,

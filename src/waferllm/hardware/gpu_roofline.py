@@ -164,6 +164,55 @@ def device_label(gpu: GPUSpec, num_gpus: int) -> str:
 
 
 # --------------------------------------------------------------------------- the baseline
+def _prefill(s: dict, c: dict, spec: GPUSpec, n: int, b: int, Lin: int, dt: int, flops_rate: float,
+             bytes_rate: float, allreduce_latency_s: float) -> dict:
+    """Time to first token and its compute / memory / allreduce parts (see the module docstring)."""
+    E, L, V, q = s["E"], s["L"], s["V"], s["q"]
+    tokens = b * Lin
+    attn_pairs = b * Lin * (Lin + 1) / 2.0  # causal (query, key) pairs per layer
+    flops = (2.0 * c["matmul_layer"] * tokens * L
+             + 4.0 * q * attn_pairs * L
+             + 2.0 * E * V * b)  # LM head, last token of each sequence
+    nbytes = (c["streamed"] * dt
+              + min(tokens, V) * E * dt  # embedding rows looked up
+              + tokens * c["kv_bytes_per_token"]  # K/V written
+              + tokens * c["act_bytes_per_token"])
+    compute_s, memory_s = flops / flops_rate, nbytes / bytes_rate
+    comm_s = 2 * L * allreduce_seconds(tokens * E * dt, spec, n, allreduce_latency_s)
+    return {
+        "ttft_s": max(compute_s, memory_s) + comm_s,
+        "prefill_flops": flops,
+        "prefill_bytes": nbytes,
+        "prefill_compute_s": compute_s,
+        "prefill_memory_s": memory_s,
+        "prefill_comm_s": comm_s,
+        "prefill_bound": "compute" if compute_s >= memory_s else "memory",
+    }
+
+
+def _decode(s: dict, c: dict, spec: GPUSpec, n: int, b: int, Lin: int, Lout: int, dt: int, flops_rate: float,
+            bytes_rate: float, allreduce_latency_s: float) -> dict:
+    """All ``Lout`` decode steps: their exact total, mean (TPOT), first and last step, and what bounds them."""
+    E, L, V, q = s["E"], s["L"], s["V"], s["q"]
+    # step at position p: compute = f0 + f1 p, memory = m0 + m1 p (seconds)
+    f0 = (2.0 * c["matmul_layer"] * L * b + 4.0 * q * L * b + 2.0 * E * V * b) / flops_rate
+    f1 = 4.0 * q * L * b / flops_rate
+    m0 = (c["streamed"] * dt + b * E * dt + b * c["kv_bytes_per_token"] + b * c["act_bytes_per_token"]) / bytes_rate
+    m1 = b * c["kv_bytes_per_token"] / bytes_rate
+    comm_s = 2 * L * allreduce_seconds(b * E * dt, spec, n, allreduce_latency_s)
+    total = _sum_max_lines(f0, f1, m0, m1, Lin, Lout) + Lout * comm_s
+    p_first, p_last = Lin, Lin + Lout - 1
+    mem_bound = [m0 + m1 * p >= f0 + f1 * p for p in (p_first, p_last)]
+    return {
+        "tpot_s": total / Lout,
+        "tpot_first_s": max(f0 + f1 * p_first, m0 + m1 * p_first) + comm_s,
+        "tpot_last_s": max(f0 + f1 * p_last, m0 + m1 * p_last) + comm_s,
+        "decode_s": total,
+        "decode_comm_s_per_token": comm_s,
+        "decode_bound": "memory" if all(mem_bound) else ("compute" if not any(mem_bound) else "mixed"),
+    }
+
+
 def gpu_inference_roofline(
     config: Any,
     gpu: str | GPUSpec,
@@ -197,72 +246,26 @@ def gpu_inference_roofline(
 
     s = _shape(config)
     c = _counts(s)
-    E, L, V, q = s["E"], s["L"], s["V"], s["q"]
-    flops_rate = n * spec.peak_flops_fp16 * mfu
-    bytes_rate = n * spec.hbm_bytes_per_s * mbu
-    kv_bytes_per_token = 2 * L * s["kv"] * dt  # K and V, all layers, one sequence position
-    act_bytes_per_token = L * c["act_values_per_token_layer"] * dt
-    streamed_bytes = c["streamed"] * dt
+    c["kv_bytes_per_token"] = 2 * s["L"] * s["kv"] * dt  # K and V, all layers, one sequence position
+    c["act_bytes_per_token"] = s["L"] * c["act_values_per_token_layer"] * dt
+    rates = (n * spec.peak_flops_fp16 * mfu, n * spec.hbm_bytes_per_s * mbu)  # FLOP/s, bytes/s
+    pre = _prefill(s, c, spec, n, b, Lin, dt, *rates, allreduce_latency_s)
+    dec = _decode(s, c, spec, n, b, Lin, Lout, dt, *rates, allreduce_latency_s)
+
     weights_bytes = c["params"] * dt
-
-    # ---------------------------------------------------------------- prefill
-    tokens = b * Lin
-    attn_pairs = b * Lin * (Lin + 1) / 2.0  # causal (query, key) pairs per layer
-    prefill_flops = (2.0 * c["matmul_layer"] * tokens * L
-                     + 4.0 * q * attn_pairs * L
-                     + 2.0 * E * V * b)  # LM head, last token of each sequence
-    prefill_bytes = (streamed_bytes
-                     + min(tokens, V) * E * dt  # embedding rows looked up
-                     + tokens * kv_bytes_per_token  # K/V written
-                     + tokens * act_bytes_per_token)
-    prefill_compute_s = prefill_flops / flops_rate
-    prefill_memory_s = prefill_bytes / bytes_rate
-    prefill_comm_s = 2 * L * allreduce_seconds(tokens * E * dt, spec, n, allreduce_latency_s)
-    ttft = max(prefill_compute_s, prefill_memory_s) + prefill_comm_s
-
-    # ---------------------------------------------------------------- decode
-    # step at position p: compute = f0 + f1 p, memory = m0 + m1 p (seconds)
-    f0 = (2.0 * c["matmul_layer"] * L * b + 4.0 * q * L * b + 2.0 * E * V * b) / flops_rate
-    f1 = 4.0 * q * L * b / flops_rate
-    m0 = (streamed_bytes + b * E * dt + b * kv_bytes_per_token + b * act_bytes_per_token) / bytes_rate
-    m1 = b * kv_bytes_per_token / bytes_rate
-    decode_comm_s = 2 * L * allreduce_seconds(b * E * dt, spec, n, allreduce_latency_s)
-    decode_total = _sum_max_lines(f0, f1, m0, m1, Lin, Lout) + Lout * decode_comm_s
-    tpot = decode_total / Lout
-    p_first, p_last = Lin, Lin + Lout - 1
-
-    def step(p: int) -> float:
-        return max(f0 + f1 * p, m0 + m1 * p) + decode_comm_s
-
-    compute_first, compute_last = f0 + f1 * p_first, f0 + f1 * p_last
-    memory_first, memory_last = m0 + m1 * p_first, m0 + m1 * p_last
-    mem_bound = (memory_first >= compute_first, memory_last >= compute_last)
-    decode_bound = "memory" if all(mem_bound) else ("compute" if not any(mem_bound) else "mixed")
-
-    # ---------------------------------------------------------------- memory, energy
-    kv_cache_bytes = b * (Lin + Lout) * kv_bytes_per_token
+    kv_cache_bytes = b * (Lin + Lout) * c["kv_bytes_per_token"]
     memory_bytes = weights_bytes + kv_cache_bytes
     capacity = n * spec.hbm_capacity_bytes
-    total_s = ttft + decode_total
+    ttft, tpot = pre["ttft_s"], dec["tpot_s"]
+    total_s = ttft + dec["decode_s"]
     energy_j = spec.power_w * n * total_s
-
     return {
-        "device": device_label(spec, n),
-        "gpu": spec.name,
-        "num_gpus": n,
-        "input_len": Lin,
-        "output_len": Lout,
-        "batch": b,
-        "dtype_bytes": dt,
-        "mfu": mfu,
-        "mbu": mbu,
+        "device": device_label(spec, n), "gpu": spec.name, "num_gpus": n, "input_len": Lin, "output_len": Lout,
+        "batch": b, "dtype_bytes": dt, "mfu": mfu, "mbu": mbu,
         "ttft_s": ttft,
         "tpot_s": tpot,
-        "tpot_first_s": step(p_first),
-        "tpot_last_s": step(p_last),
-        "decode_s": decode_total,
         "total_s": total_s,
-        "prefill_tokens_per_s": tokens / ttft,
+        "prefill_tokens_per_s": b * Lin / ttft,
         "decode_tokens_per_s": 1.0 / tpot,
         "decode_tokens_per_s_all": b / tpot,
         "e2e_tokens_per_s": Lout / total_s,
@@ -274,14 +277,8 @@ def gpu_inference_roofline(
         "weights_bytes": weights_bytes,
         "kv_cache_bytes": kv_cache_bytes,
         "param_count": c["params"],
-        "prefill_flops": prefill_flops,
-        "prefill_bytes": prefill_bytes,
-        "prefill_compute_s": prefill_compute_s,
-        "prefill_memory_s": prefill_memory_s,
-        "prefill_comm_s": prefill_comm_s,
-        "prefill_bound": "compute" if prefill_compute_s >= prefill_memory_s else "memory",
-        "decode_comm_s_per_token": decode_comm_s,
-        "decode_bound": decode_bound,
+        **{k: v for k, v in pre.items() if k != "ttft_s"},
+        **{k: v for k, v in dec.items() if k != "tpot_s"},
         "allreduce_latency_s": allreduce_latency_s if n > 1 else 0.0,
         "assumptions": list(ASSUMPTIONS),
         "source": spec.source,

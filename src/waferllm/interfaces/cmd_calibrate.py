@@ -1,0 +1,84 @@
+"""`waferllm calibrate` (fit the presets' free constants) and `waferllm validate`
+(every SPEC section 5 measurement beside the model's value and its error)."""
+
+from __future__ import annotations
+
+import json
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from waferllm.interfaces.cli import app
+
+
+def _fmt(v: float, unit: str) -> str:
+    if unit == "s":
+        return f"{v * 1e6:.3g} us" if v < 1e-3 else f"{v * 1e3:.3g} ms"
+    if unit == "fraction":
+        return f"{v * 100:.0f}%"
+    if unit == "x":
+        return f"{v:.3g}x"
+    return f"{v:,.5g} {unit}"
+
+
+def validation_table(system: str, rows, title: str) -> Table:
+    t = Table("measurement", "kind", "measured / claimed", "model", "error", "within", title=title)
+    for r in rows:
+        m = r.measurement
+        err = f"{m.error(r.value):+.1%}" if (m.absolute or m.check == "about") else "-"
+        within = ("yes" if r.passes else "[bold red]no[/]") + (f" (±{m.tolerance:.0%})" if m.tolerance else "")
+        t.add_row(m.quantity, m.kind, m.shown(), _fmt(r.value, m.unit), err, within)
+    return t
+
+
+@app.command()
+def validate(
+    wafer: Optional[List[str]] = typer.Option(None, "--wafer", help="Preset(s) to validate (default: wse2 and wse3)."),
+    gpu: bool = typer.Option(True, "--gpu/--no-gpu", help="Also show the GPU measurements against the roofline."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Every SPEC section 5 measurement beside the model's value and the error."""
+    from waferllm.calibration.validate import SYSTEMS, as_dicts, summary, validation_rows
+    from waferllm.hardware import get_wafer
+
+    names = wafer or list(SYSTEMS)
+    wafers = {n: get_wafer(n) for n in names}
+    rows = validation_rows(wafers, gpu=gpu)
+    sums = summary(wafers, rows)
+    if as_json:
+        typer.echo(json.dumps({"rows": as_dicts(rows), "wafers": sums}, indent=2, default=float))
+        return
+    console = Console()
+    for system, rs in rows.items():
+        if system == "gpu":
+            title = "A100 measurements (SGLang) against the ideal GPU roofline: not fitted, shows the roofline's gap"
+        else:
+            s = sums[system]
+            rec = "-" if s["recorded_loss"] is None else f"{s['recorded_loss']:.4f}"
+            title = f"{system}: model against its measurements (loss {s['loss']:.4f}; recorded at the fit: {rec})"
+        console.print(validation_table(system, rs, title))
+
+
+@app.command()
+def calibrate(
+    wafer: Optional[List[str]] = typer.Option(None, "--wafer", help="Preset(s) to fit (default: wse2 and wse3)."),
+    write: bool = typer.Option(False, "--write", help="Store the fitted constants and their provenance in the presets."),
+    rounds: int = typer.Option(2, "--rounds", min=1, help="Rounds over the presets (derived constants flow between them)."),
+    iters: int = typer.Option(60, "--iters", min=1, help="Nelder-Mead iterations per fit."),
+) -> None:
+    """Fit the free constants of the wafer presets to SPEC section 5, absolute measurements first."""
+    from waferllm.calibration.fit import PLANS, calibrate as run
+    from waferllm.errors import HardwareError
+
+    names = tuple(wafer or PLANS)
+    unknown = [n for n in names if n not in PLANS]
+    if unknown:
+        raise HardwareError(f"no calibration plan for {', '.join(unknown)}; presets with measurements: {', '.join(PLANS)}")
+    console = Console()
+    results = run(names, rounds=rounds, iters=iters, write=write, log=console.print)
+    for name, r in results.items():
+        console.print(f"[bold]{name}[/]: " + ", ".join(f"{k}={v:g}" for k, v in r["values"].items())
+                      + f"; loss {r['loss']:.4f}")
+        console.print(validation_table(name, r["rows"], f"{name} after the fit"))
