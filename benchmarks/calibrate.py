@@ -38,7 +38,6 @@ def main() -> None:
     ap.add_argument("--write", action="store_true", help="store the fitted constants in the presets")
     ap.add_argument("--check", action="store_true", help="only evaluate the current presets")
     ap.add_argument("--iters", type=int, default=60)
-    ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--output", help="also write everything printed to this file")
     args = ap.parse_args()
     buf = io.StringIO()
@@ -51,7 +50,7 @@ def main() -> None:
     with redirect_stdout(Tee()):
         if not args.check:
             t0 = time.time()
-            calibrate(rounds=args.rounds, iters=args.iters, write=args.write)
+            calibrate(iters=args.iters, write=args.write)
             print(f"fit took {time.time() - t0:.0f} s")
         wafers = {n: get_wafer(n) for n in SYSTEMS}
         rows = validation_rows(wafers)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from waferllm.engine.llm import LLM
+from waferllm.engine.run_config import RunConfig
 from waferllm.engine.sampling import SamplingParams
 from waferllm.engine.wafer import WaferModel
 from waferllm.errors import RequestError
@@ -53,11 +54,10 @@ def _rel(a, b) -> float:
 def run_wafer(cfg, w, prefill_grid, decode_grid, kv_scheme="shift", dtype="fp32", prompt=PROMPT, steps=STEPS,
               wafer=BIG, tokens=None):
     """Prefill logits [T, V] and the logits of each decode step (tokens: teacher-forced, else greedy)."""
-    wm = WaferModel(cfg, w, wafer, prefill_grid, decode_grid, max_seq_len=len(prompt) + steps + 4, mode="numeric",
-                    dtype=dtype, kv_scheme=kv_scheme)
-    wm.want_prompt_logits = True
+    run = RunConfig(prefill_grid, decode_grid, max_seq_len=len(prompt) + steps + 4, dtype=dtype, kv_scheme=kv_scheme)
+    wm = WaferModel(cfg, w, wafer, run, mode="numeric")
     wm.reset()
-    pre = wm.prefill(prompt)
+    pre = wm.prefill(prompt, prompt_logits=True)
     dec, tok = [], int(np.argmax(pre[-1]))
     for i in range(steps):
         t = tokens[i] if tokens is not None else tok
@@ -237,9 +237,8 @@ def test_smollm2_fp32_logits_match_reference(smollm, smol_ref):
     llm = LLM(smollm, wafer=SMOL_WAFER, prefill_grid=12, decode_grid=11, dtype="fp32", max_model_len=64)
     ids = llm.tokenizer.encode(SMOL_PROMPTS[0], add_special_tokens=True)
     wm = llm.backend
-    wm.want_prompt_logits = True
     wm.reset()
-    pre = wm.prefill(ids)
+    pre = wm.prefill(ids, prompt_logits=True)
     smol_ref.reset()
     ref_pre = smol_ref.prefill(ids)
     assert _rel(pre, ref_pre) < FP32_TOL
@@ -271,16 +270,34 @@ def tiny_llm(tmp_path_factory):
     return LLM(load_model(d), wafer=BIG, prefill_grid=4, decode_grid=5, dtype="fp32", max_model_len=40)
 
 
-def test_llm_metrics_keys(tiny_llm):
-    out = tiny_llm.generate("hello wafer", SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))[0]
-    m = out.metrics
-    for key in ("ttft_s", "tpot_s", "decode_tokens_per_s", "e2e_tokens_per_s", "energy_j", "kv_capacity_tokens"):
-        assert key in m, key
-        assert m[key] > 0, key
-    assert m["host"]["wall_s"] > 0
-    assert m["decode_tokens_per_s"] == pytest.approx(1 / m["tpot_s"])
-    assert m["kv_capacity_tokens"] == tiny_llm.plan.kv_capacity_tokens >= tiny_llm.max_model_len
+def test_llm_metrics_are_the_ledger_figures_of_the_request(tiny_llm):
+    """The request's metrics, recomputed from the wafer's ledger (its events) and the plan."""
+    llm = tiny_llm
+    out = llm.generate("hello wafer", SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))[0]
+    m, wm = out.metrics, llm.backend
     assert out.num_generated == 5 and out.finish_reason == "length"
+    sec = llm.wafer.cycles_to_seconds
+    # every event of the request sits under one phase span; the phases' cycles are the times
+    begin = wm.request_mark["cycles"]  # where this request started on the critical path
+    phase = {"prefill": 0.0, "transition": 0.0, "decode": 0.0}
+    for path, start, end in wm.ledger.spans:
+        if len(path) == 1 and path[0] in phase and start >= begin:
+            phase[path[0]] += end - start
+    assert m["ttft_s"] == pytest.approx(sec(phase["prefill"]), rel=1e-12)
+    assert m["transition_s"] == pytest.approx(sec(phase["transition"]), rel=1e-12)
+    # 5 tokens: the first from the prefill logits, then 4 decode steps
+    assert m["tpot_s"] == pytest.approx(sec(phase["decode"]) / 4, rel=1e-12)
+    assert m["decode_tokens_per_s"] == pytest.approx(4 / sec(phase["decode"]), rel=1e-12)
+    total = sec(sum(phase.values()))
+    assert m["e2e_tokens_per_s"] == pytest.approx(5 / total, rel=1e-12)
+    assert m["prefill_tokens_per_s"] == pytest.approx(len(out.prompt_token_ids) / m["ttft_s"], rel=1e-12)
+    # flops: every charged event's flops (the ledger keeps them all in a numeric run)
+    flops = sum(e.counters.get("flops", 0.0) for e in wm.ledger.events if e.start >= begin)
+    assert m["flops"] == pytest.approx(flops, rel=1e-12)
+    # the KV capacity the placement planned, which holds the whole context
+    assert m["kv_capacity_tokens"] == llm.plan.kv_capacity_tokens >= llm.max_model_len
+    assert m["sram_peak_bytes_per_pe"]["decode"] == max(s.mesh.sram.peak_bytes for s in wm.decode_stages)
+    assert m["host"]["placement_wall_s"] <= m["host"]["wall_s"]
 
 
 def test_llm_greedy_equals_reference(tiny_llm):

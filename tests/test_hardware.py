@@ -199,9 +199,6 @@ def test_regions():
         Region(bad, 8, 8)
     Region(bad, 3, 8)  # rows 0..2: healthy
     Region(bad, 8, 8, row0=4)
-    a, b = Region(w, 4, 4), Region(w, 4, 4, row0=10, col0=6)
-    assert a.distance_to(b) == (10 - 3) + (6 - 3) == b.distance_to(a)
-    assert a.distance_to(a) == 0
 
 
 ENERGY_FIELDS = ("mac_energy_fp16_pj", "mac_energy_fp32_pj", "sram_read_energy_pj_per_byte",

@@ -114,7 +114,8 @@ def test_meshgemm_rect_on_square_equals_meshgemm(n):
     sq = run_gemm("meshgemm", _mesh(n), a, b)
     rect = meshgemm_rect(_mesh(n), a, b, dtype="fp32")
     np.testing.assert_allclose(rect.out.to_global(), sq.out.to_global(), rtol=1e-6, atol=1e-6)
-    for key in ("cycles", "compute_cycles", "comm_cycles", "exposed_comm_cycles", "overhead_cycles"):
+    for key in ("cycles", "compute_cycles", "comm_cycles", "exposed_comm_cycles", "overhead_cycles", "flops",
+                "bytes_moved", "routing_stages"):
         assert getattr(rect.report, key) == getattr(sq.report, key), key
 
 
@@ -215,10 +216,27 @@ def test_gemm_errors():
         meshgemm(a, b)
     with pytest.raises(MeshError, match="square"):
         meshgemm(_mesh(2, 3).place(np.ones((4, 4), np.float32), ("y", "x"), "fp32"), b)
-    with pytest.raises(MeshError):
+    with pytest.raises(MeshError, match="with equal K"):
         meshgemm_rect(_mesh(2, 3), np.ones((4, 5)), np.ones((4, 5)))
-    with pytest.raises(MeshError):
+    with pytest.raises(MeshError, match="numeric mesh needs host arrays"):
         meshgemm_rect(_mesh(2, 3), (4, 5), (5, 4))  # shapes on a numeric mesh
+
+
+@pytest.mark.parametrize("budget,relayed", [(24, False), (3, True)])
+def test_allgather_stages_follow_the_routes(budget, relayed):
+    """Each of the N-1 ring steps moves A's and B's tiles 2 hops at once; on hardware routes
+    nothing is relayed, past the router's budget (N routes) every hop is a software relay."""
+    n, t = 4, 3
+    wafer = WAFER.replace(routable_routes_per_pe=budget)
+    rep = run_gemm("allgather", _mesh(n, mode="dry", wafer=wafer), (n * t, n * t), (n * t, n * t), "fp16").report
+    assert rep.relayed == relayed
+    stages = 2 if relayed else 0
+    tile = t * t * 2
+    step = (2 * wafer.ramp_cycles + 2 * wafer.alpha_cycles + stages * wafer.beta_cycles
+            + np.ceil(tile / wafer.link_bytes_per_cycle))
+    assert rep.comm_cycles == (n - 1) * step
+    assert rep.routing_stages == 2 * (n - 1) * stages  # A's and B's transfers
+    assert rep.bytes_moved == 2 * tile * (n - 1) * n * n
 
 
 # ------------------------------------------------------------------ dist-GEMM-T
@@ -300,7 +318,7 @@ def test_gemv_errors():
     w = mesh.place(np.ones((4, 3), np.float32), ("y", "x"), "fp32")
     with pytest.raises(MeshError, match="unknown GEMV"):
         gemv(x, w, algo="tree")
-    with pytest.raises(MeshError):
+    with pytest.raises(MeshError, match=r"GEMV needs W \(y, x\) with x \(y,\)"):
         gemv(mesh.place(np.ones(4, np.float32), ("x",), "fp32"), w)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -232,7 +234,7 @@ def test_allreduce_of_replicas_sums_them():
     assert np.array_equal(r.to_global(), 3 * np.arange(4.0))
 
 
-# ------------------------------------------------------------------ gather / replace
+# ------------------------------------------------------------------ gather / relayout
 
 
 def test_gather():
@@ -249,26 +251,37 @@ def test_gather():
         comm.gather(big)
 
 
-@pytest.mark.parametrize("dst_layout", [("y", "x"), ("x", "y"), (None, "x"), ("y", None), (None, None)])
+@pytest.mark.parametrize("dst_layout,copies", [(("y", "x"), 1), (("x", "y"), 1), ((None, "x"), 5), (("y", None), 2),
+                                               ((None, None), 10)])
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
-def test_replace(dst_layout, dtype):
-    ledger = None
+def test_relayout(dst_layout, copies, dtype):
+    """A 7x9 tensor leaves a 3x4 region for a disjoint 5x2 one: every element is read once,
+    travels in the narrower dtype, and lands on every PE that needs a copy of it."""
     src = _mesh(3, 4)
     dst = Mesh(Region(WAFER, 5, 2, row0=10, col0=20, name="decode"), ledger=src.ledger)
     a = np.random.default_rng(1).standard_normal((7, 9)).astype(np.float32)
     t = src.place(a, ("y", "x"), "fp32")
-    s = comm.ring_shift(t, "x", 1)  # blocks moved: replace must still see the logical value
+    s = comm.ring_shift(t, "x", 1)  # blocks moved: relayout must still see the logical value
+    mark = src.ledger.mark()
     r = comm.relayout(s, dst, dst_layout, dtype)
     assert r.mesh is dst and r.layout == dst_layout and r.dtype == dtype
     assert np.array_equal(r.to_global(), a.astype(DTYPES[dtype]))
-    assert src.ledger.totals["bytes_moved"] > 0
+    d = src.ledger.since(mark)
+    item = 2 if dtype == "fp16" else 4
+    assert d["sram_read_bytes"] == 63 * item
+    assert d["bytes_moved"] == d["sram_write_bytes"] == 63 * item * copies
+    if dst_layout == (None, None):
+        # every PE needs the whole tensor: a dst PE ejects, and the first link down a
+        # dst column carries, all 63 elements; the farthest pair is (0, 0) -> (14, 21)
+        longest = 14 + 21
+        assert d["cycles"] == (2 * WAFER.ramp_cycles + WAFER.alpha_cycles * longest
+                               + math.ceil(63 * item / WAFER.link_bytes_per_cycle) + WAFER.collective_overhead_cycles)
     other = Mesh(Region(get_wafer("wse3"), 2, 2))
     with pytest.raises(MeshError, match="different wafers"):
         comm.relayout(t, other, ("y", "x"))
-    del ledger
 
 
-def test_replace_partial_tensor():
+def test_relayout_partial_tensor():
     src, dst = _mesh(3, 3), _mesh(2, 2)
     tiles = np.random.default_rng(2).standard_normal((3, 3, 4)).astype(np.float32)
     t = DistTensor(src, (4,), (None,), "fp32", tiles, partial=("y", "sum"))

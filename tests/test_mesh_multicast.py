@@ -31,8 +31,8 @@ def test_multicast_numerics_and_cost(axis):
 def test_multicast_rejects_bad_span_and_split_tensor():
     m = Mesh.square(get_wafer("wse2"), 4)
     t = m.place(np.ones(8, np.float32), ("x",))
-    with pytest.raises(MeshError):
+    with pytest.raises(MeshError, match="split along x"):
         comm.multicast(t, "x", 0, 0, 4)
     r = m.place(np.ones(3, np.float32), (None,))
-    with pytest.raises(MeshError):
+    with pytest.raises(MeshError, match=r"root 5 and span \[0, 4\) must lie in a line of 4"):
         comm.multicast(r, "x", 5, 0, 4)

@@ -45,9 +45,8 @@ PLANS = {
     "wse2": FitPlan(
         "wse2",
         free={"beta_cycles": 30.0, "op_overhead_cycles": 20.0, "step_overhead_cycles": 20.0,
-              "collective_overhead_cycles": 50.0},
+              "collective_overhead_cycles": 50.0, "task_switch_cycles": 50.0},
         lanes=(2.0, 4.0, 8.0),
-        derived={"task_switch_cycles": ("wse3", "the WSE-3 profile's time outside the ops (same runtime software)")},
     ),
     "wse3": FitPlan(
         "wse3",
@@ -124,9 +123,10 @@ def with_derived(wafer: WaferSpec, plan: FitPlan, others: dict[str, WaferSpec]) 
     return wafer.replace(**vals) if vals else wafer
 
 
-def fit(wafer: WaferSpec, plan: FitPlan, iters: int = 80, log=print) -> tuple[dict[str, float], float]:
+def fit(wafer: WaferSpec, plan: FitPlan, iters: int = 80, log=print,
+        measurements: list[Measurement] | None = None) -> tuple[dict[str, float], float]:
     """Best free constants (and fp16 width) for ``wafer``; returns (values, target loss)."""
-    ms = load_measurements(system=plan.wafer)
+    ms = measurements if measurements is not None else load_measurements(system=plan.wafer)
     keys = list(plan.free)
     best = None
     for lane in plan.lanes or (None,):
@@ -197,24 +197,20 @@ def _fitted_keys(wafer: WaferSpec) -> list[str]:
     return [k for k, p in wafer.provenance.items() if p.status == "calibrated" and k != "calibration_error"]
 
 
-def calibrate(names=("wse2", "wse3"), rounds: int = 2, iters: int = 80, write: bool = False, log=print) -> dict:
-    """Fit the presets in turn (derived constants flow between them), ``rounds`` times."""
-    current = {n: get_wafer(n) for n in ("wse2", "wse3")}
+def calibrate(names=("wse2", "wse3"), iters: int = 80, write: bool = False, log=print) -> dict:
+    """Fit the presets in order (wse2 before wse3, whose derived constants come from it)."""
+    current = {n: get_wafer(n) for n in PLANS}
     results = {}
-    for rnd in range(rounds):
-        for name in names:
-            plan = PLANS[name]
-            if rnd and plan.lanes:  # later rounds keep the SIMD width chosen in the first
-                plan = FitPlan(plan.wafer, plan.free, (), plan.derived)
-            base = with_derived(current[name], plan, current)
-            log(f"round {rnd + 1}: fitting {name}")
-            values, loss = fit(base, plan, iters=iters, log=log)
-            current[name] = base.replace(**values)
-            results[name] = (values, loss, PLANS[name])
-    for name, (values, loss, plan) in results.items():
+    for name in [n for n in PLANS if n in names]:
+        plan = PLANS[name]
+        base = with_derived(current[name], plan, current)
+        log(f"fitting {name}")
+        values, _ = fit(base, plan, iters=iters, log=log)
+        current[name] = base.replace(**values)
         rows = evaluate(current[name])
         results[name] = {"values": values, "loss": target_loss(rows), "rows": rows}
         if write:
             write_fit(name, values, target_loss(rows), rows, plan, current)
-            log(f"wrote {', '.join(values)} and {', '.join(plan.derived)} to {preset_path(name)}")
+            log(f"wrote {', '.join(values)}" + (f" and {', '.join(plan.derived)}" if plan.derived else "")
+                + f" to {preset_path(name)}")
     return results

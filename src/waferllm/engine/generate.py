@@ -3,9 +3,9 @@
 ``generate_one(backend, tokenizer, prompt_token_ids, params)`` runs prefill, then decode
 steps, sampling each token, until EOS (unless ``ignore_eos``), a stop token id, a stop
 string (text truncated before it, like vLLM), ``max_tokens`` or the backend's context
-limit. ``backend`` is anything with ``reset()``, ``prefill(ids) -> logits [T, V]`` and
-``decode(token_id) -> logits [V]`` -- the numpy :class:`~waferllm.models.reference.ReferenceModel`
-or the wafer engine.
+limit. ``backend`` is anything with ``reset()``, ``prefill(ids, prompt_logits) -> logits``
+(every prompt token's [T, V] when ``prompt_logits``, else at least the last one's) and
+``decode(token_id) -> logits [V]`` -- the dense numpy forward or the wafer engine.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def generate_one(backend, tokenizer, prompt_token_ids: Sequence[int], params: Sa
 
     t0 = time.perf_counter()
     backend.reset()
-    logits_all = np.asarray(backend.prefill(prompt_ids))
+    logits_all = np.asarray(backend.prefill(prompt_ids, prompt_logits=params.prompt_logprobs is not None))
     t_prefill = time.perf_counter()
     prompt_lps = _prompt_logprobs(logits_all, prompt_ids, params.prompt_logprobs) if params.prompt_logprobs is not None else None
     logits = logits_all[-1]

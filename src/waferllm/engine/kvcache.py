@@ -14,17 +14,40 @@ Rows are ring buffers, so handing over the oldest token moves no other data.
 Concatenation: the prompt is spread over the rows at the transition, then every new
 token is appended to the bottom row, which alone grows (the capacity limit the paper
 measures, ~Q times smaller).
+
+Per decode step, the layers of a region call :meth:`KVCache.update` in order: the first
+plans the append (which rows hand a token up: the same for every layer), each stores
+its layer's new K/V and does its layer's shift, and the last commits the new occupancy.
+``update`` returns what attention reads: the occupied slots of every row, oldest first.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from waferllm.errors import PlacementError
+from waferllm.errors import MeshError, PlacementError
+from waferllm.hardware.plmr import DTYPE_BYTES
 from waferllm.mesh.cost import message_cycles, vector_cycles
-from waferllm.mesh.tensor import NP_DTYPES
+from waferllm.mesh.tensor import NP_DTYPES, DistTensor
 
 SCHEMES = ("shift", "concat")
+
+
+@dataclass
+class KVView:
+    """One layer's cache as attention reads it: every row's occupied slots, oldest first.
+
+    Views of the cache's own storage (no copy, no SRAM of their own)."""
+
+    k_t: DistTensor  # K^T [kv_padded, rows * slots] (x, y)
+    v: DistTensor  # V [rows * slots, kv_padded] (y, x)
+    valid: np.ndarray | None  # (rows, slots): True where a row's slot holds a token (numeric runs)
+
+    @property
+    def slots(self) -> int:
+        return self.k_t.tile_shape[1]
 
 
 class KVCache:
@@ -37,28 +60,29 @@ class KVCache:
         self.layers = layers
         self.scheme = scheme
         self.dtype = dtype
+        self.name = name
         self.capacity_tokens = capacity_tokens
         q = mesh.rows
         self.q = q
-        tf = head_layout.tf
-        item = 2 if dtype == "fp16" else 4
+        width = head_layout.col_features
         # slots per PE row: balanced for shift; the bottom row takes all growth for concat
         self.cap = -(-capacity_tokens // q) if scheme == "shift" else capacity_tokens
-        per_slot = 2 * tf * item * layers
+        self.entry_bytes = 2 * width * DTYPE_BYTES[dtype]  # one token's K and V feature blocks on a PE
+        self.slot_bytes = self.entry_bytes * layers  # ... for every layer of the region
         if scheme == "shift":
-            self._alloc = mesh.sram.alloc(f"{name} cache (shift)", per_slot * self.cap)
+            self._alloc = mesh.sram.alloc(f"{name} cache (shift)", self.slot_bytes * self.cap)
         else:
-            rows = np.zeros(mesh.shape, np.int64)
-            self._alloc = mesh.sram.alloc(f"{name} cache (concat)", rows)
-        self._per_slot = per_slot
+            self._alloc = mesh.sram.alloc(f"{name} cache (concat)", np.zeros(mesh.shape, np.int64))
         self.count = np.zeros(q, np.int64)
         self.head = np.zeros(q, np.int64)
         self.k = self.v = None
         if mesh.numeric:
             npd = NP_DTYPES[dtype]
-            self.k = [np.zeros((q, q, tf, self.cap), npd) for _ in range(layers)]
-            self.v = [np.zeros((q, q, self.cap, tf), npd) for _ in range(layers)]
+            self.k = [np.zeros((q, q, width, self.cap), npd) for _ in range(layers)]  # K^T per PE: [F, slots]
+            self.v = [np.zeros((q, q, self.cap, width), npd) for _ in range(layers)]  # V per PE: [slots, F]
         self.shift_moves = 0  # token entries handed to a neighbour row (all layers)
+        self._movers: np.ndarray | None = None  # the pending append's moving rows
+        self._updated = 0  # layers of the pending append done
 
     # ---- state -------------------------------------------------------------------
     @property
@@ -70,32 +94,21 @@ class KVCache:
         """Slots in use on the fullest row: what the attention loops run over."""
         return int(self.count.max()) if self.count.size else 0
 
-    def valid(self, movers: np.ndarray | None = None) -> np.ndarray:
-        """(Q, cap) True where a row's slot holds a token (after the pending append, if ``movers``)."""
-        head, count = (self.head, self.count) if movers is None else self.after(movers)
-        s = np.arange(self.cap)[None, :]
-        return ((s - head[:, None]) % self.cap) < count[:, None]
-
-    def after(self, movers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(head, count) once the pending token is appended."""
-        head = self.head.copy()
-        count = self.count.copy()
-        if movers.size:
-            head[movers] = (head[movers] + 1) % self.cap
-            count[movers - 1] += 1
-            count[movers] -= 1
-        count[-1] += 1
-        return head, count
+    def program_key(self) -> tuple[int, bool]:
+        """What the next append's program depends on: the fullest row's slots and whether
+        rows shift (a dry run replays a step whose key it has executed)."""
+        return self.occupied, bool(self._plan_append().size)
 
     def reset(self) -> None:
         self.count[:] = 0
         self.head[:] = 0
+        self._movers, self._updated = None, 0
         self._resize_concat()
 
     def _resize_concat(self) -> None:
         if self.scheme == "concat":
             rows = np.zeros(self.mesh.shape, np.int64)
-            rows[:, :] = (self.count * self._per_slot)[:, None]
+            rows[:, :] = (self.count * self.slot_bytes)[:, None]
             self.mesh.sram.resize(self._alloc, rows)
 
     # ---- prefill -> decode ---------------------------------------------------------
@@ -114,24 +127,51 @@ class KVCache:
             raise PlacementError(f"prompt of {length} tokens needs {counts.max()} slots per row, the cache has {self.cap}")
         self.count = counts
         self.head = np.zeros(self.q, np.int64)
+        self._movers, self._updated = None, 0
         self._resize_concat()
         if self.k is None or k_layers is None:
             return
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        tf = self.hl.tf
+        width = self.hl.col_features
         tok = starts[:, None] + np.arange(self.cap)[None, :]  # (Q, cap) token index per slot
         ok = np.arange(self.cap)[None, :] < counts[:, None]
         tok = np.where(ok, tok, 0)
         for l in range(self.layers):
-            kl = np.asarray(k_layers[l], np.float32).reshape(length, self.q, tf)  # token, column, feature
-            vl = np.asarray(v_layers[l], np.float32).reshape(length, self.q, tf)
-            kk = kl[tok] * ok[..., None, None]  # (Q rows, cap, Q cols, tf)
+            kl = np.asarray(k_layers[l], np.float32).reshape(length, self.q, width)  # [token, column, F]
+            vl = np.asarray(v_layers[l], np.float32).reshape(length, self.q, width)
+            kk = kl[tok] * ok[..., None, None]  # [rows, cap, cols, F]
             vv = vl[tok] * ok[..., None, None]
-            self.k[l][...] = kk.transpose(0, 2, 3, 1)
-            self.v[l][...] = vv.transpose(0, 2, 1, 3)
+            self.k[l][...] = kk.transpose(0, 2, 3, 1)  # [rows, cols, F, cap]
+            self.v[l][...] = vv.transpose(0, 2, 1, 3)  # [rows, cols, cap, F]
 
     # ---- decode append -------------------------------------------------------------
-    def plan_append(self) -> np.ndarray:
+    def update(self, layer: int, k: DistTensor | None = None, v: DistTensor | None = None) -> KVView | None:
+        """Append the new token's K and V of ``layer`` ([kv_padded] (x), replicated down the
+        columns) and return the layer's cache as attention reads it, the new token included.
+
+        Layers are updated in order 0, 1, ...: the first plans the append, the last commits
+        it. ``k``/``v`` None: the layer's program was replayed (a dry run, its cost already
+        charged): only the bookkeeping advances, and nothing is returned.
+        """
+        if layer != self._updated:
+            raise MeshError(f"{self.name}: layers of a token are appended in order; expected layer "
+                            f"{self._updated}, got {layer}")
+        if layer == 0:
+            self._movers = self._plan_append()
+        movers = self._movers
+        view = None
+        if k is not None:
+            self._charge_append(movers)
+            head, count = self._after(movers)
+            if self.k is not None:
+                self._shift_and_store(layer, k, v, movers, head, count)
+            view = self._view(layer, head, count)
+        self._updated += 1
+        if self._updated == self.layers:
+            self._commit(movers)
+        return view
+
+    def _plan_append(self) -> np.ndarray:
         """Rows that hand their oldest token up for the next append (empty for concat)."""
         n = self.length
         if n + 1 > self.capacity_tokens:
@@ -147,42 +187,64 @@ class KVCache:
             return np.zeros(0, np.int64)
         return np.arange(self.q - m, self.q)
 
-    def write(self, layer: int, k, v, movers: np.ndarray, name: str = "kv_append") -> None:
-        """Store one layer's new K/V (tiles replicated down the columns) and do its shift step."""
-        mesh = self.mesh
-        item = 2 if self.dtype == "fp16" else 4
-        entry = 2 * self.hl.tf * item
+    def _after(self, movers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(head, count) of every row once the pending token is appended."""
+        head = self.head.copy()
+        count = self.count.copy()
+        if movers.size:
+            head[movers] = (head[movers] + 1) % self.cap
+            count[movers - 1] += 1
+            count[movers] -= 1
+        count[-1] += 1
+        return head, count
+
+    def _charge_append(self, movers: np.ndarray, name: str = "kv_append") -> None:
+        mesh, entry, q = self.mesh, self.entry_bytes, self.q
         if movers.size:
             # every moving row sends one token's K and V feature block one hop up, in parallel
-            mesh.ledger.charge(f"{name}.shift", "comm", message_cycles(mesh.wafer, entry, 1),
-                               bytes_moved=entry * movers.size * self.q, hop_bytes=entry * movers.size * self.q,
-                               messages=movers.size * self.q, sram_read_bytes=entry * movers.size * self.q,
-                               sram_write_bytes=entry * movers.size * self.q)
+            moved = entry * movers.size * q
+            mesh.ledger.charge(f"{name}.shift", "comm", message_cycles(mesh.wafer, entry, 1), bytes_moved=moved,
+                               hop_bytes=moved, messages=movers.size * q, sram_read_bytes=moved, sram_write_bytes=moved)
         # the new entry (K and V feature blocks) stored into the bottom row's slot
-        mesh.ledger.charge(f"{name}.write", "compute", vector_cycles(mesh.wafer, 2 * self.hl.tf, self.dtype),
-                           sram_write_bytes=entry * self.q)
-        if self.k is None:
-            return
-        K, V = self.k[layer], self.v[layer]
+        mesh.ledger.charge(f"{name}.write", "compute", vector_cycles(mesh.wafer, 2 * self.hl.col_features, self.dtype),
+                           sram_write_bytes=entry * q)
+
+    def _shift_and_store(self, layer, k, v, movers, head, count) -> None:
+        K, V = self.k[layer], self.v[layer]  # [rows, cols, F, cap], [rows, cols, cap, F]
         if movers.size:
             src = self.head[movers]
             up = movers - 1
             dst = (self.head[up] + self.count[up]) % self.cap
-            kval = K[movers, :, :, src]  # (len, Q, tf)
-            vval = V[movers, :, src, :]
-            K[up, :, :, dst] = kval
-            V[up, :, dst, :] = vval
-        head, count = self.after(movers)
+            K[up, :, :, dst] = K[movers, :, :, src]
+            V[up, :, dst, :] = V[movers, :, src, :]
         last = self.q - 1
         slot = (head[last] + count[last] - 1) % self.cap
         K[last, :, :, slot] = k.tiles[last].astype(K.dtype)
         V[last, :, slot, :] = v.tiles[last].astype(V.dtype)
 
-    def commit(self, movers: np.ndarray) -> None:
-        # counted here, once per step for all layers, so that steps and layers a dry run
-        # replays (without calling write) are counted too
+    def _view(self, layer: int, head: np.ndarray, count: np.ndarray) -> KVView:
+        """The occupied slots of every row in ring order (a ring's occupied part is one or two
+        address ranges, so a PE reads only those)."""
+        mesh, q = self.mesh, self.q
+        slots = max(int(count.max()), 1)
+        k_tiles = v_tiles = valid = None
+        if self.k is not None:
+            ring = (head[:, None] + np.arange(slots)[None, :]) % self.cap  # [rows, slots]: j-th oldest's slot
+            k_tiles = np.take_along_axis(self.k[layer], ring[:, None, None, :], axis=3)
+            v_tiles = np.take_along_axis(self.v[layer], ring[:, None, :, None], axis=2)
+            valid = np.arange(slots)[None, :] < count[:, None]
+        padded = self.hl.kv_padded
+        k_t = DistTensor(mesh, (padded, q * slots), ("x", "y"), self.dtype, k_tiles, name=f"{self.name}.k",
+                         charge_sram=False)
+        v = DistTensor(mesh, (q * slots, padded), ("y", "x"), self.dtype, v_tiles, name=f"{self.name}.v",
+                       charge_sram=False)
+        return KVView(k_t, v, valid)
+
+    def _commit(self, movers: np.ndarray) -> None:
+        # counted once per step for all layers, replayed ones included
         self.shift_moves += int(movers.size) * self.layers
-        self.head, self.count = self.after(movers)
+        self.head, self.count = self._after(movers)
+        self._movers, self._updated = None, 0
         self._resize_concat()
 
     # ---- reading back ----------------------------------------------------------------
@@ -191,7 +253,7 @@ class KVCache:
         j = np.arange(self.cap)[None, :]
         slots = (self.head[:, None] + j) % self.cap  # (Q rows, cap): the j-th oldest token's slot
         held = j < self.count[:, None]  # row-major order of `held` is token order
-        k = self.k[layer].transpose(0, 3, 1, 2)  # (rows, cap, cols, tf)
+        k = self.k[layer].transpose(0, 3, 1, 2)  # [rows, cap, cols, F]
         v = self.v[layer].transpose(0, 2, 1, 3)
         k = np.take_along_axis(k, slots[:, :, None, None], axis=1)[held]
         v = np.take_along_axis(v, slots[:, :, None, None], axis=1)[held]

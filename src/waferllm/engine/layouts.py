@@ -1,11 +1,11 @@
 """Head-aware feature orders: how attention features are laid out over mesh x.
 
 For ``parts`` PE columns, the Hkv*D kv features are cut into ``parts`` blocks of
-``tf`` features (``tf`` even, zero padding at the end). Inside a head, features are
+``col_features`` features (even, zero padding at the end). Inside a head, features are
 stored in RoPE-pair order ``0, D/2, 1, D/2+1, ...`` so that the two halves RoPE
 rotates together sit side by side on the same PE; q and k get the same order, which
 leaves every q.k product unchanged. Query features of column j are the r = Hq/Hkv query
-heads sharing each kv head of block j, ``[r, tf]`` per column, so a column computes
+heads sharing each kv head of block j, ``[r, col_features]`` per column, so a column computes
 its heads' partial scores alone.
 
 Weights are permuted once, at placement; activations never are.
@@ -19,8 +19,6 @@ from functools import cached_property
 
 import numpy as np
 
-from waferllm.mesh.compute import _charge
-from waferllm.mesh.cost import vector_cycles
 from waferllm.models.rope import rope_cos_sin
 
 
@@ -40,14 +38,16 @@ class HeadLayout:
         return self.num_kv_heads * self.head_dim
 
     @property
-    def tf(self) -> int:
-        """kv features per PE column (even)."""
+    def col_features(self) -> int:
+        """kv features per PE column (even, so that RoPE pairs never straddle two columns)."""
         t = math.ceil(self.kv_dim / self.parts)
         return t + (t % 2)
 
+    tf = col_features  # the short name the placement's budget formulas use
+
     @property
     def kv_padded(self) -> int:
-        return self.tf * self.parts
+        return self.col_features * self.parts
 
     @property
     def q_padded(self) -> int:
@@ -68,8 +68,8 @@ class HeadLayout:
 
     @cached_property
     def q_cols(self) -> np.ndarray:
-        """Wafer q position -> original q feature index (-1 = padding); blocks of [r, tf] per column."""
-        kv = self.kv_cols.reshape(self.parts, 1, self.tf)
+        """Wafer q position -> original q feature index (-1 = padding); blocks of [r, col_features] per column."""
+        kv = self.kv_cols.reshape(self.parts, 1, self.col_features)  # [cols, 1, F]
         g, dd = kv // self.head_dim, kv % self.head_dim
         r = np.arange(self.group).reshape(1, self.group, 1)
         q = (g * self.group + r) * self.head_dim + dd
@@ -77,8 +77,8 @@ class HeadLayout:
 
     @cached_property
     def head_of_pos(self) -> np.ndarray:
-        """(parts, tf): kv head of each feature a column holds (-1 = padding)."""
-        kv = self.kv_cols.reshape(self.parts, self.tf)
+        """(parts, col_features): kv head of each feature a column holds (-1 = padding)."""
+        kv = self.kv_cols.reshape(self.parts, self.col_features)
         return np.where(kv >= 0, kv // self.head_dim, -1)
 
     @cached_property
@@ -104,18 +104,6 @@ class HeadLayout:
         cos, sin = rope_cos_sin(config, positions)
         return cos[:, self.within_head], sin[:, self.within_head] * self.rope_sign
 
-    def max_columns_per_head(self) -> int:
-        """Most PE columns one kv head's features are spread over."""
-        hp = self.head_of_pos
-        cols = (hp[:, :, None] == np.arange(self.num_kv_heads)).any(axis=1)  # (parts, Hkv)
-        return max(1, int(cols.sum(axis=0).max()))
-
-    def max_heads_per_column(self) -> int:
-        """Most kv heads whose features share one PE column."""
-        hp = self.head_of_pos
-        heads = (hp[:, :, None] == np.arange(self.num_kv_heads)).any(axis=1)  # (parts, Hkv)
-        return max(1, int(heads.sum(axis=1).max()))
-
     # ---- permuting weights and caches ---------------------------------------------
     def take_cols(self, w: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """w[..., cols] with zero columns for padding."""
@@ -139,29 +127,3 @@ class HeadLayout:
 
     def from_original_kv(self, x: np.ndarray) -> np.ndarray:
         return self.take_cols(x, self.kv_cols)
-
-    def to_original_q(self, x: np.ndarray) -> np.ndarray:
-        out = np.zeros(x.shape[:-1] + (self.num_heads * self.head_dim,), dtype=x.dtype)
-        ok = self.q_cols >= 0
-        out[..., self.q_cols[ok]] = x[..., ok]
-        return out
-
-
-def rope_on_mesh(t, cos, sin, name: str):
-    """Rotate the pair-ordered features of q or k on every PE.
-
-    ``cos``/``sin`` (signed) hold one kv feature block: they broadcast against the tiles'
-    leading dims plus ``tf``; a q tile holds the same block for each of its r heads.
-    Cost: angle, cos, sin and two multiply-adds per element.
-    """
-    mesh = t.mesh
-    tiles = None
-    if t.tiles is not None:
-        tf = cos.shape[-1]
-        x = t.tiles.astype(np.float32, copy=False)
-        x = x.reshape(*x.shape[:-1], x.shape[-1] // tf, tf)
-        partner = x.reshape(*x.shape[:-1], tf // 2, 2)[..., ::-1].reshape(x.shape)
-        tiles = (x * cos[..., None, :] + partner * sin[..., None, :]).reshape(t.tiles.shape)
-    _charge(mesh, name, vector_cycles(mesh.wafer, t.tile_elems, t.dtype, 6), 6 * t.tile_elems,
-            t.bytes_per_pe, t.bytes_per_pe)
-    return t.with_tiles(tiles, name=name)

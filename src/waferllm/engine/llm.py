@@ -17,6 +17,7 @@ from typing import Sequence
 
 from waferllm.engine.generate import OnToken, as_prompt_list, encode_prompt, generate_one
 from waferllm.engine.outputs import RequestOutput
+from waferllm.engine.run_config import RunConfig
 from waferllm.engine.sampling import SamplingParams
 from waferllm.engine.tuner import tune_grids
 from waferllm.engine.wafer import WaferModel
@@ -64,15 +65,17 @@ class LLM:
         self.wafer = spec
         self.max_model_len = int(max_model_len or min(DEFAULT_MAX_MODEL_LEN, self.config.max_position_embeddings))
         pg, dg = _grid(prefill_grid, "prefill_grid"), _grid(decode_grid, "decode_grid")
+        run = RunConfig(prefill_grid=None if pg == "auto" else pg, decode_grid=None if dg == "auto" else dg,
+                        max_seq_len=self.max_model_len, dtype=dtype, kv_scheme=kv_scheme)
         self.tuning = None
-        if pg == "auto" or dg == "auto":
-            self.tuning = tune_grids(self.config, spec, input_len=max(1, self.max_model_len // 4),
-                                     output_len=max(1, self.max_model_len // 4), max_seq_len=self.max_model_len,
-                                     dtype=dtype, max_grid=NUMERIC_MAX_GRID,
-                                     prefill_grid=None if pg == "auto" else pg, decode_grid=None if dg == "auto" else dg)
-            pg, dg = self.tuning["prefill_grid"], self.tuning["decode_grid"]
-        self.backend = WaferModel(self.config, model.weights, spec, pg, dg, max_seq_len=self.max_model_len,
-                                  mode="numeric", dtype=dtype, kv_scheme=kv_scheme, progress=progress)
+        if run.prefill_grid is None or run.decode_grid is None:
+            # tuned for a request of a quarter of the context in and a quarter out
+            quarter = max(1, self.max_model_len // 4)
+            self.tuning = tune_grids(self.config, spec, run, input_len=quarter, output_len=quarter,
+                                     max_grid=NUMERIC_MAX_GRID)
+            run = self.tuning["run"]
+        self.run = run
+        self.backend = WaferModel(self.config, model.weights, spec, run, mode="numeric", progress=progress)
 
     @property
     def plan(self):
@@ -105,7 +108,6 @@ class LLM:
                 f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds max_model_len "
                 f"{self.max_model_len}; create the LLM with a larger max_model_len"
             )
-        self.backend.want_prompt_logits = params.prompt_logprobs is not None
         t0 = time.perf_counter()
         out = generate_one(self.backend, self.tokenizer, prompt_token_ids, params, on_token=on_token, prompt=prompt)
         host = out.metrics

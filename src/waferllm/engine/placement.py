@@ -50,6 +50,10 @@ class PhasePlan:
     regions_available: int
     heads_per_pass: int = 1
     region_bytes: list = field(default_factory=list)  # bytes per PE by kind, for each stage
+    # layers each stage's region holds in the whole model (== its layers unless extrapolating)
+    layer_share: list[int] = field(default_factory=list)
+    seq_len: int = 0  # tokens planned for (prefill: the prompt; decode: the whole context)
+    dtype: str = "fp16"
 
     def to_dict(self) -> dict:
         return {
@@ -111,6 +115,13 @@ def kv_bytes_per_slot(config, grid: int, dtype: str = "fp16") -> int:
     return 2 * hl.tf * DTYPE_BYTES[dtype]
 
 
+def decode_scores_bytes_per_slot(config) -> int:
+    """Bytes per PE decode attention holds for each cache slot of the PE's row: four fp32
+    score tiles of every head (the reduced scores, scaled, exponentiated, normalised) are
+    live together, so its working set grows with the cache like the cache itself."""
+    return 4 * config.num_heads * 4
+
+
 def activation_bytes(config, grid: int, phase: str, seq_len: int, dtype: str = "fp16", heads_per_pass: int = 1) -> int:
     """Peak bytes per PE of activations and buffers during one layer (with double buffers).
 
@@ -133,7 +144,7 @@ def activation_bytes(config, grid: int, phase: str, seq_len: int, dtype: str = "
         return hidden + qkv + max(scores + t * qt * 4, ffn) + in_flight + 1024
     cap = cdiv(seq_len, grid)
     vec = 6 * e * 4 + 3 * (qt + 2 * hl.tf) * 4
-    scores = 4 * config.num_heads * cap * 4
+    scores = decode_scores_bytes_per_slot(config) * cap
     ffn = 4 * 2 * f * 4
     return vec + max(scores, ffn) + 1024
 
@@ -192,6 +203,170 @@ def _split(total: int, weights: list[int]) -> list[int]:
     return out
 
 
+class PhaseBudget:
+    """Per-PE SRAM needs of one phase on square regions, and how many layers a region takes.
+
+    ``need`` budgets a region holding ``layers`` layers and a ``vocab``-entry slice of the
+    vocabulary tables; the planner keeps some slack under the usable SRAM for the small
+    buffers the estimate leaves out (the runtime SRAM accounting checks every real
+    allocation anyway).
+    """
+
+    def __init__(self, config, wafer: WaferSpec, phase: str, seq_len: int, dtype: str = "fp16"):
+        self.config = config
+        self.wafer = wafer
+        self.phase = phase
+        self.seq_len = seq_len
+        self.dtype = dtype
+        self.usable = wafer.usable_sram_bytes_per_pe - PLANNING_SLACK
+        self.tables = 1 if config.tie_word_embeddings else 2
+        self._caps: dict[tuple[int, int], int] = {}
+
+    def need(self, g: int, layers: int, vocab: int, heads_per_pass: int = 1) -> dict[str, int]:
+        """Bytes per PE by kind on a g x g region."""
+        config, phase, dtype, seq_len = self.config, self.phase, self.dtype, self.seq_len
+        act = activation_bytes(config, g, phase, seq_len, dtype, heads_per_pass)
+        if phase == "prefill":
+            # the LM head's MeshGEMM (after the layers): the placed vocabulary tile, the one
+            # in use and the next one arriving, the fp32 accumulator and the normalised rows
+            b, t, vt = DTYPE_BYTES[dtype], cdiv(seq_len, g), cdiv(vocab, g)
+            e = cdiv(config.hidden_size, g)
+            act = max(act, 2 * e * vt * b + t * vt * 4 + 4 * t * e * b + 1024)
+        return {
+            "weights": layers * layer_weight_bytes(config, g, phase, dtype),
+            "kv_cache": layers * kv_bytes_per_slot(config, g, dtype) * cdiv(seq_len, g),
+            "activations": act,
+            "vocab_tables": self.tables * lm_head_bytes(config, g, vocab, dtype),
+        }
+
+    def fits(self, g: int, layers: int, vocab: int, heads_per_pass: int = 1) -> bool:
+        return sum(self.need(g, layers, vocab, heads_per_pass).values()) <= self.usable
+
+    def capacity(self, g: int, vocab: int) -> int:
+        """Layers a g x g region holding this vocabulary slice can take (-1: not even the slice)."""
+        key = (g, vocab)
+        if key not in self._caps:
+            base = sum(self.need(g, 0, vocab).values())
+            per = sum(self.need(g, 1, vocab).values()) - base
+            self._caps[key] = -1 if base > self.usable else int((self.usable - base) // per)
+        return self._caps[key]
+
+    def capacities(self, regs: list[Region]) -> tuple[list[int], list[int]]:
+        """The vocabulary split over ``regs`` (by PEs) and the layers each region can take."""
+        vocab = _split(self.config.vocab_size, [r.pes for r in regs])
+        return vocab, [self.capacity(r.rows, v) for r, v in zip(regs, vocab)]
+
+
+def _assign(budget: PhaseBudget, regs: list[Region], total_layers: int) -> tuple[list[int], list[int]] | None:
+    """(vocabulary slice, layer count) per region holding ``total_layers``, or None if they do not fit.
+
+    Layers are spread in proportion to what each region can take, then topped up where
+    there is room."""
+    vocab, caps = budget.capacities(regs)
+    if min(caps) < 0 or sum(caps) < total_layers:
+        return None
+    counts = [min(c, x) for c, x in zip(caps, _split(total_layers, [max(c, 0) for c in caps]))]
+    short = total_layers - sum(counts)
+    for i in range(len(regs)):
+        take = min(short, caps[i] - counts[i])
+        counts[i] += take
+        short -= take
+    return vocab, counts
+
+
+def _drop_idle_slots(budget: PhaseBudget, slots: list[Region]) -> list[Region]:
+    """Keep only regions that can take at least one layer beside their vocabulary share
+    (tiny squares in the strips may not); drop and re-split until that holds. When none
+    can, the first region stays (the does-not-fit error reports on it)."""
+    while slots:
+        _, caps = budget.capacities(slots)
+        keep = [r for r, c in zip(slots, caps) if c >= 1]
+        if len(keep) == len(slots) or not keep:
+            return slots if keep else slots[:1]
+        slots = keep
+    return slots
+
+
+def _fewest_regions(budget: PhaseBudget, slots: list[Region], total_layers: int):
+    """(n, (vocab, counts)) for the fewest leading ``slots`` that hold the layers, or None.
+
+    More regions only add room (and shrink the vocabulary slices), so a binary search
+    over the count finds it."""
+    if _assign(budget, slots, total_layers) is None:
+        return None
+    lo, hi = 1, len(slots)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if _assign(budget, slots[:mid], total_layers) is None:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo, _assign(budget, slots[:lo], total_layers)
+
+
+def _does_not_fit(budget: PhaseBudget, slots: list[Region], grid: int, n_layers: int,
+                  suggest: bool) -> PlacementError:
+    """The error for a model whose layers the regions cannot hold: by how much, and what would fit."""
+    config, wafer, phase = budget.config, budget.wafer, budget.phase
+    vocab, caps = budget.capacities(slots)
+    caps = [max(0, c) for c in caps]
+    one = budget.need(grid, 1, vocab[0])
+    fit = None
+    if suggest:
+        fit = next((g for g in range(grid + 1, min(wafer.rows, wafer.cols) + 1, max(1, grid // 16))
+                    if _fits(config, wafer, g, phase, budget.seq_len, budget.dtype, n_layers)), None)
+    return PlacementError(
+        f"{config.name} does not fit {wafer.name} for {phase} on {grid}x{grid} regions: all {len(slots)} regions "
+        f"({grid}x{grid} and the smaller squares around them, {sum(r.pes for r in slots):,} PEs) hold "
+        f"{sum(caps)} of its {n_layers} layers, {n_layers - sum(caps)} short. On a {grid}x{grid} region a layer "
+        f"takes {one['weights'] + one['kv_cache']:,} B per PE (weights {one['weights']:,}, KV cache "
+        f"{one['kv_cache']:,} for {budget.seq_len} tokens) of the {budget.usable:,} B it may plan for "
+        f"({wafer.usable_sram_bytes_per_pe:,} B usable, {PLANNING_SLACK:,} B kept as slack), after activations "
+        f"{one['activations']:,} B and vocabulary slices {one['vocab_tables']:,} B. "
+        + (f"A {fit}x{fit} grid would fit. " if fit else "No grid of this wafer fits it. ")
+        + "Other options: a wafer with more SRAM per PE, shorter sequences, or --extrapolate-from-layers K."
+    )
+
+
+def _extrapolated_layout(budget: PhaseBudget, slots: list[Region], found, n_layers: int):
+    """(regions, vocab, counts, share) for running the first ``n_layers`` of a model.
+
+    They get the whole model's conditions, not a nearly empty wafer's: the vocabulary
+    sliced over the regions the whole model uses (all of them if it does not fit), and
+    at most the whole model's layer ``share`` of each region, filled in order."""
+    n = found[0] if found else len(slots)
+    regs = slots[:n]
+    vocab = _split(budget.config.vocab_size, [r.pes for r in regs])
+    share = found[1][1] if found else [max(1, x) for x in _split(budget.config.num_layers, [r.pes for r in regs])]
+    counts, left = [], n_layers
+    for c in share:
+        counts.append(min(c, left))
+        left -= counts[-1]
+    return regs, vocab, counts, list(share)
+
+
+def _heads_per_pass(budget: PhaseBudget, regs: list[Region], share: list[int], vocab: list[int]) -> int:
+    """Prefill: as many kv heads per attention pass as every region's SRAM allows with its
+    layer ``share`` (decode: 1)."""
+    hpp = 1
+    if budget.phase != "prefill":
+        return hpp
+    num_kv = budget.config.num_kv_heads
+    while hpp < num_kv and all(budget.fits(r.rows, p, v, hpp + 1) for r, p, v in zip(regs, share, vocab) if p):
+        hpp += 1
+    return hpp
+
+
+def _stages(regs: list[Region], counts: list[int], vocab: list[int]) -> list[Stage]:
+    """Consecutive runs of layers and vocabulary slices, one per region."""
+    stages, lstart, vstart = [], 0, 0
+    for r, c, v in zip(regs, counts, vocab):
+        stages.append(Stage(r, layers=range(lstart, lstart + c), vocab=range(vstart, vstart + v)))
+        lstart += c
+        vstart += v
+    return stages
+
+
 def plan_phase(config, wafer: WaferSpec, grid: int, phase: str, seq_len: int, dtype: str = "fp16",
                layers: int | None = None, suggest: bool = True) -> PhasePlan:
     """Regions for one phase: the fewest square regions that hold every layer.
@@ -204,133 +379,26 @@ def plan_phase(config, wafer: WaferSpec, grid: int, phase: str, seq_len: int, dt
     only the first ``layers`` (extrapolation) under the whole model's conditions.
     """
     n_layers = config.num_layers if layers is None else layers
-    # plan with some slack for the small buffers the estimate leaves out; the runtime
-    # SRAM accounting checks every real allocation anyway
-    usable = wafer.usable_sram_bytes_per_pe - PLANNING_SLACK
-    slots = region_slots(wafer, grid, phase)
-    tables = 1 if config.tie_word_embeddings else 2
-    full_layers = config.num_layers
-    extrapolating = n_layers < full_layers
-
-    def need(g: int, lay: int, vocab: int, hpp: int) -> dict[str, int]:
-        act = activation_bytes(config, g, phase, seq_len, dtype, hpp)
-        if phase == "prefill":
-            # the LM head's MeshGEMM (after the layers): the placed vocabulary tile, the one
-            # in use and the next one arriving, the fp32 accumulator and the normalised rows
-            b, t, vt = DTYPE_BYTES[dtype], cdiv(seq_len, g), cdiv(vocab, g)
-            e = cdiv(config.hidden_size, g)
-            act = max(act, 2 * e * vt * b + t * vt * 4 + 4 * t * e * b + 1024)
-        return {
-            "weights": lay * layer_weight_bytes(config, g, phase, dtype),
-            "kv_cache": lay * kv_bytes_per_slot(config, g, dtype) * cdiv(seq_len, g),
-            "activations": act,
-            "vocab_tables": tables * lm_head_bytes(config, g, vocab, dtype),
-        }
-
-    cap_cache: dict = {}
-
-    def capacity(g: int, vocab: int) -> int:
-        """Layers a g x g region holding this vocabulary slice can take (-1: not even the slice)."""
-        key = (g, vocab)
-        if key not in cap_cache:
-            base = sum(need(g, 0, vocab, 1).values())
-            per = sum(need(g, 1, vocab, 1).values()) - base
-            cap_cache[key] = -1 if base > usable else int((usable - base) // per)
-        return cap_cache[key]
-
-    def assign(regs: list[Region], total_layers: int):
-        vocab = _split(config.vocab_size, [r.pes for r in regs])
-        caps = [capacity(r.rows, v) for r, v in zip(regs, vocab)]
-        if min(caps) < 0 or sum(caps) < total_layers:
-            return None
-        counts = [min(c, x) for c, x in zip(caps, _split(total_layers, [max(c, 0) for c in caps]))]
-        short = total_layers - sum(counts)
-        for i in range(len(regs)):  # top up where there is room
-            take = min(short, caps[i] - counts[i])
-            counts[i] += take
-            short -= take
-        return vocab, counts
-
-    # keep only regions that can take at least one layer beside their vocabulary share
-    # (tiny squares in the strips may not); drop and re-split until that holds
-    while slots:
-        vocab_all = _split(config.vocab_size, [r.pes for r in slots])
-        keep = [r for r, v in zip(slots, vocab_all) if capacity(r.rows, v) >= 1]
-        if len(keep) == len(slots):
-            break
-        slots = keep or slots[:1]
-        if not keep:
-            break
-
-    def search(total_layers: int):
-        """Fewest regions that hold the layers: more regions only add room (and shrink the
-        vocabulary slices), so a binary search over the count finds it."""
-        if assign(slots, total_layers) is None:
-            return None
-        lo, hi = 1, len(slots)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if assign(slots[:mid], total_layers) is None:
-                lo = mid + 1
-            else:
-                hi = mid
-        return lo, assign(slots[:lo], total_layers)
-
-    found = search(full_layers if extrapolating else n_layers)
-    if found is None and not extrapolating:
-        vocab = _split(config.vocab_size, [r.pes for r in slots])
-        caps = [max(0, capacity(r.rows, v)) for r, v in zip(slots, vocab)]
-        one = need(grid, 1, vocab[0], 1)
-        fit = None
-        if suggest:
-            fit = next((g for g in range(grid + 1, min(wafer.rows, wafer.cols) + 1, max(1, grid // 16))
-                        if _fits(config, wafer, g, phase, seq_len, dtype, n_layers)), None)
-        raise PlacementError(
-            f"{config.name} does not fit {wafer.name} for {phase} on {grid}x{grid} regions: all {len(slots)} regions "
-            f"({grid}x{grid} and the smaller squares around them, {sum(r.pes for r in slots):,} PEs) hold "
-            f"{sum(caps)} of its {n_layers} layers, {n_layers - sum(caps)} short. On a {grid}x{grid} region a layer "
-            f"takes {one['weights'] + one['kv_cache']:,} B per PE (weights {one['weights']:,}, KV cache "
-            f"{one['kv_cache']:,} for {seq_len} tokens) of the {usable:,} B it may plan for "
-            f"({wafer.usable_sram_bytes_per_pe:,} B usable, {PLANNING_SLACK:,} B kept as slack), after activations "
-            f"{one['activations']:,} B and vocabulary slices {one['vocab_tables']:,} B. "
-            + (f"A {fit}x{fit} grid would fit. " if fit else "No grid of this wafer fits it. ")
-            + "Other options: a wafer with more SRAM per PE, shorter sequences, or --extrapolate-from-layers K."
-        )
+    extrapolating = n_layers < config.num_layers
+    budget = PhaseBudget(config, wafer, phase, seq_len, dtype)
+    slots = _drop_idle_slots(budget, region_slots(wafer, grid, phase))
+    found = _fewest_regions(budget, slots, config.num_layers if extrapolating else n_layers)
     if extrapolating:
-        # Extrapolating from K layers: give them the whole model's conditions, not a nearly
-        # empty wafer's: the vocabulary sliced over the regions the whole model uses (all
-        # of them if it does not fit), the attention pass width its layer share allows,
-        # and at most that share of the K layers per region.
-        n = found[0] if found else len(slots)
-        regs = slots[:n]
-        vocab = _split(config.vocab_size, [r.pes for r in regs])
-        share = found[1][1] if found else [max(1, x) for x in _split(full_layers, [r.pes for r in regs])]
-        counts, left = [], n_layers
-        for c in share:
-            counts.append(min(c, left))
-            left -= counts[-1]
-        pressure = share
+        regs, vocab, counts, share = _extrapolated_layout(budget, slots, found, n_layers)
+    elif found is None:
+        raise _does_not_fit(budget, slots, grid, n_layers, suggest)
     else:
         n, (vocab, counts) = found
-        regs = slots[:n]
-        pressure = counts
-    hpp = 1
-    if phase == "prefill":  # as many kv heads per attention pass as every region's SRAM allows
-        def fits(h):
-            return all(sum(need(r.rows, p, v, h).values()) <= usable for r, p, v in zip(regs, pressure, vocab) if p)
-        while hpp < config.num_kv_heads and fits(hpp + 1):
-            hpp += 1
-    stages, lstart, vstart = [], 0, 0
-    for r, c, v in zip(regs, counts, vocab):
-        stages.append(Stage(r, layers=range(lstart, lstart + c), vocab=range(vstart, vstart + v)))
-        lstart += c
-        vstart += v
-    per_region = [need(r.rows, c, v, hpp) for r, c, v in zip(regs, counts, vocab)]
+        regs, share = slots[:n], list(counts)
+    hpp = _heads_per_pass(budget, regs, share, vocab)
+    per_region = [budget.need(r.rows, c, v, hpp) for r, c, v in zip(regs, counts, vocab)]
     fullest = max(range(len(regs)), key=lambda i: sum(per_region[i].values()))
     b = per_region[fullest] | {"reserved": wafer.reserved_bytes_per_pe, "usable": wafer.usable_sram_bytes_per_pe}
-    pp = PhasePlan(phase, grid, stages, max(counts), b, len(slots))
+    pp = PhasePlan(phase, grid, _stages(regs, counts, vocab), max(counts), b, len(slots))
     pp.heads_per_pass = hpp
     pp.region_bytes = per_region
+    pp.layer_share = share
+    pp.seq_len, pp.dtype = seq_len, dtype
     return pp
 
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import time
 
-from waferllm.hardware.gpu_roofline import gpu_baselines
+from waferllm.engine.run_config import RunConfig
 from waferllm.engine.wafer import WaferModel
 from waferllm.errors import RequestError
+from waferllm.hardware.gpu_roofline import gpu_baselines
 
 
 def _check(input_len: int, output_len: int) -> None:
@@ -25,10 +26,18 @@ def _check(input_len: int, output_len: int) -> None:
 
 def predict(config, wafer, input_len: int, output_len: int, prefill_grid: int, decode_grid: int,
             dtype: str = "fp16", kv_scheme: str = "shift", layers: int | None = None, gpus: bool = True) -> dict:
+    """Predict one request of ``input_len`` + ``output_len`` tokens (keyword form of :func:`predict_run`)."""
+    _check(input_len, output_len)
+    run = RunConfig.for_request(input_len, output_len, prefill_grid=prefill_grid, decode_grid=decode_grid,
+                                dtype=dtype, kv_scheme=kv_scheme, layers=layers)
+    return predict_run(config, wafer, run, input_len, output_len, gpus)
+
+
+def predict_run(config, wafer, run: RunConfig, input_len: int, output_len: int, gpus: bool = True) -> dict:
+    """Predict one request of ``input_len`` + ``output_len`` tokens run as ``run`` says."""
     _check(input_len, output_len)
     t0 = time.perf_counter()
-    wm = WaferModel(config, None, wafer, prefill_grid, decode_grid, max_seq_len=input_len + output_len,
-                    prompt_len=input_len, mode="dry", dtype=dtype, kv_scheme=kv_scheme, layers=layers)
+    wm = WaferModel(config, None, wafer, run, mode="dry")
     wm.reset()
     wm.prefill(input_len)
     for _ in range(output_len - 1):
@@ -38,32 +47,32 @@ def predict(config, wafer, input_len: int, output_len: int, prefill_grid: int, d
         "model": config.name,
         "input_len": input_len,
         "output_len": output_len,
-        "dtype": dtype,
-        "kv_scheme": kv_scheme,
+        "dtype": run.dtype,
+        "kv_scheme": run.kv_scheme,
         "placement": wm.plan.to_dict(),
         "constants": {k: {"value": v["value"], "status": v["status"]} for k, v in wm.wafer.to_dict().items()
                       if isinstance(v, dict)},
         "host_wall_s": time.perf_counter() - t0,
     })
-    if layers is not None and layers != config.num_layers:
-        m["note"] = (f"extrapolated: {layers} of {config.num_layers} layers were placed and run on these grids; "
-                     f"layer time scaled by {config.num_layers / layers:g} (the paper's method for models that do "
-                     f"not fit one wafer)")
+    if wm.layers != config.num_layers:
+        m["note"] = (f"extrapolated: {wm.layers} of {config.num_layers} layers were placed and run on these grids; "
+                     f"layer time scaled by {config.num_layers / wm.layers:g} (the paper's method for models that "
+                     f"do not fit one wafer)")
     if gpus:
         m["gpu_baselines"] = gpu_baselines(config, input_len, output_len)
     return m
 
 
-def predict_phase(config, wafer, phase: str, grid: int, input_len: int, output_len: int, max_seq_len: int,
-                  dtype: str = "fp16", layers: int | None = None) -> float:
-    """Predicted seconds of one phase on one grid (for the tuner): TTFT or mean TPOT."""
+def predict_phase(config, wafer, run: RunConfig, phase: str, input_len: int, output_len: int) -> float:
+    """Predicted seconds of one phase alone (for the tuner): TTFT on ``run.prefill_grid``,
+    or the mean TPOT on ``run.decode_grid`` after an ``input_len``-token prompt."""
     if phase == "prefill":
-        wm = WaferModel(config, None, wafer, grid, None, max_seq_len=max_seq_len, prompt_len=input_len, mode="dry",
-                        dtype=dtype, layers=layers)
+        wm = WaferModel(config, None, wafer, run.with_grids(run.prefill_grid, None).replace(prompt_len=input_len),
+                        mode="dry")
         wm.reset()
         wm.prefill(input_len)
         return wm.request_metrics()["ttft_s"]
-    wm = WaferModel(config, None, wafer, None, grid, max_seq_len=max_seq_len, mode="dry", dtype=dtype, layers=layers)
+    wm = WaferModel(config, None, wafer, run.with_grids(None, run.decode_grid).replace(prompt_len=None), mode="dry")
     wm.reset()
     wm.start_decode(input_len)
     for _ in range(max(1, output_len - 1)):

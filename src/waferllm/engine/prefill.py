@@ -7,6 +7,10 @@ the SRAM budget allows): Q K^T by the grouped dist-GEMM-T, a causal softmax with
 max and sum allreduced along x, then P V by the grouped MeshGEMM (both activations
 skewed on the mesh). RMSNorm statistics are allreduced along x; RoPE uses each token's
 true position.
+
+A stage's :meth:`PrefillStage.step` runs the prompt through its layers and returns each
+layer's K and V (kept for the decode cache); every layer runs in an SRAM scope, so what
+it allocates lives exactly until its last use.
 """
 
 from __future__ import annotations
@@ -15,15 +19,20 @@ import math
 
 import numpy as np
 
-from waferllm.engine.layouts import HeadLayout, rope_on_mesh
+from waferllm.engine.decode import LayerRunner, run_now
+from waferllm.engine.layouts import HeadLayout
 from waferllm.kernels.attention import grouped_pv, grouped_scores
-from waferllm.kernels.meshgemm import meshgemm, place_b
-from waferllm.mesh import comm, compute
+from waferllm.kernels.layer_ops import masked_softmax, rmsnorm, rope, silu_mul
+from waferllm.kernels.meshgemm import meshgemm, place_b, skew_blocks
+from waferllm.mesh import compute
+from waferllm.mesh.move import Placement
 from waferllm.mesh.tensor import DistTensor
 
 
 class PrefillStage:
-    def __init__(self, mesh, config, layer_ids: range, layers, vocab: range, lm_head, final_norm,
+    """The prefill program of one region: its layers' weights and its vocabulary slice."""
+
+    def __init__(self, mesh, config, layer_ids: range, layers, vocab: range, lm_head, embed, final_norm,
                  dtype: str = "fp16", heads_per_pass: int = 1):
         self.mesh = mesh
         self.config = config
@@ -36,7 +45,13 @@ class PrefillStage:
         self.hl = HeadLayout(c.num_heads, c.num_kv_heads, c.head_dim, n)
         self.w = [self._place_layer(li, lw) for li, lw in zip(layer_ids, layers)]
         E = c.hidden_size
+        # vocab slice of the LM head [E, Vc] (y, x), pre-skewed for MeshGEMM; its columns are
+        # also the embedding table's when tied, otherwise that table is placed beside it
         self.lm = place_b(mesh, lm_head if lm_head is not None else (E, len(vocab)), dtype, name="lm_head")
+        self.embed = None
+        if not c.tie_word_embeddings:
+            self.embed = mesh.place(embed if embed is not None else (E, len(vocab)), ("y", "x"), dtype,
+                                    name="embedding")
         self.final_norm = mesh.place(final_norm[None] if final_norm is not None else (1, E), (None, "x"), "fp32",
                                      name="final_norm")
 
@@ -70,101 +85,143 @@ class PrefillStage:
         with self.mesh.ledger.span(name):
             return meshgemm(a, b, a_skewed=a_skewed, out_dtype=self.dtype, name=name)
 
+    def _add_bias(self, t: DistTensor, bias: DistTensor, name: str) -> DistTensor:
+        out = compute.elementwise(lambda a, b: a + b, t, bias, name=name)
+        self.mesh.sram.release(t)
+        return out
+
     def rmsnorm(self, h: DistTensor, weight: DistTensor, name: str) -> DistTensor:
-        eps, E = self.config.rms_norm_eps, self.config.hidden_size
-        with self.mesh.ledger.span(name):
-            ss = compute.tile_reduce(h, 1, "sumsq", name=f"{name}.sumsq")
-            ss = comm.allreduce(ss, "x", "sum", name=f"{name}.allreduce")
-            return compute.elementwise(lambda x, s, w: x / np.sqrt(s / E + eps) * w, h, ss, weight,
-                                       ops_per_elem=3, name=f"{name}.scale", dtype=self.dtype)
+        """h [L, E] (y, x): each row's sum of squares allreduced along x, then scaled."""
+        return rmsnorm(h, weight, 1, self.config.rms_norm_eps, self.dtype, name=name)
 
     def rope_tables(self, positions: np.ndarray):
-        """cos/sin of every token's true position for this region's feature blocks: (n, n, tl, tf)."""
+        """cos/sin of every token's true position for this region's feature blocks: (n, n, tl, F)."""
         if not self.mesh.numeric:
             return None, None
         hl, n = self.hl, self.mesh.rows
         L = len(positions)
         tl = -(-L // n)
 
-        def tile(a):
+        def tile(a):  # [L, kv_padded] -> (rows, cols, tl, F): token rows along y, features along x
             a = np.pad(a, ((0, tl * n - L), (0, 0)))
-            return a.reshape(n, tl, n, hl.tf).transpose(0, 2, 1, 3)
+            return a.reshape(n, tl, n, hl.col_features).transpose(0, 2, 1, 3)
 
         cos, sin = hl.rope_tables(self.config, positions)
         return tile(cos), tile(sin)
 
-    # ---- one layer -------------------------------------------------------------------
+    # ---- the prompt -------------------------------------------------------------------
+    def step(self, h: DistTensor, length: int, run_layer: LayerRunner = run_now):
+        """The prompt (hidden states ``h`` [L, E] (y, x), consumed) through this region's layers.
+
+        Returns the new hidden states and every layer's (K, V) [L, kv_padded] (y, x), kept
+        for the decode cache. A layer ``run_layer`` replays still holds its K and V."""
+        tables = self.rope_tables(np.arange(length))
+        kv = []
+        for idx, li in enumerate(self.layer_ids):
+            with self.mesh.ledger.span(f"layer{li}"):
+                out = run_layer(("prefill", length), lambda: self.layer(idx, h, length, tables))
+            if out is None:
+                shape = (length, self.hl.kv_padded)
+                out = (h, self.mesh.place(shape, ("y", "x"), self.dtype, name="k_prefill"),
+                       self.mesh.place(shape, ("y", "x"), self.dtype, name="v_prefill"))
+            elif out[0] is not h:
+                self.mesh.sram.release(h)  # a layer's input lives until the layer is done
+            h, k, v = out
+            kv.append((k, v))
+        return h, kv
+
     def layer(self, idx: int, h: DistTensor, length: int, tables) -> tuple[DistTensor, DistTensor, DistTensor]:
-        """Returns the new hidden states and this layer's K and V (kept for the decode cache)."""
-        w = self.w[idx]
-        x = self.rmsnorm(h, w["attn_norm"], "attn_norm")
-        qr = self._mm(x, w["q"], "q_proj")
-        kr = self._mm(qr.state["a_skewed"], w["k"], "k_proj", a_skewed=True)
-        vr = self._mm(qr.state["a_skewed"], w["v"], "v_proj", a_skewed=True)
-        q, k, v = qr.out, kr.out, vr.out
-        del qr, kr, vr, x
-        if "bq" in w:
-            q = compute.elementwise(lambda a, b: a + b, q, w["bq"], name="bias_q")
-            k = compute.elementwise(lambda a, b: a + b, k, w["bk"], name="bias_k")
-            v = compute.elementwise(lambda a, b: a + b, v, w["bv"], name="bias_v")
-        q = rope_on_mesh(q, *tables, "rope_q")
-        k = rope_on_mesh(k, *tables, "rope_k")
-        o = self.attention(q, k, v, length)
-        del q
-        a = self._mm(o, w["o"], "o_proj").out
-        h = compute.elementwise(lambda p, s: p + s, h, a, name="residual", dtype=self.dtype)
-        del a, o
-        x = self.rmsnorm(h, w["ffn_norm"], "ffn_norm")
-        gr = self._mm(x, w["gate"], "gate_proj")
-        ur = self._mm(gr.state["a_skewed"], w["up"], "up_proj", a_skewed=True)
-        g, u = gr.out, ur.out
-        del gr, ur, x
-        act = compute.elementwise(lambda g_, u_: g_ / (1 + np.exp(-g_)) * u_, g, u, ops_per_elem=5, name="silu_mul",
-                                  dtype=self.dtype)
-        del g, u
-        d = self._mm(act, w["down"], "down_proj").out
-        del act
-        h = compute.elementwise(lambda p, s: p + s, h, d, name="residual", dtype=self.dtype)
-        return h, k, v
+        """One decoder layer: h [L, E] (y, x) -> the new hidden states, and this layer's K and V."""
+        w, sram = self.w[idx], self.mesh.sram
+        with sram.scope() as scope:
+            x = self.rmsnorm(h, w["attn_norm"], "attn_norm")  # [L, E] (y, x)
+            qr = self._mm(x, w["q"], "q_proj")  # [L, q_padded] (y, x)
+            skewed = qr.state["a_skewed"]  # Q, K and V share one skew of x
+            k = self._mm(skewed, w["k"], "k_proj", a_skewed=True).out  # [L, kv_padded] (y, x)
+            v = self._mm(skewed, w["v"], "v_proj", a_skewed=True).out
+            q = qr.out
+            scope.release(x, skewed)
+            if "bq" in w:
+                q, k, v = (self._add_bias(t, w[key], f"bias_{key[1]}") for t, key in ((q, "bq"), (k, "bk"), (v, "bv")))
+            q_rot = rope(q, *tables, "rope_q")
+            scope.release(q)
+            k_rot = rope(k, *tables, "rope_k")
+            scope.release(k)
+            o = self.attention(q_rot, k_rot, v, length)  # [L, q_padded] (y, x)
+            scope.release(q_rot)
+            a = self._mm(o, w["o"], "o_proj").out  # [L, E] (y, x)
+            scope.release(o)
+            h = compute.elementwise(lambda p, s: p + s, h, a, name="residual", dtype=self.dtype)
+            scope.release(a)
+            x = self.rmsnorm(h, w["ffn_norm"], "ffn_norm")
+            gr = self._mm(x, w["gate"], "gate_proj")  # [L, F] (y, x)
+            u = self._mm(gr.state["a_skewed"], w["up"], "up_proj", a_skewed=True).out
+            g = gr.out
+            scope.release(x, gr.state["a_skewed"])
+            act = silu_mul(g, u, self.dtype)
+            scope.release(g, u)
+            d = self._mm(act, w["down"], "down_proj").out  # [L, E] (y, x)
+            scope.release(act)
+            out = compute.elementwise(lambda p, s: p + s, h, d, name="residual", dtype=self.dtype)
+            return scope.keep(out, k_rot, v)
 
     def attention(self, q: DistTensor, k: DistTensor, v: DistTensor, length: int) -> DistTensor:
+        """Causal attention of q [L, q_padded] against k, v [L, kv_padded] (all (y, x)), in passes
+        of ``heads_per_pass`` kv heads (the score tiles are what limits long prompts)."""
         hl, c, mesh = self.hl, self.config, self.mesh
         n = mesh.rows
-        tq = q.tile_shape[0]
+        tq, tk = q.tile_shape[0], k.tile_shape[0]
         scale = 1.0 / math.sqrt(c.head_dim)
-        qi = (np.arange(n)[:, None] * tq + np.arange(tq)[None, :])  # (rows, tq) query index
-        ki = (np.arange(n)[:, None] * tq + np.arange(tq)[None, :])  # (cols, tk) key index
         allowed = None
         if mesh.numeric:
-            # causal and real keys only: (n, n, 1, 1, tq, tk)
-            allowed = ((ki[None, :, None, :] <= qi[:, None, :, None]) & (ki[None, :, None, :] < length))[:, :, None, None]
+            query_index = np.arange(n)[:, None] * tq + np.arange(tq)[None, :]  # (rows, tq): PE row i's queries
+            key_index = np.arange(n)[:, None] * tk + np.arange(tk)[None, :]  # (cols, tk): PE column j's keys
+            # causal and real keys only: (rows, cols, 1, 1, tq, tk) against the score tiles
+            allowed = ((key_index[None, :, None, :] <= query_index[:, None, :, None])
+                       & (key_index[None, :, None, :] < length))[:, :, None, None]
         out = None
         with mesh.ledger.span("attention"):
             for g0 in range(0, c.num_kv_heads, self.heads_per_pass):
-                chunk = range(g0, min(c.num_kv_heads, g0 + self.heads_per_pass))
-                hop = np.where((hl.head_of_pos >= chunk.start) & (hl.head_of_pos < chunk.stop),
-                               hl.head_of_pos - chunk.start, -1)
-                s = grouped_scores(q, k, hop, len(chunk), hl.group, name="scores").out
-                with mesh.ledger.span("softmax"):
-                    z = compute.elementwise(lambda x: np.where(allowed, x * scale, -np.inf), s, name="softmax.mask",
-                                            dtype="fp32")
-                    del s
-                    mx = compute.tile_reduce(z, 3, "max", name="softmax.max")
-                    mx = comm.allreduce(mx, "x", "max", name="softmax.allreduce_max")
-                    e = compute.elementwise(lambda x, m: np.where(allowed, np.exp(x - m), 0.0), z, mx, ops_per_elem=4,
-                                            name="softmax.exp", dtype="fp32")
-                    del z
-                    tot = compute.tile_reduce(e, 3, "sum", name="softmax.sum")
-                    tot = comm.allreduce(tot, "x", "sum", name="softmax.allreduce_sum")
-                    p = compute.elementwise(lambda a, b: a / b, e, tot, name="softmax.div", dtype=self.dtype)
-                    del e
-                part = grouped_pv(p, v, hop, out_dtype="fp32", name="attn_out").out
-                del p
-                out = part if out is None else compute.elementwise(lambda a, b: a + b, out, part, name="attn_accumulate",
-                                                                   dtype="fp32")
-        return out.with_tiles(out.tiles, dtype=self.dtype, name="attn_out") if out.dtype != self.dtype else out
+                heads = range(g0, min(c.num_kv_heads, g0 + self.heads_per_pass))
+                # each feature's kv head within this pass (-1: another pass's head, or padding)
+                pass_head = np.where((hl.head_of_pos >= heads.start) & (hl.head_of_pos < heads.stop),
+                                     hl.head_of_pos - heads.start, -1)
+                # [heads, r, L, L] (None, None, y, x)
+                s = grouped_scores(q, k, pass_head, len(heads), hl.group, name="scores").out
+                p = masked_softmax(s, allowed, scale, dim=3, out_dtype=self.dtype)
+                part = grouped_pv(p, v, pass_head, out_dtype="fp32", name="attn_out").out  # [L, q_padded] (y, x)
+                mesh.sram.release(p)
+                if out is None:
+                    out = part
+                    continue
+                total = compute.elementwise(lambda a, b: a + b, out, part, name="attn_accumulate", dtype="fp32")
+                mesh.sram.release(out, part)
+                out = total
+        if out.dtype == self.dtype:
+            return out
+        cast = out.with_tiles(out.tiles, dtype=self.dtype, name="attn_out")
+        mesh.sram.release(out)
+        return cast
 
     # ---- vocabulary slice ------------------------------------------------------------
+    def embedding_source(self, token_ids: np.ndarray) -> Placement:
+        """Where the embedding rows of ``token_ids`` (all in this region's vocabulary) are:
+        [m, E], each token on the PE column that holds its vocabulary entry, its features
+        split over the rows as the table holds them (the tied table is the LM head, whose
+        feature blocks are pre-skewed for MeshGEMM)."""
+        table = self.embed if self.embed is not None else self.lm
+        (te, tv), E, n = table.tile_shape, self.config.hidden_size, self.mesh.rows
+        shape = (len(token_ids), E)
+        cols = (np.asarray(token_ids) - self.vocab.start) // tv
+        if self.embed is not None:
+            return Placement(self.mesh.region, shape, y_dim=1, y_of=np.arange(E) // te, x_dim=0, x_of=cols)
+        kappa = skew_blocks(n, "interleave", "B")[0]  # PE (i, j) holds feature block kappa[i, j]
+        ii, jj = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+        pe_rows, pe_cols = np.empty((n, n), np.int64), np.empty((n, n), np.int64)
+        pe_rows[kappa, jj], pe_cols[kappa, jj] = ii, jj  # [feature block, vocab block] -> PE
+        return Placement(self.mesh.region, shape, y_dim=1, y_of=np.arange(E) // te, x_dim=0, x_of=cols,
+                         pe_rows=pe_rows, pe_cols=pe_cols)
+
     def lm_head(self, h: DistTensor) -> DistTensor:
         """Logits [rows of h, vocab slice] of normalised hidden states on this mesh."""
         with self.mesh.ledger.span("lm_head"):

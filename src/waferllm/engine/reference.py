@@ -8,9 +8,20 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
+
 from waferllm.engine.generate import OnToken, as_prompt_list, encode_prompt, generate_one
 from waferllm.engine.outputs import RequestOutput
 from waferllm.engine.sampling import SamplingParams
+from waferllm.models.reference import ReferenceModel
+
+
+class DenseBackend(ReferenceModel):
+    """The dense forward behind the generation loop's backend protocol (it computes every
+    prompt row anyway, so ``prompt_logits`` changes nothing)."""
+
+    def prefill(self, token_ids, prompt_logits: bool = True) -> np.ndarray:
+        return super().prefill(token_ids)
 
 
 class ReferenceEngine:
@@ -20,13 +31,12 @@ class ReferenceEngine:
 
     def __init__(self, model=None, dtype="float32", max_seq_len: int | None = None):
         from waferllm.models.loader import resolve_model
-        from waferllm.models.reference import ReferenceModel
 
         model = resolve_model(model)
         self.model = model
         self.tokenizer = model.tokenizer
         self.config = model.config
-        self.backend = ReferenceModel(model.weights, dtype=dtype, max_seq_len=max_seq_len)
+        self.backend = DenseBackend(model.weights, dtype=dtype, max_seq_len=max_seq_len)
 
     def encode_prompt(self, prompt: str | Sequence[dict], chat: bool = False) -> tuple[str, list[int]]:
         """The prompt text (after the chat template, when ``chat``) and its token ids."""

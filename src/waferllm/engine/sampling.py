@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from waferllm.errors import RequestError
+from waferllm.models.reference import log_softmax
 
 _SAMPLING_EPS = 1e-5
 
@@ -90,12 +91,6 @@ def top_logprobs(logprobs: np.ndarray, k: int, extra: int | None = None) -> dict
         for i in idx:
             out.setdefault(int(i), float(logprobs[i]))
     return out
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    x = np.asarray(logits, dtype=np.float64)
-    m = np.max(x, axis=-1, keepdims=True)
-    return x - m - np.log(np.sum(np.exp(x - m), axis=-1, keepdims=True))
 
 
 def apply_top_k_top_p(logits: np.ndarray, top_k: int, top_p: float) -> np.ndarray:

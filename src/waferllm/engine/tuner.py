@@ -7,6 +7,7 @@ on the prefill grid and decode time only on the decode grid, so each is tuned al
 
 from __future__ import annotations
 
+from waferllm.engine.run_config import RunConfig
 from waferllm.errors import PlacementError, WaferLLMError
 
 
@@ -19,23 +20,24 @@ def candidate_grids(wafer, lo: int = 8, hi: int | None = None, count: int = 12) 
     return grids
 
 
-def tune_grids(config, wafer, input_len: int, output_len: int, max_seq_len: int | None = None, dtype: str = "fp16",
-               max_grid: int | None = None, prefill_grid: int | None = None, decode_grid: int | None = None,
-               candidates: list[int] | None = None, layers: int | None = None) -> dict:
-    """Fastest (prefill_grid, decode_grid) by predicted TTFT and TPOT; fixed ones are kept."""
+def tune_grids(config, wafer, run: RunConfig, input_len: int, output_len: int, max_grid: int | None = None,
+               candidates: list[int] | None = None) -> dict:
+    """Fastest prefill and decode grids for ``run`` by predicted TTFT and TPOT; a grid
+    ``run`` fixes is kept. Returns ``run`` with both grids set (``"run"``), the grids, and
+    every candidate's predicted seconds or why it does not fit (``"tried"``)."""
     from waferllm.engine.predict import predict_phase
 
-    max_seq_len = max_seq_len or input_len + output_len
     grids = candidates or candidate_grids(wafer, hi=max_grid)
     tried: dict[str, dict[int, float | str]] = {"prefill": {}, "decode": {}}
-    best = {"prefill": prefill_grid, "decode": decode_grid}
+    best = {"prefill": run.prefill_grid, "decode": run.decode_grid}
     for phase in ("prefill", "decode"):
         if best[phase] is not None:
             continue
         scores = {}
         for g in grids:
+            trial = run.with_grids(g, None) if phase == "prefill" else run.with_grids(None, g)
             try:
-                scores[g] = predict_phase(config, wafer, phase, g, input_len, output_len, max_seq_len, dtype, layers)
+                scores[g] = predict_phase(config, wafer, trial, phase, input_len, output_len)
                 tried[phase][g] = scores[g]
             except WaferLLMError as exc:
                 tried[phase][g] = f"does not fit: {exc}"
@@ -46,4 +48,5 @@ def tune_grids(config, wafer, input_len: int, output_len: int, max_seq_len: int 
                 f"The largest, {largest}x{largest}: {str(tried[phase][largest]).removeprefix('does not fit: ')}"
             )
         best[phase] = min(scores, key=scores.get)
-    return {"prefill_grid": best["prefill"], "decode_grid": best["decode"], "tried": tried}
+    return {"prefill_grid": best["prefill"], "decode_grid": best["decode"], "tried": tried,
+            "run": run.with_grids(best["prefill"], best["decode"])}

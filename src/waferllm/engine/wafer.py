@@ -1,83 +1,113 @@
 """The wafer backend: a model placed on the simulated wafer, run phase by phase.
 
-``WaferModel`` builds the placement plan, places every weight on its region (numeric:
-real tiles; dry run: shapes only), and exposes the backend protocol the generation loop
-drives: ``reset()``, ``prefill(ids)``, ``decode(token)``. The same execution yields
-the logits and, in its ledger, the predicted wafer time, energy and breakdown.
+``WaferModel`` builds the placement plan of a :class:`RunConfig`, places every weight
+on its region (numeric: real tiles; dry run: shapes only), and exposes the backend
+protocol the generation loop drives: ``reset()``, ``prefill(ids, prompt_logits)``,
+``decode(token)``. The same execution yields the logits and, in its ledger, the
+predicted wafer time, energy and breakdown (see :mod:`waferllm.engine.metrics`).
 
-Per request: prefill runs the prompt through the prefill pipeline; the transition
+Per request: the prompt's embedding rows move from the table columns that hold them to
+the activation layout; prefill runs them through the prefill pipeline; the transition
 re-places weights and KV cache into the decode layout (costed, once per request); each
 decode step runs one token through the decode pipeline. The LM head's vocabulary is
 sliced over all regions of a phase, whose slices run at the same time.
 
 Dry runs do not repeat identical work: a layer whose program (shapes, layouts,
 constants, cache occupancy) equals one already executed has that execution's cost
-replayed (``Ledger.replay``). Numeric runs execute everything.
+replayed (``Ledger.replay``), and so has a decode step. Numeric runs execute everything.
 """
 
 from __future__ import annotations
 
 import time
+from functools import partial
 
 import numpy as np
 
 from waferllm.engine.decode import DecodeStage
-from waferllm.engine.placement import plan as make_plan
+from waferllm.engine.metrics import RequestCycles, request_metrics
 from waferllm.engine.prefill import PrefillStage
+from waferllm.engine.run_config import RunConfig
 from waferllm.errors import RequestError
 from waferllm.hardware import get_wafer
-from waferllm.hardware.plmr import WaferSpec
+from waferllm.hardware.plmr import DTYPE_BYTES, WaferSpec
 from waferllm.mesh import comm
 from waferllm.mesh.ledger import Ledger
+from waferllm.mesh.move import Placement, charge_move
 from waferllm.mesh.runtime import Mesh
 from waferllm.mesh.tensor import DistTensor
 
 
 class WaferModel:
-    def __init__(self, config, weights=None, wafer: str | WaferSpec = "wse2", prefill_grid: int = 32,
-                 decode_grid: int = 32, max_seq_len: int = 2048, prompt_len: int | None = None, mode: str = "numeric",
-                 dtype: str = "fp16", kv_scheme: str = "shift", layers: int | None = None, progress=None,
-                 route_policy: str = "relay"):
+    """A model on a wafer. ``run``: a :class:`RunConfig`; or, as keywords, its fields (the
+    grids may come positionally: ``WaferModel(cfg, weights, "wse2", 32, 32, max_seq_len=64)``)."""
+
+    def __init__(self, config, weights=None, wafer: str | WaferSpec = "wse2", run: RunConfig | int | None = None,
+                 decode_grid: int | None = None, *, mode: str = "numeric", progress=None, **run_fields):
+        if not isinstance(run, RunConfig):
+            run = RunConfig(prefill_grid=run, decode_grid=decode_grid, **run_fields)
+        elif decode_grid is not None or run_fields:
+            raise RequestError("pass either a RunConfig or its fields, not both")
         self.config = config
+        self.run = run
         self.wafer = wafer if isinstance(wafer, WaferSpec) else get_wafer(wafer)
         self.mode = mode
-        self.dtype = dtype
-        self.kv_scheme = kv_scheme
-        self.max_seq_len = int(max_seq_len)
-        self.layers = config.num_layers if layers is None else int(layers)
-        if not 1 <= self.layers <= config.num_layers:
-            raise RequestError(f"layers must be in 1..{config.num_layers}, got {layers}")
+        self.layers = run.layer_count(config)
         if mode == "numeric" and weights is None:
             raise RequestError("a numeric run needs weights; use mode='dry' for shape-only prediction")
-        self.plan = make_plan(config, self.wafer, prefill_grid, decode_grid, self.max_seq_len, dtype,
-                              prompt_len=prompt_len, layers=self.layers)
+        self.plan = run.plan(config, self.wafer)
         self.ledger = Ledger(self.wafer, keep_events=(mode == "numeric"))
         self.weights = weights
         t0 = time.perf_counter()
-        total = 2 * self.layers
-        done = [0]
-
-        def tick(desc):
-            done[0] += 1
-            if progress:
-                progress(done[0], total, desc)
-
-        pre, dec = self.plan.prefill, self.plan.decode
-        self.prefill_stages = [self._prefill_stage(st, tick) for st in pre.stages] if pre else []
-        self.decode_stages = [self._decode_stage(st, tick) for st in dec.stages] if dec else []
+        self.prefill_stages, self.decode_stages = self._place(progress)
         self.placement_wall_s = time.perf_counter() - t0
-        self._memo: dict = {}
+        self._memo: dict = {}  # dry runs: program key -> its cost (a ledger delta)
         self.position = 0
-        self.layer_cycles = {"prefill": 0.0, "decode": 0.0}
-        self.want_prompt_logits = False
-        self.step_cycles: list[float] = []
-        self.phase_cycles = {"prefill": 0.0, "transition": 0.0, "decode": 0.0}
+        self.cycles = RequestCycles()
+        self.request_mark = self.ledger.mark(per_primitive=True)
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.run.max_seq_len
+
+    @property
+    def dtype(self) -> str:
+        return self.run.dtype
 
     # ---- placement ---------------------------------------------------------------------
-    def _host(self, what: str, sl=None):
+    def _place(self, progress) -> tuple[list[PrefillStage], list[DecodeStage]]:
+        """Every stage of both phases, weights placed (a layer at a time, reported to ``progress``)."""
+        placed, total = [0], 2 * self.layers
+
+        def layers(ids, phase):
+            out = []
+            for i in ids:
+                out.append(self.weights.layers[i] if self.weights is not None else None)
+                placed[0] += 1
+                if progress:
+                    progress(placed[0], total, f"placing {phase} layer {i}")
+            return out
+
+        pre, dec, c, run = self.plan.prefill, self.plan.decode, self.config, self.run
+        embed = (lambda vs: None) if c.tie_word_embeddings else (lambda vs: self._host("embed", vs))
+        prefill = [PrefillStage(self._mesh(st), c, st.layers, layers(st.layers, "prefill"), st.vocab,
+                                self._host("lm", st.vocab), embed(st.vocab), self._host("final_norm"), run.dtype,
+                                pre.heads_per_pass) for st in (pre.stages if pre else [])]
+        decode = [DecodeStage(self._mesh(st), c, st.layers, layers(st.layers, "decode"), st.vocab,
+                              self._host("lm", st.vocab), embed(st.vocab), self._host("final_norm"), run.max_seq_len,
+                              run.dtype, run.kv_scheme) for st in (dec.stages if dec else [])]
+        return prefill, decode
+
+    def _mesh(self, stage) -> Mesh:
+        return Mesh(stage.region, mode=self.mode, ledger=self.ledger, route_policy=self.run.route_policy)
+
+    def _host(self, what: str, vocab: range | None = None):
+        """A host array of the weights (None in a dry run): the LM head's or the embedding
+        table's vocabulary slice as [E, Vc], or the final norm."""
         w = self.weights
         if w is None:
             return None
+        sl = None if vocab is None else slice(vocab.start, vocab.stop)
         if what == "lm":
             return np.asarray(w.lm_head[:, sl], np.float32)
         if what == "embed":
@@ -86,63 +116,60 @@ class WaferModel:
             return np.asarray(w.final_norm, np.float32)
         raise KeyError(what)
 
-    def _layers(self, ids, tick, phase):
-        out = []
-        for i in ids:
-            out.append(self.weights.layers[i] if self.weights is not None else None)
-            tick(f"placing {phase} layer {i}")
-        return out
-
-    def _prefill_stage(self, st, tick):
-        mesh = Mesh(st.region, mode=self.mode, ledger=self.ledger)
-        vs = slice(st.vocab.start, st.vocab.stop)
-        return PrefillStage(mesh, self.config, st.layers, self._layers(st.layers, tick, "prefill"), st.vocab,
-                            self._host("lm", vs), self._host("final_norm"), self.dtype, self.plan.prefill.heads_per_pass)
-
-    def _decode_stage(self, st, tick):
-        mesh = Mesh(st.region, mode=self.mode, ledger=self.ledger)
-        vs = slice(st.vocab.start, st.vocab.stop)
-        embed = None if self.config.tie_word_embeddings else self._host("embed", vs)
-        return DecodeStage(mesh, self.config, st.layers, self._layers(st.layers, tick, "decode"), st.vocab,
-                           self._host("lm", vs), embed, self._host("final_norm"), self.max_seq_len, self.dtype,
-                           self.kv_scheme)
-
     # ---- backend protocol ------------------------------------------------------------------
+    def reset(self) -> None:
+        """Start a new request: empty caches, zeroed counters."""
+        self.position = 0
+        for st in self.decode_stages:
+            st.cache.reset()
+        self.cycles = RequestCycles()
+        self.request_mark = self.ledger.mark(per_primitive=True)
+
     def start_decode(self, prompt_len: int) -> None:
         """Decode-only runs (dry): put ``prompt_len`` tokens in the cache as the transition would."""
         for st in self.decode_stages:
             st.cache.load(prompt_len)
         self.position = prompt_len
 
-    def reset(self) -> None:
-        self.position = 0
-        for st in self.decode_stages:
-            st.cache.reset()
-        self.step_cycles = []
-        self.layer_cycles = {"prefill": 0.0, "decode": 0.0}
-        self.phase_cycles = {"prefill": 0.0, "transition": 0.0, "decode": 0.0}
-        self._request_mark = self.ledger.mark(per_primitive=True)
-
-    def _run_layer(self, phase, key, fn):
+    def _run_layer(self, phase: str, stage: int, key: tuple, fn):
         """Run one layer (or replay an identical one in dry mode); returns fn's result or None."""
-        led = self.ledger
+        led, key = self.ledger, (stage,) + key
         if self.mode == "dry" and key in self._memo:
             led.replay(self._memo[key], "layer (replayed)")
-            self.layer_cycles[phase] += self._memo[key]["cycles"]
+            self.cycles.add_layers(phase, self._memo[key])
             return None
-        m = led.mark(per_primitive=self.mode == "dry")
+        mark = led.mark(per_primitive=self.mode == "dry")
         out = fn()
-        d = led.since(m)
-        self.layer_cycles[phase] += d["cycles"]
+        delta = led.since(mark)
+        self.cycles.add_layers(phase, delta)
         if self.mode == "dry":
-            self._memo[key] = d
+            self._memo[key] = delta
         return out
 
-    def prefill(self, token_ids) -> np.ndarray | None:
-        """Run the prompt (ids, or just a length in dry mode); returns logits [1 or T, V]."""
-        c, led = self.config, self.ledger
+    def prefill(self, token_ids, prompt_logits: bool = False) -> np.ndarray | None:
+        """Run the prompt (ids, or just a length in dry mode); returns the logits of every
+        prompt token [T, V] with ``prompt_logits``, else of the last one [1, V] (numeric)."""
+        ids, length = self._check_prompt(token_ids)
+        led = self.ledger
+        start = led.mark()
+        with led.span("prefill"):
+            h = self._embed_prompt(ids if ids is not None else self.typical_prompt(length))
+            kv = []
+            for si, st in enumerate(self.prefill_stages):
+                if si:
+                    h = comm.relayout(h, st.mesh, ("y", "x"), name="stage_transfer")  # [L, E] (y, x)
+                h, stage_kv = st.step(h, length, partial(self._run_layer, "prefill", si))
+                kv += stage_kv
+            logits = self._prefill_logits(h, length, prompt_logits)
+        self.cycles.phase["prefill"] += led.since(start)["cycles"]
+        if self.decode_stages:
+            self._transition(length, kv)
+        self.position = length
+        return logits
+
+    def _check_prompt(self, token_ids) -> tuple[np.ndarray | None, int]:
         if isinstance(token_ids, (int, np.integer)):
-            length, ids = int(token_ids), None
+            ids, length = None, int(token_ids)
         else:
             ids = np.asarray(token_ids, np.int64).reshape(-1)
             length = ids.size
@@ -150,70 +177,84 @@ class WaferModel:
             raise RequestError("prefill needs at least one token")
         if length >= self.max_seq_len:
             raise RequestError(f"prompt of {length} tokens leaves no room in the planned {self.max_seq_len}-token context")
-        if ids is not None and (ids.min() < 0 or ids.max() >= c.vocab_size):
-            raise RequestError(f"token id out of range [0, {c.vocab_size})")
-        if not hasattr(self, "_request_mark"):
-            self.reset()
-        start = led.mark()
-        positions = np.arange(length)
-        ks, vs = [], []
-        with led.span("prefill"):
-            st0 = self.prefill_stages[0]
-            emb = (np.asarray(self.weights.embed[ids], np.float32) if self.mode == "numeric" else (length, c.hidden_size))
-            h = st0.mesh.place(emb, ("y", "x"), self.dtype, name="embedding_rows")
-            # rows come from the PE columns holding their vocabulary entries
-            h = comm.replace(h, st0.mesh, ("y", "x"), name="embedding.gather")
-            for si, st in enumerate(self.prefill_stages):
-                if si:
-                    h = comm.replace(h, st.mesh, ("y", "x"), name="stage_transfer")
-                tables = st.rope_tables(positions)
-                for idx, li in enumerate(st.layer_ids):
-                    key = ("prefill", si, length)
-                    with led.span(f"layer{li}"):
-                        res = self._run_layer("prefill", key, lambda: st.layer(idx, h, length, tables))
-                    if res is None:  # replayed: keep the layer's K/V allocation all the same
-                        ks.append(st.mesh.place((length, st.hl.kv_padded), ("y", "x"), self.dtype, name="k_prefill"))
-                        vs.append(st.mesh.place((length, st.hl.kv_padded), ("y", "x"), self.dtype, name="v_prefill"))
-                    else:
-                        h, k, v = res
-                        ks.append(k)
-                        vs.append(v)
-            logits = self._prefill_logits(h, length)
-        self.phase_cycles["prefill"] += led.since(start)["cycles"]
-        if self.decode_stages:
-            self._transition(length, ks, vs)
-        self.position = length
-        return logits
+        if ids is not None and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
+            raise RequestError(f"token id out of range [0, {self.config.vocab_size})")
+        return ids, length
 
-    def _prefill_logits(self, h: DistTensor, length: int):
-        last = self.prefill_stages[-1]
-        led = self.ledger
-        hn = last.rmsnorm(h, last.final_norm, "final_norm")
-        if not self.want_prompt_logits:
-            # only the last token's logits: its row leaves the others behind
-            row = hn.to_global()[length - 1: length] if hn.tiles is not None else (1, self.config.hidden_size)
-            hn = last.mesh.place(row, ("y", "x"), self.dtype, name="last_hidden")
+    def typical_prompt(self, length: int) -> np.ndarray:
+        """The token ids a dry run assumes for a prompt of ``length`` tokens: the rows each PE
+        row of the first prefill region needs sit in one table column of that region (its
+        own index), so the lookup is a transpose: every PE sends and receives its share,
+        over typical distances, as a prompt of varied text does."""
+        st = self.prefill_stages[0]
+        table = st.embed if st.embed is not None else st.lm
+        width = table.tile_shape[1]  # vocabulary entries per table column
+        rows = -(-length // st.mesh.rows)  # prompt tokens per PE row
+        pos = np.arange(length, dtype=np.int64)
+        local = (pos // rows) * width + (pos % rows) % width
+        return st.vocab.start + np.minimum(local, len(st.vocab) - 1)
+
+    def _embed_prompt(self, ids: np.ndarray) -> DistTensor:
+        """The prompt's embedding rows as [L, E] (y, x) on the first prefill region.
+
+        Each region's table columns hold the rows of its vocabulary slice (features split
+        over the PE rows); every region sends the prompt's rows it holds to their token's
+        PE row of the first region, features now split over the columns. The regions send
+        at the same time."""
+        led, first, c = self.ledger, self.prefill_stages[0], self.config
+        length = len(ids)
+        dest = Placement.blocked(first.mesh.region, (length, c.hidden_size), ("y", "x"))
+        with led.span("embedding"), led.parallel() as par:
+            for st in self.prefill_stages:
+                held = np.flatnonzero((ids >= st.vocab.start) & (ids < st.vocab.stop))
+                if held.size:
+                    with par.branch():
+                        to = Placement(dest.region, (held.size, c.hidden_size), y_dim=0, y_of=dest.y_of[held],
+                                       x_dim=1, x_of=dest.x_of)
+                        charge_move(led, st.embedding_source(ids[held]), to, DTYPE_BYTES[self.dtype],
+                                    name="embedding.gather")
+        rows = np.asarray(self.weights.embed[ids], np.float32) if self.mode == "numeric" else (length, c.hidden_size)
+        return first.mesh.place(rows, ("y", "x"), self.dtype, name="embedding_rows")  # where the moves left them
+
+    def _prefill_logits(self, h: DistTensor, length: int, prompt_logits: bool) -> np.ndarray | None:
+        """The LM head over every region's vocabulary slice at once: all rows, or the last."""
+        last, led = self.prefill_stages[-1], self.ledger
+        hn = last.rmsnorm(h, last.final_norm, "final_norm")  # [L, E] (y, x)
         chunks = []
         with led.span("lm_head"), led.parallel() as par:
             for st in self.prefill_stages:
                 with par.branch():
-                    x = comm.replace(hn, st.mesh, ("y", "x"), name="lm_head.transfer")
+                    # [L or 1, E] (y, x) on each region, from where the rows are
+                    x = (comm.relayout(hn, st.mesh, ("y", "x"), name="lm_head.transfer") if prompt_logits
+                         else self._move_last_row(hn, length, st.mesh))
                     out = st.lm_head(x)
                     chunks.append(out.to_global() if out.tiles is not None else None)
         if self.mode != "numeric":
             return None
         return np.concatenate(chunks, axis=1)
 
-    def _transition(self, length: int, ks, vs) -> None:
+    def _move_last_row(self, hn: DistTensor, length: int, mesh: Mesh) -> DistTensor:
+        """The last token's row of ``hn`` [L, E] (y, x), moved from the PE row that holds it to
+        row 0 of ``mesh`` as a [1, E] (y, x) tensor; the other rows stay behind."""
+        E = hn.shape[1]
+        held = Placement.blocked(hn.mesh.region, hn.shape, hn.layout, hn.tile_shape)
+        src = Placement(held.region, (1, E), y_dim=0, y_of=held.y_of[length - 1: length], x_dim=1, x_of=held.x_of)
+        row = hn.to_global()[length - 1: length] if hn.tiles is not None else (1, E)
+        out = mesh.place(row, ("y", "x"), hn.dtype, name="lm_head.transfer")
+        charge_move(self.ledger, src, Placement.of(out), hn.itemsize, name="lm_head.transfer")
+        return out
+
+    def _transition(self, length: int, kv: list[tuple[DistTensor, DistTensor]]) -> None:
         """Re-place weights and the KV cache from the prefill layout to the decode layout."""
         led = self.ledger
         start = led.mark()
+        item = DTYPE_BYTES[self.dtype]
         with led.span("transition"):
             # cost: each prefill region's weights and K/V move to the decode regions of the same layers
-            item = 2 if self.dtype == "fp16" else 4
             for pst in self.prefill_stages:
                 n = pst.mesh.rows
-                per_pe = sum(t.tile_elems for w in pst.w for t in w.values()) + 2 * len(pst.w) * (-(-length // n)) * pst.hl.tf
+                kv_per_pe = 2 * len(pst.w) * (-(-length // n)) * pst.hl.col_features
+                per_pe = sum(t.tile_elems for w in pst.w for t in w.values()) + kv_per_pe
                 for dst_st in self.decode_stages:
                     share = len(set(pst.layer_ids) & set(dst_st.layer_ids)) / max(len(pst.layer_ids), 1)
                     if share:
@@ -223,84 +264,85 @@ class WaferModel:
                                          total / dst_st.mesh.region.pes, name="transition.replace")
             # numerics: the cache rows of each decode region
             for dst_st in self.decode_stages:
-                if self.mode == "numeric":
-                    kk, vv = [], []
-                    for k, v, pst in self._kv_sources(ks, vs, dst_st):
-                        kk.append(dst_st.hl.from_original_kv(pst.hl.to_original_kv(k.to_global(np.float32))))
-                        vv.append(dst_st.hl.from_original_kv(pst.hl.to_original_kv(v.to_global(np.float32))))
-                    dst_st.cache.load(length, kk, vv)
-                else:
+                if self.mode != "numeric":
                     dst_st.cache.load(length)
-        self.phase_cycles["transition"] += led.since(start)["cycles"]
-
-    def _kv_sources(self, ks, vs, dst_st):
-        for li in dst_st.layer_ids:
-            pst = next(p for p in self.prefill_stages if li in p.layer_ids)
-            yield ks[li], vs[li], pst
+                    continue
+                ks, vs = [], []
+                for li in dst_st.layer_ids:
+                    pst = next(p for p in self.prefill_stages if li in p.layer_ids)
+                    k, v = kv[li]
+                    ks.append(dst_st.hl.from_original_kv(pst.hl.to_original_kv(k.to_global(np.float32))))
+                    vs.append(dst_st.hl.from_original_kv(pst.hl.to_original_kv(v.to_global(np.float32))))
+                dst_st.cache.load(length, ks, vs)
+        delta = led.since(start)
+        self.cycles.phase["transition"] += delta["cycles"]
+        self.cycles.add_per_layer_counters(delta)  # it moves every layer's weights and K/V
 
     def decode(self, token_id) -> np.ndarray | None:
-        c, led = self.config, self.ledger
-        tok = None if token_id is None else int(token_id)
-        if tok is not None and not 0 <= tok < c.vocab_size:
-            raise RequestError(f"token id {tok} out of range [0, {c.vocab_size})")
-        if self.position + 1 > self.max_seq_len:
-            raise RequestError(f"context of {self.max_seq_len} tokens is full")
-        pos = self.position
+        """Run one token (None in a dry run); returns the next token's logits [V] (numeric)."""
+        tok = self._check_token(token_id)
+        led = self.ledger
         start = led.mark(per_primitive=self.mode == "dry")
         if self.mode == "dry":
-            # the step's program: every stage's cache occupancy and whether its rows shift
-            # (stages of different grids change occupancy at different tokens)
-            step_key = ("step",) + tuple((st.cache.occupied, bool(st.cache.plan_append().size))
-                                         for st in self.decode_stages)
+            # the step's program: every stage's cache state (stages of different grids
+            # change occupancy at different tokens)
+            step_key = ("step",) + tuple(st.cache.program_key() for st in self.decode_stages)
             if step_key in self._memo:
-                d = self._memo[step_key]
-                led.replay(d, "decode step (replayed)")
-                for st in self.decode_stages:
-                    st.cache.commit(st.cache.plan_append())
-                self.layer_cycles["decode"] += d["layer_cycles"]
-                self.phase_cycles["decode"] += d["cycles"]
-                self.step_cycles.append(d["cycles"])
-                self.position += 1
-                return None
-            layer_before = self.layer_cycles["decode"]
+                return self._replay_step(self._memo[step_key])
+            layers_before = self.cycles.layer_totals("decode")
         with led.span("decode"):
-            estage = next((s for s in self.decode_stages if tok is not None and tok in s.vocab), self.decode_stages[0])
-            local_tok = tok if tok is not None else estage.vocab.start
-            h = estage.embed_lookup(local_tok)
-            first = self.decode_stages[0]
-            if estage is not first:
-                h = comm.replace(h, first.mesh, ("y",), name="embedding.transfer")
+            h = self._embed_token(tok)
             for si, st in enumerate(self.decode_stages):
                 if si:
-                    h = comm.replace(h, st.mesh, ("y",), name="stage_transfer")
-                movers = st.cache.plan_append()
-                key = ("decode", si, st.cache.occupied, bool(movers.size))
-                for idx, li in enumerate(st.layer_ids):
-                    with led.span(f"layer{li}"):
-                        res = self._run_layer("decode", key, lambda: st.layer(idx, h, pos, movers))
-                    if res is not None:
-                        h = res
-                st.cache.commit(movers)
+                    h = comm.relayout(h, st.mesh, ("y",), name="stage_transfer")  # [E] (y)
+                h = st.step(h, self.position, partial(self._run_layer, "decode", si))
             logits = self._decode_logits(h)
         delta = led.since(start)
-        d = delta["cycles"]
         if self.mode == "dry":
-            delta["layer_cycles"] = self.layer_cycles["decode"] - layer_before
+            after = self.cycles.layer_totals("decode")
+            delta["layers"] = {k: v - layers_before[k] for k, v in after.items()}  # the step's layers alone
             self._memo[step_key] = delta
-        self.phase_cycles["decode"] += d
-        self.step_cycles.append(d)
-        self.position += 1
+        self._count_step(delta["cycles"])
         return logits
 
-    def _decode_logits(self, h):
-        last = self.decode_stages[-1]
-        led = self.ledger
-        hn = last.rmsnorm(h, last.final_norm, "final_norm")
+    def _check_token(self, token_id) -> int | None:
+        tok = None if token_id is None else int(token_id)
+        if tok is not None and not 0 <= tok < self.config.vocab_size:
+            raise RequestError(f"token id {tok} out of range [0, {self.config.vocab_size})")
+        if self.position + 1 > self.max_seq_len:
+            raise RequestError(f"context of {self.max_seq_len} tokens is full")
+        return tok
+
+    def _replay_step(self, delta: dict) -> None:
+        self.ledger.replay(delta, "decode step (replayed)")
+        for st in self.decode_stages:
+            st.skip_step()
+        self.cycles.add_layers("decode", delta["layers"])
+        self._count_step(delta["cycles"])
+
+    def _count_step(self, cycles: float) -> None:
+        self.cycles.phase["decode"] += cycles
+        self.cycles.steps.append(cycles)
+        self.position += 1
+
+    def _embed_token(self, tok: int | None) -> DistTensor:
+        """The token's embedding [E] (y) on the first decode region (a dry run's token is the
+        first of the vocabulary)."""
+        stage = next((s for s in self.decode_stages if tok is not None and tok in s.vocab), self.decode_stages[0])
+        h = stage.embed_lookup(tok if tok is not None else stage.vocab.start)
+        first = self.decode_stages[0]
+        if stage is not first:
+            h = comm.relayout(h, first.mesh, ("y",), name="embedding.transfer")
+        return h
+
+    def _decode_logits(self, h: DistTensor) -> np.ndarray | None:
+        last, led = self.decode_stages[-1], self.ledger
+        hn = last.rmsnorm(h, last.final_norm, "final_norm")  # [E] (y)
         chunks = []
         with led.span("lm_head"), led.parallel() as par:
             for st in self.decode_stages:
                 with par.branch():
-                    x = comm.replace(hn, st.mesh, ("y",), name="lm_head.transfer")
+                    x = comm.relayout(hn, st.mesh, ("y",), name="lm_head.transfer")
                     logits, _ = st.lm_head(x)
                     chunks.append(logits)
         if self.mode != "numeric":
@@ -310,55 +352,4 @@ class WaferModel:
     # ---- reporting ---------------------------------------------------------------------------
     def request_metrics(self) -> dict:
         """Predicted wafer figures of the request run since the last reset()."""
-        w = self.wafer
-        sec = w.cycles_to_seconds
-        scale = self.config.num_layers / self.layers
-        pre = self.phase_cycles["prefill"] + self.layer_cycles["prefill"] * (scale - 1)
-        trans = self.phase_cycles["transition"] * scale
-        n_dec = len(self.step_cycles)
-        dec = self.phase_cycles["decode"] + self.layer_cycles["decode"] * (scale - 1)
-        prompt = self.position - n_dec
-        out_tokens = n_dec + 1  # the first token comes from the prefill logits
-        tpot = sec(dec / n_dec) if n_dec else None
-        total = sec(pre + trans + dec)
-        d = self.ledger.since(self._request_mark) if hasattr(self, "_request_mark") else self.ledger.summary()
-        energy = w.power_w * total
-        return {
-            "wafer": w.name,
-            "extrapolated_from_layers": self.layers if self.layers != self.config.num_layers else None,
-            "prefill_grid": self.plan.prefill.grid if self.plan.prefill else None,
-            "decode_grid": self.plan.decode.grid if self.plan.decode else None,
-            "ttft_s": sec(pre),
-            "transition_s": sec(trans),
-            "tpot_s": tpot,
-            "prefill_tokens_per_s": prompt / sec(pre) if pre else None,
-            "decode_tokens_per_s": 1.0 / tpot if tpot else None,
-            "e2e_tokens_per_s": out_tokens / total if total else None,
-            "energy_j": energy,
-            "kv_capacity_tokens": self.plan.kv_capacity_tokens,
-            "kv_capacity_tokens_concat": self.plan.kv_capacity_tokens_concat,
-            "flops": d.get("flops", 0.0) * scale,
-            "bytes_moved": d.get("bytes_moved", 0.0) * scale,
-            "routing_stages": d.get("routing_stages", 0.0) * scale,
-            "sram_peak_bytes_per_pe": {
-                "prefill": max((s.mesh.sram.peak_bytes for s in self.prefill_stages), default=0),
-                "decode": max((s.mesh.sram.peak_bytes for s in self.decode_stages), default=0),
-                "usable": w.usable_sram_bytes_per_pe,
-            },
-            "routes_peak_per_pe": max((s.mesh.routes.peak for s in self.prefill_stages + self.decode_stages), default=0),
-            "kv_shift_moves": sum(s.cache.shift_moves for s in self.decode_stages),
-            "breakdown_s": {k: sec(v) for k, v in self.phase_breakdown().items()},
-        }
-
-    def phase_breakdown(self) -> dict[str, float]:
-        """Busy cycles per op (primitive names before the first dot) in this request.
-
-        Work that overlapped other work is counted in full, so the shares show where
-        the PEs are busy, not a partition of the critical path."""
-        out: dict[str, float] = {}
-        prims = (self.ledger.since(self._request_mark)["by_primitive"] if hasattr(self, "_request_mark")
-                 else self.ledger.by_primitive)
-        for name, cyc in prims.items():
-            key = name.split(".")[0]
-            out[key] = out.get(key, 0.0) + cyc
-        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+        return request_metrics(self)

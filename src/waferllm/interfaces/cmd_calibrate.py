@@ -65,7 +65,6 @@ def validate(
 def calibrate(
     wafer: Optional[List[str]] = typer.Option(None, "--wafer", help="Preset(s) to fit (default: wse2 and wse3)."),
     write: bool = typer.Option(False, "--write", help="Store the fitted constants and their provenance in the presets."),
-    rounds: int = typer.Option(2, "--rounds", min=1, help="Rounds over the presets (derived constants flow between them)."),
     iters: int = typer.Option(60, "--iters", min=1, help="Nelder-Mead iterations per fit."),
 ) -> None:
     """Fit the free constants of the wafer presets to SPEC section 5, absolute measurements first."""
@@ -77,7 +76,7 @@ def calibrate(
     if unknown:
         raise HardwareError(f"no calibration plan for {', '.join(unknown)}; presets with measurements: {', '.join(PLANS)}")
     console = Console()
-    results = run(names, rounds=rounds, iters=iters, write=write, log=console.print)
+    results = run(names, iters=iters, write=write, log=console.print)
     for name, r in results.items():
         console.print(f"[bold]{name}[/]: " + ", ".join(f"{k}={v:g}" for k, v in r["values"].items())
                       + f"; loss {r['loss']:.4f}")

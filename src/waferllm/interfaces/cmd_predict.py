@@ -43,7 +43,8 @@ def predict(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Predict TTFT, TPOT, throughput and energy of a model on a wafer (dry run: no weights needed)."""
-    from waferllm.engine.predict import predict as run_predict
+    from waferllm.engine.predict import predict_run
+    from waferllm.engine.run_config import RunConfig
     from waferllm.engine.tuner import tune_grids
     from waferllm.errors import RequestError
     from waferllm.hardware import get_wafer, parse_overrides
@@ -61,12 +62,15 @@ def predict(
             raise RequestError(f"{what} must be an integer or 'auto', got {v!r}") from None
 
     pg, dg = grid(prefill_grid, "--prefill-grid"), grid(decode_grid, "--decode-grid")
+    if input_len < 1 or output_len < 1:
+        raise RequestError(f"--input-len and --output-len must be positive, got {input_len} and {output_len}")
+    run = RunConfig.for_request(input_len, output_len, prefill_grid=pg, decode_grid=dg, dtype=dtype,
+                                kv_scheme=kv_scheme, layers=extrapolate)
     tuning = None
     if pg is None or dg is None:
-        tuning = tune_grids(cfg, spec, input_len, output_len, dtype=dtype, prefill_grid=pg, decode_grid=dg,
-                            layers=extrapolate)
-        pg, dg = tuning["prefill_grid"], tuning["decode_grid"]
-    m = run_predict(cfg, spec, input_len, output_len, pg, dg, dtype=dtype, kv_scheme=kv_scheme, layers=extrapolate)
+        tuning = tune_grids(cfg, spec, run, input_len, output_len)
+        run, pg, dg = tuning["run"], tuning["prefill_grid"], tuning["decode_grid"]
+    m = predict_run(cfg, spec, run, input_len, output_len)
     if tuning:
         m["tuning"] = {"prefill_grid": pg, "decode_grid": dg,
                        "tried_s": {ph: {str(g): v for g, v in d.items()} for ph, d in tuning["tried"].items()}}

@@ -20,11 +20,9 @@ import numpy as np
 
 from waferllm.errors import MeshError
 from waferllm.kernels.gemm_t import rotating_root_schedule
-from waferllm.kernels.meshgemm import ring_routes, skew_a, skew_b
+from waferllm.kernels.meshgemm import cannon_schedule, ring_routes, skew_a, skew_b
 from waferllm.kernels.report import KernelResult, measured
-from waferllm.mesh import comm
-from waferllm.mesh.compute import _charge
-from waferllm.mesh.cost import compute_cycles
+from waferllm.mesh.compute import matmul_tiles
 from waferllm.mesh.tensor import NP_DTYPES, DistTensor
 
 
@@ -33,10 +31,6 @@ def _onehot(head_of_pos: np.ndarray, num_kv_heads: int) -> np.ndarray:
     hp = np.asarray(head_of_pos)
     oh = (hp[..., None] == np.arange(num_kv_heads)).astype(np.float32)
     return oh
-
-
-def _charge_macs(mesh, name, macs, dtype, read_bytes, write_bytes):
-    _charge(mesh, name, compute_cycles(mesh.wafer, macs, dtype), 2 * macs, read_bytes, write_bytes)
 
 
 def grouped_scores(q: DistTensor, k: DistTensor, head_of_pos: np.ndarray, num_kv_heads: int, group: int, *,
@@ -55,8 +49,8 @@ def grouped_scores(q: DistTensor, k: DistTensor, head_of_pos: np.ndarray, num_kv
     qt = None if q.tiles is None else q.tiles.astype(np.float32, copy=False).reshape(n, n, tq, r, tf)
 
     def local(kk):
-        _charge_macs(mesh, "grouped_scores.tile_matmul", r * tq * tf * tk, q.dtype,
-                     q.bytes_per_pe + kk.bytes_per_pe, 4 * hkv * r * tq * tk)
+        # r query heads x (tq x tf) @ (tf x tk): each feature meets only its own head's queries
+        matmul_tiles(mesh, None, None, dtype=q.dtype, name="grouped_scores.tile_matmul", shapes=(tq, tf, tk, r))
         if qt is None:
             return None
         # (n,n,tq,r,tf) x (n,tf,Hkv) x (n,n,tk,tf) -> (n,n,Hkv,r,tq,tk): each feature to its head
@@ -85,25 +79,25 @@ def grouped_pv(p: DistTensor, v: DistTensor, head_of_pos: np.ndarray, *, ring: s
         mesh.routes.request("grouped_pv.rings", 2 * ring_routes(n), relayable=False)
         p = skew_a(p.compute_view(), ring)
         v = skew_b(v.compute_view(), ring)
+        operands = [p, v]
+        del p, v  # the schedule holds the only references to the operands it shifts
         acc = np.zeros((n, n, tq, r, tf), np.float32) if mesh.numeric else None
         if acc is not None:
             safe = np.where(hp < 0, 0, hp)  # (C, tf)
             valid = (hp >= 0).astype(np.float32)
-        for s in range(n):
-            with mesh.ledger.overlap():
-                _charge_macs(mesh, "grouped_pv.tile_matmul", r * tq * tk * tf, v.dtype,
-                             p.bytes_per_pe + v.bytes_per_pe, 4 * tq * r * tf)
-                if acc is not None:
-                    pt = p.tiles  # (n,n,Hkv,r,tq,tk), float32 host view
-                    vt = v.tiles  # (n,n,tk,tf)
-                    allh = np.einsum("ijgrtk,ijkf->ijgrtf", pt, vt, optimize=True)  # every head x feature
-                    # keep, for each feature, its own head: gather along g with the column's map
-                    sel = np.take_along_axis(allh, safe[None, :, None, None, None, :], axis=2)[:, :, 0]
-                    acc += (sel * valid[None, :, None, None, :]).transpose(0, 1, 3, 2, 4)
-                with mesh.ledger.concurrent():  # P on row links, V on column links
-                    p = comm.ring_shift(p, "x", -1, ring=ring, name="grouped_pv.shift_P")
-                    v = comm.ring_shift(v, "y", -1, ring=ring, name="grouped_pv.shift_V")
-            mesh.ledger.charge("grouped_pv.step", "overhead", mesh.wafer.step_overhead_cycles)
+
+        def local(p_, v_):
+            # r query heads x (tq x tk) @ (tk x tf): each feature takes only its own head's P
+            matmul_tiles(mesh, None, None, dtype=v_.dtype, name="grouped_pv.tile_matmul", shapes=(tq, tk, tf, r))
+            if acc is not None:
+                pt = p_.tiles  # (n,n,Hkv,r,tq,tk), float32 host view
+                vt = v_.tiles  # (n,n,tk,tf)
+                allh = np.einsum("ijgrtk,ijkf->ijgrtf", pt, vt, optimize=True)  # every head x feature
+                # keep, for each feature, its own head: gather along g with the column's map
+                sel = np.take_along_axis(allh, safe[None, :, None, None, None, :], axis=2)[:, :, 0]
+                acc[...] += (sel * valid[None, :, None, None, :]).transpose(0, 1, 3, 2, 4)
+
+        p, v = cannon_schedule(mesh, operands, local, algo="grouped_pv", steps=n, ring=ring, names=("P", "V"))
         res = DistTensor(mesh, (p.shape[2], r * n * tf), ("y", "x"), out_dtype,
                          None if acc is None else acc.reshape(n, n, tq, r * tf).astype(NP_DTYPES[out_dtype]),
                          name=name)

@@ -8,8 +8,10 @@
 - Cannon on a mesh: MeshGEMM's schedule on the plain ring (N-1 hop wrap-around); see
   :func:`waferllm.kernels.meshgemm.meshgemm` with ``ring="plain"``.
 - Allgather GEMM (GPU/TPU style): every PE gathers its whole row block of A and column
-  block of B over N-1 ring steps, each a software-forwarded 2-hop transfer, then does
-  one local product. Its O(1/N) memory per PE is what breaks first.
+  block of B over N-1 ring steps, each a 2-hop transfer to its ring neighbour, then does
+  one local product. The pattern needs N routes per PE: within the router's budget each
+  transfer runs on hardware routes; past it every hop is a software relay (as for
+  broadcast). Its O(1/N) memory per PE is what breaks first.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from waferllm.kernels.meshgemm import meshgemm
 from waferllm.kernels.report import KernelResult, measured
 from waferllm.mesh import comm
 from waferllm.mesh.compute import matmul_tiles
-from waferllm.mesh.cost import message_cycles
+from waferllm.mesh.interleave import ring_max_hops
 from waferllm.mesh.tensor import NP_DTYPES, DistTensor
 
 
@@ -65,7 +67,6 @@ def allgather_gemm(a: DistTensor, b: DistTensor, *, out_dtype: str | None = None
     out_dtype = out_dtype or a.dtype
     m_t, k_t = a.tile_shape
     n_t = b.tile_shape[1]
-    w = mesh.wafer
     with measured(mesh, "allgather") as rep:
         hardware = mesh.routes.request("allgather", n)
         # whole row block of A [m_t, K] and column block of B [K, n_t] on every PE
@@ -77,12 +78,16 @@ def allgather_gemm(a: DistTensor, b: DistTensor, *, out_dtype: str | None = None
                            None if b.tiles is None else np.broadcast_to(
                                b.tiles.transpose(1, 0, 2, 3).reshape(1, n, n * k_t, n_t), (n, n, n * k_t, n_t)),
                            name="B_cols")
-        stages = 1 if hardware else 2
-        per_step = max(message_cycles(w, a.bytes_per_pe, 2, stages), message_cycles(w, b.bytes_per_pe, 2, stages))
+        hops = ring_max_hops(n, "interleave")
+        stages = 0 if hardware else hops
+        if not hardware:
+            mesh.ledger.note(f"allgather: {n} routes/PE exceed the router's {mesh.routes.budget}; relayed in software")
         if n > 1:
-            mesh.ledger.charge("allgather.gather", "comm", per_step * (n - 1),
-                               bytes_moved=(a.bytes_per_pe + b.bytes_per_pe) * (n - 1) * n * n,
-                               routing_stages=stages * (n - 1), messages=2 * (n - 1) * n * n)
+            # every step, A's tiles move along the rows and B's along the columns at once
+            with mesh.ledger.concurrent():
+                for t, label in ((a, "allgather.gather_A"), (b, "allgather.gather_B")):
+                    comm.charge_messages(mesh, label, t.bytes_per_pe, hops, stages=stages, rounds=n - 1,
+                                         relayed=not hardware)
         acc = matmul_tiles(mesh, a_row.tiles, b_col.tiles, dtype=a.dtype, name="allgather.tile_matmul",
                            shapes=(m_t, n * k_t, n_t))
         out = DistTensor(mesh, (a.shape[0], b.shape[1]), ("y", "x"), out_dtype,

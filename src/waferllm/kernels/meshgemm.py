@@ -16,6 +16,7 @@ With ``ring="plain"`` the same code is Cannon on a mesh (its wrap-around is N-1 
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 
 import numpy as np
@@ -25,6 +26,7 @@ from waferllm.kernels.report import KernelResult, measured
 from waferllm.mesh import comm
 from waferllm.mesh.compute import matmul_tiles
 from waferllm.mesh.interleave import ring_order, ring_rank, ring_source
+from waferllm.hardware.plmr import DTYPE_BYTES
 from waferllm.mesh.tensor import NP_DTYPES, DistTensor
 
 
@@ -83,6 +85,36 @@ def skew_b(b: DistTensor, ring: str = "interleave", name="skew_B") -> DistTensor
     return comm.ring_shift(b, "y", -rho, ring=ring, name=name)
 
 
+def cannon_schedule(mesh, operands: list, local, *, algo: str, steps: int, ring: str = "interleave",
+                    names=("A", "B"), shift_a=None, shift_b=None):
+    """Cannon's ``steps`` steps on skewed operands (MeshGEMM, Cannon, grouped P V, the folded
+    grid of :func:`meshgemm_rect`): each step's product ``local(a, b)`` (which charges it)
+    runs while the next tiles travel one ring position, A along its row ring and B along its
+    column ring on disjoint links (double buffering), then the fixed per-step overhead.
+    Step time = max(compute, transfer) + overhead. The shifts default to
+    :func:`comm.ring_shift` on ``ring``; ``shift_a``/``shift_b`` replace them for operands
+    that are not tensors of the mesh. ``operands`` = [a, b] is emptied: the schedule holds
+    the only references, so a tile shifted away is freed at once. Returns (a, b) after the
+    last shift (home again after a full turn of the ring)."""
+    a, b = operands
+    operands.clear()
+    if shift_a is None:
+        def shift_a(t):
+            return comm.ring_shift(t, "x", -1, ring=ring, name=f"{algo}.shift_{names[0]}")
+    if shift_b is None:
+        def shift_b(t):
+            return comm.ring_shift(t, "y", -1, ring=ring, name=f"{algo}.shift_{names[1]}")
+    for _ in range(steps):
+        with mesh.ledger.overlap():
+            local(a, b)
+            with mesh.ledger.concurrent():  # A on row links, B on column links
+                a = shift_a(a)
+                b_next = shift_b(b)
+        mesh.ledger.charge(f"{algo}.step", "overhead", mesh.wafer.step_overhead_cycles)
+        b = b_next
+    return a, b
+
+
 def meshgemm(a: DistTensor, b: DistTensor, *, ring: str = "interleave", a_skewed: bool = False,
              out_dtype: str | None = None, algo: str | None = None, name: str = "C") -> KernelResult:
     """C = A @ B with A [M, K] (y, x) and B [K, N] (y, x) pre-skewed by :func:`place_b`.
@@ -112,18 +144,14 @@ def meshgemm(a: DistTensor, b: DistTensor, *, ring: str = "interleave", a_skewed
             a = skew_a(a, ring)
         skewed = a
         acc = mesh.zeros((a.shape[0], b.shape[1]), ("y", "x"), "fp32", name=f"{name}_acc")
-        acc_tiles = acc.tiles
-        for s in range(n):
-            with mesh.ledger.overlap():
-                acc_tiles = matmul_tiles(mesh, a.tiles, b.tiles, acc_tiles, dtype=a.dtype, name=f"{algo}.tile_matmul",
-                                         shapes=(m_t, k_t, n_t))
-                # next tiles travel while this product runs (double buffering); the N-th
-                # shift brings every operand home.
-                with mesh.ledger.concurrent():  # A on row links, B on column links
-                    a = comm.ring_shift(a, "x", -1, ring=ring, name=f"{algo}.shift_A")
-                    b_next = comm.ring_shift(b, "y", -1, ring=ring, name=f"{algo}.shift_B")
-            mesh.ledger.charge(f"{algo}.step", "overhead", mesh.wafer.step_overhead_cycles)
-            b = b_next
+        acc_tiles = acc.tiles  # the products accumulate into it in place
+
+        def local(a_, b_):
+            matmul_tiles(mesh, a_.tiles, b_.tiles, acc_tiles, dtype=a_.dtype, name=f"{algo}.tile_matmul",
+                         shapes=(m_t, k_t, n_t))
+
+        # the N-th shift brings every operand home
+        a, b = cannon_schedule(mesh, [a, b], local, algo=algo, steps=n, ring=ring)
         out = DistTensor(mesh, (a.shape[0], b.shape[1]), ("y", "x"), out_dtype,
                          None if acc_tiles is None else acc_tiles.astype(NP_DTYPES[out_dtype]), name=name)
         del acc
@@ -198,15 +226,10 @@ def meshgemm_rect(mesh, a, b, *, dtype: str = "fp16", ring: str = "interleave", 
     run); they are placed here (A plain, B pre-skewed for the logical grid; placement is
     not charged). Returns C [M, N] with layout (y, x) on the physical region.
     """
-    import math
-
-    from waferllm.mesh.cost import message_cycles
-    from waferllm.mesh.tensor import NP_DTYPES as _NP
-
     algo = algo or ("meshgemm" if ring == "interleave" else "cannon")
     if ring not in ("interleave", "plain"):
         raise MeshError(f"{algo}: ring must be 'interleave' or 'plain', got {ring!r}")
-    if dtype not in _NP:
+    if dtype not in NP_DTYPES:
         raise MeshError(f"{algo}: dtype must be fp16 or fp32, got {dtype!r}")
     a_shape = tuple(a) if isinstance(a, tuple) else tuple(np.shape(a))
     b_shape = tuple(b) if isinstance(b, tuple) else tuple(np.shape(b))
@@ -222,8 +245,7 @@ def meshgemm_rect(mesh, a, b, *, dtype: str = "fp16", ring: str = "interleave", 
     M, K = a_shape
     N = b_shape[1]
     mt, kt, nt = math.ceil(M / L), math.ceil(K / L), math.ceil(N / L)
-    w = mesh.wafer
-    item = 2 if dtype == "fp16" else 4
+    item = DTYPE_BYTES[dtype]
     order = np.asarray(ring_order(L, ring))
     rho = ring_rank(L, ring)
     lx, hx = _fold_ring(L, fc, ring)  # A moves along logical rows (x), folded by fc
@@ -237,21 +259,17 @@ def meshgemm_rect(mesh, a, b, *, dtype: str = "fp16", ring: str = "interleave", 
 
     a_log = b_log = None
     if numeric:
-        a_log = _logical_tiles(np.asarray(a, dtype=_NP[dtype]), L, (mt, kt))
-        b_log = _logical_tiles(np.asarray(b, dtype=_NP[dtype]), L, (kt, nt))
+        a_log = _logical_tiles(np.asarray(a, dtype=NP_DTYPES[dtype]), L, (mt, kt))
+        b_log = _logical_tiles(np.asarray(b, dtype=NP_DTYPES[dtype]), L, (kt, nt))
         ii, jj = np.meshgrid(np.arange(L), np.arange(L), indexing="ij")
         b_log = b_log[order[(rho[ii] + rho[jj]) % L], jj]  # pre-skewed at placement
     a_t = phys_tensor((M, K), None if a_log is None else _physical(a_log, R, C, fr, fc), (fr * mt, fc * kt), dtype, "A")
     b_t = phys_tensor((K, N), None if b_log is None else _physical(b_log, R, C, fr, fc), (fr * kt, fc * nt), dtype, "B")
 
-    def ring_cost(nbytes, hops, label, rounds=1.0):
-        if nbytes <= 0:
-            return
-        cyc = message_cycles(w, nbytes, hops)
-        msgs = R * C * rounds
-        mesh.ledger.charge(label, "comm", cyc * rounds, bytes_moved=nbytes * msgs,
-                           hop_bytes=nbytes * msgs * max(hops, 1), messages=msgs,
-                           sram_read_bytes=nbytes * msgs, sram_write_bytes=nbytes * msgs)
+    def ring_step(nbytes, hops, label):
+        """Every PE sends the logical tiles that leave it for the next ring position."""
+        if nbytes > 0:
+            comm.charge_messages(mesh, label, nbytes, hops)
 
     with measured(mesh, algo) as rep:
         if routes_pe:  # both rings, held for the whole kernel
@@ -261,12 +279,8 @@ def meshgemm_rect(mesh, a, b, *, dtype: str = "fp16", ring: str = "interleave", 
         skew_rounds = int(need.max()) if L > 1 else 0
         if skew_rounds and lx:
             per_pe = need.reshape(R, fr)
-            cyc = 0.0
-            for t in range(1, skew_rounds + 1):
-                moving = int((per_pe >= t).sum(axis=1).max())
-                cyc += message_cycles(w, moving * lx * mt * kt * item, hx)
-            mesh.ledger.charge(f"{algo}.skew_A", "comm", cyc, bytes_moved=float(need.sum()) * L * mt * kt * item,
-                               messages=int(need.sum()) * C)
+            for t in range(1, skew_rounds + 1):  # round t: the logical rows that still turn
+                ring_step(int((per_pe >= t).sum(axis=1).max()) * lx * mt * kt * item, hx, f"{algo}.skew_A")
         if numeric:
             a_log = a_log[ii, order[(rho[ii] + rho[jj]) % L]]
         skewed = phys_tensor((M, K), None if a_log is None else _physical(a_log, R, C, fr, fc),
@@ -274,27 +288,29 @@ def meshgemm_rect(mesh, a, b, *, dtype: str = "fp16", ring: str = "interleave", 
         acc = np.zeros((L, L, mt, nt), np.float32) if numeric else None
         acc_h = mesh.sram.alloc(f"{name}_acc", fr * fc * mt * nt * 4)
         src_x = ring_source(L, ring, -1) if L > 1 else np.zeros(1, np.int64)
-        for s in range(L):
-            nxt_h = mesh.sram.alloc(f"{algo}.next_tiles", (fr * fc * (mt * kt + kt * nt)) * item)
-            with mesh.ledger.overlap():
-                fa = None if a_log is None else _fold(a_log, R, C, fr, fc)
-                fb = None if b_log is None else _fold(b_log, R, C, fr, fc)
-                fo = None if acc is None else _fold(acc, R, C, fr, fc)
-                for u in range(fr):
-                    for v in range(fc):
-                        # fo[u, v] is a view of acc: the product accumulates in place
-                        matmul_tiles(mesh, None if fa is None else fa[u, v], None if fb is None else fb[u, v],
-                                     None if fo is None else fo[u, v], dtype=dtype,
-                                     name=f"{algo}.tile_matmul", shapes=(mt, kt, nt))
-                with mesh.ledger.concurrent():  # A on row links, B on column links
-                    ring_cost(a_bytes, hx, f"{algo}.shift_A")
-                    ring_cost(b_bytes, hy, f"{algo}.shift_B")
-                if numeric and L > 1:
-                    a_log = a_log[:, src_x]
-                    b_log = b_log[src_x]
-            mesh.ledger.charge(f"{algo}.step", "overhead", w.step_overhead_cycles)
-            mesh.sram.free(nxt_h)
-        out = phys_tensor((M, N), None if acc is None else _physical(acc, R, C, fr, fc).astype(_NP[out_dtype]),
+        fo = None if acc is None else _fold(acc, R, C, fr, fc)  # views of acc: products accumulate in place
+
+        def local(a_l, b_l):
+            fa = None if a_l is None else _fold(a_l, R, C, fr, fc)
+            fb = None if b_l is None else _fold(b_l, R, C, fr, fc)
+            for u in range(fr):
+                for v in range(fc):
+                    matmul_tiles(mesh, None if fa is None else fa[u, v], None if fb is None else fb[u, v],
+                                 None if fo is None else fo[u, v], dtype=dtype,
+                                 name=f"{algo}.tile_matmul", shapes=(mt, kt, nt))
+
+        def shift_a(a_l):  # one logical position along the rows (x)
+            ring_step(a_bytes, hx, f"{algo}.shift_A")
+            return a_l[:, src_x] if a_l is not None and L > 1 else a_l
+
+        def shift_b(b_l):  # and along the columns (y)
+            ring_step(b_bytes, hy, f"{algo}.shift_B")
+            return b_l[src_x] if b_l is not None and L > 1 else b_l
+
+        nxt_h = mesh.sram.alloc(f"{algo}.next_tiles", (fr * fc * (mt * kt + kt * nt)) * item)  # receive buffers
+        cannon_schedule(mesh, [a_log, b_log], local, algo=algo, steps=L, shift_a=shift_a, shift_b=shift_b)
+        mesh.sram.free(nxt_h)
+        out = phys_tensor((M, N), None if acc is None else _physical(acc, R, C, fr, fc).astype(NP_DTYPES[out_dtype]),
                           (fr * mt, fc * nt), out_dtype, name)
         mesh.sram.free(acc_h)
         del skewed

@@ -16,6 +16,7 @@ from functools import lru_cache
 import numpy as np
 
 from waferllm.errors import MeshError, SRAMOverflowError
+from waferllm.mesh import move
 from waferllm.mesh.compute import charge_task_switch
 from waferllm.mesh.cost import message_cycles
 from waferllm.mesh.interleave import ring_max_hops, ring_max_link_load, ring_source
@@ -158,7 +159,7 @@ def broadcast(t: DistTensor, axis: str, root=0, routes_per_pe: int = 1, name: st
         mesh.ledger.note(f"{name}: {routes_per_pe} routes/PE exceed the router's {mesh.routes.budget}; relayed in software")
     if n > 1:
         charge_messages(mesh, name, t.bytes_per_pe, hops=hops, stages=stages, relayed=not hardware,
-                     messages=mesh.rows * mesh.cols // n, collective=True)
+                        messages=mesh.rows * mesh.cols // n, collective=True)
     d = t.axis_dim(axis)
     layout = list(t.layout)
     shape = list(t.shape)
@@ -200,7 +201,7 @@ def multicast(t: DistTensor, axis: str, root: int, lo: int, hi: int, name: str =
     hops = max(abs(root - lo), abs(hi - 1 - root))
     if hops:
         charge_messages(mesh, name, t.bytes_per_pe, hops=hops, messages=(hi - lo) * (mesh.rows * mesh.cols // n),
-                     collective=True)
+                        collective=True)
     tiles = None
     if t.tiles is not None:
         tiles = np.array(t.tiles)
@@ -454,10 +455,9 @@ def gather(t: DistTensor, to: tuple[int, int] = (0, 0), name: str = "gather"):
 def relayout(t: DistTensor, mesh, layout, dtype: str | None = None, name: str = "relayout") -> DistTensor:
     """Re-place a tensor onto another region and/or layout (e.g. prefill -> decode).
 
-    Cost model: every PE injects its source tile and receives its destination tile
-    through one ramp each; the total hop-bytes must also cross the fabric's links. The
-    step takes the larger of the per-PE ramp time and the link-bandwidth time, plus the
-    latency of the longest path.
+    Priced by :func:`waferllm.mesh.move.charge_move` from where every element is now (its
+    layout, padding and block map) and where it lands; the narrower of the two dtypes
+    travels (the conversion happens at whichever end makes the message smaller).
     """
     src = t.mesh
     if src.wafer is not mesh.wafer and src.wafer != mesh.wafer:
@@ -465,16 +465,15 @@ def relayout(t: DistTensor, mesh, layout, dtype: str | None = None, name: str = 
     dtype = dtype or t.dtype
     out = (DistTensor.from_global(mesh, t.to_global(), layout, dtype, name=name) if t.tiles is not None
            else DistTensor.from_global(mesh, t.shape, layout, dtype, name=name))
-    charge_move(mesh.ledger, src.region, mesh.region, math.prod(t.shape) * t.itemsize, t.bytes_per_pe,
-                out.bytes_per_pe, name)
+    move.charge_move(mesh.ledger, move.Placement.of(t), move.Placement.of(out), min(t.itemsize, out.itemsize), name)
     return out
 
 
 def charge_move(ledger, ra, rb, total: float, src_bytes_per_pe: float, dst_bytes_per_pe: float,
                 name: str = "replace") -> float:
-    """Charge moving ``total`` bytes from region ``ra`` to region ``rb`` (see :func:`relayout`):
-    every PE injects its source bytes and receives its destination bytes through one ramp
-    each, and the hop-bytes must cross the links of the rectangle spanning both regions."""
+    """Deprecated: a mean-hops estimate for moving ``total`` bytes from region ``ra`` to
+    region ``rb``, for callers that know only the regions. Price a move from its
+    placements with :func:`waferllm.mesh.move.charge_move` instead."""
     w = ledger.wafer
     # average Manhattan distance between a source PE and a destination PE
     cy = abs((ra.row0 + ra.rows / 2) - (rb.row0 + rb.rows / 2))

@@ -16,8 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from waferllm.errors import MeshError
+from waferllm.hardware.plmr import DTYPE_BYTES
 from waferllm.mesh.cost import compute_cycles, vector_cycles
-from waferllm.mesh.tensor import NP_DTYPES, DistTensor
+from waferllm.mesh.tensor import AXES, NP_DTYPES, DistTensor, tile_shape_for
 
 
 def _charge(mesh, name, cycles, flops_per_pe, read_bytes, write_bytes, *, dtype="fp32"):
@@ -203,3 +204,150 @@ def tile_reduce(t: DistTensor, dim: int, op: str = "sum", name: str = "tile_redu
     if t.blocks:
         blocks = {(d if d < dim or keepdims else d - 1): b for d, b in t.blocks.items() if d != dim} or None
     return DistTensor(mesh, shape, layout, "fp32", tiles, name=name, partial=partial, blocks=blocks)
+
+
+# ------------------------------------------------------------------------ grouped products and argmax
+
+
+def _narrower(*dtypes: str) -> str:
+    """The dtype a mixed product runs at: the narrower operand sets the SIMD lanes."""
+    return min(dtypes, key=lambda d: DTYPE_BYTES[d])
+
+
+def groups_per_pe(groups) -> int:
+    """Most distinct groups (ids >= 0) whose members share one tile, over every PE of a group map."""
+    g = np.asarray(groups)
+    ids = np.arange(max(int(g.max()) + 1, 1))
+    present = (g[..., None] == ids).any(axis=-2)  # (..., groups)
+    return max(1, int(present.sum(axis=-1).max()))
+
+
+def _onehot(groups, n_groups: int) -> np.ndarray:
+    """(..., K) group ids -> (..., K, G) float32 one-hot (padding, id -1, maps to no group)."""
+    g = np.asarray(groups)
+    return (g[..., None] == np.arange(n_groups)).astype(np.float32)
+
+
+def grouped_contract(a: DistTensor, b: DistTensor, groups, n_groups: int, *, shape, layout, partial=None,
+                     dtype: str = "fp32", name: str = "grouped_contract") -> DistTensor:
+    """Per PE, ``out[g] = A[:, k in g] @ B[k in g, :]`` for every group g of the contracted dim.
+
+    A's tile holds M x K values (row-major), B's tile is [K, N]; ``groups`` gives each of
+    the K positions its group (-1: padding), broadcastable to (rows, cols, K) (e.g. the
+    attention head of every feature a PE column holds). The result's tile is
+    [n_groups, M, N]; a group absent from a PE is zero there. The caller states the
+    result's logical ``shape``/``layout``/``partial``.
+
+    Cost from the tile shapes: M*K*N multiply-accumulates (each k belongs to one group)
+    at the narrower operand's SIMD width; both tiles are read; the groups a PE holds
+    (:func:`groups_per_pe`) are written.
+    """
+    mesh = a.mesh
+    k_len, n_len = b.tile_shape
+    m_len = a.tile_elems // k_len
+    if m_len * k_len != a.tile_elems:
+        raise MeshError(f"{name}: A's tile ({a.tile_elems} values) is not M x {k_len}")
+    macs = m_len * k_len * n_len
+    dt = _narrower(a.dtype, b.dtype)
+    _charge(mesh, name, compute_cycles(mesh.wafer, macs, dt), 2 * macs, a.bytes_per_pe + b.bytes_per_pe,
+            groups_per_pe(groups) * m_len * n_len * DTYPE_BYTES[dtype], dtype=dt)
+    tiles = None
+    if mesh.numeric:
+        at = a.tiles.astype(np.float32, copy=False).reshape(mesh.rows, mesh.cols, m_len, k_len)
+        bt = b.tiles.astype(np.float32, copy=False)
+        oh = np.broadcast_to(_onehot(groups, n_groups), (mesh.rows, mesh.cols, k_len, n_groups))
+        tiles = np.einsum("ijmk,ijkg,ijkn->ijgmn", at, oh, bt, optimize=True).astype(NP_DTYPES[dtype])
+    return DistTensor(mesh, shape, layout, dtype, tiles, name=name, partial=partial)
+
+
+def grouped_expand(p: DistTensor, b: DistTensor, groups, *, shape, layout, partial=None, dtype: str = "fp32",
+                   name: str = "grouped_expand") -> DistTensor:
+    """Per PE, ``out[m, k] = sum_s P[group(k), m, s] * B[s, k]``: the weights of each position's
+    group applied to its column of B (e.g. attention's p V, heads sharing a PE column).
+
+    P's tile is [G, M, S], B's tile [S, K]; ``groups`` as in :func:`grouped_contract`. The
+    result's tile holds M x K values (row-major). Cost: M*S*K multiply-accumulates at the
+    narrower operand's width; the groups a PE holds of P and all of B are read; the
+    result is written.
+    """
+    mesh = p.mesh
+    n_groups, m_len, s_len = p.tile_shape
+    s_b, k_len = b.tile_shape
+    if s_b != s_len:
+        raise MeshError(f"{name}: P's tile has {s_len} positions, B's {s_b}")
+    macs = m_len * s_len * k_len
+    dt = _narrower(p.dtype, b.dtype)
+    out = DistTensor(mesh, shape, layout, dtype, None if not mesh.numeric else
+                     np.zeros((mesh.rows, mesh.cols) + tile_shape_for(shape, layout, mesh.shape), NP_DTYPES[dtype]),
+                     name=name, partial=partial)
+    if out.tile_elems != m_len * k_len:
+        raise MeshError(f"{name}: the result's tile ({out.tile_elems} values) is not {m_len} x {k_len}")
+    _charge(mesh, name, compute_cycles(mesh.wafer, macs, dt), 2 * macs,
+            groups_per_pe(groups) * m_len * s_len * p.itemsize + b.bytes_per_pe, out.bytes_per_pe, dtype=dt)
+    if mesh.numeric:
+        pt = p.tiles.astype(np.float32, copy=False)
+        bt = b.tiles.astype(np.float32, copy=False)
+        every = np.matmul(pt, bt[:, :, None])  # (rows, cols, G, M, K): every group x position
+        g = np.broadcast_to(np.asarray(groups), (mesh.rows, mesh.cols, k_len))
+        own = np.take_along_axis(every, np.where(g < 0, 0, g)[:, :, None, None, :], axis=2)[:, :, 0]
+        own = own * (g >= 0)[:, :, None, :]
+        out.tiles[...] = own.reshape(out.tiles.shape)
+    return out
+
+
+def tile_argmax(t: DistTensor, name: str = "argmax") -> DistTensor:
+    """Every PE's (value, index) of the largest entry of its tile of a 1-d tensor, lowest
+    index on ties; the index is into the logical tensor. Finish with :func:`allreduce_maxloc`.
+
+    A partial input (a sum reduced to a root line, as a GEMV leaves it without its
+    broadcast) is read as its logical values: the line that holds them picks the pair.
+    Cost: one compare per element at the tensor's width; the pair (two fp32) is written.
+    """
+    if len(t.shape) != 1:
+        raise MeshError(f"{name}: needs a 1-d tensor, got shape {t.shape}")
+    if t.shape[0] >= 1 << 24:
+        raise MeshError(f"{name}: indices beyond 2^24 are not exact in fp32")
+    mesh = t.mesh
+    pair_bytes = 2 * DTYPE_BYTES["fp32"]
+    _charge(mesh, name, vector_cycles(mesh.wafer, t.tile_elems, t.dtype), t.tile_elems, t.bytes_per_pe, pair_bytes,
+            dtype=t.dtype)
+    tiles = None
+    if mesh.numeric:
+        x = t.tiles.astype(np.float32, copy=False)
+        if t.partial is not None:
+            axis, op = t.partial
+            red = np.sum if op == "sum" else np.max
+            x = np.broadcast_to(red(x, axis=AXES[axis], keepdims=True), x.shape)
+        size = t.tile_shape[0]
+        split = t.layout[0]
+        ii, jj = np.meshgrid(np.arange(mesh.rows), np.arange(mesh.cols), indexing="ij")
+        block = (t.blocks or {}).get(0, ii if split == "y" else jj) if split else np.zeros_like(ii)
+        index = np.asarray(block)[..., None] * size + np.arange(size)  # (rows, cols, size) logical index
+        x = np.where(index < t.shape[0], x, -np.inf)  # padding never wins
+        local = np.argmax(x, axis=-1)  # first of equal values: the lowest index within a tile
+        value = np.take_along_axis(x, local[..., None], axis=-1)[..., 0]
+        tiles = np.stack([value, np.take_along_axis(index, local[..., None], axis=-1)[..., 0]], axis=-1)
+    return DistTensor(mesh, (2,), (None,), "fp32", None if tiles is None else tiles.astype(np.float32), name=name)
+
+
+def allreduce_maxloc(pair: DistTensor, axis: str, k: int = 2, name: str = "allreduce_maxloc") -> DistTensor:
+    """Allreduce (value, index) pairs along ``axis`` (MPI's MAXLOC): every PE of a line gets
+    the largest value and, among equal values, the lowest index.
+
+    One collective that carries the pair: it is scheduled and costs what a max-allreduce
+    of the pair's bytes does (the combine compares values, then indices).
+    """
+    from waferllm.mesh import comm  # comm builds on this module
+
+    if pair.shape != (2,) or pair.layout != (None,):
+        raise MeshError(f"{name}: needs (value, index) pairs of shape (2,), got {pair.shape} {pair.layout}")
+    out = comm.allreduce(pair, axis, "max", k=k, name=name)
+    if pair.tiles is not None:
+        ax = AXES[axis]
+        v = pair.tiles[..., 0]
+        best = v.max(axis=ax, keepdims=True)
+        index = np.where(v == best, pair.tiles[..., 1], np.inf).min(axis=ax, keepdims=True)
+        combined = np.stack(np.broadcast_arrays(best, index), axis=-1)
+        # the collective's own result: the combine, not an elementwise max, decides the index
+        out.tiles = np.broadcast_to(combined, pair.tiles.shape).astype(np.float32)
+    return out

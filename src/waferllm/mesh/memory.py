@@ -26,6 +26,9 @@ class SRAM:
         self._ids = itertools.count()
         self.peak_bytes = 0
         self.peak_by_name: dict[str, int] = {}
+        # name -> (the fullest PE's usage, the allocations held) when an allocation of that
+        # name brought the usage highest: the program points where usage peaks
+        self._highs: dict[str, tuple[int, dict[int, tuple[str, object]]]] = {}
 
     def used_max(self) -> int:
         extra = int(self._varying.max()) if self._varying is not None else 0
@@ -40,6 +43,24 @@ class SRAM:
         for name, b in self._allocs.values():
             out[name] = out.get(name, 0) + (int(np.max(b)) if isinstance(b, np.ndarray) else int(b))
         return out
+
+    def held(self) -> dict[int, tuple[str, int]]:
+        """Every live allocation: handle -> (name, bytes on the fullest PE now)."""
+        return _on_fullest(self._allocs, self.region.shape)
+
+    def held_at_peak(self) -> dict[int, tuple[str, int]]:
+        """The allocations live when the fullest PE was at its highest: handle -> (name,
+        bytes on that PE). They sum to that highest usage; an allocation held now has the
+        same handle in :meth:`held`."""
+        if not self._highs:
+            return {}
+        return _on_fullest(max(self._highs.values(), key=lambda rec: rec[0])[1], self.region.shape)
+
+    def held_at_highs(self) -> dict[str, dict[int, tuple[str, int]]]:
+        """For each allocation name, what was live (as :meth:`held_at_peak`) when an
+        allocation of that name brought the fullest PE highest: every program point where
+        usage peaks, e.g. a decode step's attention and its LM head, however they rank."""
+        return {name: _on_fullest(allocs, self.region.shape) for name, (_, allocs) in self._highs.items()}
 
     def alloc(self, name: str, bytes_per_pe) -> int:
         """Charge ``bytes_per_pe`` (int or rows x cols array) to the region; returns a handle."""
@@ -66,7 +87,17 @@ class SRAM:
         self._allocs[handle] = (name, b)
         self.peak_bytes = max(self.peak_bytes, worst)
         self.peak_by_name[name] = max(self.peak_by_name.get(name, 0), int(np.max(b)))
+        high = self._highs.get(name)
+        if high is None or worst > high[0]:
+            self._highs[name] = (worst, dict(self._allocs))
         return handle
+
+    def _rekey(self, new: int, handle: int) -> None:
+        """Give the allocation just made as ``new`` the handle ``handle`` (resize, lent)."""
+        entry = self._allocs[handle] = self._allocs.pop(new)
+        high = self._highs.get(entry[0])  # only the allocation itself can have recorded it
+        if high is not None and new in high[1]:
+            high[1][handle] = high[1].pop(new)
 
     def resize(self, handle: int, bytes_per_pe) -> None:
         """Change an allocation in place (e.g. a KV cache that grows), with the same checks."""
@@ -76,10 +107,9 @@ class SRAM:
             new = self.alloc(name, bytes_per_pe)
         except SRAMOverflowError:
             # keep the old allocation: a failed resize must not lose it from the accounting
-            restored = self.alloc(name, old)
-            self._allocs[handle] = self._allocs.pop(restored)
+            self._rekey(self.alloc(name, old), handle)
             raise
-        self._allocs[handle] = self._allocs.pop(new)
+        self._rekey(new, handle)
 
     def free(self, handle: int) -> None:
         entry = self._allocs.pop(handle, None)
@@ -107,5 +137,63 @@ class SRAM:
         try:
             yield
         finally:
-            restored = self.alloc(entry[0], entry[1])
-            self._allocs[handle] = self._allocs.pop(restored)
+            self._rekey(self.alloc(entry[0], entry[1]), handle)
+
+    # ---- explicit lifetimes -------------------------------------------------------
+    def release(self, *tensors) -> None:
+        """End the lifetime of tensors now (their last use): their bytes are free for what
+        comes next, whoever still holds a Python reference to them."""
+        for t in tensors:
+            handle = getattr(t, "_handle", None)
+            if handle is not None:
+                self.free(handle)
+
+    @contextmanager
+    def scope(self):
+        """``with sram.scope() as s:`` -- a program step's lifetimes (see :class:`Scope`)."""
+        s = Scope(self)
+        try:
+            yield s
+        finally:
+            s.close()
+
+
+def _on_fullest(allocs: dict, shape) -> dict[int, tuple[str, int]]:
+    """handle -> (name, bytes) on the PE that ``allocs`` fill most (arrays: that PE's entry)."""
+    varying = [b for _, b in allocs.values() if isinstance(b, np.ndarray)]
+    at = np.unravel_index(int(np.argmax(sum(varying))), shape) if varying else None
+    return {h: (name, int(b[at]) if isinstance(b, np.ndarray) else int(b)) for h, (name, b) in allocs.items()}
+
+
+class Scope:
+    """The lifetimes of what one program step (e.g. a layer) allocates on a region.
+
+    Every allocation made on this SRAM while the scope is open is released when it
+    closes, unless kept (``keep``: it outlives the step, like the hidden state a layer
+    returns); ``release`` ends a tensor's lifetime earlier, at its last use. The reported
+    peak is then what the program declares, not when Python drops a reference. Scopes
+    nest: what an inner scope keeps belongs to the enclosing one. Allocations that
+    already existed (placed weights, a cache that grows) are never touched.
+    """
+
+    def __init__(self, sram: SRAM):
+        self.sram = sram
+        # allocation handles only increase: everything from this one on is the step's
+        self.first = next(sram._ids)
+        self.kept: set[int] = set()
+
+    def keep(self, *tensors):
+        """Let tensors outlive the step; returns them (one tensor, or a tuple)."""
+        for t in tensors:
+            handle = getattr(t, "_handle", None)
+            if handle is not None:
+                self.kept.add(handle)
+        return tensors[0] if len(tensors) == 1 else tensors
+
+    def release(self, *tensors) -> None:
+        """End tensors' lifetimes at their last use (see :meth:`SRAM.release`)."""
+        self.sram.release(*tensors)
+
+    def close(self) -> None:
+        for handle in [h for h in self.sram._allocs if h >= self.first and h not in self.kept]:
+            self.sram.free(handle)

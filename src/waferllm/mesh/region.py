@@ -51,9 +51,3 @@ class Region:
 
     def describe(self) -> str:
         return f"{self.name} {self.rows}x{self.cols}@({self.row0},{self.col0})"
-
-    def distance_to(self, other: "Region") -> int:
-        """Manhattan hops between the nearest corners of two regions (0 if they overlap)."""
-        dy = max(0, other.row0 - (self.row0 + self.rows - 1), self.row0 - (other.row0 + other.rows - 1))
-        dx = max(0, other.col0 - (self.col0 + self.cols - 1), self.col0 - (other.col0 + other.cols - 1))
-        return int(dy + dx)

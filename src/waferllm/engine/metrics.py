@@ -1,0 +1,106 @@
+"""What a request on the wafer is predicted to cost: times, throughput, energy, memory, routes.
+
+The backend counts critical-path cycles per phase while it runs (:class:`RequestCycles`);
+:func:`request_metrics` turns them and the ledger's counters into the figures a user
+reads. Runs that place only K of the model's layers scale what their layers took (time
+and counters) to the whole model; the rest (embedding, LM head, transfers) is not scaled.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from waferllm.engine import capacity
+from waferllm.mesh.ledger import COUNTERS
+
+
+@dataclass
+class RequestCycles:
+    """Critical-path cycles of one request, counted as it runs, and what its layers did."""
+
+    phase: dict = field(default_factory=lambda: {"prefill": 0.0, "transition": 0.0, "decode": 0.0})
+    layers: dict = field(default_factory=lambda: {"prefill": 0.0, "decode": 0.0})  # spent inside layers
+    steps: list = field(default_factory=list)  # each decode step's cycles
+    # flops, bytes, ... of the work done per layer (the layers, the transition's moves)
+    layer_counters: dict = field(default_factory=lambda: defaultdict(float))
+
+    def add_layers(self, phase: str, delta: dict) -> None:
+        """Count a layer run (or replayed) in ``phase``: ``delta`` is its ledger delta."""
+        self.layers[phase] += delta["cycles"]
+        self.add_per_layer_counters(delta)
+
+    def add_per_layer_counters(self, delta: dict) -> None:
+        """Count work that grows with the layers placed (what an extrapolation scales)."""
+        for k in COUNTERS:
+            self.layer_counters[k] += delta.get(k, 0.0)
+
+    def layer_totals(self, phase: str) -> dict:
+        """What the layers took so far: ``phase``'s cycles and the counters (for differences)."""
+        return {"cycles": self.layers[phase], **{k: self.layer_counters[k] for k in COUNTERS}}
+
+
+def kv_capacity(model) -> dict[str, int]:
+    """Tokens the decode KV cache holds with the shift-based and the concatenation scheme:
+    the whole model's, from the decode regions' own SRAM accounting (``engine.capacity``)."""
+    cap = capacity.kv_capacity(model.config, model.plan.decode, model.decode_stages)
+    return {"kv_capacity_tokens": cap.shift, "kv_capacity_tokens_concat": cap.concat}
+
+
+def energy_j(model, seconds: float, counters: dict) -> float:
+    """Energy of the request: the wafer's whole-system power for its time on the critical path."""
+    return model.wafer.power_w * seconds
+
+
+def request_metrics(model) -> dict:
+    """Predicted wafer figures of the request ``model`` (a ``WaferModel``) ran since its reset()."""
+    w, cyc = model.wafer, model.cycles
+    sec = w.cycles_to_seconds
+    scale = model.config.num_layers / model.layers
+    pre = cyc.phase["prefill"] + cyc.layers["prefill"] * (scale - 1)
+    trans = cyc.phase["transition"] * scale
+    dec = cyc.phase["decode"] + cyc.layers["decode"] * (scale - 1)
+    n_dec = len(cyc.steps)
+    prompt = model.position - n_dec
+    out_tokens = n_dec + 1  # the first token comes from the prefill logits
+    tpot = sec(dec / n_dec) if n_dec else None
+    total = sec(pre + trans + dec)
+    delta = model.ledger.since(model.request_mark)
+    counters = {k: delta.get(k, 0.0) + cyc.layer_counters[k] * (scale - 1) for k in COUNTERS}
+    return {
+        "wafer": w.name,
+        "extrapolated_from_layers": model.layers if model.layers != model.config.num_layers else None,
+        "prefill_grid": model.plan.prefill.grid if model.plan.prefill else None,
+        "decode_grid": model.plan.decode.grid if model.plan.decode else None,
+        "ttft_s": sec(pre),
+        "transition_s": sec(trans),
+        "tpot_s": tpot,
+        "prefill_tokens_per_s": prompt / sec(pre) if pre else None,
+        "decode_tokens_per_s": 1.0 / tpot if tpot else None,
+        "e2e_tokens_per_s": out_tokens / total if total else None,
+        "energy_j": energy_j(model, total, counters),
+        **kv_capacity(model),
+        "flops": counters["flops"],
+        "bytes_moved": counters["bytes_moved"],
+        "routing_stages": counters["routing_stages"],
+        "sram_peak_bytes_per_pe": {
+            "prefill": max((s.mesh.sram.peak_bytes for s in model.prefill_stages), default=0),
+            "decode": max((s.mesh.sram.peak_bytes for s in model.decode_stages), default=0),
+            "usable": w.usable_sram_bytes_per_pe,
+        },
+        "routes_peak_per_pe": max((s.mesh.routes.peak for s in model.prefill_stages + model.decode_stages), default=0),
+        "kv_shift_moves": sum(s.cache.shift_moves for s in model.decode_stages),
+        "breakdown_s": {k: sec(v) for k, v in phase_breakdown(delta["by_primitive"]).items()},
+    }
+
+
+def phase_breakdown(by_primitive: dict[str, float]) -> dict[str, float]:
+    """Busy cycles per op (primitive names before the first dot), largest first.
+
+    Work that overlapped other work is counted in full, so the shares show where the
+    PEs are busy, not a partition of the critical path."""
+    out: dict[str, float] = {}
+    for name, cycles in by_primitive.items():
+        key = name.split(".")[0]
+        out[key] = out.get(key, 0.0) + cycles
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))

@@ -1,0 +1,97 @@
+"""``RunConfig``: how a model runs on the wafer, as one frozen value (vLLM's ``EngineArgs``).
+
+The grids, the sequence lengths the placement is sized for, the datatype, the KV
+cache scheme and the layers to place travel together from the user-facing entry points
+(``LLM``, ``predict``) through the grid tuner to ``WaferModel`` and the placement
+planner, which is the one place their fields are unpacked.
+
+    run = RunConfig(prefill_grid=600, decode_grid=360, max_seq_len=2176, prompt_len=2048)
+    run.with_grids(None, 360)      # a decode-only run, e.g. for tuning the decode grid
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from dataclasses import dataclass
+
+from waferllm.engine.kvcache import SCHEMES
+from waferllm.errors import RequestError
+from waferllm.hardware.plmr import DTYPE_BYTES
+from waferllm.mesh.routes import POLICIES
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """How one model runs on one wafer.
+
+    Attributes:
+        prefill_grid: side P of the square P x P regions prefill runs on; None places no
+            prefill phase (a decode-only run) or, for the tuner, asks for it to be tuned.
+        decode_grid: the same for decode.
+        max_seq_len: tokens a request may hold in all (prompt + output): the decode KV
+            cache is sized for it.
+        prompt_len: prompt tokens the prefill activations are sized for (default
+            ``max_seq_len``).
+        dtype: ``fp16`` (what the paper evaluates) or ``fp32`` for weights, KV cache and
+            activations; accumulation is always fp32.
+        kv_scheme: ``shift`` (WaferLLM's balanced shift-based cache) or ``concat`` (the
+            baseline that appends to the bottom row).
+        layers: place and run only the first K layers and scale their time to the whole
+            model (the paper's method for models that do not fit one wafer); None: all.
+        route_policy: what a pattern needing more routes than a PE has does (see
+            ``waferllm.mesh.routes``).
+    """
+
+    prefill_grid: int | None = None
+    decode_grid: int | None = None
+    max_seq_len: int = 2048
+    prompt_len: int | None = None
+    dtype: str = "fp16"
+    kv_scheme: str = "shift"
+    layers: int | None = None
+    route_policy: str = "relay"
+
+    def __post_init__(self):
+        for name in ("prefill_grid", "decode_grid", "max_seq_len", "prompt_len", "layers"):
+            value = getattr(self, name)
+            if value is not None or name == "max_seq_len":
+                object.__setattr__(self, name, _positive(name, value))  # numpy ints become ints
+        if self.dtype not in DTYPE_BYTES:
+            raise RequestError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {self.dtype!r}")
+        if self.kv_scheme not in SCHEMES:
+            raise RequestError(f"kv_scheme must be one of {', '.join(SCHEMES)}, got {self.kv_scheme!r}")
+        if self.route_policy not in POLICIES:
+            raise RequestError(f"route_policy must be one of {', '.join(POLICIES)}, got {self.route_policy!r}")
+
+    @classmethod
+    def for_request(cls, input_len: int, output_len: int, **fields) -> "RunConfig":
+        """Sized for one request of ``input_len`` prompt and ``output_len`` generated tokens."""
+        return cls(max_seq_len=input_len + output_len, prompt_len=input_len, **fields)
+
+    def replace(self, **changes) -> "RunConfig":
+        return dataclasses.replace(self, **changes)
+
+    def with_grids(self, prefill_grid: int | None, decode_grid: int | None) -> "RunConfig":
+        return self.replace(prefill_grid=prefill_grid, decode_grid=decode_grid)
+
+    def layer_count(self, config) -> int:
+        """Layers placed and run for ``config``."""
+        if self.layers is None:
+            return config.num_layers
+        if not 1 <= self.layers <= config.num_layers:
+            raise RequestError(f"layers must be in 1..{config.num_layers}, got {self.layers}")
+        return self.layers
+
+    def plan(self, config, wafer):
+        """The placement plan of this run (the one place the planner is called)."""
+        from waferllm.engine.placement import plan
+
+        return plan(config, wafer, self.prefill_grid, self.decode_grid, self.max_seq_len, self.dtype,
+                    prompt_len=self.prompt_len, layers=self.layer_count(config))
+
+
+def _positive(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise RequestError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)

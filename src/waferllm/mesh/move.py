@@ -1,0 +1,466 @@
+"""Moves of a tensor between two placements, priced from where every element leaves and lands.
+
+A :class:`Placement` says which PE of a region holds (or must receive) each element of
+a logical tensor. One logical dim may be spread over the region's rows and one over its
+columns, each by an explicit coordinate map (index -> PE row or column; blocked tiles,
+balanced counts or any other split). A dim that is not spread along an axis is
+*replicated* along it: every PE of that axis holds a copy (source) or needs one
+(destination). A skewed operand's blocks sit on PEs given by a table (block pair -> PE).
+
+The move is executed as messages under dimension-order (XY) routing: along the row to the
+destination column, then along that column. Elements are grouped into cells with one
+source and one destination (per dim, the runs of indices whose coordinates agree:
+O(rows + cols) runs), so the work is O(mesh), never O(elements). Per cell:
+- a split source sends from its PE; a replicated source sends from the copy nearest to
+  the destination along that axis (the destination's own line when it has a copy);
+- a replicated destination is reached by one multicast per sender: the message covers
+  the span of receivers and each link on the way carries it once (the union of the XY
+  paths to every receiver);
+- a partial source (every PE along an axis holds a share of the value) sends every share.
+An element that stays on its PE costs nothing.
+
+Cost: the busiest of (a PE's injected bytes, a PE's ejected bytes, a directed link's
+bytes) streams at link rate behind the longest path's head (2 ramps + alpha per hop),
+plus the fixed cost of a collective and a task switch. Link loads are built with 2D
+difference arrays (rectangle updates, then prefix sums), vectorised over all cells.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+
+from waferllm.errors import MeshError
+from waferllm.mesh.cost import message_cycles
+from waferllm.mesh.region import Region
+from waferllm.mesh.tensor import DistTensor
+
+
+@dataclass(frozen=True, eq=False)
+class Placement:
+    """Where each element of a logical tensor of ``shape`` lives on ``region``.
+
+    ``y_dim``/``x_dim``: the logical dim spread over the region's rows / columns (None:
+    replicated along that axis). ``y_of``/``x_of``: for every index of that dim, its PE
+    row / column (region-local), or its block id when ``pe_rows``/``pe_cols`` are given:
+    tables (rows x cols, indexed by [y block, x block], 0 for an axis with no dim) of the
+    PE row and column holding each block pair (skewed operands). ``partial``: "y" or "x"
+    when each PE along that axis holds a share of the value and every share must travel
+    (a source only).
+    """
+
+    region: Region
+    shape: tuple
+    y_dim: int | None = None
+    y_of: np.ndarray | None = None
+    x_dim: int | None = None
+    x_of: np.ndarray | None = None
+    pe_rows: np.ndarray | None = None
+    pe_cols: np.ndarray | None = None
+    partial: str | None = None
+
+    def __post_init__(self):
+        shape = tuple(int(s) for s in self.shape)
+        object.__setattr__(self, "shape", shape)
+        if self.y_dim is not None and self.y_dim == self.x_dim:
+            raise MeshError(f"placement: dim {self.y_dim} cannot be spread over rows and columns at once")
+        for label, dim, of in (("y", self.y_dim, self.y_of), ("x", self.x_dim, self.x_of)):
+            if dim is None:
+                continue
+            if not 0 <= dim < len(shape):
+                raise MeshError(f"placement: {label} dim {dim} outside a {len(shape)}-d tensor")
+            of = np.asarray(of, dtype=np.int64)
+            if of.shape != (shape[dim],):
+                raise MeshError(f"placement: {label} map needs one coordinate per index of dim {dim} "
+                                f"({shape[dim]}), got shape {of.shape}")
+            n = self.region.rows if label == "y" else self.region.cols
+            if of.size and (of.min() < 0 or of.max() >= n):
+                raise MeshError(f"placement: {label} coordinates must lie in [0, {n}) on {self.region.describe()}")
+            object.__setattr__(self, f"{label}_of", of)
+        if (self.pe_rows is None) != (self.pe_cols is None):
+            raise MeshError("placement: give both block tables (pe_rows and pe_cols) or neither")
+        if self.partial not in (None, "y", "x"):
+            raise MeshError(f"placement: partial must be 'y', 'x' or None, got {self.partial!r}")
+        if self.partial is not None and (self.y_dim if self.partial == "y" else self.x_dim) is not None:
+            raise MeshError(f"placement: a value partial along {self.partial} cannot also be split along it")
+
+    @classmethod
+    def blocked(cls, region: Region, shape, layout, tile_shape=None) -> "Placement":
+        """The plain block layout of a :class:`DistTensor` (``layout`` entries 'y', 'x', None)."""
+        shape = tuple(int(s) for s in shape)
+        kw = {}
+        for label, parts in (("y", region.rows), ("x", region.cols)):
+            if label in layout:
+                d = list(layout).index(label)
+                t = tile_shape[d] if tile_shape is not None else math.ceil(shape[d] / parts)
+                kw[f"{label}_dim"], kw[f"{label}_of"] = d, np.arange(shape[d]) // max(int(t), 1)
+        return cls(region, shape, **kw)
+
+    @classmethod
+    def of(cls, t: DistTensor) -> "Placement":
+        """Where ``t``'s elements are now: its layout, its tiles' padding and its block map."""
+        p = cls.blocked(t.mesh.region, t.shape, t.layout, t.tile_shape)
+        blocks = t.blocks
+        partial = t.partial[0] if t.partial is not None else None
+        if not blocks:
+            return cls(p.region, p.shape, p.y_dim, p.y_of, p.x_dim, p.x_of, partial=partial)
+        r, c = t.mesh.shape
+        ii, jj = np.meshgrid(np.arange(r), np.arange(c), indexing="ij")
+        by = np.broadcast_to(blocks.get(p.y_dim, ii), (r, c)) if p.y_dim is not None else np.zeros((r, c), np.int64)
+        bx = np.broadcast_to(blocks.get(p.x_dim, jj), (r, c)) if p.x_dim is not None else np.zeros((r, c), np.int64)
+        # an axis a tensor is not split along holds copies: they must hold the same blocks
+        for held, axis, name in ((by, 1, "x"), (bx, 0, "y")):
+            if (p.x_dim if axis == 1 else p.y_dim) is None and not (held == held.take([0], axis=axis)).all():
+                raise MeshError(f"{t.name}: its copies along {name} hold different blocks; cannot price a move of it")
+        pe_rows = np.full((r, c), -1, np.int64)
+        pe_cols = np.full((r, c), -1, np.int64)
+        pe_rows[by, bx], pe_cols[by, bx] = ii, jj
+        return cls(p.region, p.shape, p.y_dim, p.y_of, p.x_dim, p.x_of, pe_rows, pe_cols, partial)
+
+
+@dataclass
+class MoveTraffic:
+    """What a move loads, in bytes. Arrays cover the bounding box of both regions, whose
+    top-left PE is ``origin`` on the wafer: ``inject``/``eject`` per PE; ``east[r, c]`` the
+    link (r, c) -> (r, c+1), ``west[r, c]`` (r, c+1) -> (r, c), ``south[r, c]`` (r, c) ->
+    (r+1, c), ``north[r, c]`` (r+1, c) -> (r, c)."""
+
+    origin: tuple[int, int]
+    inject: np.ndarray
+    eject: np.ndarray
+    east: np.ndarray
+    west: np.ndarray
+    south: np.ndarray
+    north: np.ndarray
+    max_hops: int
+    bytes_moved: int  # bytes delivered (a multicast counts every receiver)
+    messages: int  # sends
+
+    @property
+    def busiest_bytes(self) -> int:
+        """The most bytes one ramp or one directed link carries."""
+        loads = (self.inject, self.eject, self.east, self.west, self.south, self.north)
+        return int(max(a.max(initial=0) for a in loads))
+
+    @property
+    def hop_bytes(self) -> int:
+        return int(sum(a.sum() for a in (self.east, self.west, self.south, self.north)))
+
+
+# ---------------------------------------------------------------------- cells
+
+
+def _runs(maps: list[np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, lengths) of the maximal runs of indices on which every map is constant."""
+    if n == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    if not maps:
+        return np.zeros(1, np.int64), np.array([n], np.int64)
+    stack = np.stack(maps)
+    change = np.flatnonzero((stack[:, 1:] != stack[:, :-1]).any(axis=0)) + 1
+    starts = np.concatenate(([0], change))
+    return starts, np.diff(np.concatenate((starts, [n])))
+
+
+def _cells(src: Placement, dst: Placement):
+    """Cells of elements with one source and one destination: (index of every cell's first
+    element along each spread dim, elements per cell)."""
+    dims = sorted({d for d in (src.y_dim, src.x_dim, dst.y_dim, dst.x_dim) if d is not None})
+    first, grids = {}, []
+    for d in dims:
+        maps = [p_of for p in (src, dst) for dim, p_of in ((p.y_dim, p.y_of), (p.x_dim, p.x_of)) if dim == d]
+        starts, lengths = _runs(maps, src.shape[d])
+        grids.append((starts, lengths))
+    mesh = np.meshgrid(*[np.arange(len(s)) for s, _ in grids], indexing="ij") if grids else []
+    count = np.ones(1 if not grids else mesh[0].size, np.int64)
+    for d, (starts, lengths), g in zip(dims, grids, mesh):
+        first[d] = starts[g.ravel()]
+        count = count * lengths[g.ravel()]
+    rest = math.prod(s for d, s in enumerate(src.shape) if d not in dims)
+    return first, count * rest
+
+
+def _coords(p: Placement, first: dict):
+    """Wafer row and column of every cell on placement ``p`` (None along a replicated axis)."""
+    by = p.y_of[first[p.y_dim]] if p.y_dim is not None else None
+    bx = p.x_of[first[p.x_dim]] if p.x_dim is not None else None
+    if p.pe_rows is not None:
+        ky = by if by is not None else 0
+        kx = bx if bx is not None else 0
+        rows, cols = p.pe_rows[ky, kx], p.pe_cols[ky, kx]
+        if (by is not None and np.any(rows < 0)) or (bx is not None and np.any(cols < 0)):
+            raise MeshError("placement: a block of the tensor is held by no PE of its table")
+        by = rows if by is not None else None
+        bx = cols if bx is not None else None
+    return (None if by is None else by + p.region.row0), (None if bx is None else bx + p.region.col0)
+
+
+def _axis_options(s, d, s_span, d_span, partial: bool, ncells: int):
+    """Who sends along one axis, and to which span: arrays (cells, K) of sender lo/hi,
+    receiver lo/hi, parallel (each line of [lo, hi] sends to itself) and valid."""
+    s0, s1 = s_span
+    d0, d1 = d_span
+
+    def full(v):  # the same options for every cell
+        return np.broadcast_to(np.asarray(v, np.int64), (ncells, np.size(v)))
+
+    if partial:  # every share travels: one sender per source line
+        lines = np.arange(s0, s1 + 1)
+        snd = full(lines)
+        lo = np.broadcast_to((d if d is not None else np.full(ncells, d0))[:, None], snd.shape)
+        hi = np.broadcast_to((d if d is not None else np.full(ncells, d1))[:, None], snd.shape)
+        return snd, snd, lo, hi, np.zeros(snd.shape, bool), np.ones(snd.shape, bool)
+    if s is None and s0 == s1:  # a single line of copies: it is the sender
+        s = np.full(ncells, s0)
+    if s is not None:  # one sender: to its destination, or multicast over the replicated span
+        lo = d if d is not None else np.full(ncells, d0)
+        hi = d if d is not None else np.full(ncells, d1)
+        return s[:, None], s[:, None], lo[:, None], hi[:, None], np.zeros((ncells, 1), bool), np.ones((ncells, 1), bool)
+    if d is not None:  # replicated source: the copy nearest to the destination
+        c = np.clip(d, s0, s1)[:, None]
+        return c, c, d[:, None], d[:, None], np.zeros((ncells, 1), bool), np.ones((ncells, 1), bool)
+    # replicated on both sides: lines the source covers keep their own copy; the others get
+    # a multicast from the nearer edge line of the source (which also serves itself)
+    down, up = d0 < s0, d1 > s1
+    below, above = (d0, min(d1, s0)), (max(d0, s1), d1)
+    inside = (max(d0, s0 + down), min(d1, s1 - up))
+    snd_lo = full([s0, inside[0], s1])
+    snd_hi = full([s0, inside[1], s1])
+    lo = full([below[0], inside[0], above[0]])
+    hi = full([below[1], inside[1], above[1]])
+    par = full([0, 1, 0]).astype(bool)
+    return snd_lo, snd_hi, lo, hi, par, full([down, inside[0] <= inside[1], up]).astype(bool)
+
+
+# ---------------------------------------------------------------------- loads
+
+
+@dataclass
+class _Axis:
+    """One axis of a set of flows (arrays of any one shape), in box coordinates: senders
+    [s_lo, s_hi] (one line, or a range of lines each serving itself), receivers [r_lo, r_hi],
+    and the links crossed away from the sender ``fwd`` (toward higher coordinates) and
+    ``back``. ``stay``: nothing moves along this axis; ``own``: the sender's own line is
+    among the receivers."""
+
+    s_lo: np.ndarray
+    s_hi: np.ndarray
+    r_lo: np.ndarray
+    r_hi: np.ndarray
+    fwd: tuple
+    back: tuple
+    stay: np.ndarray
+    own: np.ndarray
+    ok: np.ndarray
+    n_send: np.ndarray
+    n_recv: np.ndarray
+    hops: np.ndarray
+
+
+def _axis(options, origin: int) -> _Axis:
+    s_lo, s_hi, lo, hi, par, ok = options
+    s_lo, s_hi, lo, hi = s_lo - origin, s_hi - origin, lo - origin, hi - origin
+    r_lo, r_hi = np.where(par, s_lo, lo), np.where(par, s_hi, hi)
+    none = (np.zeros_like(lo), np.full_like(lo, -1))  # an empty range of links
+    fwd = (np.where(par, none[0], s_lo), np.where(par, none[1], hi - 1))
+    back = (np.where(par, none[0], lo), np.where(par, none[1], s_lo - 1))
+    own = par | ((lo <= s_lo) & (s_lo <= hi))
+    return _Axis(s_lo, s_hi, r_lo, r_hi, fwd, back, stay=par | ((lo == s_lo) & (hi == s_lo)), own=own, ok=ok,
+                 n_send=s_hi - s_lo + 1, n_recv=r_hi - r_lo + 1,
+                 hops=np.where(par, 0, np.maximum(np.maximum(s_lo - lo, hi - s_lo), 0)))
+
+
+def _span(n: int, lo, hi, w) -> np.ndarray:
+    """Length-n array: the sum of w over every range lo..hi (inclusive) covering each position."""
+    lo, hi, w = (np.ravel(a) for a in (lo, hi, w))
+    keep = (lo <= hi) & (w != 0)
+    d = np.bincount(lo[keep], w[keep], n + 1) - np.bincount(hi[keep] + 1, w[keep], n + 1)
+    return np.rint(np.cumsum(d)[:n]).astype(np.int64)
+
+
+def _rect(shape, rows, cols, w) -> np.ndarray:
+    """Array of ``shape``: the sum of w over every rectangle rows[0]..rows[1] x cols[0]..cols[1]."""
+    (r0, r1), (c0, c1) = rows, cols
+    keep = (r0 <= r1) & (c0 <= c1) & (w != 0)
+    r0, r1, c0, c1, w = (np.asarray(a)[keep] for a in (r0, r1, c0, c1, w))
+    H, W = shape
+    size = (H + 1) * (W + 1)
+    d = sum(sign * np.bincount(rr * (W + 1) + cc, w, size)
+            for rr, cc, sign in ((r0, c0, 1), (r0, c1 + 1, -1), (r1 + 1, c0, -1), (r1 + 1, c1 + 1, 1)))
+    d = d.reshape(H + 1, W + 1) if np.ndim(d) else np.zeros((H + 1, W + 1))
+    return np.rint(np.cumsum(np.cumsum(d, axis=0), axis=1)[:H, :W]).astype(np.int64)
+
+
+def _box(src: Placement, dst: Placement):
+    ra, rb = src.region, dst.region
+    top, left = min(ra.row0, rb.row0), min(ra.col0, rb.col0)
+    return top, left, max(ra.row0 + ra.rows, rb.row0 + rb.rows) - top, max(ra.col0 + ra.cols, rb.col0 + rb.cols) - left
+
+
+def _spans(p: Placement, axis: str) -> tuple[int, int]:
+    r = p.region
+    return (r.row0, r.row0 + r.rows - 1) if axis == "y" else (r.col0, r.col0 + r.cols - 1)
+
+
+def _separable(src: Placement, dst: Placement) -> bool:
+    """Whether a cell's rows depend on one dim and its columns on another: no block table,
+    and each axis spreads the same dim (or none) at both ends."""
+    ys, xs = {src.y_dim, dst.y_dim} - {None}, {src.x_dim, dst.x_dim} - {None}
+    return src.pe_rows is None and dst.pe_rows is None and len(ys) <= 1 and len(xs) <= 1 and not ys & xs
+
+
+def _separable_axis(src: Placement, dst: Placement, axis: str, origin: int):
+    """Flows along one axis over the runs of the dim it spreads: (_Axis (runs, K), weights)."""
+    dim = next((d for d in (getattr(src, f"{axis}_dim"), getattr(dst, f"{axis}_dim")) if d is not None), None)
+    maps = [getattr(p, f"{axis}_of") for p in (src, dst) if getattr(p, f"{axis}_dim") == dim and dim is not None]
+    starts, lengths = _runs(maps, src.shape[dim] if dim is not None else 1)
+    off = {"y": "row0", "x": "col0"}[axis]
+    ends = [None if getattr(p, f"{axis}_dim") is None else getattr(p, f"{axis}_of")[starts] + getattr(p.region, off)
+            for p in (src, dst)]
+    opts = _axis_options(ends[0], ends[1], _spans(src, axis), _spans(dst, axis), src.partial == axis, starts.size)
+    ax = _axis(opts, origin)
+    return ax, np.where(ax.ok, lengths[:, None], 0)
+
+
+def _traffic_separable(src, dst, itemsize, box) -> MoveTraffic:
+    """Every load is an outer product of one row profile and one column profile."""
+    top, left, H, W = box
+    Y, wy = _separable_axis(src, dst, "y", top)
+    X, wx = _separable_axis(src, dst, "x", left)
+    unit = itemsize * math.prod(s for d, s in enumerate(src.shape) if d not in
+                                {src.y_dim, src.x_dim, dst.y_dim, dst.x_dim})
+    o = np.outer
+    send_y, send_x = _span(H, Y.s_lo, Y.s_hi, wy), _span(W, X.s_lo, X.s_hi, wx)
+    recv_x = _span(W, X.r_lo, X.r_hi, wx)
+    stay_y, stay_x = wy * Y.stay, wx * X.stay
+    own_y, own_x = wy * Y.own, wx * X.own
+    live_msgs = (Y.n_send * Y.ok).sum() * (X.n_send * X.ok).sum()
+    stay_msgs = (Y.n_send * Y.ok * Y.stay).sum() * (X.n_send * X.ok * X.stay).sum()
+    return MoveTraffic(
+        origin=(top, left),
+        inject=unit * (o(send_y, send_x) - o(_span(H, Y.s_lo, Y.s_hi, stay_y), _span(W, X.s_lo, X.s_hi, stay_x))),
+        eject=unit * (o(_span(H, Y.r_lo, Y.r_hi, wy), recv_x)
+                      - o(_span(H, Y.s_lo, Y.s_hi, own_y), _span(W, X.s_lo, X.s_hi, own_x))),
+        east=unit * o(send_y, _span(W - 1, *X.fwd, wx)), west=unit * o(send_y, _span(W - 1, *X.back, wx)),
+        south=unit * o(_span(H - 1, *Y.fwd, wy), recv_x), north=unit * o(_span(H - 1, *Y.back, wy), recv_x),
+        max_hops=int(Y.hops[Y.ok].max(initial=0) + X.hops[X.ok].max(initial=0)),
+        bytes_moved=int(unit * ((wy * Y.n_recv).sum() * (wx * X.n_recv).sum()
+                                - (own_y * Y.n_send).sum() * (own_x * X.n_send).sum())),
+        messages=int(live_msgs - stay_msgs),
+    )
+
+
+def _traffic_cells(src, dst, itemsize, box) -> MoveTraffic:
+    """Any pair of placements: one flow per cell and per sender, loads by rectangle updates."""
+    top, left, H, W = box
+    first, elems = _cells(src, dst)
+    n = elems.size
+    (sy, sx), (dy, dx) = _coords(src, first), _coords(dst, first)
+    oy = _axis_options(sy, dy, _spans(src, "y"), _spans(dst, "y"), src.partial == "y", n)
+    ox = _axis_options(sx, dx, _spans(src, "x"), _spans(dst, "x"), src.partial == "x", n)
+    ky, kx = oy[0].shape[1], ox[0].shape[1]
+    # flows: every cell x every y option x every x option
+    Y = _axis([np.broadcast_to(a[:, :, None], (n, ky, kx)).ravel() for a in oy], top)
+    X = _axis([np.broadcast_to(a[:, None, :], (n, ky, kx)).ravel() for a in ox], left)
+    live = Y.ok & X.ok & ~(Y.stay & X.stay)
+    b = np.where(live, np.repeat(elems * itemsize, ky * kx), 0)
+    own = Y.own & X.own
+    hops = np.where(live, Y.hops + X.hops, 0)
+    return MoveTraffic(
+        origin=(top, left),
+        inject=_rect((H, W), (Y.s_lo, Y.s_hi), (X.s_lo, X.s_hi), b),
+        eject=_rect((H, W), (Y.r_lo, Y.r_hi), (X.r_lo, X.r_hi), b)
+        - _rect((H, W), (Y.s_lo, Y.s_hi), (X.s_lo, X.s_hi), b * own),
+        east=_rect((H, W - 1), (Y.s_lo, Y.s_hi), X.fwd, b), west=_rect((H, W - 1), (Y.s_lo, Y.s_hi), X.back, b),
+        south=_rect((H - 1, W), Y.fwd, (X.r_lo, X.r_hi), b), north=_rect((H - 1, W), Y.back, (X.r_lo, X.r_hi), b),
+        max_hops=int(hops.max(initial=0)),
+        bytes_moved=int((b * (Y.n_recv * X.n_recv - own * Y.n_send * X.n_send)).sum()),
+        messages=int((live * Y.n_send * X.n_send).sum()),
+    )
+
+
+def move_traffic(src: Placement, dst: Placement, itemsize: int) -> MoveTraffic:
+    """Every PE's and link's bytes when the tensor on ``src`` is re-placed as ``dst``."""
+    if src.shape != dst.shape:
+        raise MeshError(f"move: source shape {src.shape} differs from destination shape {dst.shape}")
+    if src.region.wafer is not dst.region.wafer and src.region.wafer != dst.region.wafer:
+        raise MeshError("move: cannot move a tensor between different wafers")
+    if dst.partial is not None:
+        raise MeshError("move: a destination cannot be partial")
+    box = _box(src, dst)
+    if math.prod(src.shape) == 0:  # nothing to send
+        top, left, H, W = box
+        z = np.zeros
+        return MoveTraffic((top, left), z((H, W), np.int64), z((H, W), np.int64), z((H, W - 1), np.int64),
+                           z((H, W - 1), np.int64), z((H - 1, W), np.int64), z((H - 1, W), np.int64), 0, 0, 0)
+    if _separable(src, dst):
+        return _traffic_separable(src, dst, itemsize, box)
+    return _traffic_cells(src, dst, itemsize, box)
+
+
+@dataclass(frozen=True)
+class MoveCost:
+    """What a move charges, from its :class:`MoveTraffic`."""
+
+    busiest_bytes: int
+    max_hops: int
+    bytes_moved: int
+    hop_bytes: int
+    messages: int
+    read_bytes: int
+    write_bytes: int
+
+    @classmethod
+    def of(cls, tr: MoveTraffic) -> "MoveCost":
+        return cls(tr.busiest_bytes, tr.max_hops, tr.bytes_moved, tr.hop_bytes, tr.messages,
+                   int(tr.inject.sum()), int(tr.eject.sum()))
+
+
+_COSTS: OrderedDict = OrderedDict()  # the same moves recur (every layer, every decode step)
+
+
+def _key(p: Placement) -> tuple:
+    r = p.region
+    arrays = tuple(None if a is None else (a.shape, a.tobytes()) for a in (p.y_of, p.x_of, p.pe_rows, p.pe_cols))
+    return (r.row0, r.col0, r.rows, r.cols, p.shape, p.y_dim, p.x_dim, p.partial, arrays)
+
+
+def move_cost(src: Placement, dst: Placement, itemsize: int) -> MoveCost:
+    """:class:`MoveCost` of :func:`move_traffic` (remembered for the most recent moves)."""
+    if src.region.wafer is not dst.region.wafer and src.region.wafer != dst.region.wafer:
+        raise MeshError("move: cannot move a tensor between different wafers")
+    key = (_key(src), _key(dst), int(itemsize))
+    cost = _COSTS.get(key)
+    if cost is None:
+        cost = _COSTS[key] = MoveCost.of(move_traffic(src, dst, itemsize))
+        if len(_COSTS) > 256:
+            _COSTS.popitem(last=False)
+    else:
+        _COSTS.move_to_end(key)
+    return cost
+
+
+def move_cycles(wafer, cost: MoveCost) -> float:
+    """The move's time: its busiest ramp or link streams behind the longest path's head,
+    after the collective's fixed set-up."""
+    if cost.messages == 0:
+        return 0.0
+    return message_cycles(wafer, cost.busiest_bytes, cost.max_hops) + wafer.collective_overhead_cycles
+
+
+def charge_move(ledger, src: Placement, dst: Placement, itemsize: int, name: str = "move") -> float:
+    """Charge re-placing a tensor from ``src`` to ``dst`` (elements of ``itemsize`` bytes) on
+    ``ledger``: the cycles of :func:`move_cycles`, a task switch, and the bytes moved,
+    hop-bytes, messages and SRAM bytes read (injected) and written (ejected). A move in
+    which no element leaves its PE charges nothing. Returns the cycles."""
+    cost = move_cost(src, dst, itemsize)
+    if cost.messages == 0:
+        return 0.0
+    w = ledger.wafer
+    if w.task_switch_cycles:
+        ledger.charge("task_switch", "overhead", w.task_switch_cycles)
+    return ledger.charge(name, "comm", move_cycles(w, cost), bytes_moved=cost.bytes_moved, hop_bytes=cost.hop_bytes,
+                         messages=cost.messages, sram_read_bytes=cost.read_bytes, sram_write_bytes=cost.write_bytes)
