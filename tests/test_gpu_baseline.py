@@ -265,3 +265,100 @@ def test_unknown_gpu_and_bad_config():
     with pytest.raises(ModelError, match="model config lacks 'hidden_size' needed by the GPU roofline"):
         gpu_inference_roofline(NoHidden(), "a100", input_len=4, output_len=4)
     assert get_gpu("A100-80GB").name == "A100-80GB"
+
+
+# ------------------------------------------------------------------ presets as data
+def test_gpu_presets_carry_provenance():
+    from waferllm.hardware.gpu import GPUS
+    from waferllm.hardware.plmr import STATUSES
+
+    assert list(GPUS) == ["a100", "h100", "h200", "b200"]
+    for spec in GPUS.values():
+        consts = spec.constants()
+        for key in ("peak_flops_fp16", "peak_flops_bf16", "hbm_bytes_per_s", "hbm_capacity_bytes",
+                    "nvlink_bytes_per_s", "nvlink_latency_s", "ib_bytes_per_s", "ib_latency_s", "gpus_per_node",
+                    "power_w"):
+            assert consts[key]["value"] > 0 and consts[key]["source"] and consts[key]["status"] in STATUSES, key
+        # latencies are not vendor figures: assumed, with a plausible range and a stated basis
+        for key in ("nvlink_latency_s", "ib_latency_s"):
+            assert consts[key]["status"] == "assumed" and consts[key]["range"][0] < consts[key]["value"]
+        # per-direction link figures are half the vendor's bidirectional figure
+        assert consts["nvlink_bytes_per_s"]["status"] == "derived"
+    a100, h100, h200, b200 = (get_gpu(k) for k in ("a100", "h100", "h200", "b200"))
+    assert (a100.interconnect_bytes_per_s, h100.interconnect_bytes_per_s, b200.interconnect_bytes_per_s) == (
+        600e9 / 2, 900e9 / 2, 1800e9 / 2)
+    assert (a100.ib_bytes_per_s, h100.ib_bytes_per_s, b200.ib_bytes_per_s) == (200e9 / 8, 400e9 / 8, 400e9 / 8)
+    assert b200.hbm_bytes_per_s == 64e12 / 8 and b200.hbm_capacity_bytes == 1440e9 / 8
+    assert b200.source_of("hbm_bytes_per_s").status == "derived"
+    assert h200.hbm_capacity_bytes == 141e9 and h200.power_w == 700 and b200.power_w == 1000
+    assert h100.peak_flops("fp8") == 3958e12 / 2 and h100.peak_flops("bf16") == 989e12  # dense = half of sparse
+    assert b200.peak_flops("fp16") == 2.25e15 and b200.peak_flops("fp8") == 4.5e15
+    with pytest.raises(HardwareError, match="A100-80GB has no fp8 tensor-core peak"):
+        a100.peak_flops("fp8")
+    with pytest.raises(HardwareError, match="unknown dtype 'int3'"):
+        a100.peak_flops("int3")
+    assert get_gpu("B200").key == "b200" and get_gpu("h100-sxm5").key == "h100"
+
+
+def test_gpu_file_with_base_and_overrides(tmp_path):
+    f = tmp_path / "mine.toml"
+    f.write_text('base = "h100"\nname = "H100-slow"\nhbm_bytes_per_s = { value = 2e12, source = "my test", '
+                 'status = "measured" }\n')
+    g = get_gpu(f)
+    assert g.name == "H100-slow" and g.hbm_bytes_per_s == 2e12 and g.peak_flops_fp16 == 989e12
+    assert g.source_of("hbm_bytes_per_s").source == "my test"
+    assert g.efficiency_from == "a100"
+    o = get_gpu("a100", power_w=300)
+    assert o.power_w == 300 and o.source_of("power_w").status == "user"
+    f.write_text('base = "a100"\nhbm_speed = 1\n')
+    with pytest.raises(HardwareError, match="unknown key\\(s\\) hbm_speed"):
+        get_gpu(f)
+    f.write_text('base = "a100"\npower_w = -5\n')
+    with pytest.raises(HardwareError, match="power_w .* must be positive, got -5"):
+        get_gpu(f)
+    f.write_text('name = "x"\npeak_flops_fp16 = 1e12\n')
+    with pytest.raises(HardwareError, match="missing required key 'hbm_bytes_per_s'"):
+        get_gpu(f)
+    with pytest.raises(HardwareError, match="unknown GPU constant 'speed'"):
+        get_gpu("a100", speed=1)
+
+
+# ------------------------------------------------------------------ crossing nodes
+IB_TOY = GPUSpec("IBTOY", peak_flops_fp16=1e15, hbm_bytes_per_s=1e12, hbm_capacity_bytes=1e9, power_w=100.0,
+                 interconnect_bytes_per_s=1e11, source="test", nvlink_latency_s=2e-6, ib_bytes_per_s=1e10,
+                 ib_latency_s=7e-6, gpus_per_node=4)
+
+
+def test_allreduce_across_nodes_by_hand():
+    S = 1e6
+    # one node of 4: NVLink latency floor + ring over NVLink
+    assert allreduce_seconds(S, IB_TOY, 4) == pytest.approx(2e-6 + 2 * 3 / 4 * S / 1e11)
+    # 2 nodes of 4: both latency floors, ring at min(NVLink, 4 x IB per GPU) = 4e10
+    assert allreduce_seconds(S, IB_TOY, 8) == pytest.approx(2e-6 + 7e-6 + 2 * 7 / 8 * S / 4e10)
+    # NICs faster than NVLink: the ring is NVLink-bound again
+    fast_ib = GPUSpec(**{**IB_TOY.__dict__, "ib_bytes_per_s": 1e12})
+    assert allreduce_seconds(S, fast_ib, 8) == pytest.approx(2e-6 + 7e-6 + 2 * 7 / 8 * S / 1e11)
+    c = TinyConfig(num_layers=3)
+    r = gpu_inference_roofline(c, IB_TOY, 8, input_len=16, output_len=4)
+    assert r["nodes"] == 2 and r["device"] == "2x4xIBTOY TP"
+    assert r["decode_comm_s_per_token"] == pytest.approx(2 * 3 * allreduce_seconds(c.hidden_size * 2, IB_TOY, 8))
+    assert r["allreduce_latency_s"] == pytest.approx(9e-6)
+
+
+def test_groups_that_do_not_fill_nodes_are_refused():
+    with pytest.raises(RequestError, match="num_gpus=6: 6 GPUs do not fill whole nodes of 4 IBTOY"):
+        gpu_inference_roofline(TinyConfig(), IB_TOY, 6, input_len=4, output_len=4)
+    with pytest.raises(RequestError, match="TOY has no InfiniBand figures"):
+        gpu_inference_roofline(TinyConfig(), TOY, 16, input_len=4, output_len=4)
+    r = gpu_inference_roofline(TinyConfig(), "a100", 16, input_len=4, output_len=4)
+    assert r["device"] == "2x8xA100-80GB TP" and r["nodes"] == 2
+
+
+def test_roofline_carries_its_provenance():
+    r = gpu_inference_roofline(TinyConfig(), "h200", 1, input_len=8, output_len=2)
+    p = r["provenance"]
+    assert r["baseline"] == p["baseline"] == "roofline" and p["gpu"] == "h200" and p["fitted_to"] is None
+    assert p["constants"]["hbm_bytes_per_s"]["value"] == 4.8e12
+    assert "datasheet" in p["constants"]["hbm_bytes_per_s"]["source"]
+    assert r["efficiency"] == {"flops": 1.0, "hbm": 1.0, "link": 1.0, "allreduce_extra_latency_s": 0.0,
+                               "internode_extra_latency_s": 0.0, "layer_overhead_s": 0.0, "step_overhead_s": 0.0}

@@ -1,10 +1,12 @@
 """The decode KV cache on the mesh: shift-based (WaferLLM) and concatenation schemes.
 
 After loading L prompt tokens and any number of appends, the cache read back in
-logical order equals the dense cache; the shift scheme keeps rows balanced within one
-token, moves only neighbour-to-neighbour (a contiguous run of bottom rows, one token
-each, one row up) and keeps the order contiguous; the concat scheme grows only the
-bottom row; a full cache raises PlacementError.
+logical order equals the dense cache. The shift scheme's rows hold what a brute-force
+model of lists of tokens says: L tokens in logical order, the bottom L mod Q rows one
+more, the first row the oldest; between two steps a row loses at most its oldest token
+and gains at most one from the row below (or, the bottom row, the new token). What
+``update`` returns for attention is every row's tokens, oldest first. The concat
+scheme grows only the bottom row; a full cache raises PlacementError.
 """
 
 from __future__ import annotations
@@ -16,17 +18,24 @@ from hypothesis import strategies as st
 
 from waferllm.engine.kvcache import KVCache
 from waferllm.engine.layouts import HeadLayout
-from waferllm.errors import PlacementError
+from waferllm.errors import MeshError, PlacementError
 from waferllm.hardware import get_wafer
 from waferllm.mesh import Mesh
 
 WAFER = get_wafer("wse2")
 
 
-def make_cache(q: int, capacity: int, scheme: str = "shift", layers: int = 2, heads=(2, 1, 4)):
-    mesh = Mesh.square(WAFER, q, mode="numeric")
+def make_cache(q: int, capacity: int, scheme: str = "shift", layers: int = 2, heads=(2, 1, 4), mode="numeric"):
+    mesh = Mesh.square(WAFER, q, mode=mode)
     hl = HeadLayout(heads[0], heads[1], heads[2], q)
     return mesh, hl, KVCache(mesh, hl, layers, capacity, scheme, dtype="fp32")
+
+
+def shift_rows(n: int, q: int) -> list[list[int]]:
+    """Brute force: n tokens over q rows in logical order, the bottom n mod q rows one longer."""
+    counts = [n // q + (i >= q - n % q if n % q else 0) for i in range(q)]
+    tokens = iter(range(n))
+    return [[next(tokens) for _ in range(c)] for c in counts]
 
 
 def row_tokens(cache: KVCache) -> list[list[int]]:
@@ -39,12 +48,13 @@ def row_tokens(cache: KVCache) -> list[list[int]]:
 
 
 class Driver:
-    """Loads a prompt and appends tokens the way a decode layer does, tracking the dense cache."""
+    """Loads a prompt and appends tokens the way a decode step does, tracking the dense cache."""
 
     def __init__(self, q, capacity, scheme="shift", layers=2, seed=0):
         self.mesh, self.hl, self.cache = make_cache(q, capacity, scheme, layers)
         self.rng = np.random.default_rng(seed)
         self.layers = layers
+        self.views = []
         self.dense_k = [np.zeros((0, self.hl.kv_padded), np.float32) for _ in range(layers)]
         self.dense_v = [np.zeros((0, self.hl.kv_padded), np.float32) for _ in range(layers)]
 
@@ -52,7 +62,7 @@ class Driver:
         """[n, kv_padded] K/V rows; feature 0 of every column block carries the token index."""
         k = self.rng.standard_normal((n, self.hl.kv_padded)).astype(np.float32)
         v = self.rng.standard_normal((n, self.hl.kv_padded)).astype(np.float32)
-        k[:, :: self.hl.tf] = (start + np.arange(n))[:, None]
+        k[:, :: self.hl.col_features] = (start + np.arange(n))[:, None]
         return k, v
 
     def load(self, length):
@@ -65,17 +75,16 @@ class Driver:
         self.cache.load(length, ks, vs)
 
     def append(self):
+        """One decode step: every layer's update, in order."""
         n = self.cache.length
-        movers = self.cache.plan_append()
+        self.views = []
         for l in range(self.layers):
             k, v = self.rows(1, n)
             kt = self.mesh.place(k[0], ("x",), "fp32", name="k")
             vt = self.mesh.place(v[0], ("x",), "fp32", name="v")
-            self.cache.write(l, kt, vt, movers)
+            self.views.append(self.cache.update(l, kt, vt))
             self.dense_k[l] = np.concatenate([self.dense_k[l], k])
             self.dense_v[l] = np.concatenate([self.dense_v[l], v])
-        self.cache.commit(movers)
-        return movers
 
     def check_logical(self):
         for l in range(self.layers):
@@ -84,50 +93,53 @@ class Driver:
             np.testing.assert_array_equal(v, self.dense_v[l])
 
 
+def view_tokens(view) -> list[list[int]]:
+    """Tokens a view shows each row, oldest first (feature 0 of column 0 carries the index)."""
+    return [[int(round(x)) for x, ok in zip(view.k_t.tiles[i, 0, 0], view.valid[i]) if ok]
+            for i in range(view.valid.shape[0])]
+
+
 @settings(max_examples=40, deadline=None)
 @given(q=st.integers(1, 9), length=st.integers(1, 30), appends=st.integers(0, 25), seed=st.integers(0, 3))
-def test_shift_cache_logical_order_balance_and_neighbour_moves(q, length, appends, seed):
+def test_shift_cache_matches_the_list_model_and_moves_only_neighbours(q, length, appends, seed):
     d = Driver(q, capacity=length + appends + seed, scheme="shift", seed=seed)
     d.load(length)
+    assert row_tokens(d.cache) == shift_rows(length, q)
     d.check_logical()
-    c = d.cache
-    assert c.count.max() - c.count.min() <= 1
-    assert np.all(np.diff(c.count) >= 0)  # the bottom rows hold the extra tokens
+    moves = 0
     for _ in range(appends):
-        before = row_tokens(c)
-        counts = c.count.copy()
-        movers = d.append()
-        after = row_tokens(c)
-        # movers: a contiguous run of rows ending at the bottom one
-        if movers.size:
-            np.testing.assert_array_equal(movers, np.arange(q - movers.size, q))
-            assert movers[0] >= 1
-            # they move only when the bottom rows were the fuller ones
-            assert np.all(counts[movers] == counts.max()) and counts[movers[0] - 1] == counts.min() < counts.max()
-        else:
-            assert counts.max() == counts.min()  # all rows equal: the new token simply enters the bottom row
-        # each moving row hands exactly its oldest token to the row above; nothing else moves
+        before = row_tokens(d.cache)
+        d.append()
+        after = row_tokens(d.cache)
+        n = d.cache.length
+        assert after == shift_rows(n, q)
+        # what attention read during the step: the rows with the new token, oldest first
+        for view in d.views:
+            assert view_tokens(view) == after
+            assert view.slots == max(len(r) for r in after)
+        # neighbours only: a row keeps its tokens but perhaps its oldest (handed up), and
+        # gains the oldest of the row below if that one handed it up (the bottom row: the new token)
+        gave = [bool(b) and (not a or a[0] != b[0]) for b, a in zip(before, after)]
         for i in range(q):
-            gave = [before[i][0]] if i in movers else []
-            got = [before[i + 1][0]] if (i + 1) in movers else []
-            new = [c.length - 1] if i == q - 1 else []
-            expect = before[i][len(gave):] + got + new
-            assert after[i] == expect, (i, before, after)
-        assert c.count.max() - c.count.min() <= 1
-        # the logical order stays contiguous: row i's tokens directly precede row i+1's
-        flat = [t for r in after for t in r]
-        assert flat == list(range(c.length))
+            kept = before[i][1:] if gave[i] else before[i]
+            assert after[i][: len(kept)] == kept, (i, before, after)
+            got = [n - 1] if i == q - 1 else before[i + 1][:1] if gave[i + 1] else []
+            assert after[i][len(kept):] == got, (i, before, after)
+        moves += sum(gave)
+    assert d.cache.shift_moves == moves * d.layers
     d.check_logical()
 
 
-def test_shift_moves_counted_once_per_moving_row_and_layer():
-    d = Driver(4, capacity=64, layers=3)
-    d.load(5)  # counts 1 1 1 2
-    total = 0
-    for _ in range(9):
-        total += d.append().size * 3
-    assert d.cache.shift_moves == total > 0
-    d.check_logical()
+def test_update_runs_the_layers_of_a_token_in_order():
+    d = Driver(3, capacity=20)
+    d.load(4)  # counts 1 1 2
+    k = d.mesh.place(np.zeros(d.hl.kv_padded, np.float32), ("x",), "fp32")
+    with pytest.raises(MeshError, match="in order"):
+        d.cache.update(1, k, k)
+    d.cache.update(0, k, k)
+    assert d.cache.length == 4  # committed only once every layer has its entry
+    d.cache.update(1)  # a replayed layer: bookkeeping only
+    assert d.cache.length == 5 and list(d.cache.count) == [1, 2, 2]
 
 
 @settings(max_examples=25, deadline=None)
@@ -139,7 +151,9 @@ def test_concat_cache_grows_only_the_bottom_row(q, length, appends):
     used0 = d.mesh.sram.used().copy()
     assert loaded.max() - loaded.min() <= 1  # the transition spreads the prompt evenly
     for _ in range(appends):
-        assert d.append().size == 0  # nothing ever shifts
+        before = row_tokens(d.cache)
+        d.append()
+        assert row_tokens(d.cache)[:-1] == before[:-1]  # nothing ever shifts
     np.testing.assert_array_equal(d.cache.count[:-1], loaded[:-1])
     assert d.cache.count[-1] == loaded[-1] + appends
     assert d.cache.shift_moves == 0
@@ -147,7 +161,7 @@ def test_concat_cache_grows_only_the_bottom_row(q, length, appends):
     # its SRAM: only the bottom row of PEs holds the growth
     grown = d.mesh.sram.used() - used0
     np.testing.assert_array_equal(grown[:-1], 0)
-    np.testing.assert_array_equal(grown[-1], appends * d.cache._per_slot)
+    np.testing.assert_array_equal(grown[-1], appends * d.cache.slot_bytes)
 
 
 @pytest.mark.parametrize("scheme", ["shift", "concat"])
@@ -158,7 +172,7 @@ def test_full_cache_raises(scheme):
         d.append()
     assert d.cache.length == 7
     with pytest.raises(PlacementError, match="full"):
-        d.cache.plan_append()
+        d.append()
     d.check_logical()
 
 
@@ -185,15 +199,20 @@ def test_shift_capacity_per_row_and_reset():
     assert list(d.cache.count) == [0, 0, 1, 1]
 
 
-def test_valid_mask_after_pending_append():
-    d = Driver(3, capacity=20)
-    d.load(4)  # counts 1 1 2
-    movers = d.cache.plan_append()
-    np.testing.assert_array_equal(movers, [2])
-    valid = d.cache.valid(movers)
-    assert valid.sum() == 5
-    np.testing.assert_array_equal(valid.sum(axis=1), [1, 2, 2])
-    assert d.cache.valid().sum() == 4  # nothing committed yet
+def test_program_key_and_the_charges_of_one_append():
+    """The key says (slots of the fullest row, whether rows shift); an append charges one
+    hop up for each moving row's K and V block, per layer, and the write of the new entry."""
+    mesh, hl, cache = make_cache(3, capacity=20, layers=2, mode="dry")
+    cache.load(4)  # counts 1 1 2: the bottom row is the fuller one, it shifts
+    assert cache.program_key() == (2, True)
+    entry = 2 * hl.col_features * 4  # K and V feature blocks, fp32
+    for layer in range(2):
+        cache.update(layer, mesh.zeros((hl.kv_padded,), ("x",)), mesh.zeros((hl.kv_padded,), ("x",)))
+    t = mesh.ledger.totals
+    assert t["bytes_moved"] == 2 * entry * 1 * 3  # 2 layers x 1 moving row x its 3 PEs
+    assert t["sram_write_bytes"] == 2 * (entry * 3 + entry * 3)  # the shift's writes and the new entry's
+    assert cache.program_key() == (2, True)  # counts 1 2 2
+    assert list(cache.count) == [1, 2, 2]
 
 
 def test_concat_bottom_row_cap_is_the_whole_capacity_but_sram_limits_it():
@@ -203,7 +222,7 @@ def test_concat_bottom_row_cap_is_the_whole_capacity_but_sram_limits_it():
     small = WAFER.replace(sram_bytes_per_pe=12 * 1024)
     mesh = Mesh.square(small, 4, mode="dry")
     hl = HeadLayout(2, 1, 64, 4)
-    per_token_row = 2 * hl.tf * 4 * 4  # K and V, fp32, 4 layers
+    per_token_row = 2 * hl.col_features * 4 * 4  # K and V, fp32, 4 layers
     fit = small.usable_sram_bytes_per_pe // per_token_row
     shift = KVCache(mesh, hl, 4, 4 * fit, "shift", dtype="fp32")  # fits: every row holds `fit` tokens
     assert shift.cap == fit
@@ -212,5 +231,6 @@ def test_concat_bottom_row_cap_is_the_whole_capacity_but_sram_limits_it():
     concat.load(4)
     with pytest.raises(SRAMOverflowError):
         for _ in range(4 * fit):
-            concat.commit(concat.plan_append())
+            for layer in range(4):
+                concat.update(layer)
     assert concat.count[-1] <= fit + 1

@@ -6,7 +6,8 @@ import re
 
 import pytest
 
-from waferllm.engine.placement import PLANNING_SLACK, kv_bytes_per_slot, plan
+from waferllm.engine.placement import (PLANNING_SLACK, kv_bytes_per_slot, layer_weight_bytes, plan,
+                                       planned_kv_capacity)
 from waferllm.engine.wafer import WaferModel
 from waferllm.errors import PlacementError
 from waferllm.hardware import get_wafer
@@ -26,7 +27,7 @@ def _layers_short(msg: str) -> int:
 
 def test_llama3_8b_does_not_fit_default_grids_and_says_by_how_much():
     cfg = get_model_preset("llama3-8b")
-    with pytest.raises(PlacementError) as exc:
+    with pytest.raises(PlacementError, match="does not fit wse2 for prefill on 32x32 regions") as exc:
         WaferModel(cfg, None, "wse2", 32, 32, max_seq_len=4096, mode="dry")
     msg = str(exc.value)
     assert "llama3-8b" in msg and "wse2" in msg
@@ -50,7 +51,7 @@ def test_llama3_8b_fits_wse2_with_the_squares_around_the_main_regions():
 
 def test_does_not_fit_error_suggests_a_grid_that_fits():
     cfg = get_model_preset("smollm2-135m")
-    with pytest.raises(PlacementError) as exc:
+    with pytest.raises(PlacementError, match="does not fit wse2 for prefill on 16x16 regions") as exc:
         plan(cfg, WSE2, 16, 32, 256, "fp16")
     msg = str(exc.value)
     assert "prefill" in msg and _layers_short(msg) > 0
@@ -58,14 +59,14 @@ def test_does_not_fit_error_suggests_a_grid_that_fits():
     assert g > 16
     p = plan(cfg, WSE2, g, 32, 256, "fp16")  # the suggestion really fits
     assert p.prefill.grid == g
-    with pytest.raises(PlacementError):
+    with pytest.raises(PlacementError, match=f"for prefill on {g - 1}x{g - 1} regions"):
         plan(cfg, WSE2, g - 1, 32, 256, "fp16")  # and it is the smallest one
 
 
 def test_tiny_wafer_cannot_hold_a_model():
     tiny_wafer = WSE2.replace(rows=16, cols=16)
     cfg = get_model_preset("llama2-13b")
-    with pytest.raises(PlacementError) as exc:
+    with pytest.raises(PlacementError, match="llama2-13b does not fit") as exc:
         plan(cfg, tiny_wafer, 8, 8, 128, "fp16")
     assert _layers_short(str(exc.value)) > 0
     assert "No grid of this wafer fits it" in str(exc.value)
@@ -82,38 +83,73 @@ def test_grid_larger_than_the_wafer_raises(grid):
 def test_kv_cache_longer_than_capacity_raises():
     cfg = tiny_config()
     p = plan(cfg, WSE2, None, 4, 32, "fp16")  # decode only: prefill plans the whole prompt
-    with pytest.raises(PlacementError, match="(?i)kv.cache"):
+    # one token more than the planned capacity: the layers and their cache no longer fit
+    with pytest.raises(PlacementError, match="tiny does not fit wse2 for decode on 4x4 regions"):
         plan(cfg, WSE2, None, 4, p.kv_capacity_tokens + 1, "fp16")
+    # a model extrapolated from its first layer (the whole does not fit): that layer's cache must
+    with pytest.raises(PlacementError, match="the KV cache for 2176 tokens does not fit the 28x28 decode regions"):
+        plan(get_model_preset("llama3-8b"), WSE2, None, 28, 2176, "fp16", layers=1)
+
+
+# tiny_config(): E=64, F=96, 4 query heads and 2 kv heads of 16 features. On a 4x4 region:
+# kv features 2*16=32 -> 8 per PE column; query features 2 heads per kv head -> 16 per column
+# (64 in all); FFN 96 -> 24 per column. Per PE, one layer's weights (fp16 matrices, fp32 norms):
+TINY_LAYER_ON_4 = {
+    # decode: fused QKV [64 (y), 4 cols x (16 q + 8 k + 8 v)] -> 16 x 32; O [64 (x), 64 (y)] -> 16 x 16;
+    # fused gate/up [64, 2 x 96] -> 16 x 48; down [96, 64] -> 24 x 16; two norms [64] (y) -> 16 each
+    "decode": 2 * (16 * 32 + 16 * 16 + 16 * 48 + 24 * 16) + 4 * 2 * 16,
+    # prefill: q [64, 64] -> 16 x 16; k, v [64, 32] -> 16 x 8 each; o [64, 64]; gate, up [64, 96]
+    # -> 16 x 24 each; down [96, 64] -> 24 x 16; two norms [1, 64] (x) -> 16 each
+    "prefill": 2 * (16 * 16 + 2 * 16 * 8 + 16 * 16 + 2 * 16 * 24 + 24 * 16) + 4 * 2 * 16,
+}
 
 
 def test_plan_fields():
-    cfg = get_model_preset("smollm2-135m")
-    p = plan(cfg, WSE2, 32, 28, 512, "fp16")
-    for ph, grid in ((p.prefill, 32), (p.decode, 28)):
-        assert ph.grid == grid
-        assert {"weights", "kv_cache", "activations", "vocab_tables"} <= set(ph.bytes_per_pe)
-        assert all(ph.bytes_per_pe[k] > 0 for k in ("weights", "kv_cache", "activations", "vocab_tables"))
-        need = sum(ph.bytes_per_pe[k] for k in ("weights", "kv_cache", "activations", "vocab_tables"))
-        assert need <= WSE2.usable_sram_bytes_per_pe - PLANNING_SLACK
-        assert ph.layers_per_region * len(ph.stages) >= cfg.num_layers
-        assert len(ph.stages) <= ph.regions_available
-        # stages cover the layers and the vocabulary exactly once, in order
-        layers = [i for s in ph.stages for i in s.layers]
-        vocab = [s.vocab for s in ph.stages]
-        assert layers == list(range(cfg.num_layers))
-        assert vocab[0].start == 0 and vocab[-1].stop == cfg.vocab_size
-        assert all(a.stop == b.start for a, b in zip(vocab, vocab[1:]))
-        assert all(s.region.rows == s.region.cols == grid for s in ph.stages)
-    # KV capacity: the shift scheme fills every row of the decode grid, concat only one
-    assert p.kv_capacity_tokens == 28 * p.kv_capacity_tokens_concat
-    assert p.kv_capacity_tokens >= 512
-    per_slot = kv_bytes_per_slot(cfg, 28, "fp16") * p.decode.layers_per_region
-    free = WSE2.usable_sram_bytes_per_pe - sum(p.decode.bytes_per_pe[k] for k in ("weights", "activations",
-                                                                                  "vocab_tables"))
-    assert p.kv_capacity_tokens_concat == free // per_slot
+    cfg = tiny_config()
+    p = plan(cfg, WSE2, 4, 4, 64, "fp16", prompt_len=32)
+    assert TINY_LAYER_ON_4 == {"decode": 3968, "prefill": 3968}
+    assert kv_bytes_per_slot(cfg, 4, "fp16") == 2 * 8 * 2  # one token's K and V blocks of 8 features
+    for ph in (p.prefill, p.decode):
+        assert layer_weight_bytes(cfg, 4, ph.phase) == TINY_LAYER_ON_4[ph.phase]
+        assert ph.grid == 4 and len(ph.stages) == 1 and ph.layer_share == [2] and ph.whole_model_fits
+        assert ph.layers_per_region == 2 and ph.stages[0].layers == range(2)
+        assert ph.stages[0].vocab == range(cfg.vocab_size)  # one region: the whole vocabulary
+        b = ph.bytes_per_pe
+        assert b["weights"] == 2 * TINY_LAYER_ON_4[ph.phase]
+        # the LM head's [64, 272] slice (and the embedding table's: not tied) -> 16 x 68 fp16,
+        # with two fp32 vectors of 68 (the planner's allowance for the logits)
+        assert b["vocab_tables"] == 2 * (16 * 68 * 2 + 2 * 68 * 4)
+        # K/V of every planned token: 64 tokens (decode) / a 32-token prompt (prefill) over 4 rows
+        assert b["kv_cache"] == 2 * 32 * (16 if ph.phase == "decode" else 8)
+        assert b["reserved"] == WSE2.reserved_bytes_per_pe and b["usable"] == WSE2.usable_sram_bytes_per_pe
+        assert sum(b[k] for k in ("weights", "kv_cache", "activations", "vocab_tables")) <= b["usable"] - PLANNING_SLACK
+    # the plan's layers take exactly the bytes the runtime allocates for them
+    wm = WaferModel(cfg, None, WSE2, 4, 4, max_seq_len=64, prompt_len=32, mode="dry")
+    for st, phase in ((wm.prefill_stages[0], "prefill"), (wm.decode_stages[0], "decode")):
+        held = st.mesh.sram.by_name()
+        assert sum(v for k, v in held.items() if k.startswith("L0.")) == TINY_LAYER_ON_4[phase]
+    # planned KV capacity: what the budget leaves beside weights, tables and activations, per slot
+    b = p.decode.bytes_per_pe
+    slots = (b["usable"] - b["weights"] - b["vocab_tables"] - b["activations"]) // (2 * 32)
+    assert (p.kv_capacity_tokens, p.kv_capacity_tokens_concat) == (4 * slots, slots)
+    assert planned_kv_capacity(cfg, WSE2, p.decode) == (4 * slots, slots)
     d = p.to_dict()
-    assert d["prefill"]["layers_per_region"] == p.prefill.layers_per_region
-    assert d["kv_capacity_tokens"] == p.kv_capacity_tokens
+    assert d["decode"]["layer_share"] == [2] and d["prefill"]["layers_per_region"] == 2
+    assert d["planned_kv_capacity_tokens"] == 4 * slots
+
+
+def test_split_plans_are_the_whole_models_share():
+    """An extrapolated plan budgets each region for the layers it holds in the whole model."""
+    cfg = get_model_preset("llama3-8b")
+    full = plan(cfg, WSE2, 600, 360, 2176, prompt_len=2048)
+    one = plan(cfg, WSE2, 600, 360, 2176, prompt_len=2048, layers=1)
+    for f, o in ((full.prefill, one.prefill), (full.decode, one.decode)):
+        assert [len(s.layers) for s in f.stages] == f.layer_share == o.layer_share
+        assert [len(s.layers) for s in o.stages] == [1] + [0] * (len(o.stages) - 1)
+        assert o.bytes_per_pe == f.bytes_per_pe and o.region_bytes == f.region_bytes
+        assert o.bytes_per_pe["weights"] > 0 and o.bytes_per_pe["kv_cache"] > 0
+    assert (one.kv_capacity_tokens, one.kv_capacity_tokens_concat) == (full.kv_capacity_tokens,
+                                                                        full.kv_capacity_tokens_concat)
 
 
 def test_single_phase_and_extrapolated_plans():
@@ -124,7 +160,7 @@ def test_single_phase_and_extrapolated_plans():
     assert p.decode.stages[0].layers == range(0, 1)
     full = plan(cfg, WSE2, None, 360, 256, "fp16")  # all 32 layers: the 360s and the squares beside them
     assert sum(len(s.layers) for s in full.decode.stages) == 32
-    with pytest.raises(PlacementError):
+    with pytest.raises(PlacementError, match="llama3-70b does not fit wse2 for decode"):
         plan(get_model_preset("llama3-70b"), WSE2, None, 360, 256, "fp16")  # 140 GB does not fit 36 GB
 
 

@@ -84,9 +84,10 @@ class FakeBackend:
         r[(t + 1) % self.V] = 10.0
         return r
 
-    def prefill(self, ids):
-        self.calls.append(("prefill", list(ids)))
-        return np.stack([self._row(t) for t in ids])
+    def prefill(self, ids, prompt_logits=False):
+        self.calls.append(("prefill", list(ids), prompt_logits))
+        rows = np.stack([self._row(t) for t in ids])
+        return rows if prompt_logits else rows[-1:]
 
     def decode(self, t):
         self.calls.append(("decode", t))
@@ -104,7 +105,8 @@ def test_generate_loop_length_eos_stop_ids():
     b = FakeBackend()
     out = generate_one(b, FakeTok(), [0], SamplingParams(max_tokens=3, temperature=0))
     assert out.token_ids == [1, 2, 3] and out.text == "BCD" and out.finish_reason == "length"
-    assert b.calls == ["reset", ("prefill", [0]), ("decode", 1), ("decode", 2)]  # no wasted step after the last token
+    # no wasted step after the last token; the prompt's logits only when asked for
+    assert b.calls == ["reset", ("prefill", [0], False), ("decode", 1), ("decode", 2)]
     out = generate_one(FakeBackend(), FakeTok(), [5], SamplingParams(max_tokens=10, temperature=0))
     assert out.token_ids == [6, 7, 8, 9] and out.text == "GHI" and out.finish_reason == "stop"
     out = generate_one(FakeBackend(), FakeTok(), [5], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
@@ -129,7 +131,9 @@ def test_generate_stop_strings_and_streaming():
 
 
 def test_generate_logprobs_and_prompt_logprobs():
-    out = generate_one(FakeBackend(), FakeTok(), [0, 1, 5], SamplingParams(max_tokens=2, temperature=0, logprobs=1, prompt_logprobs=0))
+    b = FakeBackend()
+    out = generate_one(b, FakeTok(), [0, 1, 5], SamplingParams(max_tokens=2, temperature=0, logprobs=1, prompt_logprobs=0))
+    assert b.calls[1] == ("prefill", [0, 1, 5], True)
     assert len(out.logprobs) == 2 and set(out.logprobs[0]) == {6}
     assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == 3
     assert out.prompt_logprobs[1][1] > -1e-3 and out.prompt_logprobs[2][5] < -9

@@ -84,7 +84,7 @@ def _fmt(v: float | None, unit: str) -> str:
         return f"{v * 100:.0f}%"
     if unit == "x":
         return f"{v:.3g}x"
-    return f"{v:,.4g} {unit}"
+    return f"{v:,.6g} {unit}"
 
 
 def default_path() -> Path:

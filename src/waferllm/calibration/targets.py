@@ -111,21 +111,6 @@ class Evaluator:
         key = ("decode_layer",) + tuple(sorted(spec.items()))
         return self._memo(key, lambda: decode_layer_profile(self.wafer, **spec))[field]
 
-    # ---- GPU baselines (roofline; the wafer fit never uses these) ------------------------
-    def gpu_decode_tpr(self, model: str, gpus: int) -> float:
-        return _gpu(model, gpus)["decode_tokens_per_s"]
-
-    def gpu_prefill_tps(self, model: str, gpus: int) -> float:
-        return _gpu(model, gpus)["prefill_tokens_per_s"]
-
-
-def _gpu(model: str, gpus: int) -> dict:
-    from waferllm.hardware.gpu_roofline import gpu_inference_roofline
-    from waferllm.models.presets import get_model_preset
-
-    return gpu_inference_roofline(get_model_preset(model), "a100", gpus, input_len=4096, output_len=128)
-
-
 def decode_layer_profile(wafer: WaferSpec, hidden: int, heads: int, head_dim: int, kv_len: int, ffn: int, grid: int,
                          ktree_group: int) -> dict:
     """One decode layer run (dry) on a ``grid`` x ``grid`` region with ``kv_len`` cached tokens.
@@ -142,12 +127,12 @@ def decode_layer_profile(wafer: WaferSpec, hidden: int, heads: int, head_dim: in
                       intermediate_size=ffn, num_layers=1, num_heads=heads, num_kv_heads=heads, head_dim=head_dim)
     mesh = Mesh(Region(wafer, grid, grid, name="layer"), mode="dry")
     stage = DecodeStage(mesh, cfg, range(0, 1), [None], range(0, cfg.vocab_size), None, None, None, kv_len + 1,
-                        "fp16", "shift")
+                        "fp16", "shift", gemv_group=ktree_group)
     stage.cache.load(kv_len)
     h = mesh.place((hidden,), ("y",), "fp32", name="h")
     led = mesh.ledger
     mark = led.mark()
-    stage.layer(0, h, kv_len, stage.cache.plan_append())
+    stage.step(h, kv_len)  # the layer, its KV append included
     d = led.since(mark)
     return {"cycles": d["cycles"], "comm_cycles": d["comm_cycles"], "outside_cycles": d["overhead_cycles"],
             "compute_cycles": d["compute_cycles"]}

@@ -11,11 +11,16 @@ SYSTEMS = ("wse2", "wse3")
 
 def validation_rows(wafers: dict[str, WaferSpec] | None = None, gpu: bool = True) -> dict[str, list[Row]]:
     """Rows per system: each wafer preset against its own measurements, and (``gpu``) the
-    GPU measurements against the ideal roofline (not fitted: it shows the roofline's gap)."""
+    GPU measurements against the ideal roofline (not fitted: it shows the roofline's gap)
+    and against the calibrated GPU model (fitted to them)."""
+    from waferllm.hardware.gpu_calibrated import measurement_value
+
     wafers = wafers or {n: get_wafer(n) for n in SYSTEMS}
     out = {name: evaluate(w) for name, w in wafers.items()}
     if gpu:
-        out["gpu"] = evaluate(next(iter(wafers.values())), load_measurements(system="gpu"))
+        ms = load_measurements(system="gpu")
+        out["gpu-roofline"] = [Row(m, measurement_value(m, "roofline")) for m in ms]
+        out["gpu-calibrated"] = [Row(m, measurement_value(m, "calibrated")) for m in ms]
     return out
 
 

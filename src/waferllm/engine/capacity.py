@@ -63,6 +63,22 @@ def _by_kind(entries, phase: str) -> dict[str, int]:
     return out
 
 
+@dataclass(frozen=True)
+class Point:
+    """What a region holds beside its placed tensors at one program point where its usage
+    peaked (bytes on the fullest PE)."""
+
+    activations: int  # not counting attention's score tiles
+    buffers: int
+    score_bytes_per_slot: int = 0  # decode: attention's live score tiles, per scanned cache slot
+
+    def transient(self, slots: int = 0) -> int:
+        return self.activations + self.buffers + slots * self.score_bytes_per_slot
+
+    def scaled(self, f: float) -> "Point":
+        return Point(round(self.activations * f), round(self.buffers * f), self.score_bytes_per_slot)
+
+
 @dataclass
 class RegionSRAM:
     """One region's fullest PE at its highest point, for the layers it holds in the whole model."""
@@ -77,9 +93,8 @@ class RegionSRAM:
     activations: int = 0
     buffers: int = 0
     kv_bytes_per_slot: int = 0  # decode: one cache slot of every layer of the share
-    # decode: each program point where usage peaks, as (transient bytes not sized by the
-    # cache, bytes per cache slot of the attention's score tiles live there)
-    points: list[tuple[int, int]] = field(default_factory=list)
+    slots: int = 0  # decode: cache slots per row attention scans (the fullest row's occupancy)
+    points: list[Point] = field(default_factory=list)  # where its usage peaks
     source: str = "measured"  # "like <region>": a region of the same side's layers; "scaled from <region>"
 
     @property
@@ -100,54 +115,55 @@ class KVCapacity:
 
 @dataclass
 class _Measured:
-    at_peak: dict[str, int]  # bytes by kind on the fullest PE at its highest point
-    weights_at_rest: int
-    kv_at_rest: int
-    kv_layers_at_peak: int  # prefill: layers whose K/V were held at the highest point
-    slots_held: int  # decode: slots per row the cache allocation holds
-    points: list[tuple[int, int]]  # decode: see RegionSRAM.points
+    rest: dict[str, int]  # bytes by kind on the fullest PE now, the request done
+    points: dict[str, Point]  # by the allocation that reached it
+    kv_per_layer: float  # prefill: one layer's K/V; decode: one cache slot of one layer
+    slots: int  # decode: cache slots per row attention scanned at the end
+    slots_held: int  # decode: cache slots per row the allocation holds
 
 
-def _peak_points(config, sram, slots: int) -> list[tuple[int, int]]:
-    """(transient bytes not sized by the cache, score bytes per slot) at each program point
-    where the region's usage peaked, the attention having scanned ``slots`` per row.
+def _points(config, sram, phase: str, rest: dict[str, int], slots: int) -> tuple[dict[str, Point], float]:
+    """Each program point where the region's usage peaked (by the allocation that got it
+    there), and (prefill) the bytes of one layer's K and V.
 
-    A score tile holds every head's score for each scanned slot of the PE's row (fp32 or
-    fp16): the transients of exactly that size are the copies attention keeps at once,
-    whatever its buffer lifetimes. With one slot, the sizes are ambiguous (a per-head
-    statistic has the same size): they count as score tiles, which only overstates
-    their growth."""
+    Prefill: every layer's K and V tiles have one shape (the prompt's [L, kv] on the
+    region), so one layer's K/V take twice the bytes of any K tile held.
+
+    Decode: a score tile holds every head's score for each scanned slot of the PE's row
+    (fp32 or fp16), so the transients of exactly that size are the copies attention
+    keeps at once, whatever its buffer lifetimes. With one slot the sizes are ambiguous
+    (a per-head statistic has the same size): they count as score tiles, which only
+    overstates their growth."""
     now = sram.held()
-    sizes = {config.num_heads * slots * item for item in (4, 2)}
-    points = set()
-    for entries in sram.held_at_highs().values():
-        transient = [b for h, (_, b) in entries.items() if h not in now]
-        scores = sum(b for b in transient if b in sizes)
-        points.add((sum(transient) - scores, scores // slots))
-    return sorted(points)
+    highs = {at: (_by_kind(e.values(), phase), e) for at, e in sram.held_at_highs().items()}
+    kv_layer = 2 * max((b for _, e in highs.values() for name, b in e.values() if _PREFILL_KV.get(name) == "k"),
+                       default=0)
+    sizes = {config.num_heads * slots * item for item in (4, 2)} if phase == "decode" else set()
+    points = {}
+    for at, (kinds, entries) in highs.items():
+        # a placed tensor's copies in flight (MeshGEMM rotates a weight through its placed
+        # space, lent, and one receive buffer) are kernel buffers beyond what rests there
+        in_flight = sum(max(0, kinds[x] - rest[x]) for x in ("weights", "vocab_tables"))
+        scores = sum(b for h, (_, b) in entries.items() if h not in now and b in sizes)
+        points[at] = Point(kinds["activations"] - scores, kinds["buffers"] + in_flight, scores // max(slots, 1))
+    return points, kv_layer
 
 
 def _measure(config, stage, phase: str) -> _Measured:
     sram = stage.mesh.sram
-    now = sram.held()
-    rest = _by_kind(now.values(), phase)
-    peak = sram.held_at_peak()
-    at_peak = _by_kind(peak.values(), phase)
-    # a placed tensor's copies in flight (MeshGEMM rotates a weight through its placed
-    # space, lent, and one receive buffer) are kernel buffers beyond what rests there
-    for k in ("weights", "vocab_tables"):
-        extra = max(0, at_peak[k] - rest[k])
-        at_peak[k] -= extra
-        at_peak["buffers"] += extra
-    kv_layers = sum(1 for name, _ in peak.values() if _PREFILL_KV.get(name) == "k") if phase == "prefill" else 0
-    held, points = 0, []
+    rest = _by_kind(sram.held().values(), phase)
     cache = getattr(stage, "cache", None)
+    slots = held = 0
     if cache is not None:
-        # attention scans the fullest row's occupied slots; the cache holds cap slots per
-        # row (shift) or grows with the bottom row (concat)
+        # attention scans the fullest row's occupied slots; the allocation holds cap slots
+        # per row (shift) or grows with the bottom row (concat)
+        slots = max(1, int(cache.count.max()))
         held = int(cache.cap) if cache.scheme == "shift" else int(cache.count.max())
-        points = _peak_points(config, sram, max(1, int(cache.count.max())))
-    return _Measured(at_peak, rest["weights"], rest["kv_cache"], kv_layers, held, points)
+    points, kv_layer = _points(config, sram, phase, rest, slots)
+    layers = len(stage.layer_ids)
+    if phase == "decode" and layers and held:
+        kv_layer = rest["kv_cache"] / (layers * held)
+    return _Measured(rest, points, kv_layer, slots, held)
 
 
 def region_sram(config, pp: PhasePlan, stages) -> list[RegionSRAM]:
@@ -155,9 +171,10 @@ def region_sram(config, pp: PhasePlan, stages) -> list[RegionSRAM]:
     engine's stages of phase ``pp``, in plan order: each with ``.mesh`` and ``.layer_ids``,
     decode ones with their ``.cache``), after they have run.
 
-    A region with no layer placed takes the per-layer figures and the layer step's
-    transients of a region of the same side that has layers; when no region of its side
-    has, of the nearest side, scaled by the planner's ratios between the two sides."""
+    A region with no layer placed takes the per-layer figures and the layer step's peaks
+    of a region of the same side that has layers; when no region of its side has, of the
+    nearest side, scaled by the planner's ratios between the two sides. Its own peaks
+    (e.g. its LM head's) count too."""
     phase = pp.phase
     share = pp.layer_share or [len(s.layers) for s in pp.stages]
     meas = [_measure(config, st, phase) for st in stages]
@@ -165,37 +182,35 @@ def region_sram(config, pp: PhasePlan, stages) -> list[RegionSRAM]:
     out = []
     for i, (st, m, n) in enumerate(zip(stages, meas, share)):
         side = st.mesh.rows
-        r = RegionSRAM(st.mesh.region.name, side, len(st.layer_ids), n, vocab_tables=m.at_peak["vocab_tables"],
-                       activations=m.at_peak["activations"], buffers=m.at_peak["buffers"], points=m.points)
-        if not ran:
-            out.append(r)
-            continue
-        same = [j for j in ran if stages[j].mesh.rows == side]
-        j = i if i in ran else same[0] if same else min(ran, key=lambda j: abs(stages[j].mesh.rows - side))
-        d, dl, dside = meas[j], len(stages[j].layer_ids), stages[j].mesh.rows
-        if j != i:
-            r.source = f"like {stages[j].mesh.region.name}" if same else f"scaled from {stages[j].mesh.region.name}"
-        f = _SideRatios(config, pp, dside, side)
-        r.weights = round(d.weights_at_rest * n / dl * f.weights)
-        # the step that reached the highest point: a layer's, or this region's own (e.g. the
-        # LM head's), whichever held more
-        if (d.at_peak["activations"] + d.at_peak["buffers"]) * f.transients > r.activations + r.buffers:
-            r.activations = round(d.at_peak["activations"] * f.transients)
-            r.buffers = round(d.at_peak["buffers"] * f.transients)
-        if phase == "prefill":
-            # the whole share's K/V, as held once every layer has run (at the LM head)
-            r.kv_cache = round(d.at_peak["kv_cache"] / max(1, d.kv_layers_at_peak) * n * f.kv)
-        else:
-            r.kv_bytes_per_slot = round(d.kv_at_rest / max(1, dl * d.slots_held) * n * f.kv)
-            r.kv_cache = r.kv_bytes_per_slot * m.slots_held
-            # the layer step's peaks (the donor's), and this region's own (e.g. its LM head's)
-            r.points = sorted(set(m.points) | {(round(c * f.transients), d_) for c, d_ in d.points})
-            if not any(d_ for _, d_ in r.points):  # no decode step ran: the planner's estimate
-                slots = cdiv(pp.seq_len, side)
-                per_slot = decode_scores_bytes_per_slot(config)
-                r.points.append((activation_bytes(config, side, phase, pp.seq_len, pp.dtype) - slots * per_slot,
-                                 per_slot))
-                r.source = "estimated"
+        points = dict(m.points)
+        r = RegionSRAM(st.mesh.region.name, side, len(st.layer_ids), n, vocab_tables=m.rest["vocab_tables"],
+                       slots=m.slots)
+        if ran:
+            same = [j for j in ran if stages[j].mesh.rows == side]
+            j = i if i in ran else same[0] if same else min(ran, key=lambda j: abs(stages[j].mesh.rows - side))
+            d, f = meas[j], _SideRatios(config, pp, stages[j].mesh.rows, side)
+            if j != i:
+                name = stages[j].mesh.region.name
+                r.source = f"like {name}" if same else f"scaled from {name}"
+                # the layer step's peaks: where the donor's program differs from this region's own
+                points.update({at: p.scaled(f.transients) for at, p in d.points.items() if at not in m.points})
+            r.weights = round(d.rest["weights"] / len(stages[j].layer_ids) * n * f.weights)
+            if phase == "prefill":
+                # the whole share's K/V, as held once every layer has run (at the LM head)
+                r.kv_cache = round(d.kv_per_layer * n * f.kv)
+            else:
+                r.kv_bytes_per_slot = round(d.kv_per_layer * n * f.kv)
+                r.kv_cache = r.kv_bytes_per_slot * m.slots_held
+        r.points = sorted(set(points.values()), key=lambda p: (p.transient(), p.score_bytes_per_slot))
+        if phase == "decode" and n and not any(p.score_bytes_per_slot for p in r.points):
+            # no decode step ran: the planner's estimate of a layer step
+            r.slots = cdiv(pp.seq_len, side)
+            per_slot = decode_scores_bytes_per_slot(config)
+            other = activation_bytes(config, side, phase, pp.seq_len, pp.dtype) - r.slots * per_slot
+            r.points.append(Point(max(0, other), 0, per_slot))
+            r.source = "estimated"
+        top = max(r.points, key=lambda p: p.transient(r.slots), default=Point(0, 0))
+        r.activations, r.buffers = top.activations + r.slots * top.score_bytes_per_slot, top.buffers
         out.append(r)
     return out
 
@@ -220,12 +235,13 @@ class _SideRatios:
 
 
 def region_slots_capacity(r: RegionSRAM, usable: int) -> int:
-    """Cache slots per PE row a decode region can take: the most that every program point
-    where its usage peaks still fits (see the module docstring)."""
-    room = usable - r.weights - r.vocab_tables
+    """Cache slots per PE row a decode region can take: the most with which every program
+    point where its usage peaks still fits (see the module docstring)."""
     if not r.kv_bytes_per_slot:
         return 0
-    return max(0, min((room - c) // (r.kv_bytes_per_slot + d) for c, d in r.points or [(0, 0)]))
+    room = usable - r.weights - r.vocab_tables
+    return max(0, min((room - p.transient()) // (r.kv_bytes_per_slot + p.score_bytes_per_slot)
+                      for p in r.points or [Point(0, 0)]))
 
 
 def kv_capacity(config, pp: PhasePlan | None, stages) -> KVCapacity:

@@ -52,13 +52,15 @@ class DecodeStage:
     """The decode program of one region: its layers' weights, KV cache, and vocab slice."""
 
     def __init__(self, mesh, config, layer_ids: range, layers, vocab: range, lm_head, embed, final_norm,
-                 capacity_tokens: int, dtype: str = "fp16", kv_scheme: str = "shift", gemv_k: int = 2):
+                 capacity_tokens: int, dtype: str = "fp16", kv_scheme: str = "shift", gemv_k: int = 2,
+                 gemv_group: int | None = None):
         self.mesh = mesh
         self.config = config
         self.layer_ids = layer_ids
         self.vocab = vocab
         self.dtype = dtype
-        self.gemv_k = gemv_k
+        # the K-tree of every allreduce: K levels, groups of about n^(1/K) PEs unless given
+        self.ktree = {"k": gemv_k, "group": gemv_group}
         q = mesh.rows
         c = config
         self.hl = hl = HeadLayout(c.num_heads, c.num_kv_heads, c.head_dim, q)
@@ -107,11 +109,11 @@ class DecodeStage:
     # ---- building blocks ---------------------------------------------------------------
     def _gemv(self, x, w, name):
         with self.mesh.ledger.span(name):
-            return gemv(x, w, algo="meshgemv", k=self.gemv_k, out_dtype="fp32", name=name).out
+            return gemv(x, w, algo="meshgemv", **self.ktree, out_dtype="fp32", name=name).out
 
     def rmsnorm(self, h: DistTensor, weight: DistTensor, name: str) -> DistTensor:
         """h [E] (y): sum of squares allreduced along y, then scaled on every PE."""
-        return rmsnorm(h, weight, 0, self.config.rms_norm_eps, "fp32", k=self.gemv_k, name=name)
+        return rmsnorm(h, weight, 0, self.config.rms_norm_eps, "fp32", **self.ktree, name=name)
 
     def rope_tables(self, pos: int):
         """Per-column cos/sin for this token's position, computed once per token: (1, cols, F)."""
@@ -165,7 +167,7 @@ class DecodeStage:
             kv = self.cache.update(idx, k, v)
             scope.release(qkv, k)
             o = decode_attention(q, kv.k_t, kv.v, kv.valid, hl.head_of_pos, self.config.num_kv_heads,
-                                 1.0 / math.sqrt(self.config.head_dim), k=self.gemv_k)  # [q_padded] (x)
+                                 1.0 / math.sqrt(self.config.head_dim), **self.ktree)  # [q_padded] (x)
             scope.release(q)
             attn = self._gemv(o, w["o"], "o_gemv")  # [E] (y)
             scope.release(o)
@@ -194,14 +196,16 @@ class DecodeStage:
                 tiles = np.zeros(table.tiles.shape[:3], np.float32)
                 tiles[:, col] = table.tiles[:, col, :, off]
             row = DistTensor(self.mesh, (self.config.hidden_size,), ("y",), "fp32", tiles, name="embedding_row")
-            return comm.broadcast(row, "x", col, name="embedding.broadcast")  # [E] (y)
+            out = comm.broadcast(row, "x", col, name="embedding.broadcast")  # [E] (y)
+            self.mesh.sram.release(row)
+            return out
 
     def lm_head(self, x: DistTensor) -> tuple[np.ndarray | None, DistTensor]:
         """Logits of this region's vocabulary slice (x is already normalised, on this mesh) and
         the slice's best (value, index): what greedy sampling needs on the wafer."""
         with self.mesh.ledger.span("lm_head"):
             # [Vc] (x), reduced to a root row (no broadcast back)
-            out = gemv(x, self.lm, algo="meshgemv", k=self.gemv_k, broadcast=False, out_dtype="fp32",
+            out = gemv(x, self.lm, algo="meshgemv", **self.ktree, broadcast=False, out_dtype="fp32",
                        name="logits").out
-            best = argmax(out, k=self.gemv_k)
+            best = argmax(out, k=self.ktree["k"])
         return (out.to_global() if out.tiles is not None else None), best

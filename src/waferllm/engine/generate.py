@@ -85,6 +85,25 @@ def encode_prompt(tokenizer, prompt, chat: bool = False) -> tuple[str, list[int]
     return prompt, tokenizer.encode(prompt, add_special_tokens=True)
 
 
+def _stopped(tok: int, grown: int, detok: _Detokenizer, params: SamplingParams, stop_ids: set, eos: set):
+    """(finish_reason, stop_reason) if ``tok`` (whose text grew by ``grown`` characters) ends
+    the request by a stop token, EOS or a stop string, else (None, None); trims the text."""
+    if tok in stop_ids:
+        if grown > 0 and not params.include_stop_str_in_output:
+            detok.text = detok.text[: len(detok.text) - grown]
+        return "stop", tok
+    if tok in eos:
+        return "stop", None
+    if params.stop:
+        start = max(0, len(detok.text) - grown - max(len(s) for s in params.stop) + 1)
+        hits = [(i, s) for i, s in ((detok.text.find(s, start), s) for s in params.stop) if i >= 0]
+        if hits:
+            i, s = min(hits)
+            detok.text = detok.text[: i + len(s)] if params.include_stop_str_in_output else detok.text[:i]
+            return "stop", s
+    return None, None
+
+
 def generate_one(backend, tokenizer, prompt_token_ids: Sequence[int], params: SamplingParams | None = None,
                  on_token: OnToken | None = None, prompt: str | None = None) -> RequestOutput:
     """Generate one completion. ``on_token(token_id, text_delta)`` is called once per generated token."""
@@ -112,7 +131,6 @@ def generate_one(backend, tokenizer, prompt_token_ids: Sequence[int], params: Sa
 
     token_ids: list[int] = []
     lps: list[dict[int, float]] | None = [] if params.logprobs is not None else None
-    finish, stop_reason = None, None
     t_first = None
     while True:
         tok = sampler.sample(logits)
@@ -121,21 +139,7 @@ def generate_one(backend, tokenizer, prompt_token_ids: Sequence[int], params: Sa
         token_ids.append(tok)
         if t_first is None:
             t_first = time.perf_counter()
-        grown = detok.add(tok)
-        if tok in stop_ids:
-            finish, stop_reason = "stop", tok
-            if grown > 0 and not params.include_stop_str_in_output:
-                detok.text = detok.text[: len(detok.text) - grown]
-        elif tok in eos:
-            finish = "stop"
-        elif params.stop:
-            start = max(0, len(detok.text) - grown - max(len(s) for s in params.stop) + 1)
-            hits = [(detok.text.find(s, start), s) for s in params.stop]
-            hits = [(i, s) for i, s in hits if i >= 0]
-            if hits:
-                i, s = min(hits)
-                detok.text = detok.text[: i + len(s)] if params.include_stop_str_in_output else detok.text[:i]
-                finish, stop_reason = "stop", s
+        finish, stop_reason = _stopped(tok, detok.add(tok), detok, params, stop_ids, eos)
         if finish is None and len(token_ids) >= params.max_tokens:
             finish = "length"
         if finish is None and max_len is not None and len(prompt_ids) + len(token_ids) >= max_len:

@@ -89,7 +89,7 @@ def request_metrics(model) -> dict:
             "usable": w.usable_sram_bytes_per_pe,
         },
         "routes_peak_per_pe": max((s.mesh.routes.peak for s in model.prefill_stages + model.decode_stages), default=0),
-        "kv_shift_moves": sum(s.cache.shift_moves for s in model.decode_stages),
+        "kv_shift_moves": round(sum(s.cache.shift_moves for s in model.decode_stages) * scale),  # every layer's
         "breakdown_s": {k: sec(v) for k, v in phase_breakdown(delta["by_primitive"]).items()},
     }
 

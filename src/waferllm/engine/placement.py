@@ -50,8 +50,10 @@ class PhasePlan:
     regions_available: int
     heads_per_pass: int = 1
     region_bytes: list = field(default_factory=list)  # bytes per PE by kind, for each stage
-    # layers each stage's region holds in the whole model (== its layers unless extrapolating)
+    # layers each stage's region holds in the whole model (== its layers unless extrapolating);
+    # region_bytes and bytes_per_pe budget these
     layer_share: list[int] = field(default_factory=list)
+    whole_model_fits: bool = True  # False: extrapolating a model these regions cannot hold
     seq_len: int = 0  # tokens planned for (prefill: the prompt; decode: the whole context)
     dtype: str = "fp16"
 
@@ -62,6 +64,8 @@ class PhasePlan:
             "region_sides": [s.region.rows for s in self.stages],
             "regions_available": self.regions_available,
             "layers_per_region": self.layers_per_region,
+            "layer_share": list(self.layer_share),
+            "whole_model_fits": self.whole_model_fits,
             "heads_per_pass": self.heads_per_pass,
             "bytes_per_pe": dict(self.bytes_per_pe),
             "stages": [s.to_dict() for s in self.stages],
@@ -76,7 +80,7 @@ class Plan:
     max_seq_len: int
     prefill: PhasePlan | None
     decode: PhasePlan | None
-    kv_capacity_tokens: int
+    kv_capacity_tokens: int  # planned (see planned_kv_capacity)
     kv_capacity_tokens_concat: int
     notes: list[str] = field(default_factory=list)
 
@@ -85,8 +89,8 @@ class Plan:
             "model": self.model, "wafer": self.wafer, "dtype": self.dtype, "max_seq_len": self.max_seq_len,
             "prefill": self.prefill.to_dict() if self.prefill else None,
             "decode": self.decode.to_dict() if self.decode else None,
-            "kv_capacity_tokens": self.kv_capacity_tokens,
-            "kv_capacity_tokens_concat": self.kv_capacity_tokens_concat, "notes": list(self.notes),
+            "planned_kv_capacity_tokens": self.kv_capacity_tokens,
+            "planned_kv_capacity_tokens_concat": self.kv_capacity_tokens_concat, "notes": list(self.notes),
         }
 
 
@@ -99,26 +103,26 @@ def layer_weight_bytes(config, grid: int, phase: str, dtype: str = "fp16") -> in
     E, F = config.hidden_size, config.intermediate_size
     hl = HeadLayout(config.num_heads, config.num_kv_heads, config.head_dim, grid)
     e, f = cdiv(E, grid), cdiv(F, grid)
-    qt, kt = hl.q_padded // grid, hl.tf
+    qt, kt = hl.q_padded // grid, hl.col_features
     if phase == "prefill":
-        elems = e * qt + 2 * e * kt + qt * e + 2 * e * f + f * e + 2 * e
+        elems = e * qt + 2 * e * kt + qt * e + 2 * e * f + f * e
     else:
-        elems = e * (qt + 2 * kt) + qt * e + e * 2 * f + f * e + 2 * e
-    if config.qkv_bias:
-        elems += qt + 2 * kt
-    return elems * b
+        elems = e * (qt + 2 * kt) + qt * e + e * 2 * f + f * e
+    vectors = 2 * e + (qt + 2 * kt if config.qkv_bias else 0)  # the norms' weights and the biases, in fp32
+    return elems * b + vectors * 4
 
 
 def kv_bytes_per_slot(config, grid: int, dtype: str = "fp16") -> int:
     """Bytes one cached token of one layer takes on a PE (its K and V feature block)."""
     hl = HeadLayout(config.num_heads, config.num_kv_heads, config.head_dim, grid)
-    return 2 * hl.tf * DTYPE_BYTES[dtype]
+    return 2 * hl.col_features * DTYPE_BYTES[dtype]
 
 
 def decode_scores_bytes_per_slot(config) -> int:
-    """Bytes per PE decode attention holds for each cache slot of the PE's row: four fp32
-    score tiles of every head (the reduced scores, scaled, exponentiated, normalised) are
-    live together, so its working set grows with the cache like the cache itself."""
+    """The planner's budget per cache slot of a PE's row for decode attention's score
+    tiles: four fp32 tiles of every head (the reduced scores, scaled, exponentiated,
+    normalised), so its working set grows with the cache like the cache itself. A run
+    measures what attention really keeps (``engine.capacity``)."""
     return 4 * config.num_heads * 4
 
 
@@ -136,14 +140,14 @@ def activation_bytes(config, grid: int, phase: str, seq_len: int, dtype: str = "
     if phase == "prefill":
         t = cdiv(seq_len, grid)
         hidden = 4 * t * e * b + t * e * 4  # residual, normed, skewed A + its double buffer, accumulator
-        qkv = t * (qt + 2 * hl.tf) * b + t * qt * 4  # q, k, v and the fp32 accumulator of the largest
+        qkv = t * (qt + 2 * hl.col_features) * b + t * qt * 4  # q, k, v and the fp32 accumulator of the largest
         heads = heads_per_pass * hl.group
         scores = heads * t * t * (4 + 4 + 2 * b)  # partial, S, P and P's double buffer
         ffn = 2 * t * f * b + t * f * 4
         in_flight = max(e * f, e * qt) * b  # MeshGEMM's next weight tile (double buffer)
         return hidden + qkv + max(scores + t * qt * 4, ffn) + in_flight + 1024
     cap = cdiv(seq_len, grid)
-    vec = 6 * e * 4 + 3 * (qt + 2 * hl.tf) * 4
+    vec = 6 * e * 4 + 3 * (qt + 2 * hl.col_features) * 4
     scores = decode_scores_bytes_per_slot(config) * cap
     ffn = 4 * 2 * f * 4
     return vec + max(scores, ffn) + 1024
@@ -391,13 +395,14 @@ def plan_phase(config, wafer: WaferSpec, grid: int, phase: str, seq_len: int, dt
         n, (vocab, counts) = found
         regs, share = slots[:n], list(counts)
     hpp = _heads_per_pass(budget, regs, share, vocab)
-    per_region = [budget.need(r.rows, c, v, hpp) for r, c, v in zip(regs, counts, vocab)]
+    per_region = [budget.need(r.rows, c, v, hpp) for r, c, v in zip(regs, share, vocab)]
     fullest = max(range(len(regs)), key=lambda i: sum(per_region[i].values()))
     b = per_region[fullest] | {"reserved": wafer.reserved_bytes_per_pe, "usable": wafer.usable_sram_bytes_per_pe}
     pp = PhasePlan(phase, grid, _stages(regs, counts, vocab), max(counts), b, len(slots))
     pp.heads_per_pass = hpp
     pp.region_bytes = per_region
     pp.layer_share = share
+    pp.whole_model_fits = found is not None
     pp.seq_len, pp.dtype = seq_len, dtype
     return pp
 
@@ -408,6 +413,23 @@ def _fits(config, wafer, grid, phase, seq_len, dtype, n_layers) -> bool:
         return True
     except PlacementError:
         return False
+
+
+def planned_kv_capacity(config, wafer: WaferSpec, dec: PhasePlan, layers: list[int] | None = None) -> tuple[int, int]:
+    """(shift, concat) tokens the planner expects the decode regions' KV caches to hold
+    with ``layers`` per region (default: the whole model's share): what the tightest
+    region's budget leaves beside its weights, vocabulary tables and activations, per
+    cache slot of its layers. The shift-based cache fills every row evenly; the
+    concatenation cache grows one row of PEs. (What a run really holds comes from its
+    SRAM accounting: ``engine.capacity``.)"""
+    budget = PhaseBudget(config, wafer, "decode", dec.seq_len, dec.dtype)
+    caps = []
+    for st, n in zip(dec.stages, dec.layer_share if layers is None else layers):
+        if n:
+            need = budget.need(st.region.rows, n, len(st.vocab), dec.heads_per_pass)
+            free = wafer.usable_sram_bytes_per_pe - need["activations"] - need["weights"] - need["vocab_tables"]
+            caps.append((max(0, free // (kv_bytes_per_slot(config, st.region.rows, dec.dtype) * n)), st.region.rows))
+    return min(c * side for c, side in caps), min(c for c, _ in caps)
 
 
 def plan(config, wafer: WaferSpec, prefill_grid: int | None, decode_grid: int | None, max_seq_len: int,
@@ -421,21 +443,13 @@ def plan(config, wafer: WaferSpec, prefill_grid: int | None, decode_grid: int | 
     shift_cap = concat_cap = 0
     if decode_grid is not None:
         dec = plan_phase(config, wafer, decode_grid, "decode", max_seq_len, dtype, layers)
-        # KV capacity of the decode layout: what the tightest layer region can still hold
-        usable = wafer.usable_sram_bytes_per_pe
-        caps = []
-        for st, rb in zip(dec.stages, dec.region_bytes):
-            if not len(st.layers):
-                continue
-            per_slot = kv_bytes_per_slot(config, st.region.rows, dtype) * len(st.layers)
-            free = usable - rb["activations"] - rb["weights"] - rb["vocab_tables"]
-            caps.append((max(0, free // per_slot), st.region.rows))
-        slots_per_pe = min(c for c, _ in caps)
-        shift_cap = min(c * side for c, side in caps)  # every row fills evenly
-        concat_cap = slots_per_pe  # growth lands on one row of PEs
-        if shift_cap < max_seq_len:
+        shift_cap, concat_cap = planned_kv_capacity(config, wafer, dec)
+        # a model the regions cannot hold is extrapolated from the layers placed: their cache must fit
+        held = shift_cap if dec.whole_model_fits else planned_kv_capacity(
+            config, wafer, dec, [len(s.layers) for s in dec.stages])[0]
+        if held < max_seq_len:
             raise PlacementError(
                 f"the KV cache for {max_seq_len} tokens does not fit the {decode_grid}x{decode_grid} decode regions "
-                f"(capacity {shift_cap} tokens with the shift-based cache)"
+                f"(capacity {held} tokens with the shift-based cache)"
             )
     return Plan(config.name, wafer.name, dtype, max_seq_len, pre, dec, int(shift_cap), int(concat_cap), [])

@@ -16,6 +16,7 @@ import numbers
 from dataclasses import dataclass
 
 from waferllm.engine.kvcache import SCHEMES
+from waferllm.engine.placement import plan
 from waferllm.errors import RequestError
 from waferllm.hardware.plmr import DTYPE_BYTES
 from waferllm.mesh.routes import POLICIES
@@ -85,8 +86,6 @@ class RunConfig:
 
     def plan(self, config, wafer):
         """The placement plan of this run (the one place the planner is called)."""
-        from waferllm.engine.placement import plan
-
         return plan(config, wafer, self.prefill_grid, self.decode_grid, self.max_seq_len, self.dtype,
                     prompt_len=self.prompt_len, layers=self.layer_count(config))
 

@@ -157,15 +157,23 @@ class WaferModel:
             kv = []
             for si, st in enumerate(self.prefill_stages):
                 if si:
-                    h = comm.relayout(h, st.mesh, ("y", "x"), name="stage_transfer")  # [L, E] (y, x)
+                    h = self._to_region(h, st, ("y", "x"))  # [L, E] (y, x)
                 h, stage_kv = st.step(h, length, partial(self._run_layer, "prefill", si))
                 kv += stage_kv
             logits = self._prefill_logits(h, length, prompt_logits)
         self.cycles.phase["prefill"] += led.since(start)["cycles"]
         if self.decode_stages:
             self._transition(length, kv)
+        for k, v in kv:  # the prompt's K and V have moved to the decode cache
+            k.mesh.sram.release(k, v)
         self.position = length
         return logits
+
+    def _to_region(self, h: DistTensor, stage, layout, name: str = "stage_transfer") -> DistTensor:
+        """Hidden states on to the next region of the pipeline; they leave the previous one."""
+        moved = comm.relayout(h, stage.mesh, layout, name=name)
+        h.mesh.sram.release(h)
+        return moved
 
     def _check_prompt(self, token_ids) -> tuple[np.ndarray | None, int]:
         if isinstance(token_ids, (int, np.integer)):
@@ -219,16 +227,18 @@ class WaferModel:
     def _prefill_logits(self, h: DistTensor, length: int, prompt_logits: bool) -> np.ndarray | None:
         """The LM head over every region's vocabulary slice at once: all rows, or the last."""
         last, led = self.prefill_stages[-1], self.ledger
-        hn = last.rmsnorm(h, last.final_norm, "final_norm")  # [L, E] (y, x)
         chunks = []
-        with led.span("lm_head"), led.parallel() as par:
-            for st in self.prefill_stages:
-                with par.branch():
-                    # [L or 1, E] (y, x) on each region, from where the rows are
-                    x = (comm.relayout(hn, st.mesh, ("y", "x"), name="lm_head.transfer") if prompt_logits
-                         else self._move_last_row(hn, length, st.mesh))
-                    out = st.lm_head(x)
-                    chunks.append(out.to_global() if out.tiles is not None else None)
+        with last.mesh.sram.scope():
+            hn = last.rmsnorm(h, last.final_norm, "final_norm")  # [L, E] (y, x)
+            last.mesh.sram.release(h)
+            with led.span("lm_head"), led.parallel() as par:
+                for st in self.prefill_stages:
+                    with par.branch(), st.mesh.sram.scope():
+                        # [L or 1, E] (y, x) on each region, from where the rows are
+                        x = (comm.relayout(hn, st.mesh, ("y", "x"), name="lm_head.transfer") if prompt_logits
+                             else self._move_last_row(hn, length, st.mesh))
+                        out = st.lm_head(x)
+                        chunks.append(out.to_global() if out.tiles is not None else None)
         if self.mode != "numeric":
             return None
         return np.concatenate(chunks, axis=1)
@@ -294,7 +304,7 @@ class WaferModel:
             h = self._embed_token(tok)
             for si, st in enumerate(self.decode_stages):
                 if si:
-                    h = comm.relayout(h, st.mesh, ("y",), name="stage_transfer")  # [E] (y)
+                    h = self._to_region(h, st, ("y",))  # [E] (y)
                 h = st.step(h, self.position, partial(self._run_layer, "decode", si))
             logits = self._decode_logits(h)
         delta = led.since(start)
@@ -330,21 +340,22 @@ class WaferModel:
         first of the vocabulary)."""
         stage = next((s for s in self.decode_stages if tok is not None and tok in s.vocab), self.decode_stages[0])
         h = stage.embed_lookup(tok if tok is not None else stage.vocab.start)
-        first = self.decode_stages[0]
-        if stage is not first:
-            h = comm.relayout(h, first.mesh, ("y",), name="embedding.transfer")
+        if stage is not self.decode_stages[0]:
+            h = self._to_region(h, self.decode_stages[0], ("y",), name="embedding.transfer")
         return h
 
     def _decode_logits(self, h: DistTensor) -> np.ndarray | None:
         last, led = self.decode_stages[-1], self.ledger
-        hn = last.rmsnorm(h, last.final_norm, "final_norm")  # [E] (y)
         chunks = []
-        with led.span("lm_head"), led.parallel() as par:
-            for st in self.decode_stages:
-                with par.branch():
-                    x = comm.relayout(hn, st.mesh, ("y",), name="lm_head.transfer")
-                    logits, _ = st.lm_head(x)
-                    chunks.append(logits)
+        with last.mesh.sram.scope():
+            hn = last.rmsnorm(h, last.final_norm, "final_norm")  # [E] (y)
+            last.mesh.sram.release(h)
+            with led.span("lm_head"), led.parallel() as par:
+                for st in self.decode_stages:
+                    with par.branch(), st.mesh.sram.scope():
+                        x = comm.relayout(hn, st.mesh, ("y",), name="lm_head.transfer")
+                        logits, _ = st.lm_head(x)
+                        chunks.append(logits)
         if self.mode != "numeric":
             return None
         return np.concatenate(chunks)

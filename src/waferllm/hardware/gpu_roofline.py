@@ -1,11 +1,14 @@
-"""GPU roofline baseline for LLM inference (printed beside every wafer prediction).
+"""GPU cost model for LLM inference: the ideal roofline, and the same terms with efficiencies.
 
-The numbers are what an ideal GPU (or an ideal tensor-parallel group of GPUs) would need
-for the same request: every phase takes the larger of its compute time and its HBM time,
-plus, for tensor parallelism, the time of its allreduces. They are a *floor* for a real
-serving system (SGLang/vLLM on the same GPUs), not a measurement: ``mfu``/``mbu`` (model
-FLOP and bandwidth utilisation, default 1.0) scale the peak figures down when the caller
-wants a more realistic estimate.
+:func:`gpu_inference_roofline` is what an ideal GPU (or an ideal tensor-parallel group of
+GPUs) would need for a request: every phase takes the larger of its compute time and its
+HBM time, plus the time of its allreduces at the links' full bandwidth and latency
+floors. It is a *bound* for a real serving system (SGLang/vLLM on the same GPUs), not a
+prediction of one. :func:`gpu_inference` evaluates the same terms with an
+:class:`Efficiency` (fractions of peak and fixed costs); the ideal one gives the
+roofline, and :mod:`waferllm.hardware.gpu_calibrated` supplies one fitted to measured
+serving numbers. Every efficiency is a fraction <= 1 of a peak or a cost >= 0 added to a
+floor, so no efficiency can make a setup faster than its roofline.
 
 Model of one request of ``batch`` sequences, ``input_len`` prompt tokens each, then
 ``output_len`` generated tokens (batch 1 and fp16 are the paper's setting):
@@ -22,11 +25,21 @@ Model of one request of ``batch`` sequences, ``input_len`` prompt tokens each, t
   (``p + 1`` entries of traffic) and does ``2 * matmul_params`` + ``4 * H * D * (p + 1)``
   FLOPs per layer per sequence + the LM head. ``tpot_s`` is the exact mean of the step
   time over those positions (closed form, see :func:`_sum_max_lines`).
+* **Compute and memory**: a phase or step takes ``max(FLOPs / (GPUs x peak x flops
+  efficiency), bytes / (GPUs x HBM bandwidth x HBM efficiency))``.
+* **Fixed costs per forward pass** (prefill, and every decode step): ``layers x
+  layer_overhead_s + step_overhead_s`` (kernel launches, synchronisation, scheduling);
+  zero in the roofline.
 * **Tensor parallelism** (``num_gpus > 1``): Megatron-style, every weight and the K/V
   heads split evenly; 2 allreduces per layer (after attention and after the MLP) of
-  ``batch * tokens * hidden * dtype_bytes`` bytes, each a ring allreduce taking
-  ``2 (n-1)/n * bytes / interconnect`` + a fixed latency, added (not overlapped) to the
-  layer's time in both phases.
+  ``batch * tokens * hidden * dtype_bytes`` bytes, added (not overlapped) to the layer's
+  time in both phases. One allreduce is a ring: ``2 (n-1)/n * bytes / (link efficiency x
+  ring bandwidth)`` + a latency per collective. Inside one node the ring runs over NVLink
+  (bandwidth per GPU, one direction) and its latency is the GPU's NVLink floor (+ the
+  efficiency's extra). A group larger than a node spans ``num_gpus / gpus_per_node``
+  nodes: the ring crosses nodes over InfiniBand, one NIC per GPU, so with one ring per
+  NIC its bandwidth is ``min(NVLink, gpus_per_node x InfiniBand per GPU)``, and every
+  collective pays the InfiniBand latency floor (+ the efficiency's extra) on top.
 * **Memory**: weights (all parameters) + the K/V cache at its largest
   (``batch * (input_len + output_len)`` positions); ``fits`` compares it with
   ``num_gpus * HBM capacity``. A model that does not fit still gets its times (as if
@@ -36,20 +49,17 @@ Model of one request of ``batch`` sequences, ``input_len`` prompt tokens each, t
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from waferllm.errors import ModelError, RequestError
-from waferllm.hardware.gpu import GPUSpec, get_gpu
-
-#: Latency of one NVLink allreduce (kernel launch + synchronisation), seconds. ASSUMED:
-#: NCCL small-message allreduce latency within one NVLink node is a few microseconds.
-NVLINK_ALLREDUCE_LATENCY_S = 5e-6
+from waferllm.errors import HardwareError, ModelError, RequestError
+from waferllm.hardware.gpu import NVLINK_ALLREDUCE_LATENCY_S, GPUSpec, get_gpu
 
 #: The GPU set the CLI prints beside a wafer prediction: (gpu preset, number of GPUs).
 STANDARD_BASELINES: tuple[tuple[str, int], ...] = (("a100", 1), ("a100", 8), ("h100", 1))
 
 ASSUMPTIONS: tuple[str, ...] = (
-    "roofline: each phase/step takes max(FLOPs / (GPUs x peak x mfu), bytes / (GPUs x HBM bandwidth x mbu)); "
+    "roofline: each phase/step takes max(FLOPs / (GPUs x peak), bytes / (GPUs x HBM bandwidth)); "
     "compute and memory traffic overlap perfectly, no kernel-launch, scheduling or framework overhead",
     "dense fp16/bf16 tensor-core peak; elementwise ops (norms, RoPE, SiLU, softmax) cost no FLOPs, only their activation traffic",
     "flash-style attention: the score matrix never reaches HBM and K/V tiles are reused on chip during prefill",
@@ -59,11 +69,57 @@ ASSUMPTIONS: tuple[str, ...] = (
     "and the K/V cache at its current length; the first output token is counted as a decode step too (conservative)",
     "tensor parallelism: Megatron-style, weights, K/V heads, FLOPs and bytes split evenly over the GPUs; "
     "2 ring allreduces per layer, not overlapped with compute; the vocab-parallel LM head's gather is ignored",
-    f"allreduce latency {NVLINK_ALLREDUCE_LATENCY_S * 1e6:g} us each (assumed NVLink/NCCL figure); "
-    "more than 8 GPUs would cross nodes over slower links, which is not modelled",
+    "allreduce: the GPU's NVLink latency floor per collective (assumed, see the preset) and the full NVLink bandwidth; "
+    "beyond one node the ring crosses InfiniBand (one NIC per GPU) at min(NVLink, GPUs per node x NIC) bandwidth "
+    "and each collective adds the InfiniBand latency floor (assumed)",
     "memory = all weights + K/V cache at its longest; activation workspace, CUDA context and allocator slack are ignored",
     "energy = board power x GPUs x total time (GPUs at full power throughout)",
 )
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    """How far a serving engine stays from the roofline.
+
+    ``flops``, ``hbm`` and ``link`` are fractions (0, 1] of the tensor-core peak, the HBM
+    bandwidth and the allreduce ring's link bandwidth; the others are seconds >= 0 added to
+    the floors: per allreduce inside a node, per allreduce that crosses nodes (on top of
+    the first), per layer of a forward pass, and per forward pass. ``Efficiency()`` is the
+    roofline.
+    """
+
+    flops: float = 1.0
+    hbm: float = 1.0
+    link: float = 1.0
+    allreduce_extra_latency_s: float = 0.0
+    internode_extra_latency_s: float = 0.0
+    layer_overhead_s: float = 0.0
+    step_overhead_s: float = 0.0
+
+    FRACTIONS = ("flops", "hbm", "link")
+
+    def __post_init__(self):
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise HardwareError(f"efficiency {f.name} must be a finite number, got {v!r}")
+            if f.name in self.FRACTIONS and not (0.0 < v <= 1.0):
+                raise HardwareError(f"efficiency {f.name} must be in (0, 1], got {v!r}")
+            if f.name not in self.FRACTIONS and v < 0:
+                raise HardwareError(f"efficiency {f.name} must be >= 0 seconds, got {v!r}")
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+    def replace(self, **changes) -> "Efficiency":
+        unknown = set(changes) - {f.name for f in fields(self)}
+        if unknown:
+            raise HardwareError(f"unknown efficiency factor(s) {', '.join(sorted(unknown))}; "
+                                f"known: {', '.join(f.name for f in fields(self))}")
+        return Efficiency(**{**self.to_dict(), **changes})
+
+
+IDEAL = Efficiency()
 
 
 # --------------------------------------------------------------------------- model shape
@@ -151,22 +207,38 @@ def _check_fraction(name: str, value: Any) -> float:
     return v
 
 
-def allreduce_seconds(nbytes: float, gpu: GPUSpec, num_gpus: int,
-                      latency_s: float = NVLINK_ALLREDUCE_LATENCY_S) -> float:
-    """Ring allreduce of ``nbytes`` over ``num_gpus`` GPUs: 2 (n-1)/n * bytes / link + latency."""
+def allreduce_seconds(nbytes: float, gpu: GPUSpec, num_gpus: int, latency_s: float | None = None,
+                      efficiency: Efficiency = IDEAL) -> float:
+    """Ring allreduce of ``nbytes`` over ``num_gpus`` GPUs: latency per collective + 2 (n-1)/n * bytes / bandwidth.
+
+    Inside one node: the NVLink latency floor (``latency_s`` overrides it) and NVLink
+    bandwidth. Across nodes: the InfiniBand latency floor on top, and the ring's
+    bandwidth is ``min(NVLink, gpus_per_node x InfiniBand per GPU)``. ``efficiency`` adds
+    its extra latencies and scales the bandwidth by its link fraction.
+    """
     if num_gpus <= 1:
         return 0.0
-    return 2.0 * (num_gpus - 1) / num_gpus * nbytes / gpu.interconnect_bytes_per_s + latency_s
+    nodes = gpu.nodes(num_gpus)
+    bandwidth = gpu.interconnect_bytes_per_s
+    latency = (gpu.nvlink_latency_s if latency_s is None else latency_s) + efficiency.allreduce_extra_latency_s
+    if nodes > 1:
+        bandwidth = min(bandwidth, gpu.gpus_per_node * gpu.ib_bytes_per_s)
+        latency += gpu.ib_latency_s + efficiency.internode_extra_latency_s
+    return latency + 2.0 * (num_gpus - 1) / num_gpus * nbytes / (efficiency.link * bandwidth)
 
 
 def device_label(gpu: GPUSpec, num_gpus: int) -> str:
-    return gpu.name if num_gpus == 1 else f"{num_gpus}x{gpu.name} TP"
+    """``A100-80GB``, ``8xA100-80GB TP``, or ``2x8xA100-80GB TP`` for a group spanning 2 nodes of 8."""
+    if num_gpus == 1:
+        return gpu.name
+    nodes = gpu.nodes(num_gpus)
+    return f"{num_gpus}x{gpu.name} TP" if nodes == 1 else f"{nodes}x{gpu.gpus_per_node}x{gpu.name} TP"
 
 
-# --------------------------------------------------------------------------- the baseline
+# --------------------------------------------------------------------------- the model
 def _prefill(s: dict, c: dict, spec: GPUSpec, n: int, b: int, Lin: int, dt: int, flops_rate: float,
-             bytes_rate: float, allreduce_latency_s: float) -> dict:
-    """Time to first token and its compute / memory / allreduce parts (see the module docstring)."""
+             bytes_rate: float, allreduce_latency_s: float | None, eff: Efficiency) -> dict:
+    """Time to first token and its compute / memory / allreduce / fixed parts (see the module docstring)."""
     E, L, V, q = s["E"], s["L"], s["V"], s["q"]
     tokens = b * Lin
     attn_pairs = b * Lin * (Lin + 1) / 2.0  # causal (query, key) pairs per layer
@@ -178,20 +250,22 @@ def _prefill(s: dict, c: dict, spec: GPUSpec, n: int, b: int, Lin: int, dt: int,
               + tokens * c["kv_bytes_per_token"]  # K/V written
               + tokens * c["act_bytes_per_token"])
     compute_s, memory_s = flops / flops_rate, nbytes / bytes_rate
-    comm_s = 2 * L * allreduce_seconds(tokens * E * dt, spec, n, allreduce_latency_s)
+    comm_s = 2 * L * allreduce_seconds(tokens * E * dt, spec, n, allreduce_latency_s, eff)
+    overhead_s = L * eff.layer_overhead_s + eff.step_overhead_s
     return {
-        "ttft_s": max(compute_s, memory_s) + comm_s,
+        "ttft_s": max(compute_s, memory_s) + comm_s + overhead_s,
         "prefill_flops": flops,
         "prefill_bytes": nbytes,
         "prefill_compute_s": compute_s,
         "prefill_memory_s": memory_s,
         "prefill_comm_s": comm_s,
+        "prefill_overhead_s": overhead_s,
         "prefill_bound": "compute" if compute_s >= memory_s else "memory",
     }
 
 
 def _decode(s: dict, c: dict, spec: GPUSpec, n: int, b: int, Lin: int, Lout: int, dt: int, flops_rate: float,
-            bytes_rate: float, allreduce_latency_s: float) -> dict:
+            bytes_rate: float, allreduce_latency_s: float | None, eff: Efficiency) -> dict:
     """All ``Lout`` decode steps: their exact total, mean (TPOT), first and last step, and what bounds them."""
     E, L, V, q = s["E"], s["L"], s["V"], s["q"]
     # step at position p: compute = f0 + f1 p, memory = m0 + m1 p (seconds)
@@ -199,21 +273,24 @@ def _decode(s: dict, c: dict, spec: GPUSpec, n: int, b: int, Lin: int, Lout: int
     f1 = 4.0 * q * L * b / flops_rate
     m0 = (c["streamed"] * dt + b * E * dt + b * c["kv_bytes_per_token"] + b * c["act_bytes_per_token"]) / bytes_rate
     m1 = b * c["kv_bytes_per_token"] / bytes_rate
-    comm_s = 2 * L * allreduce_seconds(b * E * dt, spec, n, allreduce_latency_s)
-    total = _sum_max_lines(f0, f1, m0, m1, Lin, Lout) + Lout * comm_s
+    comm_s = 2 * L * allreduce_seconds(b * E * dt, spec, n, allreduce_latency_s, eff)
+    overhead_s = L * eff.layer_overhead_s + eff.step_overhead_s
+    fixed = comm_s + overhead_s
+    total = _sum_max_lines(f0, f1, m0, m1, Lin, Lout) + Lout * fixed
     p_first, p_last = Lin, Lin + Lout - 1
     mem_bound = [m0 + m1 * p >= f0 + f1 * p for p in (p_first, p_last)]
     return {
         "tpot_s": total / Lout,
-        "tpot_first_s": max(f0 + f1 * p_first, m0 + m1 * p_first) + comm_s,
-        "tpot_last_s": max(f0 + f1 * p_last, m0 + m1 * p_last) + comm_s,
+        "tpot_first_s": max(f0 + f1 * p_first, m0 + m1 * p_first) + fixed,
+        "tpot_last_s": max(f0 + f1 * p_last, m0 + m1 * p_last) + fixed,
         "decode_s": total,
         "decode_comm_s_per_token": comm_s,
+        "decode_overhead_s_per_token": overhead_s,
         "decode_bound": "memory" if all(mem_bound) else ("compute" if not any(mem_bound) else "mixed"),
     }
 
 
-def gpu_inference_roofline(
+def gpu_inference(
     config: Any,
     gpu: str | GPUSpec,
     num_gpus: int = 1,
@@ -221,17 +298,16 @@ def gpu_inference_roofline(
     output_len: int | None = None,
     batch: int = 1,
     dtype_bytes: int = 2,
-    mfu: float = 1.0,
-    mbu: float = 1.0,
-    allreduce_latency_s: float = NVLINK_ALLREDUCE_LATENCY_S,
+    efficiency: Efficiency = IDEAL,
+    allreduce_latency_s: float | None = None,
 ) -> dict:
-    """Roofline time, throughput, energy and memory of one request on ``num_gpus`` GPUs.
+    """Time, throughput, energy and memory of one request on ``num_gpus`` GPUs under ``efficiency``.
 
     Returns a dict with ``device``, ``ttft_s``, ``tpot_s`` (mean over the output tokens),
     ``prefill_tokens_per_s``, ``decode_tokens_per_s`` (TPR = 1/TPOT, per sequence),
     ``e2e_tokens_per_s`` (output_len / (ttft + output_len * tpot), per sequence),
-    ``total_s``, ``energy_j``, ``fits``, ``memory_bytes`` and a breakdown, plus
-    ``assumptions`` (what the roofline ignores). See the module docstring for the model.
+    ``total_s``, ``energy_j``, ``fits``, ``memory_bytes``, a breakdown and ``efficiency``.
+    See the module docstring for the model.
     """
     spec = gpu if isinstance(gpu, GPUSpec) else get_gpu(gpu)
     n = _check_int("num_gpus", num_gpus, 1)
@@ -239,18 +315,22 @@ def gpu_inference_roofline(
     Lout = _check_int("output_len", output_len, 1)
     b = _check_int("batch", batch, 1)
     dt = _check_int("dtype_bytes", dtype_bytes, 1)
-    mfu = _check_fraction("mfu", mfu)
-    mbu = _check_fraction("mbu", mbu)
-    if not (allreduce_latency_s >= 0 and math.isfinite(allreduce_latency_s)):
+    if not isinstance(efficiency, Efficiency):
+        raise RequestError(f"efficiency must be an Efficiency, got {type(efficiency).__name__}")
+    if allreduce_latency_s is not None and not (allreduce_latency_s >= 0 and math.isfinite(allreduce_latency_s)):
         raise RequestError(f"allreduce_latency_s must be >= 0, got {allreduce_latency_s!r}")
+    try:
+        nodes = spec.nodes(n)
+    except HardwareError as exc:
+        raise RequestError(f"num_gpus={n}: {exc}") from None
 
     s = _shape(config)
     c = _counts(s)
     c["kv_bytes_per_token"] = 2 * s["L"] * s["kv"] * dt  # K and V, all layers, one sequence position
     c["act_bytes_per_token"] = s["L"] * c["act_values_per_token_layer"] * dt
-    rates = (n * spec.peak_flops_fp16 * mfu, n * spec.hbm_bytes_per_s * mbu)  # FLOP/s, bytes/s
-    pre = _prefill(s, c, spec, n, b, Lin, dt, *rates, allreduce_latency_s)
-    dec = _decode(s, c, spec, n, b, Lin, Lout, dt, *rates, allreduce_latency_s)
+    rates = (n * spec.peak_flops_fp16 * efficiency.flops, n * spec.hbm_bytes_per_s * efficiency.hbm)  # FLOP/s, B/s
+    pre = _prefill(s, c, spec, n, b, Lin, dt, *rates, allreduce_latency_s, efficiency)
+    dec = _decode(s, c, spec, n, b, Lin, Lout, dt, *rates, allreduce_latency_s, efficiency)
 
     weights_bytes = c["params"] * dt
     kv_cache_bytes = b * (Lin + Lout) * c["kv_bytes_per_token"]
@@ -260,8 +340,9 @@ def gpu_inference_roofline(
     total_s = ttft + dec["decode_s"]
     energy_j = spec.power_w * n * total_s
     return {
-        "device": device_label(spec, n), "gpu": spec.name, "num_gpus": n, "input_len": Lin, "output_len": Lout,
-        "batch": b, "dtype_bytes": dt, "mfu": mfu, "mbu": mbu,
+        "device": device_label(spec, n), "gpu": spec.name, "num_gpus": n, "nodes": nodes,
+        "input_len": Lin, "output_len": Lout, "batch": b, "dtype_bytes": dt,
+        "mfu": efficiency.flops, "mbu": efficiency.hbm,
         "ttft_s": ttft,
         "tpot_s": tpot,
         "total_s": total_s,
@@ -279,21 +360,59 @@ def gpu_inference_roofline(
         "param_count": c["params"],
         **{k: v for k, v in pre.items() if k != "ttft_s"},
         **{k: v for k, v in dec.items() if k != "tpot_s"},
-        "allreduce_latency_s": allreduce_latency_s if n > 1 else 0.0,
-        "assumptions": list(ASSUMPTIONS),
+        "allreduce_latency_s": allreduce_seconds(0.0, spec, n, allreduce_latency_s, efficiency),
+        "efficiency": efficiency.to_dict(),
         "source": spec.source,
     }
 
 
+def gpu_inference_roofline(
+    config: Any,
+    gpu: str | GPUSpec,
+    num_gpus: int = 1,
+    input_len: int | None = None,
+    output_len: int | None = None,
+    batch: int = 1,
+    dtype_bytes: int = 2,
+    mfu: float = 1.0,
+    mbu: float = 1.0,
+    allreduce_latency_s: float | None = None,
+) -> dict:
+    """The ideal roofline of one request on ``num_gpus`` GPUs (see :func:`gpu_inference`).
+
+    ``mfu``/``mbu`` (default 1) scale the compute and HBM peaks down; ``allreduce_latency_s``
+    replaces the GPU's NVLink latency floor. The result carries ``baseline = "roofline"``,
+    ``assumptions`` (what the roofline ignores) and ``provenance`` (the GPU's constants).
+    """
+    mfu = _check_fraction("mfu", mfu)
+    mbu = _check_fraction("mbu", mbu)
+    spec = gpu if isinstance(gpu, GPUSpec) else get_gpu(gpu)
+    r = gpu_inference(config, spec, num_gpus, input_len, output_len, batch, dtype_bytes,
+                      IDEAL if (mfu, mbu) == (1.0, 1.0) else Efficiency(flops=mfu, hbm=mbu), allreduce_latency_s)
+    r["assumptions"] = list(ASSUMPTIONS)
+    return with_provenance(r, spec, "roofline", "waferllm.hardware.gpu_roofline: ideal bound, every phase at the "
+                           "GPU's peak (scaled by mfu/mbu when given), allreduces at full link bandwidth and the "
+                           "assumed latency floors", fitted_to=None)
+
+
+def with_provenance(result: dict, spec: GPUSpec, baseline: str, model: str, **extra) -> dict:
+    """Mark a result with its kind of baseline and its provenance: the model, the GPU and its constants, ``extra``."""
+    result["baseline"] = baseline
+    result["provenance"] = {"baseline": baseline, "model": model, "gpu": spec.key or spec.name,
+                            "constants": spec.constants(), **extra}
+    return result
+
+
 def gpu_baselines(config: Any, input_len: int, output_len: int, *, batch: int = 1,
                   dtype_bytes: int = 2, mfu: float = 1.0, mbu: float = 1.0) -> list[dict]:
-    """The standard set printed beside a wafer prediction: A100, 8xA100 (TP), H100."""
+    """Roofline only, for the standard set A100, 8xA100 (TP), H100. The comparison to quote,
+    with the calibrated model beside the roofline, is :func:`waferllm.baselines.gpu_baselines`."""
     return [gpu_inference_roofline(config, name, count, input_len=input_len, output_len=output_len,
                                    batch=batch, dtype_bytes=dtype_bytes, mfu=mfu, mbu=mbu)
             for name, count in STANDARD_BASELINES]
 
 
 __all__ = [
-    "ASSUMPTIONS", "NVLINK_ALLREDUCE_LATENCY_S", "STANDARD_BASELINES", "allreduce_seconds",
-    "device_label", "gpu_baselines", "gpu_inference_roofline",
+    "ASSUMPTIONS", "IDEAL", "NVLINK_ALLREDUCE_LATENCY_S", "STANDARD_BASELINES", "Efficiency", "allreduce_seconds",
+    "device_label", "gpu_baselines", "gpu_inference", "gpu_inference_roofline", "with_provenance",
 ]

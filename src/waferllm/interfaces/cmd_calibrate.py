@@ -24,12 +24,13 @@ def _fmt(v: float, unit: str) -> str:
 
 
 def validation_table(system: str, rows, title: str) -> Table:
-    t = Table("measurement", "kind", "measured / claimed", "model", "error", "within", title=title)
+    t = Table("id", "measurement", "kind", "measured / claimed", "model", "error", "ok", title=title)
+    t.columns[1].max_width = 56
     for r in rows:
         m = r.measurement
         err = f"{m.error(r.value):+.1%}" if (m.absolute or m.check == "about") else "-"
         within = ("yes" if r.passes else "[bold red]no[/]") + (f" (±{m.tolerance:.0%})" if m.tolerance else "")
-        t.add_row(m.quantity, m.kind, m.shown(), _fmt(r.value, m.unit), err, within)
+        t.add_row(m.id, m.quantity, m.kind, m.shown(), _fmt(r.value, m.unit), err, within)
     return t
 
 
@@ -50,10 +51,12 @@ def validate(
     if as_json:
         typer.echo(json.dumps({"rows": as_dicts(rows), "wafers": sums}, indent=2, default=float))
         return
-    console = Console()
+    console = Console(width=max(Console().width, 150))
     for system, rs in rows.items():
-        if system == "gpu":
+        if system == "gpu-roofline":
             title = "A100 measurements (SGLang) against the ideal GPU roofline: not fitted, shows the roofline's gap"
+        elif system == "gpu-calibrated":
+            title = "A100 measurements (SGLang) against the calibrated GPU model (fitted to them)"
         else:
             s = sums[system]
             rec = "-" if s["recorded_loss"] is None else f"{s['recorded_loss']:.4f}"
@@ -66,16 +69,26 @@ def calibrate(
     wafer: Optional[List[str]] = typer.Option(None, "--wafer", help="Preset(s) to fit (default: wse2 and wse3)."),
     write: bool = typer.Option(False, "--write", help="Store the fitted constants and their provenance in the presets."),
     iters: int = typer.Option(60, "--iters", min=1, help="Nelder-Mead iterations per fit."),
+    gpu: Optional[str] = typer.Option(None, "--gpu", help="Fit the calibrated GPU model of this preset instead (a100)."),
+    measurements: Optional[str] = typer.Option(None, "--measurements",
+                                               help="With --gpu: a measurement file (e.g. from benchmarks/gpu_measure.py)."),
 ) -> None:
     """Fit the free constants of the wafer presets to SPEC section 5, absolute measurements first."""
     from waferllm.calibration.fit import PLANS, calibrate as run
     from waferllm.errors import HardwareError
 
+    if gpu:
+        from waferllm.hardware.gpu_calibrated import calibrate_gpu
+
+        calibrate_gpu(gpu, measurements, write=write, log=Console().print)
+        return
+    if measurements:
+        raise HardwareError("--measurements applies to --gpu fits; the wafer fit reads SPEC section 5's measurements")
     names = tuple(wafer or PLANS)
     unknown = [n for n in names if n not in PLANS]
     if unknown:
         raise HardwareError(f"no calibration plan for {', '.join(unknown)}; presets with measurements: {', '.join(PLANS)}")
-    console = Console()
+    console = Console(width=max(Console().width, 150))
     results = run(names, iters=iters, write=write, log=console.print)
     for name, r in results.items():
         console.print(f"[bold]{name}[/]: " + ", ".join(f"{k}={v:g}" for k, v in r["values"].items())

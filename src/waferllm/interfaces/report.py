@@ -60,16 +60,34 @@ def gpu_table(baselines: list[dict]) -> Table:
 
 
 def plan_table(plan: dict) -> Table:
+    """The regions of each phase and the planner's budget for its fullest PE (whole model)."""
     t = Table("phase", "grid", "regions", "layers/region", "weights", "KV cache", "activations", "vocab tables",
-              title="placement plan (bytes per PE)")
+              title="placement plan (planner's budget, bytes per PE)")
     for phase in ("prefill", "decode"):
         p = plan.get(phase)
         if not p:
             continue
         b = p["bytes_per_pe"]
-        t.add_row(phase, f"{p['grid']}x{p['grid']}", f"{p['regions']} of {p['regions_available']}",
-                  str(p["layers_per_region"]), f"{b['weights']:,}", f"{b['kv_cache']:,}", f"{b['activations']:,}",
-                  f"{b['vocab_tables']:,}")
+        layers = max(p.get("layer_share") or [p["layers_per_region"]])
+        t.add_row(phase, f"{p['grid']}x{p['grid']}", f"{p['regions']} of {p['regions_available']}", str(layers),
+                  f"{b['weights']:,}", f"{b['kv_cache']:,}", f"{b['activations']:,}", f"{b['vocab_tables']:,}")
+    return t
+
+
+SRAM_KINDS = (("weights", "weights"), ("vocab_tables", "vocab tables"), ("kv_cache", "KV cache"),
+              ("activations", "activations"), ("buffers", "buffers"), ("reserved", "reserve"), ("free", "free"))
+
+
+def sram_table(m: dict) -> Table | None:
+    """Where the fullest PE's SRAM goes in each phase, whole model, from the runtime's accounting."""
+    bd = m.get("sram_breakdown_bytes_per_pe") or {}
+    phases = [ph for ph in ("prefill", "decode") if bd.get(ph)]
+    if not phases:
+        return None
+    t = Table("bytes per PE", *phases, title="SRAM of the fullest PE (runtime accounting, whole model)")
+    for key, label in SRAM_KINDS:
+        t.add_row(label, *(f"{bd[ph].get(key, 0):,}" for ph in phases))
+    t.add_row("total", *(f"{sum(bd[ph].get(k, 0) for k, _ in SRAM_KINDS):,}" for ph in phases))
     return t
 
 
@@ -78,6 +96,9 @@ def print_report(m: dict, console: Console | None = None, plan: dict | None = No
     console.print(timing_table(m))
     if plan:
         console.print(plan_table(plan))
+    sram = sram_table(m)
+    if sram is not None:
+        console.print(sram)
     console.print(breakdown_table(m))
     if gpus:
         console.print(gpu_table(gpus))

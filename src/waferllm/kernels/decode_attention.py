@@ -25,12 +25,14 @@ from waferllm.mesh.tensor import DistTensor
 
 
 def decode_attention(q: DistTensor, k_t: DistTensor, v: DistTensor, valid: np.ndarray | None,
-                     head_of_pos: np.ndarray, num_kv_heads: int, scale: float, k: int = 2) -> DistTensor:
+                     head_of_pos: np.ndarray, num_kv_heads: int, scale: float, k: int = 2,
+                     group: int | None = None) -> DistTensor:
     """softmax(q K^T * scale) V.
 
     ``q``: [r * Fpad] (x,) fp32; ``k_t``: [Fpad, rows * S] (x, y); ``v``: [rows * S, Fpad]
     (y, x); ``valid``: (rows, S), True where a row's slot holds a token (None in a dry
-    run). Returns the attention output [r * Fpad] (x,) fp32, complete on every PE.
+    run). Returns the attention output [r * Fpad] (x,) fp32, complete on every PE. ``k`` and
+    ``group``: the K-tree of every allreduce (group None: about n^(1/k) PEs).
     """
     mesh = q.mesh
     slots = k_t.tile_shape[1]
@@ -43,14 +45,14 @@ def decode_attention(q: DistTensor, k_t: DistTensor, v: DistTensor, valid: np.nd
     # a PE holds (and sends) only the heads of its own features
     held = compute.groups_per_pe(groups) * r * slots * scores.itemsize
     head_span = _columns_per_head(head_of_pos, num_kv_heads)
-    summed = comm.allreduce_segments(scores, "x", head_span, held, k, name="qk_allreduce")
+    summed = comm.allreduce_segments(scores, "x", head_span, held, k, group=group, name="qk_allreduce")
     mesh.sram.release(scores)
     allowed = None if valid is None else valid[:, None, None, None, :]  # (rows, 1, 1, 1, S) against the tiles
-    p = masked_softmax(summed, allowed, scale, dim=2, out_dtype="fp32", k=k)
+    p = masked_softmax(summed, allowed, scale, dim=2, out_dtype="fp32", k=k, group=group)
     # [r * Fpad] (x,), partial along y: each PE its slots' share
     o = compute.grouped_expand(p, v, groups, shape=q.shape, layout=q.layout, partial=("y", "sum"), name="pv_gemv")
     mesh.sram.release(p)
-    out = comm.allreduce(o, "y", "sum", k=k, name="pv_allreduce")
+    out = comm.allreduce(o, "y", "sum", k=k, group=group, name="pv_allreduce")
     mesh.sram.release(o)
     return out
 

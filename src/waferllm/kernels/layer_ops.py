@@ -23,13 +23,13 @@ from waferllm.mesh.tensor import DistTensor
 
 
 def rmsnorm(h: DistTensor, weight: DistTensor, dim: int, eps: float, out_dtype: str, k: int = 2,
-            name: str = "rmsnorm") -> DistTensor:
+            name: str = "rmsnorm", group: int | None = None) -> DistTensor:
     """RMSNorm over logical dim ``dim`` of ``h`` (its features), scaled by ``weight``."""
     mesh = h.mesh
     features = h.shape[dim]
     with mesh.ledger.span(name):
         ss = compute.tile_reduce(h, dim, "sumsq", name=f"{name}.sumsq")  # partial along the features' axis
-        ss = comm.allreduce(ss, h.layout[dim], "sum", k=k, name=f"{name}.allreduce")
+        ss = comm.allreduce(ss, h.layout[dim], "sum", k=k, group=group, name=f"{name}.allreduce")
         out = compute.elementwise(lambda x, s, w: x / np.sqrt(s / features + eps) * w, h, ss, weight,
                                   ops_per_elem=mesh.wafer.ops_rmsnorm_scale, name=f"{name}.scale", dtype=out_dtype)
         mesh.sram.release(ss)
@@ -37,7 +37,7 @@ def rmsnorm(h: DistTensor, weight: DistTensor, dim: int, eps: float, out_dtype: 
 
 
 def masked_softmax(s: DistTensor, allowed, scale: float, dim: int, out_dtype: str, k: int = 2,
-                   name: str = "softmax") -> DistTensor:
+                   name: str = "softmax", group: int | None = None) -> DistTensor:
     """softmax(s * scale) over logical dim ``dim``, where ``allowed`` (a boolean array
     broadcastable to the tiles; None in a dry run) is False for masked entries.
 
@@ -51,12 +51,12 @@ def masked_softmax(s: DistTensor, allowed, scale: float, dim: int, out_dtype: st
                                 dtype="fp32")
         mesh.sram.release(s)
         mx = compute.tile_reduce(z, dim, "max", name=f"{name}.max")
-        mx = comm.allreduce(mx, axis, "max", k=k, name=f"{name}.allreduce_max")
+        mx = comm.allreduce(mx, axis, "max", k=k, group=group, name=f"{name}.allreduce_max")
         e = compute.elementwise(lambda x, m: np.where(allowed, np.exp(x - m), 0.0), z, mx,
                                 ops_per_elem=mesh.wafer.ops_exp, name=f"{name}.exp", dtype="fp32")
         mesh.sram.release(z, mx)
         tot = compute.tile_reduce(e, dim, "sum", name=f"{name}.sum")
-        tot = comm.allreduce(tot, axis, "sum", k=k, name=f"{name}.allreduce_sum")
+        tot = comm.allreduce(tot, axis, "sum", k=k, group=group, name=f"{name}.allreduce_sum")
         p = compute.elementwise(lambda a, b: a / b, e, tot, ops_per_elem=mesh.wafer.ops_div, name=f"{name}.div",
                                 dtype=out_dtype)
         mesh.sram.release(e, tot)

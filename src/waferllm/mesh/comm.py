@@ -402,7 +402,7 @@ def allreduce(t: DistTensor, axis: str, op: str = "sum", algo: str = "ktree", **
 
 
 def allreduce_segments(t: DistTensor, axis: str, span: int, bytes_per_pe: int | None = None, k: int = 2,
-                       name: str = "allreduce_segments") -> DistTensor:
+                       name: str = "allreduce_segments", group: int | None = None) -> DistTensor:
     """Sum-allreduce along ``axis`` within segments of ``span`` PEs that run at the same time.
 
     For values that live on a few neighbouring PEs of a line (an attention head's feature
@@ -413,7 +413,7 @@ def allreduce_segments(t: DistTensor, axis: str, span: int, bytes_per_pe: int | 
     _check_axis(axis)
     mesh = t.mesh
     nbytes = t.bytes_per_pe if bytes_per_pe is None else bytes_per_pe
-    phases, routes = reduce_schedule(span, "ktree", k, None, None, True)
+    phases, routes = reduce_schedule(span, "ktree", k, group if group and group < span else None, None, True)
     cycles, stages, hops = _schedule_cycles(mesh, phases, nbytes)
     if routes:
         mesh.routes.request(name, routes, relayable=False)
