@@ -40,7 +40,8 @@ def test_dry_run_matches_numeric(capsys):
     num = _json_lines(capsys, argv)
     dry = _json_lines(capsys, argv + ["--dry-run"])
     for a, b in zip(num, dry):
-        assert a["cycles"] == b["cycles"] and a["sram_peak_bytes_per_pe"] == b["sram_peak_bytes_per_pe"]
+        assert a["cycles"] == pytest.approx(b["cycles"], rel=1e-12)  # a dry run replays identical steps at once
+        assert a["sram_peak_bytes_per_pe"] == b["sram_peak_bytes_per_pe"]
         assert "max_abs_error" not in b
 
 

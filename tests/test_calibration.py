@@ -53,7 +53,11 @@ def test_loader_refuses_a_bad_file(tmp_path):
     with pytest.raises(HardwareError, match="needs a value and a tolerance"):
         load_measurements(bad)
     bad.write_text('[[measurement]]\nid="x"\nsystem="wse2"\nkind="guess"\n')
-    with pytest.raises(HardwareError, match="unexpected keyword|kind must be"):
+    with pytest.raises(HardwareError, match="missing key.*model, quantity, source, unit"):
+        load_measurements(bad)
+    bad.write_text('[[measurement]]\nid="x"\nsystem="wse2"\nkind="guess"\nquantity="q"\nunit="s"\nmodel="m"\n'
+                   'source="s"\n')
+    with pytest.raises(HardwareError, match="kind must be one of absolute, claim"):
         load_measurements(bad)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from importlib import resources
@@ -101,10 +102,15 @@ def load_measurements(path: str | Path | None = None, system: str | None = None)
     out = []
     for i, raw in enumerate(data.get("measurement", [])):
         where = f"{path}: measurement {i + 1} ({raw.get('id', '?')})"
-        try:
-            m = Measurement(**raw)
-        except TypeError as exc:
-            raise HardwareError(f"{where}: {exc}") from None
+        fields = {f.name for f in dataclasses.fields(Measurement)}
+        required = {f.name for f in dataclasses.fields(Measurement)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        if set(raw) - fields:
+            raise HardwareError(f"{where}: unknown key(s) {', '.join(sorted(set(raw) - fields))}; "
+                                f"known: {', '.join(sorted(fields))}")
+        if required - set(raw):
+            raise HardwareError(f"{where}: missing key(s) {', '.join(sorted(required - set(raw)))}")
+        m = Measurement(**raw)
         if m.kind not in KINDS:
             raise HardwareError(f"{where}: kind must be one of {', '.join(KINDS)}, got {m.kind!r}")
         if m.kind == "absolute" and (m.value is None or not m.tolerance):

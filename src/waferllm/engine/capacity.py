@@ -1,26 +1,26 @@
 """KV capacity and where each PE's SRAM goes, from the runtime's own SRAM accounting.
 
 After a request, every region's accounting (``mesh.sram``) knows what it holds at rest
-(placed weights, vocabulary tables, the decode KV cache) and what it held when its
-fullest PE was at its highest: the same, plus the activations and kernel buffers of the
-step that got there (and in prefill, the prompt's K/V kept for the transition). Every
-allocation is sorted into a kind by its name (see :func:`kind_of`).
+(placed weights, vocabulary tables, the decode KV cache) and what it held at each
+program point where its fullest PE's usage peaked: the same, plus the activations and
+kernel buffers of the step there (and in prefill, the prompt's K/V kept for the
+transition). Every allocation is sorted into a kind by its name (see :func:`kind_of`).
 
 The per-layer kinds are scaled to the layers a region holds in the whole model
 (``PhasePlan.layer_share``): an extrapolated run places only the first K layers, so a
 region may hold fewer than its share, or none. A region with no layer placed borrows
-the per-layer figures and the layer step's activations of a region of the same side
-that has some; when none has, the planner's estimates stand in (``source`` says which).
+the per-layer figures and the layer step's peaks of a region of the same side that has
+some, or else of the nearest side, scaled by the planner's ratios between the two sides
+(``RegionSRAM.source`` says which).
 
-KV capacity: a decode region whose PE rows hold ``s`` cache slots needs
+KV capacity: with ``s`` cache slots per PE row, each peak of a decode region needs
 
-    weights + vocabulary tables + s * (KV per slot + attention per slot) + other transients
+    weights + vocabulary tables + s * (KV per slot + score tiles per slot) + the rest
 
-on its fullest PE. Decode attention sizes its score tiles by the slots of the row
-(``decode_scores_bytes_per_slot``): with the cache, they are what grows with the
-context. Everything else is measured. The shift-based cache fills every row evenly, so
-a region caches ``s * rows`` tokens; the concatenation cache grows one row, ``s``
-tokens. The capacity is the tightest region's.
+on its fullest PE: decode attention sizes its score tiles by the slots it scans, so
+with the cache they are what grows with the context. All of it is measured. The
+shift-based cache fills every row evenly, so a region caches ``s * rows`` tokens; the
+concatenation cache grows one row, ``s`` tokens. The capacity is the tightest region's.
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ _DECODE_CACHE = re.compile(r"kv(\[[^\]]*\])? cache \(")  # the decode KV cache o
 _PREFILL_KV = {"k_prefill": "k", "v_prefill": "v", "rope_k": "k", "v_proj": "v", "bias_v": "v"}
 # kernel scratch: accumulators, partial products before their reduction, receive buffers
 _BUFFER_MARKS = ("_acc", "_partial", ".next_tiles", ".reduce", ".shift_")
+# a softmax's per-head statistics: with one cache slot, the size of a score tile
+_STATISTIC = re.compile(r"\.(allreduce_)?(max|sum)$")
 
 
 def kind_of(name: str, phase: str) -> str:
@@ -129,22 +131,24 @@ def _points(config, sram, phase: str, rest: dict[str, int], slots: int) -> tuple
     Prefill: every layer's K and V tiles have one shape (the prompt's [L, kv] on the
     region), so one layer's K/V take twice the bytes of any K tile held.
 
-    Decode: a score tile holds every head's score for each scanned slot of the PE's row
-    (fp32 or fp16), so the transients of exactly that size are the copies attention
-    keeps at once, whatever its buffer lifetimes. With one slot the sizes are ambiguous
-    (a per-head statistic has the same size): they count as score tiles, which only
-    overstates their growth."""
+    Decode: a score tile holds every head's fp32 score for each scanned slot of the PE's
+    row, so the transients of exactly that size are the copies attention keeps at once,
+    whatever its buffer lifetimes. With one slot, a softmax's per-head statistics (its
+    max and sum) have that size too: they are told apart by name."""
     now = sram.held()
     highs = {at: (_by_kind(e.values(), phase), e) for at, e in sram.held_at_highs().items()}
-    kv_layer = 2 * max((b for _, e in highs.values() for name, b in e.values() if _PREFILL_KV.get(name) == "k"),
-                       default=0)
-    sizes = {config.num_heads * slots * item for item in (4, 2)} if phase == "decode" else set()
+    kv_layer = 0.0
+    if phase == "prefill":
+        kv_layer = 2 * max((b for _, e in highs.values() for name, b in e.values() if _PREFILL_KV.get(name) == "k"),
+                           default=0)
+    score_tile = config.num_heads * slots * 4 if phase == "decode" else -1
     points = {}
     for at, (kinds, entries) in highs.items():
         # a placed tensor's copies in flight (MeshGEMM rotates a weight through its placed
         # space, lent, and one receive buffer) are kernel buffers beyond what rests there
         in_flight = sum(max(0, kinds[x] - rest[x]) for x in ("weights", "vocab_tables"))
-        scores = sum(b for h, (_, b) in entries.items() if h not in now and b in sizes)
+        scores = sum(b for h, (name, b) in entries.items()
+                     if b == score_tile and h not in now and not _STATISTIC.search(name))
         points[at] = Point(kinds["activations"] - scores, kinds["buffers"] + in_flight, scores // max(slots, 1))
     return points, kv_layer
 
@@ -153,17 +157,22 @@ def _measure(config, stage, phase: str) -> _Measured:
     sram = stage.mesh.sram
     rest = _by_kind(sram.held().values(), phase)
     cache = getattr(stage, "cache", None)
-    slots = held = 0
-    if cache is not None:
-        # attention scans the fullest row's occupied slots; the allocation holds cap slots
-        # per row (shift) or grows with the bottom row (concat)
-        slots = max(1, int(cache.count.max()))
-        held = int(cache.cap) if cache.scheme == "shift" else int(cache.count.max())
-    points, kv_layer = _points(config, sram, phase, rest, slots)
+    if cache is None:
+        points, kv_layer = _points(config, sram, phase, rest, 0)
+        return _Measured(rest, points, kv_layer, 0, 0)
+    # the allocation holds cap slots per row (shift) or grows with the bottom row (concat);
+    # attention scans the fullest row's occupied slots (or, failing that, all of them)
+    held = int(cache.cap) if cache.scheme == "shift" else int(cache.count.max())
+    slots = max(1, int(cache.count.max()))
+    points, _ = _points(config, sram, phase, rest, slots)
+    if not any(p.score_bytes_per_slot for p in points.values()) and cache.cap != slots:
+        by_cap, _ = _points(config, sram, phase, rest, int(cache.cap))
+        if any(p.score_bytes_per_slot for p in by_cap.values()):
+            points, slots = by_cap, int(cache.cap)
     layers = len(stage.layer_ids)
-    if phase == "decode" and layers and held:
-        kv_layer = rest["kv_cache"] / (layers * held)
-    return _Measured(rest, points, kv_layer, slots, held)
+    kv_slot = rest["kv_cache"] / (layers * held) if layers and held else \
+        kv_bytes_per_slot(config, stage.mesh.rows, cache.dtype)  # nothing cached: the cache's own layout
+    return _Measured(rest, points, kv_slot, slots, held)
 
 
 def region_sram(config, pp: PhasePlan, stages) -> list[RegionSRAM]:
@@ -224,7 +233,8 @@ class _SideRatios:
         if side == measured:
             return
         phase, dtype, seq = pp.phase, pp.dtype, pp.seq_len
-        self.weights = layer_weight_bytes(config, side, phase, dtype) / layer_weight_bytes(config, measured, phase, dtype)
+        w = layer_weight_bytes
+        self.weights = w(config, side, phase, dtype) / w(config, measured, phase, dtype)
         kv = kv_bytes_per_slot(config, side, dtype) / kv_bytes_per_slot(config, measured, dtype)
         self.kv = kv * (cdiv(seq, side) / cdiv(seq, measured) if phase == "prefill" else 1)
         if phase == "prefill":

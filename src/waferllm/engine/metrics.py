@@ -12,6 +12,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from waferllm.engine import capacity
+from waferllm.mesh.cost import energy_breakdown_j
 from waferllm.mesh.ledger import COUNTERS
 
 
@@ -47,9 +48,13 @@ def kv_capacity(model) -> dict[str, int]:
     return {"kv_capacity_tokens": cap.shift, "kv_capacity_tokens_concat": cap.concat}
 
 
-def energy_j(model, seconds: float, counters: dict) -> float:
-    """Energy of the request: the wafer's whole-system power for its time on the critical path."""
-    return model.wafer.power_w * seconds
+def energy(model, seconds: float, counters: dict) -> dict:
+    """Energy of the request from its events: MACs by dtype, SRAM bytes read and written,
+    bits times hops on the fabric, plus the wafer's static power for its time on the
+    critical path; and whole-system power x time beside it as a cross-check."""
+    breakdown = energy_breakdown_j(model.wafer, counters, seconds)
+    return {"energy_j": sum(breakdown.values()), "energy_breakdown_j": breakdown,
+            "energy_power_x_time_j": model.wafer.power_w * seconds}
 
 
 def request_metrics(model) -> dict:
@@ -78,7 +83,7 @@ def request_metrics(model) -> dict:
         "prefill_tokens_per_s": prompt / sec(pre) if pre else None,
         "decode_tokens_per_s": 1.0 / tpot if tpot else None,
         "e2e_tokens_per_s": out_tokens / total if total else None,
-        "energy_j": energy_j(model, total, counters),
+        **energy(model, total, counters),
         **kv_capacity(model),
         "flops": counters["flops"],
         "bytes_moved": counters["bytes_moved"],

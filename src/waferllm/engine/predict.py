@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import time
 
+from waferllm.baselines import gpu_baselines
 from waferllm.engine.run_config import RunConfig
 from waferllm.engine.wafer import WaferModel
 from waferllm.errors import RequestError
-from waferllm.hardware.gpu_roofline import gpu_baselines
 
 
 def _check(input_len: int, output_len: int) -> None:
@@ -25,16 +25,22 @@ def _check(input_len: int, output_len: int) -> None:
 
 
 def predict(config, wafer, input_len: int, output_len: int, prefill_grid: int, decode_grid: int,
-            dtype: str = "fp16", kv_scheme: str = "shift", layers: int | None = None, gpus: bool = True) -> dict:
+            dtype: str = "fp16", kv_scheme: str = "shift", layers: int | None = None, gpus: bool = True,
+            band: bool = True) -> dict:
     """Predict one request of ``input_len`` + ``output_len`` tokens (keyword form of :func:`predict_run`)."""
     _check(input_len, output_len)
     run = RunConfig.for_request(input_len, output_len, prefill_grid=prefill_grid, decode_grid=decode_grid,
                                 dtype=dtype, kv_scheme=kv_scheme, layers=layers)
-    return predict_run(config, wafer, run, input_len, output_len, gpus)
+    return predict_run(config, wafer, run, input_len, output_len, gpus, band)
 
 
-def predict_run(config, wafer, run: RunConfig, input_len: int, output_len: int, gpus: bool = True) -> dict:
-    """Predict one request of ``input_len`` + ``output_len`` tokens run as ``run`` says."""
+def predict_run(config, wafer, run: RunConfig, input_len: int, output_len: int, gpus: bool = True,
+                band: bool = True) -> dict:
+    """Predict one request of ``input_len`` + ``output_len`` tokens run as ``run`` says.
+
+    With ``band``, times and rates also get ``*_low``/``*_high``: the same request on the
+    wafer with its assumed constants at the ends of their ranges, widened by the wafer's
+    calibration error (:mod:`waferllm.calibration.band`)."""
     _check(input_len, output_len)
     t0 = time.perf_counter()
     wm = WaferModel(config, None, wafer, run, mode="dry")
@@ -58,9 +64,23 @@ def predict_run(config, wafer, run: RunConfig, input_len: int, output_len: int, 
         m["note"] = (f"extrapolated: {wm.layers} of {config.num_layers} layers were placed and run on these grids; "
                      f"layer time scaled by {config.num_layers / wm.layers:g} (the paper's method for models that "
                      f"do not fit one wafer)")
+    if band:
+        with_band(m, config, wm.wafer, run, input_len, output_len)
     if gpus:
         m["gpu_baselines"] = gpu_baselines(config, input_len, output_len)
     return m
+
+
+def with_band(m: dict, config, wafer, run: RunConfig, input_len: int, output_len: int) -> dict:
+    """Add the low/high band to the metrics ``m`` of this request (see :func:`predict_run`)."""
+    from waferllm.calibration.band import apply_band, corner
+
+    ends = []
+    for slow in (False, True):
+        w = corner(wafer, slow)
+        ends.append(None if w is None else
+                    predict_run(config, w, run, input_len, output_len, gpus=False, band=False))
+    return apply_band(m, ends[0], ends[1], wafer.calibration_error)
 
 
 def predict_phase(config, wafer, run: RunConfig, phase: str, input_len: int, output_len: int) -> float:

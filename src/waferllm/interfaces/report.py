@@ -20,16 +20,30 @@ def _r(x):
     return "-" if x is None else f"{x:,.1f}"
 
 
+def _banded(m: dict, key: str, fmt) -> str:
+    """A figure with its low-high band when the prediction carries one."""
+    v = m.get(key)
+    lo, hi = m.get(f"{key}_low"), m.get(f"{key}_high")
+    if v is None or lo is None or hi is None:
+        return fmt(v)
+    return f"{fmt(v)}  ({fmt(lo)} - {fmt(hi)})"
+
+
 def timing_table(m: dict, title: str = "predicted on the wafer") -> Table:
     t = Table("metric", "value", title=title)
     t.add_row("wafer", f"{m.get('wafer')}  (prefill grid {m.get('prefill_grid')}, decode grid {m.get('decode_grid')})")
-    t.add_row("TTFT (prefill)", _t(m.get("ttft_s")))
-    t.add_row("prefill -> decode transition", _t(m.get("transition_s")))
-    t.add_row("TPOT", _t(m.get("tpot_s")))
-    t.add_row("prefill tokens/s", _r(m.get("prefill_tokens_per_s")))
-    t.add_row("decode TPR (tokens/s)", _r(m.get("decode_tokens_per_s")))
-    t.add_row("end-to-end TPR (tokens/s)", _r(m.get("e2e_tokens_per_s")))
-    t.add_row("energy", f"{m.get('energy_j', 0):.4g} J")
+    t.add_row("TTFT (prefill)", _banded(m, "ttft_s", _t))
+    t.add_row("prefill -> decode transition", _banded(m, "transition_s", _t))
+    t.add_row("TPOT", _banded(m, "tpot_s", _t))
+    t.add_row("prefill tokens/s", _banded(m, "prefill_tokens_per_s", _r))
+    t.add_row("decode TPR (tokens/s)", _banded(m, "decode_tokens_per_s", _r))
+    t.add_row("end-to-end TPR (tokens/s)", _banded(m, "e2e_tokens_per_s", _r))
+    t.add_row("energy (from events)", f"{m.get('energy_j', 0):.4g} J")
+    parts = m.get("energy_breakdown_j") or {}
+    if parts:
+        t.add_row("  of which", ", ".join(f"{k} {v:.3g} J" for k, v in sorted(parts.items(), key=lambda kv: -kv[1])))
+    if m.get("energy_power_x_time_j") is not None:
+        t.add_row("  cross-check: system power x time", f"{m['energy_power_x_time_j']:.4g} J")
     t.add_row("KV capacity (shift / concat)",
               f"{m.get('kv_capacity_tokens', 0):,} / {m.get('kv_capacity_tokens_concat', 0):,} tokens")
     sram = m.get("sram_peak_bytes_per_pe") or {}
@@ -52,10 +66,18 @@ def breakdown_table(m: dict, top: int = 10) -> Table:
 
 
 def gpu_table(baselines: list[dict]) -> Table:
-    t = Table("device", "TTFT", "TPOT", "decode TPR", "e2e TPR", "energy", "fits", title="GPU roofline baseline")
-    for g in baselines:
-        t.add_row(g["device"], _t(g["ttft_s"]), _t(g["tpot_s"]), _r(g["decode_tokens_per_s"]),
-                  _r(g["e2e_tokens_per_s"]), f"{g['energy_j']:.4g} J", "yes" if g.get("fits") else "no")
+    """The GPU baselines beside a prediction: every setup with its ideal roofline (a bound),
+    its calibrated model (fitted to measured SGLang numbers) and, where one exists, a measurement."""
+    from waferllm.baselines import baseline_rows
+
+    t = Table("device", "baseline", "TTFT", "TPOT", "prefill tok/s", "decode TPR", "e2e TPR", "energy", "fits",
+              "basis", title="GPU baselines")
+    for g in baseline_rows(baselines):
+        energy = "-" if g.get("energy_j") is None else f"{g['energy_j']:.4g} J"
+        fits = "-" if g.get("fits") is None else ("yes" if g["fits"] else "no")
+        t.add_row(g["device"], g["baseline"], _t(g.get("ttft_s")), _t(g.get("tpot_s")),
+                  _r(g.get("prefill_tokens_per_s")), _r(g.get("decode_tokens_per_s")), _r(g.get("e2e_tokens_per_s")),
+                  energy, fits, g.get("basis", ""))
     return t
 
 

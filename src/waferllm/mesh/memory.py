@@ -122,22 +122,26 @@ class SRAM:
             self._uniform -= b
 
     @contextmanager
-    def lent(self, handle: int | None):
-        """Let a kernel use an allocation's space as one of its own rotating buffers.
+    def lent(self, *tensors):
+        """Let a kernel use tensors' space as its own rotating buffers.
 
-        MeshGEMM rotates a placed weight through the mesh with one receive buffer: the
-        placed tile's space is reused, so during the kernel the weight is not counted
-        twice. Afterwards (the weight is home again) the allocation is restored.
+        MeshGEMM rotates its operands through the mesh, each with one receive buffer: an
+        operand's own space is reused, so during the kernel it is not counted twice.
+        Afterwards (the operands are home again) the allocations are restored. Tensors
+        without an allocation here (or already lent) are skipped.
         """
-        entry = self._allocs.get(handle) if handle is not None else None
-        if entry is None:
-            yield
-            return
-        self.free(handle)
+        lent = []
+        for t in tensors:
+            handle = getattr(t, "_handle", None)
+            entry = self._allocs.get(handle) if handle is not None else None
+            if entry is not None:
+                self.free(handle)
+                lent.append((handle, entry))
         try:
             yield
         finally:
-            self._rekey(self.alloc(entry[0], entry[1]), handle)
+            for handle, entry in lent:
+                self._rekey(self.alloc(entry[0], entry[1]), handle)
 
     # ---- explicit lifetimes -------------------------------------------------------
     def release(self, *tensors) -> None:
