@@ -161,7 +161,8 @@ def test_overrides_api():
 def test_derived_figures():
     w = get_wafer("wse2")
     assert w.total_sram_bytes == 745_500 * 49152
-    assert w.peak_flops("fp16") == pytest.approx(2 * 4 * 745_500 * 1.1e9)
+    assert w.peak_flops("fp16") == pytest.approx(2 * w.fp16_macs_per_cycle * 745_500 * 1.1e9)
+    assert w.peak_flops("fp16") == pytest.approx(2 * 2 * 745_500 * 1.1e9)  # the fitted two fp16 lanes
     assert w.peak_flops("fp32") == pytest.approx(2 * 745_500 * 1.1e9)
     assert w.cycles_to_seconds(1.1e9) == pytest.approx(1.0)
     assert w.bisection_bandwidth == pytest.approx(2 * 750 * 4 * 1.1e9)

@@ -421,7 +421,7 @@ def test_broadcast_route_overflow_raise_and_relay():
     assert out.layout == ("y", None)
     assert sw.ledger.cycles > hw.ledger.cycles
     assert sw.ledger.totals["routing_stages"] == 5 and hw.ledger.totals.get("routing_stages", 0) == 0
-    assert sw.ledger.cycles - hw.ledger.cycles == 5 * WAFER.beta_cycles
+    assert sw.ledger.cycles - hw.ledger.cycles == pytest.approx(5 * WAFER.beta_cycles)
     assert sw.ledger.totals["relayed_transfers"] > 0
     assert any("relayed in software" in n for n in sw.ledger.notes)
     assert sw.routes.relayed == {"broadcast": 1}
@@ -462,11 +462,15 @@ def test_sram_lent_frees_during_and_restores_after():
     b = place_b(m, np.ones((16, 16), np.float32), "fp32", name="W")
     a = m.place(np.ones((8, 16), np.float32), ("y", "x"), "fp32", name="A")
     before = m.sram.used_max()
-    with m.sram.lent(b._handle):
+    with m.sram.lent(b):
         assert m.sram.used_max() == before - b.bytes_per_pe
+        with m.sram.lent(b):  # already lent: nothing more to free
+            assert m.sram.used_max() == before - b.bytes_per_pe
     assert m.sram.used_max() == before
     r = meshgemm(a, b)
-    # during the kernel: A, skewed A and its incoming copy, B's own space and one receive
-    # buffer, the fp32 accumulator and the output, never a third copy of B
-    assert r.report.sram_peak_bytes_per_pe <= before + 2 * a.bytes_per_pe + b.bytes_per_pe + 2 * 4 * 2 * 4
+    # during the kernel: A and its skewed copy, which rotates through its own space plus one
+    # receive buffer, B's own space and one receive buffer, and the fp32 accumulator
+    # (4 x 4 fp32 per PE) which becomes the output: never a third copy of A or B
+    acc = 2 * 4 * 4
+    assert r.report.sram_peak_bytes_per_pe == before + 2 * a.bytes_per_pe + b.bytes_per_pe + acc
     assert "W" in m.sram.by_name()

@@ -132,9 +132,11 @@ def test_concat_capacity_is_about_decode_grid_times_smaller(l8b):
     concat = predict(l8b, "wse2", 32, 8, *L8B_GRIDS, layers=1, gpus=False, kv_scheme="concat")
     assert shift["kv_capacity_tokens"] == concat["kv_capacity_tokens"]  # the plan reports both
     ratio = shift["kv_capacity_tokens"] / shift["kv_capacity_tokens_concat"]
-    assert ratio == pytest.approx(L8B_GRIDS[1], rel=0.01)
-    # the paper: ~360-385x on its decode grids
-    assert 300 <= ratio <= 400
+    # the shift cache fills every row of the tightest decode region; concat grows one row of it
+    tightest = min(shift["placement"]["decode"]["region_sides"])
+    assert ratio == pytest.approx(tightest, rel=0.02)
+    # the paper: ~360-385x on its decode grids (all 360 or larger here but the strip's 274)
+    assert 250 <= ratio <= 400
     assert concat["kv_shift_moves"] == 0 < shift["kv_shift_moves"]
 
 
@@ -142,7 +144,11 @@ def test_concat_scheme_runs_where_its_capacity_allows(l8b):
     """Decode attention scans only a concat row's occupied prefix, so the run fits as long
     as the concat cache does (it once sized its score tiles by the whole capacity)."""
     m = predict(l8b, "wse2", 128, 8, *L8B_GRIDS, layers=1, gpus=False, kv_scheme="concat")
-    assert m["kv_capacity_tokens_concat"] >= 136
+    # the prompt is spread over the rows at the transition (at most one token per row of a
+    # 274-row region), then the 7 decode steps append to the bottom row only
+    bottom_row_needs = -(-128 // min(m["placement"]["decode"]["region_sides"])) + 7
+    assert bottom_row_needs <= m["kv_capacity_tokens_concat"]
+    assert m["kv_shift_moves"] == 0
 
 
 @pytest.mark.parametrize("bad", [0, -3, 1.5, True, "8"])

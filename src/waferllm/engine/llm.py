@@ -17,6 +17,7 @@ from typing import Sequence
 
 from waferllm.engine.generate import OnToken, as_prompt_list, encode_prompt, generate_one
 from waferllm.engine.outputs import RequestOutput
+from waferllm.engine.predict import with_band
 from waferllm.engine.run_config import RunConfig
 from waferllm.engine.sampling import SamplingParams
 from waferllm.engine.tuner import tune_grids
@@ -52,7 +53,7 @@ class LLM:
 
     def __init__(self, model=None, wafer: str | WaferSpec | None = "wse2", prefill_grid="auto", decode_grid="auto",
                  dtype: str = "fp16", kv_scheme: str = "shift", max_model_len: int | None = None,
-                 wafer_overrides: dict | None = None, progress=None):
+                 wafer_overrides: dict | None = None, progress=None, band: bool = True):
         from waferllm.models.loader import resolve_model
 
         model = resolve_model(model)
@@ -75,6 +76,7 @@ class LLM:
                                      max_grid=NUMERIC_MAX_GRID)
             run = self.tuning["run"]
         self.run = run
+        self.band = band  # each request's metrics carry low/high bands (two shape-only reruns)
         self.backend = WaferModel(self.config, model.weights, spec, run, mode="numeric", progress=progress)
 
     @property
@@ -112,6 +114,9 @@ class LLM:
         out = generate_one(self.backend, self.tokenizer, prompt_token_ids, params, on_token=on_token, prompt=prompt)
         host = out.metrics
         wafer = host.pop("backend", None) or self.backend.request_metrics()
+        if self.band and out.token_ids:
+            # the same request, shape only, with the wafer's assumed constants at both ends
+            with_band(wafer, self.config, self.wafer, self.backend.run, len(prompt_token_ids), len(out.token_ids))
         out.metrics = {**wafer, "engine": self.name, "host": {**host, "wall_s": time.perf_counter() - t0,
                                                               "placement_wall_s": self.backend.placement_wall_s}}
         return out

@@ -85,6 +85,8 @@ def request_metrics(model) -> dict:
         "e2e_tokens_per_s": out_tokens / total if total else None,
         **energy(model, total, counters),
         **kv_capacity(model),
+        "sram_breakdown_bytes_per_pe": capacity.sram_breakdown(model.config, model.plan, model.prefill_stages,
+                                                               model.decode_stages),
         "flops": counters["flops"],
         "bytes_moved": counters["bytes_moved"],
         "routing_stages": counters["routing_stages"],

@@ -12,19 +12,10 @@ from waferllm.interfaces.cli import app
 
 
 def _config(model: str):
-    from pathlib import Path
+    """A preset name or a model path (a config.json alone is enough: no weights are read)."""
+    from waferllm.models.loader import resolve_config
 
-    from waferllm.models.presets import get_model_preset, list_model_presets
-
-    if Path(model).exists():
-        from waferllm.models.loader import load_model
-
-        return load_model(model).config
-    if model.lower() in list_model_presets() or not any(c in model for c in "/\\."):
-        return get_model_preset(model)
-    from waferllm.errors import ModelError
-
-    raise ModelError(f"model {model!r} is neither a preset ({', '.join(list_model_presets())}) nor an existing path")
+    return resolve_config(model)
 
 
 @app.command()

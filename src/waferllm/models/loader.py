@@ -1,4 +1,9 @@
-"""``load_model(path)``: a GGUF file, an HF directory, or the embedded SmolLM2 (``None``)."""
+"""``load_model(path)``: a GGUF file, an HF directory, or the embedded SmolLM2 (``None``).
+
+``load_config(path)`` reads only the model's shape: an HF ``config.json`` (the file, or a
+directory holding it, with or without weights) or a GGUF file's metadata. A dry-run
+prediction needs nothing more. ``resolve_config(model)`` also takes a preset name.
+"""
 
 from __future__ import annotations
 
@@ -56,6 +61,60 @@ def resolve_model(model) -> LoadedModel:
     if not isinstance(model, LoadedModel):
         raise ModelError(f"model must be a path, a LoadedModel or None, got {type(model).__name__}")
     return model
+
+
+def load_config(path: str | os.PathLike) -> ModelConfig:
+    """The :class:`ModelConfig` of a model path, reading no weights.
+
+    ``path`` is a directory with a ``config.json`` (weights and tokenizer need not be
+    there), an HF config file (``config.json`` or any ``*.json``), a ``*.safetensors``
+    file beside its ``config.json``, or a GGUF file (its metadata). Architectures the
+    engine cannot run are refused with a :class:`ModelError`.
+    """
+    from waferllm.models.hf_loader import hf_config, read_json
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ModelError(f"{path}: model file or directory not found")
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
+            if len(ggufs) == 1:
+                return load_config(os.path.join(path, ggufs[0]))
+            raise ModelError(f"{path}: no config.json in this directory (a model directory needs at least its "
+                             "Hugging Face config.json)")
+        return hf_config(path)
+    if path.endswith(".safetensors") or os.path.basename(path) == "config.json":
+        return hf_config(os.path.dirname(os.path.abspath(path)))
+    if path.endswith(".json"):
+        name = os.path.splitext(os.path.basename(path))[0]
+        try:
+            return ModelConfig.from_hf_dict(read_json(path), name=name)
+        except ModelError as exc:
+            msg = str(exc)
+            raise ModelError(msg if msg.startswith(path) else f"{path}: {msg}") from None
+    from waferllm.models.gguf_loader import GGUFFile, gguf_config
+
+    return gguf_config(GGUFFile.open(path))
+
+
+def resolve_config(model) -> ModelConfig:
+    """A :class:`ModelConfig` from one, a preset name (``llama3-8b``, ...) or a model path
+    (see :func:`load_config`): what a dry-run prediction needs."""
+    from waferllm.models.presets import get_model_preset, list_model_presets
+
+    if isinstance(model, ModelConfig):
+        return model
+    if isinstance(model, LoadedModel):
+        return model.config
+    if not isinstance(model, (str, os.PathLike)):
+        raise ModelError(f"model must be a preset name, a path or a ModelConfig, got {type(model).__name__}")
+    text = os.fspath(model)
+    if os.path.exists(text):
+        return load_config(text)
+    if text.strip().lower() in list_model_presets() or not any(c in text for c in "/\\."):
+        return get_model_preset(text)
+    raise ModelError(f"model {text!r} is neither a preset ({', '.join(list_model_presets())}) nor an existing path")
 
 
 def load_model(path: str | os.PathLike | None = None, cache_layers: int | None = None) -> LoadedModel:
