@@ -172,7 +172,7 @@ def section_sweeps(out: Out, wafer, models, lengths) -> None:
         f"the layer count, 32 for llama3-8b and 40 for llama2-13b), wafer {wafer.name}, fp16, batch 1")
     out()
     out("TPR = tokens/s per request: decode TPR = 1/TPOT, e2e TPR = output tokens / (TTFT + transition + decode). "
-        "GPU columns: the calibrated GPU model (`waferllm.hardware.gpu_calibrated`: the roofline's terms with "
+        "GPU columns: the calibrated GPU model (`waferllm.baselines.gpu_calibrated`: the roofline's terms with "
         "efficiency factors and fixed overheads fitted to SGLang's measured A100 numbers, SPEC section 5; "
         "H100 inherits the A100 factors). Section 4b compares with the ideal roofline too.")
     out()

@@ -7,7 +7,7 @@
                                                                     # refit from benchmarks/gpu_measure.py's output
 
 Only absolute measurements of the chosen GPU are used: by default the SGLang A100 runs of
-SPEC section 5 (waferllm/calibration/measurements.toml, system = "gpu"). Exits non-zero
+SPEC section 5 (waferllm/hardware/measurements.toml, system = "gpu"). Exits non-zero
 when a measurement is reproduced worse than its tolerance.
 """
 
@@ -16,9 +16,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from waferllm.calibration.measurements import load_measurements
+from waferllm.hardware.measurements import load_measurements
 from waferllm.errors import WaferLLMError
-from waferllm.hardware.gpu_calibrated import (
+from waferllm.baselines.gpu_calibrated import (
     DEFAULT_GPU, calibrate_gpu, load_fit, measurement_request, measurement_value,
 )
 

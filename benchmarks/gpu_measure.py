@@ -10,7 +10,7 @@ subprocess of its own, and measures, at several prompt lengths, batch 1, fp16:
 * decode tokens/s per request = output_len / (time with 1 + output_len output tokens -
   time with 1), medians likewise.
 
-It writes both as measurements in the format of ``waferllm/calibration/measurements.toml``
+It writes both as measurements in the format of ``waferllm/hardware/measurements.toml``
 (system "gpu", args: model, gpus, gpu, input_len, output_len), from which the calibrated
 GPU model is refitted. On a GPU machine (NVIDIA GPU with CUDA, ``pip install vllm``):
 
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     if not measured:
         print("gpu_measure: no model was measured", file=sys.stderr)
         return 1
-    from waferllm.hardware.gpu_calibrated import measurements_to_toml
+    from waferllm.baselines.gpu_calibrated import measurements_to_toml
 
     Path(args.output).write_text(measurements_to_toml(
         measured, header=f"GPU serving measurements written by benchmarks/gpu_measure.py on {stamp}.\n"

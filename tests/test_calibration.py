@@ -7,9 +7,9 @@ import math
 
 import pytest
 
-from waferllm.calibration.band import apply_band, assumed_ranges, corner
+from waferllm.engine.band import apply_band, assumed_ranges, corner
 from waferllm.calibration.fit import PLANS, FitPlan, evaluate, fit, recorded_loss, target_loss
-from waferllm.calibration.measurements import Measurement, load_measurements
+from waferllm.hardware.measurements import Measurement, load_measurements
 from waferllm.calibration.targets import WSE3_LAYER, decode_layer_profile
 from waferllm.errors import HardwareError
 from waferllm.hardware import get_wafer

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from waferllm.baselines import STANDARD_SETUPS, baseline_rows, gpu_baselines
-from waferllm.calibration.measurements import Measurement, load_measurements
+from waferllm.hardware.measurements import Measurement, load_measurements
 from waferllm.errors import HardwareError, RequestError
 from waferllm.hardware.gpu import GPUSpec, get_gpu
-from waferllm.hardware.gpu_calibrated import (
+from waferllm.baselines.gpu_calibrated import (
     FACTORS, GPUFit, Request, fit_gpu, gpu_inference_calibrated, load_fit, measurement_request, measurement_value,
     measurements_to_toml, model_value, write_fit,
 )

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from waferllm.calibration.measurements import load_measurements
-from waferllm.hardware.gpu_calibrated import Request, fit_gpu, measurement_request, measurements_to_toml, model_value
+from waferllm.hardware.measurements import load_measurements
+from waferllm.baselines.gpu_calibrated import Request, fit_gpu, measurement_request, measurements_to_toml, model_value
 from waferllm.hardware.gpu_roofline import Efficiency
 
 ROOT = Path(__file__).resolve().parents[1]

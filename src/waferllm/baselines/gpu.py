@@ -6,7 +6,7 @@ entries computed for the same request:
 * ``roofline``: the ideal bound (:func:`waferllm.hardware.gpu_roofline.gpu_inference_roofline`);
 * ``calibrated``: what a serving engine like SGLang would do, the same terms with the
   efficiency factors fitted to measured runs
-  (:func:`waferllm.hardware.gpu_calibrated.gpu_inference_calibrated`); on GPUs without
+  (:func:`waferllm.baselines.gpu_calibrated.gpu_inference_calibrated`); on GPUs without
   measurements of their own the factors are inherited from the A100 fit (``derived``);
 
 and, when the project's data holds a measurement of exactly this model, setup and input
@@ -22,7 +22,7 @@ from typing import Any, Iterable
 
 from waferllm.errors import HardwareError
 from waferllm.hardware.gpu import GPUSpec, get_gpu
-from waferllm.hardware.gpu_calibrated import EVALUATORS, gpu_inference_calibrated, measurement_request
+from waferllm.baselines.gpu_calibrated import EVALUATORS, gpu_inference_calibrated, measurement_request
 from waferllm.hardware.gpu_roofline import device_label, gpu_inference_roofline
 
 #: (GPU preset, number of GPUs); 16 A100s are 2 nodes of 8.
@@ -34,7 +34,7 @@ _ROW_KEYS = ("ttft_s", "tpot_s", "prefill_tokens_per_s", "decode_tokens_per_s", 
 
 
 def _gpu_measurements(measurements) -> list:
-    from waferllm.calibration.measurements import load_measurements
+    from waferllm.hardware.measurements import load_measurements
 
     if measurements is None or isinstance(measurements, (str, Path)):
         measurements = load_measurements(measurements, system="gpu")

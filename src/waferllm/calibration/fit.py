@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from waferllm.calibration.measurements import Measurement, load_measurements
+from waferllm.hardware.measurements import Measurement, load_measurements
 from waferllm.calibration.targets import Evaluator
 from waferllm.hardware.plmr import WaferSpec, get_wafer
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from waferllm.calibration.fit import Row, evaluate, recorded_loss, target_loss
-from waferllm.calibration.measurements import load_measurements
+from waferllm.hardware.measurements import load_measurements
 from waferllm.hardware.plmr import WaferSpec, get_wafer
 
 SYSTEMS = ("wse2", "wse3")
@@ -13,7 +13,7 @@ def validation_rows(wafers: dict[str, WaferSpec] | None = None, gpu: bool = True
     """Rows per system: each wafer preset against its own measurements, and (``gpu``) the
     GPU measurements against the ideal roofline (not fitted: it shows the roofline's gap)
     and against the calibrated GPU model (fitted to them)."""
-    from waferllm.hardware.gpu_calibrated import measurement_value
+    from waferllm.baselines.gpu_calibrated import measurement_value
 
     wafers = wafers or {n: get_wafer(n) for n in SYSTEMS}
     out = {name: evaluate(w) for name, w in wafers.items()}

@@ -40,7 +40,7 @@ def predict_run(config, wafer, run: RunConfig, input_len: int, output_len: int, 
 
     With ``band``, times and rates also get ``*_low``/``*_high``: the same request on the
     wafer with its assumed constants at the ends of their ranges, widened by the wafer's
-    calibration error (:mod:`waferllm.calibration.band`)."""
+    calibration error (:mod:`waferllm.engine.band`)."""
     _check(input_len, output_len)
     t0 = time.perf_counter()
     wm = WaferModel(config, None, wafer, run, mode="dry")
@@ -73,7 +73,7 @@ def predict_run(config, wafer, run: RunConfig, input_len: int, output_len: int, 
 
 def with_band(m: dict, config, wafer, run: RunConfig, input_len: int, output_len: int) -> dict:
     """Add the low/high band to the metrics ``m`` of this request (see :func:`predict_run`)."""
-    from waferllm.calibration.band import apply_band, corner
+    from waferllm.engine.band import apply_band, corner
 
     ends = []
     for slow in (False, True):

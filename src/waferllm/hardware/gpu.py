@@ -11,7 +11,7 @@ capacity, NVLink bandwidth per direction and the latency floor of one allreduce 
 node, InfiniBand bandwidth per GPU per direction and the extra latency floor of a
 collective that crosses nodes, GPUs per node, and board power. ``efficiency_from`` names
 the preset whose serving-engine efficiency fit this GPU inherits when it has none of its
-own (see :mod:`waferllm.hardware.gpu_calibrated`).
+own (see :mod:`waferllm.baselines.gpu_calibrated`).
 """
 
 from __future__ import annotations

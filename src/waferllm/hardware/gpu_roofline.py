@@ -6,7 +6,7 @@ HBM time, plus the time of its allreduces at the links' full bandwidth and laten
 floors. It is a *bound* for a real serving system (SGLang/vLLM on the same GPUs), not a
 prediction of one. :func:`gpu_inference` evaluates the same terms with an
 :class:`Efficiency` (fractions of peak and fixed costs); the ideal one gives the
-roofline, and :mod:`waferllm.hardware.gpu_calibrated` supplies one fitted to measured
+roofline, and :mod:`waferllm.baselines.gpu_calibrated` supplies one fitted to measured
 serving numbers. Every efficiency is a fraction <= 1 of a peak or a cost >= 0 added to a
 floor, so no efficiency can make a setup faster than its roofline.
 

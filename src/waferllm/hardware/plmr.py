@@ -33,7 +33,7 @@ class Provenance:
     source: str
     status: str
     # (low, high): the values an uncertain constant could plausibly take; predictions
-    # report the band they span (see waferllm.calibration.band)
+    # report the band they span (see waferllm.engine.band)
     range: tuple[float, float] | None = None
 
     def to_dict(self) -> dict:

@@ -78,7 +78,7 @@ def calibrate(
     from waferllm.errors import HardwareError
 
     if gpu:
-        from waferllm.hardware.gpu_calibrated import calibrate_gpu
+        from waferllm.baselines.gpu_calibrated import calibrate_gpu
 
         calibrate_gpu(gpu, measurements, write=write, log=Console().print)
         return

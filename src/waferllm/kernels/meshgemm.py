@@ -250,6 +250,10 @@ def meshgemm_rect(mesh, a, b, *, dtype: str = "fp16", ring: str = "interleave", 
     ``a`` [M, K] and ``b`` [K, N] are host arrays (numeric mesh) or shape tuples (dry
     run); they are placed here (A plain, B pre-skewed for the logical grid; placement is
     not charged). Returns C [M, N] with layout (y, x) on the physical region.
+
+    (One long function on purpose: the fold's index maps, the skew, the steps and the
+    numerics all read the same fold state; split up, a dozen locals would be threaded
+    through every helper.)
     """
     algo = algo or ("meshgemm" if ring == "interleave" else "cannon")
     if ring not in ("interleave", "plain"):

@@ -89,7 +89,7 @@ def _fmt(v: float | None, unit: str) -> str:
 
 
 def default_path() -> Path:
-    return Path(str(resources.files("waferllm.calibration") / "measurements.toml"))
+    return Path(str(resources.files("waferllm.hardware") / "measurements.toml"))
 
 
 def load_measurements(path: str | Path | None = None, system: str | None = None) -> list[Measurement]:

@@ -22,7 +22,7 @@ latency; for prefill because the ring then runs at the InfiniBand bandwidth.
 
 The fit (:func:`fit_gpu`) minimises the sum of squared ``log(model / measured)`` over
 the absolute measurements of one GPU (by default the SGLang A100 runs of SPEC section 5
-in ``waferllm/calibration/measurements.toml``; or a file written by
+in ``waferllm/hardware/measurements.toml``; or a file written by
 ``benchmarks/gpu_measure.py``), by Levenberg-Marquardt from several starts. Only the
 factors the measurements constrain are free (no prefill: ``flops`` is kept; one GPU
 only: the allreduce factors are kept; one node only: the crossing-node latency is kept).
@@ -135,7 +135,7 @@ class Request:
 
 
 def measurement_request(m) -> Request:
-    """The request a GPU measurement (a :class:`~waferllm.calibration.measurements.Measurement`) describes."""
+    """The request a GPU measurement (a :class:`~waferllm.hardware.measurements.Measurement`) describes."""
     if m.model not in EVALUATORS:
         raise HardwareError(f"measurement {m.id}: {m.model!r} is not a GPU quantity ({', '.join(EVALUATORS)})")
     args = dict(m.args)
@@ -231,7 +231,7 @@ def _toml_num(v: float) -> str:
 
 def fit_to_toml(fit: GPUFit) -> str:
     lines = [
-        f"# Serving-engine efficiency of the {fit.gpu} GPU preset, fitted by waferllm.hardware.gpu_calibrated",
+        f"# Serving-engine efficiency of the {fit.gpu} GPU preset, fitted by waferllm.baselines.gpu_calibrated",
         "# (benchmarks/gpu_calibrate.py). Written by the fit with its residuals: refit rather than edit.",
         f"gpu = {_toml_str(fit.gpu)}",
         f"fitted_to = {_toml_str(fit.fitted_to)}",
@@ -265,7 +265,7 @@ def _toml_value(v) -> str:
 
 
 def measurements_to_toml(entries: Iterable[dict], header: str = "") -> str:
-    """Measurement entries (dicts with the fields of ``calibration/measurements.toml``) as that file's TOML."""
+    """Measurement entries (dicts with the fields of ``hardware/measurements.toml``) as that file's TOML."""
     lines = [f"# {line}" for line in header.splitlines()]
     for e in entries:
         lines += ["", "[[measurement]]"] + [f"{k} = {_toml_value(v)}" for k, v in e.items()]
@@ -349,12 +349,15 @@ def fit_gpu(gpu: str = DEFAULT_GPU, measurements: "str | Path | list | None" = N
             base: GPUFit | None = None, iters: int = 200) -> GPUFit:
     """Fit ``gpu``'s efficiency factors to its absolute GPU measurements.
 
-    ``measurements``: a TOML file in the format of ``calibration/measurements.toml`` (for
+    ``measurements``: a TOML file in the format of ``hardware/measurements.toml`` (for
     example one written by ``benchmarks/gpu_measure.py``), a list of measurements, or
     ``None`` for the project's data (SPEC section 5). Factors the measurements do not
     constrain keep their value from ``base`` (default: the fit ``gpu`` uses now).
+
+    (Long on purpose: reading the measurements, choosing the free factors, the bounded
+    search and the residual table are one pass over the same request list.)
     """
-    from waferllm.calibration.measurements import load_measurements
+    from waferllm.hardware.measurements import load_measurements
 
     spec = get_gpu(gpu)
     source_file = None
@@ -422,10 +425,10 @@ def fit_gpu(gpu: str = DEFAULT_GPU, measurements: "str | Path | list | None" = N
     loss = loss_of(values)
     worst = max(abs(r["error"]) for r in rows)
     stamp = time.strftime("%Y-%m-%d")
-    where = str(source_file) if source_file else "waferllm/calibration/measurements.toml (SPEC section 5)"
+    where = str(source_file) if source_file else "waferllm/hardware/measurements.toml (SPEC section 5)"
     fitted_to = (f"{len(rows)} absolute measurements of {spec.name} in {where}: "
                  + "; ".join(sorted({m.source for m, _ in reqs})))
-    summary = (f"fitted by waferllm.hardware.gpu_calibrated.fit_gpu (least squares on log(model/measured)) to "
+    summary = (f"fitted by waferllm.baselines.gpu_calibrated.fit_gpu (least squares on log(model/measured)) to "
                f"{len(rows)} measurements of {spec.name} in {where}; loss {loss:.4f}, largest error {worst:.1%}, {stamp}")
     prov = {}
     for k in FACTORS:
@@ -490,7 +493,7 @@ def gpu_inference_calibrated(config: Any, gpu: str | GPUSpec, num_gpus: int = 1,
     spec = gpu if isinstance(gpu, GPUSpec) else get_gpu(gpu)
     fit = fit or load_fit(spec)
     r = gpu_inference(config, spec, num_gpus, input_len, output_len, batch, dtype_bytes, fit.efficiency)
-    return with_provenance(r, spec, "calibrated", "waferllm.hardware.gpu_calibrated: the roofline's terms with "
+    return with_provenance(r, spec, "calibrated", "waferllm.baselines.gpu_calibrated: the roofline's terms with "
                            "fitted fractions of peak compute, HBM and link bandwidth, and fitted fixed costs per "
                            "allreduce, per layer and per forward pass", **fit.provenance_dict())
 
