@@ -52,7 +52,7 @@ PRIMITIVES = {
     "local matmul": lambda m, a, b, v, d: compute.local_matmul(a, b, shape=a.shape, layout=("y", "x"),
                                                                partial=("x", "sum")),
     "elementwise": lambda m, a, b, v, d: compute.elementwise(lambda x, y: x * y + 1.0, a, b),
-    "replace": lambda m, a, b, v, d: comm.replace(a, d, ("x", "y")),
+    "relayout": lambda m, a, b, v, d: comm.relayout(a, d, ("x", "y")),
 }
 
 

@@ -110,7 +110,7 @@ def test_allreduce_costs_order_on_a_long_line():
     assert costs[("ring", 2)] > costs[("ktree", 2)]
 
 
-@pytest.mark.parametrize("prim", ["shift", "ring", "bcast", "allreduce", "gather", "replace", "matmul", "elementwise"])
+@pytest.mark.parametrize("prim", ["shift", "ring", "bcast", "allreduce", "gather", "relayout", "matmul", "elementwise"])
 def test_costs_monotone_in_bytes(prim):
     prev = -1.0
     for elems in (1, 2, 3, 7, 16, 64, 100, 257, 600):
@@ -126,8 +126,8 @@ def test_costs_monotone_in_bytes(prim):
             comm.allreduce(m.place((elems,), (None,)), "x")
         elif prim == "gather":
             comm.gather(t)
-        elif prim == "replace":
-            comm.replace(t, Mesh(Region(WAFER, 3, 3, row0=10), mode="dry", ledger=m.ledger), (None, "x"))
+        elif prim == "relayout":
+            comm.relayout(t, Mesh(Region(WAFER, 3, 3, row0=10), mode="dry", ledger=m.ledger), (None, "x"))
         elif prim == "matmul":
             compute.matmul_tiles(m, None, None, dtype="fp16", shapes=(4, elems, 4))
         else:

@@ -75,7 +75,7 @@ def test_predict_text_report_shows_the_predicted_figures(capsys):
     py = _python("smollm2-135m", get_wafer("wse2"), 64, 8, 64, 48)
     assert main(["predict", *SMALL]) == 0
     out = capsys.readouterr().out
-    assert "GPU roofline" in out and "placement plan" in out
+    assert "GPU baselines" in out and "roofline" in out and "calibrated" in out and "placement plan" in out
     rows = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in out.splitlines()
             if line.count("│") >= 3}
     assert 1e-3 <= py["ttft_s"] < 1 and 1e-6 <= py["tpot_s"] < 1e-3  # shown in ms and us

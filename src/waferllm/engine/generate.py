@@ -62,27 +62,182 @@ def _prompt_logprobs(logits: np.ndarray, prompt: Sequence[int], k: int) -> list[
     return out
 
 
+_PROMPT_KINDS = ("a string, a list of token ids, a chat message list, {'prompt': str}, {'prompt_token_ids': [...]}, "
+                 "or a list of these")
+
+
+def _is_id(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _is_token_ids(x) -> bool:
+    """A non-empty list/tuple/1-D array of integers (vLLM's ``prompt_token_ids``)."""
+    if isinstance(x, np.ndarray):
+        return x.ndim == 1 and x.size > 0 and np.issubdtype(x.dtype, np.integer)
+    return isinstance(x, (list, tuple)) and len(x) > 0 and all(_is_id(t) for t in x)
+
+
+def _is_conversation(x) -> bool:
+    return isinstance(x, (list, tuple)) and len(x) > 0 and isinstance(x[0], dict) and "role" in x[0]
+
+
+def _check_prompt(p, where: str = "prompt"):
+    """One prompt in one of the accepted forms (else a RequestError naming them)."""
+    if isinstance(p, str) or _is_token_ids(p) or _is_conversation(p):
+        return list(p) if isinstance(p, (tuple, np.ndarray)) else p
+    if isinstance(p, dict):
+        keys = set(p)
+        if keys == {"prompt_token_ids"} and _is_token_ids(p["prompt_token_ids"]):
+            return p
+        if keys == {"prompt"} and isinstance(p["prompt"], str):
+            return p
+        if "role" in p:
+            raise RequestError(f"{where}: a chat message must come in a list of messages, e.g. [{p!r:.60}]")
+        raise RequestError(f"{where}: a prompt dict must be {{'prompt': str}} or {{'prompt_token_ids': [int, ...]}}, "
+                           f"got keys {sorted(map(str, keys))}")
+    if isinstance(p, (list, tuple)) and not p:
+        raise RequestError(f"{where} is empty")
+    if isinstance(p, (list, tuple)) and any(_is_id(t) for t in p):
+        bad = next(t for t in p if not _is_id(t))
+        raise RequestError(f"{where}: token ids must all be integers, got {bad!r}")
+    raise RequestError(f"{where} must be {_PROMPT_KINDS}; got {type(p).__name__}")
+
+
 def as_prompt_list(prompts) -> list:
-    """One prompt (a string or a chat message list) or a list of prompts -> a list."""
-    if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict)):
-        return [prompts]
-    if not prompts:
-        raise RequestError("no prompts given")
-    return list(prompts)
+    """One prompt or a list of prompts -> a list of prompts.
+
+    A prompt is text, token ids (a list of ints, as vLLM), ``{"prompt": text}`` or
+    ``{"prompt_token_ids": ids}`` (vLLM's TextPrompt / TokensPrompt), or a chat
+    conversation (a list of ``{"role", "content"}`` messages)."""
+    if isinstance(prompts, np.ndarray) and prompts.ndim == 2:
+        prompts = [list(row) for row in prompts]
+    if isinstance(prompts, (str, dict)) or _is_token_ids(prompts) or _is_conversation(prompts):
+        return [_check_prompt(prompts)]
+    if isinstance(prompts, (list, tuple)):
+        if not prompts:
+            raise RequestError("no prompts given")
+        return [_check_prompt(p, f"prompt {i}") for i, p in enumerate(prompts)]
+    raise RequestError(f"prompts must be {_PROMPT_KINDS}; got {type(prompts).__name__}")
 
 
-def encode_prompt(tokenizer, prompt, chat: bool = False) -> tuple[str, list[int]]:
+def as_params_list(sampling_params, n: int) -> list[SamplingParams]:
+    """One SamplingParams (or a dict of its fields, or None) for every prompt, or one per prompt."""
+    if isinstance(sampling_params, (list, tuple)):
+        if len(sampling_params) != n:
+            raise RequestError(f"{len(sampling_params)} SamplingParams for {n} prompts: give one, or one per prompt")
+        return [SamplingParams.coerce(p) for p in sampling_params]
+    return [SamplingParams.coerce(sampling_params)] * n
+
+
+def check_token_ids(ids, vocab_size: int | None) -> list[int]:
+    """Token ids as ints, each in ``[0, vocab_size)``."""
+    out = [int(t) for t in ids]
+    if not out:
+        raise RequestError("the prompt is empty (no tokens)")
+    if vocab_size is not None:
+        bad = [t for t in out if not 0 <= t < vocab_size]
+        if bad:
+            raise RequestError(f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})"
+                               + (f" ({len(bad)} ids in all)" if len(bad) > 1 else ""))
+    return out
+
+
+def encode_prompt(tokenizer, prompt, chat: bool = False, vocab_size: int | None = None) -> tuple[str | None, list[int]]:
     """The prompt text (after the chat template when ``chat`` or a message list) and its ids.
 
     A chat template writes its own special tokens (e.g. BOS), so none are added then.
-    """
+    Token-id prompts are used as they are (their text is None, as in vLLM)."""
+    prompt = _check_prompt(prompt)
+    if isinstance(prompt, dict):
+        prompt = prompt.get("prompt", prompt.get("prompt_token_ids"))
+    if _is_token_ids(prompt):
+        if chat:
+            raise RequestError("chat=True needs text or chat messages; token-id prompts are used as they are "
+                               "(apply the chat template before tokenizing, or pass the messages)")
+        return None, check_token_ids(prompt, vocab_size)
     if chat or not isinstance(prompt, str):
+        if isinstance(prompt, str) and not prompt:
+            raise RequestError("the prompt is empty")
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        return text, tokenizer.encode(text, add_special_tokens=False)
+        return text, check_token_ids(tokenizer.encode(text, add_special_tokens=False), vocab_size)
     if not prompt:
         raise RequestError("the prompt is empty")
-    return prompt, tokenizer.encode(prompt, add_special_tokens=True)
+    return prompt, check_token_ids(tokenizer.encode(prompt, add_special_tokens=True), vocab_size)
+
+
+def as_conversations(messages) -> list[list[dict]]:
+    """``chat()``'s input: one conversation (a list of messages) or a list of conversations."""
+    if _is_conversation(messages):
+        return [list(messages)]
+    if isinstance(messages, (list, tuple)) and messages and all(_is_conversation(c) for c in messages):
+        return [list(c) for c in messages]
+    if isinstance(messages, str):
+        raise RequestError("chat() takes messages ([{'role': 'user', 'content': ...}]); use generate() for plain text")
+    raise RequestError("chat() takes a conversation (a list of {'role', 'content'} messages) or a list of "
+                       f"conversations; got {type(messages).__name__}")
+
+
+class PromptFrontend:
+    """``generate()`` and ``chat()`` shared by the engines (vLLM's shapes); a subclass has
+    ``tokenizer``, ``config`` and ``generate_ids(ids, params, on_token, prompt)``."""
+
+    def encode_prompt(self, prompt, chat: bool = False) -> tuple[str | None, list[int]]:
+        return encode_prompt(self.tokenizer, prompt, chat, vocab_size=self.config.vocab_size)
+
+    def generate(self, prompts, sampling_params=None, chat: bool = False,
+                 on_token: OnToken | None = None) -> list[RequestOutput]:
+        """Generate for a prompt or a list of prompts (one request at a time, batch size 1 as in
+        the paper). ``sampling_params``: a SamplingParams (or a dict of its fields) for all, or
+        a list of them, one per prompt. Every request is checked before the first one runs."""
+        prompts = as_prompt_list(prompts)
+        plist = as_params_list(sampling_params, len(prompts))
+        encoded = [self.encode_prompt(p, chat=chat) for p in prompts]
+        for (_, ids), params in zip(encoded, plist):
+            self.check_request(ids, params)
+        return [self.generate_ids(ids, params, on_token=on_token, prompt=text)
+                for (text, ids), params in zip(encoded, plist)]
+
+    def chat(self, messages, sampling_params=None, chat_template: str | None = None,
+             add_generation_prompt: bool = True, on_token: OnToken | None = None) -> list[RequestOutput]:
+        """Generate a reply to a conversation (a list of ``{"role", "content"}`` messages) or to
+        each of a list of conversations, with the model's chat template (or ``chat_template``)."""
+        from waferllm.models.chat import render_chat
+
+        convs = as_conversations(messages)
+        plist = as_params_list(sampling_params, len(convs))
+        tok = self.tokenizer
+        encoded = []
+        for conv in convs:
+            if chat_template is None:
+                text = tok.apply_chat_template(conv, add_generation_prompt=add_generation_prompt)
+            else:
+                text = render_chat(chat_template, conv, add_generation_prompt, bos_token=tok.bos_token,
+                                   eos_token=tok.eos_token)
+            encoded.append((text, check_token_ids(tok.encode(text, add_special_tokens=False), self.config.vocab_size)))
+        for (_, ids), params in zip(encoded, plist):
+            self.check_request(ids, params)
+        return [self.generate_ids(ids, params, on_token=on_token, prompt=text)
+                for (text, ids), params in zip(encoded, plist)]
+
+    def check_request(self, prompt_token_ids, params: SamplingParams) -> None:
+        """Refuse a request that cannot run (before running any)."""
+
+
+def check_lengths(n_prompt: int, max_tokens: int, max_len: int, model_name: str, context: int,
+                  knob: str = "max_model_len") -> None:
+    """Refuse a prompt + max_tokens beyond ``max_len``, saying what would fit."""
+    if n_prompt >= max_len:
+        raise RequestError(f"the prompt has {n_prompt} tokens; {knob} is {max_len}, which leaves no room to generate "
+                           + (f"(raise {knob}: {model_name} allows up to {context})" if max_len < context
+                              else f"({model_name}'s context is {context} tokens: shorten the prompt)"))
+    if n_prompt + max_tokens > max_len:
+        room = max_len - n_prompt
+        raise RequestError(
+            f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) = {n_prompt + max_tokens} exceeds {knob} {max_len}: "
+            f"lower max_tokens to at most {room}"
+            + (f", or raise {knob} (up to {context}, {model_name}'s context)" if max_len < context else
+               f" ({model_name}'s context is {context} tokens)"))
 
 
 def _stopped(tok: int, grown: int, detok: _Detokenizer, params: SamplingParams, stop_ids: set, eos: set):
@@ -115,7 +270,8 @@ def generate_one(backend, tokenizer, prompt_token_ids: Sequence[int], params: Sa
         raise RequestError("stop strings need a tokenizer")
     max_len = getattr(backend, "max_seq_len", None)
     if max_len is not None and len(prompt_ids) >= max_len:
-        raise RequestError(f"prompt of {len(prompt_ids)} tokens leaves no room to generate (context {max_len})")
+        raise RequestError(f"the prompt has {len(prompt_ids)} tokens, which leaves no room to generate in a context of "
+                           f"{max_len} tokens")
     eos = set() if (params.ignore_eos or tokenizer is None) else set(getattr(tokenizer, "eos_token_ids", []) or [])
     stop_ids = set(params.stop_token_ids or [])
     sampler = Sampler(params)

@@ -27,9 +27,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from waferllm.engine.transition import positions
 from waferllm.errors import MeshError, PlacementError
 from waferllm.hardware.plmr import DTYPE_BYTES
+from waferllm.mesh import comm
 from waferllm.mesh.cost import message_cycles, vector_cycles
+from waferllm.mesh.move import Placement
 from waferllm.mesh.tensor import NP_DTYPES, DistTensor
 
 SCHEMES = ("shift", "concat")
@@ -112,17 +115,37 @@ class KVCache:
             self.mesh.sram.resize(self._alloc, rows)
 
     # ---- prefill -> decode ---------------------------------------------------------
-    def load(self, length: int, k_layers=None, v_layers=None) -> None:
-        """Spread ``length`` prompt tokens over the rows (bottom rows take the extra ones).
-
-        ``k_layers[l]``/``v_layers[l]``: [length, kv_padded] in wafer feature order (numeric).
-        """
-        if length > self.capacity_tokens:
-            raise PlacementError(f"prompt of {length} tokens exceeds the KV cache capacity {self.capacity_tokens}")
+    def balanced_counts(self, length: int) -> np.ndarray:
+        """Tokens per row when ``length`` prompt tokens are spread over the rows (the bottom
+        rows take the extra ones)."""
         q, m = divmod(length, self.q)
         counts = np.full(self.q, q, np.int64)
         if m:
             counts[self.q - m:] += 1
+        return counts
+
+    def placement(self, length: int) -> Placement:
+        """Where :meth:`load` puts a layer's ``length`` prompt tokens: the logical
+        [tokens, K | V] in the model's feature order, tokens over the rows in balanced
+        counts, each feature on the column of its block in this cache's HeadLayout (how a
+        PE stores its share, K transposed, does not change where it lands)."""
+        hl = self.hl
+        col = positions(hl.kv_cols, hl.kv_dim) // hl.col_features
+        return Placement(self.mesh.region, (length, 2 * hl.kv_dim), y_dim=0,
+                         y_of=np.repeat(np.arange(self.q), self.balanced_counts(length)), x_dim=1,
+                         x_of=np.concatenate((col, col)))
+
+    def load(self, length: int, k_layers=None, v_layers=None, source_cols=None) -> None:
+        """Spread ``length`` prompt tokens over the rows as :meth:`placement` says.
+
+        Numeric runs: ``k_layers[l]``/``v_layers[l]`` are layer l's K and V on the prefill
+        mesh ([length, features] tensors) and ``source_cols[l]`` the column there of each of
+        the model's kv features; every PE's slots are read from the prefill tiles that hold
+        them (the transition charges the move).
+        """
+        if length > self.capacity_tokens:
+            raise PlacementError(f"prompt of {length} tokens exceeds the KV cache capacity {self.capacity_tokens}")
+        counts = self.balanced_counts(length)
         if counts.max() > self.cap:
             raise PlacementError(f"prompt of {length} tokens needs {counts.max()} slots per row, the cache has {self.cap}")
         self.count = counts
@@ -132,17 +155,15 @@ class KVCache:
         if self.k is None or k_layers is None:
             return
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        width = self.hl.col_features
-        tok = starts[:, None] + np.arange(self.cap)[None, :]  # (Q, cap) token index per slot
-        ok = np.arange(self.cap)[None, :] < counts[:, None]
-        tok = np.where(ok, tok, 0)
+        slot = np.arange(self.cap)
+        held = slot[None, :] < counts[:, None]  # (rows, cap)
+        tok = np.where(held, starts[:, None] + slot, 0)[:, None, None, :]  # token of every slot
+        feature = self.hl.kv_cols.reshape(self.q, self.hl.col_features)  # (cols, F): model feature (-1: padding)
+        real = held[:, None, None, :] & (feature >= 0)[None, :, :, None]  # (rows, cols, F, cap)
         for l in range(self.layers):
-            kl = np.asarray(k_layers[l], np.float32).reshape(length, self.q, width)  # [token, column, F]
-            vl = np.asarray(v_layers[l], np.float32).reshape(length, self.q, width)
-            kk = kl[tok] * ok[..., None, None]  # [rows, cap, cols, F]
-            vv = vl[tok] * ok[..., None, None]
-            self.k[l][...] = kk.transpose(0, 2, 3, 1)  # [rows, cols, F, cap]
-            self.v[l][...] = vv.transpose(0, 2, 1, 3)  # [rows, cols, cap, F]
+            col = np.asarray(source_cols[l])[np.maximum(feature, 0)][None, :, :, None]
+            self.k[l][...] = np.where(real, comm.elements(k_layers[l], (tok, col)), 0)  # [rows, cols, F, cap]
+            self.v[l][...] = np.where(real, comm.elements(v_layers[l], (tok, col)), 0).transpose(0, 1, 3, 2)
 
     # ---- decode append -------------------------------------------------------------
     def update(self, layer: int, k: DistTensor | None = None, v: DistTensor | None = None) -> KVView | None:

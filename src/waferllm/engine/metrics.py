@@ -20,7 +20,9 @@ from waferllm.mesh.ledger import COUNTERS
 class RequestCycles:
     """Critical-path cycles of one request, counted as it runs, and what its layers did."""
 
-    phase: dict = field(default_factory=lambda: {"prefill": 0.0, "transition": 0.0, "decode": 0.0})
+    # restore: the weights moved back to the prefill layout before the prefill (a request
+    # after one that decoded); it delays the first token, so TTFT includes it
+    phase: dict = field(default_factory=lambda: {"restore": 0.0, "prefill": 0.0, "transition": 0.0, "decode": 0.0})
     layers: dict = field(default_factory=lambda: {"prefill": 0.0, "decode": 0.0})  # spent inside layers
     steps: list = field(default_factory=list)  # each decode step's cycles
     # flops, bytes, ... of the work done per layer (the layers, the transition's moves)
@@ -62,7 +64,8 @@ def request_metrics(model) -> dict:
     w, cyc = model.wafer, model.cycles
     sec = w.cycles_to_seconds
     scale = model.config.num_layers / model.layers
-    pre = cyc.phase["prefill"] + cyc.layers["prefill"] * (scale - 1)
+    restore = cyc.phase["restore"] * scale  # it moves every layer's weights
+    pre = restore + cyc.phase["prefill"] + cyc.layers["prefill"] * (scale - 1)
     trans = cyc.phase["transition"] * scale
     dec = cyc.phase["decode"] + cyc.layers["decode"] * (scale - 1)
     n_dec = len(cyc.steps)
@@ -78,6 +81,7 @@ def request_metrics(model) -> dict:
         "prefill_grid": model.plan.prefill.grid if model.plan.prefill else None,
         "decode_grid": model.plan.decode.grid if model.plan.decode else None,
         "ttft_s": sec(pre),
+        "restore_s": sec(restore),
         "transition_s": sec(trans),
         "tpot_s": tpot,
         "prefill_tokens_per_s": prompt / sec(pre) if pre else None,

@@ -312,27 +312,67 @@ def _fewest_regions(budget: PhaseBudget, slots: list[Region], total_layers: int)
 
 
 def _does_not_fit(budget: PhaseBudget, slots: list[Region], grid: int, n_layers: int,
-                  suggest: bool) -> PlacementError:
-    """The error for a model whose layers the regions cannot hold: by how much, and what would fit."""
+                  suggest: bool, all_slots: list[Region] | None = None) -> PlacementError:
+    """The error for a model whose layers the regions cannot hold: by how much, and what would
+    fit. A suggested grid is planned before it is offered (with its KV cache, for decode);
+    ``error.context`` carries ``phase``, ``grid``, ``fit_grid`` (or None), ``seq_len`` and
+    ``detail`` (the message without the advice, for callers that word their own)."""
     config, wafer, phase = budget.config, budget.wafer, budget.phase
+    all_slots = all_slots or slots
     vocab, caps = budget.capacities(slots)
-    caps = [max(0, c) for c in caps]
+    held = sum(max(0, c) for c in caps)
     one = budget.need(grid, 1, vocab[0])
-    fit = None
-    if suggest:
-        fit = next((g for g in range(grid + 1, min(wafer.rows, wafer.cols) + 1, max(1, grid // 16))
-                    if _fits(config, wafer, g, phase, budget.seq_len, budget.dtype, n_layers)), None)
-    return PlacementError(
-        f"{config.name} does not fit {wafer.name} for {phase} on {grid}x{grid} regions: all {len(slots)} regions "
-        f"({grid}x{grid} and the smaller squares around them, {sum(r.pes for r in slots):,} PEs) hold "
-        f"{sum(caps)} of its {n_layers} layers, {n_layers - sum(caps)} short. On a {grid}x{grid} region a layer "
-        f"takes {one['weights'] + one['kv_cache']:,} B per PE (weights {one['weights']:,}, KV cache "
-        f"{one['kv_cache']:,} for {budget.seq_len} tokens) of the {budget.usable:,} B it may plan for "
-        f"({wafer.usable_sram_bytes_per_pe:,} B usable, {PLANNING_SLACK:,} B kept as slack), after activations "
-        f"{one['activations']:,} B and vocabulary slices {one['vocab_tables']:,} B. "
-        + (f"A {fit}x{fit} grid would fit. " if fit else "No grid of this wafer fits it. ")
-        + "Other options: a wafer with more SRAM per PE, shorter sequences, or --extrapolate-from-layers K."
+    fixed = one["activations"] + one["vocab_tables"]
+    what = "prompt tokens" if phase == "prefill" else "tokens of context"
+    detail = (
+        f"{config.name} does not fit {wafer.name} for {phase} on {grid}x{grid} regions: all {len(all_slots):,} regions "
+        f"({grid}x{grid} and the smaller squares around them, {sum(r.pes for r in all_slots):,} PEs) hold "
+        f"{held} of its {n_layers} layers, {n_layers - held} short. On a {grid}x{grid} region a layer takes "
+        f"{one['weights'] + one['kv_cache']:,} B per PE (weights {one['weights']:,}, KV cache {one['kv_cache']:,} for "
+        f"{budget.seq_len} tokens) beside activations {one['activations']:,} B (for {budget.seq_len} {what}) and "
+        f"vocabulary slices {one['vocab_tables']:,} B, of the {budget.usable:,} B it may plan for "
+        f"({wafer.usable_sram_bytes_per_pe:,} B usable, {PLANNING_SLACK:,} B kept as slack)"
+        + (": the activations and vocabulary slices alone take more, so no region can hold a layer." if fixed > budget.usable
+           else ".")
     )
+    fit = smallest_fitting_grid(config, wafer, phase, budget.seq_len, budget.dtype, grid + 1, n_layers) if suggest else None
+    advice = ((f" A {fit}x{fit} grid would fit (checked by planning it)." if fit else " No grid of this wafer fits it.")
+              + " Other options: a wafer with more SRAM per PE, shorter sequences, or (for a prediction) "
+                "--extrapolate-from-layers K.")
+    return PlacementError(detail + advice, phase=phase, grid=grid, fit_grid=fit, seq_len=budget.seq_len, detail=detail)
+
+
+def phase_fits(config, wafer: WaferSpec, grid: int, phase: str, seq_len: int, dtype: str = "fp16",
+               layers: int | None = None) -> bool:
+    """Whether ``phase`` plans on ``grid`` x ``grid`` regions for ``seq_len`` tokens (prefill: a
+    prompt of that length; decode: that context, its KV cache included)."""
+    try:
+        if phase == "prefill":
+            plan(config, wafer, grid, None, seq_len, dtype, prompt_len=seq_len, layers=layers, suggest=False)
+        else:
+            plan(config, wafer, None, grid, seq_len, dtype, layers=layers, suggest=False)
+        return True
+    except PlacementError:
+        return False
+
+
+def smallest_fitting_grid(config, wafer: WaferSpec, phase: str, seq_len: int, dtype: str = "fp16", lo: int = 1,
+                          layers: int | None = None) -> int | None:
+    """The smallest grid from ``lo`` up on which ``phase`` plans (see :func:`phase_fits`), or None.
+
+    Grids are scanned in steps of about 1/16 of the grid (a few dozen plans up to a full
+    wafer), then the last step is searched grid by grid; the answer is always one that was
+    planned."""
+    hi = min(wafer.rows, wafer.cols)
+    prev, g = lo - 1, max(1, lo)
+    while g <= hi:
+        if phase_fits(config, wafer, g, phase, seq_len, dtype, layers):
+            for h in range(prev + 1, g):  # the smallest one in the last step
+                if phase_fits(config, wafer, h, phase, seq_len, dtype, layers):
+                    return h
+            return g
+        prev, g = g, g + max(1, g // 16)
+    return None
 
 
 def _extrapolated_layout(budget: PhaseBudget, slots: list[Region], found, n_layers: int):
@@ -388,12 +428,13 @@ def plan_phase(config, wafer: WaferSpec, grid: int, phase: str, seq_len: int, dt
     n_layers = config.num_layers if layers is None else layers
     extrapolating = n_layers < config.num_layers
     budget = PhaseBudget(config, wafer, phase, seq_len, dtype)
-    slots = _drop_idle_slots(budget, region_slots(wafer, grid, phase))
+    all_slots = region_slots(wafer, grid, phase)
+    slots = _drop_idle_slots(budget, all_slots)
     found = _fewest_regions(budget, slots, config.num_layers if extrapolating else n_layers)
     if extrapolating:
         regs, vocab, counts, share = _extrapolated_layout(budget, slots, found, n_layers)
     elif found is None:
-        raise _does_not_fit(budget, slots, grid, n_layers, suggest)
+        raise _does_not_fit(budget, slots, grid, n_layers, suggest, all_slots)
     else:
         n, (vocab, counts) = found
         regs, share = slots[:n], list(counts)
@@ -408,14 +449,6 @@ def plan_phase(config, wafer: WaferSpec, grid: int, phase: str, seq_len: int, dt
     pp.whole_model_fits = found is not None
     pp.seq_len, pp.dtype = seq_len, dtype
     return pp
-
-
-def _fits(config, wafer, grid, phase, seq_len, dtype, n_layers) -> bool:
-    try:
-        plan_phase(config, wafer, grid, phase, seq_len, dtype, n_layers, suggest=False)
-        return True
-    except PlacementError:
-        return False
 
 
 def planned_kv_capacity(config, wafer: WaferSpec, dec: PhasePlan, layers: list[int] | None = None) -> tuple[int, int]:
@@ -436,23 +469,40 @@ def planned_kv_capacity(config, wafer: WaferSpec, dec: PhasePlan, layers: list[i
 
 
 def plan(config, wafer: WaferSpec, prefill_grid: int | None, decode_grid: int | None, max_seq_len: int,
-         dtype: str = "fp16", prompt_len: int | None = None, layers: int | None = None) -> Plan:
-    """Plan both phases (or one, when the other grid is None) for sequences up to ``max_seq_len``."""
+         dtype: str = "fp16", prompt_len: int | None = None, layers: int | None = None, suggest: bool = True) -> Plan:
+    """Plan both phases (or one, when the other grid is None) for sequences up to ``max_seq_len``.
+
+    ``suggest``: a does-not-fit error searches for (and plans) a grid that would fit."""
     if max_seq_len < 1:
         raise PlacementError("max_seq_len must be positive")
     pre = dec = None
     if prefill_grid is not None:
-        pre = plan_phase(config, wafer, prefill_grid, "prefill", prompt_len or max_seq_len, dtype, layers)
+        pre = plan_phase(config, wafer, prefill_grid, "prefill", prompt_len or max_seq_len, dtype, layers, suggest)
     shift_cap = concat_cap = 0
     if decode_grid is not None:
-        dec = plan_phase(config, wafer, decode_grid, "decode", max_seq_len, dtype, layers)
+        dec = plan_phase(config, wafer, decode_grid, "decode", max_seq_len, dtype, layers, suggest)
         shift_cap, concat_cap = planned_kv_capacity(config, wafer, dec)
         # a model the regions cannot hold is extrapolated from the layers placed: their cache must fit
         held = shift_cap if dec.whole_model_fits else planned_kv_capacity(
             config, wafer, dec, [len(s.layers) for s in dec.stages])[0]
         if held < max_seq_len:
-            raise PlacementError(
-                f"the KV cache for {max_seq_len} tokens does not fit the {decode_grid}x{decode_grid} decode regions "
-                f"(capacity {held} tokens with the shift-based cache)"
-            )
+            raise _kv_does_not_fit(config, wafer, decode_grid, max_seq_len, int(held), dtype, layers, suggest)
     return Plan(config.name, wafer.name, dtype, max_seq_len, pre, dec, int(shift_cap), int(concat_cap), [])
+
+
+def _kv_does_not_fit(config, wafer: WaferSpec, grid: int, max_seq_len: int, held: int, dtype: str,
+                     layers: int | None, suggest: bool) -> PlacementError:
+    """The error for a decode KV cache the regions cannot hold, with what would (each planned)."""
+    detail = (f"the KV cache for {max_seq_len} tokens does not fit the {grid}x{grid} decode regions "
+              f"(capacity {held} tokens with the shift-based cache)")
+    fit = longest = None
+    if suggest:
+        fit = smallest_fitting_grid(config, wafer, "decode", max_seq_len, dtype, grid + 1, layers)
+        if held >= 1 and phase_fits(config, wafer, grid, "decode", held, dtype, layers):
+            longest = held
+    options = ([f"a {fit}x{fit} decode grid holds it"] if fit else []) + (
+        [f"{longest} tokens fit these regions"] if longest else [])
+    advice = (f"; {' and '.join(options)} (checked by planning them)" if options else "") + (
+        ". Other options: a wafer with more SRAM per PE, or shorter sequences.")
+    return PlacementError(detail + advice, phase="decode", grid=grid, fit_grid=fit, seq_len=max_seq_len,
+                          longest=longest, detail=detail)

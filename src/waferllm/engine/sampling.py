@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
@@ -52,14 +52,18 @@ class SamplingParams:
             raise RequestError(f"top_k must be -1 or 0 (disabled) or at least 1, got {self.top_k!r}")
         if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not (0.0 < self.top_p <= 1.0):
             raise RequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.seed is not None and not is_int(self.seed):
-            raise RequestError(f"seed must be an integer or None, got {self.seed!r}")
+        if self.seed is not None and (not is_int(self.seed) or self.seed < 0):
+            raise RequestError(f"seed must be None or an integer >= 0, got {self.seed!r}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        if self.stop is not None and not isinstance(self.stop, (list, tuple)):
+            raise RequestError(f"stop must be a string or a list of strings, got {self.stop!r}")
         self.stop = list(self.stop or [])
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise RequestError(f"stop strings must be non-empty strings, got {s!r}")
+        if self.stop_token_ids is not None and not isinstance(self.stop_token_ids, (list, tuple)):
+            raise RequestError(f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}")
         self.stop_token_ids = list(self.stop_token_ids or [])
         for t in self.stop_token_ids:
             if not is_int(t) or t < 0:
@@ -68,8 +72,28 @@ class SamplingParams:
             v = getattr(self, name)
             if v is not None and (not is_int(v) or v < 0):
                 raise RequestError(f"{name} must be None or an integer >= 0, got {v!r}")
+        for name in ("ignore_eos", "include_stop_str_in_output"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise RequestError(f"{name} must be True or False, got {getattr(self, name)!r}")
         self.temperature = float(self.temperature)
         self.top_p = float(self.top_p)
+
+    @classmethod
+    def coerce(cls, value) -> "SamplingParams":
+        """A SamplingParams from one, from a dict of its fields (``{"max_tokens": 8}``), or None
+        (the defaults); anything else is refused with a RequestError."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, dict):
+            known = [f.name for f in fields(cls)]
+            unknown = sorted(str(k) for k in value if k not in known)
+            if unknown:
+                raise RequestError(f"unknown sampling parameter(s) {', '.join(unknown)}; known: {', '.join(known)}")
+            return cls(**value)
+        raise RequestError(f"sampling_params must be a SamplingParams, a dict of its fields, a list of them, or None; "
+                           f"got {type(value).__name__}")
 
     @property
     def greedy(self) -> bool:

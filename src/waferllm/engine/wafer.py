@@ -8,9 +8,12 @@ predicted wafer time, energy and breakdown (see :mod:`waferllm.engine.metrics`).
 
 Per request: the prompt's embedding rows move from the table columns that hold them to
 the activation layout; prefill runs them through the prefill pipeline; the transition
-re-places weights and KV cache into the decode layout (costed, once per request); each
-decode step runs one token through the decode pipeline. The LM head's vocabulary is
-sliced over all regions of a phase, whose slices run at the same time.
+re-places weights and KV cache into the decode layout (:mod:`waferllm.engine.transition`:
+every weight and the prompt's K and V, moved on the mesh and priced from their block
+maps); each decode step runs one token through the decode pipeline. A request that finds
+the weights in the decode layout (the previous request decoded) first moves them back:
+the restore, part of its prefill phase and so of its TTFT (``restore_s`` alone). The LM
+head's vocabulary is sliced over all regions of a phase, whose slices run at the same time.
 
 Dry runs do not repeat identical work: a layer whose program (shapes, layouts,
 constants, cache occupancy) equals one already executed has that execution's cost
@@ -24,6 +27,7 @@ from functools import partial
 
 import numpy as np
 
+from waferllm.engine import transition
 from waferllm.engine.decode import DecodeStage
 from waferllm.engine.metrics import RequestCycles, request_metrics
 from waferllm.engine.prefill import PrefillStage
@@ -62,6 +66,8 @@ class WaferModel:
         self.prefill_stages, self.decode_stages = self._place(progress)
         self.placement_wall_s = time.perf_counter() - t0
         self._memo: dict = {}  # dry runs: program key -> its cost (a ledger delta)
+        self._weights: dict = {}  # (phase, stage) -> one layer's weights as the transition moves them
+        self.weights_layout = "prefill"  # where the layers' weights are: "prefill" or "decode"
         self.position = 0
         self.cycles = RequestCycles()
         self.request_mark = self.ledger.mark(per_primitive=True)
@@ -118,7 +124,8 @@ class WaferModel:
 
     # ---- backend protocol ------------------------------------------------------------------
     def reset(self) -> None:
-        """Start a new request: empty caches, zeroed counters."""
+        """Start a new request: empty caches, zeroed counters (the weights stay where the
+        previous request left them)."""
         self.position = 0
         for st in self.decode_stages:
             st.cache.reset()
@@ -153,6 +160,7 @@ class WaferModel:
         led = self.ledger
         start = led.mark()
         with led.span("prefill"):
+            restore = self._restore()
             h = self._embed_prompt(ids if ids is not None else self.typical_prompt(length))
             kv = []
             for si, st in enumerate(self.prefill_stages):
@@ -161,7 +169,7 @@ class WaferModel:
                 h, stage_kv = st.step(h, length, partial(self._run_layer, "prefill", si))
                 kv += stage_kv
             logits = self._prefill_logits(h, length, prompt_logits)
-        self.cycles.phase["prefill"] += led.since(start)["cycles"]
+        self.cycles.phase["prefill"] += led.since(start)["cycles"] - restore
         if self.decode_stages:
             self._transition(length, kv)
         for k, v in kv:  # the prompt's K and V have moved to the decode cache
@@ -254,39 +262,74 @@ class WaferModel:
         charge_move(self.ledger, src, Placement.of(out), hn.itemsize, name="lm_head.transfer")
         return out
 
+    def _stage_weights(self, phase: str, index: int) -> dict:
+        """One layer's weights of a stage as the transition moves them (see
+        :func:`transition.prefill_weights`): every layer of a stage is placed alike."""
+        key = (phase, index)
+        if key not in self._weights:
+            if phase == "prefill":
+                self._weights[key] = transition.prefill_weights(self.prefill_stages[index], self.config)
+            else:
+                self._weights[key] = transition.decode_weights(self.decode_stages[index], self.config)
+        return self._weights[key]
+
+    def _pairs(self, kv: list | None = None, length: int = 0) -> list[transition.Pair]:
+        """The moves between every prefill region and every decode region holding some of the
+        same layers: prefill -> decode (weights, and K and V when ``kv`` is given) or, without
+        ``kv``, the weights decode -> prefill. The layers of a pair move as one tensor with a
+        leading layer dim (they share every link)."""
+        pairs = []
+        for pi, pst in enumerate(self.prefill_stages):
+            for di, dst in enumerate(self.decode_stages):
+                layers = [li for li in pst.layer_ids if li in dst.layer_ids]
+                if not layers:
+                    continue
+                n, pw, dw = len(layers), self._stage_weights("prefill", pi), self._stage_weights("decode", di)
+                moves = [(name, transition.stacked(pw[name][0], n), transition.stacked(dw[name][0], n), item)
+                         for name, (_, item) in pw.items()]
+                if kv is None:
+                    moves = [(name, b, a, item) for name, a, b, item in moves]
+                    pairs.append(transition.Pair(dst.mesh.region, pst.mesh.region, moves))
+                    continue
+                k, v = kv[layers[0]]  # every layer of the pair: the same placement
+                moves.append(("kv", transition.stacked(transition.kv_source(k, v, pst.hl, self.config), n),
+                              transition.stacked(dst.cache.placement(length), n), k.itemsize))
+                pairs.append(transition.Pair(pst.mesh.region, dst.mesh.region, moves))
+        return pairs
+
     def _transition(self, length: int, kv: list[tuple[DistTensor, DistTensor]]) -> None:
         """Re-place weights and the KV cache from the prefill layout to the decode layout."""
         led = self.ledger
         start = led.mark()
-        item = DTYPE_BYTES[self.dtype]
         with led.span("transition"):
-            # cost: each prefill region's weights and K/V move to the decode regions of the same layers
-            for pst in self.prefill_stages:
-                n = pst.mesh.rows
-                kv_per_pe = 2 * len(pst.w) * (-(-length // n)) * pst.hl.col_features
-                per_pe = sum(t.tile_elems for w in pst.w for t in w.values()) + kv_per_pe
-                for dst_st in self.decode_stages:
-                    share = len(set(pst.layer_ids) & set(dst_st.layer_ids)) / max(len(pst.layer_ids), 1)
-                    if share:
-                        src_b = share * per_pe * item
-                        total = src_b * pst.mesh.region.pes
-                        comm.charge_move(led, pst.mesh.region, dst_st.mesh.region, total, src_b,
-                                         total / dst_st.mesh.region.pes, name="transition.replace")
-            # numerics: the cache rows of each decode region
+            transition.charge(led, self._pairs(kv, length), "transition")
             for dst_st in self.decode_stages:
                 if self.mode != "numeric":
                     dst_st.cache.load(length)
                     continue
-                ks, vs = [], []
-                for li in dst_st.layer_ids:
-                    pst = next(p for p in self.prefill_stages if li in p.layer_ids)
-                    k, v = kv[li]
-                    ks.append(dst_st.hl.from_original_kv(pst.hl.to_original_kv(k.to_global(np.float32))))
-                    vs.append(dst_st.hl.from_original_kv(pst.hl.to_original_kv(v.to_global(np.float32))))
-                dst_st.cache.load(length, ks, vs)
+                # each layer's K and V, read from the prefill tiles that hold them
+                src = [next(p for p in self.prefill_stages if li in p.layer_ids) for li in dst_st.layer_ids]
+                dst_st.cache.load(length, [kv[li][0] for li in dst_st.layer_ids], [kv[li][1] for li in dst_st.layer_ids],
+                                  [transition.positions(p.hl.kv_cols, p.hl.kv_dim) for p in src])
+        self.weights_layout = "decode"
         delta = led.since(start)
         self.cycles.phase["transition"] += delta["cycles"]
         self.cycles.add_per_layer_counters(delta)  # it moves every layer's weights and K/V
+
+    def _restore(self) -> float:
+        """At the start of a request: if the previous request left the weights in the decode
+        layout, move them back to the prefill layout. Returns the cycles it took."""
+        if self.weights_layout != "decode":
+            return 0.0
+        led = self.ledger
+        start = led.mark()
+        with led.span("restore"):
+            transition.charge(led, self._pairs(), "restore")
+        self.weights_layout = "prefill"
+        delta = led.since(start)
+        self.cycles.phase["restore"] += delta["cycles"]
+        self.cycles.add_per_layer_counters(delta)  # it moves every layer's weights
+        return delta["cycles"]
 
     def decode(self, token_id) -> np.ndarray | None:
         """Run one token (None in a dry run); returns the next token's logits [V] (numeric)."""

@@ -9,7 +9,8 @@ A spec is a TOML file (or the same mapping in Python) with four tables::
     batch = 4                # points per Ray task (default: chosen from the point count)
 
     [fixed]                  # one value for every point
-    model = "llama3-8b"      # a preset or a model path (a directory with config.json, a config file, a GGUF)
+    model = "llama3-8b"      # a preset or a model path (a directory with config.json, a config file, a GGUF),
+                             # relative to the spec's folder
     input_len = 2048
     decode_grid = 360
 
@@ -267,14 +268,13 @@ class SweepSpec:
         return out
 
     def _resolve_paths(self, p: dict) -> dict:
-        """Model and wafer paths relative to the spec file's folder; preset names stay names."""
+        """Model and wafer paths that exist relative to the spec file's folder are taken from there;
+        anything else (preset names, absolute paths) is left as written."""
         for key in ("model", "wafer"):
             v = p.get(key)
-            if not isinstance(v, str):
-                continue
-            if any(c in v for c in "/\\") or v.endswith((".json", ".toml", ".gguf", ".safetensors")):
-                cand = v if os.path.isabs(v) else os.path.normpath(os.path.join(self.base_dir, v))
-                if os.path.exists(cand):
+            if isinstance(v, str) and not os.path.isabs(v):
+                cand = os.path.normpath(os.path.join(self.base_dir, v))
+                if self.base_dir not in ("", ".") and os.path.exists(cand):
                     p[key] = cand
         return p
 

@@ -243,11 +243,19 @@ class SweepResult:
     failed: int  # error/crash rows of this spec's points after the call
     wall_s: float
     backend: str  # "ray" or "serial"
+    startup_s: float = 0.0  # of wall_s: starting or joining Ray
     rows: list[dict] = field(default_factory=list)  # this spec's rows, parsed
 
     @property
     def points_per_s(self) -> float:
+        """Points predicted per second of wall time, Ray's start-up included."""
         return self.ran / self.wall_s if self.wall_s > 0 and self.ran else 0.0
+
+    @property
+    def points_per_s_running(self) -> float:
+        """Points predicted per second once Ray was up."""
+        t = self.wall_s - self.startup_s
+        return self.ran / t if t > 0 and self.ran else 0.0
 
 
 def default_output(spec_path: str | os.PathLike) -> Path:
@@ -275,7 +283,7 @@ def run_sweep(spec, out: str | os.PathLike, *, use_ray: bool = True, address: st
     todo = [p for p in points if table.status(point_id(p)) not in FINISHED or table.status(point_id(p)) in retry]
     skipped = len(points) - len(todo)
     t0 = time.perf_counter()
-    backend = "serial"
+    backend, startup = "serial", 0.0
     if todo:
         bar = _Progress(len(todo), skipped, enabled=progress, hook=on_progress)
         with bar:
@@ -286,7 +294,8 @@ def run_sweep(spec, out: str | os.PathLike, *, use_ray: bool = True, address: st
             if use_ray:
                 backend = "ray"
                 n = batch or spec.batch
-                _run_on_ray(todo, sink, address=address, num_cpus=num_cpus, batch=n, timeout_s=timeout_s)
+                startup = _run_on_ray(todo, sink, address=address, num_cpus=num_cpus, batch=n, timeout_s=timeout_s,
+                                      ready=bar.restart)
             else:
                 deadline = None if timeout_s is None else t0 + timeout_s
                 for p in todo:
@@ -298,7 +307,8 @@ def run_sweep(spec, out: str | os.PathLike, *, use_ray: bool = True, address: st
     rows = [{k: _parse(v) for k, v in table.rows[i].items()} for i in (point_id(p) for p in points) if i in table.rows]
     ok = sum(1 for r in rows if r["status"] == "ok")
     return SweepResult(path=table.path, points=len(points), ran=len(todo), skipped=skipped, ok=ok,
-                       failed=sum(1 for i in ids if i in table.rows) - ok, wall_s=wall, backend=backend, rows=rows)
+                       failed=sum(1 for i in ids if i in table.rows) - ok, wall_s=wall, backend=backend,
+                       startup_s=startup, rows=rows)
 
 
 def _timeout_msg(timeout_s, table: ResultTable, points) -> str:
@@ -312,7 +322,9 @@ def auto_batch(n_points: int, cpus: int) -> int:
     return max(1, min(8, math.ceil(n_points / (4 * max(1, cpus)))))
 
 
-def _run_on_ray(todo: list[dict], sink, *, address, num_cpus, batch, timeout_s) -> None:
+def _run_on_ray(todo: list[dict], sink, *, address, num_cpus, batch, timeout_s, ready=None) -> float:
+    """Run the points on Ray; returns the seconds it took to start or join Ray."""
+    t0 = time.perf_counter()
     try:
         import ray
     except ImportError:  # pragma: no cover - ray is a dependency
@@ -323,13 +335,19 @@ def _run_on_ray(todo: list[dict], sink, *, address, num_cpus, batch, timeout_s) 
         try:
             if address:
                 ray.init(address=address, **kw)
-            else:
-                ray.init(num_cpus=num_cpus or os.cpu_count() or 1, _node_ip_address="127.0.0.1", **kw)
+            else:  # a private instance on the loopback interface: nothing outside this machine can reach it
+                try:
+                    ray.init(num_cpus=num_cpus or os.cpu_count() or 1, _node_ip_address="127.0.0.1", **kw)
+                except TypeError:  # a Ray without that keyword
+                    ray.init(num_cpus=num_cpus or os.cpu_count() or 1, **kw)
         except ConnectionError as exc:
             raise SweepError(f"cannot connect to the Ray cluster at {address!r}: {exc}") from None
         except (ValueError, RuntimeError) as exc:
             raise SweepError(f"cannot start Ray: {exc}") from None
         started = True
+    startup = time.perf_counter() - t0
+    if ready:
+        ready()
     try:
         cpus = int(ray.cluster_resources().get("CPU", 1))
         n = batch or auto_batch(len(todo), cpus)
@@ -354,6 +372,7 @@ def _run_on_ray(todo: list[dict], sink, *, address, num_cpus, batch, timeout_s) 
                     ray.cancel(ref, force=True)
                 raise SweepError(f"the sweep stopped after {timeout_s:g} s with {len(pending)} task(s) unfinished; "
                                  "the finished rows are saved, and a rerun resumes with the rest")
+        return startup
     finally:
         if started:
             ray.shutdown()
@@ -366,6 +385,7 @@ class _Progress:
         self.total, self.skipped, self.enabled, self.hook = total, skipped, enabled, hook
         self.done = self.ok = self.failed = 0
         self._p = None
+        self._t0 = time.perf_counter()
 
     def __enter__(self):
         if self.enabled:
@@ -378,8 +398,11 @@ class _Progress:
                                TimeRemainingColumn(), console=Console(stderr=True))
             self._p.__enter__()
             self._task = self._p.add_task("sweep", total=self.total, stats=self._stats())
-            self._t0 = time.perf_counter()
         return self
+
+    def restart(self) -> None:
+        """Count the rate from now (after Ray started)."""
+        self._t0 = time.perf_counter()
 
     def _stats(self, rate: float = 0.0) -> str:
         s = f"ok {self.ok}, failed {self.failed}"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -91,6 +92,14 @@ _FIELDS: dict[str, tuple[type, bool, str, str]] = {
 }
 
 DTYPE_BYTES = {"fp16": 2, "fp32": 4}
+
+#: Sanity bounds on every constant, so that no value a file or ``--set`` gives can make a
+#: prediction overflow to inf or run for ever. A mesh side above MAX_MESH_SIDE is more than
+#: any wafer (a 300 mm wafer holds about 1,200 PEs per side at the WSE pitch); a constant
+#: above MAX_VALUE or a positive one below MIN_POSITIVE is a unit mistake.
+MAX_MESH_SIDE = 4096
+MAX_VALUE = 1e15
+MIN_POSITIVE = 1e-6
 
 
 @dataclass(frozen=True)
@@ -259,13 +268,14 @@ class WaferSpec:
 
 
 def _coerce(key: str, value: Any, where: str):
-    typ, positive, _, _ = _FIELDS[key]
+    typ, positive, unit, _ = _FIELDS[key]
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise HardwareError(f"{where}: {key} must be a number, got {value!r}")
     try:
         num = float(value)
-    except ValueError:
-        raise HardwareError(f"{where}: {key} must be a number, got {value!r}") from None
+    except (ValueError, OverflowError):
+        what = "a number" if isinstance(value, str) else f"at most {MAX_VALUE:g}"
+        raise HardwareError(f"{where}: {key} must be {what}, got {_short(value)}") from None
     if not math.isfinite(num):
         raise HardwareError(f"{where}: {key} must be finite, got {value!r}")
     if typ is int:
@@ -276,7 +286,20 @@ def _coerce(key: str, value: Any, where: str):
         raise HardwareError(f"{where}: {key} must be > 0, got {value!r}")
     if not positive and num < 0:
         raise HardwareError(f"{where}: {key} must be >= 0, got {value!r}")
+    if key in ("rows", "cols") and num > MAX_MESH_SIDE:
+        raise HardwareError(f"{where}: {key} must be at most {MAX_MESH_SIDE:,} PEs (more than any wafer holds), "
+                            f"got {_short(value)}")
+    if abs(num) > MAX_VALUE:
+        raise HardwareError(f"{where}: {key} must be at most {MAX_VALUE:g} {unit}, got {_short(value)}")
+    if positive and typ is float and num < MIN_POSITIVE:
+        raise HardwareError(f"{where}: {key} must be at least {MIN_POSITIVE:g} {unit}, got {_short(value)}")
     return num
+
+
+def _short(value: Any) -> str:
+    """``repr`` of a value, shortened when it is enormous (a 400-digit integer)."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
 
 
 def _coerce_range(key: str, value: Any, where: str) -> tuple[float, float] | None:
@@ -292,20 +315,33 @@ def _coerce_range(key: str, value: Any, where: str) -> tuple[float, float] | Non
 
 
 def _coerce_defects(value: Any, where: str) -> frozenset:
+    def whole(x) -> int:
+        if isinstance(x, bool) or not isinstance(x, (int, float, str)) or float(x) != int(float(x)):
+            raise ValueError(x)
+        return int(float(x))
+
+    if isinstance(value, (str, bytes, Mapping)):
+        raise HardwareError(f"{where}: defective_pes must be a list of [row, col] pairs, got {_short(value)}")
     try:
-        pes = frozenset((int(r), int(c)) for r, c in value)
-    except (TypeError, ValueError):
-        raise HardwareError(f"{where}: defective_pes must be a list of [row, col] pairs, got {value!r}") from None
+        pes = frozenset((whole(r), whole(c)) for r, c in value)
+    except (TypeError, ValueError, OverflowError):
+        raise HardwareError(f"{where}: defective_pes must be a list of [row, col] pairs of whole numbers, "
+                            f"got {_short(value)}") from None
     return pes
 
 
-def from_mapping(data: Mapping[str, Any], where: str = "<mapping>", base: WaferSpec | None = None) -> WaferSpec:
+def from_mapping(data: Mapping[str, Any], where: str = "<mapping>", base: WaferSpec | None = None,
+                 _chain: tuple[str, ...] = ()) -> WaferSpec:
     """Build a wafer from a parsed TOML/JSON mapping; with ``base``, the file only overrides it."""
     if not isinstance(data, Mapping):
-        raise HardwareError(f"{where}: expected a table of wafer constants")
+        raise HardwareError(f"{where}: expected a table of wafer constants, got {type(data).__name__}")
     data = dict(data)
     if "base" in data and base is None:
-        base = get_wafer(str(data.pop("base")))
+        name = data.pop("base")
+        if not isinstance(name, str) or not name:
+            raise HardwareError(f"{where}: base must be a preset name ({', '.join(preset_names())}) or a wafer file, "
+                                f"got {_short(name)}")
+        base = get_wafer(name, _chain=_chain)
     else:
         data.pop("base", None)
     unknown = set(data) - set(_FIELDS) - {"name", "description", "defective_pes"}
@@ -348,19 +384,32 @@ def from_mapping(data: Mapping[str, Any], where: str = "<mapping>", base: WaferS
     return spec
 
 
-def load_wafer_file(path: str | Path) -> WaferSpec:
+MAX_WAFER_FILE_BYTES = 1 << 20  # a wafer description is a few KB
+
+
+def load_wafer_file(path: str | Path, _chain: tuple[str, ...] = ()) -> WaferSpec:
     path = Path(path)
-    if not path.is_file():
-        raise HardwareError(f"hardware file not found: {path}")
-    text = path.read_text(encoding="utf-8", errors="replace")
     try:
-        if path.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            data = tomllib.loads(text)
+        if not path.is_file():
+            raise HardwareError(f"hardware file not found: {path}")
+        if path.stat().st_size > MAX_WAFER_FILE_BYTES:
+            raise HardwareError(f"{path}: {path.stat().st_size:,} bytes is too large for a wafer description "
+                                f"(at most {MAX_WAFER_FILE_BYTES:,})")
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise HardwareError(f"{path}: cannot read the wafer file ({exc.strerror or exc})") from None
+    real = os.path.realpath(path)
+    if real in _chain or len(_chain) >= 16:
+        raise HardwareError(f"{path}: its chain of bases comes back to itself or is too long "
+                            f"({' -> '.join(_chain + (real,))})")
+    kind = "JSON" if path.suffix.lower() == ".json" else "TOML"
+    try:
+        data = json.loads(text) if kind == "JSON" else tomllib.loads(text)
     except (ValueError, tomllib.TOMLDecodeError) as exc:
-        raise HardwareError(f"{path}: not valid {'JSON' if path.suffix.lower() == '.json' else 'TOML'}: {exc}") from None
-    return from_mapping(data, where=str(path))
+        raise HardwareError(f"{path}: not valid {kind}: {exc}") from None
+    except RecursionError:
+        raise HardwareError(f"{path}: not valid {kind}: nested too deeply") from None
+    return from_mapping(data, where=str(path), _chain=_chain + (real,))
 
 
 def preset_names() -> list[str]:
@@ -368,20 +417,31 @@ def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in files.iterdir() if p.name.endswith(".toml"))
 
 
-def get_wafer(name_or_path: "str | Path | WaferSpec", **overrides: Any) -> WaferSpec:
+def get_wafer(name_or_path: "str | Path | WaferSpec", *, _chain: tuple[str, ...] = (), **overrides: Any) -> WaferSpec:
     """A preset by name (``wse2``, ``wse3``) or a TOML/JSON file, with optional overrides."""
     if isinstance(name_or_path, WaferSpec):
         spec = name_or_path
+    elif not isinstance(name_or_path, (str, Path)):
+        raise HardwareError(f"wafer must be a preset name ({', '.join(preset_names())}), a wafer file or a WaferSpec, "
+                            f"got {type(name_or_path).__name__}")
     else:
         key = str(name_or_path)
-        preset = resources.files("waferllm.hardware") / "presets" / f"{key.lower()}.toml"
-        if preset.is_file():
+        if key.lower() in preset_names():
+            preset = resources.files("waferllm.hardware") / "presets" / f"{key.lower()}.toml"
             spec = from_mapping(tomllib.loads(preset.read_text(encoding="utf-8")), where=f"preset {key.lower()}")
-        elif Path(key).exists():
-            spec = load_wafer_file(key)
+        elif _exists(key):
+            spec = load_wafer_file(key, _chain=_chain)
         else:
-            raise HardwareError(f"unknown wafer {key!r}: not a preset ({', '.join(preset_names())}) nor an existing file")
+            raise HardwareError(f"unknown wafer {_short(key)}: not a preset ({', '.join(preset_names())}) nor an "
+                                "existing file")
     return spec.replace(**overrides) if overrides else spec
+
+
+def _exists(path: str) -> bool:
+    try:
+        return bool(path) and Path(path).exists()
+    except (OSError, ValueError):  # a name too long for the file system, a NUL byte
+        return False
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
@@ -389,7 +449,12 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items or []:
         if "=" not in item:
-            raise HardwareError(f"override {item!r} must look like KEY=VALUE")
+            raise HardwareError(f"override {_short(item)} must look like KEY=VALUE (e.g. --set beta_cycles=40)")
         key, value = item.split("=", 1)
-        out[key.strip()] = value.strip()
+        key, value = key.strip(), value.strip()
+        if not key:
+            raise HardwareError(f"override {_short(item)} has no KEY before '=' (e.g. --set beta_cycles=40)")
+        if not value:
+            raise HardwareError(f"override {_short(item)} has no VALUE after '=' (e.g. --set beta_cycles=40)")
+        out[key] = value
     return out

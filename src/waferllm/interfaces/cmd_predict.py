@@ -32,6 +32,8 @@ def predict(
                                               help="Place and run only K layers, scale to the whole model."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a wafer constant: KEY=VALUE."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    plot: Optional[str] = typer.Option(None, "--plot", help="Write the floorplan, SRAM, time and GPU pictures (PNG) "
+                                                            "into this folder."),
 ) -> None:
     """Predict TTFT, TPOT, throughput and energy of a model on a wafer (dry run: no weights needed)."""
     from waferllm.engine.predict import predict_run
@@ -65,6 +67,11 @@ def predict(
     if tuning:
         m["tuning"] = {"prefill_grid": pg, "decode_grid": dg,
                        "tried_s": {ph: {str(g): v for g, v in d.items()} for ph, d in tuning["tried"].items()}}
+    written = []
+    if plot:
+        from waferllm.explore.plots import plot_prediction, region_bytes
+
+        written = plot_prediction(m, plot, region_bytes(cfg, spec, run))
     if as_json:
         typer.echo(json.dumps(m, indent=2, default=float))
         return
@@ -72,3 +79,5 @@ def predict(
     console.print(f"[bold]{cfg.name}[/] on [bold]{spec.name}[/]: {input_len} input + {output_len} output tokens, {dtype}, "
                   f"{kv_scheme} KV cache" + (f", tuned grids {pg}/{dg}" if tuning else ""))
     print_report(m, console, plan=m["placement"], gpus=m.get("gpu_baselines"))
+    for p in written:
+        console.print(f"wrote {p}")

@@ -469,26 +469,23 @@ def relayout(t: DistTensor, mesh, layout, dtype: str | None = None, name: str = 
     return out
 
 
-def charge_move(ledger, ra, rb, total: float, src_bytes_per_pe: float, dst_bytes_per_pe: float,
-                name: str = "replace") -> float:
-    """Deprecated: a mean-hops estimate for moving ``total`` bytes from region ``ra`` to
-    region ``rb``, for callers that know only the regions. Price a move from its
-    placements with :func:`waferllm.mesh.move.charge_move` instead."""
-    w = ledger.wafer
-    # average Manhattan distance between a source PE and a destination PE
-    cy = abs((ra.row0 + ra.rows / 2) - (rb.row0 + rb.rows / 2))
-    cx = abs((ra.col0 + ra.cols / 2) - (rb.col0 + rb.cols / 2))
-    mean_hops = cy + cx + (max(ra.rows, rb.rows) + max(ra.cols, rb.cols)) / 3
-    ys = (min(ra.row0, rb.row0), max(ra.row0 + ra.rows, rb.row0 + rb.rows))
-    xs = (min(ra.col0, rb.col0), max(ra.col0 + ra.cols, rb.col0 + rb.cols))
-    max_hops = int(ys[1] - ys[0] + xs[1] - xs[0] - 2)
-    ramp_time = max(src_bytes_per_pe, dst_bytes_per_pe) / w.link_bytes_per_cycle
-    links = 2 * ((ys[1] - ys[0]) * (xs[1] - xs[0] - 1) + (xs[1] - xs[0]) * (ys[1] - ys[0] - 1))
-    link_time = total * mean_hops / max(links, 1) / w.link_bytes_per_cycle
-    cycles = 2 * w.ramp_cycles + w.alpha_cycles * max_hops + max(ramp_time, link_time)
-    return ledger.charge(name, "comm", cycles, bytes_moved=total, hop_bytes=total * mean_hops,
-                         messages=ra.pes, sram_read_bytes=total, sram_write_bytes=total)
-
-
-# the former name, kept until every caller says relayout
-replace = relayout
+def elements(t: DistTensor, index) -> np.ndarray:
+    """The values of ``t``'s logical elements at ``index`` (one integer array per dim,
+    broadcast together), read from the tiles of the PEs that hold them through the tensor's
+    layout and block map (any copy of a replicated tile): what a move carries, for a caller
+    that builds its destination's storage itself and charges the move from the two
+    placements (:func:`waferllm.mesh.move.charge_move`). Numeric runs only."""
+    if t.tiles is None:
+        raise MeshError(f"{t.name}: dry-run tensors hold no data")
+    if t.partial is not None:
+        raise MeshError(f"{t.name}: partial along {t.partial[0]}; reduce it before reading its elements")
+    index = np.broadcast_arrays(*(np.asarray(i, np.int64) for i in index))
+    if len(index) != len(t.shape):
+        raise MeshError(f"{t.name}: {len(index)} index arrays for a {len(t.shape)}-d tensor")
+    p = move.Placement.of(t)
+    by = p.y_of[index[p.y_dim]] if p.y_dim is not None else 0
+    bx = p.x_of[index[p.x_dim]] if p.x_dim is not None else 0
+    if p.pe_rows is not None:
+        by, bx = p.pe_rows[by, bx], p.pe_cols[by, bx]
+    offsets = tuple(i % size if axis else i for i, size, axis in zip(index, t.tile_shape, t.layout))
+    return t.tiles[(by, bx) + offsets]

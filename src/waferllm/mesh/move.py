@@ -287,10 +287,9 @@ def _rect(shape, rows, cols, w) -> np.ndarray:
     keep = (r0 <= r1) & (c0 <= c1) & (w != 0)
     r0, r1, c0, c1, w = (np.asarray(a)[keep] for a in (r0, r1, c0, c1, w))
     H, W = shape
-    size = (H + 1) * (W + 1)
-    d = sum(sign * np.bincount(rr * (W + 1) + cc, w, size)
-            for rr, cc, sign in ((r0, c0, 1), (r0, c1 + 1, -1), (r1 + 1, c0, -1), (r1 + 1, c1 + 1, 1)))
-    d = d.reshape(H + 1, W + 1) if np.ndim(d) else np.zeros((H + 1, W + 1))
+    r0, r1 = r0 * (W + 1), (r1 + 1) * (W + 1)
+    corners = np.concatenate((r0 + c0, r0 + c1 + 1, r1 + c0, r1 + c1 + 1))
+    d = np.bincount(corners, np.concatenate((w, -w, -w, w)), (H + 1) * (W + 1)).reshape(H + 1, W + 1)
     return np.rint(np.cumsum(np.cumsum(d, axis=0), axis=1)[:H, :W]).astype(np.int64)
 
 
@@ -382,6 +381,124 @@ def _traffic_cells(src, dst, itemsize, box) -> MoveTraffic:
     )
 
 
+def _column_table(src: Placement, dst: Placement) -> bool:
+    """Whether ``src`` holds its blocks by a table whose PE column depends on the column
+    block alone (a MeshGEMM B operand: its skew permutes the row blocks within each
+    column), ``dst`` is a plain placement of the same two dims (either way round), and
+    nothing is replicated or partial: what :func:`_traffic_column_table` prices."""
+    if src.pe_rows is None or dst.pe_rows is not None or src.partial is not None:
+        return False
+    dims = (src.y_dim, src.x_dim)
+    if None in dims or (dst.y_dim, dst.x_dim) not in (dims, dims[::-1]):
+        return False
+    used = np.ix_(np.unique(src.y_of), np.unique(src.x_of))
+    cols = src.pe_cols[used]
+    return bool((cols == cols[:1]).all() and (src.pe_rows[used] >= 0).all())
+
+
+def _merged_runs(maps: list[np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The runs of :func:`_runs` merged by their map values: (values (len(maps), k), elements per value)."""
+    starts, lengths = _runs(maps, n)
+    vals, inv = np.unique(np.stack([m[starts] for m in maps]), axis=1, return_inverse=True)
+    return vals, np.bincount(inv.ravel(), lengths, vals.shape[1]).astype(np.int64)
+
+
+def _line_loads(lines: int, n: int, line, frm, to, w) -> tuple[np.ndarray, np.ndarray]:
+    """Link loads of messages along lines of ``n`` PEs (arrays broadcast together): on line
+    ``line``, from coordinate ``frm`` to ``to``, ``w`` bytes. Returns the (lines, n - 1)
+    loads of the forward links (i -> i+1) and the backward ones (i+1 -> i)."""
+    line, frm, to, w = (a.ravel() for a in np.broadcast_arrays(line, frm, to, w))
+    base = (np.where(to > frm, 0, lines) + line) * (n + 1)
+    lo, hi = np.minimum(frm, to), np.maximum(frm, to)  # a message that stays adds and takes back
+    d = np.bincount(np.concatenate((base + lo, base + hi)), np.concatenate((w, -w)), 2 * lines * (n + 1))
+    loads = np.rint(np.cumsum(d.reshape(2, lines, n + 1), axis=2)[:, :, : n - 1]).astype(np.int64)
+    return loads[0], loads[1]
+
+
+def _traffic_column_table(src, dst, itemsize, box) -> MoveTraffic:
+    """A source placed by a column-preserving block table (see :func:`_column_table`).
+
+    Elements are grouped by merged runs: keys ``a`` along the source's row dim, ``b`` along
+    its column dim. Source column j (a column block) holds every key b of that block, each
+    row block y on the PE row ``rows[j, y]``. Every flow is priced as the cell path would,
+    but each load is summed over only the keys it depends on: the injection over (j, y), a
+    row link's over (y, b) (same dims) or (j, a) (transposed), and a column link's through
+    the per-column-block row profiles (same dims) or over (column block, destination row, a)
+    (transposed). Messages are the distinct (source PE, destination PE) pairs."""
+    top, left, H, W = box
+    A, B = src.y_dim, src.x_dim
+    trans = dst.y_dim == B
+    unit = itemsize * math.prod(s for d, s in enumerate(src.shape) if d not in (A, B))
+    (sa, oa), la = _merged_runs([src.y_of, dst.x_of if trans else dst.y_of], src.shape[A])
+    (sb, ob), lb = _merged_runs([src.x_of, dst.y_of if trans else dst.x_of], src.shape[B])
+    ub, jb = np.unique(sb, return_inverse=True)
+    uy, ya = np.unique(sa, return_inverse=True)
+    J = ub.size
+    col = src.pe_cols[uy[0], ub] + src.region.col0 - left  # (J,) the PE column of column block j
+    rows = src.pe_rows[np.ix_(uy, ub)].T + src.region.row0 - top  # (J, Y) PE row of row block y there
+    P = rows[:, ya]  # (J, A) source row of key a in column block j
+    ly, lb_j = np.bincount(ya, la), np.bincount(jb, lb, J)
+    inject = np.bincount((rows * W + col[:, None]).ravel(), (lb_j[:, None] * ly).ravel(), H * W)
+    r0, c0 = dst.region.row0 - top, dst.region.col0 - left
+    if not trans:  # a keeps its dims' roles: destination row from a, column from b
+        dr, dc = oa + r0, ob + c0
+        eject = np.outer(np.bincount(dr, la, H), np.bincount(dc, lb, W))
+        # what stays: column block j on its destination column and key a on its destination row
+        on_col = col[jb] == dc
+        js = np.flatnonzero(np.bincount(jb, on_col, J))
+        on_row = P[js] == dr
+        stay_w = np.bincount(jb, lb * on_col, J)[js, None] * la * on_row
+        stay = np.bincount((dr * W + col[js, None]).ravel(), stay_w.ravel(), H * W)
+        stay_msgs = int((on_row.sum(axis=1) * np.bincount(jb, on_col, J)[js]).sum())
+        east, west = _line_loads(H, W, rows[jb], col[jb, None], dc[:, None], lb[:, None] * ly)
+        # every column block's row profile, then each destination column adds its blocks'
+        vs, vn = _line_loads(J, H, np.arange(J)[:, None], P, dr, la)
+        order = np.argsort(dc, kind="stable")
+        cols_at, first = np.unique(dc[order], return_index=True)
+        south, north = (np.zeros((H - 1, W), np.int64) for _ in range(2))
+        for out, v in ((south, vs), (north, vn)):
+            out[:, cols_at] = np.add.reduceat(v[jb[order]] * lb[order, None], first, axis=0).T
+        hmax = np.zeros(J, np.int64)
+        np.maximum.at(hmax, jb, np.abs(col[jb] - dc))
+        max_hops = int((np.abs(P - dr).max(axis=1) + hmax).max())
+        keys = la.size * lb.size
+    else:  # transposed: destination row from b, column from a
+        dc, dr = oa + c0, ob + r0
+        eject = np.outer(np.bincount(dr, lb, H), np.bincount(dc, la, W))
+        per_jr = np.bincount(jb * H + dr, lb, J * H)  # elements of column block j bound for row r
+        n_jr = np.bincount(jb * H + dr, None, J * H)  # keys b of them
+        group = np.full(W, -1)
+        group[col] = np.arange(J)
+        ka = np.flatnonzero(group[dc] >= 0)  # keys a whose destination column is a source column
+        ja = group[dc[ka]]
+        rr = P[ja, ka]
+        stay_w = la[ka] * per_jr[ja * H + rr]
+        stay = np.bincount(rr * W + dc[ka], stay_w, H * W)
+        stay_msgs = int(n_jr[ja * H + rr].sum())
+        east, west = _line_loads(H, W, P, col[:, None], dc, lb_j[:, None] * la)
+        nz = np.flatnonzero(per_jr)
+        zj, zr = np.divmod(nz, H)
+        s_t, n_t = _line_loads(W, H, dc, P[zj], zr[:, None], per_jr[nz, None] * la)
+        south, north = s_t.T, n_t.T
+        far = np.zeros(J, np.int64)
+        near = np.full(J, H, np.int64)
+        np.maximum.at(far, zj, zr)
+        np.minimum.at(near, zj, zr)
+        reach = np.maximum(np.abs(P - far[:, None]), np.abs(P - near[:, None]))
+        max_hops = int((reach + np.abs(col[:, None] - dc)).max())
+        keys = la.size * lb.size
+    stay_i = np.rint(stay).astype(np.int64)
+    inject = np.rint(inject).astype(np.int64) - stay_i
+    eject = np.rint(eject).astype(np.int64).ravel() - stay_i
+    total = int(la.sum()) * int(lb.sum()) - int(stay_i.sum())
+    live = keys - stay_msgs
+    return MoveTraffic(
+        origin=(top, left), inject=unit * inject.reshape(H, W), eject=unit * eject.reshape(H, W),
+        east=unit * east, west=unit * west, south=unit * south, north=unit * north,
+        max_hops=max_hops if live else 0, bytes_moved=unit * total, messages=live,
+    )
+
+
 def move_traffic(src: Placement, dst: Placement, itemsize: int) -> MoveTraffic:
     """Every PE's and link's bytes when the tensor on ``src`` is re-placed as ``dst``."""
     if src.shape != dst.shape:
@@ -398,6 +515,8 @@ def move_traffic(src: Placement, dst: Placement, itemsize: int) -> MoveTraffic:
                            z((H, W - 1), np.int64), z((H - 1, W), np.int64), z((H - 1, W), np.int64), 0, 0, 0)
     if _separable(src, dst):
         return _traffic_separable(src, dst, itemsize, box)
+    if _column_table(src, dst):
+        return _traffic_column_table(src, dst, itemsize, box)
     return _traffic_cells(src, dst, itemsize, box)
 
 
