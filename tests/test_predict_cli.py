@@ -79,5 +79,8 @@ def test_predict_text_report_shows_the_predicted_figures(capsys):
     rows = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in out.splitlines()
             if line.count("│") >= 3}
     assert 1e-3 <= py["ttft_s"] < 1 and 1e-6 <= py["tpot_s"] < 1e-3  # shown in ms and us
-    assert rows["TTFT (prefill)"] == f"{py['ttft_s'] * 1e3:.3g} ms"
-    assert rows["TPOT"] == f"{py['tpot_s'] * 1e6:.3g} us"
+    # each figure with its band
+    assert rows["TTFT (prefill)"] == (f"{py['ttft_s'] * 1e3:.3g} ms  ({py['ttft_s_low'] * 1e3:.3g} ms - "
+                                      f"{py['ttft_s_high'] * 1e3:.3g} ms)")
+    assert rows["TPOT"] == f"{py['tpot_s'] * 1e6:.3g} us  ({py['tpot_s_low'] * 1e6:.3g} us - {py['tpot_s_high'] * 1e6:.3g} us)"
+    assert py["ttft_s_low"] < py["ttft_s"] < py["ttft_s_high"]

@@ -182,6 +182,7 @@ def floorplan(m: Mapping, path, region_bytes=None) -> Path:
 def sram_heatmap(m: Mapping, path, region_bytes=None) -> Path:
     """SRAM per PE over the wafer, one map per kind and one in all, for each phase."""
     import numpy as np
+    from matplotlib.patches import Rectangle
 
     rows, cols = int(_const(m, "rows", 1)), int(_const(m, "cols", 1))
     phases = _phases(m)
@@ -203,6 +204,9 @@ def sram_heatmap(m: Mapping, path, region_bytes=None) -> Path:
             im = ax.imshow(maps[k], extent=(0, cols, rows, 0), cmap="magma", vmin=0, vmax=sram_kib,
                            interpolation="nearest")
             ax.set_facecolor("#DDDDDD")
+            for r in _regions(m, ph):  # region borders
+                ax.add_patch(Rectangle((r["col0"], r["row0"]), r["cols"], r["rows"], fill=False, edgecolor="white",
+                                       lw=0.8))
             ax.set_title(f"{ph}: {'all kinds (reserved included)' if k == 'total' else KIND_LABELS[k]}", fontsize=8)
             ax.set_xlabel("PE column", fontsize=7)
             ax.set_ylabel("PE row", fontsize=7)

@@ -66,18 +66,20 @@ def breakdown_table(m: dict, top: int = 10) -> Table:
 
 
 def gpu_table(baselines: list[dict]) -> Table:
-    """The GPU baselines beside a prediction: every setup with its ideal roofline (a bound),
-    its calibrated model (fitted to measured SGLang numbers) and, where one exists, a measurement."""
+    """The GPU baselines beside a prediction: every setup with its ideal roofline (a bound)
+    and its calibrated model (fitted to measured SGLang numbers); what each rests on is the
+    table's caption (the JSON carries every baseline's full provenance)."""
     from waferllm.baselines import baseline_rows
 
-    t = Table("device", "baseline", "TTFT", "TPOT", "prefill tok/s", "decode TPR", "e2e TPR", "energy", "fits",
-              "basis", title="GPU baselines")
-    for g in baseline_rows(baselines):
-        energy = "-" if g.get("energy_j") is None else f"{g['energy_j']:.4g} J"
+    rows = baseline_rows(baselines)
+    bases = dict.fromkeys(f"{g['baseline']}: {g['basis']}" for g in rows if g.get("basis"))
+    t = Table("device", "baseline", "TTFT", "TPOT", "decode TPR", "e2e TPR", "energy", "fits",
+              title="GPU baselines", caption="; ".join(bases))
+    for g in rows:
+        energy = "-" if g.get("energy_j") is None else f"{g['energy_j']:.3g} J"
         fits = "-" if g.get("fits") is None else ("yes" if g["fits"] else "no")
         t.add_row(g["device"], g["baseline"], _t(g.get("ttft_s")), _t(g.get("tpot_s")),
-                  _r(g.get("prefill_tokens_per_s")), _r(g.get("decode_tokens_per_s")), _r(g.get("e2e_tokens_per_s")),
-                  energy, fits, g.get("basis", ""))
+                  _r(g.get("decode_tokens_per_s")), _r(g.get("e2e_tokens_per_s")), energy, fits)
     return t
 
 

@@ -282,15 +282,23 @@ def _span(n: int, lo, hi, w) -> np.ndarray:
 
 
 def _rect(shape, rows, cols, w) -> np.ndarray:
-    """Array of ``shape``: the sum of w over every rectangle rows[0]..rows[1] x cols[0]..cols[1]."""
+    """Array of ``shape``: the sum of w over every rectangle rows[0]..rows[1] x cols[0]..cols[1]
+    (integer weights: the float sums are exact)."""
     (r0, r1), (c0, c1) = rows, cols
     keep = (r0 <= r1) & (c0 <= c1) & (w != 0)
     r0, r1, c0, c1, w = (np.asarray(a)[keep] for a in (r0, r1, c0, c1, w))
     H, W = shape
+    if (r0 == r1).all():  # spans of single rows (or points): differences along the rows only
+        row = r0 * (W + 1)
+        d = np.bincount(np.concatenate((row + c0, row + c1 + 1)), np.concatenate((w, -w)), H * (W + 1))
+        return np.cumsum(d.reshape(H, W + 1), axis=1)[:, :W].astype(np.int64)
+    if (c0 == c1).all():  # spans of single columns
+        d = np.bincount(np.concatenate((r0 * W + c0, (r1 + 1) * W + c0)), np.concatenate((w, -w)), (H + 1) * W)
+        return np.cumsum(d.reshape(H + 1, W), axis=0)[:H].astype(np.int64)
     r0, r1 = r0 * (W + 1), (r1 + 1) * (W + 1)
     corners = np.concatenate((r0 + c0, r0 + c1 + 1, r1 + c0, r1 + c1 + 1))
     d = np.bincount(corners, np.concatenate((w, -w, -w, w)), (H + 1) * (W + 1)).reshape(H + 1, W + 1)
-    return np.rint(np.cumsum(np.cumsum(d, axis=0), axis=1)[:H, :W]).astype(np.int64)
+    return np.cumsum(np.cumsum(d, axis=0), axis=1)[:H, :W].astype(np.int64)
 
 
 def _box(src: Placement, dst: Placement):
