@@ -161,6 +161,11 @@ def test_bad_constants_are_recorded_not_raised(tmp_path):
     bad = [r for r in res.rows if r["status"] != "ok"]
     assert len(bad) == 1 and bad[0]["sram_bytes_per_pe"] == 8192
     assert "reserved_bytes_per_pe (8192) must be smaller than sram_bytes_per_pe (8192)" in bad[0]["error"]
+    # a request beyond the model's context (8192 tokens) is an error row unless the point allows it
+    spec = {"fixed": {"model": "smollm2-135m", "input_len": 8190, "output_len": 4, "prefill_grid": 32,
+                      "decode_grid": 32}, "axes": {"allow_beyond_context": [False]}}
+    row = run_sweep(spec, tmp_path / "c.csv", use_ray=False, progress=False).rows[0]
+    assert row["status"] == "error" and "8194 tokens is more than smollm2-135m's context of 8192" in row["error"]
 
 
 @pytest.mark.parametrize("spec, match", [
@@ -208,8 +213,9 @@ def test_sweep_cli_lists_runs_and_refuses(tmp_path, capsys):
     assert main(["sweep", str(spec), "--list"]) == 0
     listed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [p["beta_cycles"] for p in listed] == [4.0, 8.0]
-    assert main(["sweep", str(spec), "--no-ray", "-q"]) == 0
+    assert main(["sweep", str(spec), "--no-ray", "-q", "--plot", str(tmp_path / "plots")]) == 0
     assert "2 ok, 0 failed" in " ".join(capsys.readouterr().out.split())
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["s_line_beta_cycles.png", "s_pareto.png"]
     rows = read_results(tmp_path / "s.csv")
     assert len(rows) == 2 and {(r["model"], r["model_name"]) for r in rows} == {(str(tmp_path / "mine"), "mine")}
     spec.write_text('[fixed]\nwafers = 4\n')

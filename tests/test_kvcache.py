@@ -20,7 +20,7 @@ from waferllm.engine.kvcache import KVCache
 from waferllm.engine.layouts import HeadLayout
 from waferllm.errors import MeshError, PlacementError
 from waferllm.hardware import get_wafer
-from waferllm.mesh import Mesh
+from waferllm.mesh import Mesh, Region
 
 WAFER = get_wafer("wse2")
 
@@ -66,13 +66,16 @@ class Driver:
         return k, v
 
     def load(self, length):
+        """The prompt's K and V as a prefill region would hold them (model feature order, on
+        another region and grid), read into the cache; their padding features arrive as zeros."""
+        prefill = Mesh(Region(WAFER, 2, 3, row0=40, col0=7), mode="numeric")
         ks, vs = [], []
         for l in range(self.layers):
-            k, v = self.rows(length, 0)
-            ks.append(k)
-            vs.append(v)
+            k, v = (np.where(self.hl.kv_cols >= 0, a, 0) for a in self.rows(length, 0))
+            ks.append(prefill.place(self.hl.to_original_kv(k), ("y", "x"), "fp32", name="k"))
+            vs.append(prefill.place(self.hl.to_original_kv(v), ("y", "x"), "fp32", name="v"))
             self.dense_k[l], self.dense_v[l] = k, v
-        self.cache.load(length, ks, vs)
+        self.cache.load(length, ks, vs, [np.arange(self.hl.kv_dim)] * self.layers)
 
     def append(self):
         """One decode step: every layer's update, in order."""

@@ -111,7 +111,8 @@ def as_prompt_list(prompts) -> list:
     conversation (a list of ``{"role", "content"}`` messages)."""
     if isinstance(prompts, np.ndarray) and prompts.ndim == 2:
         prompts = [list(row) for row in prompts]
-    if isinstance(prompts, (str, dict)) or _is_token_ids(prompts) or _is_conversation(prompts):
+    if isinstance(prompts, (str, dict)) or _is_token_ids(prompts) or _is_conversation(prompts) or (
+            isinstance(prompts, (list, tuple)) and any(_is_id(t) for t in prompts)):
         return [_check_prompt(prompts)]
     if isinstance(prompts, (list, tuple)):
         if not prompts:
@@ -168,8 +169,9 @@ def encode_prompt(tokenizer, prompt, chat: bool = False, vocab_size: int | None 
 
 def as_conversations(messages) -> list[list[dict]]:
     """``chat()``'s input: one conversation (a list of messages) or a list of conversations."""
-    if _is_conversation(messages):
-        return [list(messages)]
+    if _is_conversation(messages) or (isinstance(messages, (list, tuple)) and messages
+                                      and all(isinstance(m, dict) for m in messages)):
+        return [list(messages)]  # each message is checked when the template renders
     if isinstance(messages, (list, tuple)) and messages and all(_is_conversation(c) for c in messages):
         return [list(c) for c in messages]
     if isinstance(messages, str):

@@ -4,50 +4,106 @@
     llm = LLM(wafer="wse2")                                  # embedded SmolLM2, grids tuned
     out = llm.generate("The wafer-scale engine is", SamplingParams(max_tokens=32, temperature=0))[0]
     out.text, out.token_ids, out.metrics["ttft_s"], out.metrics["tpot_s"]
+    llm.chat([{"role": "user", "content": "What is a wafer-scale chip?"}])
 
 Every request runs numerically on the simulated wafer; its ``metrics`` hold the
 predicted wafer figures (TTFT, TPOT, decode TPR, end-to-end TPR, energy, breakdowns,
 SRAM and routes) from the same execution, and the host wall time of the simulation.
+
+Everything that can be checked without the model (grids, dtype, KV scheme, lengths,
+the wafer) is checked before the model is loaded; the lengths against the model's
+context, and whether the model fits, before anything is placed. A model that does not
+fit is an error that offers only what was planned and fits.
 """
 
 from __future__ import annotations
 
+import numbers
 import time
-from typing import Sequence
-
-from waferllm.engine.generate import OnToken, as_prompt_list, encode_prompt, generate_one
+from waferllm.engine.generate import OnToken, PromptFrontend, check_lengths, check_token_ids, generate_one
+from waferllm.engine.kvcache import SCHEMES
 from waferllm.engine.outputs import RequestOutput
+from waferllm.engine.placement import phase_fits, plan, smallest_fitting_grid
 from waferllm.engine.predict import with_band
+from waferllm.engine.reference import check_max_model_len
 from waferllm.engine.run_config import RunConfig
 from waferllm.engine.sampling import SamplingParams
-from waferllm.engine.tuner import tune_grids
+from waferllm.engine.tuner import candidate_grids, tune_grids
 from waferllm.engine.wafer import WaferModel
-from waferllm.errors import RequestError
+from waferllm.errors import PlacementError, RequestError, WaferLLMError, with_context
 from waferllm.hardware import get_wafer
-from waferllm.hardware.plmr import WaferSpec
+from waferllm.hardware.plmr import DTYPE_BYTES, WaferSpec
 
-DEFAULT_MAX_MODEL_LEN = 512
 NUMERIC_MAX_GRID = 48  # numeric runs tune grids up to this size (host time grows with the grid)
 
 
 def _grid(value, what: str):
-    if value is None or value == "auto":
+    """``"auto"``/None, a positive int, ``"P"``, ``"PxP"`` or ``(P, P)`` -> "auto" or P."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
         return "auto"
+    if isinstance(value, str):
+        v = value.strip().lower()
+        parts = v.split("x") if "x" in v else [v]
+        try:
+            value = tuple(int(p) for p in parts) if len(parts) == 2 else int(parts[0])
+        except ValueError:
+            raise RequestError(f"{what} must be a positive integer P (a PxP region) or 'auto', got {value!r}") from None
     if isinstance(value, tuple):
-        if value[0] != value[1]:
-            raise RequestError(f"{what} must be square (P or PxP); got {value[0]}x{value[1]}")
+        if len(value) != 2 or value[0] != value[1]:
+            raise RequestError(f"{what} must be square (P or PxP): the engine runs on square regions; got {value!r}")
         value = value[0]
-    try:
-        v = int(value)
-    except (TypeError, ValueError):
-        raise RequestError(f"{what} must be a positive integer or 'auto', got {value!r}") from None
-    if v < 1:
-        raise RequestError(f"{what} must be positive, got {v}")
-    return v
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise RequestError(f"{what} must be a positive integer P (a PxP region) or 'auto', got {value!r}")
+    if value < 1:
+        raise RequestError(f"{what} must be a positive integer P (a PxP region) or 'auto', got {value}")
+    return int(value)
 
 
-class LLM:
-    """A model placed on a simulated wafer. ``model``: GGUF file, HF directory, LoadedModel or None."""
+def check_engine_args(prefill_grid="auto", decode_grid="auto", dtype: str = "fp16", kv_scheme: str = "shift",
+                      max_model_len=None) -> tuple:
+    """Everything about a wafer run that needs neither the model nor the wafer: (prefill grid,
+    decode grid), each "auto" or P. Raises a RequestError naming the argument."""
+    pg, dg = _grid(prefill_grid, "prefill_grid"), _grid(decode_grid, "decode_grid")
+    if dtype not in DTYPE_BYTES:
+        raise RequestError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {dtype!r}")
+    if kv_scheme not in SCHEMES:
+        raise RequestError(f"kv_scheme must be one of {', '.join(SCHEMES)}, got {kv_scheme!r}")
+    check_max_model_len(max_model_len, None)
+    return pg, dg
+
+
+def check_grids_fit_mesh(pg, dg, spec: WaferSpec) -> None:
+    side = min(spec.rows, spec.cols)
+    for what, g in (("prefill_grid", pg), ("decode_grid", dg)):
+        if g != "auto" and g > side:
+            raise RequestError(f"{what} {g} does not fit the {spec.rows}x{spec.cols} mesh of {spec.name} "
+                               f"(largest square: {side}x{side})")
+
+
+def _longest_fitting(config, spec, grids: dict, hi: int, dtype: str) -> int:
+    """The longest context (<= hi) whose phases plan on ``grids`` ({phase: grid}), 0 if none.
+    More tokens never need less SRAM, so a bisection finds it."""
+    def fits(n: int) -> bool:
+        return all(phase_fits(config, spec, g, ph, n, dtype) for ph, g in grids.items())
+
+    if not fits(1):
+        return 0
+    lo, top = 1, hi
+    if fits(top):
+        return top
+    while lo + 1 < top:  # fits(lo), not fits(top)
+        mid = (lo + top) // 2
+        lo, top = (mid, top) if fits(mid) else (lo, mid)
+    return lo
+
+
+class LLM(PromptFrontend):
+    """A model placed on a simulated wafer. ``model``: GGUF file, HF directory, LoadedModel or None.
+
+    ``max_model_len``: tokens a request may hold (prompt + output). Default: the model's
+    context, or, when the wafer cannot hold that on the grids allowed (given, or tuned up
+    to ``NUMERIC_MAX_GRID``), the longest context it can; ``max_model_len_reason`` says
+    which was chosen."""
 
     name = "wafer"
 
@@ -56,67 +112,157 @@ class LLM:
                  wafer_overrides: dict | None = None, progress=None, band: bool = True):
         from waferllm.models.loader import resolve_model
 
-        model = resolve_model(model)
-        self.model = model
-        self.tokenizer = model.tokenizer
-        self.config = model.config
+        # 1. what needs neither the model nor placement
+        pg, dg = check_engine_args(prefill_grid, decode_grid, dtype, kv_scheme, max_model_len)
+        if wafer_overrides is not None and not isinstance(wafer_overrides, dict):
+            raise RequestError(f"wafer_overrides must be a dict of wafer constants, got {type(wafer_overrides).__name__}")
         spec = wafer if isinstance(wafer, WaferSpec) else get_wafer(wafer or "wse2")
         if wafer_overrides:
             spec = spec.replace(**wafer_overrides)
+        check_grids_fit_mesh(pg, dg, spec)
         self.wafer = spec
-        self.max_model_len = int(max_model_len or min(DEFAULT_MAX_MODEL_LEN, self.config.max_position_embeddings))
-        pg, dg = _grid(prefill_grid, "prefill_grid"), _grid(decode_grid, "decode_grid")
-        run = RunConfig(prefill_grid=None if pg == "auto" else pg, decode_grid=None if dg == "auto" else dg,
-                        max_seq_len=self.max_model_len, dtype=dtype, kv_scheme=kv_scheme)
+
+        # 2. the model, and the lengths against its context
+        model = resolve_model(model)
+        self.model = model
+        self.tokenizer = model.tokenizer
+        self.config = config = model.config
+        ctx = config.max_position_embeddings
+        fixed = {"prefill": None if pg == "auto" else pg, "decode": None if dg == "auto" else dg}
+        auto_hi = min(NUMERIC_MAX_GRID, spec.rows, spec.cols)
+        mml = check_max_model_len(max_model_len, config)
+        if mml is None:
+            limit = {ph: fixed[ph] or auto_hi for ph in fixed}
+            mml = _longest_fitting(config, spec, limit, ctx, dtype) or min(ctx, 512)  # none fits: the check says why
+            if mml == ctx:
+                self.max_model_len_reason = f"default: {config.name}'s context"
+            else:
+                self.max_model_len_reason = (
+                    f"default: the longest context {config.name} fits on {spec.name} with "
+                    + " and ".join(f"{ph} grid {g}" if fixed[ph] else f"{ph} grids up to {g}" for ph, g in limit.items())
+                    + f" ({config.name} allows {ctx})")
+        else:
+            self.max_model_len_reason = "given"
+        self.max_model_len = mml
+
+        # 3. does it fit? (planning only; the advice is planned too) then tune among the grids that fit
+        cands = self._grids_that_fit(fixed, auto_hi, dtype)
+        run = RunConfig(prefill_grid=fixed["prefill"], decode_grid=fixed["decode"], max_seq_len=mml, dtype=dtype,
+                        kv_scheme=kv_scheme)
         self.tuning = None
-        if run.prefill_grid is None or run.decode_grid is None:
-            # tuned for a request of a quarter of the context in and a quarter out
-            quarter = max(1, self.max_model_len // 4)
-            self.tuning = tune_grids(self.config, spec, run, input_len=quarter, output_len=quarter,
-                                     max_grid=NUMERIC_MAX_GRID)
+        if fixed["prefill"] is None or fixed["decode"] is None:
+            if progress:
+                progress(0, None, "tuning grids")
+            self.tuning = self._tune(run, cands, mml)
             run = self.tuning["run"]
         self.run = run
         self.band = band  # each request's metrics carry low/high bands (two shape-only reruns)
-        self.backend = WaferModel(self.config, model.weights, spec, run, mode="numeric", progress=progress)
+        try:
+            self.backend = WaferModel(config, model.weights, spec, run, mode="numeric", progress=progress)
+        except WaferLLMError as exc:
+            raise with_context(exc, f"placing {config.name} on {spec.name} (prefill {run.prefill_grid}x"
+                                    f"{run.prefill_grid}, decode {run.decode_grid}x{run.decode_grid}, "
+                                    f"max_model_len {mml})") from None
 
+    # ------------------------------------------------------------------ fitting
+    def _grids_that_fit(self, fixed: dict, auto_hi: int, dtype: str) -> dict:
+        """{phase: grids that plan for max_model_len}: the fixed grid, or the tuner's candidates
+        up to ``auto_hi``; none for a phase -> a PlacementError with checked advice."""
+        config, spec, mml = self.config, self.wafer, self.max_model_len
+        cands, failed = {}, {}
+        for ph, g in fixed.items():
+            grids = [g] if g else candidate_grids(spec, hi=auto_hi)
+            cands[ph] = [x for x in grids if phase_fits(config, spec, x, ph, mml, dtype)]
+            if not cands[ph]:
+                failed[ph] = max(grids)
+        if failed:
+            raise self._does_not_fit(fixed, failed, cands, dtype)
+        return cands
+
+    def _does_not_fit(self, fixed: dict, failed: dict, cands: dict, dtype: str) -> PlacementError:
+        """Why the model does not fit, and what would: grids and a context each checked by planning."""
+        config, spec, mml = self.config, self.wafer, self.max_model_len
+        whys = []
+        for ph, g in failed.items():
+            try:
+                plan(config, spec, g if ph == "prefill" else None, g if ph == "decode" else None, mml, dtype,
+                     suggest=False)
+                whys.append(f"{ph} on {g}x{g}: does not fit")  # pragma: no cover - phase_fits said no
+            except PlacementError as exc:
+                whys.append(exc.context.get("detail", str(exc)))
+        where = " and ".join(f"{ph} on the given {g}x{g} grid" if fixed[ph] else f"{ph} on any grid up to {g}x{g}"
+                             for ph, g in failed.items())
+        options: list[tuple[str, str]] = []  # (kind, text): the CLI rewords some kinds for its own flags
+        # grids: the smallest above the failed one that plans, per failing phase; the whole plan checked
+        grids = {ph: smallest_fitting_grid(config, spec, ph, mml, dtype, g + 1) for ph, g in failed.items()}
+        if all(grids.values()):
+            full = {ph: grids.get(ph) or max(cands[ph]) for ph in ("prefill", "decode")}
+            try:
+                plan(config, spec, full["prefill"], full["decode"], mml, dtype, suggest=False)
+                options.append(("grid", " with ".join(f"{ph}_grid={grids[ph]} (--{ph}-grid {grids[ph]})" for ph in grids)
+                                + (" (numeric runs on grids above 48 take longer on the host)"
+                                   if max(grids.values()) > NUMERIC_MAX_GRID else "")))
+            except PlacementError:  # pragma: no cover - each phase planned alone
+                pass
+        for ph, g in grids.items():
+            if g is None:
+                options.append(("no-grid", f"no {ph} grid of {spec.name} holds {mml} tokens, so a shorter context"))
+        # a shorter context on the grids tried
+        at = {ph: fixed[ph] or max(cands[ph] or [failed.get(ph, 1)]) for ph in ("prefill", "decode")}
+        longest = _longest_fitting(config, spec, at, mml - 1, dtype) if mml > 1 else 0
+        if longest >= 2:
+            options.append(("length", f"max_model_len={longest} (--max-model-len {longest}) on these grids"))
+        options.append(("wafer", "a wafer with more SRAM per PE (a wafer file, or wafer_overrides)"))
+        detail = (f"{config.name} does not fit {spec.name} with max_model_len {mml}: {where}. "
+                  + " ".join(w.rstrip(".") + "." for w in whys))
+        msg = detail + " What would fit (each checked by planning it): " + "; or ".join(t for _, t in options) + "."
+        return PlacementError(msg, phases=list(failed), fit_grids=grids, longest=longest or None, detail=detail,
+                              options=options, grids_tried=at)
+
+    def _tune(self, run: RunConfig, cands: dict, mml: int) -> dict:
+        """Fastest grids among those that fit, by predicted time for a request of a quarter of
+        the context in and a quarter out (each phase among its own candidates)."""
+        quarter = max(1, mml // 4)
+        tried: dict = {"prefill": {}, "decode": {}}
+        grids = {"prefill": run.prefill_grid, "decode": run.decode_grid}
+        for ph in ("prefill", "decode"):
+            if grids[ph] is not None:
+                continue
+            other = {"prefill": "decode", "decode": "prefill"}[ph]
+            trial = run.replace(**{f"{ph}_grid": None, f"{other}_grid": grids[other] or cands[other][-1]})
+            out = tune_grids(self.config, self.wafer, trial, input_len=quarter, output_len=quarter,
+                             candidates=cands[ph])
+            grids[ph] = out[f"{ph}_grid"]
+            tried[ph] = out["tried"][ph]
+        return {"prefill_grid": grids["prefill"], "decode_grid": grids["decode"], "tried": tried,
+                "run": run.with_grids(grids["prefill"], grids["decode"])}
+
+    # ------------------------------------------------------------------ requests
     @property
     def plan(self):
         return self.backend.plan
 
-    def encode_prompt(self, prompt, chat: bool = False) -> tuple[str, list[int]]:
-        return encode_prompt(self.tokenizer, prompt, chat)
+    def check_request(self, prompt_token_ids, params: SamplingParams) -> None:
+        check_lengths(len(prompt_token_ids), params.max_tokens, self.max_model_len, self.config.name,
+                      self.config.max_position_embeddings)
 
-    def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 chat: bool = False, on_token: OnToken | None = None) -> list[RequestOutput]:
-        """Generate for a prompt or a list of prompts (one request at a time, batch size 1 as in the paper)."""
-        prompts = as_prompt_list(prompts)
-        if isinstance(sampling_params, (list, tuple)):
-            if len(sampling_params) != len(prompts):
-                raise RequestError(f"{len(sampling_params)} SamplingParams for {len(prompts)} prompts")
-            plist = list(sampling_params)
-        else:
-            plist = [sampling_params or SamplingParams()] * len(prompts)
-        outs = []
-        for p, params in zip(prompts, plist):
-            text, ids = self.encode_prompt(p, chat=chat)
-            outs.append(self.generate_ids(ids, params, on_token=on_token, prompt=text))
-        return outs
-
-    def generate_ids(self, prompt_token_ids, params: SamplingParams | None = None, on_token: OnToken | None = None,
-                     prompt: str | None = None) -> RequestOutput:
-        params = params or SamplingParams()
-        if len(prompt_token_ids) + params.max_tokens > self.max_model_len:
-            raise RequestError(
-                f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds max_model_len "
-                f"{self.max_model_len}; create the LLM with a larger max_model_len"
-            )
+    def generate_ids(self, prompt_token_ids, params: SamplingParams | dict | None = None,
+                     on_token: OnToken | None = None, prompt: str | None = None) -> RequestOutput:
+        """Generate for a prompt given as token ids."""
+        params = SamplingParams.coerce(params)
+        ids = check_token_ids(prompt_token_ids, self.config.vocab_size)
+        self.check_request(ids, params)
         t0 = time.perf_counter()
-        out = generate_one(self.backend, self.tokenizer, prompt_token_ids, params, on_token=on_token, prompt=prompt)
+        out = generate_one(self.backend, self.tokenizer, ids, params, on_token=on_token, prompt=prompt)
         host = out.metrics
         wafer = host.pop("backend", None) or self.backend.request_metrics()
         if self.band and out.token_ids:
             # the same request, shape only, with the wafer's assumed constants at both ends
-            with_band(wafer, self.config, self.wafer, self.backend.run, len(prompt_token_ids), len(out.token_ids))
-        out.metrics = {**wafer, "engine": self.name, "host": {**host, "wall_s": time.perf_counter() - t0,
-                                                              "placement_wall_s": self.backend.placement_wall_s}}
+            with_band(wafer, self.config, self.wafer, self.backend.run, len(ids), len(out.token_ids))
+        out.metrics = {**wafer, "engine": self.name, "max_model_len": self.max_model_len,
+                       "host": {**host, "wall_s": time.perf_counter() - t0,
+                                "placement_wall_s": self.backend.placement_wall_s}}
         return out
+
+
+__all__ = ["LLM", "NUMERIC_MAX_GRID", "check_engine_args", "check_grids_fit_mesh"]

@@ -18,24 +18,55 @@ from waferllm.engine.wafer import WaferModel
 from waferllm.errors import RequestError
 
 
-def _check(input_len: int, output_len: int) -> None:
+#: the most tokens a prediction runs, even beyond the model's context (each decode step is
+#: host work: a million-token request would take the better part of an hour)
+MAX_PREDICT_TOKENS = 1 << 17
+
+
+def _check(input_len: int, output_len: int, config=None, layers: int | None = None,
+           allow_beyond_context: bool = False) -> None:
+    """Refuse a request that cannot be predicted, before anything is placed or tuned: lengths
+    that are not positive integers, ``layers`` outside 1..num_layers, and (unless
+    ``allow_beyond_context``) more tokens than the model's context."""
     for name, v in (("input_len", input_len), ("output_len", output_len)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise RequestError(f"{name} must be a positive integer, got {v!r}")
+    if input_len + output_len > MAX_PREDICT_TOKENS:
+        raise RequestError(f"input_len {input_len} + output_len {output_len} is more than the {MAX_PREDICT_TOKENS:,} "
+                           "tokens a prediction runs (every decode step is simulated)")
+    if config is None:
+        return
+    n = config.num_layers
+    if layers is not None and (isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= n):
+        raise RequestError(f"layers (--extrapolate-from-layers) must be a whole number from 1 to {n} "
+                           f"({config.name} has {n} layers), got {layers!r}")
+    ctx = config.max_position_embeddings
+    if not allow_beyond_context and input_len + output_len > ctx:
+        raise RequestError(
+            f"input_len {input_len} + output_len {output_len} = {input_len + output_len} tokens is more than "
+            f"{config.name}'s context of {ctx} tokens (max_position_embeddings): shorten the request "
+            f"(e.g. input_len {max(1, min(input_len, ctx - 1))} + output_len {max(1, ctx - min(input_len, ctx - 1))}), "
+            "or allow_beyond_context=True (--allow-beyond-context) to predict its cost anyway")
+
+
+def check_request(config, input_len: int, output_len: int, layers: int | None = None,
+                  allow_beyond_context: bool = False) -> None:
+    """What :func:`predict` refuses, checked on its own (a front end calls it before tuning grids)."""
+    _check(input_len, output_len, config, layers, allow_beyond_context)
 
 
 def predict(config, wafer, input_len: int, output_len: int, prefill_grid: int, decode_grid: int,
             dtype: str = "fp16", kv_scheme: str = "shift", layers: int | None = None, gpus: bool = True,
-            band: bool = True) -> dict:
+            band: bool = True, allow_beyond_context: bool = False) -> dict:
     """Predict one request of ``input_len`` + ``output_len`` tokens (keyword form of :func:`predict_run`)."""
-    _check(input_len, output_len)
+    _check(input_len, output_len, config, layers, allow_beyond_context)
     run = RunConfig.for_request(input_len, output_len, prefill_grid=prefill_grid, decode_grid=decode_grid,
                                 dtype=dtype, kv_scheme=kv_scheme, layers=layers)
-    return predict_run(config, wafer, run, input_len, output_len, gpus, band)
+    return predict_run(config, wafer, run, input_len, output_len, gpus, band, allow_beyond_context)
 
 
 def predict_run(config, wafer, run: RunConfig, input_len: int, output_len: int, gpus: bool = True,
-                band: bool = True) -> dict:
+                band: bool = True, allow_beyond_context: bool = False) -> dict:
     """Predict one request of ``input_len`` + ``output_len`` tokens run as ``run`` says.
 
     With ``band``, times and rates also get ``*_low``/``*_high``: the same request on the
@@ -79,7 +110,8 @@ def with_band(m: dict, config, wafer, run: RunConfig, input_len: int, output_len
     for slow in (False, True):
         w = corner(wafer, slow)
         ends.append(None if w is None else
-                    predict_run(config, w, run, input_len, output_len, gpus=False, band=False))
+                    predict_run(config, w, run, input_len, output_len, gpus=False, band=False,
+                                allow_beyond_context=True))
     return apply_band(m, ends[0], ends[1], wafer.calibration_error)
 
 

@@ -81,4 +81,5 @@ class ReferenceEngine(PromptFrontend):
         self.check_request(ids, params)
         out = generate_one(self.backend, self.tokenizer, ids, params, on_token=on_token, prompt=prompt)
         out.metrics["engine"] = self.name
+        out.metrics["max_model_len"] = self.max_model_len
         return out

@@ -13,7 +13,8 @@ returns, or ``waferllm predict --json`` prints):
   (ideal roofline and calibrated).
 
 :func:`plot_sweep` draws a sweep's rows: ``pareto.png`` (two figures, the Pareto
-front highlighted) and ``line_<input>.png`` for each swept input.
+front highlighted) and ``line_<input>.png`` for each swept input (with a prefix, e.g. the
+spec's name, so that several sweeps can share a folder).
 """
 
 from __future__ import annotations
@@ -361,15 +362,15 @@ def pareto_front(points: Iterable[tuple[float, float]], max_x: bool, max_y: bool
 
 def plot_sweep(rows: Sequence[Mapping[str, Any]], out_dir, swept: Sequence[str],
                pareto: tuple[str, str] = ("energy_j", "decode_tokens_per_s"), y: Sequence[str] = (),
-               title: str = "sweep") -> list[Path]:
-    """``pareto.png`` and one ``line_<input>.png`` per swept input; returns the paths."""
+               title: str = "sweep", prefix: str = "") -> list[Path]:
+    """``<prefix>pareto.png`` and one ``<prefix>line_<input>.png`` per swept input; returns the paths."""
     out = Path(out_dir)
     ok = [r for r in rows if r.get("status") == "ok"]
     failed = [r for r in rows if r.get("status") != "ok"]
-    paths = [pareto_plot(ok, failed, out / "pareto.png", pareto, swept, title)]
+    paths = [pareto_plot(ok, failed, out / f"{prefix}pareto.png", pareto, swept, title)]
     ys = list(y) or ["decode_tokens_per_s", "kv_capacity_tokens", "energy_j", "ttft_s"]
     for key in swept:
-        paths.append(line_plot(ok, failed, out / f"line_{re.sub(r'[^A-Za-z0-9_.-]', '_', key)}.png", key, ys,
+        paths.append(line_plot(ok, failed, out / f"{prefix}line_{re.sub(r'[^A-Za-z0-9_.-]', '_', key)}.png", key, ys,
                                [s for s in swept if s != key], title))
     return paths
 

@@ -25,7 +25,8 @@ A spec is a TOML file (or the same mapping in Python) with four tables::
 An input is a run setting (``model``, ``wafer``, ``input_len``, ``output_len``,
 ``prefill_grid``, ``decode_grid`` (an integer or ``"auto"``: tuned), ``dtype``,
 ``kv_scheme``, ``layers`` (place and run that many layers, scale to the whole model),
-``band``, ``gpus``) or any wafer constant (the ``--set`` keys of ``waferllm hardware``).
+``band``, ``gpus``, ``allow_beyond_context``) or any wafer constant (the ``--set`` keys of
+``waferllm hardware``).
 ``wafers`` and ``defect_rate`` are part of the format but only their neutral values
 (1 wafer, no defects) are accepted until the engine models them.
 """
@@ -68,6 +69,7 @@ RUN_KEYS: dict[str, tuple[str, Any]] = {
     "layers": ("int?", None),
     "band": ("bool", False),
     "gpus": ("bool", False),
+    "allow_beyond_context": ("bool", False),
 }
 
 #: inputs the format knows but the engine does not model yet: name -> (neutral value, why refused)

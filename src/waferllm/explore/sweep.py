@@ -59,7 +59,7 @@ def evaluate_batch(points: list[Mapping[str, Any]]) -> list[dict]:
 
 def _predict(point: Mapping[str, Any], out: dict) -> None:
     """Fill ``out`` with the wafer's constants, then the prediction (what was filled stays on failure)."""
-    from waferllm.engine.predict import predict_run
+    from waferllm.engine.predict import check_request, predict_run
     from waferllm.engine.run_config import RunConfig
     from waferllm.engine.tuner import tune_grids
     from waferllm.hardware import get_wafer
@@ -74,13 +74,16 @@ def _predict(point: Mapping[str, Any], out: dict) -> None:
             out[f"status.{k}"] = v["status"]
     cfg = resolve_config(point["model"])
     il, ol = point["input_len"], point["output_len"]
+    beyond = bool(point.get("allow_beyond_context"))
+    check_request(cfg, il, ol, point.get("layers"), beyond)
     pg = None if point["prefill_grid"] == "auto" else point["prefill_grid"]
     dg = None if point["decode_grid"] == "auto" else point["decode_grid"]
     run = RunConfig.for_request(il, ol, prefill_grid=pg, decode_grid=dg, dtype=point["dtype"],
                                 kv_scheme=point["kv_scheme"], layers=point.get("layers"))
     if pg is None or dg is None:
         run = tune_grids(cfg, wafer, run, il, ol)["run"]
-    m = predict_run(cfg, wafer, run, il, ol, gpus=bool(point.get("gpus")), band=bool(point.get("band")))
+    m = predict_run(cfg, wafer, run, il, ol, gpus=bool(point.get("gpus")), band=bool(point.get("band")),
+                    allow_beyond_context=beyond)
     out["grids_tuned"] = pg is None or dg is None
     out["model_name"] = cfg.name
     out["model_params"] = cfg.param_count()

@@ -20,7 +20,8 @@ def _config(model: str):
 
 @app.command()
 def predict(
-    model: str = typer.Option("llama3-8b", "--model", "-m", help="Preset (llama3-8b, llama2-13b, ...) or a model path."),
+    model: str = typer.Option("llama3-8b", "--model", "-m", help="Preset (llama3-8b, llama2-13b, ...) or a model path: a GGUF, an HF "
+                                                     "folder, or just its config.json (no weights needed)."),
     wafer: str = typer.Option("wse2", "--wafer", help="Wafer preset name or TOML/JSON file."),
     input_len: int = typer.Option(2048, "--input-len", help="Prompt tokens."),
     output_len: int = typer.Option(128, "--output-len", help="Generated tokens."),
@@ -31,12 +32,14 @@ def predict(
     extrapolate: Optional[int] = typer.Option(None, "--extrapolate-from-layers",
                                               help="Place and run only K layers, scale to the whole model."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a wafer constant: KEY=VALUE."),
+    allow_beyond_context: bool = typer.Option(False, "--allow-beyond-context",
+                                              help="Predict a request longer than the model's context."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     plot: Optional[str] = typer.Option(None, "--plot", help="Write the floorplan, SRAM, time and GPU pictures (PNG) "
                                                             "into this folder."),
 ) -> None:
     """Predict TTFT, TPOT, throughput and energy of a model on a wafer (dry run: no weights needed)."""
-    from waferllm.engine.predict import predict_run
+    from waferllm.engine.predict import check_request, predict_run
     from waferllm.engine.run_config import RunConfig
     from waferllm.engine.tuner import tune_grids
     from waferllm.errors import RequestError
@@ -44,6 +47,7 @@ def predict(
     from waferllm.interfaces.report import print_report
 
     cfg = _config(model)
+    check_request(cfg, input_len, output_len, extrapolate, allow_beyond_context)  # before tuning
     spec = get_wafer(wafer, **parse_overrides(set_))
 
     def grid(v, what):
@@ -63,7 +67,7 @@ def predict(
     if pg is None or dg is None:
         tuning = tune_grids(cfg, spec, run, input_len, output_len)
         run, pg, dg = tuning["run"], tuning["prefill_grid"], tuning["decode_grid"]
-    m = predict_run(cfg, spec, run, input_len, output_len)
+    m = predict_run(cfg, spec, run, input_len, output_len, allow_beyond_context=allow_beyond_context)
     if tuning:
         m["tuning"] = {"prefill_grid": pg, "decode_grid": dg,
                        "tried_s": {ph: {str(g): v for g, v in d.items()} for ph, d in tuning["tried"].items()}}

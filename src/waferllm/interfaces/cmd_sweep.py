@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -21,7 +22,8 @@ def sweep(
     batch: Optional[int] = typer.Option(None, "--batch", help="Points per Ray task (default: spec's, else automatic)."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Run failed points again (default: only crashed ones)."),
     timeout: Optional[float] = typer.Option(None, "--timeout", help="Stop after this many seconds (a rerun resumes)."),
-    plot: Optional[str] = typer.Option(None, "--plot", help="Write pareto.png and line_<input>.png into this folder."),
+    plot: Optional[str] = typer.Option(None, "--plot", help="Write SPEC_pareto.png and SPEC_line_<input>.png into this "
+                                                            "folder (SPEC: the spec file's name)."),
     pareto: Optional[str] = typer.Option(None, "--pareto", help="Two figures for the Pareto plot: X,Y (default: the spec's, else energy_j,decode_tokens_per_s)."),
     y: Optional[str] = typer.Option(None, "--y", help="Figures of the line plots, comma-separated."),
     list_points: bool = typer.Option(False, "--list", help="Print the points (JSON lines) and run nothing."),
@@ -70,5 +72,14 @@ def sweep(
     if plot:
         from waferllm.explore.plots import plot_sweep
 
-        for p in plot_sweep(res.rows, plot, swept=spec.swept, pareto=figures, y=ys, title=spec.name):
+        known = {k for r in res.rows if r["status"] == "ok" for k, v in r.items() if isinstance(v, (int, float))}
+        unknown = [f for f in (*figures, *ys) if known and f not in known]
+        if unknown:
+            hint = ", ".join(k for k in ("decode_tokens_per_s", "e2e_tokens_per_s", "tpot_s", "ttft_s", "energy_j",
+                                         "kv_capacity_tokens", "sram_peak_bytes_per_pe.decode") if k in known)
+            raise SweepError(f"no figure named {', '.join(unknown)} in the table {res.path}; figures are its numeric "
+                             f"columns, e.g. {hint}")
+
+        prefix = Path(spec_path).stem + "_"
+        for p in plot_sweep(res.rows, plot, swept=spec.swept, pareto=figures, y=ys, title=spec.name, prefix=prefix):
             console.print(f"wrote {p}")

@@ -165,6 +165,18 @@ def _runs(maps: list[np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray]:
     return starts, np.diff(np.concatenate((starts, [n])))
 
 
+def _merged_runs(maps: list[np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The runs of :func:`_runs` merged by their map values (indices with the same values are
+    held by the same PE and bound for the same PE, wherever they lie): (an index of each
+    distinct value, the values (len(maps), k), elements per value)."""
+    starts, lengths = _runs(maps, n)
+    if not maps:
+        return starts, np.zeros((0, starts.size), np.int64), lengths
+    vals, first, inv = np.unique(np.stack([m[starts] for m in maps]), axis=1, return_index=True,
+                                 return_inverse=True)
+    return starts[first], vals, np.bincount(inv.ravel(), lengths, vals.shape[1]).astype(np.int64)
+
+
 def _cells(src: Placement, dst: Placement):
     """Cells of elements with one source and one destination: (index of every cell's first
     element along each spread dim, elements per cell)."""
@@ -172,7 +184,7 @@ def _cells(src: Placement, dst: Placement):
     first, grids = {}, []
     for d in dims:
         maps = [p_of for p in (src, dst) for dim, p_of in ((p.y_dim, p.y_of), (p.x_dim, p.x_of)) if dim == d]
-        starts, lengths = _runs(maps, src.shape[d])
+        starts, _, lengths = _merged_runs(maps, src.shape[d])
         grids.append((starts, lengths))
     mesh = np.meshgrid(*[np.arange(len(s)) for s, _ in grids], indexing="ij") if grids else []
     count = np.ones(1 if not grids else mesh[0].size, np.int64)
@@ -323,7 +335,7 @@ def _separable_axis(src: Placement, dst: Placement, axis: str, origin: int):
     """Flows along one axis over the runs of the dim it spreads: (_Axis (runs, K), weights)."""
     dim = next((d for d in (getattr(src, f"{axis}_dim"), getattr(dst, f"{axis}_dim")) if d is not None), None)
     maps = [getattr(p, f"{axis}_of") for p in (src, dst) if getattr(p, f"{axis}_dim") == dim and dim is not None]
-    starts, lengths = _runs(maps, src.shape[dim] if dim is not None else 1)
+    starts, _, lengths = _merged_runs(maps, src.shape[dim] if dim is not None else 1)
     off = {"y": "row0", "x": "col0"}[axis]
     ends = [None if getattr(p, f"{axis}_dim") is None else getattr(p, f"{axis}_of")[starts] + getattr(p.region, off)
             for p in (src, dst)]
@@ -399,28 +411,49 @@ def _column_table(src: Placement, dst: Placement) -> bool:
     dims = (src.y_dim, src.x_dim)
     if None in dims or (dst.y_dim, dst.x_dim) not in (dims, dims[::-1]):
         return False
-    used = np.ix_(np.unique(src.y_of), np.unique(src.x_of))
-    cols = src.pe_cols[used]
-    return bool((cols == cols[:1]).all() and (src.pe_rows[used] >= 0).all())
-
-
-def _merged_runs(maps: list[np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray]:
-    """The runs of :func:`_runs` merged by their map values: (values (len(maps), k), elements per value)."""
-    starts, lengths = _runs(maps, n)
-    vals, inv = np.unique(np.stack([m[starts] for m in maps]), axis=1, return_inverse=True)
-    return vals, np.bincount(inv.ravel(), lengths, vals.shape[1]).astype(np.int64)
+    rows, cols = src.pe_rows, src.pe_cols
+    if not ((cols == cols[:1]).all() and (rows >= 0).all()):  # a full table is the usual case
+        used = np.ix_(np.unique(src.y_of), np.unique(src.x_of))
+        rows, cols = rows[used], cols[used]
+    return bool((cols == cols[:1]).all() and (rows >= 0).all())
 
 
 def _line_loads(lines: int, n: int, line, frm, to, w) -> tuple[np.ndarray, np.ndarray]:
-    """Link loads of messages along lines of ``n`` PEs (arrays broadcast together): on line
-    ``line``, from coordinate ``frm`` to ``to``, ``w`` bytes. Returns the (lines, n - 1)
-    loads of the forward links (i -> i+1) and the backward ones (i+1 -> i)."""
-    line, frm, to, w = (a.ravel() for a in np.broadcast_arrays(line, frm, to, w))
-    base = (np.where(to > frm, 0, lines) + line) * (n + 1)
-    lo, hi = np.minimum(frm, to), np.maximum(frm, to)  # a message that stays adds and takes back
-    d = np.bincount(np.concatenate((base + lo, base + hi)), np.concatenate((w, -w)), 2 * lines * (n + 1))
-    loads = np.rint(np.cumsum(d.reshape(2, lines, n + 1), axis=2)[:, :, : n - 1]).astype(np.int64)
+    """Link loads of messages along lines of ``n`` PEs (integer arrays broadcast together):
+    on line ``line``, from coordinate ``frm`` to ``to``, ``w`` bytes. Returns the
+    (lines, n - 1) loads of the forward links (i -> i+1) and the backward ones (i+1 -> i)."""
+    shape = np.broadcast_shapes(np.shape(line), np.shape(frm), np.shape(to), np.shape(w))
+    back = to < frm
+    # each message adds w from its lower end and takes it back at its upper end, in its
+    # direction's plane (one that stays adds and takes back in one place)
+    base = line * (n + 1) + back * (lines * (n + 1))
+    w = np.broadcast_to(w, shape).ravel()
+    size = 2 * lines * (n + 1)
+    d = (np.bincount((base + np.minimum(frm, to)).ravel(), w, size)
+         - np.bincount((base + np.maximum(frm, to)).ravel(), w, size))
+    loads = np.cumsum(d.reshape(2, lines, n + 1), axis=2)[:, :, : n - 1].astype(np.int64)
     return loads[0], loads[1]
+
+
+def _by_column(profiles: np.ndarray, key: np.ndarray, w: np.ndarray, col: np.ndarray, W: int) -> np.ndarray:
+    """(len of a profile, W): column c holds the sum of ``w[i] * profiles[key[i]]`` over
+    every i with ``col[i] == c``."""
+    out = np.zeros((profiles.shape[1], W), np.int64)
+    order = np.argsort(col, kind="stable")
+    at, first = np.unique(col[order], return_index=True)
+    out[:, at] = np.add.reduceat(profiles[key[order]] * w[order, None], first, axis=0).T
+    return out
+
+
+def _expand(groups: np.ndarray, of: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every pair (i, k) with ``of[k] == groups[i]`` (``of`` takes values in [0, n)): their
+    indices i and k."""
+    order = np.argsort(of, kind="stable")
+    first = np.searchsorted(of[order], np.arange(n))
+    reps = np.bincount(of, minlength=n)[groups]
+    i = np.repeat(np.arange(groups.size), reps)
+    k = order[np.repeat(first[groups] - (np.cumsum(reps) - reps), reps) + np.arange(reps.sum())]
+    return i, k
 
 
 def _traffic_column_table(src, dst, itemsize, box) -> MoveTraffic:
@@ -437,8 +470,8 @@ def _traffic_column_table(src, dst, itemsize, box) -> MoveTraffic:
     A, B = src.y_dim, src.x_dim
     trans = dst.y_dim == B
     unit = itemsize * math.prod(s for d, s in enumerate(src.shape) if d not in (A, B))
-    (sa, oa), la = _merged_runs([src.y_of, dst.x_of if trans else dst.y_of], src.shape[A])
-    (sb, ob), lb = _merged_runs([src.x_of, dst.y_of if trans else dst.x_of], src.shape[B])
+    _, (sa, oa), la = _merged_runs([src.y_of, dst.x_of if trans else dst.y_of], src.shape[A])
+    _, (sb, ob), lb = _merged_runs([src.x_of, dst.y_of if trans else dst.x_of], src.shape[B])
     ub, jb = np.unique(sb, return_inverse=True)
     uy, ya = np.unique(sa, return_inverse=True)
     J = ub.size
@@ -458,14 +491,22 @@ def _traffic_column_table(src, dst, itemsize, box) -> MoveTraffic:
         stay_w = np.bincount(jb, lb * on_col, J)[js, None] * la * on_row
         stay = np.bincount((dr * W + col[js, None]).ravel(), stay_w.ravel(), H * W)
         stay_msgs = int((on_row.sum(axis=1) * np.bincount(jb, on_col, J)[js]).sum())
-        east, west = _line_loads(H, W, rows[jb], col[jb, None], dc[:, None], lb[:, None] * ly)
-        # every column block's row profile, then each destination column adds its blocks'
+        # row links: a source row carries, for every column block j, its row block's share
+        # of j's keys b. Most row blocks are alike (t0 elements): one profile for every
+        # source row, plus each PE's difference from it (other sizes, no block)
+        rs = src.region.row0 - top
+        held = np.zeros((J, src.region.rows), np.int64)
+        held[np.arange(J)[:, None], rows - rs] = ly
+        t0 = np.bincount(held.ravel()).argmax()
+        ej, er = np.nonzero(held != t0)
+        e, b = _expand(ej, jb, J)
+        east, west = _line_loads(H, W, er[e] + rs, col[jb[b]], dc[b], (held[ej, er] - t0)[e] * lb[b])
+        common = _line_loads(1, W, 0, col[jb], dc, lb)
+        east[rs: rs + src.region.rows] += t0 * common[0]
+        west[rs: rs + src.region.rows] += t0 * common[1]
+        # column links: every column block's profile over the rows, summed on the columns its keys b go to
         vs, vn = _line_loads(J, H, np.arange(J)[:, None], P, dr, la)
-        order = np.argsort(dc, kind="stable")
-        cols_at, first = np.unique(dc[order], return_index=True)
-        south, north = (np.zeros((H - 1, W), np.int64) for _ in range(2))
-        for out, v in ((south, vs), (north, vn)):
-            out[:, cols_at] = np.add.reduceat(v[jb[order]] * lb[order, None], first, axis=0).T
+        south, north = (_by_column(v, jb, lb, dc, W) for v in (vs, vn))
         hmax = np.zeros(J, np.int64)
         np.maximum.at(hmax, jb, np.abs(col[jb] - dc))
         max_hops = int((np.abs(P - dr).max(axis=1) + hmax).max())
@@ -484,10 +525,12 @@ def _traffic_column_table(src, dst, itemsize, box) -> MoveTraffic:
         stay = np.bincount(rr * W + dc[ka], stay_w, H * W)
         stay_msgs = int(n_jr[ja * H + rr].sum())
         east, west = _line_loads(H, W, P, col[:, None], dc, lb_j[:, None] * la)
+        # column links: row block y leaves from row rows[j, y] of every column block j for the
+        # destination rows of j's keys b: a profile per row block, summed on a's columns
         nz = np.flatnonzero(per_jr)
         zj, zr = np.divmod(nz, H)
-        s_t, n_t = _line_loads(W, H, dc, P[zj], zr[:, None], per_jr[nz, None] * la)
-        south, north = s_t.T, n_t.T
+        fs, fn = _line_loads(uy.size, H, np.arange(uy.size), rows[zj], zr[:, None], per_jr[nz, None])
+        south, north = (_by_column(f, ya, la, dc, W) for f in (fs, fn))
         far = np.zeros(J, np.int64)
         near = np.full(J, H, np.int64)
         np.maximum.at(far, zj, zr)

@@ -47,17 +47,21 @@ def _compile(template: str):
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     try:
         return env.from_string(template)
-    except jinja2.TemplateError as exc:
-        raise ModelError(f"invalid chat template ({exc})") from None
+    except (jinja2.TemplateError, RecursionError, ValueError, TypeError) as exc:
+        raise ModelError(f"invalid chat template ({type(exc).__name__}: {exc})") from None
 
 
 def normalise_messages(messages: str | Sequence[dict]) -> list[dict]:
     if isinstance(messages, str):
         return [{"role": "user", "content": messages}]
+    if not isinstance(messages, (list, tuple)):
+        raise RequestError(f"chat messages must be a list of {{'role', 'content'}} dicts, got {type(messages).__name__}")
     out = []
     for m in messages:
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise RequestError(f"chat message must be a dict with 'role' and 'content', got {m!r}")
+            raise RequestError(f"chat message must be a dict with 'role' and 'content', got {m!r:.80}")
+        if not isinstance(m["role"], str) or not isinstance(m["content"], (str, list)):
+            raise RequestError(f"chat message role must be a string and content a string, got {m!r:.80}")
         out.append(dict(m))
     if not out:
         raise RequestError("chat needs at least one message")
@@ -67,6 +71,8 @@ def normalise_messages(messages: str | Sequence[dict]) -> list[dict]:
 def render_chat(template: str | None, messages: str | Sequence[dict], add_generation_prompt: bool = True,
                 bos_token: str = "", eos_token: str = "", **extra: Any) -> str:
     """Render ``messages`` with ``template`` (ChatML when ``None``)."""
+    if template is not None and not isinstance(template, str):
+        raise ModelError(f"the chat template must be a string, got {type(template).__name__}")
     tpl = _compile(template or CHATML_TEMPLATE)
     try:
         return tpl.render(messages=normalise_messages(messages), add_generation_prompt=add_generation_prompt,

@@ -40,20 +40,31 @@ def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def _check_header(path: str) -> None:
-    if not os.path.exists(path):
-        raise ModelError(f"{path}: model file not found")
-    if not os.path.isfile(path):
-        raise ModelError(f"{path}: not a file")
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(24)
+    try:
+        if not os.path.exists(path):
+            raise ModelError(f"{path}: model file not found")
+        if not os.path.isfile(path):
+            raise ModelError(f"{path}: not a file")
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(24)
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot read the model file ({exc.strerror or exc})") from None
     if len(head) < 4 or head[:4] != GGUF_MAGIC:
         raise ModelError(f"{path}: not a GGUF file (bad magic {head[:4]!r}, expected b'GGUF')")
     if len(head) < 24:
         raise ModelError(f"{path}: truncated GGUF header ({size} bytes)")
     version = struct.unpack("<I", head[4:8])[0]
     if version not in (2, 3):
-        raise ModelError(f"{path}: unsupported GGUF version {version}")
+        raise ModelError(f"{path}: unsupported GGUF version {version} (supported: 2, 3)")
+
+
+def check_finite(arr: np.ndarray, where: str, name: str) -> np.ndarray:
+    """``arr`` if every value is finite; NaN or inf in a weight means a corrupt file."""
+    if not np.isfinite(arr).all():
+        bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+        raise ModelError(f"{where}: tensor {name!r} holds {bad} non-finite value(s) (NaN or inf): the file is corrupt")
+    return arr
 
 
 @dataclass
@@ -76,6 +87,7 @@ class GGUFFile:
         except Exception as exc:  # struct/numpy/ValueError on a corrupt or truncated file
             raise ModelError(f"{path}: corrupt or truncated GGUF file ({type(exc).__name__}: {exc})") from None
         meta: dict[str, Any] = {}
+        key = None
         try:
             for key, f in reader.fields.items():
                 if key.startswith("GGUF."):
@@ -85,13 +97,20 @@ class GGUFFile:
                     continue
                 meta[key] = f.contents()
         except Exception as exc:
-            raise ModelError(f"{path}: corrupt GGUF metadata ({type(exc).__name__}: {exc})") from None
+            raise ModelError(f"{path}: corrupt GGUF metadata at key {key!r} ({type(exc).__name__}: {exc})") from None
         size = os.path.getsize(path)
         tensors = {}
-        for t in reader.tensors:
-            if int(t.data_offset) + int(t.n_bytes) > size or t.data.nbytes != int(t.n_bytes):
-                raise ModelError(f"{path}: truncated GGUF file: tensor {t.name!r} extends past the end of the file")
-            tensors[t.name] = t
+        name = None
+        try:
+            for t in reader.tensors:
+                name = t.name
+                if int(t.data_offset) + int(t.n_bytes) > size or t.data.nbytes != int(t.n_bytes):
+                    raise ModelError(f"{path}: truncated GGUF file: tensor {t.name!r} extends past the end of the file")
+                tensors[t.name] = t
+        except ModelError:
+            raise
+        except Exception as exc:
+            raise ModelError(f"{path}: corrupt GGUF tensor info for {name!r} ({type(exc).__name__}: {exc})") from None
         return cls(path=path, metadata=meta, tensors=tensors, reader=reader)
 
     def tensor_shape(self, name: str) -> tuple[int, ...]:
@@ -99,7 +118,7 @@ class GGUFFile:
         return tuple(int(x) for x in reversed(self.tensors[name].shape.tolist()))
 
     def get(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
-        """Dequantised float32 tensor in numpy order; checks presence and ``shape``."""
+        """Dequantised float32 tensor in numpy order; checks presence, ``shape`` and that every value is finite."""
         t = self.tensors.get(name)
         if t is None:
             raise ModelError(f"{self.path}: missing tensor {name!r}")
@@ -117,7 +136,7 @@ class GGUFFile:
         arr = np.asarray(arr, dtype=np.float32)
         if arr.size != int(np.prod(got)):
             raise ModelError(f"{self.path}: tensor {name!r} holds {arr.size} values, expected {int(np.prod(got))}")
-        return arr.reshape(got)
+        return check_finite(arr.reshape(got), self.path, name)
 
 
 def gguf_config(gf: GGUFFile) -> ModelConfig:
@@ -130,6 +149,8 @@ def gguf_config(gf: GGUFFile) -> ModelConfig:
     except ModelError as exc:
         msg = str(exc)
         raise ModelError(msg if gf.path in msg else f"{gf.path}: {msg}") from None
+    except Exception as exc:  # a metadata value of the wrong type (an edited or corrupt header)
+        raise ModelError(f"{gf.path}: bad GGUF metadata for the model config ({type(exc).__name__}: {exc})") from None
 
 
 def load_gguf_weights(gf: GGUFFile, config: ModelConfig, cache_layers: int | None = None) -> ModelWeights:

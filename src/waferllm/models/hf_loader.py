@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import struct
 from typing import Any
@@ -31,40 +32,53 @@ class SafetensorsFile:
 
     def __init__(self, path: str):
         self.path = path
-        if not os.path.isfile(path):
-            raise ModelError(f"{path}: safetensors file not found")
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ModelError(f"{path}: corrupt safetensors file: truncated header ({size} bytes)")
-            (n,) = struct.unpack("<Q", head)
-            if n > _MAX_HEADER or 8 + n > size:
-                raise ModelError(f"{path}: corrupt safetensors header: header length {n} exceeds the file size {size}")
-            raw = f.read(n)
+        try:
+            if not os.path.isfile(path):
+                raise ModelError(f"{path}: safetensors file not found")
+            size = os.path.getsize(path)
+            with open(path, "rb") as f:
+                head = f.read(8)
+                if len(head) < 8:
+                    raise ModelError(f"{path}: corrupt safetensors file: truncated header ({size} bytes)")
+                (n,) = struct.unpack("<Q", head)
+                if n > _MAX_HEADER or 8 + n > size:
+                    raise ModelError(f"{path}: corrupt safetensors header: header length {n} exceeds the file size {size}")
+                raw = f.read(n)
+        except OSError as exc:
+            raise ModelError(f"{path}: cannot read the safetensors file ({exc.strerror or exc})") from None
         try:
             header = json.loads(raw.decode("utf-8"))
             if not isinstance(header, dict):
                 raise ValueError("header is not a JSON object")
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise ModelError(f"{path}: corrupt safetensors header ({exc})") from None
-        self.metadata = header.pop("__metadata__", None) or {}
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise ModelError(f"{path}: corrupt safetensors header ({type(exc).__name__}: {exc})") from None
+        meta = header.pop("__metadata__", None)
+        self.metadata = meta if isinstance(meta, dict) else {}
         self._data_start = 8 + n
         data_len = size - self._data_start
         self.entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
         for name, info in header.items():
             try:
-                dtype, shape, (start, end) = info["dtype"], tuple(int(x) for x in info["shape"]), info["data_offsets"]
-            except (KeyError, TypeError, ValueError):
-                raise ModelError(f"{path}: corrupt safetensors header entry for {name!r}") from None
+                dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
+                if not isinstance(dtype, str) or not isinstance(shape, list):
+                    raise TypeError("dtype must be a string and shape a list")
+                if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in (*shape, start, end)):
+                    raise ValueError("shape and data_offsets must be non-negative integers")
+                shape = tuple(shape)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ModelError(f"{path}: corrupt safetensors header entry for {name!r} ({exc})") from None
             if dtype not in _DTYPES:
-                raise ModelError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
-            nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(_DTYPES[dtype]).itemsize
+                raise ModelError(f"{path}: tensor {name!r} has unsupported dtype {dtype} "
+                                 f"(supported: {', '.join(_DTYPES)})")
+            nbytes = math.prod(shape) * np.dtype(_DTYPES[dtype]).itemsize
             if not (0 <= start <= end <= data_len) or end - start != nbytes:
                 raise ModelError(f"{path}: corrupt or truncated safetensors file: tensor {name!r} data [{start}, {end}) "
                                  f"does not fit ({nbytes} bytes expected, {data_len} data bytes in file)")
             self.entries[name] = (dtype, shape, int(start), int(end))
-        self._mm = np.memmap(path, dtype=np.uint8, mode="r") if size > 0 else None
+        try:
+            self._mm = np.memmap(path, dtype=np.uint8, mode="r") if size > 0 else None
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"{path}: cannot map the safetensors file ({exc})") from None
 
     def keys(self) -> list[str]:
         return list(self.entries)
@@ -73,14 +87,20 @@ class SafetensorsFile:
         return self.entries[name][1]
 
     def get(self, name: str) -> np.ndarray:
-        """The tensor as float32 (copy-free view for F32 data)."""
+        """The tensor as float32 (copy-free view for F32 data); every value must be finite."""
         dtype, shape, start, end = self.entries[name]
-        raw = self._mm[self._data_start + start: self._data_start + end]
-        if dtype == "BF16":
-            arr = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-        else:
-            arr = raw.view(_DTYPES[dtype])
-        return arr.reshape(shape).astype(np.float32, copy=False)
+        try:
+            raw = self._mm[self._data_start + start: self._data_start + end]
+            if dtype == "BF16":
+                arr = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+            else:
+                arr = raw.view(_DTYPES[dtype])
+            arr = arr.reshape(shape).astype(np.float32, copy=False)
+        except (TypeError, ValueError) as exc:  # the file changed since it was opened
+            raise ModelError(f"{self.path}: cannot read tensor {name!r} ({exc})") from None
+        from waferllm.models.gguf_loader import check_finite
+
+        return check_finite(arr, self.path, name)
 
 
 class HFCheckpoint:
@@ -92,10 +112,12 @@ class HFCheckpoint:
         files: list[str]
         if os.path.isfile(index):
             try:
-                with open(index) as f:
+                with open(index, encoding="utf-8") as f:
                     weight_map = json.load(f)["weight_map"]
-            except (ValueError, KeyError, TypeError) as exc:
-                raise ModelError(f"{index}: corrupt safetensors index ({exc})") from None
+                if not isinstance(weight_map, dict) or not all(isinstance(v, str) and v for v in weight_map.values()):
+                    raise TypeError("weight_map must map tensor names to file names")
+            except (ValueError, KeyError, TypeError, RecursionError, OSError) as exc:
+                raise ModelError(f"{index}: corrupt safetensors index ({type(exc).__name__}: {exc})") from None
             files = sorted(set(weight_map.values()))
         else:
             files = sorted(os.path.basename(p) for p in glob.glob(os.path.join(directory, "*.safetensors")))
@@ -132,8 +154,10 @@ def read_json(path: str) -> dict[str, Any]:
             d = json.load(f)
     except FileNotFoundError:
         raise ModelError(f"{path}: file not found") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{path}: corrupt JSON ({exc})") from None
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise ModelError(f"{path}: corrupt JSON ({type(exc).__name__}: {exc})") from None
     if not isinstance(d, dict):
         raise ModelError(f"{path}: expected a JSON object")
     return d
@@ -146,6 +170,8 @@ def hf_config(directory: str) -> ModelConfig:
         return ModelConfig.from_hf_dict(d, name=os.path.basename(os.path.normpath(directory)))
     except ModelError as exc:
         raise ModelError(f"{path}: {exc}") from None
+    except Exception as exc:  # a value of the wrong type in an edited or corrupt config
+        raise ModelError(f"{path}: bad config value ({type(exc).__name__}: {exc})") from None
 
 
 _HF_NAMES = {

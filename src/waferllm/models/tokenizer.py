@@ -18,7 +18,7 @@ import json
 import os
 from typing import Any, Sequence
 
-from waferllm.errors import ModelError
+from waferllm.errors import ModelError, RequestError, WaferLLMError
 from waferllm.models.chat import render_chat
 
 _LLAMA3_SPLIT = (
@@ -63,6 +63,17 @@ def _derive_merges(tokens: Sequence[str], scores: Sequence[float]) -> list[tuple
     return [(a, b) for a, b, _ in merges]
 
 
+def _guard(name: str, what: str, fn):
+    """Run a call into the ``tokenizers`` library; its failures (a Rust panic is a
+    BaseException) become a ModelError naming the tokenizer."""
+    try:
+        return fn()
+    except (KeyboardInterrupt, SystemExit, GeneratorExit, MemoryError, WaferLLMError):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - pyo3's PanicException derives from BaseException
+        raise ModelError(f"{name}: the tokenizer failed to {what} ({type(exc).__name__}: {exc})") from None
+
+
 class Tokenizer:
     """Text <-> token ids, special tokens and the model's chat template."""
 
@@ -99,10 +110,13 @@ class Tokenizer:
         return "" if not self.eos_token_ids else (self.id_to_token(self.eos_token_ids[0]) or "")
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
+        if not isinstance(text, str):
+            raise RequestError(f"text to tokenize must be a string, got {type(text).__name__}")
+        return _guard(self.name, "encode", lambda: list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids))
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        return _guard(self.name, "decode", lambda: self._tok.decode([int(i) for i in ids],
+                                                                    skip_special_tokens=skip_special_tokens))
 
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(int(token_id))
@@ -128,25 +142,31 @@ class Tokenizer:
         path = os.path.join(directory, "tokenizer.json")
         if not os.path.isfile(path):
             raise ModelError(f"{directory}: no tokenizer.json")
-        try:
-            backend = HFTok.from_file(path)
-        except Exception as exc:
-            raise ModelError(f"{path}: cannot read tokenizer ({exc})") from None
+        backend = _guard(path, "load", lambda: HFTok.from_file(path))
         cfg: dict = {}
         cfg_path = os.path.join(directory, "tokenizer_config.json")
         if os.path.isfile(cfg_path):
             try:
                 with open(cfg_path, encoding="utf-8") as f:
                     cfg = json.load(f)
-            except ValueError as exc:
-                raise ModelError(f"{cfg_path}: corrupt JSON ({exc})") from None
+            except (ValueError, RecursionError, OSError) as exc:
+                raise ModelError(f"{cfg_path}: corrupt JSON ({type(exc).__name__}: {exc})") from None
+            if not isinstance(cfg, dict):
+                raise ModelError(f"{cfg_path}: expected a JSON object, got {type(cfg).__name__}")
         template = cfg.get("chat_template")
         if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
-            template = next((t["template"] for t in template if t.get("name") == "default"), template[0]["template"] if template else None)
+            named = [t for t in template if isinstance(t, dict) and isinstance(t.get("template"), str)]
+            template = next((t["template"] for t in named if t.get("name") == "default"),
+                            named[0]["template"] if named else None)
+        if template is not None and not isinstance(template, str):
+            raise ModelError(f"{cfg_path}: chat_template must be a string or a list of named templates")
         tpl_file = os.path.join(directory, "chat_template.jinja")
         if template is None and os.path.isfile(tpl_file):
-            with open(tpl_file, encoding="utf-8") as f:
-                template = f.read()
+            try:
+                with open(tpl_file, encoding="utf-8") as f:
+                    template = f.read()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ModelError(f"{tpl_file}: cannot read the chat template ({exc})") from None
 
         def tok_id(v) -> int | None:
             if isinstance(v, dict):
@@ -155,11 +175,21 @@ class Tokenizer:
 
         bos = bos_token_id if bos_token_id is not None else tok_id(cfg.get("bos_token"))
         eos = list(eos_token_ids) or [t for t in [tok_id(cfg.get("eos_token"))] if t is not None]
-        return cls(backend, bos_token_id=bos, eos_token_ids=eos, chat_template=template, add_bos_token=False,
-                   name=os.path.basename(os.path.normpath(directory)))
+        return _guard(path, "load", lambda: cls(backend, bos_token_id=bos, eos_token_ids=eos, chat_template=template,
+                                                add_bos_token=False, name=os.path.basename(os.path.normpath(directory))))
 
     @classmethod
     def from_gguf_metadata(cls, meta: dict, name: str = "gguf", eos_token_ids: Sequence[int] | None = None) -> "Tokenizer":
+        """The tokenizer a GGUF's metadata describes; any inconsistency is a ModelError naming the file."""
+        try:
+            return _guard(name, "build from the GGUF vocabulary",
+                          lambda: cls._from_gguf_metadata(meta, name, eos_token_ids))
+        except ModelError as exc:
+            msg = str(exc)
+            raise ModelError(msg if msg.startswith(str(name)) else f"{name}: {msg}") from None
+
+    @classmethod
+    def _from_gguf_metadata(cls, meta: dict, name: str, eos_token_ids: Sequence[int] | None) -> "Tokenizer":
         from tokenizers import AddedToken, Regex, decoders, pre_tokenizers
         from tokenizers import Tokenizer as HFTok
         from tokenizers.models import BPE
