@@ -31,14 +31,15 @@ test: $(VENV)/.test-installed
 	$(PY) -m pytest -q
 
 # Regenerates every benchmarks/RESULTS-* file. The calibration fit runs first and stores its
-# constants in the presets, which the other benchmarks then use. engine_predictions alone takes
-# about 5 minutes on two cores.
+# constants in the presets, which the other benchmarks then use. The fit takes about 8 minutes
+# on two cores, engine_predictions a few.
 bench: $(VENV)/.installed
 	$(PY) benchmarks/calibrate.py --write --output benchmarks/RESULTS-calibration.txt
 	$(PY) benchmarks/mesh_primitives.py --markdown benchmarks/RESULTS-mesh.md
 	$(PY) benchmarks/kernels.py --markdown benchmarks/RESULTS-kernels.md
 	$(PY) benchmarks/engine_predictions.py --markdown benchmarks/RESULTS-engine.md
 	$(PY) benchmarks/simulation_speed.py --markdown benchmarks/RESULTS-simulation-speed.md
+	$(PY) benchmarks/sweep_speed.py --markdown benchmarks/RESULTS-sweep.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

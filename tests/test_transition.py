@@ -81,13 +81,13 @@ def move_time(w, b: dict) -> float:
             + w.collective_overhead_cycles)
 
 
-def where(tensors, tiles_of=lambda t: t.tiles) -> dict:
-    """Value -> wafer PE holding it, over the tiles of ``tensors`` (padding zeros left out;
-    every value must be held once)."""
+def where(held) -> dict:
+    """Value -> wafer PE holding it. ``held``: (region, array whose first two axes are its
+    PE rows and columns), or tensors (their tiles). Padding zeros are left out; every value
+    must be held once."""
     out = {}
-    for t in tensors:
-        r = t.mesh.region
-        tiles = tiles_of(t)
+    for item in held:
+        r, tiles = item if isinstance(item, tuple) else (item.mesh.region, item.tiles)
         for i in range(tiles.shape[0]):
             for j in range(tiles.shape[1]):
                 for x in np.asarray(tiles[i, j]).ravel().tolist():
@@ -99,18 +99,6 @@ def where(tensors, tiles_of=lambda t: t.tiles) -> dict:
 
 def flows(values, src: dict, dst: dict):
     return [(src[x], dst[x]) for x in values]
-
-
-def event(ledger, name):
-    [e] = [e for e in ledger.events if e.name == name]
-    return e
-
-
-def assert_charged(e, w, b):
-    assert e.cycles == move_time(w, b)
-    assert e.counters["bytes_moved"] == b["bytes_moved"]
-    assert e.counters["messages"] == b["messages"]
-    assert e.counters["hop_bytes"] == b["hop_bytes"]
 
 
 # ---------------------------------------------------------------------- runs
@@ -244,14 +232,7 @@ def test_transition_kv_equals_brute_force(two_requests):
     wm, [req] = run_requests(cfg, w, grids, tag=True)
     src = where([t for pair in req.kv for t in pair])
     [(cache, slots)] = req.slots
-    dst = {}
-    r = cache.mesh.region
-    for k, v in slots:
-        for store in (k, v):
-            for (i, j), x in ((ij, x) for ij in np.ndindex(store.shape[:2]) for x in store[ij].ravel().tolist()):
-                if x != 0.0:
-                    assert x not in dst
-                    dst[x] = (r.row0 + i, r.col0 + j)
+    dst = where([(cache.mesh.region, store) for pair in slots for store in pair])
     assert len(src) == len(dst) == cfg.num_layers * 2 * len(PROMPT) * cfg.num_kv_heads * cfg.head_dim
     b = brute_move(flows(src, src, dst), 4)
     assert_charged(charged(req, "transition.kv"), wm.wafer, b)
@@ -295,31 +276,37 @@ def test_dry_run_charges_what_a_numeric_run_charges(two_requests):
         for key in ("restore_s", "transition_s"):
             assert a.metrics[key] == b.metrics[key]
     moved = {k: v for k, v in wm.ledger.by_primitive.items() if k.startswith(("transition.", "restore."))}
-    assert moved and moved == {k: v for k, v in dry.ledger.by_primitive.items() if k.startswith(("transition.", "restore."))}
+    assert moved and moved == {k: v for k, v in dry.ledger.by_primitive.items()
+                               if k.startswith(("transition.", "restore."))}
 
 
-def test_pairs_of_regions_and_their_rounds():
-    """Four layers on 4x4 regions of the real wse2: two prefill and two decode regions. Every
-    weight element moves once, whichever pair of regions moves it (the bytes of all pairs'
-    moves add up to the brute force's), and pairs sharing a region run one after another."""
-    cfg = tiny_config(name="deep", num_layers=4)
+def test_each_pair_of_regions_moves_its_layers():
+    """Six layers on the real wse2: two 4x4 prefill regions and four 3x3 decode regions, side
+    by side, so one prefill region feeds several decode regions and the other way round.
+    Each pair of a prefill and a decode region holding some of the same layers moves those
+    layers' weights in one move, equal to routing their elements."""
+    cfg = tiny_config(name="deep", num_layers=6)
     w = unique_weights(cfg, seed=5)
-    run = RunConfig(4, 4, max_seq_len=len(PROMPT) + 6, dtype="fp32")
+    run = RunConfig(4, 3, max_seq_len=len(PROMPT) + 6, dtype="fp32")
     wm = WaferModel(cfg, w, WSE2, run, mode="numeric")
     wm.reset()
     wm.prefill(PROMPT)
-    assert len(wm.prefill_stages) >= 2 and len(wm.decode_stages) >= 2
-
-    def held(stages, names):
-        return where([t for st in stages for lw in st.w for k, t in lw.items() if k in names])
-
-    src = held(wm.prefill_stages, ("q", "k", "v", "gate", "up"))
-    dst = held(wm.decode_stages, ("qkv", "gate_up"))
-    moved = brute_move(flows(src, src, dst), 4)["bytes_moved"]
-    events = [e for e in wm.ledger.events if e.name == "transition.w_in_y"]
-    assert sum(e.counters["bytes_moved"] for e in events) == moved
-    pairs = [(p, d) for p in wm.prefill_stages for d in wm.decode_stages if set(p.layer_ids) & set(d.layer_ids)]
-    assert len(events) == len(pairs)
+    assert len(wm.prefill_stages) == 2 and len(wm.decode_stages) == 4
+    expected = []
+    for p in wm.prefill_stages:
+        for d in wm.decode_stages:
+            layers = sorted(set(p.layer_ids) & set(d.layer_ids))
+            if not layers:
+                continue
+            src = where([t for li in layers for k, t in p.w[li - p.layer_ids.start].items()
+                         if k in ("q", "k", "v", "gate", "up")])
+            dst = where([t for li in layers for k, t in d.w[li - d.layer_ids.start].items() if k in ("qkv", "gate_up")])
+            b = brute_move(flows(src, src, dst), 4)
+            expected.append((move_time(wm.wafer, b), b["bytes_moved"], b["messages"]))
+    assert len(expected) == 5
+    got = [(e.cycles, e.counters["bytes_moved"], e.counters["messages"])
+           for e in wm.ledger.events if e.name == "transition.w_in_y"]
+    assert sorted(got) == sorted(expected)
 
 
 def test_rounds_serialise_pairs_that_share_a_region_or_links():

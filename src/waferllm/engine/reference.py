@@ -55,6 +55,11 @@ class ReferenceEngine(PromptFrontend):
         if max_seq_len is not None and max_model_len is not None and max_seq_len != max_model_len:
             raise RequestError("give max_seq_len or max_model_len (the same thing), not both")
         check_max_model_len(max_model_len if max_model_len is not None else max_seq_len, None)
+        try:
+            if np.dtype(dtype).kind != "f":
+                raise TypeError(dtype)
+        except TypeError:
+            raise RequestError(f"dtype must be a numpy float type (float32, float64, float16), got {dtype!r}") from None
         model = resolve_model(model)
         self.model = model
         self.tokenizer = model.tokenizer

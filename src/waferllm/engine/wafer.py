@@ -308,9 +308,10 @@ class WaferModel:
                     dst_st.cache.load(length)
                     continue
                 # each layer's K and V, read from the prefill tiles that hold them
-                src = [next(p for p in self.prefill_stages if li in p.layer_ids) for li in dst_st.layer_ids]
-                dst_st.cache.load(length, [kv[li][0] for li in dst_st.layer_ids], [kv[li][1] for li in dst_st.layer_ids],
-                                  [transition.positions(p.hl.kv_cols, p.hl.kv_dim) for p in src])
+                layers = dst_st.layer_ids
+                src = [next(p for p in self.prefill_stages if li in p.layer_ids).hl for li in layers]
+                dst_st.cache.load(length, [kv[li][0] for li in layers], [kv[li][1] for li in layers],
+                                  [transition.positions(hl.kv_cols, hl.kv_dim) for hl in src])
         self.weights_layout = "decode"
         delta = led.since(start)
         self.cycles.phase["transition"] += delta["cycles"]

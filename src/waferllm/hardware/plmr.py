@@ -97,7 +97,7 @@ DTYPE_BYTES = {"fp16": 2, "fp32": 4}
 #: prediction overflow to inf or run for ever. A mesh side above MAX_MESH_SIDE is more than
 #: any wafer (a 300 mm wafer holds about 1,200 PEs per side at the WSE pitch); a constant
 #: above MAX_VALUE or a positive one below MIN_POSITIVE is a unit mistake.
-MAX_MESH_SIDE = 4096
+MAX_MESH_SIDE = 2048
 MAX_VALUE = 1e15
 MIN_POSITIVE = 1e-6
 
@@ -274,7 +274,7 @@ def _coerce(key: str, value: Any, where: str):
     try:
         num = float(value)
     except (ValueError, OverflowError):
-        what = "a number" if isinstance(value, str) else f"at most {MAX_VALUE:g}"
+        what = "a number" if isinstance(value, str) else f"at most {MAX_VALUE:g} {unit}"
         raise HardwareError(f"{where}: {key} must be {what}, got {_short(value)}") from None
     if not math.isfinite(num):
         raise HardwareError(f"{where}: {key} must be finite, got {value!r}")

@@ -296,24 +296,24 @@ def generate(
         else:
             from waferllm.engine.llm import LLM
 
-            if max_model_len is None:
-                typer.echo(f"max_model_len {mml}: the prompt's {len(ids)} tokens + --max-tokens {max_tokens} "
-                           "(--max-model-len reserves more)", err=True)
             try:
                 eng = LLM(loaded, wafer=spec, prefill_grid=pg, decode_grid=dg, dtype=given["dtype"] or "fp16",
                           kv_scheme=given["kv_scheme"] or "shift", max_model_len=mml, progress=progress)
             except PlacementError as exc:
                 raise _rewrite_for_cli(exc, len(ids), max_tokens, max_model_len) from None
+    if engine == "wafer" and max_model_len is None:
+        typer.echo(f"max_model_len {mml}: the prompt's {len(ids)} tokens + --max-tokens {max_tokens} "
+                   "(--max-model-len reserves more)", err=True)
 
     # 4. the run
     if as_json:
         out = eng.generate_ids(ids, params, prompt=prompt_text)
-        _write_trace(eng, trace)
         d = out.to_dict()
         if logprobs is None:
             d.pop("logprobs", None)
         d.pop("prompt_logprobs", None)
         typer.echo(json.dumps(d, indent=2, ensure_ascii=False, default=float))
+        _write_trace(eng, trace)  # after the output: a trace that cannot be written loses nothing else
         return
 
     status = None
@@ -341,7 +341,6 @@ def generate(
     sys.stdout.flush()
     if logprobs is not None:
         _print_logprobs(loaded.tokenizer, out, logprobs)
-    _write_trace(eng, trace)
     m = out.metrics
     if m.get("engine") == "wafer":
         from waferllm.interfaces.report import print_report
@@ -354,6 +353,7 @@ def generate(
                    f"finish={out.finish_reason}; the prompt runs padded to {padded} tokens on the {g}x{g} prefill "
                    f"regions (TTFT grows in steps of {g} tokens); host simulation {host.get('wall_s', 0):.2f} s "
                    f"(placement {host.get('placement_wall_s', 0):.2f} s)", err=True)
+        _write_trace(eng, trace)
         return
     parts = [f"{m.get('prompt_tokens')} prompt + {m.get('generated_tokens')} generated tokens",
              f"finish={out.finish_reason}"]

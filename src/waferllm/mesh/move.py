@@ -300,7 +300,11 @@ def _rect(shape, rows, cols, w) -> np.ndarray:
     keep = (r0 <= r1) & (c0 <= c1) & (w != 0)
     r0, r1, c0, c1, w = (np.asarray(a)[keep] for a in (r0, r1, c0, c1, w))
     H, W = shape
-    if (r0 == r1).all():  # spans of single rows (or points): differences along the rows only
+    if not w.size:
+        return np.zeros(shape, np.int64)
+    if (r0 == r1).all() and (c0 == c1).all():  # single PEs
+        return np.bincount(r0 * W + c0, w, H * W).reshape(H, W).astype(np.int64)
+    if (r0 == r1).all():  # spans of single rows: differences along the rows only
         row = r0 * (W + 1)
         d = np.bincount(np.concatenate((row + c0, row + c1 + 1)), np.concatenate((w, -w)), H * (W + 1))
         return np.cumsum(d.reshape(H, W + 1), axis=1)[:, :W].astype(np.int64)
@@ -429,9 +433,11 @@ def _line_loads(lines: int, n: int, line, frm, to, w) -> tuple[np.ndarray, np.nd
     base = line * (n + 1) + back * (lines * (n + 1))
     w = np.broadcast_to(w, shape).ravel()
     size = 2 * lines * (n + 1)
-    d = (np.bincount((base + np.minimum(frm, to)).ravel(), w, size)
-         - np.bincount((base + np.maximum(frm, to)).ravel(), w, size))
-    loads = np.cumsum(d.reshape(2, lines, n + 1), axis=2)[:, :, : n - 1].astype(np.int64)
+    d = np.bincount((base + np.minimum(frm, to)).ravel(), w, size)
+    d -= np.bincount((base + np.maximum(frm, to)).ravel(), w, size)
+    d = d.reshape(2, lines, n + 1)
+    np.cumsum(d, axis=2, out=d)
+    loads = d[:, :, : n - 1].astype(np.int64)  # integer weights: the float sums are exact
     return loads[0], loads[1]
 
 
@@ -461,17 +467,20 @@ def _traffic_column_table(src, dst, itemsize, box) -> MoveTraffic:
 
     Elements are grouped by merged runs: keys ``a`` along the source's row dim, ``b`` along
     its column dim. Source column j (a column block) holds every key b of that block, each
-    row block y on the PE row ``rows[j, y]``. Every flow is priced as the cell path would,
-    but each load is summed over only the keys it depends on: the injection over (j, y), a
-    row link's over (y, b) (same dims) or (j, a) (transposed), and a column link's through
-    the per-column-block row profiles (same dims) or over (column block, destination row, a)
-    (transposed). Messages are the distinct (source PE, destination PE) pairs."""
+    row block y on the PE row ``rows[j, y]``. The flows are the cell path's (one per pair of
+    keys, XY-routed), but each load is summed over only what it depends on, never over every
+    pair: the injection per PE (j, y); the row links as one profile shared by every source
+    row plus each PE's difference from it (same dims) or per (j, a) (transposed); the column
+    links as one row profile per column block j (same dims) or per row block y (transposed),
+    summed on the destination columns. Messages are the distinct (source PE, destination PE)
+    pairs."""
     top, left, H, W = box
     A, B = src.y_dim, src.x_dim
     trans = dst.y_dim == B
     unit = itemsize * math.prod(s for d, s in enumerate(src.shape) if d not in (A, B))
     _, (sa, oa), la = _merged_runs([src.y_of, dst.x_of if trans else dst.y_of], src.shape[A])
     _, (sb, ob), lb = _merged_runs([src.x_of, dst.y_of if trans else dst.x_of], src.shape[B])
+    la = la * unit  # bytes of each key a's elements, for one element of b (and every load in bytes)
     ub, jb = np.unique(sb, return_inverse=True)
     uy, ya = np.unique(sa, return_inverse=True)
     J = ub.size
@@ -497,7 +506,8 @@ def _traffic_column_table(src, dst, itemsize, box) -> MoveTraffic:
         rs = src.region.row0 - top
         held = np.zeros((J, src.region.rows), np.int64)
         held[np.arange(J)[:, None], rows - rs] = ly
-        t0 = np.bincount(held.ravel()).argmax()
+        sizes, count = np.unique(ly, return_counts=True)
+        t0 = int(sizes[count.argmax()])  # the usual row block's bytes
         ej, er = np.nonzero(held != t0)
         e, b = _expand(ej, jb, J)
         east, west = _line_loads(H, W, er[e] + rs, col[jb[b]], dc[b], (held[ej, er] - t0)[e] * lb[b])
@@ -538,15 +548,14 @@ def _traffic_column_table(src, dst, itemsize, box) -> MoveTraffic:
         reach = np.maximum(np.abs(P - far[:, None]), np.abs(P - near[:, None]))
         max_hops = int((reach + np.abs(col[:, None] - dc)).max())
         keys = la.size * lb.size
-    stay_i = np.rint(stay).astype(np.int64)
-    inject = np.rint(inject).astype(np.int64) - stay_i
-    eject = np.rint(eject).astype(np.int64).ravel() - stay_i
-    total = int(la.sum()) * int(lb.sum()) - int(stay_i.sum())
+    stay = stay.astype(np.int64)  # integer weights: the float sums are exact
+    inject = inject.astype(np.int64) - stay
+    eject = eject.astype(np.int64).ravel() - stay
     live = keys - stay_msgs
     return MoveTraffic(
-        origin=(top, left), inject=unit * inject.reshape(H, W), eject=unit * eject.reshape(H, W),
-        east=unit * east, west=unit * west, south=unit * south, north=unit * north,
-        max_hops=max_hops if live else 0, bytes_moved=unit * total, messages=live,
+        origin=(top, left), inject=inject.reshape(H, W), eject=eject.reshape(H, W), east=east, west=west,
+        south=south, north=north, max_hops=max_hops if live else 0,
+        bytes_moved=int(la.sum()) * int(lb.sum()) - int(stay.sum()), messages=live,
     )
 
 

@@ -8,6 +8,7 @@ llama.cpp's interleaved RoPE order; :func:`unpermute_qk` restores the HF (rotate
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 from dataclasses import dataclass, field
@@ -139,13 +140,28 @@ class GGUFFile:
         return check_finite(arr.reshape(got), self.path, name)
 
 
+def check_rope_scaling(config: ModelConfig, where: str) -> ModelConfig:
+    """Refuse rope scaling numbers the rotary embedding would divide by or turn into NaN."""
+    rs = config.rope_scaling or {}
+    nums = [(k, rs[k]) for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+            if k in rs] + [("freq_factors", f) for f in rs.get("freq_factors", [])]
+    for key, v in nums:
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+            raise ModelError(f"{where}: rope scaling {key} must be a positive finite number, got {v!r}")
+    if rs.get("rope_type") == "llama3" and rs["low_freq_factor"] == rs["high_freq_factor"]:
+        raise ModelError(f"{where}: llama3 rope scaling needs low_freq_factor != high_freq_factor, got both "
+                         f"{rs['low_freq_factor']!r}")
+    return config
+
+
 def gguf_config(gf: GGUFFile) -> ModelConfig:
     freq = None
     if "rope_freqs.weight" in gf.tensors:
         freq = gf.get("rope_freqs.weight").reshape(-1).tolist()
     name = os.path.basename(gf.path)
     try:
-        return ModelConfig.from_gguf_metadata(gf.metadata, name=name, tensor_names=set(gf.tensors), rope_freq_factors=freq)
+        return check_rope_scaling(ModelConfig.from_gguf_metadata(gf.metadata, name=name, tensor_names=set(gf.tensors),
+                                                                 rope_freq_factors=freq), gf.path)
     except ModelError as exc:
         msg = str(exc)
         raise ModelError(msg if gf.path in msg else f"{gf.path}: {msg}") from None

@@ -166,10 +166,13 @@ def read_json(path: str) -> dict[str, Any]:
 def hf_config(directory: str) -> ModelConfig:
     path = os.path.join(directory, "config.json")
     d = read_json(path)
+    from waferllm.models.gguf_loader import check_rope_scaling
+
     try:
-        return ModelConfig.from_hf_dict(d, name=os.path.basename(os.path.normpath(directory)))
+        return check_rope_scaling(ModelConfig.from_hf_dict(d, name=os.path.basename(os.path.normpath(directory))), path)
     except ModelError as exc:
-        raise ModelError(f"{path}: {exc}") from None
+        msg = str(exc)
+        raise ModelError(msg if msg.startswith(path) else f"{path}: {msg}") from None
     except Exception as exc:  # a value of the wrong type in an edited or corrupt config
         raise ModelError(f"{path}: bad config value ({type(exc).__name__}: {exc})") from None
 
