@@ -175,21 +175,21 @@ def test_fp16_stays_close(models, references, name):
 
 def test_numeric_run_rejects_bad_requests(models):
     cfg, w = models["gqa"]
-    with pytest.raises(RequestError):
+    with pytest.raises(RequestError, match="a numeric run needs weights"):
         WaferModel(cfg, None, BIG, 4, 4, max_seq_len=16, mode="numeric")
     wm = WaferModel(cfg, w, BIG, 4, 4, max_seq_len=8, mode="numeric", dtype="fp32")
     wm.reset()
-    with pytest.raises(RequestError):
+    with pytest.raises(RequestError, match="at least one token"):
         wm.prefill([])
-    with pytest.raises(RequestError):
+    with pytest.raises(RequestError, match=rf"token id out of range \[0, {cfg.vocab_size}\)"):
         wm.prefill([cfg.vocab_size])
-    with pytest.raises(RequestError):
+    with pytest.raises(RequestError, match="prompt of 8 tokens leaves no room in the planned 8-token context"):
         wm.prefill(list(range(8)))  # no room left to generate
     wm.prefill(list(range(7)))
-    with pytest.raises(RequestError):
+    with pytest.raises(RequestError, match="token id -1 out of range"):
         wm.decode(-1)
     wm.decode(1)
-    with pytest.raises(RequestError):
+    with pytest.raises(RequestError, match="context of 8 tokens is full"):
         wm.decode(2)  # the context of 8 tokens is full
 
 

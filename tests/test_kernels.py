@@ -170,7 +170,7 @@ def test_routes_per_pe():
         assert s.routes_per_pe == n
         assert s.relayed == (n > 24)
         assert not _tile_mesh(n, "meshgemm").report.relayed
-    with pytest.raises(RouteOverflowError):
+    with pytest.raises(RouteOverflowError, match="route overflow on region .* needs 25 routes per PE"):
         run_gemm("summa", _mesh(25, mode="dry", route_policy="raise"), (100, 100), (100, 100), "fp16")
     run_gemm("summa", _mesh(24, mode="dry", route_policy="raise"), (96, 96), (96, 96), "fp16")
 

@@ -232,7 +232,7 @@ def test_concat_bottom_row_cap_is_the_whole_capacity_but_sram_limits_it():
     mesh2 = Mesh.square(small, 4, mode="dry")
     concat = KVCache(mesh2, hl, 4, 4 * fit, "concat", dtype="fp32")
     concat.load(4)
-    with pytest.raises(SRAMOverflowError):
+    with pytest.raises(SRAMOverflowError, match="SRAM overflow on region .*concat"):
         for _ in range(4 * fit):
             for layer in range(4):
                 concat.update(layer)

@@ -14,7 +14,8 @@ from waferllm.errors import RequestError
     dict(logprobs=-1), dict(prompt_logprobs=1.5),
 ])
 def test_params_validation(kw):
-    with pytest.raises(RequestError):
+    name = next(iter(kw))
+    with pytest.raises(RequestError, match=rf"^{name} "):  # the message names the bad field first
         SamplingParams(**kw)
 
 
@@ -139,7 +140,7 @@ def test_generate_logprobs_and_prompt_logprobs():
     assert out.prompt_logprobs[1][1] > -1e-3 and out.prompt_logprobs[2][5] < -9
     d = out.to_dict()
     assert d["logprobs"][0] == {"6": pytest.approx(out.logprobs[0][6])}
-    with pytest.raises(RequestError):
+    with pytest.raises(RequestError, match="the prompt is empty"):
         generate_one(FakeBackend(), FakeTok(), [], SamplingParams())
 
 

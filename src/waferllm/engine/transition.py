@@ -103,19 +103,19 @@ def prefill_weights(stage, config) -> dict[str, tuple[Placement, int]]:
     name -> (placement, bytes per element). The matrices are MeshGEMM B operands, placed
     pre-skewed: their block tables come from the tensors."""
     w, c = stage.w[0], config
-    qi, ki = _heads(c, stage.hl)
+    q_index, kv_index = _heads(c, stage.hl)
     e, f = np.arange(c.hidden_size), np.arange(c.intermediate_size)
     ref = Placement.of(w["q"])
     P = {k: ref if k == "q" else _like(w[k], ref, w["q"].blocks) for k in ("q", "k", "v", "o", "gate", "up", "down")}
     out = {
-        "w_in_y": concat([take(P["q"], {0: e, 1: qi}), take(P["k"], {0: e, 1: ki}), take(P["v"], {0: e, 1: ki}),
+        "w_in_y": concat([take(P["q"], {0: e, 1: q_index}), take(P["k"], {0: e, 1: kv_index}), take(P["v"], {0: e, 1: kv_index}),
                           take(P["gate"], {0: e, 1: f}), take(P["up"], {0: e, 1: f})], 1),
-        "w_in_x": concat([take(P["o"], {0: qi, 1: e}), take(P["down"], {0: f, 1: e})], 0),
+        "w_in_x": concat([take(P["o"], {0: q_index, 1: e}), take(P["down"], {0: f, 1: e})], 0),
         "norms": concat([Placement.of(w["attn_norm"]), Placement.of(w["ffn_norm"])], 0),  # [2, E]
     }
     if "bq" in w:
-        out["bias"] = concat([take(Placement.of(w["bq"]), {1: qi}), take(Placement.of(w["bk"]), {1: ki}),
-                              take(Placement.of(w["bv"]), {1: ki})], 1)
+        out["bias"] = concat([take(Placement.of(w["bq"]), {1: q_index}), take(Placement.of(w["bk"]), {1: kv_index}),
+                              take(Placement.of(w["bv"]), {1: kv_index})], 1)
     item = DTYPE_BYTES[stage.dtype]
     return {k: (p, NORM_BYTES if k in ("norms", "bias") else item) for k, p in out.items()}
 
@@ -125,20 +125,20 @@ def decode_weights(stage, config) -> dict[str, tuple[Placement, int]]:
     blocks hold [q | k | v] and [gate | up] of one feature block, W_O and W_down have their
     input on x, the norms are split over the rows and copied along them."""
     w, c, hl = stage.w[0], config, stage.hl
-    qi, ki = _heads(c, hl)
+    q_index, kv_index = _heads(c, hl)
     e, f = np.arange(c.hidden_size), np.arange(c.intermediate_size)
     r, width, ffn = hl.group, hl.col_features, stage.ffn_per_column
     # positions in the fused tiles: column j holds [q block j | k block j | v block j] and [gate j | up j]
     block = (r + 2) * width
-    fq = (qi // (r * width)) * block + qi % (r * width)
-    fk = (ki // width) * block + r * width + ki % width
+    fq = (q_index // (r * width)) * block + q_index % (r * width)
+    fk = (kv_index // width) * block + r * width + kv_index % width
     fg = (f // ffn) * 2 * ffn + f % ffn
     qkv, gate_up = Placement.of(w["qkv"]), Placement.of(w["gate_up"])
     norm = Placement.of(w["attn_norm"])  # [E] (y)
     out = {
         "w_in_y": concat([take(qkv, {0: e, 1: fq}), take(qkv, {0: e, 1: fk}), take(qkv, {0: e, 1: fk + width}),
                           take(gate_up, {0: e, 1: fg}), take(gate_up, {0: e, 1: fg + ffn})], 1),
-        "w_in_x": concat([take(Placement.of(w["o"]), {0: qi, 1: e}), take(Placement.of(w["down"]), {0: f, 1: e})], 0),
+        "w_in_x": concat([take(Placement.of(w["o"]), {0: q_index, 1: e}), take(Placement.of(w["down"]), {0: f, 1: e})], 0),
         "norms": Placement(norm.region, (2, c.hidden_size), y_dim=1, y_of=norm.y_of),
     }
     if "qkv_bias" in w:
@@ -152,9 +152,9 @@ def decode_weights(stage, config) -> dict[str, tuple[Placement, int]]:
 def kv_source(k, v, hl, config) -> Placement:
     """Where a prefill layer's K and V [tokens, kv_padded] (y, x) are, as one logical
     [tokens, K | V] in the model's feature order."""
-    _, ki = _heads(config, hl)
+    _, kv_index = _heads(config, hl)
     tokens = np.arange(k.shape[0])
-    return concat([take(Placement.of(k), {0: tokens, 1: ki}), take(Placement.of(v), {0: tokens, 1: ki})], 1)
+    return concat([take(Placement.of(k), {0: tokens, 1: kv_index}), take(Placement.of(v), {0: tokens, 1: kv_index})], 1)
 
 
 # ------------------------------------------------------------------ moves and their order

@@ -80,7 +80,7 @@ def _check_trace_path(trace: str) -> None:
         raise RequestError(f"--trace {trace}: the directory {existing} is not writable")
 
 
-def _check_wafer_options(engine: str, given: dict, max_tokens: int, max_model_len: Optional[int]):
+def _check_wafer_options(engine: str, given: dict):
     """The wafer engine's options, checked with the flags' names (no model needed). Returns the
     wafer spec and the grids ("auto" or P)."""
     from waferllm.engine.kvcache import SCHEMES
@@ -266,7 +266,7 @@ def generate(
         raise RequestError(f"--engine must be wafer or reference, got {engine!r}")
     given = dict(wafer=wafer, prefill_grid=prefill_grid, decode_grid=decode_grid, dtype=dtype, kv_scheme=kv_scheme,
                  trace=trace)
-    spec, pg, dg = _check_wafer_options(engine, given, max_tokens, max_model_len)
+    spec, pg, dg = _check_wafer_options(engine, given)
     _check_lengths_upfront(max_tokens, max_model_len)
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                             stop=stop or None, logprobs=logprobs, ignore_eos=ignore_eos)

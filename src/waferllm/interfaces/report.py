@@ -33,6 +33,8 @@ def timing_table(m: dict, title: str = "predicted on the wafer") -> Table:
     t = Table("metric", "value", title=title)
     t.add_row("wafer", f"{m.get('wafer')}  (prefill grid {m.get('prefill_grid')}, decode grid {m.get('decode_grid')})")
     t.add_row("TTFT (prefill)", _banded(m, "ttft_s", _t))
+    if m.get("restore_s"):
+        t.add_row("  of which restoring the prefill layout", _t(m["restore_s"]))
     t.add_row("prefill -> decode transition", _banded(m, "transition_s", _t))
     t.add_row("TPOT", _banded(m, "tpot_s", _t))
     t.add_row("prefill tokens/s", _banded(m, "prefill_tokens_per_s", _r))

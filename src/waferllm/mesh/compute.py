@@ -17,6 +17,7 @@ import numpy as np
 
 from waferllm.errors import MeshError
 from waferllm.hardware.plmr import DTYPE_BYTES
+from waferllm.hardware.plmr import DTYPE_BYTES
 from waferllm.mesh.cost import compute_cycles, vector_cycles
 from waferllm.mesh.tensor import AXES, NP_DTYPES, DistTensor, tile_shape_for
 
@@ -72,7 +73,7 @@ def matmul_tiles(mesh, a_tiles, b_tiles, acc=None, transpose_b=False, dtype="fp3
         m, k, n, *rest = shapes
         batch = rest[0] if rest else 1
     macs = batch * m * k * n
-    item = 2 if dtype == "fp16" else 4
+    item = DTYPE_BYTES[dtype]
     _charge(mesh, name, compute_cycles(mesh.wafer, macs, dtype), 2 * macs,
             item * batch * (m * k + k * n + m * n), 4 * batch * m * n, dtype=dtype)
     if a_tiles is None:
