@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from waferllm.errors import HardwareError
-from waferllm.hardware.plmr import STATUSES, Provenance
+from waferllm.hardware.plmr import Provenance, read_constant
 
 try:  # Python >= 3.11
     import tomllib
@@ -171,18 +171,7 @@ def from_mapping(data: Mapping[str, Any], where: str = "<mapping>", base: GPUSpe
             elif required:
                 raise HardwareError(f"{where}: missing required key {k!r} ({meaning}, {unit})")
             continue
-        raw = data[k]
-        if isinstance(raw, Mapping):
-            if "value" not in raw:
-                raise HardwareError(f"{where}: {k} is a table but has no 'value'")
-            status = str(raw.get("status", "user"))
-            if status not in STATUSES:
-                raise HardwareError(f"{where}: {k}.status must be one of {', '.join(STATUSES)}, got {status!r}")
-            rng = raw.get("range")
-            prov[k] = Provenance(str(raw.get("source", where)), status, tuple(float(x) for x in rng) if rng else None)
-            raw = raw["value"]
-        else:
-            prov[k] = Provenance(where, "user")
+        raw, prov[k] = read_constant(k, data[k], where, _coerce)
         values[attr] = _coerce(k, raw, where)
     name = str(data.get("name", base.name if base else (key or Path(where).stem)))
     spec = GPUSpec(

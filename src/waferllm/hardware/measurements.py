@@ -44,9 +44,9 @@ class Measurement:
     def shown(self) -> str:
         """The measured figure or the claim, as a reader would quote it."""
         if self.check == "between":
-            return f"{_fmt(self.low, self.unit)} - {_fmt(self.high, self.unit)}"
+            return f"{format_value(self.low, self.unit)} - {format_value(self.high, self.unit)}"
         prefix = {"at_least": ">= ", "at_most": "<= ", "about": "~"}.get(self.check or "", "")
-        return prefix + _fmt(self.value, self.unit)
+        return prefix + format_value(self.value, self.unit)
 
     def error(self, model_value: float) -> float:
         """Relative error of the model against the measured value (absolute items and 'about' claims)."""
@@ -76,7 +76,8 @@ class Measurement:
         return min(0.0, math.log(v / self.low)) + max(0.0, math.log(v / self.high))
 
 
-def _fmt(v: float | None, unit: str) -> str:
+def format_value(v: float | None, unit: str) -> str:
+    """A value as a reader would quote it, in its unit."""
     if v is None:
         return "-"
     if unit == "s":

@@ -302,16 +302,27 @@ def _short(value: Any) -> str:
     return text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
 
 
-def _coerce_range(key: str, value: Any, where: str) -> tuple[float, float] | None:
-    if value is None:
-        return None
-    try:
-        lo, hi = (_coerce(key, v, where) for v in value)
-    except (TypeError, ValueError):
-        raise HardwareError(f"{where}: {key}.range must be [low, high], got {value!r}") from None
-    if lo > hi:
-        raise HardwareError(f"{where}: {key}.range must be [low, high] with low <= high, got {value!r}")
-    return (lo, hi)
+def read_constant(key: str, raw: Any, where: str, coerce) -> tuple[Any, Provenance]:
+    """A constant as written in a file: a bare value (status ``user``) or a table with
+    ``value``, ``source``, ``status`` and an optional ``range``; returns (raw value, provenance).
+    ``coerce(key, value, where)`` checks a number (the range's ends too)."""
+    if not isinstance(raw, Mapping):
+        return raw, Provenance(where, "user")
+    if "value" not in raw:
+        raise HardwareError(f"{where}: {key} is a table but has no 'value'")
+    status = str(raw.get("status", "user"))
+    if status not in STATUSES:
+        raise HardwareError(f"{where}: {key}.status must be one of {', '.join(STATUSES)}, got {status!r}")
+    rng = raw.get("range")
+    if rng is not None:
+        try:
+            lo, hi = (coerce(key, v, where) for v in rng)
+        except (TypeError, ValueError):
+            raise HardwareError(f"{where}: {key}.range must be [low, high], got {rng!r}") from None
+        if lo > hi:
+            raise HardwareError(f"{where}: {key}.range must be [low, high] with low <= high, got {rng!r}")
+        rng = (lo, hi)
+    return raw["value"], Provenance(str(raw.get("source", where)), status, rng)
 
 
 def _coerce_defects(value: Any, where: str) -> frozenset:
@@ -358,17 +369,7 @@ def from_mapping(data: Mapping[str, Any], where: str = "<mapping>", base: WaferS
                 raise HardwareError(f"{where}: missing required key {key!r} ({_FIELDS[key][3]}, {_FIELDS[key][2]})")
             values[key] = getattr(base, key)
             continue
-        raw = data[key]
-        if isinstance(raw, Mapping):
-            if "value" not in raw:
-                raise HardwareError(f"{where}: {key} is a table but has no 'value'")
-            status = str(raw.get("status", "user"))
-            if status not in STATUSES:
-                raise HardwareError(f"{where}: {key}.status must be one of {', '.join(STATUSES)}, got {status!r}")
-            prov[key] = Provenance(str(raw.get("source", where)), status, _coerce_range(key, raw.get("range"), where))
-            raw = raw["value"]
-        else:
-            prov[key] = Provenance(where, "user")
+        raw, prov[key] = read_constant(key, data[key], where, _coerce)
         values[key] = _coerce(key, raw, where)
     defects = _coerce_defects(data.get("defective_pes", []), where) if "defective_pes" in data else (
         base.defective_pes if base else frozenset()

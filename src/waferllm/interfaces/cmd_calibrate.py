@@ -10,17 +10,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from waferllm.hardware.measurements import format_value
 from waferllm.interfaces.cli import app
-
-
-def _fmt(v: float, unit: str) -> str:
-    if unit == "s":
-        return f"{v * 1e6:.3g} us" if v < 1e-3 else f"{v * 1e3:.3g} ms"
-    if unit == "fraction":
-        return f"{v * 100:.0f}%"
-    if unit == "x":
-        return f"{v:.3g}x"
-    return f"{v:,.5g} {unit}"
 
 
 def validation_table(system: str, rows, title: str) -> Table:
@@ -30,7 +21,7 @@ def validation_table(system: str, rows, title: str) -> Table:
         m = r.measurement
         err = f"{m.error(r.value):+.1%}" if (m.absolute or m.check == "about") else "-"
         within = ("yes" if r.passes else "[bold red]no[/]") + (f" (±{m.tolerance:.0%})" if m.tolerance else "")
-        t.add_row(m.id, m.quantity, m.kind, m.shown(), _fmt(r.value, m.unit), err, within)
+        t.add_row(m.id, m.quantity, m.kind, m.shown(), format_value(r.value, m.unit), err, within)
     return t
 
 
