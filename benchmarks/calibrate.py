@@ -18,18 +18,23 @@ from contextlib import redirect_stdout
 from waferllm.calibration.fit import calibrate
 from waferllm.calibration.validate import SYSTEMS, summary, validation_rows
 from waferllm.hardware import get_wafer
+from waferllm.hardware.measurements import format_value
 
 
 def show(rows_by_system, sums) -> None:
     for system, rows in rows_by_system.items():
-        head = (f"\n{system}: loss {sums[system]['loss']:.4f} (recorded at the fit: {sums[system]['recorded_loss']})"
-                if system in sums else "\nGPU measurements (SGLang, A100) against the ideal roofline (not fitted)")
+        if system in sums:
+            head = f"\n{system}: loss {sums[system]['loss']:.4f} (recorded at the fit: {sums[system]['recorded_loss']})"
+        elif system == "gpu-roofline":
+            head = "\nGPU measurements (SGLang, A100) against the ideal roofline (not fitted: the roofline's gap)"
+        else:
+            head = "\nGPU measurements (SGLang, A100) against the calibrated GPU model (fitted to them)"
         print(head)
-        print(f"{'measurement':<92} {'kind':<9} {'measured':>14} {'model':>12} {'error':>8} {'ok':>4}")
+        print(f"{'measurement':<92} {'kind':<9} {'measured':>14} {'model':>16} {'error':>8} {'ok':>4}")
         for r in rows:
             m = r.measurement
             err = f"{m.error(r.value):+.1%}" if (m.absolute or m.check == "about") else "-"
-            print(f"{m.quantity[:92]:<92} {m.kind:<9} {m.shown():>14} {r.value:>12.4g} {err:>8} "
+            print(f"{m.quantity[:92]:<92} {m.kind:<9} {m.shown():>14} {format_value(r.value, m.unit):>16} {err:>8} "
                   f"{'yes' if r.passes else 'NO':>4}")
 
 
