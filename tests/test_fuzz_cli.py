@@ -102,7 +102,7 @@ VALID_SAMPLING = {
     "--logprobs": ["0", "2"], "--stop": ["a", "\n"], "--ignore-eos": [None], "--max-model-len": ["64", "256"],
 }
 VALID_WAFER = {
-    "--prefill-grid": ["auto", "4", "8", "12"], "--decode-grid": ["auto", "4", "8", "12"], "--dtype": ["fp16", "fp32"],
+    "--prefill-grid": ["auto", "8", "12"], "--decode-grid": ["auto", "4", "8", "12"], "--dtype": ["fp16", "fp32"],
     "--kv-scheme": ["shift", "concat"], "--wafer": ["wse2", "wse3"],
 }
 

@@ -614,3 +614,12 @@ def test_wafer_files_that_loop_or_nest_are_refused(tmp_path):
         get_wafer(str(bad))
     with pytest.raises(HardwareError, match=r"unknown wafer 'a{19}\.\.\.\(5002 characters\): not a preset \(wse2, wse3\) nor an existing file"):
         get_wafer("a" * 5000)
+
+
+def test_text_report_says_how_the_prompt_is_padded(capsys, tiny_gguf):
+    """TTFT moves in steps of the prefill grid: the summary line says so, with the padded length."""
+    rc, out, err, _ = run(capsys, "generate", "--model", tiny_gguf, "--prompt", "hello", "-n", "2",
+                          "--prefill-grid", "8", "--decode-grid", "8")
+    assert rc == 0, err
+    assert ("[wafer] 5 prompt + 2 generated tokens, finish=length; the prompt runs padded to 8 tokens on the 8x8 "
+            "prefill regions (TTFT grows in steps of 8 tokens)") in err

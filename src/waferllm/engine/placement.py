@@ -27,11 +27,15 @@ def cdiv(a: int, b: int) -> int:
 
 @dataclass
 class Stage:
-    """A region of a phase: a run of layers plus a vocabulary slice of the LM head / embedding."""
+    """A region of a phase: a run of layers plus a vocabulary slice of the LM head / embedding.
+    In a cluster, ``wafer`` is the index of the wafer the region is on and ``heads_per_pass``
+    (when > 0) that wafer's own prefill attention passes."""
 
     region: Region
     layers: range = range(0)
     vocab: range = range(0)
+    wafer: int = 0
+    heads_per_pass: int = 0
 
     def to_dict(self) -> dict:
         d = {"region": self.region.describe()}
@@ -219,8 +223,11 @@ class PhaseBudget:
     allocation anyway).
     """
 
-    def __init__(self, config, wafer: WaferSpec, phase: str, seq_len: int, dtype: str = "fp16"):
+    def __init__(self, config, wafer: WaferSpec, phase: str, seq_len: int, dtype: str = "fp16",
+                 vocab_size: int | None = None):
         self.config = config
+        # vocabulary entries the regions hold (a cluster's wafers without the tables: 0)
+        self.vocab_size = config.vocab_size if vocab_size is None else vocab_size
         self.wafer = wafer
         self.phase = phase
         self.seq_len = seq_len
@@ -260,7 +267,7 @@ class PhaseBudget:
 
     def capacities(self, regs: list[Region]) -> tuple[list[int], list[int]]:
         """The vocabulary split over ``regs`` (by PEs) and the layers each region can take."""
-        vocab = _split(self.config.vocab_size, [r.pes for r in regs])
+        vocab = _split(self.vocab_size, [r.pes for r in regs])
         return vocab, [self.capacity(r.rows, v) for r, v in zip(regs, vocab)]
 
 
@@ -383,7 +390,7 @@ def _extrapolated_layout(budget: PhaseBudget, slots: list[Region], found, n_laye
     at most the whole model's layer ``share`` of each region, filled in order."""
     n = found[0] if found else len(slots)
     regs = slots[:n]
-    vocab = _split(budget.config.vocab_size, [r.pes for r in regs])
+    vocab = _split(budget.vocab_size, [r.pes for r in regs])
     share = found[1][1] if found else [max(1, x) for x in _split(budget.config.num_layers, [r.pes for r in regs])]
     counts, left = [], n_layers
     for c in share:
@@ -415,7 +422,7 @@ def _stages(regs: list[Region], counts: list[int], vocab: list[int]) -> list[Sta
 
 
 def plan_phase(config, wafer: WaferSpec, grid: int, phase: str, seq_len: int, dtype: str = "fp16",
-               layers: int | None = None, suggest: bool = True) -> PhasePlan:
+               layers: int | None = None, suggest: bool = True, vocab_size: int | None = None) -> PhasePlan:
     """Regions for one phase: the fewest square regions that hold every layer.
 
     grid x grid regions come first; when they are not enough, smaller squares from the
@@ -424,10 +431,12 @@ def plan_phase(config, wafer: WaferSpec, grid: int, phase: str, seq_len: int, dt
     slice of the LM head (and of the embedding table when it is not tied) in proportion
     to its PEs, so the LM head runs on all regions at once. ``layers`` < num_layers plans
     only the first ``layers`` (extrapolation) under the whole model's conditions.
+    ``vocab_size``: the vocabulary entries these regions hold (default all; a cluster's
+    wafer without the vocabulary tables: 0).
     """
     n_layers = config.num_layers if layers is None else layers
     extrapolating = n_layers < config.num_layers
-    budget = PhaseBudget(config, wafer, phase, seq_len, dtype)
+    budget = PhaseBudget(config, wafer, phase, seq_len, dtype, vocab_size)
     all_slots = region_slots(wafer, grid, phase)
     slots = _drop_idle_slots(budget, all_slots)
     found = _fewest_regions(budget, slots, config.num_layers if extrapolating else n_layers)

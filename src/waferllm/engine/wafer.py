@@ -18,24 +18,35 @@ head's vocabulary is sliced over all regions of a phase, whose slices run at the
 Dry runs do not repeat identical work: a layer whose program (shapes, layouts,
 constants, cache occupancy) equals one already executed has that execution's cost
 replayed (``Ledger.replay``), and so has a decode step. Numeric runs execute everything.
+
+On a cluster (``wafer`` a :class:`ClusterSpec` using two or more wafers) the stages of a
+phase run on several wafers, planned by :mod:`waferllm.engine.cluster`: the hidden states
+cross from wafer to wafer with :func:`waferllm.mesh.interwafer.transfer`, the vocabulary
+tables sit on the first wafer of each phase, the wafers re-place their own weights and K/V
+at the same time in the transition (``shared`` layout) or send the prompt's K/V to the
+decode wafers (``split`` layout: no weights move, no restore). Stages of different wafers
+that hold the same program (the same region, layers and tables) replay one another's layers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from functools import partial
 
 import numpy as np
 
 from waferllm.engine import transition
+from waferllm.engine.cluster import plan_cluster
 from waferllm.engine.decode import DecodeStage
 from waferllm.engine.metrics import RequestCycles, request_metrics
 from waferllm.engine.prefill import PrefillStage
 from waferllm.engine.run_config import RunConfig
 from waferllm.errors import RequestError
 from waferllm.hardware import get_wafer
+from waferllm.hardware.cluster import ClusterSpec
 from waferllm.hardware.plmr import DTYPE_BYTES, WaferSpec
-from waferllm.mesh import comm
+from waferllm.mesh import comm, interwafer
 from waferllm.mesh.ledger import Ledger
 from waferllm.mesh.move import Placement, charge_move
 from waferllm.mesh.runtime import Mesh
@@ -44,9 +55,11 @@ from waferllm.mesh.tensor import DistTensor
 
 class WaferModel:
     """A model on a wafer. ``run``: a :class:`RunConfig`; or, as keywords, its fields (the
-    grids may come positionally: ``WaferModel(cfg, weights, "wse2", 32, 32, max_seq_len=64)``)."""
+    grids may come positionally: ``WaferModel(cfg, weights, "wse2", 32, 32, max_seq_len=64)``).
+    ``wafer``: a wafer (preset, file or spec) or a :class:`ClusterSpec` (its wafers in use)."""
 
-    def __init__(self, config, weights=None, wafer: str | WaferSpec = "wse2", run: RunConfig | int | None = None,
+    def __init__(self, config, weights=None, wafer: str | WaferSpec | ClusterSpec = "wse2",
+                 run: RunConfig | int | None = None,
                  decode_grid: int | None = None, *, mode: str = "numeric", progress=None, **run_fields):
         if not isinstance(run, RunConfig):
             run = RunConfig(prefill_grid=run, decode_grid=decode_grid, **run_fields)
@@ -54,17 +67,28 @@ class WaferModel:
             raise RequestError("pass either a RunConfig or its fields, not both")
         self.config = config
         self.run = run
+        # a cluster of one wafer is that wafer
+        self.cluster = wafer if isinstance(wafer, ClusterSpec) and wafer.wafers > 1 else None
+        if isinstance(wafer, ClusterSpec):
+            wafer = wafer.wafer
         self.wafer = wafer if isinstance(wafer, WaferSpec) else get_wafer(wafer)
         self.mode = mode
         self.layers = run.layer_count(config)
         if mode == "numeric" and weights is None:
             raise RequestError("a numeric run needs weights; use mode='dry' for shape-only prediction")
-        self.plan = run.plan(config, self.wafer)
+        if self.cluster is not None and self.layers != config.num_layers:
+            raise RequestError("a cluster places the whole model: extrapolating from some layers "
+                               "(--extrapolate-from-layers) is for one wafer")
+        self.plan = run.plan(config, self.wafer) if self.cluster is None else plan_cluster(
+            config, self.cluster, run.prefill_grid, run.decode_grid, run.max_seq_len, run.dtype, run.prompt_len)
         self.ledger = Ledger(self.wafer, keep_events=(mode == "numeric"))
         self.weights = weights
         t0 = time.perf_counter()
         self.prefill_stages, self.decode_stages = self._place(progress)
         self.placement_wall_s = time.perf_counter() - t0
+        # per phase, for each stage the first stage holding the same program (itself on one wafer)
+        self.twins = {ph: _twins(pp.stages if pp else []) for ph, pp in (("prefill", self.plan.prefill),
+                                                                          ("decode", self.plan.decode))}
         self._memo: dict = {}  # dry runs: program key -> its cost (a ledger delta)
         self._weights: dict = {}  # (phase, stage) -> one layer's weights as the transition moves them
         self.weights_layout = "prefill"  # where the layers' weights are: "prefill" or "decode"
@@ -98,7 +122,7 @@ class WaferModel:
         embed = (lambda vs: None) if c.tie_word_embeddings else (lambda vs: self._host("embed", vs))
         prefill = [PrefillStage(self._mesh(st), c, st.layers, layers(st.layers, "prefill"), st.vocab,
                                 self._host("lm", st.vocab), embed(st.vocab), self._host("final_norm"), run.dtype,
-                                pre.heads_per_pass) for st in (pre.stages if pre else [])]
+                                st.heads_per_pass or pre.heads_per_pass) for st in (pre.stages if pre else [])]
         decode = [DecodeStage(self._mesh(st), c, st.layers, layers(st.layers, "decode"), st.vocab,
                               self._host("lm", st.vocab), embed(st.vocab), self._host("final_norm"), run.max_seq_len,
                               run.dtype, run.kv_scheme) for st in (dec.stages if dec else [])]
@@ -140,7 +164,7 @@ class WaferModel:
 
     def _run_layer(self, phase: str, stage: int, key: tuple, fn):
         """Run one layer (or replay an identical one in dry mode); returns fn's result or None."""
-        led, key = self.ledger, (stage,) + key
+        led, key = self.ledger, (self.twins[phase][stage],) + key
         if self.mode == "dry" and key in self._memo:
             led.replay(self._memo[key], "layer (replayed)")
             self.cycles.add_layers(phase, self._memo[key])
@@ -178,10 +202,18 @@ class WaferModel:
         return logits
 
     def _to_region(self, h: DistTensor, stage, layout, name: str = "stage_transfer") -> DistTensor:
-        """Hidden states on to the next region of the pipeline; they leave the previous one."""
-        moved = comm.relayout(h, stage.mesh, layout, name=name)
+        """Hidden states on to the next region of the pipeline (on another wafer: over the
+        link between them); they leave the previous one."""
+        if _same_wafer(h.mesh, stage.mesh):
+            moved = comm.relayout(h, stage.mesh, layout, name=name)
+        else:
+            moved = interwafer.transfer(h, stage.mesh, layout, self.cluster)
         h.mesh.sram.release(h)
         return moved
+
+    def _vocab_stages(self, stages: list) -> list:
+        """The stages holding a vocabulary slice (on one wafer: every stage)."""
+        return stages if self.cluster is None else [st for st in stages if len(st.vocab)]
 
     def _check_prompt(self, token_ids) -> tuple[np.ndarray | None, int]:
         if isinstance(token_ids, (int, np.integer)):
@@ -235,21 +267,38 @@ class WaferModel:
     def _prefill_logits(self, h: DistTensor, length: int, prompt_logits: bool) -> np.ndarray | None:
         """The LM head over every region's vocabulary slice at once: all rows, or the last."""
         last, led = self.prefill_stages[-1], self.ledger
+        heads = self._vocab_stages(self.prefill_stages)
         chunks = []
         with last.mesh.sram.scope():
             hn = last.rmsnorm(h, last.final_norm, "final_norm")  # [L, E] (y, x)
             last.mesh.sram.release(h)
+            if not _same_wafer(last.mesh, heads[0].mesh):
+                # the rows cross once, to the wafer with the tables: [L or 1, E] (y, x) there
+                hn = (interwafer.transfer(hn, heads[0].mesh, ("y", "x"), self.cluster) if prompt_logits
+                      else self._last_row_across(hn, length, heads[0].mesh))
+                length = hn.shape[0]
             with led.span("lm_head"), led.parallel() as par:
-                for st in self.prefill_stages:
+                for st in heads:
                     with par.branch(), st.mesh.sram.scope():
                         # [L or 1, E] (y, x) on each region, from where the rows are
                         x = (comm.relayout(hn, st.mesh, ("y", "x"), name="lm_head.transfer") if prompt_logits
                              else self._move_last_row(hn, length, st.mesh))
                         out = st.lm_head(x)
                         chunks.append(out.to_global() if out.tiles is not None else None)
+            if hn.mesh is not last.mesh:
+                hn.mesh.sram.release(hn)
         if self.mode != "numeric":
             return None
         return np.concatenate(chunks, axis=1)
+
+    def _last_row_across(self, hn: DistTensor, length: int, mesh: Mesh) -> DistTensor:
+        """The last token's row of ``hn`` [L, E] (y, x), sent from the PE row that holds it to
+        row 0 of ``mesh`` on another wafer as a [1, E] (y, x) tensor."""
+        E = hn.shape[1]
+        held = Placement.blocked(hn.mesh.region, hn.shape, hn.layout, hn.tile_shape)
+        src = Placement(held.region, (1, E), y_dim=0, y_of=held.y_of[length - 1: length], x_dim=1, x_of=held.x_of)
+        row = hn.to_global()[length - 1: length] if hn.tiles is not None else (1, E)
+        return interwafer.send(src, hn.itemsize, row, mesh, ("y", "x"), hn.dtype, self.cluster)
 
     def _move_last_row(self, hn: DistTensor, length: int, mesh: Mesh) -> DistTensor:
         """The last token's row of ``hn`` [L, E] (y, x), moved from the PE row that holds it to
@@ -302,7 +351,12 @@ class WaferModel:
         led = self.ledger
         start = led.mark()
         with led.span("transition"):
-            transition.charge(led, self._pairs(kv, length), "transition")
+            if self.cluster is None:
+                transition.charge(led, self._pairs(kv, length), "transition")
+            elif self.cluster.layout == "split":
+                self._send_kv(self._pairs(kv, length))
+            else:
+                self._charge_per_wafer(self._pairs(kv, length), "transition")
             for dst_st in self.decode_stages:
                 if self.mode != "numeric":
                     dst_st.cache.load(length)
@@ -312,7 +366,8 @@ class WaferModel:
                 src = [next(p for p in self.prefill_stages if li in p.layer_ids).hl for li in layers]
                 dst_st.cache.load(length, [kv[li][0] for li in layers], [kv[li][1] for li in layers],
                                   [transition.positions(hl.kv_cols, hl.kv_dim) for hl in src])
-        self.weights_layout = "decode"
+        if self.cluster is None or self.cluster.layout == "shared":  # split: the weights stay where they are
+            self.weights_layout = "decode"
         delta = led.since(start)
         self.cycles.phase["transition"] += delta["cycles"]
         self.cycles.add_per_layer_counters(delta)  # it moves every layer's weights and K/V
@@ -325,12 +380,35 @@ class WaferModel:
         led = self.ledger
         start = led.mark()
         with led.span("restore"):
-            transition.charge(led, self._pairs(), "restore")
+            if self.cluster is None:
+                transition.charge(led, self._pairs(), "restore")
+            else:
+                self._charge_per_wafer(self._pairs(), "restore")
         self.weights_layout = "prefill"
         delta = led.since(start)
         self.cycles.phase["restore"] += delta["cycles"]
         self.cycles.add_per_layer_counters(delta)  # it moves every layer's weights
         return delta["cycles"]
+
+    def _charge_per_wafer(self, pairs: list[transition.Pair], prefix: str) -> None:
+        """Each wafer's moves between its own regions (a ``shared`` cluster's transition or
+        restore): the wafers work at the same time."""
+        by_wafer: dict = {}
+        for p in pairs:
+            if not _same_wafer(p.src, p.dst):
+                raise RuntimeError(f"{prefix}: {p.src.describe()} -> {p.dst.describe()} would cross wafers")
+            by_wafer.setdefault(p.src.wafer.name, []).append(p)
+        with self.ledger.parallel() as par:
+            for group in by_wafer.values():
+                with par.branch():
+                    transition.charge(self.ledger, group, prefix)
+
+    def _send_kv(self, pairs: list[transition.Pair]) -> None:
+        """A ``split`` cluster's transition: every prefill region's K and V (of the layers a
+        decode region holds) cross to that region's wafer, all at once (each system's I/O
+        carries what leaves or enters it); the weights stay."""
+        flows = [interwafer.Flow(src, dst, item) for p in pairs for name, src, dst, item in p.moves if name == "kv"]
+        interwafer.charge_transfer(self.ledger, self.cluster, flows, name="interwafer.kv")
 
     def decode(self, token_id) -> np.ndarray | None:
         """Run one token (None in a dry run); returns the next token's logits [V] (numeric)."""
@@ -390,21 +468,58 @@ class WaferModel:
 
     def _decode_logits(self, h: DistTensor) -> np.ndarray | None:
         last, led = self.decode_stages[-1], self.ledger
+        heads = self._vocab_stages(self.decode_stages)
         chunks = []
         with last.mesh.sram.scope():
             hn = last.rmsnorm(h, last.final_norm, "final_norm")  # [E] (y)
             last.mesh.sram.release(h)
+            if not _same_wafer(last.mesh, heads[0].mesh):  # back to the wafer with the tables
+                hn = interwafer.transfer(hn, heads[0].mesh, ("y",), self.cluster)
             with led.span("lm_head"), led.parallel() as par:
-                for st in self.decode_stages:
+                for st in heads:
                     with par.branch(), st.mesh.sram.scope():
                         x = comm.relayout(hn, st.mesh, ("y",), name="lm_head.transfer")
                         logits, _ = st.lm_head(x)
                         chunks.append(logits)
+            if hn.mesh is not last.mesh:
+                hn.mesh.sram.release(hn)
         if self.mode != "numeric":
             return None
         return np.concatenate(chunks)
+
+    def measured_stages(self, phase: str):
+        """(phase plan, stages) whose SRAM accounting saw their layers run: every stage, except
+        in a dry run on a cluster, where a stage that replayed its twin's layers (the same
+        region, layers and tables on another wafer) holds what its twin holds."""
+        pp = self.plan.prefill if phase == "prefill" else self.plan.decode
+        stages = self.prefill_stages if phase == "prefill" else self.decode_stages
+        if pp is None or self.cluster is None or self.mode == "numeric":
+            return pp, stages
+        keep = [i for i, t in enumerate(self.twins[phase]) if t == i]
+        sub = dataclasses.replace(pp, stages=[pp.stages[i] for i in keep],
+                                  layer_share=[pp.layer_share[i] for i in keep] if pp.layer_share else [],
+                                  region_bytes=[pp.region_bytes[i] for i in keep] if pp.region_bytes else [])
+        return sub, [stages[i] for i in keep]
 
     # ---- reporting ---------------------------------------------------------------------------
     def request_metrics(self) -> dict:
         """Predicted wafer figures of the request run since the last reset()."""
         return request_metrics(self)
+
+
+def _same_wafer(a, b) -> bool:
+    """Whether two meshes (or regions) are on the same wafer."""
+    return a.wafer is b.wafer or a.wafer == b.wafer
+
+
+def _twins(stages) -> list[int]:
+    """For each stage, the first one with the same program: the same region (place and size),
+    layer count, vocabulary slice size and attention passes (stages of one wafer never share
+    a region, so on one wafer every stage is its own)."""
+    first: dict = {}
+    out = []
+    for i, st in enumerate(stages):
+        r = st.region
+        key = (r.row0, r.col0, r.rows, r.cols, len(st.layers), len(st.vocab), st.heads_per_pass)
+        out.append(first.setdefault(key, i))
+    return out

@@ -74,6 +74,18 @@ _FIELDS: dict[str, tuple[type, bool, str, str]] = {
     "ops_rmsnorm_scale": (float, True, "ops/elem", "SIMD ops per element of RMSNorm's x * rsqrt(mean) * w"),
     "ops_rope": (float, True, "ops/elem", "SIMD ops per element of RoPE with per-token cos/sin tables"),
     "ops_div": (float, True, "ops/elem", "SIMD ops per element of a division"),
+    "ops_dequant_int8": (float, True, "ops/elem",
+                         "SIMD ops per weight element to turn a stored int8 value of a 32-value block with an fp16 "
+                         "scale (GGUF Q8_0) into an operand of the compute dtype (no integer datapath)"),
+    "ops_dequant_int4": (float, True, "ops/elem",
+                         "SIMD ops per weight element to turn a stored 4-bit value of a 32-value block with an fp16 "
+                         "scale (GGUF Q4_0) into an operand of the compute dtype (no int4 datapath)"),
+    "spare_rows": (int, False, "rows",
+                   "physical PE rows beyond the usable rectangle that the hardware maps in for rows it retires "
+                   "(defect recovery 'spare')"),
+    "spare_cols": (int, False, "PEs",
+                   "spare PEs at the end of every physical row: the hardware skips up to this many defective PEs "
+                   "in a row (defect recovery 'spare')"),
     "power_w": (float, True, "W", "whole-system power while running: a cross-check (power x time), not the energy"),
     "mac_energy_fp16_pj": (float, False, "pJ/MAC",
                            "energy of one fp16 multiply-accumulate (fp16 product, fp32 accumulation) in a PE's "
@@ -92,6 +104,26 @@ _FIELDS: dict[str, tuple[type, bool, str, str]] = {
 }
 
 DTYPE_BYTES = {"fp16": 2, "fp32": 4}
+
+#: How a wafer copes with its defective PEs (``defect_recovery``): ``avoid`` places regions
+#: on squares without one (the PEs listed are in the usable rectangle); ``spare``: the
+#: hardware remaps spare rows and columns so programs see a perfect rectangle (the PEs
+#: listed are on the physical fabric, rows + spare_rows by cols + spare_cols); ``reroute``:
+#: fault-aware placement in software, regions skipping the defective PEs of the usable
+#: rectangle and messages detouring around them (see :mod:`waferllm.hardware.defects`).
+DEFECT_RECOVERY = ("avoid", "spare", "reroute")
+
+#: Constants added after wafer files were first written: a file with no ``base`` that
+#: lacks one gets this value (with its provenance) instead of an error.
+_DEFAULTS: dict[str, tuple[float, Provenance]] = {
+    "ops_dequant_int8": (2.0, Provenance("default for a wafer file without it: convert the int8 value, multiply by "
+                                         "its block's scale (assumption)", "assumed", (1.0, 3.0))),
+    "ops_dequant_int4": (4.0, Provenance("default for a wafer file without it: extract the nibble (shift, mask), "
+                                         "convert, multiply by its block's scale less the offset (assumption)",
+                                         "assumed", (2.0, 6.0))),
+    "spare_rows": (0, Provenance("default for a wafer file without it: no spare rows", "assumed")),
+    "spare_cols": (0, Provenance("default for a wafer file without it: no spare PEs in a row", "assumed")),
+}
 
 #: Sanity bounds on every constant, so that no value a file or ``--set`` gives can make a
 #: prediction overflow to inf or run for ever. A mesh side above MAX_MESH_SIDE is more than
@@ -129,6 +161,10 @@ class WaferSpec:
     ops_rmsnorm_scale: float
     ops_rope: float
     ops_div: float
+    ops_dequant_int8: float
+    ops_dequant_int4: float
+    spare_rows: int
+    spare_cols: int
     power_w: float
     mac_energy_fp16_pj: float
     mac_energy_fp32_pj: float
@@ -137,6 +173,7 @@ class WaferSpec:
     fabric_energy_pj_per_bit_hop: float
     static_power_w: float
     defective_pes: frozenset = frozenset()
+    defect_recovery: str = "avoid"
     description: str = ""
     provenance: Mapping[str, Provenance] = field(default_factory=dict, compare=False)
 
@@ -162,6 +199,21 @@ class WaferSpec:
             return {"fp16": self.fp16_macs_per_cycle, "fp32": self.fp32_macs_per_cycle}[dtype]
         except KeyError:
             raise HardwareError(f"unsupported dtype {dtype!r}; expected one of fp16, fp32") from None
+
+    def dequant_ops(self, fmt: str) -> float:
+        """SIMD ops per weight element to dequantise a stored ``int8`` or ``int4`` value."""
+        try:
+            return {"int8": self.ops_dequant_int8, "int4": self.ops_dequant_int4}[fmt]
+        except KeyError:
+            raise HardwareError(f"unsupported quantised format {fmt!r}; expected int8 or int4") from None
+
+    @property
+    def fabric_shape(self) -> tuple[int, int]:
+        """Rows and columns of the physical fabric the defective PEs are given on: the usable
+        rectangle, plus the spare rows and columns when the hardware remaps them (``spare``)."""
+        if self.defect_recovery == "spare":
+            return self.rows + self.spare_rows, self.cols + self.spare_cols
+        return self.rows, self.cols
 
     def mac_energy_pj(self, dtype: str) -> float:
         try:
@@ -197,7 +249,7 @@ class WaferSpec:
     # ---- editing and export ----------------------------------------------
     def replace(self, **changes: Any) -> "WaferSpec":
         """A copy with some constants changed; changed constants are marked ``user``."""
-        unknown = set(changes) - set(_FIELDS) - {"name", "defective_pes", "description"}
+        unknown = set(changes) - set(_FIELDS) - {"name", "defective_pes", "defect_recovery", "description"}
         if unknown:
             raise HardwareError(f"unknown wafer field(s): {', '.join(sorted(unknown))}; known: {', '.join(_FIELDS)}")
         prov = dict(self.provenance)
@@ -208,6 +260,8 @@ class WaferSpec:
                 prov[key] = Provenance("command-line/API override", "user")
             elif key == "defective_pes":
                 values[key] = _coerce_defects(value, where="override")
+            elif key == "defect_recovery":
+                values[key] = _coerce_recovery(value, where="override")
             else:
                 values[key] = value
         spec = dataclasses.replace(self, provenance=prov, **values)
@@ -220,9 +274,14 @@ class WaferSpec:
                 f"{self.name}: reserved_bytes_per_pe ({self.reserved_bytes_per_pe}) must be smaller "
                 f"than sram_bytes_per_pe ({self.sram_bytes_per_pe})"
             )
+        if self.defect_recovery not in DEFECT_RECOVERY:
+            raise HardwareError(f"{self.name}: defect_recovery must be one of {', '.join(DEFECT_RECOVERY)}, "
+                                f"got {self.defect_recovery!r}")
+        fr, fc = self.fabric_shape
+        where = "physical fabric (the mesh plus its spare rows and columns)" if self.defect_recovery == "spare" else "mesh"
         for r, c in self.defective_pes:
-            if not (0 <= r < self.rows and 0 <= c < self.cols):
-                raise HardwareError(f"{self.name}: defective PE ({r}, {c}) is outside the {self.rows}x{self.cols} mesh")
+            if not (0 <= r < fr and 0 <= c < fc):
+                raise HardwareError(f"{self.name}: defective PE ({r}, {c}) is outside the {fr}x{fc} {where}")
 
     def to_dict(self, with_provenance: bool = True) -> dict:
         out: dict[str, Any] = {"name": self.name, "description": self.description}
@@ -233,6 +292,7 @@ class WaferSpec:
             else:
                 out[key] = value
         out["defective_pes"] = sorted([list(p) for p in self.defective_pes])
+        out["defect_recovery"] = self.defect_recovery
         return out
 
     def summary(self) -> dict:
@@ -243,6 +303,7 @@ class WaferSpec:
             "cols": self.cols,
             "pes": self.pes,
             "defective_pes": len(self.defective_pes),
+            "defect_recovery": self.defect_recovery,
             "clock_hz": self.clock_hz,
             "sram_bytes_per_pe": self.sram_bytes_per_pe,
             "usable_sram_bytes_per_pe": self.usable_sram_bytes_per_pe,
@@ -286,7 +347,7 @@ def _coerce(key: str, value: Any, where: str):
         raise HardwareError(f"{where}: {key} must be > 0, got {value!r}")
     if not positive and num < 0:
         raise HardwareError(f"{where}: {key} must be >= 0, got {value!r}")
-    if key in ("rows", "cols") and num > MAX_MESH_SIDE:
+    if key in ("rows", "cols", "spare_rows", "spare_cols") and num > MAX_MESH_SIDE:
         raise HardwareError(f"{where}: {key} must be at most {MAX_MESH_SIDE:,} PEs (more than any wafer holds), "
                             f"got {_short(value)}")
     if abs(num) > MAX_VALUE:
@@ -341,6 +402,12 @@ def _coerce_defects(value: Any, where: str) -> frozenset:
     return pes
 
 
+def _coerce_recovery(value: Any, where: str) -> str:
+    if not isinstance(value, str) or value not in DEFECT_RECOVERY:
+        raise HardwareError(f"{where}: defect_recovery must be one of {', '.join(DEFECT_RECOVERY)}, got {_short(value)}")
+    return value
+
+
 def from_mapping(data: Mapping[str, Any], where: str = "<mapping>", base: WaferSpec | None = None,
                  _chain: tuple[str, ...] = ()) -> WaferSpec:
     """Build a wafer from a parsed TOML/JSON mapping; with ``base``, the file only overrides it."""
@@ -355,16 +422,20 @@ def from_mapping(data: Mapping[str, Any], where: str = "<mapping>", base: WaferS
         base = get_wafer(name, _chain=_chain)
     else:
         data.pop("base", None)
-    unknown = set(data) - set(_FIELDS) - {"name", "description", "defective_pes"}
+    extra = {"name", "description", "defective_pes", "defect_recovery", "defect_rate", "defect_seed"}
+    unknown = set(data) - set(_FIELDS) - extra
     if unknown:
         raise HardwareError(
             f"{where}: unknown key(s) {', '.join(sorted(unknown))}; known keys: name, description, "
-            f"defective_pes, base, {', '.join(_FIELDS)}"
+            f"defective_pes, defect_recovery, defect_rate, defect_seed, base, {', '.join(_FIELDS)}"
         )
     values: dict[str, Any] = {}
     prov: dict[str, Provenance] = dict(base.provenance) if base else {}
     for key in _FIELDS:
         if key not in data:
+            if base is None and key in _DEFAULTS:
+                values[key], prov[key] = _DEFAULTS[key]
+                continue
             if base is None:
                 raise HardwareError(f"{where}: missing required key {key!r} ({_FIELDS[key][3]}, {_FIELDS[key][2]})")
             values[key] = getattr(base, key)
@@ -374,13 +445,23 @@ def from_mapping(data: Mapping[str, Any], where: str = "<mapping>", base: WaferS
     defects = _coerce_defects(data.get("defective_pes", []), where) if "defective_pes" in data else (
         base.defective_pes if base else frozenset()
     )
+    recovery = (_coerce_recovery(data["defect_recovery"], where) if "defect_recovery" in data
+                else base.defect_recovery if base else "avoid")
     spec = WaferSpec(
         name=str(data.get("name", base.name if base else Path(where).stem)),
         description=str(data.get("description", base.description if base else "")),
         defective_pes=defects,
+        defect_recovery=recovery,
         provenance=prov,
         **values,
     )
+    if "defect_rate" in data or "defect_seed" in data:
+        from waferllm.hardware.defects import with_defect_rate
+
+        if "defective_pes" in data:
+            raise HardwareError(f"{where}: give defective_pes or defect_rate (with defect_seed), not both")
+        return with_defect_rate(spec, data.get("defect_rate", 0.0), data.get("defect_seed", 0), recovery,
+                                where=where)
     spec.validate()
     return spec
 

@@ -9,6 +9,9 @@ indexed along the other axis** (x along y in -> y along x out), which is what le
 decode alternate reduce axes and never transpose.
 
 Layouts: W (y, x) with x (y,) -> y (x,); or W (x, y) with x (x,) -> y (y,).
+
+W may be stored block-quantised (a :class:`QuantTensor`, int8 or int4 with fp16 block
+scales): each PE dequantises its tile in its SIMD unit as part of the local product.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from waferllm.errors import MeshError
 from waferllm.kernels.report import KernelResult, measured
 from waferllm.mesh import comm
 from waferllm.mesh.compute import matmul_tiles
-from waferllm.mesh.tensor import DistTensor
+from waferllm.mesh.tensor import DistTensor, QuantTensor
 
 GEMV_ALGOS = {"meshgemv": "ktree", "pipeline": "pipeline", "ring": "ring"}
 
@@ -40,9 +43,12 @@ def gemv(x: DistTensor, w: DistTensor, *, algo: str = "meshgemv", k: int = 2, gr
     out_axis = w.layout[1]
     out_dtype = out_dtype or x.dtype
     tk, tn = w.tile_shape
+    quant = w if isinstance(w, QuantTensor) else None
     with measured(mesh, algo) as rep:
-        # every PE: its x segment times its W tile (charged here, computed below)
-        matmul_tiles(mesh, None, None, dtype=w.dtype, name=f"{algo}.local_gemv", shapes=(1, tk, tn))
+        # every PE: its x segment times its W tile (charged here, computed below); a
+        # block-quantised W is dequantised tile-wide in the PE first, in the same op
+        matmul_tiles(mesh, None, None, dtype=quant.compute_dtype if quant else w.dtype, name=f"{algo}.local_gemv",
+                     shapes=(1, tk, tn), dequant=quant)
         partial = DistTensor(mesh, (w.shape[1],), (out_axis,), "fp32", _local_gemv(x, w, red_axis),
                              name=f"{name}_partial", partial=(red_axis, "sum"))
         y = comm.reduce(partial, red_axis, "sum", algo=GEMV_ALGOS[algo], k=k, group=group, allreduce=broadcast,
@@ -67,12 +73,14 @@ def _local_gemv(x, w, red_axis):
     r, c = x.tiles.shape[:2]
     tk, tn = w.tile_shape
     xt = x.tiles.astype(np.float32, copy=False)
+    # a quantised W multiplies with its dequantised values
+    values = w.dequantized_tiles if isinstance(w, QuantTensor) else (lambda: w.tiles.astype(np.float32))
     if red_axis == "y":  # x_i is the same on every PE of row i
         wr = w.host_layout("gemv_rows", lambda t: np.ascontiguousarray(
-            t.astype(np.float32).transpose(0, 2, 1, 3).reshape(r, tk, c * tn)))
+            values().transpose(0, 2, 1, 3).reshape(r, tk, c * tn)))
         return np.matmul(xt[:, 0, None, :], wr).reshape(r, c, tn)
     wc = w.host_layout("gemv_cols", lambda t: np.ascontiguousarray(
-        t.astype(np.float32).transpose(1, 2, 0, 3).reshape(c, tk, r * tn)))
+        values().transpose(1, 2, 0, 3).reshape(c, tk, r * tn)))
     return np.matmul(xt[0, :, None, :], wc).reshape(c, r, tn).transpose(1, 0, 2)
 
 

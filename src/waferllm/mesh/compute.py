@@ -19,7 +19,7 @@ from waferllm.errors import MeshError
 from waferllm.hardware.plmr import DTYPE_BYTES
 from waferllm.hardware.plmr import DTYPE_BYTES
 from waferllm.mesh.cost import compute_cycles, vector_cycles
-from waferllm.mesh.tensor import AXES, NP_DTYPES, DistTensor, tile_shape_for
+from waferllm.mesh.tensor import AXES, NP_DTYPES, QUANT_BITS, DistTensor, QuantTensor, tile_shape_for
 
 
 def _charge(mesh, name, cycles, flops_per_pe, read_bytes, write_bytes, *, dtype="fp32"):
@@ -59,11 +59,17 @@ def task(mesh):
 
 
 def matmul_tiles(mesh, a_tiles, b_tiles, acc=None, transpose_b=False, dtype="fp32", name="tile_matmul",
-                 shapes=None):
+                 shapes=None, dequant: "QuantTensor | None" = None):
     """Per-PE ``acc + A_tile @ B_tile`` (or ``@ B_tile.T``) on raw tile arrays.
 
     ``shapes`` = (m, k, n) per PE; required in dry run (where the arrays are None).
     Returns the new accumulator array (fp32 in numeric mode) or None.
+
+    ``dequant``: B is this block-quantised weight's tile (``b_tiles`` its dequantised values
+    in a numeric run, see :meth:`QuantTensor.compute_view`). The PE has no integer datapath:
+    before the products its SIMD unit turns every stored value of the k x n tile into a
+    ``dtype`` operand, ``wafer.dequant_ops(format)`` ops per value at ``dtype``'s width, in
+    the same op (no second launch); B is read at its stored size (integers and scales).
     """
     if shapes is None:
         m, k = a_tiles.shape[-2:]
@@ -74,11 +80,25 @@ def matmul_tiles(mesh, a_tiles, b_tiles, acc=None, transpose_b=False, dtype="fp3
         batch = rest[0] if rest else 1
     macs = batch * m * k * n
     item = DTYPE_BYTES[dtype]
-    _charge(mesh, name, compute_cycles(mesh.wafer, macs, dtype), 2 * macs,
-            item * batch * (m * k + k * n + m * n), 4 * batch * m * n, dtype=dtype)
+    cycles = compute_cycles(mesh.wafer, macs, dtype)
+    flops, b_bytes = 2 * macs, item * batch * k * n
+    if dequant is not None:
+        ops = dequant_ops_per_pe(mesh.wafer, dequant, batch * k * n)
+        if macs > 0:
+            cycles += math.ceil(ops / mesh.wafer.macs_per_cycle(dtype))
+        flops += ops
+        b_bytes = dequant.bytes_per_pe * batch
+    _charge(mesh, name, cycles, flops, item * batch * (m * k + m * n) + b_bytes, 4 * batch * m * n, dtype=dtype)
     if a_tiles is None:
         return None
     return _batched_matmul(a_tiles, b_tiles, acc, transpose_b)
+
+
+def dequant_ops_per_pe(wafer, weight, elems: int) -> float:
+    """SIMD ops a PE executes to dequantise ``elems`` stored values of a quantised weight."""
+    if weight.dtype not in QUANT_BITS:
+        raise MeshError(f"{weight.name}: dequantising needs an int8 or int4 weight, got {weight.dtype!r}")
+    return elems * wafer.dequant_ops(weight.dtype)
 
 
 _POOL = None

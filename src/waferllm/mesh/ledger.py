@@ -25,7 +25,7 @@ from waferllm.mesh.cost import energy_breakdown_j as _energy_breakdown_j
 
 COUNTERS = (
     "flops", "macs_fp16", "macs_fp32", "bytes_moved", "hop_bytes", "sram_read_bytes", "sram_write_bytes",
-    "routing_stages", "relayed_transfers", "messages",
+    "routing_stages", "relayed_transfers", "messages", "interwafer_bytes", "interwafer_transfers",
 )
 
 
@@ -48,7 +48,9 @@ class _Overlap:
 
 
 class Ledger:
-    """Critical-path cycles plus totals, for one or more regions of one wafer."""
+    """Critical-path cycles plus totals, for one or more regions of one wafer, or of the
+    wafers of one cluster's pipeline (a request is on one wafer at a time; wafers that work
+    at once are ``parallel`` branches)."""
 
     def __init__(self, wafer, keep_events: bool = True, max_events: int = 200_000):
         self.wafer = wafer

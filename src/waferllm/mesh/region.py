@@ -20,6 +20,9 @@ class Region:
     row0: int = 0
     col0: int = 0
     name: str = "region"
+    # physical columns the region spans (0: ``cols``): wider on a wafer whose defects are
+    # rerouted in software, whose regions skip the defective PEs of each row
+    span: int = 0
 
     def __post_init__(self):
         w = self.wafer
@@ -31,6 +34,18 @@ class Region:
                 f"region {self.name!r} ({self.rows}x{self.cols} at row {self.row0}, col {self.col0}) lies outside "
                 f"the {w.rows}x{w.cols} mesh of {w.name}; the largest square region is {min(w.rows, w.cols)}x{min(w.rows, w.cols)}"
             )
+        if w.defect_recovery == "reroute" and w.defective_pes:
+            from waferllm.hardware.defects import reroute_span
+
+            need = reroute_span(w, self.row0, self.rows, self.col0, self.cols)
+            if need is None or need > (self.span or self.cols) or self.col0 + (self.span or self.cols) > w.cols:
+                raise MeshError(
+                    f"region {self.name!r} ({self.rows}x{self.cols} at row {self.row0}, col {self.col0}, spanning "
+                    f"{self.span or self.cols} columns) has a row with fewer than {self.cols} healthy PEs; "
+                    + (f"it needs to span {need} columns" if need else "the wafer is too narrow there"))
+            return
+        if w.defect_recovery == "spare":  # the hardware hides the defects: a perfect rectangle
+            return
         bad = [
             (r, c) for r, c in w.defective_pes
             if self.row0 <= r < self.row0 + self.rows and self.col0 <= c < self.col0 + self.cols
@@ -50,4 +65,5 @@ class Region:
         return (self.rows, self.cols)
 
     def describe(self) -> str:
-        return f"{self.name} {self.rows}x{self.cols}@({self.row0},{self.col0})"
+        wide = f" spanning {self.span} columns" if self.span and self.span != self.cols else ""
+        return f"{self.name} {self.rows}x{self.cols}@({self.row0},{self.col0}){wide}"

@@ -31,6 +31,20 @@ from waferllm.hardware.plmr import DTYPE_BYTES
 NP_DTYPES = {"fp16": np.float16, "fp32": np.float32}
 AXES = {"y": 0, "x": 1}
 
+#: Block-quantised storage of a weight matrix [K, N] (GGUF Q8_0 / Q4_0): bits per value;
+#: values come in blocks of QBLOCK along K, each block with one fp16 scale per column.
+QUANT_BITS = {"int8": 8, "int4": 4}
+QBLOCK = 32
+SCALE_BYTES = 2
+# host arrays by storage dtype (a quantised tile's integers are held one per int8)
+_STORAGE = {**NP_DTYPES, "int8": np.int8, "int4": np.int8}
+
+
+def quant_tile_bytes(fmt: str, elems: int, tile_cols: int, slots: int) -> int:
+    """Bytes a PE stores for a quantised tile of ``elems`` values and ``tile_cols`` columns:
+    the packed integers plus ``slots`` fp16 block scales per column."""
+    return math.ceil(elems * QUANT_BITS[fmt] / 8) + slots * tile_cols * SCALE_BYTES
+
 
 _VALID_LAYOUTS: set = set()
 
@@ -69,7 +83,7 @@ class DistTensor:
         self.mesh = mesh
         self.shape = tuple(int(s) for s in shape)
         self.layout = check_layout(self.shape, layout)
-        if dtype not in NP_DTYPES:
+        if dtype not in _STORAGE or (dtype in QUANT_BITS and not isinstance(self, QuantTensor)):
             raise MeshError(f"dtype must be fp16 or fp32, got {dtype!r}")
         self.dtype = dtype
         self.tile_shape = tuple(tile_shape) if tile_shape is not None else tile_shape_for(self.shape, self.layout, mesh.shape)
@@ -79,8 +93,8 @@ class DistTensor:
                 raise MeshError(f"{name}: tiles of shape {tuple(tiles.shape)}, expected {expect}")
             # host_f32: fp16 values already held exactly in float32 (a compute view, and
             # the tiles it moves), so products need no conversion at every step
-            if tiles.dtype != NP_DTYPES[dtype] and not (host_f32 and tiles.dtype == np.float32):
-                tiles = tiles.astype(NP_DTYPES[dtype])
+            if tiles.dtype != _STORAGE[dtype] and not (host_f32 and tiles.dtype == np.float32):
+                tiles = tiles.astype(_STORAGE[dtype])
         elif mesh.numeric:
             raise MeshError(f"{name}: numeric mesh needs tile data")
         self.tiles = tiles if mesh.numeric else None
@@ -188,36 +202,9 @@ class DistTensor:
             shape = tuple(array) if isinstance(array, tuple) else tuple(np.shape(array))
             return cls(mesh, shape, layout, dtype, None, name=name, blocks=blocks)
         array = np.asarray(array)
-        layout = check_layout(array.shape, layout)
         if dtype not in NP_DTYPES:
             raise MeshError(f"dtype must be fp16 or fp32, got {dtype!r}")
-        tshape = tile_shape_for(array.shape, layout, mesh.shape)
-        r, c = mesh.shape
-        parts = [r if a == "y" else c if a == "x" else 1 for a in layout]
-        pad = [(0, p * t - n) for p, t, n in zip(parts, tshape, array.shape)]
-        arr = np.asarray(array, dtype=NP_DTYPES[dtype])
-        if any(p[1] for p in pad):
-            arr = np.pad(arr, pad)
-        # (p0, t0, p1, t1, ...) then bring the y-parts and x-parts axes to the front.
-        split = arr.reshape([v for p, t in zip(parts, tshape) for v in (p, t)])
-        nd = len(layout)
-        part_axis = {a: 2 * d for d, a in enumerate(layout) if a}
-        tile_axes = [2 * d + 1 for d in range(nd)]
-        unused = [2 * d for d, a in enumerate(layout) if not a]
-        order = [part_axis.get("y"), part_axis.get("x")]
-        front = [o for o in order if o is not None]
-        moved = split.transpose(front + unused + tile_axes)
-        # unused part axes have size 1: drop them
-        moved = moved.reshape([split.shape[a] for a in front] + [split.shape[a] for a in tile_axes])
-        if "y" not in layout:
-            moved = moved[None]
-        if "x" not in layout:
-            moved = moved[:, None]
-        tiles = np.broadcast_to(moved, (r, c, *tshape))
-        if blocks:
-            tiles = _apply_blocks(tiles, layout, blocks, inverse=False)
-        else:
-            tiles = np.ascontiguousarray(tiles) if tiles.strides[0] and tiles.strides[1] else tiles
+        tiles = _tiles_of(mesh, array, layout, blocks, NP_DTYPES[dtype])
         return cls(mesh, array.shape, layout, dtype, tiles, name=name, blocks=blocks)
 
     def to_global(self, dtype=None) -> np.ndarray:
@@ -290,6 +277,145 @@ class DistTensor:
             tile_shape=None if (layout is not None or shape is not None) else self.tile_shape,
             host_f32=(dtype is None or dtype == self.dtype) and tiles is not None and tiles.dtype == np.float32,
         )
+
+
+class QuantTensor(DistTensor):
+    """A weight matrix [K, N] stored block-quantised on every PE (GGUF Q8_0 / Q4_0 layouts).
+
+    ``dtype`` is the storage format (``int8`` or ``int4``); the PE keeps its tile's integers
+    and, per tile column, the fp16 scale of each of the ``scale_slots`` blocks of 32 values
+    along K its tile's rows touch: ``bytes_per_pe`` is that stored size, what SRAM is
+    charged and what a shift of the tile carries. A product dequantises the tile in the
+    PE's SIMD unit into ``compute_dtype`` (see :func:`waferllm.mesh.compute.matmul_tiles`).
+
+    Numeric host tiles hold the integers (int8 arrays) and ``scales`` the scale of every
+    value (the block scales expanded, fp16); :meth:`compute_view` holds the dequantised
+    values ``q * d`` rounded to ``compute_dtype``, kept as float32, with the same stored size.
+    """
+
+    __slots__ = ("compute_dtype", "scale_slots", "scales", "dequantized")
+
+    def __init__(self, mesh, shape, layout, fmt, tiles=None, *, compute_dtype="fp16", scale_slots=0, scales=None,
+                 dequantized=False, name="qtensor", blocks=None, tile_shape=None, charge_sram=True, moved=None,
+                 partial=None):
+        if fmt not in QUANT_BITS:
+            raise MeshError(f"{name}: quantised dtype must be one of {', '.join(QUANT_BITS)}, got {fmt!r}")
+        if compute_dtype not in NP_DTYPES:
+            raise MeshError(f"{name}: a quantised tensor dequantises into fp16 or fp32, got {compute_dtype!r}")
+        if len(shape) != 2 or None in tuple(layout):
+            raise MeshError(f"{name}: a quantised tensor is a 2D-partitioned matrix, got shape {tuple(shape)} "
+                            f"layout {tuple(layout)}")
+        if partial is not None:
+            raise MeshError(f"{name}: a quantised weight cannot be partial")
+        self.compute_dtype = compute_dtype
+        self.scale_slots = int(scale_slots)
+        self.scales = scales if mesh.numeric else None
+        self.dequantized = dequantized
+        if tiles is not None and mesh.numeric and not dequantized and scales is None:
+            raise MeshError(f"{name}: numeric quantised tiles need their scales")
+        super().__init__(mesh, shape, layout, fmt, tiles, name=name, blocks=blocks, tile_shape=tile_shape,
+                         charge_sram=charge_sram, host_f32=dequantized, moved=moved)
+
+    @classmethod
+    def from_global(cls, mesh, array, layout, fmt="int8", *, scales=None, compute_dtype="fp16", scale_slots=0,
+                    name="qtensor", blocks=None) -> "QuantTensor":
+        """Place a quantised matrix: ``array`` its integers [K, N] and ``scales`` every value's
+        fp16 scale [K, N] (numeric), or ``array`` a shape tuple (dry run)."""
+        kw = dict(compute_dtype=compute_dtype, scale_slots=scale_slots, name=name, blocks=blocks)
+        if isinstance(array, tuple) or not mesh.numeric:
+            shape = tuple(array) if isinstance(array, tuple) else tuple(np.shape(array))
+            return cls(mesh, shape, layout, fmt, None, **kw)
+        array = np.asarray(array)
+        if scales is None or np.shape(scales) != array.shape:
+            raise MeshError(f"{name}: a quantised matrix of shape {array.shape} needs one scale per value, got "
+                            f"{None if scales is None else np.shape(scales)}")
+        tiles = _tiles_of(mesh, array, layout, blocks, np.int8)
+        return cls(mesh, array.shape, layout, fmt, tiles, scales=_tiles_of(mesh, scales, layout, blocks, np.float16),
+                   **kw)
+
+    @property
+    def itemsize(self) -> float:
+        """Stored bytes per value, its share of the block scale included (a full block)."""
+        return QUANT_BITS[self.dtype] / 8 + SCALE_BYTES / QBLOCK
+
+    @property
+    def bytes_per_pe(self) -> int:
+        return quant_tile_bytes(self.dtype, self.tile_elems, self.tile_shape[1], self.scale_slots)
+
+    def compute_view(self) -> "QuantTensor":
+        """The same tensor with its values dequantised on the host (float32, rounded to the
+        compute dtype), for repeated products; no SRAM is charged. The cost of dequantising
+        is charged by each product (the PE dequantises the tile it multiplies, every time)."""
+        if self.tiles is None or self.dequantized:
+            return self
+        if self._view is None:
+            self._view = QuantTensor(self.mesh, self.shape, self.layout, self.dtype, self.dequantized_tiles(),
+                                     compute_dtype=self.compute_dtype, scale_slots=self.scale_slots,
+                                     dequantized=True, name=self.name, blocks=self._blocks, moved=self._moved,
+                                     tile_shape=self.tile_shape, charge_sram=False)
+        return self._view
+
+    def dequantized_tiles(self) -> np.ndarray:
+        """The tiles' values ``q * d`` rounded to the compute dtype, as float32 (numeric only)."""
+        if self.dequantized:
+            return self.tiles
+        values = self.tiles.astype(np.float32) * self.scales.astype(np.float32)
+        return values.astype(NP_DTYPES[self.compute_dtype]).astype(np.float32)
+
+    def with_tiles(self, tiles, *, name=None, layout=None, shape=None, blocks="keep", partial="keep", dtype=None,
+                   moved=None) -> "QuantTensor":
+        """The tensor after its tiles moved (a MeshGEMM operand's ring shift): the same stored
+        format; numeric tiles must be dequantised values (a compute view), whose scales moved with them."""
+        if layout is not None or shape is not None or (dtype is not None and dtype != self.dtype) or \
+                (partial != "keep" and partial is not None):
+            raise MeshError(f"{self.name}: a quantised weight only moves whole; it cannot change its layout, "
+                            "shape or dtype")
+        if tiles is not None and not self.dequantized:
+            raise MeshError(f"{self.name}: move the compute view of a quantised weight (its scales move with it)")
+        keep = isinstance(blocks, str) and blocks == "keep"
+        return QuantTensor(self.mesh, self.shape, self.layout, self.dtype, tiles, compute_dtype=self.compute_dtype,
+                           scale_slots=self.scale_slots, dequantized=self.dequantized, name=name or self.name,
+                           blocks=self._blocks if keep else blocks, moved=self._moved if keep else moved,
+                           tile_shape=self.tile_shape)
+
+    def __repr__(self) -> str:
+        return (f"QuantTensor({self.name}, shape={self.shape}, layout={self.layout}, tile={self.tile_shape}, "
+                f"{self.dtype}->{self.compute_dtype}, {self.scale_slots} scales/column, "
+                f"{'numeric' if self.tiles is not None else 'dry'})")
+
+
+def _tiles_of(mesh, array: np.ndarray, layout, blocks, np_dtype) -> np.ndarray:
+    """A host array cut into the tiles ``(rows, cols, *tile)`` of ``layout`` (zero padding),
+    moved to the PEs ``blocks`` names."""
+    layout = check_layout(array.shape, layout)
+    tshape = tile_shape_for(array.shape, layout, mesh.shape)
+    r, c = mesh.shape
+    parts = [r if a == "y" else c if a == "x" else 1 for a in layout]
+    pad = [(0, p * t - n) for p, t, n in zip(parts, tshape, array.shape)]
+    arr = np.asarray(array, dtype=np_dtype)
+    if any(p[1] for p in pad):
+        arr = np.pad(arr, pad)
+    # (p0, t0, p1, t1, ...) then bring the y-parts and x-parts axes to the front.
+    split = arr.reshape([v for p, t in zip(parts, tshape) for v in (p, t)])
+    nd = len(layout)
+    part_axis = {a: 2 * d for d, a in enumerate(layout) if a}
+    tile_axes = [2 * d + 1 for d in range(nd)]
+    unused = [2 * d for d, a in enumerate(layout) if not a]
+    order = [part_axis.get("y"), part_axis.get("x")]
+    front = [o for o in order if o is not None]
+    moved = split.transpose(front + unused + tile_axes)
+    # unused part axes have size 1: drop them
+    moved = moved.reshape([split.shape[a] for a in front] + [split.shape[a] for a in tile_axes])
+    if "y" not in layout:
+        moved = moved[None]
+    if "x" not in layout:
+        moved = moved[:, None]
+    tiles = np.broadcast_to(moved, (r, c, *tshape))
+    if blocks:
+        tiles = _apply_blocks(tiles, layout, blocks, inverse=False)
+    else:
+        tiles = np.ascontiguousarray(tiles) if tiles.strides[0] and tiles.strides[1] else tiles
+    return tiles
 
 
 def _apply_blocks(tiles, layout, blocks, inverse: bool):

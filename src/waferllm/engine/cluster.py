@@ -1,0 +1,512 @@
+"""Clusters of wafers: a model's layers pipelined over several wafers, planned per wafer.
+
+A model too large for one wafer runs, as production wafer-scale inference does, as a
+pipeline of wafers: each wafer holds a run of consecutive layers (its *share*), placed
+by the single-wafer planner (:func:`waferllm.engine.placement.plan_phase`) on its own
+regions, and a request's hidden states go from wafer to wafer over the link between the
+systems (:mod:`waferllm.mesh.interwafer`). One request is on one wafer at a time.
+
+Two layouts:
+
+- ``shared``: every wafer runs both phases on its share, each in its own grid, and the
+  prefill-to-decode transition re-places each wafer's weights and K/V on that wafer
+  (the wafers do it at the same time);
+- ``split``: the first ``p`` wafers run prefill and the others decode (prefill/decode
+  disaggregation). Each side keeps its own layout for good: no weights move between the
+  phases and no restore precedes the next request, but each side holds the whole model,
+  and the prompt's K/V cross the links to the decode wafers.
+
+The vocabulary tables (LM head, and the embedding table when it is not tied) sit on the
+*first* wafer of each phase, sliced over its regions. Every decode step crosses as many
+links either way (the hidden state wafer to wafer, then back to where the next token is
+embedded), but with the tables on the first wafer the prompt's embedding rows never cross
+a link, only the last hidden row (or the rows whose logits are asked for) goes back, and a
+tied table serves the LM head and the embedding from one place. Splitting the vocabulary
+over every wafer would save the first wafer's SRAM (a 128K x 8K table is ~2 GB in fp16,
+~5% of a wafer) at the price of a broadcast of the hidden state to every wafer and a
+gather of their best logits each step: two link latencies instead of none.
+
+Each share is as many layers as its wafer holds in proportion to what the wafers can
+take (the wafer with the tables takes fewer), at least one each. The wafer counts come
+from planning: :func:`fewest_wafers` is the smallest count whose shares all plan, and
+:func:`search` predicts the candidate counts and layouts and keeps the fastest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+
+from waferllm.engine.placement import PhasePlan, Plan, Stage, _split, plan_phase, planned_kv_capacity
+from waferllm.errors import HardwareError, PlacementError, RequestError
+from waferllm.hardware.cluster import FASTER_WHEN_LARGER, LINK_FIELDS, ClusterSpec, cluster_for
+from waferllm.hardware.plmr import DTYPE_BYTES, WaferSpec
+
+LAYOUTS = ("shared", "split")
+PHASES = ("prefill", "decode")
+
+
+# ------------------------------------------------------------------ what one wafer holds
+
+
+class Capacity:
+    """The layers one wafer of ``wafer``'s kind can hold, by phase, grid and whether it holds
+    the vocabulary tables: the most for which its share plans (the decode share with its KV
+    cache for ``max_seq_len`` tokens). Every answer is a plan that succeeded."""
+
+    def __init__(self, config, wafer: WaferSpec, max_seq_len: int, prompt_len: int | None = None,
+                 dtype: str = "fp16"):
+        self.config, self.wafer, self.dtype = config, wafer, dtype
+        self.seq = {"prefill": prompt_len or max_seq_len, "decode": max_seq_len}
+        self.max_seq_len = max_seq_len
+        self._layers: dict = {}
+
+    def share_plan(self, wafer: WaferSpec, grid: int, phase: str, layers: int, vocab: bool) -> PhasePlan:
+        """The plan of a share of ``layers`` layers on ``wafer`` (raises PlacementError)."""
+        cfg = self.config.replace(num_layers=layers)
+        pp = plan_phase(cfg, wafer, grid, phase, self.seq[phase], self.dtype, suggest=False,
+                        vocab_size=None if vocab else 0)
+        if phase == "decode":
+            held = planned_kv_capacity(cfg, wafer, pp)[0]
+            if held < self.max_seq_len:
+                raise PlacementError(f"the KV cache for {self.max_seq_len} tokens of {layers} layers does not fit "
+                                     f"the {grid}x{grid} decode regions of one wafer (capacity {held} tokens)")
+        return pp
+
+    def fits(self, phase: str, grid: int, layers: int, vocab: bool) -> bool:
+        try:
+            self.share_plan(self.wafer, grid, phase, layers, vocab)
+            return True
+        except PlacementError:
+            return False
+
+    def layers(self, phase: str, grid: int, vocab: bool) -> int:
+        """The most layers (up to the model's) a wafer holds for ``phase`` on ``grid``; 0 if not one."""
+        key = (phase, grid, vocab)
+        if key not in self._layers:
+            lo, hi = 0, self.config.num_layers
+            while lo < hi:  # more layers never fit where fewer do not
+                mid = (lo + hi + 1) // 2
+                if self.fits(phase, grid, mid, vocab):
+                    lo = mid
+                else:
+                    hi = mid - 1
+            self._layers[key] = lo
+        return self._layers[key]
+
+    def per_wafer(self, grids: dict[str, int | None], phases=PHASES) -> tuple[int, int]:
+        """(with the tables, without) layers a wafer running ``phases`` on ``grids`` holds."""
+        run = [ph for ph in phases if grids.get(ph) is not None]
+        if not run:
+            return 0, 0
+        return (min(self.layers(ph, grids[ph], True) for ph in run),
+                min(self.layers(ph, grids[ph], False) for ph in run))
+
+
+def wafers_for(total: int, with_tables: int, without: int) -> int | None:
+    """The fewest wafers holding ``total`` layers when the first takes ``with_tables`` and each
+    other ``without`` (None: no count does)."""
+    if with_tables >= total:
+        return 1
+    if with_tables < 1 or without < 1:
+        return None
+    return 1 + math.ceil((total - with_tables) / without)
+
+
+def fewest_wafers(config, wafer: WaferSpec, prefill_grid: int | None, decode_grid: int | None, max_seq_len: int,
+                  dtype: str = "fp16", prompt_len: int | None = None, layout: str = "shared",
+                  capacity: Capacity | None = None) -> int | None:
+    """The fewest wafers of ``wafer`` that hold the model on these grids (``shared``: each
+    wafer both phases; ``split``: prefill wafers plus decode wafers), or None."""
+    cap = capacity or Capacity(config, wafer, max_seq_len, prompt_len, dtype)
+    grids = {"prefill": prefill_grid, "decode": decode_grid}
+    L = config.num_layers
+    if layout == "shared":
+        return wafers_for(L, *cap.per_wafer(grids))
+    sides = [wafers_for(L, *cap.per_wafer(grids, (ph,))) for ph in PHASES if grids[ph] is not None]
+    return None if None in sides or not sides else sum(sides)
+
+
+def _spread(total: int, caps: list[int]) -> list[int] | None:
+    """Layers per wafer: at least one each, the rest in proportion to what each can take
+    beyond that, topped up where there is room (None: they cannot hold ``total``)."""
+    n = len(caps)
+    if total < n or min(caps) < 1 or sum(caps) < total:
+        return None
+    room = [c - 1 for c in caps]
+    extra = [min(r, x) for r, x in zip(room, _split(total - n, room))] if sum(room) else [0] * n
+    short = total - n - sum(extra)
+    for i in range(n):
+        take = min(short, room[i] - extra[i])
+        extra[i] += take
+        short -= take
+    return [1 + x for x in extra]
+
+
+# ------------------------------------------------------------------ the plan
+
+
+@dataclass
+class WaferShare:
+    """What one wafer of a cluster holds: its layers, whether the vocabulary tables, and its
+    plan per phase it runs (stages with model-wide layer indices)."""
+
+    index: int
+    layers: range
+    vocab: bool
+    prefill: PhasePlan | None = None
+    decode: PhasePlan | None = None
+
+    @property
+    def phases(self) -> list[str]:
+        return [ph for ph in PHASES if getattr(self, ph) is not None]
+
+    def to_dict(self) -> dict:
+        out = {"wafer": self.index, "phases": self.phases, "layers": [self.layers.start, self.layers.stop],
+               "vocab_tables": self.vocab}
+        for ph in self.phases:
+            out[ph] = getattr(self, ph).to_dict()
+        return out
+
+
+@dataclass
+class ClusterPlan(Plan):
+    """A :class:`Plan` over the wafers of a cluster: each phase's stages are every wafer's, in
+    pipeline order (``Stage.wafer`` says whose), and ``shares`` what each wafer holds."""
+
+    cluster: ClusterSpec | None = None
+    shares: list[WaferShare] = field(default_factory=list)
+
+    @property
+    def wafers(self) -> int:
+        return len(self.shares)
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        for ph in PHASES:
+            pp = getattr(self, ph)
+            if pp is not None:
+                for sd, st in zip(d[ph]["stages"], pp.stages):
+                    sd["wafer"] = st.wafer
+        d.update({"wafers": self.wafers, "layout": self.cluster.layout, "prefill_wafers": self.cluster.prefill_wafers,
+                  "per_wafer": [s.to_dict() for s in self.shares]})
+        return d
+
+
+def _on_wafer(pp: PhasePlan, index: int, wafer: WaferSpec, first_layer: int) -> PhasePlan:
+    """A share's plan moved to wafer ``index``: its regions on that wafer (named ``w{index}.``),
+    its layers numbered model-wide."""
+    stages = [Stage(dataclasses.replace(st.region, wafer=wafer, name=f"w{index}.{st.region.name}"),
+                    range(first_layer + st.layers.start, first_layer + st.layers.stop), st.vocab, index,
+                    pp.heads_per_pass) for st in pp.stages]
+    return dataclasses.replace(pp, stages=stages)
+
+
+def _merge(phase: str, plans: list[PhasePlan]) -> PhasePlan | None:
+    """One phase's plan over the wafers (every wafer's stages in pipeline order)."""
+    if not plans:
+        return None
+    fullest = max(plans, key=lambda p: sum(v for k, v in p.bytes_per_pe.items() if k not in ("reserved", "usable")))
+    pp = PhasePlan(phase, plans[0].grid, [s for p in plans for s in p.stages], max(p.layers_per_region for p in plans),
+                   dict(fullest.bytes_per_pe), sum(p.regions_available for p in plans))
+    pp.heads_per_pass = min(p.heads_per_pass for p in plans)
+    pp.region_bytes = [b for p in plans for b in p.region_bytes]
+    pp.layer_share = [n for p in plans for n in p.layer_share]
+    pp.whole_model_fits = True
+    pp.seq_len, pp.dtype = plans[0].seq_len, plans[0].dtype
+    return pp
+
+
+def plan_cluster(config, cluster: ClusterSpec, prefill_grid: int | None, decode_grid: int | None, max_seq_len: int,
+                 dtype: str = "fp16", prompt_len: int | None = None) -> ClusterPlan:
+    """Plan the model over ``cluster.wafers`` wafers in the cluster's layout (see the module
+    docstring). A count that cannot hold the model is an error that says how many can."""
+    if max_seq_len < 1:
+        raise PlacementError("max_seq_len must be positive")
+    N, L = cluster.wafers, config.num_layers
+    grids = {"prefill": prefill_grid, "decode": decode_grid}
+    cap = Capacity(config, cluster.wafer, max_seq_len, prompt_len, dtype)
+    if cluster.prefill_wafers is None:
+        groups = [(list(range(N)), [ph for ph in PHASES if grids[ph] is not None])]
+    else:
+        p = cluster.prefill_wafers
+        groups = [(list(range(p)), ["prefill"] if prefill_grid else []),
+                  (list(range(p, N)), ["decode"] if decode_grid else [])]
+    if N > L:
+        raise PlacementError(f"{config.name} has {L} layers: a pipeline of {N} wafers would leave some without one; "
+                             f"use at most {L} wafers", wafers=N, layers=L)
+    shares = {i: WaferShare(i, range(0), False) for i in range(N)}
+    for idx, phases in groups:
+        if not phases:
+            continue
+        if len(idx) > L:
+            raise PlacementError(f"{config.name} has {L} layers: {len(idx)} {'/'.join(phases)} wafers would leave "
+                                 f"some without one; use at most {L}", wafers=N, layers=L)
+        with_tables, without = cap.per_wafer(grids, phases)
+        counts = _spread(L, [with_tables] + [without] * (len(idx) - 1))
+        if counts is None:
+            raise _too_few(config, cluster, grids, phases, len(idx), with_tables, without)
+        start = 0
+        for i, n in zip(idx, counts):
+            share = shares[i]
+            share.layers, share.vocab = range(start, start + n), i == idx[0]
+            wafer = cluster.wafer_at(i)
+            for ph in phases:
+                pp = cap.share_plan(wafer, grids[ph], ph, n, share.vocab)
+                setattr(share, ph, _on_wafer(pp, i, wafer, start))
+            start += n
+    pre = _merge("prefill", [s.prefill for s in shares.values() if s.prefill is not None])
+    dec = _merge("decode", [s.decode for s in shares.values() if s.decode is not None])
+    shift = concat = 0
+    if dec is not None:
+        shift, concat = planned_kv_capacity(config, cluster.wafer, dec)
+    plan = ClusterPlan(config.name, cluster.wafer.name, dtype, max_seq_len, pre, dec, int(shift), int(concat), [],
+                       cluster=cluster, shares=[shares[i] for i in range(N)])
+    return plan
+
+
+def _too_few(config, cluster: ClusterSpec, grids: dict, phases: list[str], n: int, with_tables: int,
+             without: int) -> PlacementError:
+    what = " and ".join(f"{ph} on {grids[ph]}x{grids[ph]} regions" for ph in phases)
+    need = wafers_for(config.num_layers, with_tables, without)
+    side = "" if cluster.prefill_wafers is None else f" {'/'.join(phases)}"
+    detail = (f"{config.name} ({config.num_layers} layers) does not fit {n}{side} {cluster.wafer.name} wafers for {what}: "
+              f"the wafer with the vocabulary tables holds {with_tables} layers, each other {without}")
+    advice = (f"; {need}{side} wafers hold it (checked by planning them)." if need else
+              "; no count of these wafers does: a wafer cannot hold one layer beside what it needs on these grids. "
+              "Try other grids.")
+    return PlacementError(detail + advice, wafers=n, wafers_needed=need, detail=detail)
+
+
+def wafers_needed_note(config, wafer: WaferSpec, prefill_grid, decode_grid, max_seq_len: int, dtype: str,
+                       prompt_len: int | None) -> tuple[int | None, str]:
+    """(count, sentence) for an error about a model one wafer cannot hold: the fewest wafers
+    that hold it on these grids (each share planned), or (None, "")."""
+    try:
+        n = fewest_wafers(config, wafer, prefill_grid, decode_grid, max_seq_len, dtype, prompt_len)
+    except PlacementError:
+        return None, ""
+    if n is None or n < 2:
+        return None, ""
+    base = cluster_for(wafer)
+    try:  # checked: the shares plan
+        plan_cluster(config, dataclasses.replace(base, max_wafers=max(n, base.max_wafers)).with_wafers(n),
+                     prefill_grid, decode_grid, max_seq_len, dtype, prompt_len)
+    except PlacementError:
+        return None, ""
+    return n, (f" Pipelined over wafers, it needs {n} {wafer.name} wafers on these grids (checked by planning "
+               f"them): predict with --wafers {n}, or --wafers auto.")
+
+
+# ------------------------------------------------------------------ the band
+
+
+def cluster_corner(cluster: ClusterSpec, slow: bool) -> ClusterSpec | None:
+    """The cluster with its wafer's and its link's assumed constants (those with a range) at
+    the end that makes a run slower (``slow``) or faster; None if none has a range."""
+    from waferllm.engine.band import corner
+
+    w = corner(cluster.wafer, slow)
+    link = {k: (hi if slow == (k not in FASTER_WHEN_LARGER) else lo) for k, (lo, hi) in cluster.assumed_ranges().items()}
+    if w is None and not link:
+        return None
+    return dataclasses.replace(cluster, wafer=w or cluster.wafer, **{k: LINK_FIELDS[k][0](v) for k, v in link.items()})
+
+
+# ------------------------------------------------------------------ choosing the count and layout
+
+
+@dataclass
+class Option:
+    """One way to run the model on the cluster: a wafer count, a layout and the grids."""
+
+    wafers: int
+    layout: str
+    prefill_grid: int
+    decode_grid: int
+    prefill_wafers: int | None = None
+    estimate_s: float = 0.0  # the ranking estimate (see :func:`search`)
+    e2e_s: float | None = None  # predicted (None: not predicted)
+    metrics: dict | None = None
+    why: str = ""
+
+    def key(self) -> tuple:
+        return (self.wafers, self.layout, self.prefill_grid, self.decode_grid, self.prefill_wafers)
+
+    def to_dict(self) -> dict:
+        m = self.metrics or {}
+        return {"wafers": self.wafers, "layout": self.layout, "prefill_wafers": self.prefill_wafers,
+                "prefill_grid": self.prefill_grid, "decode_grid": self.decode_grid,
+                "estimate_s": self.estimate_s, "e2e_s": self.e2e_s, "ttft_s": m.get("ttft_s"),
+                "tpot_s": m.get("tpot_s"), "transition_s": m.get("transition_s"),
+                "e2e_tokens_per_s": m.get("e2e_tokens_per_s"), "note": self.why}
+
+
+def _phase_seconds(config, wafer, run, input_len: int, output_len: int, grids: list[int]) -> dict:
+    """Per phase, each grid's predicted phase time for the whole model, from one layer placed
+    and run on one wafer (the per-layer time depends on the grid, not on the wafer count):
+    TTFT for prefill, the mean TPOT for decode. A grid on which not even that places is left out."""
+    from waferllm.engine.predict import predict_phase
+    from waferllm.errors import WaferLLMError
+
+    out = {"prefill": {}, "decode": {}}
+    for phase in PHASES:
+        fixed = run.prefill_grid if phase == "prefill" else run.decode_grid
+        for g in ([fixed] if fixed else grids):
+            trial = run.with_grids(g, None) if phase == "prefill" else run.with_grids(None, g)
+            try:
+                out[phase][g] = predict_phase(config, wafer, trial.replace(layers=1), phase, input_len,
+                                              min(output_len, 64))
+            except WaferLLMError:
+                continue
+    return out
+
+
+def _crossing_s(cluster: ClusterSpec, nbytes: float) -> float:
+    return cluster.link_seconds(nbytes)
+
+
+def _estimate(config, cluster, opt: Option, secs: dict, input_len: int, output_len: int, dtype: str) -> float:
+    """Ranking estimate of an option's request time: the phases' times on their grids plus
+    the link crossings its wafers add (the prompt's hidden states once per prefill wafer,
+    the hidden vector once per decode wafer and token, the K/V of a split layout)."""
+    b = DTYPE_BYTES[dtype]
+    E = config.hidden_size
+    n_pre = opt.prefill_wafers or opt.wafers
+    n_dec = opt.wafers - opt.prefill_wafers if opt.prefill_wafers else opt.wafers
+    pre = secs["prefill"][opt.prefill_grid] + (n_pre - 1) * _crossing_s(cluster, input_len * E * b) + (
+        _crossing_s(cluster, E * b) if n_pre > 1 else 0.0)
+    dec = secs["decode"][opt.decode_grid] + (_crossing_s(cluster, E * b) * n_dec if n_dec > 1 else 0.0)
+    kv = 0.0
+    if opt.prefill_wafers:
+        kv = _crossing_s(cluster, 2 * config.num_layers * config.kv_dim * input_len * b / n_dec)
+    return pre + kv + (output_len - 1) * dec
+
+
+def search(config, cluster: ClusterSpec, run, input_len: int, output_len: int, wafers="auto", layout: str = "auto",
+           limit: float = 2.0, grids: list[int] | None = None, exhaustive: bool = False, progress=None) -> dict:
+    """Choose how many wafers, which layout and which grids, by predicting the candidates.
+
+    ``wafers``: a count, or ``auto``: from the fewest that hold the model (either layout, on
+    any candidate grid) up to ``limit`` times that (and the cluster's ``max_wafers``).
+    ``layout``: ``shared``, ``split`` or ``auto`` (both). Grids the run fixes are kept; the
+    others are chosen per count among ``grids`` (default: the tuner's candidates) by their
+    phase times (:func:`_phase_seconds`). For each count and layout the option with the best
+    ranking estimate (:func:`_estimate`) is predicted in full; with the same grids and layout
+    a larger count adds only link crossings and thinner shares, so unless ``exhaustive`` such
+    a count is predicted only when it is the first count of its grids. Returns the fastest
+    option by predicted request time (``best``), every option considered (``options``), and
+    the cluster and run it needs (``cluster``, ``run``)."""
+    from waferllm.engine.predict import predict_run
+    from waferllm.engine.tuner import candidate_grids
+
+    if layout not in LAYOUTS + ("auto",):
+        raise RequestError(f"layout must be one of shared, split or auto, got {layout!r}")
+    if run.layers is not None:
+        raise RequestError("a cluster places the whole model: --extrapolate-from-layers does not combine with --wafers")
+    wafer, L = cluster.wafer, config.num_layers
+    t0 = time.perf_counter()
+    grids = grids or candidate_grids(wafer)
+    secs = _phase_seconds(config, wafer, run, input_len, output_len, grids)
+    if not secs["prefill"] or not secs["decode"]:
+        phase = "prefill" if not secs["prefill"] else "decode"
+        raise PlacementError(f"{config.name}: not one {phase} layer fits a region of {wafer.name} on the grids tried "
+                             f"({', '.join(map(str, ([run.prefill_grid] if phase == 'prefill' and run.prefill_grid else [run.decode_grid] if phase == 'decode' and run.decode_grid else grids)))}); "
+                             "no count of wafers holds it")
+    cap = Capacity(config, wafer, run.max_seq_len, run.prompt_len, run.dtype)
+    layouts = LAYOUTS if layout == "auto" else (layout,)
+    # the fewest wafers per layout and grid pair (planning only)
+    fewest: dict = {}
+    for g_pre in secs["prefill"]:
+        for g_dec in secs["decode"]:
+            for lay in layouts:
+                fewest[(lay, g_pre, g_dec)] = fewest_wafers(config, wafer, g_pre, g_dec, run.max_seq_len, run.dtype,
+                                                            run.prompt_len, lay, cap)
+    counts = [n for n in fewest.values() if n is not None]
+    if not counts:
+        raise PlacementError(f"{config.name} does not fit any count of {wafer.name} wafers on the grids tried: a wafer "
+                             "cannot hold one layer beside what it needs there", wafers_needed=None)
+    lo = min(counts)
+    if wafers == "auto":
+        hi = min(max(lo, math.floor(limit * lo)), cluster.max_wafers, L)
+        if lo > cluster.max_wafers:
+            raise PlacementError(f"{config.name} needs {lo} {wafer.name} wafers (checked by planning them); "
+                                 f"{cluster.name} has at most {cluster.max_wafers} (max_wafers): raise it in a cluster "
+                                 f"file with base = \"{cluster.name}\"", wafers_needed=lo)
+        span = range(lo, hi + 1)
+    else:
+        if isinstance(wafers, bool) or not isinstance(wafers, int) or wafers < 1:
+            raise RequestError(f"wafers must be a positive whole number or 'auto', got {wafers!r}")
+        if wafers < lo:
+            raise PlacementError(f"{config.name} does not fit {wafers} {wafer.name} wafer{'s' if wafers > 1 else ''} "
+                                 f"on the grids tried; it needs {lo} (checked by planning them): --wafers {lo} or "
+                                 "--wafers auto", wafers=wafers, wafers_needed=lo)
+        cluster.with_wafers(wafers)  # within max_wafers
+        span = range(wafers, wafers + 1)
+    # per count and layout: the option with the best estimate
+    options: list[Option] = []
+    for n in span:
+        for lay in layouts:
+            best = None
+            for (lay2, g_pre, g_dec), need in fewest.items():
+                if lay2 != lay or need is None or need > n:
+                    continue
+                splits = [None] if lay == "shared" else _splits(config, cap, g_pre, g_dec, n)
+                for p in splits:
+                    opt = Option(n, lay, g_pre, g_dec, p)
+                    opt.estimate_s = _estimate(config, cluster, opt, secs, input_len, output_len, run.dtype)
+                    if best is None or opt.estimate_s < best.estimate_s:
+                        best = opt
+            if best is not None and (n > 1 or lay == "shared"):
+                options.append(best)
+    # predict: every option whose grids and layout are new, or all (exhaustive)
+    seen, done = set(), []
+    for opt in sorted(options, key=lambda o: (o.wafers, o.layout)):
+        sig = (opt.layout, opt.prefill_grid, opt.decode_grid)
+        if sig in seen and not exhaustive:
+            opt.why = "not predicted: the same grids and layout as a smaller count (more wafers add link crossings)"
+            continue
+        seen.add(sig)
+        c = cluster.with_wafers(opt.wafers, opt.prefill_wafers) if opt.wafers > 1 else cluster.with_wafers(1)
+        r = run.with_grids(opt.prefill_grid, opt.decode_grid)
+        try:
+            m = predict_run(config, c, r, input_len, output_len, gpus=False, band=False, allow_beyond_context=True)
+        except PlacementError as exc:  # the estimate's plan can differ from the real one in the last bytes
+            opt.why = f"does not place: {exc}"
+            continue
+        opt.metrics = m
+        opt.e2e_s = m["ttft_s"] + m["transition_s"] + (m["tpot_s"] or 0.0) * (output_len - 1)
+        done.append(opt)
+        if progress:
+            progress(len(done), len(options), f"{opt.wafers} wafers, {opt.layout}, grids {opt.prefill_grid}/"
+                                              f"{opt.decode_grid}: {opt.e2e_s * 1e3:.1f} ms")
+    if not done:
+        raise PlacementError(f"{config.name}: no candidate count of {wafer.name} wafers places: "
+                             + "; ".join(o.why for o in options))
+    best = min(done, key=lambda o: o.e2e_s)
+    chosen = cluster.with_wafers(best.wafers, best.prefill_wafers) if best.wafers > 1 else cluster.with_wafers(1)
+    return {"best": best, "options": options, "fewest": lo, "cluster": chosen,
+            "run": run.with_grids(best.prefill_grid, best.decode_grid), "search_wall_s": time.perf_counter() - t0}
+
+
+def _splits(config, cap: Capacity, g_pre: int, g_dec: int, n: int) -> list[int]:
+    """The prefill wafer counts p of a split over ``n`` wafers on these grids (both sides hold
+    the model): from the fewest prefill wafers to ``n`` minus the fewest decode wafers."""
+    L = config.num_layers
+    p_min = wafers_for(L, *cap.per_wafer({"prefill": g_pre}, ("prefill",)))
+    d_min = wafers_for(L, *cap.per_wafer({"decode": g_dec}, ("decode",)))
+    if p_min is None or d_min is None:
+        return []
+    return [p for p in range(p_min, n - d_min + 1) if p <= L and n - p <= L]
+
+
+def cluster_of(wafer, wafers: int = 1, prefill_wafers: int | None = None) -> ClusterSpec:
+    """A wafer's cluster preset (see :func:`waferllm.hardware.cluster.cluster_for`) using ``wafers``."""
+    if isinstance(wafer, ClusterSpec):
+        return wafer.with_wafers(wafers, prefill_wafers)
+    try:
+        return cluster_for(wafer).with_wafers(wafers, prefill_wafers)
+    except HardwareError as exc:
+        raise RequestError(str(exc)) from None

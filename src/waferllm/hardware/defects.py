@@ -1,0 +1,349 @@
+"""Defective PEs: where they are, and what a logical neighbour then costs.
+
+A defect map is a set of dead PEs (router included) on the wafer's physical fabric: a
+list (``defective_pes`` in a wafer file) or a rate with a seed (:func:`random_defects`,
+deterministic). How the wafer copes is its ``defect_recovery``:
+
+- ``avoid``: regions are placed only on squares without a defective PE (the PEs listed
+  are in the usable rectangle). Nothing else changes.
+- ``spare`` (the vendor's scheme): the fabric has ``spare_rows`` rows and ``spare_cols``
+  PEs per row beyond the usable rectangle. In every physical row the hardware skips its
+  defective PEs, so the row's logical PEs are its healthy ones in order; a row with more
+  defects than spare PEs is retired and the logical rows are the kept physical rows in
+  order. Programs see a perfect ``rows x cols`` rectangle; a logical neighbour across a
+  remapped PE is farther away: along a row, one hop more for every skipped PE (the
+  hardware bypasses it); between rows, as many hops more as the two rows' PEs are shifted
+  from each other, plus one for every retired row in between.
+- ``reroute`` (fault-aware placement in software, no spare fabric): a region of side
+  ``g`` spans as many physical columns as its rows need to hold ``g`` healthy PEs each,
+  and its logical PEs are each row's healthy PEs in order (so no logical PE is a
+  defective one). A message along a row past a dead PE cannot cross its router: it
+  detours through the neighbouring row, two hops more than the skipped PEs; and each
+  detour needs a route on the PEs it passes: where a primitive already uses every route
+  a PE has but two, a detoured message is relayed in software there (one routing stage).
+
+Every cost is read from per-axis maps of extra hops on the logical links of a region
+(:class:`LinkMap`): the comm primitives ask for the worst extra a message of ``h`` hops
+along an axis pays anywhere in the region (the slowest line sets the critical path), a
+window maximum over the map computed once per region, axis and length.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
+
+from waferllm.errors import HardwareError
+
+#: routes a detour around a dead PE needs on the PEs it passes (one per direction)
+DETOUR_ROUTES = 2
+#: hops a detour adds beyond the dead PEs it skips (out of the row and back)
+DETOUR_HOPS = 2
+#: the highest defect rate a map is drawn for (beyond it no recovery scheme is meaningful)
+MAX_DEFECT_RATE = 0.2
+
+
+# ------------------------------------------------------------------ defect maps
+
+
+def random_defects(rows: int, cols: int, rate: float, seed: int) -> frozenset:
+    """Each PE of a ``rows x cols`` fabric defective with probability ``rate``, independently:
+    the same map for the same (shape, rate, seed)."""
+    rate = _check_rate(rate, "defect_rate")
+    seed = _check_seed(seed)
+    if rate == 0.0:
+        return frozenset()
+    dead = np.random.default_rng(seed).random((rows, cols)) < rate
+    r, c = np.nonzero(dead)
+    return frozenset(zip(r.tolist(), c.tolist()))
+
+
+def _check_rate(rate, what: str) -> float:
+    if isinstance(rate, bool) or not isinstance(rate, (int, float, np.floating, np.integer)):
+        raise HardwareError(f"{what} must be a number from 0 to {MAX_DEFECT_RATE}, got {rate!r}")
+    rate = float(rate)
+    if not (math.isfinite(rate) and 0.0 <= rate <= MAX_DEFECT_RATE):
+        raise HardwareError(f"{what} must be a fraction of the PEs from 0 to {MAX_DEFECT_RATE} "
+                            f"(0.001 = 0.1%), got {rate!r}")
+    return rate
+
+
+def _check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2 ** 63:
+        raise HardwareError(f"defect seed must be a whole number >= 0, got {seed!r}")
+    return int(seed)
+
+
+def with_defect_rate(wafer, rate: float, seed: int = 0, recovery: str | None = None, where: str = "defects"):
+    """``wafer`` with defective PEs drawn at ``rate`` with ``seed`` on its physical fabric
+    (see :attr:`WaferSpec.fabric_shape`) and the given ``recovery`` (default: the wafer's).
+    The map replaces any the wafer had."""
+    from waferllm.hardware.plmr import DEFECT_RECOVERY
+
+    recovery = wafer.defect_recovery if recovery is None else recovery
+    if recovery not in DEFECT_RECOVERY:
+        raise HardwareError(f"{where}: recovery must be one of {', '.join(DEFECT_RECOVERY)}, got {recovery!r}")
+    spec = wafer.replace(defect_recovery=recovery, defective_pes=[])
+    fr, fc = spec.fabric_shape
+    rate = _check_rate(rate, f"{where}: defect_rate")
+    spec = spec.replace(defective_pes=sorted(random_defects(fr, fc, rate, seed)))
+    if recovery == "spare":
+        spare_remap(spec)  # refuse a map the spares cannot hide, now
+    return spec
+
+
+@lru_cache(maxsize=16)
+def defect_mask(wafer) -> np.ndarray:
+    """(fabric rows, fabric cols) bool: True on a defective PE."""
+    fr, fc = wafer.fabric_shape
+    mask = np.zeros((fr, fc), bool)
+    if wafer.defective_pes:
+        rc = np.array(sorted(wafer.defective_pes), np.int64).reshape(-1, 2)
+        mask[rc[:, 0], rc[:, 1]] = True
+    mask.setflags(write=False)
+    return mask
+
+
+def healthy_positions(mask: np.ndarray, width: int) -> np.ndarray:
+    """(rows, width): the column of each row's first ``width`` healthy PEs, in order (every
+    row of ``mask`` must have that many)."""
+    order = np.argsort(mask, axis=1, kind="stable")  # healthy (False) first, in column order
+    return order[:, :width]
+
+
+# ------------------------------------------------------------------ link maps
+
+
+@dataclass(eq=False)
+class LinkMap:
+    """Extra hops on the logical links of a region: ``x[r, c]`` on the link between logical
+    PEs (r, c) and (r, c+1), ``y[r, c]`` between (r, c) and (r+1, c); ``x_detours`` /
+    ``y_detours`` mark the links whose messages detour around a dead PE (relayed in
+    software when the routes run out)."""
+
+    x: np.ndarray
+    y: np.ndarray
+    x_detours: np.ndarray
+    y_detours: np.ndarray
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def zeros(cls, rows: int, cols: int) -> "LinkMap":
+        x, y = np.zeros((rows, max(cols - 1, 0)), np.int64), np.zeros((max(rows - 1, 0), cols), np.int64)
+        return cls(x, y, np.zeros(x.shape, bool), np.zeros(y.shape, bool))
+
+    def _lines(self, axis: str, what: str) -> np.ndarray:
+        """Links as (lines, links per line) along ``axis``."""
+        a = {"x": (self.x, self.x_detours), "y": (self.y.T, self.y_detours.T)}[axis][what == "detours"]
+        return a
+
+    def _window_max(self, axis: str, hops: int, what: str) -> int:
+        key = (axis, int(hops), what)
+        out = self._cache.get(key)
+        if out is None:
+            a = self._lines(axis, what)
+            n = a.shape[1] if a.ndim == 2 else 0
+            if n == 0 or hops <= 0 or not a.any():
+                out = 0
+            else:
+                h = min(int(hops), n)
+                cs = np.concatenate([np.zeros((a.shape[0], 1), np.int64), np.cumsum(a, axis=1, dtype=np.int64)], axis=1)
+                out = int((cs[:, h:] - cs[:, :-h]).max())
+            self._cache[key] = out
+        return out
+
+    def extra(self, axis: str | None, hops: int) -> int:
+        """The most extra hops a message of ``hops`` consecutive logical hops along ``axis``
+        ("x": along a row, "y": along a column, None: either) pays anywhere in the region."""
+        if axis is None:
+            return max(self._window_max("x", hops, "extra"), self._window_max("y", hops, "extra"))
+        return self._window_max(axis, hops, "extra")
+
+    def detours(self, axis: str | None, hops: int) -> int:
+        """The most detours such a message makes."""
+        if axis is None:
+            return max(self._window_max("x", hops, "detours"), self._window_max("y", hops, "detours"))
+        return self._window_max(axis, hops, "detours")
+
+    def mean(self, axis: str | None) -> float:
+        """Mean extra hops per logical link along ``axis`` (for the fabric's energy)."""
+        key = ("mean", axis)
+        if key not in self._cache:
+            arrs = [self.x, self.y] if axis is None else [self.x if axis == "x" else self.y]
+            n = sum(a.size for a in arrs)
+            self._cache[key] = float(sum(a.sum() for a in arrs) / n) if n else 0.0
+        return self._cache[key]
+
+    @property
+    def perfect(self) -> bool:
+        return not (self.x.any() or self.y.any())
+
+
+@lru_cache(maxsize=8)
+def spare_remap(wafer) -> tuple[np.ndarray, np.ndarray]:
+    """Recovery ``spare``: the physical row of every logical row (rows,) and the physical
+    column of every logical PE (rows, cols). Refuses a map the spares cannot hide."""
+    mask = defect_mask(wafer)
+    per_row = mask.sum(axis=1)
+    kept = np.flatnonzero(per_row <= wafer.spare_cols)
+    if kept.size < wafer.rows:
+        worst = int(per_row.max())
+        raise HardwareError(
+            f"{wafer.name}: its {len(wafer.defective_pes):,} defective PEs leave {kept.size} of its "
+            f"{mask.shape[0]} physical rows with at most {wafer.spare_cols} defective PEs (the spare PEs of a row; "
+            f"the worst row has {worst}): fewer than the {wafer.rows} rows the hardware must present. Lower the "
+            "defect rate, or give the wafer more spare_rows/spare_cols")
+    rows = kept[: wafer.rows]
+    return rows, healthy_positions(mask[rows], wafer.cols)
+
+
+def _links_from_positions(row_of: np.ndarray, col_of: np.ndarray, mask_rows: np.ndarray | None) -> LinkMap:
+    """Extra hops of the logical links of PEs at physical (row_of[r], col_of[r, c]).
+
+    Along a row: the skipped PEs between two logical neighbours; with ``mask_rows`` (the
+    rows' defect mask, software rerouting) every skip is a detour, ``DETOUR_HOPS`` more.
+    Between rows: the retired rows between them plus the shift of the two PEs' columns."""
+    skipped = np.diff(col_of, axis=1) - 1
+    detour = skipped > 0
+    x = skipped + (DETOUR_HOPS * detour if mask_rows is not None else 0)
+    y = (np.diff(row_of) - 1)[:, None] + np.abs(np.diff(col_of, axis=0))
+    return LinkMap(x.astype(np.int64), y.astype(np.int64), detour if mask_rows is not None else np.zeros_like(detour),
+                   np.zeros(y.shape, bool))
+
+
+@lru_cache(maxsize=8)
+def wafer_links(wafer) -> LinkMap | None:
+    """The link map of the whole usable rectangle (None: every logical link is one hop).
+
+    ``spare``: from the hardware's remap. ``reroute``: on the physical mesh, a path along
+    a row past a dead PE detours around it; between rows nothing is shifted. ``avoid``:
+    None (regions hold no defective PE; paths between them are not detoured)."""
+    if not wafer.defective_pes or wafer.defect_recovery == "avoid":
+        return None
+    if wafer.defect_recovery == "spare":
+        rows, cols = spare_remap(wafer)
+        return _links_from_positions(rows, cols, None)
+    mask = defect_mask(wafer)
+    # a link (r, c) -> (r, c+1) touching a dead PE is passed by a detour
+    dead = mask[:, :-1] | mask[:, 1:]
+    x = np.where(dead, DETOUR_HOPS, 0).astype(np.int64)
+    return LinkMap(x, np.zeros((wafer.rows - 1, wafer.cols), np.int64), dead, np.zeros((wafer.rows - 1, wafer.cols), bool))
+
+
+def region_links(region) -> LinkMap | None:
+    """The link map of a region (None on a perfect one): the slice of the wafer's (``spare``)
+    or the region's own software remap (``reroute``)."""
+    w = region.wafer
+    if not w.defective_pes or w.defect_recovery == "avoid":
+        return None
+    return _region_links(w, region.row0, region.col0, region.rows, region.cols, getattr(region, "span", 0) or region.cols)
+
+
+@lru_cache(maxsize=256)
+def _region_links(wafer, row0: int, col0: int, rows: int, cols: int, span: int) -> LinkMap | None:
+    if wafer.defect_recovery == "spare":
+        row_of, col_of = spare_remap(wafer)
+        links = _links_from_positions(row_of[row0: row0 + rows], col_of[row0: row0 + rows, col0: col0 + cols], None)
+    else:
+        mask = defect_mask(wafer)[row0: row0 + rows, col0: col0 + span]
+        if (span - mask.sum(axis=1) < cols).any():
+            raise HardwareError(f"{wafer.name}: a {rows}x{cols} region spanning {span} columns at ({row0}, {col0}) "
+                                "has a row with too few healthy PEs")
+        links = _links_from_positions(np.arange(rows), healthy_positions(mask, cols), mask)
+    return None if links.perfect else links
+
+
+def box_extra(wafer, top: int, left: int, height: int, width: int, hops: int) -> int:
+    """The most extra hops a path of ``hops`` hops inside a box of the usable rectangle pays
+    (a move between regions), from the wafer's link map."""
+    links = wafer_links(wafer)
+    if links is None or hops <= 0:
+        return 0
+    return _box_links(wafer, top, left, height, width).extra(None, hops)
+
+
+@lru_cache(maxsize=64)
+def _box_links(wafer, top, left, height, width) -> LinkMap:
+    links = wafer_links(wafer)
+    sl = (slice(top, top + height), slice(left, left + width))
+    x, y = links.x[top: top + height, left: left + max(width - 1, 0)], links.y[top: top + max(height - 1, 0), sl[1]]
+    return LinkMap(x, y, links.x_detours[top: top + height, left: left + max(width - 1, 0)],
+                   links.y_detours[top: top + max(height - 1, 0), sl[1]])
+
+
+# ------------------------------------------------------------------ fault-aware regions (reroute)
+
+
+def reroute_span(wafer, row0: int, rows: int, col0: int, side: int) -> int | None:
+    """Physical columns from ``col0`` a region of ``rows`` x ``side`` logical PEs needs so
+    that each of its rows holds ``side`` healthy PEs (None: the wafer is too narrow)."""
+    mask = defect_mask(wafer)[row0: row0 + rows, col0:]
+    if mask.shape[1] < side:
+        return None
+    healthy = np.cumsum(~mask, axis=1)
+    enough = healthy[:, -1] >= side
+    if not enough.all():
+        return None
+    # per row, the first column where its healthy count reaches ``side``
+    return int((healthy >= side).argmax(axis=1).max()) + 1
+
+
+def reroute_squares(wafer, grid: int, fill: bool, min_side: int) -> list[tuple[int, int, int, int]]:
+    """Recovery ``reroute``: square regions as (row0, col0, side, span), grid x grid ones
+    first, band by band (each as wide as its rows need), then with ``fill`` the largest
+    squares that fit in the strips they leave (as the perfect wafer's tiling does)."""
+    out = []
+    nr = wafer.rows // grid
+    right = 0  # where the grid squares of the widest band end
+    for b in range(nr):
+        c = 0
+        while True:
+            span = reroute_span(wafer, b * grid, grid, c, grid)
+            if span is None:
+                break
+            out.append((b * grid, c, grid, span))
+            c += span
+        right = max(right, c)
+    if not fill:
+        return out
+    strips = [(0, right, wafer.rows, wafer.cols - right), (nr * grid, 0, wafer.rows - nr * grid, right)]
+    for r0, c0, h, w in strips:
+        out += _fill(wafer, r0, c0, h, w, min_side)
+    return out
+
+
+def _fill(wafer, r0: int, c0: int, h: int, w: int, min_side: int) -> list[tuple[int, int, int, int]]:
+    """Largest squares first, greedily, in the h x w strip at (r0, c0), each as wide as its
+    rows need: along the strip's long side; then the strips they leave."""
+    side, placed = min(h, w), []
+    while side >= min_side and not placed:
+        if h > w:  # down the strip
+            r = r0
+            while r + side <= r0 + h:
+                span = reroute_span(wafer, r, side, c0, side)
+                if span is None or span > w:
+                    break
+                placed.append((r, c0, side, span))
+                r += side
+        else:  # along it
+            c = c0
+            while True:
+                span = reroute_span(wafer, r0, side, c, side)
+                if span is None or c + span > c0 + w:
+                    break
+                placed.append((r0, c, side, span))
+                c += span
+        if not placed:
+            side -= max(1, side // 16)
+    if not placed:
+        return []
+    if h > w:
+        used, width = side * len(placed), max(p[3] for p in placed)
+        return (placed + _fill(wafer, r0, c0 + width, used, w - width, min_side)
+                + _fill(wafer, r0 + used, c0, h - used, w, min_side))
+    used = placed[-1][1] + placed[-1][3] - c0
+    return (placed + _fill(wafer, r0 + side, c0, h - side, used, min_side)
+            + _fill(wafer, r0, c0 + used, h, w - used, min_side))
