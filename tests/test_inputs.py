@@ -109,10 +109,14 @@ def test_reference_engine_refuses_wafer_options_instead_of_ignoring_them(capsys,
     err = refused(capsys, "generate", "--engine", "reference", "--model", tiny_gguf, "--prompt", "hi",
                   "--trace", trace, match=r"--trace only applies to the wafer engine; --engine reference runs the dense")
     assert "use --engine wafer" in err and not trace.exists()
-    err = refused(capsys, "generate", "--engine", "reference", "--prompt", "hi", "--wafer", "nonsense",
-                  "--prefill-grid", "0", "--dtype", "bf16",
-                  match=r"--wafer, --prefill-grid, --dtype only apply to the wafer engine")
-    assert "Drop them" in err
+    err = refused(capsys, "generate", "--engine", "reference", "--prompt", "hi", "--prefill-grid", "0", "--dtype", "bf16",
+                  match=r"--prefill-grid, --dtype only apply to the wafer engine; --engine reference runs the dense "
+                        r"numpy forward on the host\. Drop them \(the wafer engine would refuse them too: --prefill-grid "
+                        r"must be a positive integer")
+    assert "use --engine wafer" not in err  # not offered: it would not work either
+    refused(capsys, "generate", "--engine", "reference", "--prompt", "hi", "--wafer", "nonsense",
+            match=r"--wafer only applies to the wafer engine; .*Drop it \(the wafer engine would refuse it too: "
+                  r"unknown wafer 'nonsense'")
 
 
 def test_trace_with_the_wafer_engine_is_written_even_in_a_new_folder(capsys, tiny_gguf, tmp_path):
@@ -253,7 +257,8 @@ def test_model_context_is_enforced_in_predict(capsys):
     refused(capsys, "predict", "--model", "llama3-8b", "--input-len", "16384",
             match=r"input_len 16384 \+ output_len 128 = 16512 tokens is more than llama3-8b's context of 8192 tokens")
     cfg = tiny_config()
-    with pytest.raises(RequestError, match=r"more than tiny's context of 256 tokens .*allow_beyond_context=True"):
+    with pytest.raises(RequestError, match=r"more than tiny's context of 256 tokens \(max_position_embeddings\): shorten "
+                                           r"the request to at most 256 tokens in all, or allow_beyond_context=True"):
         predict(cfg, WSE2, 250, 10, 8, 8, gpus=False, band=False)
     m = predict(cfg, WSE2, 250, 10, 8, 8, gpus=False, band=False, allow_beyond_context=True)
     assert m["input_len"] == 250 and m["ttft_s"] > 0
@@ -623,3 +628,34 @@ def test_text_report_says_how_the_prompt_is_padded(capsys, tiny_gguf):
     assert rc == 0, err
     assert ("[wafer] 5 prompt + 2 generated tokens, finish=length; the prompt runs padded to 8 tokens on the 8x8 "
             "prefill regions (TTFT grows in steps of 8 tokens)") in err
+
+
+def test_api_model_that_fits_no_context_at_all_says_so(tiny):
+    with pytest.raises(PlacementError, match=r"tiny.gguf does not fit wse2 with max_model_len 256 \(the default; not "
+                                             r"even one token fits\): prefill on the given 8x8 grid(.|\n)*What would "
+                                             r"fit \(each checked by planning it\): prefill_grid=\d+ \(--prefill-grid "
+                                             r"\d+\)") as exc:
+        LLM(tiny, prefill_grid=8, decode_grid=8, wafer_overrides={"sram_bytes_per_pe": SMALL_SRAM})
+    fit = exc.value.context["fit_grids"]
+    small = get_wafer("wse2", sram_bytes_per_pe=SMALL_SRAM)
+    assert plan(tiny.config, small, fit["prefill"], fit.get("decode", 8), 256)  # the advice plans
+
+
+def test_engines_report_progress_while_they_load(tiny):
+    seen = []
+    ReferenceEngine(tiny, progress=lambda done, total, what: seen.append((done, total, what)))
+    assert seen == [(1, 2, "loading layer 0"), (2, 2, "loading layer 1")]
+    seen.clear()
+    LLM(tiny, max_model_len=16, band=False, progress=lambda done, total, what: seen.append((done, total, what)))
+    assert seen[0] == (0, None, "tuning grids") and seen[-1][:2] == (4, 4) and "placing decode layer 1" in seen[-1][2]
+
+
+def test_cli_shows_progress_bars_only_on_a_terminal(capsys, tiny_gguf, monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    import waferllm.interfaces.cmd_generate as g
+
+    calls = []
+    real = g._progress
+    monkeypatch.setattr(g, "_progress", lambda enabled: calls.append(enabled) or real(False))
+    rc, out, err, _ = run(capsys, "generate", "--engine", "reference", "--model", tiny_gguf, "--prompt", "hi", "-n", "1")
+    assert rc == 0 and calls == [True, True]  # loading the model, then the engine

@@ -52,22 +52,37 @@ PHASES = ("prefill", "decode")
 
 
 class Capacity:
-    """The layers one wafer of ``wafer``'s kind can hold, by phase, grid and whether it holds
-    the vocabulary tables: the most for which its share plans (the decode share with its KV
-    cache for ``max_seq_len`` tokens). Every answer is a plan that succeeded."""
+    """The layers one wafer of ``wafer``'s kind can hold, by phase, grid and the vocabulary
+    entries it holds tables for: the most for which its share plans (the decode share with
+    its KV cache for ``max_seq_len`` tokens). Every answer is a plan that succeeded."""
 
     def __init__(self, config, wafer: WaferSpec, max_seq_len: int, prompt_len: int | None = None,
-                 dtype: str = "fp16"):
-        self.config, self.wafer, self.dtype = config, wafer, dtype
+                 dtype: str = "fp16", weights: str = "fp16"):
+        self.config, self.wafer, self.dtype, self.weights = config, wafer, dtype, weights
         self.seq = {"prefill": prompt_len or max_seq_len, "decode": max_seq_len}
         self.max_seq_len = max_seq_len
         self._layers: dict = {}
+        self._plans: dict = {}  # (phase, grid, layers, vocab entries) -> PhasePlan or the PlacementError
 
-    def share_plan(self, wafer: WaferSpec, grid: int, phase: str, layers: int, vocab: bool) -> PhasePlan:
-        """The plan of a share of ``layers`` layers on ``wafer`` (raises PlacementError)."""
-        cfg = self.config.replace(num_layers=layers)
-        pp = plan_phase(cfg, wafer, grid, phase, self.seq[phase], self.dtype, suggest=False,
-                        vocab_size=None if vocab else 0)
+    def share_plan(self, grid: int, phase: str, layers: int, vocab: int) -> PhasePlan:
+        """The plan of a share of ``layers`` layers and ``vocab`` vocabulary entries' tables on
+        one wafer (raises PlacementError); every wafer of a cluster is alike, so a plan holds
+        for each (see :func:`_on_wafer`)."""
+        key = (phase, grid, layers, vocab)
+        if key not in self._plans:
+            try:
+                self._plans[key] = self._plan(grid, phase, layers, vocab)
+            except PlacementError as exc:
+                self._plans[key] = exc
+        out = self._plans[key]
+        if isinstance(out, PlacementError):
+            raise out
+        return out
+
+    def _plan(self, grid: int, phase: str, layers: int, vocab: int) -> PhasePlan:
+        cfg, wafer = self.config.replace(num_layers=layers), self.wafer
+        pp = plan_phase(cfg, wafer, grid, phase, self.seq[phase], self.dtype, suggest=False, vocab_size=vocab,
+                        weights=self.weights)
         if phase == "decode":
             held = planned_kv_capacity(cfg, wafer, pp)[0]
             if held < self.max_seq_len:
@@ -75,15 +90,16 @@ class Capacity:
                                      f"the {grid}x{grid} decode regions of one wafer (capacity {held} tokens)")
         return pp
 
-    def fits(self, phase: str, grid: int, layers: int, vocab: bool) -> bool:
+    def fits(self, phase: str, grid: int, layers: int, vocab: int) -> bool:
         try:
-            self.share_plan(self.wafer, grid, phase, layers, vocab)
+            self.share_plan(grid, phase, layers, vocab)
             return True
         except PlacementError:
             return False
 
-    def layers(self, phase: str, grid: int, vocab: bool) -> int:
-        """The most layers (up to the model's) a wafer holds for ``phase`` on ``grid``; 0 if not one."""
+    def layers(self, phase: str, grid: int, vocab: int) -> int:
+        """The most layers (up to the model's) a wafer holding ``vocab`` entries' tables holds
+        for ``phase`` on ``grid``; 0 if not one."""
         key = (phase, grid, vocab)
         if key not in self._layers:
             lo, hi = 0, self.config.num_layers
@@ -96,37 +112,73 @@ class Capacity:
             self._layers[key] = lo
         return self._layers[key]
 
-    def per_wafer(self, grids: dict[str, int | None], phases=PHASES) -> tuple[int, int]:
-        """(with the tables, without) layers a wafer running ``phases`` on ``grids`` holds."""
+    def table_slices(self, wafers: int) -> list[int]:
+        """The vocabulary entries each of ``wafers`` table wafers holds (contiguous, balanced)."""
+        return _split(self.config.vocab_size, [1] * wafers)
+
+    def per_wafer(self, grids: dict[str, int | None], phases=PHASES, tables: int = 1) -> tuple[int, int]:
+        """(with a table slice, without) layers a wafer running ``phases`` on ``grids`` holds,
+        the tables spread over ``tables`` wafers."""
         run = [ph for ph in phases if grids.get(ph) is not None]
         if not run:
             return 0, 0
-        return (min(self.layers(ph, grids[ph], True) for ph in run),
-                min(self.layers(ph, grids[ph], False) for ph in run))
+        widest = max(self.table_slices(tables))
+        return (min(self.layers(ph, grids[ph], widest) for ph in run),
+                min(self.layers(ph, grids[ph], 0) for ph in run))
 
 
-def wafers_for(total: int, with_tables: int, without: int) -> int | None:
-    """The fewest wafers holding ``total`` layers when the first takes ``with_tables`` and each
-    other ``without`` (None: no count does)."""
-    if with_tables >= total:
-        return 1
-    if with_tables < 1 or without < 1:
+#: the most wafers the vocabulary tables are spread over (beyond, a table slice is smaller
+#: than a layer on any wafer this project describes)
+MAX_TABLE_WAFERS = 8
+
+
+def wafers_for(total: int, with_tables: int, without: int, tables: int = 1) -> int | None:
+    """The fewest wafers holding ``total`` layers (at least one each) when the first
+    ``tables`` hold the vocabulary tables and ``with_tables`` layers each, every other
+    ``without`` (None: no count does)."""
+    if with_tables < 1 or tables > total:
         return None
-    return 1 + math.ceil((total - with_tables) / without)
+    if tables * with_tables >= total:
+        return tables
+    if without < 1:
+        return None
+    return tables + math.ceil((total - tables * with_tables) / without)
+
+
+def side_layout(cap: Capacity, grids: dict, phases, wafers: int | None = None) -> tuple[int, int] | None:
+    """(wafers, table wafers) for one group of wafers running ``phases``: with ``wafers`` None
+    the fewest that hold the model (the tables on as few wafers as that allows); else the
+    fewest table wafers with which ``wafers`` hold it. None: no such count."""
+    L, best = cap.config.num_layers, None
+    for v in range(1, min(MAX_TABLE_WAFERS, L) + 1):
+        if best is not None and v >= best[0]:
+            break
+        if wafers is not None and v > wafers:
+            break
+        cv, cp = cap.per_wafer(grids, phases, v)
+        if wafers is None:
+            n = wafers_for(L, cv, cp, v)
+            if n is not None and (best is None or n < best[0]):
+                best = (n, v)
+        elif _spread(L, [cv] * v + [cp] * (wafers - v)) is not None:
+            return wafers, v
+        if cv == cp and cv >= 1:  # a smaller table slice no longer costs a layer
+            break
+    return best
 
 
 def fewest_wafers(config, wafer: WaferSpec, prefill_grid: int | None, decode_grid: int | None, max_seq_len: int,
                   dtype: str = "fp16", prompt_len: int | None = None, layout: str = "shared",
-                  capacity: Capacity | None = None) -> int | None:
+                  capacity: Capacity | None = None, weights: str = "fp16") -> int | None:
     """The fewest wafers of ``wafer`` that hold the model on these grids (``shared``: each
     wafer both phases; ``split``: prefill wafers plus decode wafers), or None."""
-    cap = capacity or Capacity(config, wafer, max_seq_len, prompt_len, dtype)
+    cap = capacity or Capacity(config, wafer, max_seq_len, prompt_len, dtype, weights)
     grids = {"prefill": prefill_grid, "decode": decode_grid}
-    L = config.num_layers
     if layout == "shared":
-        return wafers_for(L, *cap.per_wafer(grids))
-    sides = [wafers_for(L, *cap.per_wafer(grids, (ph,))) for ph in PHASES if grids[ph] is not None]
-    return None if None in sides or not sides else sum(sides)
+        found = side_layout(cap, grids, PHASES)
+        return None if found is None else found[0]
+    sides = [side_layout(cap, grids, (ph,)) for ph in PHASES if grids[ph] is not None]
+    return None if None in sides or not sides else sum(n for n, _ in sides)
 
 
 def _spread(total: int, caps: list[int]) -> list[int] | None:
@@ -150,12 +202,12 @@ def _spread(total: int, caps: list[int]) -> list[int] | None:
 
 @dataclass
 class WaferShare:
-    """What one wafer of a cluster holds: its layers, whether the vocabulary tables, and its
-    plan per phase it runs (stages with model-wide layer indices)."""
+    """What one wafer of a cluster holds: its layers, its slice of the vocabulary tables, and
+    its plan per phase it runs (stages with model-wide layer and vocabulary indices)."""
 
     index: int
     layers: range
-    vocab: bool
+    vocab: range
     prefill: PhasePlan | None = None
     decode: PhasePlan | None = None
 
@@ -165,7 +217,7 @@ class WaferShare:
 
     def to_dict(self) -> dict:
         out = {"wafer": self.index, "phases": self.phases, "layers": [self.layers.start, self.layers.stop],
-               "vocab_tables": self.vocab}
+               "vocab": [self.vocab.start, self.vocab.stop]}
         for ph in self.phases:
             out[ph] = getattr(self, ph).to_dict()
         return out
@@ -195,11 +247,12 @@ class ClusterPlan(Plan):
         return d
 
 
-def _on_wafer(pp: PhasePlan, index: int, wafer: WaferSpec, first_layer: int) -> PhasePlan:
+def _on_wafer(pp: PhasePlan, index: int, wafer: WaferSpec, first_layer: int, first_entry: int) -> PhasePlan:
     """A share's plan moved to wafer ``index``: its regions on that wafer (named ``w{index}.``),
-    its layers numbered model-wide."""
+    its layers and vocabulary entries numbered model-wide."""
     stages = [Stage(dataclasses.replace(st.region, wafer=wafer, name=f"w{index}.{st.region.name}"),
-                    range(first_layer + st.layers.start, first_layer + st.layers.stop), st.vocab, index,
+                    range(first_layer + st.layers.start, first_layer + st.layers.stop),
+                    range(first_entry + st.vocab.start, first_entry + st.vocab.stop), index,
                     pp.heads_per_pass) for st in pp.stages]
     return dataclasses.replace(pp, stages=stages)
 
@@ -216,18 +269,20 @@ def _merge(phase: str, plans: list[PhasePlan]) -> PhasePlan | None:
     pp.layer_share = [n for p in plans for n in p.layer_share]
     pp.whole_model_fits = True
     pp.seq_len, pp.dtype = plans[0].seq_len, plans[0].dtype
+    if hasattr(plans[0], "weights"):
+        pp.weights = plans[0].weights
     return pp
 
 
 def plan_cluster(config, cluster: ClusterSpec, prefill_grid: int | None, decode_grid: int | None, max_seq_len: int,
-                 dtype: str = "fp16", prompt_len: int | None = None) -> ClusterPlan:
+                 dtype: str = "fp16", prompt_len: int | None = None, weights: str = "fp16") -> ClusterPlan:
     """Plan the model over ``cluster.wafers`` wafers in the cluster's layout (see the module
     docstring). A count that cannot hold the model is an error that says how many can."""
     if max_seq_len < 1:
         raise PlacementError("max_seq_len must be positive")
     N, L = cluster.wafers, config.num_layers
     grids = {"prefill": prefill_grid, "decode": decode_grid}
-    cap = Capacity(config, cluster.wafer, max_seq_len, prompt_len, dtype)
+    cap = Capacity(config, cluster.wafer, max_seq_len, prompt_len, dtype, weights)
     if cluster.prefill_wafers is None:
         groups = [(list(range(N)), [ph for ph in PHASES if grids[ph] is not None])]
     else:
@@ -237,26 +292,30 @@ def plan_cluster(config, cluster: ClusterSpec, prefill_grid: int | None, decode_
     if N > L:
         raise PlacementError(f"{config.name} has {L} layers: a pipeline of {N} wafers would leave some without one; "
                              f"use at most {L} wafers", wafers=N, layers=L)
-    shares = {i: WaferShare(i, range(0), False) for i in range(N)}
+    shares = {i: WaferShare(i, range(0), range(0)) for i in range(N)}
     for idx, phases in groups:
         if not phases:
             continue
         if len(idx) > L:
             raise PlacementError(f"{config.name} has {L} layers: {len(idx)} {'/'.join(phases)} wafers would leave "
                                  f"some without one; use at most {L}", wafers=N, layers=L)
-        with_tables, without = cap.per_wafer(grids, phases)
-        counts = _spread(L, [with_tables] + [without] * (len(idx) - 1))
-        if counts is None:
-            raise _too_few(config, cluster, grids, phases, len(idx), with_tables, without)
-        start = 0
-        for i, n in zip(idx, counts):
+        found = side_layout(cap, grids, phases, len(idx))
+        if found is None:
+            raise _too_few(config, cluster, grids, phases, len(idx), cap)
+        v = found[1]
+        cv, cp = cap.per_wafer(grids, phases, v)
+        counts = _spread(L, [cv] * v + [cp] * (len(idx) - v))
+        slices = cap.table_slices(v) + [0] * (len(idx) - v)
+        start = vstart = 0
+        for i, n, nv in zip(idx, counts, slices):
             share = shares[i]
-            share.layers, share.vocab = range(start, start + n), i == idx[0]
+            share.layers, share.vocab = range(start, start + n), range(vstart, vstart + nv)
             wafer = cluster.wafer_at(i)
             for ph in phases:
-                pp = cap.share_plan(wafer, grids[ph], ph, n, share.vocab)
-                setattr(share, ph, _on_wafer(pp, i, wafer, start))
+                pp = cap.share_plan(grids[ph], ph, n, nv)
+                setattr(share, ph, _on_wafer(pp, i, wafer, start, vstart))
             start += n
+            vstart += nv
     pre = _merge("prefill", [s.prefill for s in shares.values() if s.prefill is not None])
     dec = _merge("decode", [s.decode for s in shares.values() if s.decode is not None])
     shift = concat = 0
@@ -267,13 +326,14 @@ def plan_cluster(config, cluster: ClusterSpec, prefill_grid: int | None, decode_
     return plan
 
 
-def _too_few(config, cluster: ClusterSpec, grids: dict, phases: list[str], n: int, with_tables: int,
-             without: int) -> PlacementError:
+def _too_few(config, cluster: ClusterSpec, grids: dict, phases: list[str], n: int, cap: Capacity) -> PlacementError:
     what = " and ".join(f"{ph} on {grids[ph]}x{grids[ph]} regions" for ph in phases)
-    need = wafers_for(config.num_layers, with_tables, without)
+    found = side_layout(cap, grids, phases)
+    need = found[0] if found else None
+    with_tables, without = cap.per_wafer(grids, phases, found[1] if found else 1)
     side = "" if cluster.prefill_wafers is None else f" {'/'.join(phases)}"
     detail = (f"{config.name} ({config.num_layers} layers) does not fit {n}{side} {cluster.wafer.name} wafers for {what}: "
-              f"the wafer with the vocabulary tables holds {with_tables} layers, each other {without}")
+              f"a wafer with (a slice of) the vocabulary tables holds {with_tables} layers, each other {without}")
     advice = (f"; {need}{side} wafers hold it (checked by planning them)." if need else
               "; no count of these wafers does: a wafer cannot hold one layer beside what it needs on these grids. "
               "Try other grids.")
@@ -281,11 +341,11 @@ def _too_few(config, cluster: ClusterSpec, grids: dict, phases: list[str], n: in
 
 
 def wafers_needed_note(config, wafer: WaferSpec, prefill_grid, decode_grid, max_seq_len: int, dtype: str,
-                       prompt_len: int | None) -> tuple[int | None, str]:
+                       prompt_len: int | None, weights: str = "fp16") -> tuple[int | None, str]:
     """(count, sentence) for an error about a model one wafer cannot hold: the fewest wafers
     that hold it on these grids (each share planned), or (None, "")."""
     try:
-        n = fewest_wafers(config, wafer, prefill_grid, decode_grid, max_seq_len, dtype, prompt_len)
+        n = fewest_wafers(config, wafer, prefill_grid, decode_grid, max_seq_len, dtype, prompt_len, weights=weights)
     except PlacementError:
         return None, ""
     if n is None or n < 2:
@@ -293,7 +353,7 @@ def wafers_needed_note(config, wafer: WaferSpec, prefill_grid, decode_grid, max_
     base = cluster_for(wafer)
     try:  # checked: the shares plan
         plan_cluster(config, dataclasses.replace(base, max_wafers=max(n, base.max_wafers)).with_wafers(n),
-                     prefill_grid, decode_grid, max_seq_len, dtype, prompt_len)
+                     prefill_grid, decode_grid, max_seq_len, dtype, prompt_len, weights)
     except PlacementError:
         return None, ""
     return n, (f" Pipelined over wafers, it needs {n} {wafer.name} wafers on these grids (checked by planning "
@@ -386,7 +446,7 @@ def _estimate(config, cluster, opt: Option, secs: dict, input_len: int, output_l
 
 
 def search(config, cluster: ClusterSpec, run, input_len: int, output_len: int, wafers="auto", layout: str = "auto",
-           limit: float = 2.0, grids: list[int] | None = None, exhaustive: bool = False, progress=None) -> dict:
+           limit: float = 2.0, grids: list[int] | None = None, progress=None) -> dict:
     """Choose how many wafers, which layout and which grids, by predicting the candidates.
 
     ``wafers``: a count, or ``auto``: from the fewest that hold the model (either layout, on
@@ -394,11 +454,12 @@ def search(config, cluster: ClusterSpec, run, input_len: int, output_len: int, w
     ``layout``: ``shared``, ``split`` or ``auto`` (both). Grids the run fixes are kept; the
     others are chosen per count among ``grids`` (default: the tuner's candidates) by their
     phase times (:func:`_phase_seconds`). For each count and layout the option with the best
-    ranking estimate (:func:`_estimate`) is predicted in full; with the same grids and layout
-    a larger count adds only link crossings and thinner shares, so unless ``exhaustive`` such
-    a count is predicted only when it is the first count of its grids. Returns the fastest
-    option by predicted request time (``best``), every option considered (``options``), and
-    the cluster and run it needs (``cluster``, ``run``)."""
+    ranking estimate (:func:`_estimate`) is predicted in full: every count in the range, since
+    a count's speed is not the smallest count's with more link crossings (with fewer layers
+    per wafer, more of them sit on full-size regions instead of the smaller squares around
+    them, and prefill attention may take more kv heads per pass). Returns the fastest option
+    by predicted request time (``best``), every option considered (``options``), and the
+    cluster and run it needs (``cluster``, ``run``)."""
     from waferllm.engine.predict import predict_run
     from waferllm.engine.tuner import candidate_grids
 
@@ -415,7 +476,7 @@ def search(config, cluster: ClusterSpec, run, input_len: int, output_len: int, w
         raise PlacementError(f"{config.name}: not one {phase} layer fits a region of {wafer.name} on the grids tried "
                              f"({', '.join(map(str, ([run.prefill_grid] if phase == 'prefill' and run.prefill_grid else [run.decode_grid] if phase == 'decode' and run.decode_grid else grids)))}); "
                              "no count of wafers holds it")
-    cap = Capacity(config, wafer, run.max_seq_len, run.prompt_len, run.dtype)
+    cap = Capacity(config, wafer, run.max_seq_len, run.prompt_len, run.dtype, run.weights)
     layouts = LAYOUTS if layout == "auto" else (layout,)
     # the fewest wafers per layout and grid pair (planning only)
     fewest: dict = {}
@@ -423,7 +484,7 @@ def search(config, cluster: ClusterSpec, run, input_len: int, output_len: int, w
         for g_dec in secs["decode"]:
             for lay in layouts:
                 fewest[(lay, g_pre, g_dec)] = fewest_wafers(config, wafer, g_pre, g_dec, run.max_seq_len, run.dtype,
-                                                            run.prompt_len, lay, cap)
+                                                            run.prompt_len, lay, cap, run.weights)
     counts = [n for n in fewest.values() if n is not None]
     if not counts:
         raise PlacementError(f"{config.name} does not fit any count of {wafer.name} wafers on the grids tried: a wafer "
@@ -461,14 +522,8 @@ def search(config, cluster: ClusterSpec, run, input_len: int, output_len: int, w
                         best = opt
             if best is not None and (n > 1 or lay == "shared"):
                 options.append(best)
-    # predict: every option whose grids and layout are new, or all (exhaustive)
-    seen, done = set(), []
+    done = []
     for opt in sorted(options, key=lambda o: (o.wafers, o.layout)):
-        sig = (opt.layout, opt.prefill_grid, opt.decode_grid)
-        if sig in seen and not exhaustive:
-            opt.why = "not predicted: the same grids and layout as a smaller count (more wafers add link crossings)"
-            continue
-        seen.add(sig)
         c = cluster.with_wafers(opt.wafers, opt.prefill_wafers) if opt.wafers > 1 else cluster.with_wafers(1)
         r = run.with_grids(opt.prefill_grid, opt.decode_grid)
         try:
@@ -495,11 +550,10 @@ def _splits(config, cap: Capacity, g_pre: int, g_dec: int, n: int) -> list[int]:
     """The prefill wafer counts p of a split over ``n`` wafers on these grids (both sides hold
     the model): from the fewest prefill wafers to ``n`` minus the fewest decode wafers."""
     L = config.num_layers
-    p_min = wafers_for(L, *cap.per_wafer({"prefill": g_pre}, ("prefill",)))
-    d_min = wafers_for(L, *cap.per_wafer({"decode": g_dec}, ("decode",)))
-    if p_min is None or d_min is None:
+    pre, dec = side_layout(cap, {"prefill": g_pre}, ("prefill",)), side_layout(cap, {"decode": g_dec}, ("decode",))
+    if pre is None or dec is None:
         return []
-    return [p for p in range(p_min, n - d_min + 1) if p <= L and n - p <= L]
+    return [p for p in range(pre[0], n - dec[0] + 1) if p <= L and n - p <= L]
 
 
 def cluster_of(wafer, wafers: int = 1, prefill_wafers: int | None = None) -> ClusterSpec:
@@ -510,3 +564,26 @@ def cluster_of(wafer, wafers: int = 1, prefill_wafers: int | None = None) -> Clu
         return cluster_for(wafer).with_wafers(wafers, prefill_wafers)
     except HardwareError as exc:
         raise RequestError(str(exc)) from None
+
+
+def fewest_any_grid(config, wafer: WaferSpec, run, grids: list[int] | None = None) -> tuple[int, int, int] | None:
+    """(wafers, prefill grid, decode grid): the fewest wafers that hold the model in the
+    ``shared`` layout on any of ``grids`` (default: the tuner's candidates; a grid ``run``
+    fixes is kept), checked by planning the cluster; None if no count does."""
+    from waferllm.engine.tuner import candidate_grids
+
+    grids = grids or candidate_grids(wafer)
+    cap = Capacity(config, wafer, run.max_seq_len, run.prompt_len, run.dtype, run.weights)
+    best = None
+    for g_pre in ([run.prefill_grid] if run.prefill_grid else grids):
+        for g_dec in ([run.decode_grid] if run.decode_grid else grids):
+            n = fewest_wafers(config, wafer, g_pre, g_dec, run.max_seq_len, run.dtype, run.prompt_len, "shared", cap,
+                              run.weights)
+            if n is not None and n > 1 and (best is None or n < best[0]):
+                best = (n, g_pre, g_dec)
+    if best is None:
+        return None
+    base = cluster_for(wafer)
+    plan_cluster(config, dataclasses.replace(base, max_wafers=max(best[0], base.max_wafers)).with_wafers(best[0]),
+                 best[1], best[2], run.max_seq_len, run.dtype, run.prompt_len, run.weights)
+    return best

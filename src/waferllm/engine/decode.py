@@ -6,7 +6,9 @@ GEMVs alternate their reduce axis so nothing is ever transposed:
     x (y) --QKV (W y,x)--> q,k,v (x) ... attention ... o (x) --O (W x,y)--> (y)
     x (y) --gate/up (W y,x)--> (x) --SiLU*up--> (x) --down (W x,y)--> (y)
 
-W_O and W_down therefore get a decode-specific placement (input dim on x). Q, K and V
+W_O and W_down therefore get a decode-specific placement (input dim on x). With int8 or
+int4 weights every matrix is stored as GGUF-style blocks (integers plus an fp16 scale per
+32 values of its input dim) and dequantised by the PEs inside each GEMV. Q, K and V
 come out of one fused GEMV: each PE column's weight tile is [q block | k block | v
 block] for the same kv feature block (see ``layouts.HeadLayout``), so they land on the
 columns that need them. K is cached transposed, so q K^T is one more GEMV-shaped
@@ -19,6 +21,7 @@ until its last use.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable
 
@@ -31,7 +34,8 @@ from waferllm.kernels.decode_attention import decode_attention
 from waferllm.kernels.layer_ops import rmsnorm, rope, silu_mul, split_fused
 from waferllm.kernels.meshgemv import gemv
 from waferllm.mesh import comm, compute
-from waferllm.mesh.tensor import DistTensor
+from waferllm.mesh.tensor import QUANT_BITS, DistTensor, QuantTensor, tile_shape_for
+from waferllm.models import quant
 
 #: runs one layer's program: ``run_layer(key, fn)`` returns ``fn()``, or None when it
 #: replayed the cost of an identical program (``key``) instead (dry runs)
@@ -40,6 +44,35 @@ LayerRunner = Callable[[tuple, Callable], object]
 
 def run_now(key: tuple, fn: Callable):
     return fn()
+
+
+def place_matrices(mesh, li: int, lw, specs: dict, rows: dict, weights: str, dtype: str, place_b=None) -> dict:
+    """Place one layer's tensors ``specs`` (key -> (shape, layout, dtype, build)), named
+    ``L{li}.{key}``. With ``weights`` int8 or int4 the matrices (the keys of ``rows``, each
+    the input-dim index of every placed row) are stored block-quantised: the builds applied
+    to the layer's integers and to their scales alike, each tile column keeping the block
+    scales its rows touch; they dequantise into ``dtype``. ``place_b`` (prefill) places a
+    matrix as a pre-skewed MeshGEMM operand: ``place_b(shape_or_array, dtype, name, **quant)``."""
+    quantised = weights in QUANT_BITS
+    if lw is not None:
+        lw = quant.quantize_layer(lw, weights) if quantised else quant.dequantize_layer(lw)
+        ints = dataclasses.replace(lw, **{k: getattr(lw, k).q for k in quant.MATRICES}) if quantised else None
+        scales = dataclasses.replace(lw, **{k: getattr(lw, k).scales() for k in quant.MATRICES}) if quantised else None
+    out = {}
+    for key, (shape, layout, dt, build) in specs.items():
+        name = f"L{li}.{key}"
+        if not quantised or key not in rows:
+            host = build(lw) if lw is not None else shape
+            out[key] = (place_b(host, dt, name) if place_b and key in rows
+                        else mesh.place(host, layout, dt, name=name))
+            continue
+        tile_rows = tile_shape_for(shape, layout, mesh.shape)[0]
+        kw = dict(scales=None if lw is None else build(scales), compute_dtype=dtype,
+                  scale_slots=quant.scale_slots(rows[key], tile_rows))
+        host = build(ints) if lw is not None else shape
+        out[key] = (place_b(host, weights, name, **kw) if place_b
+                    else QuantTensor.from_global(mesh, host, layout, weights, name=name, **kw))
+    return out
 
 
 def _blocks(mats: list[np.ndarray], widths: list[int], parts: int) -> np.ndarray:
@@ -53,12 +86,14 @@ class DecodeStage:
 
     def __init__(self, mesh, config, layer_ids: range, layers, vocab: range, lm_head, embed, final_norm,
                  capacity_tokens: int, dtype: str = "fp16", kv_scheme: str = "shift", gemv_k: int = 2,
-                 gemv_group: int | None = None):
+                 gemv_group: int | None = None, weights: str = "fp16"):
         self.mesh = mesh
         self.config = config
         self.layer_ids = layer_ids
         self.vocab = vocab
         self.dtype = dtype
+        # how the layers' matrices are stored: dense in ``dtype`` ("fp16"), or int8 / int4 blocks
+        self.weights = weights
         # the K-tree of every allreduce: K levels, groups of about n^(1/K) PEs unless given
         self.ktree = {"k": gemv_k, "group": gemv_group}
         q = mesh.rows
@@ -99,12 +134,13 @@ class DecodeStage:
             "attn_norm": ((E,), ("y",), "fp32", lambda w: w.attn_norm),
             "ffn_norm": ((E,), ("y",), "fp32", lambda w: w.ffn_norm),
         }
+        # the input-dim (K) index of every placed row of each matrix: where its block scales come from
+        rows = {"qkv": np.arange(E), "o": hl.q_cols, "gate_up": np.arange(E), "down": fcols}
         if c.qkv_bias:
             specs["qkv_bias"] = ((q * (r + 2) * width,), ("x",), "fp32", lambda w: _blocks(
                 [hl.take_cols(w.bq[None], hl.q_cols), hl.take_cols(w.bk[None], hl.kv_cols),
                  hl.take_cols(w.bv[None], hl.kv_cols)], [r * width, width, width], q)[0])
-        return {key: m.place(build(lw) if lw is not None else shape, layout, dt, name=f"L{li}.{key}")
-                for key, (shape, layout, dt, build) in specs.items()}
+        return place_matrices(m, li, lw, specs, rows, self.weights, d)
 
     # ---- building blocks ---------------------------------------------------------------
     def _gemv(self, x, w, name):

@@ -224,7 +224,9 @@ class KVCache:
         if movers.size:
             # every moving row sends one token's K and V feature block one hop up, in parallel
             moved = entry * movers.size * q
-            mesh.ledger.charge(f"{name}.shift", "comm", message_cycles(mesh.wafer, entry, 1), bytes_moved=moved,
+            extra, relays, _ = comm.defect_cost(mesh, "y", 1)  # a remapped or rerouted neighbour row
+            mesh.ledger.charge(f"{name}.shift", "comm", message_cycles(mesh.wafer, entry, 1 + extra, relays),
+                               bytes_moved=moved,
                                hop_bytes=moved, messages=movers.size * q, sram_read_bytes=moved, sram_write_bytes=moved)
         # the new entry (K and V feature blocks) stored into the bottom row's slot
         mesh.ledger.charge(f"{name}.write", "compute", vector_cycles(mesh.wafer, 2 * self.hl.col_features, self.dtype),

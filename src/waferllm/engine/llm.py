@@ -80,11 +80,11 @@ def check_grids_fit_mesh(pg, dg, spec: WaferSpec) -> None:
                                f"(largest square: {side}x{side})")
 
 
-def _longest_fitting(config, spec, grids: dict, hi: int, dtype: str) -> int:
+def _longest_fitting(config, spec, grids: dict, hi: int, dtype: str, weights: str = "fp16") -> int:
     """The longest context (<= hi) whose phases plan on ``grids`` ({phase: grid}), 0 if none.
     More tokens never need less SRAM, so a bisection finds it."""
     def fits(n: int) -> bool:
-        return all(phase_fits(config, spec, g, ph, n, dtype) for ph, g in grids.items())
+        return all(phase_fits(config, spec, g, ph, n, dtype, weights=weights) for ph, g in grids.items())
 
     if not fits(1):
         return 0
@@ -109,11 +109,13 @@ class LLM(PromptFrontend):
 
     def __init__(self, model=None, wafer: str | WaferSpec | None = "wse2", prefill_grid="auto", decode_grid="auto",
                  dtype: str = "fp16", kv_scheme: str = "shift", max_model_len: int | None = None,
-                 wafer_overrides: dict | None = None, progress=None, band: bool = True):
+                 wafer_overrides: dict | None = None, progress=None, band: bool = True, weights: str = "fp16"):
+        from waferllm.models import quant
         from waferllm.models.loader import resolve_model
 
         # 1. what needs neither the model nor placement
         pg, dg = check_engine_args(prefill_grid, decode_grid, dtype, kv_scheme, max_model_len)
+        quant.check_weights(weights)
         if wafer_overrides is not None and not isinstance(wafer_overrides, dict):
             raise RequestError(f"wafer_overrides must be a dict of wafer constants, got {type(wafer_overrides).__name__}")
         spec = wafer if isinstance(wafer, WaferSpec) else get_wafer(wafer or "wse2")
@@ -127,14 +129,19 @@ class LLM(PromptFrontend):
         self.model = model
         self.tokenizer = model.tokenizer
         self.config = config = model.config
+        # how the layers' matrices sit on the PEs: dense, or int8 / int4 blocks (native: the file's own)
+        self.weights_format = wf = quant.resolve_weights(weights, model)
         ctx = config.max_position_embeddings
         fixed = {"prefill": None if pg == "auto" else pg, "decode": None if dg == "auto" else dg}
         auto_hi = min(NUMERIC_MAX_GRID, spec.rows, spec.cols)
         mml = check_max_model_len(max_model_len, config)
         if mml is None:
             limit = {ph: fixed[ph] or auto_hi for ph in fixed}
-            mml = _longest_fitting(config, spec, limit, ctx, dtype) or min(ctx, 512)  # none fits: the check says why
-            if mml == ctx:
+            mml = _longest_fitting(config, spec, limit, ctx, dtype, wf)
+            if not mml:  # not even one token: the fit check below says why and what would fit
+                mml = min(ctx, 512)
+                self.max_model_len_reason = f"default {mml}: the grids allowed hold no context at all"
+            elif mml == ctx:
                 self.max_model_len_reason = f"default: {config.name}'s context"
             else:
                 self.max_model_len_reason = (
@@ -148,7 +155,7 @@ class LLM(PromptFrontend):
         # 3. does it fit? (planning only; the advice is planned too) then tune among the grids that fit
         cands = self._grids_that_fit(fixed, auto_hi, dtype)
         run = RunConfig(prefill_grid=fixed["prefill"], decode_grid=fixed["decode"], max_seq_len=mml, dtype=dtype,
-                        kv_scheme=kv_scheme)
+                        kv_scheme=kv_scheme, weights=wf)
         self.tuning = None
         if fixed["prefill"] is None or fixed["decode"] is None:
             if progress:
@@ -158,7 +165,8 @@ class LLM(PromptFrontend):
         self.run = run
         self.band = band  # each request's metrics carry low/high bands (two shape-only reruns)
         try:
-            self.backend = WaferModel(config, model.weights, spec, run, mode="numeric", progress=progress)
+            self.backend = WaferModel(config, quant.weights_for_run(model, wf), spec, run, mode="numeric",
+                                      progress=progress)
         except WaferLLMError as exc:
             raise with_context(exc, f"placing {config.name} on {spec.name} (prefill {run.prefill_grid}x"
                                     f"{run.prefill_grid}, decode {run.decode_grid}x{run.decode_grid}, "
@@ -172,7 +180,7 @@ class LLM(PromptFrontend):
         cands, failed = {}, {}
         for ph, g in fixed.items():
             grids = [g] if g else candidate_grids(spec, hi=auto_hi)
-            cands[ph] = [x for x in grids if phase_fits(config, spec, x, ph, mml, dtype)]
+            cands[ph] = [x for x in grids if phase_fits(config, spec, x, ph, mml, dtype, weights=self.weights_format)]
             if not cands[ph]:
                 failed[ph] = max(grids)
         if failed:
@@ -186,7 +194,7 @@ class LLM(PromptFrontend):
         for ph, g in failed.items():
             try:
                 plan(config, spec, g if ph == "prefill" else None, g if ph == "decode" else None, mml, dtype,
-                     suggest=False)
+                     suggest=False, weights=self.weights_format)
                 whys.append(f"{ph} on {g}x{g}: does not fit")  # pragma: no cover - phase_fits said no
             except PlacementError as exc:
                 whys.append(exc.context.get("detail", str(exc)))
@@ -194,11 +202,13 @@ class LLM(PromptFrontend):
                              for ph, g in failed.items())
         options: list[tuple[str, str]] = []  # (kind, text): the CLI rewords some kinds for its own flags
         # grids: the smallest above the failed one that plans, per failing phase; the whole plan checked
-        grids = {ph: smallest_fitting_grid(config, spec, ph, mml, dtype, g + 1) for ph, g in failed.items()}
+        grids = {ph: smallest_fitting_grid(config, spec, ph, mml, dtype, g + 1, weights=self.weights_format)
+                 for ph, g in failed.items()}
         if all(grids.values()):
             full = {ph: grids.get(ph) or max(cands[ph]) for ph in ("prefill", "decode")}
             try:
-                plan(config, spec, full["prefill"], full["decode"], mml, dtype, suggest=False)
+                plan(config, spec, full["prefill"], full["decode"], mml, dtype, suggest=False,
+                     weights=self.weights_format)
                 options.append(("grid", " with ".join(f"{ph}_grid={grids[ph]} (--{ph}-grid {grids[ph]})" for ph in grids)
                                 + (" (numeric runs on grids above 48 take longer on the host)"
                                    if max(grids.values()) > NUMERIC_MAX_GRID else "")))
@@ -209,11 +219,13 @@ class LLM(PromptFrontend):
                 options.append(("no-grid", f"no {ph} grid of {spec.name} holds {mml} tokens, so a shorter context"))
         # a shorter context on the grids tried
         at = {ph: fixed[ph] or max(cands[ph] or [failed.get(ph, 1)]) for ph in ("prefill", "decode")}
-        longest = _longest_fitting(config, spec, at, mml - 1, dtype) if mml > 1 else 0
+        longest = _longest_fitting(config, spec, at, mml - 1, dtype, self.weights_format) if mml > 1 else 0
         if longest >= 2:
             options.append(("length", f"max_model_len={longest} (--max-model-len {longest}) on these grids"))
         options.append(("wafer", "a wafer with more SRAM per PE (a wafer file, or wafer_overrides)"))
-        detail = (f"{config.name} does not fit {spec.name} with max_model_len {mml}: {where}. "
+        nothing = "hold no context at all" in self.max_model_len_reason
+        detail = (f"{config.name} does not fit {spec.name} with max_model_len {mml}"
+                  + (" (the default; not even one token fits)" if nothing else "") + f": {where}. "
                   + " ".join(w.rstrip(".") + "." for w in whys))
         msg = detail + " What would fit (each checked by planning it): " + "; or ".join(t for _, t in options) + "."
         return PlacementError(msg, phases=list(failed), fit_grids=grids, longest=longest or None, detail=detail,

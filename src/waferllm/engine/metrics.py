@@ -4,10 +4,14 @@ The backend counts critical-path cycles per phase while it runs (:class:`Request
 :func:`request_metrics` turns them and the ledger's counters into the figures a user
 reads. Runs that place only K of the model's layers scale what their layers took (time
 and counters) to the whole model; the rest (embedding, LM head, transfers) is not scaled.
+On a cluster the figures are the pipeline's (one request on one wafer at a time), every
+system's static power counts for the whole request, and the link's energy is earned from
+the bytes that crossed it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -46,8 +50,26 @@ class RequestCycles:
 def kv_capacity(model) -> dict[str, int]:
     """Tokens the decode KV cache holds with the shift-based and the concatenation scheme:
     the whole model's, from the decode regions' own SRAM accounting (``engine.capacity``)."""
-    cap = capacity.kv_capacity(model.config, model.plan.decode, model.decode_stages)
+    cap = capacity.kv_capacity(model.config, *_measured(model, "decode"))
     return {"kv_capacity_tokens": cap.shift, "kv_capacity_tokens_concat": cap.concat}
+
+
+def _measured(model, phase: str):
+    """(phase plan, stages) whose SRAM accounting the capacity figures read (see
+    ``WaferModel.measured_stages``; the plan's own phase and stages otherwise)."""
+    if hasattr(model, "measured_stages"):
+        return model.measured_stages(phase)
+    pp = model.plan.prefill if phase == "prefill" else model.plan.decode
+    return pp, model.prefill_stages if phase == "prefill" else model.decode_stages
+
+
+def sram_breakdown(model) -> dict:
+    """Where the fullest PE's SRAM goes, per phase (``engine.capacity.sram_breakdown``)."""
+    (pre, pre_st), (dec, dec_st) = _measured(model, "prefill"), _measured(model, "decode")
+    plan = model.plan
+    if pre is not plan.prefill or dec is not plan.decode:
+        plan = dataclasses.replace(plan, prefill=pre, decode=dec)
+    return capacity.sram_breakdown(model.config, plan, pre_st, dec_st)
 
 
 def energy(model, seconds: float, counters: dict) -> dict:
@@ -55,8 +77,15 @@ def energy(model, seconds: float, counters: dict) -> dict:
     bits times hops on the fabric, plus the wafer's static power for its time on the
     critical path; and whole-system power x time beside it as a cross-check."""
     breakdown = energy_breakdown_j(model.wafer, counters, seconds)
+    power_x_time = model.wafer.power_w * seconds
+    cluster = getattr(model, "cluster", None)
+    if cluster is not None:
+        # every system draws its static power while the request is on any of them
+        breakdown["static"] *= cluster.wafers
+        breakdown["interwafer"] = 8.0 * counters.get("interwafer_bytes", 0.0) * cluster.link_energy_pj_per_bit * 1e-12
+        power_x_time *= cluster.wafers
     return {"energy_j": sum(breakdown.values()), "energy_breakdown_j": breakdown,
-            "energy_power_x_time_j": model.wafer.power_w * seconds}
+            "energy_power_x_time_j": power_x_time}
 
 
 def request_metrics(model) -> dict:
@@ -89,8 +118,7 @@ def request_metrics(model) -> dict:
         "e2e_tokens_per_s": out_tokens / total if total else None,
         **energy(model, total, counters),
         **kv_capacity(model),
-        "sram_breakdown_bytes_per_pe": capacity.sram_breakdown(model.config, model.plan, model.prefill_stages,
-                                                               model.decode_stages),
+        "sram_breakdown_bytes_per_pe": sram_breakdown(model),
         "flops": counters["flops"],
         "bytes_moved": counters["bytes_moved"],
         "routing_stages": counters["routing_stages"],
@@ -102,7 +130,21 @@ def request_metrics(model) -> dict:
         "routes_peak_per_pe": max((s.mesh.routes.peak for s in model.prefill_stages + model.decode_stages), default=0),
         "kv_shift_moves": round(sum(s.cache.shift_moves for s in model.decode_stages) * scale),  # every layer's
         "breakdown_s": {k: sec(v) for k, v in phase_breakdown(delta["by_primitive"]).items()},
+        **cluster_figures(model, counters, delta["by_primitive"]),
     }
+
+
+def cluster_figures(model, counters: dict, by_primitive: dict) -> dict:
+    """On a cluster: the wafers in use and their layout, and what crossed the links (bytes,
+    hand-offs, and the busy time of the transfers). Nothing on one wafer."""
+    cluster = getattr(model, "cluster", None)
+    if cluster is None:
+        return {}
+    crossing = sum(v for k, v in by_primitive.items() if k.split(".")[0] == "interwafer")
+    return {"wafers": cluster.wafers, "layout": cluster.layout, "prefill_wafers": cluster.prefill_wafers,
+            "interwafer_bytes": counters.get("interwafer_bytes", 0.0),
+            "interwafer_transfers": counters.get("interwafer_transfers", 0.0),
+            "interwafer_s": model.wafer.cycles_to_seconds(crossing)}
 
 
 def phase_breakdown(by_primitive: dict[str, float]) -> dict[str, float]:

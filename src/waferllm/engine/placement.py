@@ -12,10 +12,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from waferllm.engine.layouts import HeadLayout
 from waferllm.errors import MeshError, PlacementError
+from waferllm.hardware.defects import reroute_squares
 from waferllm.hardware.plmr import DTYPE_BYTES, WaferSpec
 from waferllm.mesh.region import Region
+from waferllm.mesh.tensor import QUANT_BITS
+from waferllm.models import quant
 
 PHASES = ("prefill", "decode")
 PLANNING_SLACK = 2048  # bytes per PE
@@ -60,6 +65,7 @@ class PhasePlan:
     whole_model_fits: bool = True  # False: extrapolating a model these regions cannot hold
     seq_len: int = 0  # tokens planned for (prefill: the prompt; decode: the whole context)
     dtype: str = "fp16"
+    weights: str = "fp16"  # the layers' matrices: dense in dtype, or int8 / int4 blocks
 
     def to_dict(self) -> dict:
         return {
@@ -101,8 +107,11 @@ class Plan:
 # ------------------------------------------------------------------ per-PE budgets
 
 
-def layer_weight_bytes(config, grid: int, phase: str, dtype: str = "fp16") -> int:
-    """Bytes per PE of one transformer layer's weights on a grid x grid region."""
+def layer_weight_bytes(config, grid: int, phase: str, dtype: str = "fp16", weights: str = "fp16") -> int:
+    """Bytes per PE of one transformer layer's weights on a grid x grid region (``weights``
+    int8 / int4: the matrices as stored, see :func:`quantized_layer_bytes`)."""
+    if weights in QUANT_BITS:
+        return quantized_layer_bytes(config, grid, phase, weights)
     b = DTYPE_BYTES[dtype]
     E, F = config.hidden_size, config.intermediate_size
     hl = HeadLayout(config.num_heads, config.num_kv_heads, config.head_dim, grid)
@@ -117,6 +126,38 @@ def layer_weight_bytes(config, grid: int, phase: str, dtype: str = "fp16") -> in
     # the norms' weights and the biases count at the weights' dtype: the runtime holds them
     # in fp32, and PLANNING_SLACK covers the difference (a few dozen bytes per layer)
     return elems * b
+
+
+def layer_matrices(config, grid: int, phase: str) -> dict[str, tuple[np.ndarray, int, int]]:
+    """Each matrix of one layer as a grid x grid region's placement lays it out (see
+    ``DecodeStage._place_layer`` / ``PrefillStage._place_layer``): name -> (input-dim index of
+    every placed row, -1 for padding; rows and columns of a PE's tile)."""
+    hl = HeadLayout(config.num_heads, config.num_kv_heads, config.head_dim, grid)
+    E, F = config.hidden_size, config.intermediate_size
+    e, f = cdiv(E, grid), cdiv(F, grid)
+    e_rows = np.arange(E)
+    if phase == "decode":
+        fcols = np.where(np.arange(f * grid) < F, np.arange(f * grid), -1)
+        r, width = hl.group, hl.col_features
+        return {"qkv": (e_rows, e, (r + 2) * width), "o": (hl.q_cols, r * width, e),
+                "gate_up": (e_rows, e, 2 * f), "down": (fcols, f, e)}
+    qt = hl.q_padded // grid
+    return {"q": (e_rows, e, qt), "k": (e_rows, e, hl.col_features), "v": (e_rows, e, hl.col_features),
+            "o": (hl.q_cols, qt, e), "gate": (e_rows, e, f), "up": (e_rows, e, f), "down": (np.arange(F), f, e)}
+
+
+def quantized_layer_bytes(config, grid: int, phase: str, fmt: str) -> int:
+    """Bytes per PE of one layer's weights with its matrices stored as ``fmt`` blocks: every
+    matrix tile's packed integers and the fp16 block scales its rows touch, per column
+    (:func:`waferllm.models.quant.scale_slots`); the norms and biases in fp32, as held."""
+    total = 0
+    for rows, tk, tn in layer_matrices(config, grid, phase).values():
+        total += quant.tile_bytes(fmt, tk, tn, quant.scale_slots(rows, tk))
+    hl = HeadLayout(config.num_heads, config.num_kv_heads, config.head_dim, grid)
+    total += 2 * cdiv(config.hidden_size, grid) * DTYPE_BYTES["fp32"]
+    if config.qkv_bias:
+        total += (hl.q_padded // grid + 2 * hl.col_features) * DTYPE_BYTES["fp32"]
+    return total
 
 
 def kv_bytes_per_slot(config, grid: int, dtype: str = "fp16") -> int:
@@ -183,12 +224,18 @@ def _squares(wafer, r0: int, c0: int, h: int, w: int, min_side: int) -> list[tup
 def region_slots(wafer: WaferSpec, grid: int, phase: str, fill: bool = True) -> list[Region]:
     """Square regions for a phase: grid x grid ones first (row-major), then, with ``fill``,
     the largest squares that fit in the strips they leave (a 750x994 mesh at grid 360 has
-    four 360s and 30% of its PEs in the strips). Squares with a defective PE are skipped."""
+    four 360s and 30% of its PEs in the strips). Defective PEs (see the wafer's
+    ``defect_recovery``): ``avoid`` skips squares with one; ``spare`` sees a perfect mesh;
+    ``reroute`` widens each square to the columns its rows need to skip theirs."""
     if grid < 1 or grid > min(wafer.rows, wafer.cols):
         raise PlacementError(
             f"{phase} grid {grid} does not fit the {wafer.rows}x{wafer.cols} mesh of {wafer.name} "
             f"(largest square: {min(wafer.rows, wafer.cols)})"
         )
+    if wafer.defect_recovery == "reroute" and wafer.defective_pes:
+        # fault-aware placement: each square spans the columns its rows need to skip their defects
+        return [Region(wafer, side, side, r, c, name=f"{phase}[{i}]", span=span) for i, (r, c, side, span) in
+                enumerate(reroute_squares(wafer, grid, fill, max(8, grid // 4)))]
     nr, nc = wafer.rows // grid, wafer.cols // grid
     squares = [(r * grid, c * grid, grid) for r in range(nr) for c in range(nc)]
     if fill:
@@ -224,7 +271,7 @@ class PhaseBudget:
     """
 
     def __init__(self, config, wafer: WaferSpec, phase: str, seq_len: int, dtype: str = "fp16",
-                 vocab_size: int | None = None):
+                 vocab_size: int | None = None, weights: str = "fp16"):
         self.config = config
         # vocabulary entries the regions hold (a cluster's wafers without the tables: 0)
         self.vocab_size = config.vocab_size if vocab_size is None else vocab_size
@@ -232,6 +279,7 @@ class PhaseBudget:
         self.phase = phase
         self.seq_len = seq_len
         self.dtype = dtype
+        self.weights = weights
         self.usable = wafer.usable_sram_bytes_per_pe - PLANNING_SLACK
         self.tables = 1 if config.tie_word_embeddings else 2
         self._caps: dict[tuple[int, int], int] = {}
@@ -247,7 +295,7 @@ class PhaseBudget:
             e = cdiv(config.hidden_size, g)
             act = max(act, 2 * e * vt * b + t * vt * 4 + 4 * t * e * b + 1024)
         return {
-            "weights": layers * layer_weight_bytes(config, g, phase, dtype),
+            "weights": layers * layer_weight_bytes(config, g, phase, dtype, self.weights),
             "kv_cache": layers * kv_bytes_per_slot(config, g, dtype) * cdiv(seq_len, g),
             "activations": act,
             "vocab_tables": self.tables * lm_head_bytes(config, g, vocab, dtype),
@@ -342,7 +390,8 @@ def _does_not_fit(budget: PhaseBudget, slots: list[Region], grid: int, n_layers:
         + (": the activations and vocabulary slices alone take more, so no region can hold a layer." if fixed > budget.usable
            else ".")
     )
-    fit = smallest_fitting_grid(config, wafer, phase, budget.seq_len, budget.dtype, grid + 1, n_layers) if suggest else None
+    fit = smallest_fitting_grid(config, wafer, phase, budget.seq_len, budget.dtype, grid + 1, n_layers,
+                                weights=budget.weights) if suggest else None
     advice = ((f" A {fit}x{fit} grid would fit (checked by planning it)." if fit else " No grid of this wafer fits it.")
               + " Other options: a wafer with more SRAM per PE, shorter sequences, or (for a prediction) "
                 "--extrapolate-from-layers K.")
@@ -350,21 +399,22 @@ def _does_not_fit(budget: PhaseBudget, slots: list[Region], grid: int, n_layers:
 
 
 def phase_fits(config, wafer: WaferSpec, grid: int, phase: str, seq_len: int, dtype: str = "fp16",
-               layers: int | None = None) -> bool:
+               layers: int | None = None, weights: str = "fp16") -> bool:
     """Whether ``phase`` plans on ``grid`` x ``grid`` regions for ``seq_len`` tokens (prefill: a
     prompt of that length; decode: that context, its KV cache included)."""
     try:
         if phase == "prefill":
-            plan(config, wafer, grid, None, seq_len, dtype, prompt_len=seq_len, layers=layers, suggest=False)
+            plan(config, wafer, grid, None, seq_len, dtype, prompt_len=seq_len, layers=layers, suggest=False,
+                 weights=weights)
         else:
-            plan(config, wafer, None, grid, seq_len, dtype, layers=layers, suggest=False)
+            plan(config, wafer, None, grid, seq_len, dtype, layers=layers, suggest=False, weights=weights)
         return True
     except PlacementError:
         return False
 
 
 def smallest_fitting_grid(config, wafer: WaferSpec, phase: str, seq_len: int, dtype: str = "fp16", lo: int = 1,
-                          layers: int | None = None) -> int | None:
+                          layers: int | None = None, weights: str = "fp16") -> int | None:
     """The smallest grid from ``lo`` up on which ``phase`` plans (see :func:`phase_fits`), or None.
 
     Grids are scanned in steps of about 1/16 of the grid (a few dozen plans up to a full
@@ -373,9 +423,9 @@ def smallest_fitting_grid(config, wafer: WaferSpec, phase: str, seq_len: int, dt
     hi = min(wafer.rows, wafer.cols)
     prev, g = lo - 1, max(1, lo)
     while g <= hi:
-        if phase_fits(config, wafer, g, phase, seq_len, dtype, layers):
+        if phase_fits(config, wafer, g, phase, seq_len, dtype, layers, weights):
             for h in range(prev + 1, g):  # the smallest one in the last step
-                if phase_fits(config, wafer, h, phase, seq_len, dtype, layers):
+                if phase_fits(config, wafer, h, phase, seq_len, dtype, layers, weights):
                     return h
             return g
         prev, g = g, g + max(1, g // 16)
@@ -422,7 +472,8 @@ def _stages(regs: list[Region], counts: list[int], vocab: list[int]) -> list[Sta
 
 
 def plan_phase(config, wafer: WaferSpec, grid: int, phase: str, seq_len: int, dtype: str = "fp16",
-               layers: int | None = None, suggest: bool = True, vocab_size: int | None = None) -> PhasePlan:
+               layers: int | None = None, suggest: bool = True, vocab_size: int | None = None,
+               weights: str = "fp16") -> PhasePlan:
     """Regions for one phase: the fewest square regions that hold every layer.
 
     grid x grid regions come first; when they are not enough, smaller squares from the
@@ -432,11 +483,12 @@ def plan_phase(config, wafer: WaferSpec, grid: int, phase: str, seq_len: int, dt
     to its PEs, so the LM head runs on all regions at once. ``layers`` < num_layers plans
     only the first ``layers`` (extrapolation) under the whole model's conditions.
     ``vocab_size``: the vocabulary entries these regions hold (default all; a cluster's
-    wafer without the vocabulary tables: 0).
+    wafer without the vocabulary tables: 0). ``weights``: how the layers' matrices are
+    stored (dense in ``dtype``, or int8 / int4 blocks at their stored size).
     """
     n_layers = config.num_layers if layers is None else layers
     extrapolating = n_layers < config.num_layers
-    budget = PhaseBudget(config, wafer, phase, seq_len, dtype, vocab_size)
+    budget = PhaseBudget(config, wafer, phase, seq_len, dtype, vocab_size, weights)
     all_slots = region_slots(wafer, grid, phase)
     slots = _drop_idle_slots(budget, all_slots)
     found = _fewest_regions(budget, slots, config.num_layers if extrapolating else n_layers)
@@ -456,7 +508,7 @@ def plan_phase(config, wafer: WaferSpec, grid: int, phase: str, seq_len: int, dt
     pp.region_bytes = per_region
     pp.layer_share = share
     pp.whole_model_fits = found is not None
-    pp.seq_len, pp.dtype = seq_len, dtype
+    pp.seq_len, pp.dtype, pp.weights = seq_len, dtype, weights
     return pp
 
 
@@ -467,7 +519,7 @@ def planned_kv_capacity(config, wafer: WaferSpec, dec: PhasePlan, layers: list[i
     cache slot of its layers. The shift-based cache fills every row evenly; the
     concatenation cache grows one row of PEs. (What a run really holds comes from its
     SRAM accounting: ``engine.capacity``.)"""
-    budget = PhaseBudget(config, wafer, "decode", dec.seq_len, dec.dtype)
+    budget = PhaseBudget(config, wafer, "decode", dec.seq_len, dec.dtype, weights=dec.weights)
     caps = []
     for st, n in zip(dec.stages, dec.layer_share if layers is None else layers):
         if n:
@@ -478,36 +530,61 @@ def planned_kv_capacity(config, wafer: WaferSpec, dec: PhasePlan, layers: list[i
 
 
 def plan(config, wafer: WaferSpec, prefill_grid: int | None, decode_grid: int | None, max_seq_len: int,
-         dtype: str = "fp16", prompt_len: int | None = None, layers: int | None = None, suggest: bool = True) -> Plan:
+         dtype: str = "fp16", prompt_len: int | None = None, layers: int | None = None, suggest: bool = True,
+         **options) -> Plan:
+    """Plan both phases (or one, when the other grid is None) for sequences up to ``max_seq_len``
+    (see :func:`_plan_wafer`). When the whole model does not fit (and ``suggest``), the error
+    also says how many wafers of this kind hold it with its layers pipelined over them, each
+    wafer's share planned (``error.context["wafers_needed"]``)."""
+    try:
+        return _plan_wafer(config, wafer, prefill_grid, decode_grid, max_seq_len, dtype, prompt_len, layers, suggest,
+                           **options)
+    except PlacementError as exc:
+        if not suggest or (layers is not None and layers < config.num_layers) or "wafers_needed" in exc.context:
+            raise
+        from waferllm.engine.cluster import wafers_needed_note
+
+        n, note = wafers_needed_note(config, wafer, prefill_grid, decode_grid, max_seq_len, dtype, prompt_len,
+                                     options.get("weights", "fp16"))
+        if n is None:
+            raise
+        raise PlacementError(f"{exc}{note}", **{**exc.context, "wafers_needed": n}) from None
+
+
+def _plan_wafer(config, wafer: WaferSpec, prefill_grid: int | None, decode_grid: int | None, max_seq_len: int,
+                dtype: str = "fp16", prompt_len: int | None = None, layers: int | None = None, suggest: bool = True,
+                weights: str = "fp16") -> Plan:
     """Plan both phases (or one, when the other grid is None) for sequences up to ``max_seq_len``.
 
-    ``suggest``: a does-not-fit error searches for (and plans) a grid that would fit."""
+    ``suggest``: a does-not-fit error searches for (and plans) a grid that would fit.
+    ``weights``: the layers' matrices dense in ``dtype`` ("fp16") or int8 / int4 blocks."""
     if max_seq_len < 1:
         raise PlacementError("max_seq_len must be positive")
     pre = dec = None
     if prefill_grid is not None:
-        pre = plan_phase(config, wafer, prefill_grid, "prefill", prompt_len or max_seq_len, dtype, layers, suggest)
+        pre = plan_phase(config, wafer, prefill_grid, "prefill", prompt_len or max_seq_len, dtype, layers, suggest,
+                         weights=weights)
     shift_cap = concat_cap = 0
     if decode_grid is not None:
-        dec = plan_phase(config, wafer, decode_grid, "decode", max_seq_len, dtype, layers, suggest)
+        dec = plan_phase(config, wafer, decode_grid, "decode", max_seq_len, dtype, layers, suggest, weights=weights)
         shift_cap, concat_cap = planned_kv_capacity(config, wafer, dec)
         # a model the regions cannot hold is extrapolated from the layers placed: their cache must fit
         held = shift_cap if dec.whole_model_fits else planned_kv_capacity(
             config, wafer, dec, [len(s.layers) for s in dec.stages])[0]
         if held < max_seq_len:
-            raise _kv_does_not_fit(config, wafer, decode_grid, max_seq_len, int(held), dtype, layers, suggest)
+            raise _kv_does_not_fit(config, wafer, decode_grid, max_seq_len, int(held), dtype, layers, suggest, weights)
     return Plan(config.name, wafer.name, dtype, max_seq_len, pre, dec, int(shift_cap), int(concat_cap), [])
 
 
 def _kv_does_not_fit(config, wafer: WaferSpec, grid: int, max_seq_len: int, held: int, dtype: str,
-                     layers: int | None, suggest: bool) -> PlacementError:
+                     layers: int | None, suggest: bool, weights: str = "fp16") -> PlacementError:
     """The error for a decode KV cache the regions cannot hold, with what would (each planned)."""
     detail = (f"the KV cache for {max_seq_len} tokens does not fit the {grid}x{grid} decode regions "
               f"(capacity {held} tokens with the shift-based cache)")
     fit = longest = None
     if suggest:
-        fit = smallest_fitting_grid(config, wafer, "decode", max_seq_len, dtype, grid + 1, layers)
-        if held >= 1 and phase_fits(config, wafer, grid, "decode", held, dtype, layers):
+        fit = smallest_fitting_grid(config, wafer, "decode", max_seq_len, dtype, grid + 1, layers, weights)
+        if held >= 1 and phase_fits(config, wafer, grid, "decode", held, dtype, layers, weights):
             longest = held
     options = ([f"a {fit}x{fit} decode grid holds it"] if fit else []) + (
         [f"{longest} tokens fit these regions"] if longest else [])

@@ -5,7 +5,9 @@ for ``input_len`` tokens, the transition, and ``output_len - 1`` decode steps (t
 output token comes from the prefill logits), and reports the ledger's figures beside a
 GPU roofline. With ``layers=K`` it runs the first K layers on the given grids and scales
 the per-layer time to the whole model: the paper's method for models that do not fit
-one wafer; the result says so.
+one wafer; the result says so. :func:`predict_cluster` predicts the model pipelined over
+several wafers of a cluster (:mod:`waferllm.engine.cluster`): a given count, or the fastest
+count from the fewest that hold the model up to a limit, in the faster layout.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from waferllm.baselines import gpu_baselines
 from waferllm.engine.run_config import RunConfig
 from waferllm.engine.wafer import WaferModel
 from waferllm.errors import RequestError
+from waferllm.hardware.cluster import ClusterSpec
 
 
 #: the most tokens a prediction runs, even beyond the model's context (each decode step is
@@ -44,9 +47,8 @@ def _check(input_len: int, output_len: int, config=None, layers: int | None = No
     if not allow_beyond_context and input_len + output_len > ctx:
         raise RequestError(
             f"input_len {input_len} + output_len {output_len} = {input_len + output_len} tokens is more than "
-            f"{config.name}'s context of {ctx} tokens (max_position_embeddings): shorten the request "
-            f"(e.g. input_len {max(1, min(input_len, ctx - 1))} + output_len {max(1, ctx - min(input_len, ctx - 1))}), "
-            "or allow_beyond_context=True (--allow-beyond-context) to predict its cost anyway")
+            f"{config.name}'s context of {ctx} tokens (max_position_embeddings): shorten the request to at most "
+            f"{ctx} tokens in all, or allow_beyond_context=True (--allow-beyond-context) to predict its cost anyway")
 
 
 def check_request(config, input_len: int, output_len: int, layers: int | None = None,
@@ -85,12 +87,15 @@ def predict_run(config, wafer, run: RunConfig, input_len: int, output_len: int, 
         "input_len": input_len,
         "output_len": output_len,
         "dtype": run.dtype,
+        "weights": run.weights,
         "kv_scheme": run.kv_scheme,
         "placement": wm.plan.to_dict(),
         "constants": {k: {"value": v["value"], "status": v["status"]} for k, v in wm.wafer.to_dict().items()
                       if isinstance(v, dict)},
         "host_wall_s": time.perf_counter() - t0,
     })
+    if isinstance(wafer, ClusterSpec):  # the link's constants, with their provenance
+        m["cluster"] = wafer.to_dict()
     if wm.layers != config.num_layers:
         m["note"] = (f"extrapolated: {wm.layers} of {config.num_layers} layers were placed and run on these grids; "
                      f"layer time scaled by {config.num_layers / wm.layers:g} (the paper's method for models that "
@@ -105,14 +110,46 @@ def predict_run(config, wafer, run: RunConfig, input_len: int, output_len: int, 
 def with_band(m: dict, config, wafer, run: RunConfig, input_len: int, output_len: int) -> dict:
     """Add the low/high band to the metrics ``m`` of this request (see :func:`predict_run`)."""
     from waferllm.engine.band import apply_band, corner
+    from waferllm.engine.cluster import cluster_corner
 
     ends = []
     for slow in (False, True):
-        w = corner(wafer, slow)
+        w = cluster_corner(wafer, slow) if isinstance(wafer, ClusterSpec) else corner(wafer, slow)
         ends.append(None if w is None else
                     predict_run(config, w, run, input_len, output_len, gpus=False, band=False,
                                 allow_beyond_context=True))
-    return apply_band(m, ends[0], ends[1], wafer.calibration_error)
+    residual = (wafer.wafer if isinstance(wafer, ClusterSpec) else wafer).calibration_error
+    return apply_band(m, ends[0], ends[1], residual)
+
+
+def predict_cluster(config, cluster: ClusterSpec, run: RunConfig, input_len: int, output_len: int,
+                    wafers: int | str = "auto", layout: str = "auto", limit: float = 2.0, gpus: bool = True,
+                    band: bool = True, allow_beyond_context: bool = False, progress=None) -> dict:
+    """Predict one request on ``cluster``: ``wafers`` of them (or ``auto``: the fastest count
+    from the fewest that hold the model up to ``limit`` times that), in ``layout`` (``shared``,
+    ``split`` or ``auto``: the faster), on the grids ``run`` fixes or tuned per count (see
+    :func:`waferllm.engine.cluster.search`). The figures are the chosen option's, with
+    ``cluster_search``: the fewest wafers, every option considered and its predicted time."""
+    from waferllm.engine.cluster import search
+
+    _check(input_len, output_len, config, run.layers, allow_beyond_context)
+    t0 = time.perf_counter()
+    res = search(config, cluster, run, input_len, output_len, wafers, layout, limit, progress=progress)
+    best, chosen = res["best"], res["cluster"]
+    m = dict(best.metrics)
+    if chosen.wafers == 1:
+        m.pop("cluster", None)
+    if band:
+        with_band(m, config, chosen, res["run"], input_len, output_len)
+    if gpus:
+        m["gpu_baselines"] = gpu_baselines(config, input_len, output_len)
+    m.setdefault("wafers", chosen.wafers)
+    m["cluster_search"] = {
+        "wafers": wafers, "layout": layout, "limit": limit, "fewest_wafers": res["fewest"],
+        "chosen": best.to_dict(), "options": [o.to_dict() for o in res["options"]],
+    }
+    m["host_wall_s"] = time.perf_counter() - t0
+    return m
 
 
 def predict_phase(config, wafer, run: RunConfig, phase: str, input_len: int, output_len: int) -> float:

@@ -19,7 +19,7 @@ import math
 
 import numpy as np
 
-from waferllm.engine.decode import LayerRunner, run_now
+from waferllm.engine.decode import LayerRunner, place_matrices, run_now
 from waferllm.engine.layouts import HeadLayout
 from waferllm.kernels.attention import grouped_pv, grouped_scores
 from waferllm.kernels.layer_ops import masked_softmax, rmsnorm, rope, silu_mul
@@ -33,12 +33,14 @@ class PrefillStage:
     """The prefill program of one region: its layers' weights and its vocabulary slice."""
 
     def __init__(self, mesh, config, layer_ids: range, layers, vocab: range, lm_head, embed, final_norm,
-                 dtype: str = "fp16", heads_per_pass: int = 1):
+                 dtype: str = "fp16", heads_per_pass: int = 1, weights: str = "fp16"):
         self.mesh = mesh
         self.config = config
         self.layer_ids = layer_ids
         self.vocab = vocab
         self.dtype = dtype
+        # how the layers' matrices are stored: dense in ``dtype`` ("fp16"), or int8 / int4 blocks
+        self.weights = weights
         self.heads_per_pass = max(1, heads_per_pass)
         n = mesh.rows
         c = config
@@ -74,11 +76,13 @@ class PrefillStage:
             rows.update(bq=((1, hl.q_padded), lambda w: hl.take_cols(w.bq[None], hl.q_cols)),
                         bk=((1, hl.kv_padded), lambda w: hl.take_cols(w.bk[None], hl.kv_cols)),
                         bv=((1, hl.kv_padded), lambda w: hl.take_cols(w.bv[None], hl.kv_cols)))
-        out = {key: place_b(m, build(lw) if lw is not None else shape, d, name=f"L{li}.{key}")
-               for key, (shape, build) in mats.items()}
-        out.update({key: m.place(build(lw) if lw is not None else shape, (None, "x"), "fp32", name=f"L{li}.{key}")
-                    for key, (shape, build) in rows.items()})
-        return out
+        # the input-dim (K) index of every placed row of each matrix: where its block scales come from
+        k_rows = {"q": np.arange(E), "k": np.arange(E), "v": np.arange(E), "o": hl.q_cols, "gate": np.arange(E),
+                  "up": np.arange(E), "down": np.arange(F)}
+        specs = {key: (shape, ("y", "x"), d, build) for key, (shape, build) in mats.items()}
+        specs.update({key: (shape, (None, "x"), "fp32", build) for key, (shape, build) in rows.items()})
+        return place_matrices(m, li, lw, specs, k_rows, self.weights, d,
+                              place_b=lambda host, dt, name, **kw: place_b(m, host, dt, name=name, **kw))
 
     # ---- building blocks ---------------------------------------------------------------
     def _mm(self, a, b, name, a_skewed=False):

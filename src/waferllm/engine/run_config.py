@@ -20,6 +20,7 @@ from waferllm.engine.placement import plan
 from waferllm.errors import RequestError
 from waferllm.hardware.plmr import DTYPE_BYTES
 from waferllm.mesh.routes import POLICIES
+from waferllm.models.quant import check_weights, resolve_weights
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,11 @@ class RunConfig:
             model (the paper's method for models that do not fit one wafer); None: all.
         route_policy: what a pattern needing more routes than a PE has does (see
             ``waferllm.mesh.routes``).
+        weights: how the layers' matrices are stored on the PEs: ``fp16`` (dense, in
+            ``dtype``), ``int8`` or ``int4`` (GGUF Q8_0 / Q4_0 blocks: integers plus an fp16
+            scale per 32 values, dequantised by the PEs), or ``native`` (a GGUF file's own
+            Q8_0 / Q4_0 blocks; resolved to int8 or int4 with :meth:`resolve_weights`
+            before the run is planned).
     """
 
     prefill_grid: int | None = None
@@ -52,6 +58,7 @@ class RunConfig:
     kv_scheme: str = "shift"
     layers: int | None = None
     route_policy: str = "relay"
+    weights: str = "fp16"
 
     def __post_init__(self):
         for name in ("prefill_grid", "decode_grid", "max_seq_len", "prompt_len", "layers"):
@@ -64,6 +71,7 @@ class RunConfig:
             raise RequestError(f"kv_scheme must be one of {', '.join(SCHEMES)}, got {self.kv_scheme!r}")
         if self.route_policy not in POLICIES:
             raise RequestError(f"route_policy must be one of {', '.join(POLICIES)}, got {self.route_policy!r}")
+        check_weights(self.weights)
 
     @classmethod
     def for_request(cls, input_len: int, output_len: int, **fields) -> "RunConfig":
@@ -84,10 +92,18 @@ class RunConfig:
             raise RequestError(f"layers must be in 1..{config.num_layers}, got {self.layers}")
         return self.layers
 
+    def resolve_weights(self, model=None) -> "RunConfig":
+        """This run with ``weights="native"`` replaced by the format of ``model``'s GGUF file
+        (int8 for Q8_0, int4 for Q4_0; anything else is refused)."""
+        return self.replace(weights=resolve_weights(self.weights, model)) if self.weights == "native" else self
+
     def plan(self, config, wafer):
         """The placement plan of this run (the one place the planner is called)."""
+        if self.weights == "native":
+            raise RequestError("weights='native' takes the model file's own quantisation: resolve it first "
+                               "(RunConfig.resolve_weights(model))", weights="native")
         return plan(config, wafer, self.prefill_grid, self.decode_grid, self.max_seq_len, self.dtype,
-                    prompt_len=self.prompt_len, layers=self.layer_count(config))
+                    prompt_len=self.prompt_len, layers=self.layer_count(config), weights=self.weights)
 
 
 def _positive(name: str, value) -> int:

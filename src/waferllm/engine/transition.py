@@ -30,6 +30,7 @@ import numpy as np
 from waferllm.hardware.plmr import DTYPE_BYTES
 from waferllm.mesh.move import Placement, charge_move
 from waferllm.mesh.region import Region
+from waferllm.mesh.tensor import QBLOCK, QUANT_BITS, SCALE_BYTES
 
 NORM_BYTES = DTYPE_BYTES["fp32"]  # norms and biases are held in fp32 in both phases
 
@@ -98,6 +99,15 @@ def _heads(config, hl) -> tuple[np.ndarray, np.ndarray]:
     return (positions(hl.q_cols, config.num_heads * config.head_dim), positions(hl.kv_cols, hl.kv_dim))
 
 
+def weight_itemsize(stage) -> float:
+    """Bytes a layer matrix's element takes as it moves: its dtype's, or for int8 / int4
+    blocks the packed value plus its share of the block's fp16 scale."""
+    w = getattr(stage, "weights", "fp16")
+    if w in QUANT_BITS:
+        return QUANT_BITS[w] / 8 + SCALE_BYTES / QBLOCK
+    return DTYPE_BYTES[stage.dtype]
+
+
 def prefill_weights(stage, config) -> dict[str, tuple[Placement, int]]:
     """One layer's weights on a prefill region as the logical tensors of the transition:
     name -> (placement, bytes per element). The matrices are MeshGEMM B operands, placed
@@ -116,7 +126,7 @@ def prefill_weights(stage, config) -> dict[str, tuple[Placement, int]]:
     if "bq" in w:
         out["bias"] = concat([take(Placement.of(w["bq"]), {1: q_index}), take(Placement.of(w["bk"]), {1: kv_index}),
                               take(Placement.of(w["bv"]), {1: kv_index})], 1)
-    item = DTYPE_BYTES[stage.dtype]
+    item = weight_itemsize(stage)
     return {k: (p, NORM_BYTES if k in ("norms", "bias") else item) for k, p in out.items()}
 
 
@@ -145,7 +155,7 @@ def decode_weights(stage, config) -> dict[str, tuple[Placement, int]]:
         b = Placement.of(w["qkv_bias"])  # [fused] (x)
         out["bias"] = Placement(b.region, (1, fq.size + 2 * fk.size), x_dim=1,
                                 x_of=b.x_of[np.concatenate((fq, fk, fk + width))])
-    item = DTYPE_BYTES[stage.dtype]
+    item = weight_itemsize(stage)
     return {k: (p, NORM_BYTES if k in ("norms", "bias") else item) for k, p in out.items()}
 
 

@@ -80,7 +80,8 @@ class WaferModel:
             raise RequestError("a cluster places the whole model: extrapolating from some layers "
                                "(--extrapolate-from-layers) is for one wafer")
         self.plan = run.plan(config, self.wafer) if self.cluster is None else plan_cluster(
-            config, self.cluster, run.prefill_grid, run.decode_grid, run.max_seq_len, run.dtype, run.prompt_len)
+            config, self.cluster, run.prefill_grid, run.decode_grid, run.max_seq_len, run.dtype, run.prompt_len,
+            run.weights)
         self.ledger = Ledger(self.wafer, keep_events=(mode == "numeric"))
         self.weights = weights
         t0 = time.perf_counter()
@@ -122,10 +123,11 @@ class WaferModel:
         embed = (lambda vs: None) if c.tie_word_embeddings else (lambda vs: self._host("embed", vs))
         prefill = [PrefillStage(self._mesh(st), c, st.layers, layers(st.layers, "prefill"), st.vocab,
                                 self._host("lm", st.vocab), embed(st.vocab), self._host("final_norm"), run.dtype,
-                                st.heads_per_pass or pre.heads_per_pass) for st in (pre.stages if pre else [])]
+                                st.heads_per_pass or pre.heads_per_pass, weights=run.weights)
+                   for st in (pre.stages if pre else [])]
         decode = [DecodeStage(self._mesh(st), c, st.layers, layers(st.layers, "decode"), st.vocab,
                               self._host("lm", st.vocab), embed(st.vocab), self._host("final_norm"), run.max_seq_len,
-                              run.dtype, run.kv_scheme) for st in (dec.stages if dec else [])]
+                              run.dtype, run.kv_scheme, weights=run.weights) for st in (dec.stages if dec else [])]
         return prefill, decode
 
     def _mesh(self, stage) -> Mesh:
@@ -252,15 +254,22 @@ class WaferModel:
         led, first, c = self.ledger, self.prefill_stages[0], self.config
         length = len(ids)
         dest = Placement.blocked(first.mesh.region, (length, c.hidden_size), ("y", "x"))
+        far = []  # rows held on other wafers of a cluster: they cross together
         with led.span("embedding"), led.parallel() as par:
             for st in self.prefill_stages:
                 held = np.flatnonzero((ids >= st.vocab.start) & (ids < st.vocab.stop))
                 if held.size:
+                    to = Placement(dest.region, (held.size, c.hidden_size), y_dim=0, y_of=dest.y_of[held],
+                                   x_dim=1, x_of=dest.x_of)
+                    if not _same_wafer(st.mesh, first.mesh):
+                        far.append(interwafer.Flow(st.embedding_source(ids[held]), to, DTYPE_BYTES[self.dtype]))
+                        continue
                     with par.branch():
-                        to = Placement(dest.region, (held.size, c.hidden_size), y_dim=0, y_of=dest.y_of[held],
-                                       x_dim=1, x_of=dest.x_of)
                         charge_move(led, st.embedding_source(ids[held]), to, DTYPE_BYTES[self.dtype],
                                     name="embedding.gather")
+            if far:
+                with par.branch():
+                    interwafer.charge_transfer(led, self.cluster, far, name="interwafer.embedding")
         rows = np.asarray(self.weights.embed[ids], np.float32) if self.mode == "numeric" else (length, c.hidden_size)
         return first.mesh.place(rows, ("y", "x"), self.dtype, name="embedding_rows")  # where the moves left them
 
@@ -272,33 +281,66 @@ class WaferModel:
         with last.mesh.sram.scope():
             hn = last.rmsnorm(h, last.final_norm, "final_norm")  # [L, E] (y, x)
             last.mesh.sram.release(h)
-            if not _same_wafer(last.mesh, heads[0].mesh):
-                # the rows cross once, to the wafer with the tables: [L or 1, E] (y, x) there
-                hn = (interwafer.transfer(hn, heads[0].mesh, ("y", "x"), self.cluster) if prompt_logits
-                      else self._last_row_across(hn, length, heads[0].mesh))
-                length = hn.shape[0]
+            # on a cluster: the rows (or the last one) also cross to every other wafer with tables
+            copies = self._to_table_wafers(hn, heads, ("y", "x"), None if prompt_logits else length)
             with led.span("lm_head"), led.parallel() as par:
                 for st in heads:
+                    src, n = copies.get(st.mesh.wafer.name, (hn, length))
                     with par.branch(), st.mesh.sram.scope():
                         # [L or 1, E] (y, x) on each region, from where the rows are
-                        x = (comm.relayout(hn, st.mesh, ("y", "x"), name="lm_head.transfer") if prompt_logits
-                             else self._move_last_row(hn, length, st.mesh))
+                        x = (comm.relayout(src, st.mesh, ("y", "x"), name="lm_head.transfer") if prompt_logits
+                             else self._move_last_row(src, n, st.mesh))
                         out = st.lm_head(x)
                         chunks.append(out.to_global() if out.tiles is not None else None)
-            if hn.mesh is not last.mesh:
-                hn.mesh.sram.release(hn)
+            self._release_copies(copies, hn)
+            self._gather_best(heads, self.prefill_stages[0])
         if self.mode != "numeric":
             return None
         return np.concatenate(chunks, axis=1)
 
-    def _last_row_across(self, hn: DistTensor, length: int, mesh: Mesh) -> DistTensor:
-        """The last token's row of ``hn`` [L, E] (y, x), sent from the PE row that holds it to
-        row 0 of ``mesh`` on another wafer as a [1, E] (y, x) tensor."""
-        E = hn.shape[1]
-        held = Placement.blocked(hn.mesh.region, hn.shape, hn.layout, hn.tile_shape)
-        src = Placement(held.region, (1, E), y_dim=0, y_of=held.y_of[length - 1: length], x_dim=1, x_of=held.x_of)
-        row = hn.to_global()[length - 1: length] if hn.tiles is not None else (1, E)
-        return interwafer.send(src, hn.itemsize, row, mesh, ("y", "x"), hn.dtype, self.cluster)
+    def _to_table_wafers(self, hn: DistTensor, heads: list, layout, last_row: int | None = None) -> dict:
+        """On a cluster, ``hn`` (or only its row ``last_row - 1``, as a [1, E] tensor at row 0)
+        copied to every other wafer holding vocabulary slices, sent together: {wafer name:
+        (copy, its rows)}. On one wafer (or with the tables all on ``hn``'s wafer): {}."""
+        if self.cluster is None:
+            return {}
+        first = {}
+        for st in heads:
+            first.setdefault(st.mesh.wafer.name, st)
+        far = [st for st in first.values() if not _same_wafer(st.mesh, hn.mesh)]
+        if not far:
+            return {}
+        if last_row is None:
+            src, data = Placement.of(hn), (hn.to_global() if hn.tiles is not None else hn.shape)
+        else:
+            E = hn.shape[1]
+            held = Placement.blocked(hn.mesh.region, hn.shape, hn.layout, hn.tile_shape)
+            src = Placement(held.region, (1, E), y_dim=0, y_of=held.y_of[last_row - 1: last_row], x_dim=1,
+                            x_of=held.x_of)
+            data = hn.to_global()[last_row - 1: last_row] if hn.tiles is not None else (1, E)
+        landed = interwafer.send_many(src, hn.itemsize, data, [st.mesh for st in far], layout, hn.dtype, self.cluster)
+        rows = hn.shape[0] if last_row is None else 1
+        return {st.mesh.wafer.name: (t, rows) for st, t in zip(far, landed)}
+
+    @staticmethod
+    def _release_copies(copies: dict, keep: DistTensor) -> None:
+        for t, _ in copies.values():
+            if t is not keep:
+                t.mesh.sram.release(t)
+
+    def _gather_best(self, heads: list, dest) -> None:
+        """On a cluster whose vocabulary tables span several wafers: every other table wafer
+        sends its slices' best logit and index (two fp32 words from one PE) to ``dest``'s
+        wafer, where the token is picked."""
+        if self.cluster is None:
+            return
+        firsts = {}
+        for st in heads:
+            firsts.setdefault(st.mesh.wafer.name, st)
+        flows = [interwafer.Flow(_one_pe(st.mesh.region), _one_pe(dest.mesh.region), DTYPE_BYTES["fp32"])
+                 for st in firsts.values() if not _same_wafer(st.mesh, dest.mesh)]
+        if flows:
+            interwafer.charge_transfer(self.ledger, self.cluster, flows, name="interwafer.argmax")
 
     def _move_last_row(self, hn: DistTensor, length: int, mesh: Mesh) -> DistTensor:
         """The last token's row of ``hn`` [L, E] (y, x), moved from the PE row that holds it to
@@ -408,6 +450,9 @@ class WaferModel:
         decode region holds) cross to that region's wafer, all at once (each system's I/O
         carries what leaves or enters it); the weights stay."""
         flows = [interwafer.Flow(src, dst, item) for p in pairs for name, src, dst, item in p.moves if name == "kv"]
+        # the first token (picked on the prefill side) goes with them to where decode embeds it
+        flows.append(interwafer.Flow(_one_pe(self.prefill_stages[0].mesh.region),
+                                     _one_pe(self.decode_stages[0].mesh.region), DTYPE_BYTES["fp32"]))
         interwafer.charge_transfer(self.ledger, self.cluster, flows, name="interwafer.kv")
 
     def decode(self, token_id) -> np.ndarray | None:
@@ -461,9 +506,13 @@ class WaferModel:
         """The token's embedding [E] (y) on the first decode region (a dry run's token is the
         first of the vocabulary)."""
         stage = next((s for s in self.decode_stages if tok is not None and tok in s.vocab), self.decode_stages[0])
+        first = self.decode_stages[0]
+        if not _same_wafer(stage.mesh, first.mesh):  # the token goes to the wafer with its row
+            interwafer.charge_transfer(self.ledger, self.cluster, [interwafer.Flow(
+                _one_pe(first.mesh.region), _one_pe(stage.mesh.region), DTYPE_BYTES["fp32"])], name="interwafer.token")
         h = stage.embed_lookup(tok if tok is not None else stage.vocab.start)
-        if stage is not self.decode_stages[0]:
-            h = self._to_region(h, self.decode_stages[0], ("y",), name="embedding.transfer")
+        if stage is not first:
+            h = self._to_region(h, first, ("y",), name="embedding.transfer")
         return h
 
     def _decode_logits(self, h: DistTensor) -> np.ndarray | None:
@@ -473,16 +522,16 @@ class WaferModel:
         with last.mesh.sram.scope():
             hn = last.rmsnorm(h, last.final_norm, "final_norm")  # [E] (y)
             last.mesh.sram.release(h)
-            if not _same_wafer(last.mesh, heads[0].mesh):  # back to the wafer with the tables
-                hn = interwafer.transfer(hn, heads[0].mesh, ("y",), self.cluster)
+            copies = self._to_table_wafers(hn, heads, ("y",))  # on a cluster: to the wafers with tables
             with led.span("lm_head"), led.parallel() as par:
                 for st in heads:
+                    src = copies.get(st.mesh.wafer.name, (hn, 1))[0]
                     with par.branch(), st.mesh.sram.scope():
-                        x = comm.relayout(hn, st.mesh, ("y",), name="lm_head.transfer")
+                        x = comm.relayout(src, st.mesh, ("y",), name="lm_head.transfer")
                         logits, _ = st.lm_head(x)
                         chunks.append(logits)
-            if hn.mesh is not last.mesh:
-                hn.mesh.sram.release(hn)
+            self._release_copies(copies, hn)
+            self._gather_best(heads, self.decode_stages[0])
         if self.mode != "numeric":
             return None
         return np.concatenate(chunks)
@@ -510,6 +559,11 @@ class WaferModel:
 def _same_wafer(a, b) -> bool:
     """Whether two meshes (or regions) are on the same wafer."""
     return a.wafer is b.wafer or a.wafer == b.wafer
+
+
+def _one_pe(region) -> Placement:
+    """Two fp32 words (a token id, or a best logit and its index) on a region's first PE."""
+    return Placement(region, (1, 2), y_dim=0, y_of=np.zeros(1, np.int64), x_dim=1, x_of=np.zeros(2, np.int64))
 
 
 def _twins(stages) -> list[int]:

@@ -12,8 +12,9 @@ deterministic). How the wafer copes is its ``defect_recovery``:
   defects than spare PEs is retired and the logical rows are the kept physical rows in
   order. Programs see a perfect ``rows x cols`` rectangle; a logical neighbour across a
   remapped PE is farther away: along a row, one hop more for every skipped PE (the
-  hardware bypasses it); between rows, as many hops more as the two rows' PEs are shifted
-  from each other, plus one for every retired row in between.
+  hardware bypasses it); along a column, one hop more for every retired row crossed, and
+  the column's PEs no longer sit in one physical column: a path down it reaches the
+  farthest of them, as many hops more as their physical columns spread.
 - ``reroute`` (fault-aware placement in software, no spare fabric): a region of side
   ``g`` spans as many physical columns as its rows need to hold ``g`` healthy PEs each,
   and its logical PEs are each row's healthy PEs in order (so no logical PE is a
@@ -117,41 +118,60 @@ def healthy_positions(mask: np.ndarray, width: int) -> np.ndarray:
 # ------------------------------------------------------------------ link maps
 
 
+def _window_sums(a: np.ndarray, h: int) -> np.ndarray:
+    """(lines, n - h + 1): the sum of every window of ``h`` consecutive entries of each line."""
+    cs = np.concatenate([np.zeros((a.shape[0], 1), np.int64), np.cumsum(a, axis=1, dtype=np.int64)], axis=1)
+    return cs[:, h:] - cs[:, :-h]
+
+
+def _window_ranges(a: np.ndarray, size: int) -> np.ndarray:
+    """(lines, n - size + 1): max - min of every window of ``size`` consecutive entries of
+    each line (doubling: O(n log size))."""
+    n = a.shape[1]
+    mx, mn, w = a, a, 1
+    while 2 * w <= size:
+        mx, mn = np.maximum(mx[:, :-w], mx[:, w:]), np.minimum(mn[:, :-w], mn[:, w:])
+        w *= 2
+    k, off = n - size + 1, size - w
+    return np.maximum(mx[:, :k], mx[:, off: off + k]) - np.minimum(mn[:, :k], mn[:, off: off + k])
+
+
 @dataclass(eq=False)
 class LinkMap:
-    """Extra hops on the logical links of a region: ``x[r, c]`` on the link between logical
-    PEs (r, c) and (r, c+1), ``y[r, c]`` between (r, c) and (r+1, c); ``x_detours`` /
-    ``y_detours`` mark the links whose messages detour around a dead PE (relayed in
-    software when the routes run out)."""
+    """Extra hops on the logical links of a region.
+
+    Along a row, ``x[r, c]`` is the extra of the link between logical PEs (r, c) and
+    (r, c+1) (skipped PEs, plus a detour's hops), and a path's extra is the sum over the
+    links it crosses. Along a column, ``y[r, c]`` counts the retired rows between (r, c)
+    and (r+1, c); the logical PEs of a column also sit at different physical columns
+    (``drift``, (rows, cols), None: aligned), and a message, or a multicast branching off a
+    column trunk, reaches the farthest of them: a column path pays the retired rows it
+    crosses plus the spread (max - min) of the drift of the PEs it covers. ``x_detours``
+    marks the row links a message detours on (a software relay when routes run out)."""
 
     x: np.ndarray
     y: np.ndarray
     x_detours: np.ndarray
-    y_detours: np.ndarray
+    drift: np.ndarray | None = None
     _cache: dict = field(default_factory=dict, repr=False)
-
-    @classmethod
-    def zeros(cls, rows: int, cols: int) -> "LinkMap":
-        x, y = np.zeros((rows, max(cols - 1, 0)), np.int64), np.zeros((max(rows - 1, 0), cols), np.int64)
-        return cls(x, y, np.zeros(x.shape, bool), np.zeros(y.shape, bool))
-
-    def _lines(self, axis: str, what: str) -> np.ndarray:
-        """Links as (lines, links per line) along ``axis``."""
-        a = {"x": (self.x, self.x_detours), "y": (self.y.T, self.y_detours.T)}[axis][what == "detours"]
-        return a
 
     def _window_max(self, axis: str, hops: int, what: str) -> int:
         key = (axis, int(hops), what)
         out = self._cache.get(key)
         if out is None:
-            a = self._lines(axis, what)
-            n = a.shape[1] if a.ndim == 2 else 0
-            if n == 0 or hops <= 0 or not a.any():
-                out = 0
-            else:
-                h = min(int(hops), n)
-                cs = np.concatenate([np.zeros((a.shape[0], 1), np.int64), np.cumsum(a, axis=1, dtype=np.int64)], axis=1)
-                out = int((cs[:, h:] - cs[:, :-h]).max())
+            out = 0
+            if axis == "x":
+                a = self.x_detours if what == "detours" else self.x
+                if a.shape[1] and hops > 0 and a.any():
+                    out = int(_window_sums(a, min(int(hops), a.shape[1])).max())
+            elif what == "extra" and hops > 0:
+                rows = self.y.shape[0] + 1
+                size = min(int(hops) + 1, rows)
+                if size > 1 and (self.y.any() or self.drift is not None):
+                    total = _window_sums(self.y.T, size - 1)
+                    if self.drift is not None:
+                        total = total + _window_ranges(self.drift.T, size)
+                    out = int(total.max())
             self._cache[key] = out
         return out
 
@@ -163,23 +183,31 @@ class LinkMap:
         return self._window_max(axis, hops, "extra")
 
     def detours(self, axis: str | None, hops: int) -> int:
-        """The most detours such a message makes."""
-        if axis is None:
-            return max(self._window_max("x", hops, "detours"), self._window_max("y", hops, "detours"))
-        return self._window_max(axis, hops, "detours")
+        """The most detours such a message makes (only rows detour)."""
+        return self._window_max("x", hops, "detours") if axis in (None, "x") else 0
 
     def mean(self, axis: str | None) -> float:
         """Mean extra hops per logical link along ``axis`` (for the fabric's energy)."""
         key = ("mean", axis)
         if key not in self._cache:
-            arrs = [self.x, self.y] if axis is None else [self.x if axis == "x" else self.y]
-            n = sum(a.size for a in arrs)
-            self._cache[key] = float(sum(a.sum() for a in arrs) / n) if n else 0.0
+            x = float(self.x.mean()) if self.x.size else 0.0
+            y = float(self.y.mean()) if self.y.size else 0.0
+            if self.drift is not None and self.drift.shape[0] > 1:
+                y += float(np.abs(np.diff(self.drift, axis=0)).mean())
+            self._cache[key] = x if axis == "x" else y if axis == "y" else (x + y) / 2
         return self._cache[key]
 
     @property
     def perfect(self) -> bool:
-        return not (self.x.any() or self.y.any())
+        drift = self.drift is not None and bool((self.drift != self.drift[:1]).any())
+        return not (self.x.any() or self.y.any() or drift)
+
+    def sub(self, top: int, left: int, height: int, width: int) -> "LinkMap":
+        """The map of a box of this one."""
+        r, c = slice(top, top + height), slice(left, left + width)
+        return LinkMap(self.x[r, left: left + max(width - 1, 0)], self.y[top: top + max(height - 1, 0), c],
+                       self.x_detours[r, left: left + max(width - 1, 0)],
+                       None if self.drift is None else self.drift[r, c])
 
 
 @lru_cache(maxsize=8)
@@ -200,18 +228,19 @@ def spare_remap(wafer) -> tuple[np.ndarray, np.ndarray]:
     return rows, healthy_positions(mask[rows], wafer.cols)
 
 
-def _links_from_positions(row_of: np.ndarray, col_of: np.ndarray, mask_rows: np.ndarray | None) -> LinkMap:
-    """Extra hops of the logical links of PEs at physical (row_of[r], col_of[r, c]).
+def _links_from_positions(row_of: np.ndarray, col_of: np.ndarray, detour: bool) -> LinkMap:
+    """The link map of logical PEs at physical (row_of[r], col_of[r, c]).
 
-    Along a row: the skipped PEs between two logical neighbours; with ``mask_rows`` (the
-    rows' defect mask, software rerouting) every skip is a detour, ``DETOUR_HOPS`` more.
-    Between rows: the retired rows between them plus the shift of the two PEs' columns."""
+    Along a row: the skipped PEs between two logical neighbours; with ``detour`` (software
+    rerouting, no hardware bypass) every skip is a detour, ``DETOUR_HOPS`` more. Along a
+    column: the retired rows between two logical neighbours, and each PE's physical column
+    as the column's drift."""
     skipped = np.diff(col_of, axis=1) - 1
-    detour = skipped > 0
-    x = skipped + (DETOUR_HOPS * detour if mask_rows is not None else 0)
-    y = (np.diff(row_of) - 1)[:, None] + np.abs(np.diff(col_of, axis=0))
-    return LinkMap(x.astype(np.int64), y.astype(np.int64), detour if mask_rows is not None else np.zeros_like(detour),
-                   np.zeros(y.shape, bool))
+    passes = skipped > 0
+    x = skipped + (DETOUR_HOPS * passes if detour else 0)
+    y = np.broadcast_to((np.diff(row_of) - 1)[:, None], (len(row_of) - 1, col_of.shape[1]))
+    return LinkMap(x.astype(np.int64), np.ascontiguousarray(y, np.int64),
+                   passes if detour else np.zeros(passes.shape, bool), col_of.astype(np.int64))
 
 
 @lru_cache(maxsize=8)
@@ -225,12 +254,12 @@ def wafer_links(wafer) -> LinkMap | None:
         return None
     if wafer.defect_recovery == "spare":
         rows, cols = spare_remap(wafer)
-        return _links_from_positions(rows, cols, None)
+        return _links_from_positions(rows, cols, False)
     mask = defect_mask(wafer)
     # a link (r, c) -> (r, c+1) touching a dead PE is passed by a detour
     dead = mask[:, :-1] | mask[:, 1:]
     x = np.where(dead, DETOUR_HOPS, 0).astype(np.int64)
-    return LinkMap(x, np.zeros((wafer.rows - 1, wafer.cols), np.int64), dead, np.zeros((wafer.rows - 1, wafer.cols), bool))
+    return LinkMap(x, np.zeros((wafer.rows - 1, wafer.cols), np.int64), dead)
 
 
 def region_links(region) -> LinkMap | None:
@@ -246,13 +275,13 @@ def region_links(region) -> LinkMap | None:
 def _region_links(wafer, row0: int, col0: int, rows: int, cols: int, span: int) -> LinkMap | None:
     if wafer.defect_recovery == "spare":
         row_of, col_of = spare_remap(wafer)
-        links = _links_from_positions(row_of[row0: row0 + rows], col_of[row0: row0 + rows, col0: col0 + cols], None)
+        links = _links_from_positions(row_of[row0: row0 + rows], col_of[row0: row0 + rows, col0: col0 + cols], False)
     else:
         mask = defect_mask(wafer)[row0: row0 + rows, col0: col0 + span]
         if (span - mask.sum(axis=1) < cols).any():
             raise HardwareError(f"{wafer.name}: a {rows}x{cols} region spanning {span} columns at ({row0}, {col0}) "
                                 "has a row with too few healthy PEs")
-        links = _links_from_positions(np.arange(rows), healthy_positions(mask, cols), mask)
+        links = _links_from_positions(np.arange(rows), healthy_positions(mask, cols), True)
     return None if links.perfect else links
 
 
@@ -267,11 +296,7 @@ def box_extra(wafer, top: int, left: int, height: int, width: int, hops: int) ->
 
 @lru_cache(maxsize=64)
 def _box_links(wafer, top, left, height, width) -> LinkMap:
-    links = wafer_links(wafer)
-    sl = (slice(top, top + height), slice(left, left + width))
-    x, y = links.x[top: top + height, left: left + max(width - 1, 0)], links.y[top: top + max(height - 1, 0), sl[1]]
-    return LinkMap(x, y, links.x_detours[top: top + height, left: left + max(width - 1, 0)],
-                   links.y_detours[top: top + max(height - 1, 0), sl[1]])
+    return wafer_links(wafer).sub(top, left, height, width)
 
 
 # ------------------------------------------------------------------ fault-aware regions (reroute)
@@ -336,8 +361,9 @@ def _fill(wafer, r0: int, c0: int, h: int, w: int, min_side: int) -> list[tuple[
                     break
                 placed.append((r0, c, side, span))
                 c += span
-        if not placed:
-            side -= max(1, side // 16)
+        if not placed:  # one side less at a time for a while (spans exceed sides by a few), then faster
+            tries = min(h, w) - side
+            side -= 1 if tries < 32 else max(1, side // 16)
     if not placed:
         return []
     if h > w:

@@ -16,7 +16,7 @@ from typing import Optional
 
 import typer
 
-from waferllm.errors import PlacementError, RequestError
+from waferllm.errors import PlacementError, RequestError, WaferLLMError
 from waferllm.interfaces.cli import app
 
 REQUEST = "Request"
@@ -27,7 +27,8 @@ OUTPUT = "Output"
 
 #: the wafer engine's options: (parameter, flag)
 WAFER_ONLY = (("wafer", "--wafer"), ("prefill_grid", "--prefill-grid"), ("decode_grid", "--decode-grid"),
-              ("dtype", "--dtype"), ("kv_scheme", "--kv-scheme"), ("trace", "--trace"))
+              ("dtype", "--dtype"), ("kv_scheme", "--kv-scheme"), ("trace", "--trace"), ("weights", "--weights"),
+              ("defect_rate", "--defect-rate"), ("defect_seed", "--defect-seed"), ("recovery", "--recovery"))
 
 
 def read_prompt(prompt: Optional[str], prompt_file: Optional[str]) -> str:
@@ -80,6 +81,23 @@ def _check_trace_path(trace: str) -> None:
         raise RequestError(f"--trace {trace}: the directory {existing} is not writable")
 
 
+def with_defect_options(spec, rate, seed, recovery, seed_flag: str = "--seed"):
+    """``spec`` with the defective PEs of ``--defect-rate``/``seed_flag``/``--recovery`` (each
+    None when not given): a map drawn at the rate (seed 0 unless given), recovered by the
+    scheme (``spare`` unless given, or the wafer file's own when it has defects); a recovery
+    alone applies to the wafer file's own list."""
+    from waferllm.hardware.defects import with_defect_rate
+    from waferllm.hardware.plmr import DEFECT_RECOVERY
+
+    if recovery is not None and recovery not in DEFECT_RECOVERY:
+        raise RequestError(f"--recovery must be one of {', '.join(DEFECT_RECOVERY)}, got {recovery!r}")
+    if rate is None:
+        if seed is not None:
+            raise RequestError(f"{seed_flag} draws the defect map of --defect-rate; give --defect-rate too")
+        return spec if recovery is None else spec.replace(defect_recovery=recovery)
+    return with_defect_rate(spec, rate, 0 if seed is None else seed, recovery or "spare", where="--defect-rate")
+
+
 def _check_wafer_options(engine: str, given: dict):
     """The wafer engine's options, checked with the flags' names (no model needed). Returns the
     wafer spec and the grids ("auto" or P)."""
@@ -91,10 +109,14 @@ def _check_wafer_options(engine: str, given: dict):
     if engine == "reference":
         extra = [flag for name, flag in WAFER_ONLY if given[name] is not None]
         if extra:
+            them = "them" if len(extra) > 1 else "it"
+            try:  # offer the wafer engine only if it would take these values
+                _check_wafer_options("wafer", given)
+                instead = f"Drop {them}, or use --engine wafer."
+            except WaferLLMError as exc:  # a bad grid, dtype, wafer or trace path
+                instead = f"Drop {them} (the wafer engine would refuse {them} too: {exc})."
             raise RequestError(f"{', '.join(extra)} only appl{'y' if len(extra) > 1 else 'ies'} to the wafer engine; "
-                               "--engine reference runs the dense "
-                               f"numpy forward on the host. Drop {'them' if len(extra) > 1 else 'it'}, or use "
-                               "--engine wafer.")
+                               f"--engine reference runs the dense numpy forward on the host. {instead}")
         return None, None, None
     pg = _grid(given["prefill_grid"], "--prefill-grid")
     dg = _grid(given["decode_grid"], "--decode-grid")
@@ -104,6 +126,13 @@ def _check_wafer_options(engine: str, given: dict):
     if kv not in SCHEMES:
         raise RequestError(f"--kv-scheme must be one of {', '.join(SCHEMES)}, got {kv!r}")
     spec = get_wafer(given["wafer"] or "wse2")
+    if given.get("weights") is not None:
+        from waferllm.models.quant import WEIGHT_CHOICES
+
+        if given["weights"] not in WEIGHT_CHOICES:
+            raise RequestError(f"--weights must be one of {', '.join(WEIGHT_CHOICES)}, got {given['weights']!r}")
+    spec = with_defect_options(spec, given.get("defect_rate"), given.get("defect_seed"), given.get("recovery"),
+                               seed_flag="--defect-seed")
     try:
         check_grids_fit_mesh(pg, dg, spec)
     except RequestError as exc:
@@ -251,6 +280,17 @@ def generate(
                                             help="shift (WaferLLM) or concat (baseline) KV cache (default: shift)."),
     trace: Optional[str] = typer.Option(None, "--trace", rich_help_panel=WAFER,
                                         help="Write a Chrome/Perfetto trace JSON of the wafer run to this file."),
+    weights: Optional[str] = typer.Option(None, "--weights", rich_help_panel=WAFER,
+                                          help="Layer weights on the PEs: fp16 (dense, in --dtype), int8 or int4 "
+                                               "(GGUF Q8_0/Q4_0 blocks, dequantised by the PEs), or native (a GGUF "
+                                               "file's own Q8_0/Q4_0) (default: fp16)."),
+    defect_rate: Optional[float] = typer.Option(None, "--defect-rate", rich_help_panel=WAFER,
+                                                help="Fraction of defective PEs (e.g. 0.001), drawn with --defect-seed."),
+    defect_seed: Optional[int] = typer.Option(None, "--defect-seed", rich_help_panel=WAFER,
+                                              help="Seed of the defect map (default 0)."),
+    recovery: Optional[str] = typer.Option(None, "--recovery", rich_help_panel=WAFER,
+                                           help="How defects are handled: spare (hardware spare rows/columns, "
+                                                "default), reroute (fault-aware placement and routing) or avoid."),
 ) -> None:
     """Generate text with a real model on the simulated wafer (or the dense reference).
 
@@ -265,7 +305,7 @@ def generate(
     if engine not in ("wafer", "reference"):
         raise RequestError(f"--engine must be wafer or reference, got {engine!r}")
     given = dict(wafer=wafer, prefill_grid=prefill_grid, decode_grid=decode_grid, dtype=dtype, kv_scheme=kv_scheme,
-                 trace=trace)
+                 trace=trace, weights=weights, defect_rate=defect_rate, defect_seed=defect_seed, recovery=recovery)
     spec, pg, dg = _check_wafer_options(engine, given)
     _check_lengths_upfront(max_tokens, max_model_len)
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
@@ -298,7 +338,8 @@ def generate(
 
             try:
                 eng = LLM(loaded, wafer=spec, prefill_grid=pg, decode_grid=dg, dtype=given["dtype"] or "fp16",
-                          kv_scheme=given["kv_scheme"] or "shift", max_model_len=mml, progress=progress)
+                          kv_scheme=given["kv_scheme"] or "shift", max_model_len=mml, progress=progress,
+                          weights=given["weights"] or "fp16")
             except PlacementError as exc:
                 raise _rewrite_for_cli(exc, len(ids), max_tokens, max_model_len) from None
     if engine == "wafer" and max_model_len is None:

@@ -34,21 +34,42 @@ def predict(
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a wafer constant: KEY=VALUE."),
     allow_beyond_context: bool = typer.Option(False, "--allow-beyond-context",
                                               help="Predict a request longer than the model's context."),
+    weights: str = typer.Option("fp16", "--weights", help="Layer weights on the PEs: fp16 (dense, in --dtype), int8 or "
+                                                          "int4 (GGUF Q8_0/Q4_0 blocks, dequantised by the PEs), or "
+                                                          "native (a GGUF model file's own Q8_0/Q4_0)."),
+    defect_rate: Optional[float] = typer.Option(None, "--defect-rate", help="Fraction of defective PEs (e.g. 0.001), "
+                                                "drawn with --seed; the report sets the perfect wafer beside it."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the defect map of --defect-rate (default 0)."),
+    recovery: Optional[str] = typer.Option(None, "--recovery", help="How defective PEs are handled: spare (the "
+                                           "hardware's spare rows/columns, default), reroute (fault-aware placement "
+                                           "and routing around them) or avoid (regions skip them)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     plot: Optional[str] = typer.Option(None, "--plot", help="Write the floorplan, SRAM, time and GPU pictures (PNG) "
                                                             "into this folder."),
+    wafers: str = typer.Option("1", "--wafers", help="Wafers the layers are pipelined over: N, or auto (the fastest "
+                                                     "count from the fewest that hold the model up to twice that)."),
+    wafer_layout: str = typer.Option("auto", "--wafer-layout", help="With --wafers: shared (every wafer runs both "
+                                                                    "phases on its layers), split (prefill and decode "
+                                                                    "on different wafers) or auto (the faster)."),
+    cluster: Optional[str] = typer.Option(None, "--cluster", help="With --wafers: cluster preset (cs2, cs3) or "
+                                                                  "TOML/JSON file (the link between the systems; its "
+                                                                  "wafer replaces --wafer). Default: the wafer's systems."),
 ) -> None:
     """Predict TTFT, TPOT, throughput and energy of a model on a wafer (dry run: no weights needed)."""
     from waferllm.engine.predict import check_request, predict_run
     from waferllm.engine.run_config import RunConfig
     from waferllm.engine.tuner import tune_grids
-    from waferllm.errors import RequestError
+    from waferllm.errors import PlacementError, RequestError
     from waferllm.hardware import get_wafer, parse_overrides
     from waferllm.interfaces.report import print_report
 
+    from waferllm.interfaces.cmd_generate import with_defect_options
+    from waferllm.models.quant import resolve_weights
+
     cfg = _config(model)
     check_request(cfg, input_len, output_len, extrapolate, allow_beyond_context)  # before tuning
-    spec = get_wafer(wafer, **parse_overrides(set_))
+    spec = with_defect_options(get_wafer(wafer, **parse_overrides(set_)), defect_rate, seed, recovery)
+    weights = resolve_weights(weights, model)
 
     def grid(v, what):
         if v == "auto":
@@ -62,12 +83,27 @@ def predict(
     if input_len < 1 or output_len < 1:
         raise RequestError(f"--input-len and --output-len must be positive, got {input_len} and {output_len}")
     run = RunConfig.for_request(input_len, output_len, prefill_grid=pg, decode_grid=dg, dtype=dtype,
-                                kv_scheme=kv_scheme, layers=extrapolate)
+                                kv_scheme=kv_scheme, layers=extrapolate, weights=weights)
+    from waferllm.interfaces import cluster_report
+
+    n_wafers = cluster_report.parse_wafers(wafers)
+    if n_wafers != 1 or cluster is not None:
+        _predict_cluster(cfg, spec, run, n_wafers, wafer_layout, cluster, input_len, output_len, extrapolate, plot,
+                         allow_beyond_context, as_json)
+        return
     tuning = None
     if pg is None or dg is None:
-        tuning = tune_grids(cfg, spec, run, input_len, output_len)
+        try:
+            tuning = tune_grids(cfg, spec, run, input_len, output_len)
+        except PlacementError as exc:  # say how many wafers would hold it
+            raise cluster_report.with_wafers_needed(exc, cfg, spec, run) from None
         run, pg, dg = tuning["run"], tuning["prefill_grid"], tuning["decode_grid"]
     m = predict_run(cfg, spec, run, input_len, output_len, allow_beyond_context=allow_beyond_context)
+    if spec.defective_pes:
+        from waferllm.engine.defect_impact import defect_impact
+
+        m["defects"] = defect_impact(cfg, spec, run, input_len, output_len, m, allow_beyond_context,
+                                     rate=defect_rate, seed=seed)
     if tuning:
         m["tuning"] = {"prefill_grid": pg, "decode_grid": dg,
                        "tried_s": {ph: {str(g): v for g, v in d.items()} for ph, d in tuning["tried"].items()}}
@@ -81,7 +117,63 @@ def predict(
         return
     console = Console()
     console.print(f"[bold]{cfg.name}[/] on [bold]{spec.name}[/]: {input_len} input + {output_len} output tokens, {dtype}, "
-                  f"{kv_scheme} KV cache" + (f", tuned grids {pg}/{dg}" if tuning else ""))
+                  f"{kv_scheme} KV cache" + (f", {weights} weights" if weights != "fp16" else "")
+                  + (f", tuned grids {pg}/{dg}" if tuning else ""))
     print_report(m, console, plan=m["placement"], gpus=m.get("gpu_baselines"))
+    if "defects" in m:
+        _print_defects(console, m["defects"])
     for p in written:
         console.print(f"wrote {p}")
+
+
+def _print_defects(console, d: dict) -> None:
+    """The defective wafer beside the perfect one."""
+    from rich.table import Table
+
+    what = f"{d['defective_pes']:,} defective PEs" + (f" (rate {d['rate']:g}, seed {d['seed'] or 0})"
+                                                     if d.get("rate") is not None else "")
+    t = Table(title=f"{what}, recovery {d['recovery']}: against a perfect wafer")
+    for col in ("", "perfect", "defective", "lost"):
+        t.add_column(col, justify="right")
+    rows = (("TTFT (ms)", "ttft_s", 1e3, "+"), ("TPOT (ms)", "tpot_s", 1e3, "+"),
+            ("decode TPR (tok/s)", "decode_tokens_per_s", 1, "-"), ("e2e TPR (tok/s)", "e2e_tokens_per_s", 1, "-"),
+            ("KV capacity (tokens)", "kv_capacity_tokens", 1, "-"))
+    for label, key, scale, sign in rows:
+        a, b, f = d["perfect"].get(key), d["defective"].get(key), d["lost_fraction"].get(key)
+        if a is None or b is None:
+            continue
+        fmt = (lambda v: f"{v * scale:,.3f}") if scale != 1 or isinstance(a, float) and a < 100 else (
+            lambda v: f"{v:,.0f}")
+        t.add_row(label, fmt(a), fmt(b), "" if f is None else f"{sign}{abs(f) * 100:.2f}%" if f else "0%")
+    console.print(t)
+
+
+def _predict_cluster(cfg, spec, run, wafers, layout, cluster, input_len, output_len, extrapolate, plot,
+                     allow_beyond_context, as_json) -> None:
+    """``--wafers N|auto``: the model pipelined over the wafers of a cluster."""
+    from waferllm.engine.predict import predict_cluster
+    from waferllm.errors import RequestError
+    from waferllm.interfaces.cluster_report import cluster_spec, print_cluster
+    from waferllm.interfaces.report import print_report
+
+    if extrapolate is not None:
+        raise RequestError("--extrapolate-from-layers runs part of the model on one wafer; with --wafers every layer "
+                           "is placed: drop one of them")
+    if plot:
+        raise RequestError("--plot draws one wafer; it does not combine with --wafers")
+    if layout not in ("auto", "shared", "split"):
+        raise RequestError(f"--wafer-layout must be shared, split or auto, got {layout!r}")
+    c = cluster_spec(spec, cluster)
+    m = predict_cluster(cfg, c, run, input_len, output_len, wafers=wafers, layout=layout,
+                        allow_beyond_context=allow_beyond_context)
+    m["weights"] = run.weights
+    if as_json:
+        typer.echo(json.dumps(m, indent=2, default=float))
+        return
+    console = Console()
+    best = m["cluster_search"]["chosen"]
+    console.print(f"[bold]{cfg.name}[/] on [bold]{best['wafers']} x {c.wafer.name}[/] ({best['layout']} layout, "
+                  f"grids {best['prefill_grid']}/{best['decode_grid']}): {input_len} input + {output_len} output "
+                  f"tokens, {run.dtype}, {run.kv_scheme} KV cache")
+    print_report(m, console, plan=m["placement"], gpus=m.get("gpu_baselines"))
+    print_cluster(m, console)

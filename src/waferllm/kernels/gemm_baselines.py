@@ -85,9 +85,9 @@ def allgather_gemm(a: DistTensor, b: DistTensor, *, out_dtype: str | None = None
         if n > 1:
             # every step, A's tiles move along the rows and B's along the columns at once
             with mesh.ledger.concurrent():
-                for t, label in ((a, "allgather.gather_A"), (b, "allgather.gather_B")):
+                for t, label, axis in ((a, "allgather.gather_A", "x"), (b, "allgather.gather_B", "y")):
                     comm.charge_messages(mesh, label, t.bytes_per_pe, hops, stages=stages, rounds=n - 1,
-                                         relayed=not hardware)
+                                         relayed=not hardware, axis=axis, routes=n)
         acc = matmul_tiles(mesh, a_row.tiles, b_col.tiles, dtype=a.dtype, name="allgather.tile_matmul",
                            shapes=(m_t, n * k_t, n_t))
         out = DistTensor(mesh, (a.shape[0], b.shape[1]), ("y", "x"), out_dtype,

@@ -63,7 +63,8 @@ def rotating_root_schedule(k: DistTensor, local, part_lead: tuple, tq: int, *, a
             out[rows, root] = red.tiles[rows, root]
         del red, partial
     # the reductions were pipelined step after step: the last one's latency remains
-    mesh.ledger.charge(f"{algo}.reduce_tail", "comm", comm.pipeline_tail(mesh, n, nbytes, reduce_algo))
+    mesh.ledger.charge(f"{algo}.reduce_tail", "comm", comm.pipeline_tail(mesh, n, nbytes, reduce_algo,
+                                                                                axis="x"))
     return out, k
 
 

@@ -12,6 +12,8 @@ must hold A(i, kappa) and B(kappa, j) for the same kappa = order[rho(i) + rho(j)
   steps every operand is back where it started, so a skewed A can be reused by the
   next GEMM that shares it (Q, K, V; gate, up) and B stays placed.
 With ``ring="plain"`` the same code is Cannon on a mesh (its wrap-around is N-1 hops).
+A block-quantised B (int8 / int4 with fp16 block scales) travels at its stored size and
+is dequantised by each PE, every step, for the tile it multiplies.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from waferllm.mesh import comm
 from waferllm.mesh.compute import matmul_tiles
 from waferllm.mesh.interleave import ring_order, ring_rank, ring_source
 from waferllm.hardware.plmr import DTYPE_BYTES
-from waferllm.mesh.tensor import NP_DTYPES, DistTensor
+from waferllm.mesh.tensor import NP_DTYPES, QUANT_BITS, DistTensor, QuantTensor
 
 
 def _square(mesh, algo):
@@ -64,9 +66,17 @@ def skew_blocks(n: int, ring: str, operand: str) -> dict:
     return {0: kappa, 1: jj} if operand == "B" else {0: ii, 1: kappa}
 
 
-def place_b(mesh, b, dtype="fp16", ring="interleave", name="B") -> DistTensor:
-    """Place a weight [K, N] pre-skewed for MeshGEMM (placement itself is not charged)."""
+def place_b(mesh, b, dtype="fp16", ring="interleave", name="B", *, scales=None, compute_dtype="fp16",
+            scale_slots=0) -> DistTensor:
+    """Place a weight [K, N] pre-skewed for MeshGEMM (placement itself is not charged).
+
+    With ``dtype`` int8 or int4 the weight is stored block-quantised (a :class:`QuantTensor`):
+    ``b`` its integers, ``scales`` every value's fp16 scale, ``scale_slots`` the block scales
+    a tile column keeps, dequantised into ``compute_dtype`` by every product."""
     n = _square(mesh, "MeshGEMM")
+    if dtype in QUANT_BITS:
+        return QuantTensor.from_global(mesh, b, ("y", "x"), dtype, scales=scales, compute_dtype=compute_dtype,
+                                       scale_slots=scale_slots, name=name, blocks=skew_blocks(n, ring, "B"))
     return mesh.place(b, ("y", "x"), dtype, name=name, blocks=skew_blocks(n, ring, "B"))
 
 
@@ -172,8 +182,9 @@ def meshgemm(a: DistTensor, b: DistTensor, *, ring: str = "interleave", a_skewed
         acc_tiles = acc.tiles  # the products accumulate into it in place
 
         def local(a_, b_):
+            # a block-quantised B: each step the PE dequantises the tile it just received
             matmul_tiles(mesh, a_.tiles, b_.tiles, acc_tiles, dtype=a_.dtype, name=f"{algo}.tile_matmul",
-                         shapes=(m_t, k_t, n_t))
+                         shapes=(m_t, k_t, n_t), dequant=b_ if isinstance(b_, QuantTensor) else None)
 
         # the N-th shift brings every operand home
         a, b = cannon_schedule(mesh, [a, b], local, algo=algo, steps=n, ring=ring)
@@ -295,10 +306,10 @@ def meshgemm_rect(mesh, a, b, *, dtype: str = "fp16", ring: str = "interleave", 
     a_t = phys_tensor((M, K), None if a_log is None else _physical(a_log, R, C, fr, fc), (fr * mt, fc * kt), dtype, "A")
     b_t = phys_tensor((K, N), None if b_log is None else _physical(b_log, R, C, fr, fc), (fr * kt, fc * nt), dtype, "B")
 
-    def ring_step(nbytes, hops, label):
+    def ring_step(nbytes, hops, label, axis):
         """Every PE sends the logical tiles that leave it for the next ring position."""
         if nbytes > 0:
-            comm.charge_messages(mesh, label, nbytes, hops)
+            comm.charge_messages(mesh, label, nbytes, hops, axis=axis, routes=routes_pe)
 
     with measured(mesh, algo) as rep:
         if routes_pe:  # both rings, held for the whole kernel
@@ -309,7 +320,7 @@ def meshgemm_rect(mesh, a, b, *, dtype: str = "fp16", ring: str = "interleave", 
         if skew_rounds and lx:
             per_pe = need.reshape(R, fr)
             for t in range(1, skew_rounds + 1):  # round t: the logical rows that still turn
-                ring_step(int((per_pe >= t).sum(axis=1).max()) * lx * mt * kt * item, hx, f"{algo}.skew_A")
+                ring_step(int((per_pe >= t).sum(axis=1).max()) * lx * mt * kt * item, hx, f"{algo}.skew_A", "x")
         if numeric:
             a_log = a_log[ii, order[(rho[ii] + rho[jj]) % L]]
         skewed = phys_tensor((M, K), None if a_log is None else _physical(a_log, R, C, fr, fc),
@@ -329,11 +340,11 @@ def meshgemm_rect(mesh, a, b, *, dtype: str = "fp16", ring: str = "interleave", 
                                  name=f"{algo}.tile_matmul", shapes=(mt, kt, nt))
 
         def shift_a(a_l):  # one logical position along the rows (x)
-            ring_step(a_bytes, hx, f"{algo}.shift_A")
+            ring_step(a_bytes, hx, f"{algo}.shift_A", "x")
             return a_l[:, src_x] if a_l is not None and L > 1 else a_l
 
         def shift_b(b_l):  # and along the columns (y)
-            ring_step(b_bytes, hy, f"{algo}.shift_B")
+            ring_step(b_bytes, hy, f"{algo}.shift_B", "y")
             return b_l[src_x] if b_l is not None and L > 1 else b_l
 
         nxt_h = mesh.sram.alloc(f"{algo}.next_tiles", (fr * fc * (mt * kt + kt * nt)) * item)  # receive buffers

@@ -16,6 +16,7 @@ from functools import lru_cache
 import numpy as np
 
 from waferllm.errors import MeshError, SRAMOverflowError
+from waferllm.hardware.defects import DETOUR_ROUTES, region_links
 from waferllm.mesh import move
 from waferllm.mesh.compute import charge_task_switch
 from waferllm.mesh.cost import message_cycles
@@ -31,26 +32,43 @@ def _check_axis(axis: str) -> int:
     return AXES[axis]
 
 
+def defect_cost(mesh, axis: str | None, hops: int, routes: int = 0) -> tuple[int, int, float]:
+    """What defective PEs add to a message of ``hops`` logical hops along ``axis`` ("x", "y",
+    None: either) on this region, for the slowest line: (extra hops, software relays, mean
+    extra hops per hop for the energy). A detour around a dead PE needs routes on the PEs it
+    passes; where the primitive's own ``routes`` leave too few, each detour is a software
+    relay. (0, 0, 0.0) on a perfect wafer (see :mod:`waferllm.hardware.defects`)."""
+    links = region_links(mesh.region)
+    if links is None or hops <= 0:
+        return 0, 0, 0.0
+    relays = links.detours(axis, hops) if routes + DETOUR_ROUTES > mesh.routes.budget else 0
+    return links.extra(axis, hops), relays, links.mean(axis)
+
+
 def charge_messages(mesh, name: str, nbytes_per_pe: float, hops: int, stages: int = 0, rounds: int = 1,
                     links_shared: int = 1, messages: int | None = None, relayed: bool = False,
-                    collective: bool = False) -> float:
+                    collective: bool = False, axis: str | None = None, routes: int = 0) -> float:
     """Charge ``rounds`` rounds in which every PE (or ``messages`` senders per round in all)
     sends ``nbytes_per_pe`` over ``hops`` hops and ``stages`` software relays; flows that
     share a link serialise on it (``links_shared``). A ``collective`` (broadcast,
     multicast) also pays its fixed set-up cost and a task switch. Returns the cycles.
+    The messages travel along ``axis`` (None: either); on a wafer with defective PEs they pay
+    the extra hops (and relays) of the region's slowest line (:func:`defect_cost`; ``routes``:
+    what the primitive holds per PE).
 
     For kernels whose tiles move in a pattern the tensor primitives do not express (the
     folded rings of :func:`waferllm.kernels.meshgemm.meshgemm_rect`)."""
     w = mesh.wafer
-    per_round = message_cycles(w, nbytes_per_pe, hops, stages, links_shared)
+    extra, relays, mean = defect_cost(mesh, axis, hops, routes)
+    per_round = message_cycles(w, nbytes_per_pe, hops + extra, stages + relays, links_shared)
     pes = mesh.rows * mesh.cols
     msgs = pes * rounds if messages is None else messages
     if collective:
         charge_task_switch(mesh)
     return mesh.ledger.charge(
         name, "comm", per_round * rounds + (w.collective_overhead_cycles if collective else 0.0),
-        bytes_moved=nbytes_per_pe * msgs, hop_bytes=nbytes_per_pe * msgs * max(hops, 1),
-        routing_stages=stages * rounds, messages=msgs, relayed_transfers=msgs if relayed else 0,
+        bytes_moved=nbytes_per_pe * msgs, hop_bytes=nbytes_per_pe * msgs * max(hops, 1) * (1 + mean),
+        routing_stages=(stages + relays) * rounds, messages=msgs, relayed_transfers=msgs if relayed or relays else 0,
         sram_read_bytes=nbytes_per_pe * msgs, sram_write_bytes=nbytes_per_pe * msgs,
     )
 
@@ -87,7 +105,8 @@ def shift(t: DistTensor, axis: str, direction: int = 1, fill: float = 0.0, name:
         tiles[tuple(edge)] = fill
     n = mesh.axis_size(axis)
     if n > 1:
-        charge_messages(mesh, name, t.bytes_per_pe, hops=1, messages=mesh.rows * mesh.cols * (n - 1) // n)
+        charge_messages(mesh, name, t.bytes_per_pe, hops=1, messages=mesh.rows * mesh.cols * (n - 1) // n,
+                        axis=axis, routes=2)
     return t.with_tiles(tiles)
 
 
@@ -113,7 +132,8 @@ def ring_shift(t: DistTensor, axis: str, steps=1, ring: str = "interleave", name
     mesh.routes.request(f"{name}[{ring}]", 3, relayable=False)
     hops = ring_max_hops(n, ring)
     # flows of one step that share a directed link serialise on it
-    charge_messages(mesh, name, t.bytes_per_pe, hops=hops, rounds=rounds, links_shared=ring_max_link_load(n, ring))
+    charge_messages(mesh, name, t.bytes_per_pe, hops=hops, rounds=rounds, links_shared=ring_max_link_load(n, ring),
+                    axis=axis, routes=3)
     src = ring_source(n, ring, steps_arr)  # (n,) or (lines, n)
     if src.ndim == 1:
         # the same rotation on every line: index one mesh axis only (much cheaper)
@@ -159,7 +179,7 @@ def broadcast(t: DistTensor, axis: str, root=0, routes_per_pe: int = 1, name: st
         mesh.ledger.note(f"{name}: {routes_per_pe} routes/PE exceed the router's {mesh.routes.budget}; relayed in software")
     if n > 1:
         charge_messages(mesh, name, t.bytes_per_pe, hops=hops, stages=stages, relayed=not hardware,
-                        messages=mesh.rows * mesh.cols // n, collective=True)
+                        messages=mesh.rows * mesh.cols // n, collective=True, axis=axis, routes=routes_per_pe)
     d = t.axis_dim(axis)
     layout = list(t.layout)
     shape = list(t.shape)
@@ -201,7 +221,7 @@ def multicast(t: DistTensor, axis: str, root: int, lo: int, hi: int, name: str =
     hops = max(abs(root - lo), abs(hi - 1 - root))
     if hops:
         charge_messages(mesh, name, t.bytes_per_pe, hops=hops, messages=(hi - lo) * (mesh.rows * mesh.cols // n),
-                        collective=True)
+                        collective=True, axis=axis, routes=1)
     tiles = None
     if t.tiles is not None:
         tiles = np.array(t.tiles)
@@ -294,17 +314,20 @@ def _ktree_group(n: int, k: int) -> int:
     return g0 if cost(g0)[0] == cost(best)[0] else best
 
 
-def _schedule_cycles(mesh, phases: list[Phase], nbytes: int) -> tuple[float, int, int]:
-    """Cycles of a reduction schedule: its messages phase after phase, plus the collective's
-    fixed cost (setting up its routes and receive tasks) once."""
+def _schedule_cycles(mesh, phases: list[Phase], nbytes: int, axis: str | None = None,
+                     routes: int = 0) -> tuple[float, int, int]:
+    """Cycles of a reduction schedule along ``axis``: its messages phase after phase, plus the
+    collective's fixed cost (setting up its routes and receive tasks) once. On a wafer with
+    defective PEs each phase's path pays its extra hops (and relays) on the slowest line."""
     w = mesh.wafer
     cycles, stages, hops = (w.collective_overhead_cycles if phases else 0.0), 0, 0
     for p in phases:
         b = math.ceil(nbytes * p.bytes_factor)
         h = p.stages * p.spacing + p.extra_hops
-        cycles += p.repeats * message_cycles(w, b, h, p.stages)
-        stages += p.repeats * p.stages
-        hops += p.repeats * h
+        extra, relays, _ = defect_cost(mesh, axis, h, routes)
+        cycles += p.repeats * message_cycles(w, b, h + extra, p.stages + relays)
+        stages += p.repeats * (p.stages + relays)
+        hops += p.repeats * (h + extra)
     return cycles, stages, hops
 
 
@@ -319,10 +342,11 @@ def _occupancy_cycles(mesh, phases: list[Phase], nbytes: int) -> float:
     return busy
 
 
-def pipeline_tail(mesh, n: int, nbytes: int, algo: str = "ktree", k: int = 2, allreduce: bool = False) -> float:
-    """What the last of a stream of pipelined reductions adds after the stream's steps."""
-    phases, _ = reduce_schedule(n, algo, k, None, None, allreduce)
-    full, _, _ = _schedule_cycles(mesh, phases, nbytes)
+def pipeline_tail(mesh, n: int, nbytes: int, algo: str = "ktree", k: int = 2, allreduce: bool = False,
+                  axis: str | None = None) -> float:
+    """What the last of a stream of pipelined reductions (along ``axis``) adds after the stream's steps."""
+    phases, routes = reduce_schedule(n, algo, k, None, None, allreduce)
+    full, _, _ = _schedule_cycles(mesh, phases, nbytes, axis, routes)
     return max(0.0, full - _occupancy_cycles(mesh, phases, nbytes))
 
 
@@ -366,7 +390,7 @@ def reduce(t: DistTensor, axis: str, op: str = "sum", algo: str = "ktree", k: in
     phases, routes = reduce_schedule(n, algo, k, group, worst_root, allreduce)
     if routes:
         mesh.routes.request(name, routes, relayable=False)
-    cycles, stages, hops = _schedule_cycles(mesh, phases, t.bytes_per_pe)
+    cycles, stages, hops = _schedule_cycles(mesh, phases, t.bytes_per_pe, axis, routes)
     if pipelined:
         cycles = _occupancy_cycles(mesh, phases, t.bytes_per_pe)
     lines = mesh.rows * mesh.cols // max(n, 1)
@@ -414,7 +438,7 @@ def allreduce_segments(t: DistTensor, axis: str, span: int, bytes_per_pe: int | 
     mesh = t.mesh
     nbytes = t.bytes_per_pe if bytes_per_pe is None else bytes_per_pe
     phases, routes = reduce_schedule(span, "ktree", k, group if group and group < span else None, None, True)
-    cycles, stages, hops = _schedule_cycles(mesh, phases, nbytes)
+    cycles, stages, hops = _schedule_cycles(mesh, phases, nbytes, axis, routes)
     if routes:
         mesh.routes.request(name, routes, relayable=False)
     pes = mesh.rows * mesh.cols
@@ -448,7 +472,7 @@ def gather(t: DistTensor, to: tuple[int, int] = (0, 0), name: str = "gather"):
             f"needs {total - cap:,} B more than its {cap:,} B free"
         )
     hops = max(r, mesh.rows - 1 - r) + max(c, mesh.cols - 1 - c)
-    charge_messages(mesh, name, total, hops=hops, messages=1)
+    charge_messages(mesh, name, total, hops=hops, messages=1, routes=1)
     return t.to_global() if t.tiles is not None else None
 
 

@@ -159,6 +159,16 @@ def send(src: Placement, itemsize: int, data, mesh, layout, dtype: str, cluster,
     return out
 
 
+def send_many(src: Placement, itemsize: int, data, meshes: list, layout, dtype: str, cluster,
+              name: str = "interwafer") -> list[DistTensor]:
+    """:func:`send` to several wafers' ``meshes`` at once (one flow each, issued together: the
+    source system's I/O carries every copy); returns the landed tensors in order."""
+    outs = [DistTensor.from_global(m, data, layout, dtype, name=name) for m in meshes]
+    charge_transfer(meshes[0].ledger, cluster, [Flow(src, Placement.of(o), min(itemsize, o.itemsize)) for o in outs],
+                    name)
+    return outs
+
+
 def transfer(t: DistTensor, mesh, layout, cluster, dtype: str | None = None, name: str = "interwafer") -> DistTensor:
     """Re-place ``t`` on ``mesh`` of another wafer (the inter-wafer :func:`comm.relayout`);
     the narrower of the two dtypes travels."""

@@ -30,10 +30,12 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 
 from waferllm.errors import MeshError
+from waferllm.hardware.defects import box_extra
 from waferllm.mesh.cost import message_cycles
 from waferllm.mesh.region import Region
 from waferllm.mesh.tensor import DistTensor
@@ -622,24 +624,37 @@ def move_cost(src: Placement, dst: Placement, itemsize: int) -> MoveCost:
     return cost
 
 
-def move_cycles(wafer, cost: MoveCost) -> float:
-    """The move's time: its busiest ramp or link streams behind the longest path's head,
-    after the collective's fixed set-up."""
+def move_cycles(wafer, cost: MoveCost, extra_hops: int = 0) -> float:
+    """The move's time: its busiest ramp or link streams behind the longest path's head
+    (``extra_hops`` more on a wafer with defective PEs), after the collective's fixed set-up."""
     if cost.messages == 0:
         return 0.0
-    return message_cycles(wafer, cost.busiest_bytes, cost.max_hops) + wafer.collective_overhead_cycles
+    return message_cycles(wafer, cost.busiest_bytes, cost.max_hops + extra_hops) + wafer.collective_overhead_cycles
 
 
-def charge_move(ledger, src: Placement, dst: Placement, itemsize: int, name: str = "move") -> float:
+def charge_move(ledger, src: Placement, dst: Placement, itemsize: float, name: str = "move") -> float:
     """Charge re-placing a tensor from ``src`` to ``dst`` (elements of ``itemsize`` bytes) on
     ``ledger``: the cycles of :func:`move_cycles`, a task switch, and the bytes moved,
     hop-bytes, messages and SRAM bytes read (injected) and written (ejected). A move in
-    which no element leaves its PE charges nothing. Returns the cycles."""
-    cost = move_cost(src, dst, itemsize)
+    which no element leaves its PE charges nothing. Returns the cycles.
+
+    ``itemsize`` may be a fraction (a block-quantised weight: 17/16 bytes per int8 value
+    with its share of the block scale): the loads, linear in it, are priced for the
+    numerator and divided by the denominator. On a wafer with defective PEs the longest
+    path pays the extra hops a path of its length pays in the box of both regions."""
+    frac = Fraction(itemsize).limit_denominator(1 << 12)
+    cost = move_cost(src, dst, frac.numerator)
     if cost.messages == 0:
         return 0.0
+    if frac.denominator != 1:
+        d = frac.denominator
+        cost = MoveCost(cost.busiest_bytes / d, cost.max_hops, cost.bytes_moved / d, cost.hop_bytes / d, cost.messages,
+                        cost.read_bytes / d, cost.write_bytes / d)
     w = ledger.wafer
+    top, left, height, width = _box(src, dst)
+    extra = box_extra(src.region.wafer, top, left, height, width, cost.max_hops)
     if w.task_switch_cycles:
         ledger.charge("task_switch", "overhead", w.task_switch_cycles)
-    return ledger.charge(name, "comm", move_cycles(w, cost), bytes_moved=cost.bytes_moved, hop_bytes=cost.hop_bytes,
-                         messages=cost.messages, sram_read_bytes=cost.read_bytes, sram_write_bytes=cost.write_bytes)
+    return ledger.charge(name, "comm", move_cycles(w, cost, extra), bytes_moved=cost.bytes_moved,
+                         hop_bytes=cost.hop_bytes, messages=cost.messages, sram_read_bytes=cost.read_bytes,
+                         sram_write_bytes=cost.write_bytes)
