@@ -127,10 +127,12 @@ def write_hf_checkpoint(directory: str, weights: ModelWeights, max_shard_bytes: 
 
 
 def write_gguf(path: str, weights: ModelWeights, arch: str | None = None, skip: tuple[str, ...] = (),
-               reshape: dict[str, tuple[int, ...]] | None = None) -> str:
+               reshape: dict[str, tuple[int, ...]] | None = None, quant: str | None = None) -> str:
     """Write an F32 GGUF the way llama.cpp's converter lays it out (Q/K rows permuted for llama).
 
     ``skip`` leaves tensors out and ``reshape`` overrides shapes (numpy order) -- for corrupt-file tests.
+    ``quant`` ("Q8_0", "Q4_0", ...): the layers' matrices are stored in that GGUF type, quantised
+    by the ``gguf`` package (their rows must be whole blocks of 32).
     """
     import gguf
 
@@ -185,6 +187,10 @@ def write_gguf(path: str, weights: ModelWeights, arch: str | None = None, skip: 
         t = np.ascontiguousarray(t, dtype=np.float32)
         if reshape and name in reshape:
             t = np.resize(t, reshape[name]).astype(np.float32)
+        if quant and name.startswith("blk.") and t.ndim == 2:
+            qtype = gguf.GGMLQuantizationType[quant]
+            w.add_tensor(name, gguf.quants.quantize(t, qtype), raw_dtype=qtype)
+            continue
         w.add_tensor(name, t)
     w.write_header_to_file()
     w.write_kv_data_to_file()
