@@ -124,7 +124,7 @@ def with_derived(wafer: WaferSpec, plan: FitPlan, others: dict[str, WaferSpec]) 
 
 
 def fit(wafer: WaferSpec, plan: FitPlan, iters: int = 80, log=print,
-        measurements: list[Measurement] | None = None) -> tuple[dict[str, float], float]:
+        measurements: list[Measurement] | None = None, on_eval=None) -> tuple[dict[str, float], float]:
     """Best free constants (and fp16 width) for ``wafer``; returns (values, target loss)."""
     ms = measurements if measurements is not None else load_measurements(system=plan.wafer)
     keys = list(plan.free)
@@ -133,6 +133,8 @@ def fit(wafer: WaferSpec, plan: FitPlan, iters: int = 80, log=print,
         base = wafer if lane is None else wafer.replace(fp16_macs_per_cycle=lane)
 
         def f(z, base=base):
+            if on_eval is not None:  # progress: one evaluation of every measurement
+                on_eval()
             vals = dict(zip(keys, np.exp(z)))
             return target_loss(evaluate(base.replace(**vals), ms)) + _prior_loss(vals, plan)
 
@@ -197,7 +199,7 @@ def _fitted_keys(wafer: WaferSpec) -> list[str]:
     return [k for k, p in wafer.provenance.items() if p.status == "calibrated" and k != "calibration_error"]
 
 
-def calibrate(names=("wse2", "wse3"), iters: int = 80, write: bool = False, log=print) -> dict:
+def calibrate(names=("wse2", "wse3"), iters: int = 80, write: bool = False, log=print, on_eval=None) -> dict:
     """Fit the presets in order (wse2 before wse3, whose derived constants come from it)."""
     current = {n: get_wafer(n) for n in PLANS}
     results = {}
@@ -205,7 +207,7 @@ def calibrate(names=("wse2", "wse3"), iters: int = 80, write: bool = False, log=
         plan = PLANS[name]
         base = with_derived(current[name], plan, current)
         log(f"fitting {name}")
-        values, _ = fit(base, plan, iters=iters, log=log)
+        values, _ = fit(base, plan, iters=iters, log=log, on_eval=on_eval)
         current[name] = base.replace(**values)
         rows = evaluate(current[name])
         results[name] = {"values": values, "loss": target_loss(rows), "rows": rows}

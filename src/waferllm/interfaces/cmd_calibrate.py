@@ -80,7 +80,12 @@ def calibrate(
     if unknown:
         raise HardwareError(f"no calibration plan for {', '.join(unknown)}; presets with measurements: {', '.join(PLANS)}")
     console = Console(width=max(Console().width, 150))
-    results = run(names, iters=iters, write=write, log=console.print)
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(SpinnerColumn(), TextColumn("fitting: {task.completed} model evaluations"), TimeElapsedColumn(),
+                  console=console, transient=True) as bar:
+        task = bar.add_task("fit", total=None)
+        results = run(names, iters=iters, write=write, log=console.print, on_eval=lambda: bar.advance(task))
     for name, r in results.items():
         console.print(f"[bold]{name}[/]: " + ", ".join(f"{k}={v:g}" for k, v in r["values"].items())
                       + f"; loss {r['loss']:.4f}")
