@@ -38,6 +38,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/mesh_primitives.py --markdown benchmarks/RESULTS-mesh.md
 	$(PY) benchmarks/kernels.py --markdown benchmarks/RESULTS-kernels.md
 	$(PY) benchmarks/engine_predictions.py --markdown benchmarks/RESULTS-engine.md
+	$(PY) benchmarks/scale_out.py --markdown benchmarks/RESULTS-scale-out.md --plot docs/scale_out.png
 	$(PY) benchmarks/simulation_speed.py --markdown benchmarks/RESULTS-simulation-speed.md
 	$(PY) benchmarks/sweep_speed.py --markdown benchmarks/RESULTS-sweep.md
 

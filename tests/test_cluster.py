@@ -119,16 +119,16 @@ def test_transfer_costs_its_legs_the_link_latency_bytes_and_hand_off():
     led = Ledger(c.wafer)
     interwafer.charge_transfer(led, c, [interwafer.Flow(src, dst, 4)])
     w, clock, nbytes = c.wafer, c.wafer.clock_hz, 4000
-    # the legs: along the row to the I/O column (col 0), then on the other wafer from its row 0
-    # (the one value lands on the I/O column's first row) down to row 5 and across to col 8
-    head = (2 * w.ramp_cycles + w.alpha_cycles * (6 + 9)) + (2 * w.ramp_cycles + w.alpha_cycles * (5 + 8))
+    # the legs: along row 9 to the I/O column (col 0); on the other wafer from the I/O column
+    # along row 5 to col 8
+    head = (2 * w.ramp_cycles + w.alpha_cycles * 6) + (2 * w.ramp_cycles + w.alpha_cycles * 8)
     head += c.hops * c.hop_latency_s * clock
     body = max(math.ceil(nbytes / w.link_bytes_per_cycle), nbytes / c.link_bytes_per_s * clock)
     fixed = 2 * w.collective_overhead_cycles + c.transfer_overhead_s * clock
     assert led.cycles == pytest.approx(w.task_switch_cycles + head + body + fixed)
     assert led.totals["interwafer_bytes"] == nbytes and led.totals["interwafer_transfers"] == 1
     assert led.totals["bytes_moved"] == 2 * nbytes  # one leg on each wafer
-    assert led.totals["hop_bytes"] == nbytes * (15 + 13)
+    assert led.totals["hop_bytes"] == nbytes * (6 + 8)
 
 
 def test_transfers_share_a_system_s_io_and_run_apart_on_others():

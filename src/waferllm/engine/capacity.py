@@ -234,7 +234,8 @@ class _SideRatios:
             return
         phase, dtype, seq = pp.phase, pp.dtype, pp.seq_len
         w = layer_weight_bytes
-        self.weights = w(config, side, phase, dtype) / w(config, measured, phase, dtype)
+        fmt = getattr(pp, "weights", "fp16")
+        self.weights = w(config, side, phase, dtype, fmt) / w(config, measured, phase, dtype, fmt)
         kv = kv_bytes_per_slot(config, side, dtype) / kv_bytes_per_slot(config, measured, dtype)
         self.kv = kv * (cdiv(seq, side) / cdiv(seq, measured) if phase == "prefill" else 1)
         if phase == "prefill":

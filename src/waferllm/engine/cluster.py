@@ -18,13 +18,17 @@ Two layouts:
 
 The vocabulary tables (LM head, and the embedding table when it is not tied) sit on the
 *first* wafer of each phase, sliced over its regions. Every decode step crosses as many
-links either way (the hidden state wafer to wafer, then back to where the next token is
-embedded), but with the tables on the first wafer the prompt's embedding rows never cross
-a link, only the last hidden row (or the rows whose logits are asked for) goes back, and a
-tied table serves the LM head and the embedding from one place. Splitting the vocabulary
-over every wafer would save the first wafer's SRAM (a 128K x 8K table is ~2 GB in fp16,
-~5% of a wafer) at the price of a broadcast of the hidden state to every wafer and a
-gather of their best logits each step: two link latencies instead of none.
+links whether they sit on the first or the last wafer (the hidden state wafer to wafer,
+then back to where the next token is embedded), but on the first wafer the prompt's
+embedding rows never cross a link, only the last hidden row (or the rows whose logits are
+asked for) goes back, and a tied table serves the LM head and the embedding from one place.
+Splitting the tables over every wafer would save the first wafer's SRAM (a 128K x 8K table
+is ~2 GB in fp16, ~5% of a wafer) at the price of sending the hidden state to every wafer
+and gathering their best logits each step. So the tables are split only when they must
+be: over the fewest leading wafers with which the shares plan (a 405B-class model's
+16K-wide tables do not fit one wafer beside a layer); the hidden state then goes to each
+of them at once, and each sends its best logit and index to the first, which picks the
+token and asks the wafer holding its row for the embedding.
 
 Each share is as many layers as its wafer holds in proportion to what the wafers can
 take (the wafer with the tables takes fewer), at least one each. The wafer counts come
@@ -40,7 +44,7 @@ import time
 from dataclasses import dataclass, field
 
 from waferllm.engine.placement import PhasePlan, Plan, Stage, _split, plan_phase, planned_kv_capacity
-from waferllm.errors import HardwareError, PlacementError, RequestError
+from waferllm.errors import PlacementError, RequestError
 from waferllm.hardware.cluster import FASTER_WHEN_LARGER, LINK_FIELDS, ClusterSpec, cluster_for
 from waferllm.hardware.plmr import DTYPE_BYTES, WaferSpec
 
@@ -392,9 +396,6 @@ class Option:
     metrics: dict | None = None
     why: str = ""
 
-    def key(self) -> tuple:
-        return (self.wafers, self.layout, self.prefill_grid, self.decode_grid, self.prefill_wafers)
-
     def to_dict(self) -> dict:
         m = self.metrics or {}
         return {"wafers": self.wafers, "layout": self.layout, "prefill_wafers": self.prefill_wafers,
@@ -424,10 +425,6 @@ def _phase_seconds(config, wafer, run, input_len: int, output_len: int, grids: l
     return out
 
 
-def _crossing_s(cluster: ClusterSpec, nbytes: float) -> float:
-    return cluster.link_seconds(nbytes)
-
-
 def _estimate(config, cluster, opt: Option, secs: dict, input_len: int, output_len: int, dtype: str) -> float:
     """Ranking estimate of an option's request time: the phases' times on their grids plus
     the link crossings its wafers add (the prompt's hidden states once per prefill wafer,
@@ -436,12 +433,12 @@ def _estimate(config, cluster, opt: Option, secs: dict, input_len: int, output_l
     E = config.hidden_size
     n_pre = opt.prefill_wafers or opt.wafers
     n_dec = opt.wafers - opt.prefill_wafers if opt.prefill_wafers else opt.wafers
-    pre = secs["prefill"][opt.prefill_grid] + (n_pre - 1) * _crossing_s(cluster, input_len * E * b) + (
-        _crossing_s(cluster, E * b) if n_pre > 1 else 0.0)
-    dec = secs["decode"][opt.decode_grid] + (_crossing_s(cluster, E * b) * n_dec if n_dec > 1 else 0.0)
+    pre = secs["prefill"][opt.prefill_grid] + (n_pre - 1) * cluster.link_seconds(input_len * E * b) + (
+        cluster.link_seconds(E * b) if n_pre > 1 else 0.0)
+    dec = secs["decode"][opt.decode_grid] + (cluster.link_seconds(E * b) * n_dec if n_dec > 1 else 0.0)
     kv = 0.0
     if opt.prefill_wafers:
-        kv = _crossing_s(cluster, 2 * config.num_layers * config.kv_dim * input_len * b / n_dec)
+        kv = cluster.link_seconds(2 * config.num_layers * config.kv_dim * input_len * b / n_dec)
     return pre + kv + (output_len - 1) * dec
 
 
@@ -471,11 +468,13 @@ def search(config, cluster: ClusterSpec, run, input_len: int, output_len: int, w
     t0 = time.perf_counter()
     grids = grids or candidate_grids(wafer)
     secs = _phase_seconds(config, wafer, run, input_len, output_len, grids)
-    if not secs["prefill"] or not secs["decode"]:
-        phase = "prefill" if not secs["prefill"] else "decode"
-        raise PlacementError(f"{config.name}: not one {phase} layer fits a region of {wafer.name} on the grids tried "
-                             f"({', '.join(map(str, ([run.prefill_grid] if phase == 'prefill' and run.prefill_grid else [run.decode_grid] if phase == 'decode' and run.decode_grid else grids)))}); "
-                             "no count of wafers holds it")
+    for phase in PHASES:
+        if not secs[phase]:
+            fixed = run.prefill_grid if phase == "prefill" else run.decode_grid
+            tried = ", ".join(map(str, [fixed] if fixed else grids))
+            raise PlacementError(f"{config.name}: not one {phase} layer fits a region of {wafer.name} on the grids "
+                                 f"tried ({tried}), so no count of wafers holds it: try other grids, or a wafer with "
+                                 "more SRAM per PE")
     cap = Capacity(config, wafer, run.max_seq_len, run.prompt_len, run.dtype, run.weights)
     layouts = LAYOUTS if layout == "auto" else (layout,)
     # the fewest wafers per layout and grid pair (planning only)
@@ -538,8 +537,13 @@ def search(config, cluster: ClusterSpec, run, input_len: int, output_len: int, w
             progress(len(done), len(options), f"{opt.wafers} wafers, {opt.layout}, grids {opt.prefill_grid}/"
                                               f"{opt.decode_grid}: {opt.e2e_s * 1e3:.1f} ms")
     if not done:
-        raise PlacementError(f"{config.name}: no candidate count of {wafer.name} wafers places: "
-                             + "; ".join(o.why for o in options))
+        least = {lay: min((n for (l2, _, _), n in fewest.items() if l2 == lay and n is not None), default=None)
+                 for lay in layouts}
+        why = "; ".join(o.why for o in options) or ", ".join(
+            f"the {lay} layout needs {n} wafers" if n else f"the {lay} layout fits no count"
+            for lay, n in least.items())
+        raise PlacementError(f"{config.name}: no option of {span.start}{'-' + str(span.stop - 1) if len(span) > 1 else ''}"
+                             f" {wafer.name} wafers places ({why}; checked by planning them)")
     best = min(done, key=lambda o: o.e2e_s)
     chosen = cluster.with_wafers(best.wafers, best.prefill_wafers) if best.wafers > 1 else cluster.with_wafers(1)
     return {"best": best, "options": options, "fewest": lo, "cluster": chosen,
@@ -554,16 +558,6 @@ def _splits(config, cap: Capacity, g_pre: int, g_dec: int, n: int) -> list[int]:
     if pre is None or dec is None:
         return []
     return [p for p in range(pre[0], n - dec[0] + 1) if p <= L and n - p <= L]
-
-
-def cluster_of(wafer, wafers: int = 1, prefill_wafers: int | None = None) -> ClusterSpec:
-    """A wafer's cluster preset (see :func:`waferllm.hardware.cluster.cluster_for`) using ``wafers``."""
-    if isinstance(wafer, ClusterSpec):
-        return wafer.with_wafers(wafers, prefill_wafers)
-    try:
-        return cluster_for(wafer).with_wafers(wafers, prefill_wafers)
-    except HardwareError as exc:
-        raise RequestError(str(exc)) from None
 
 
 def fewest_any_grid(config, wafer: WaferSpec, run, grids: list[int] | None = None) -> tuple[int, int, int] | None:

@@ -16,7 +16,7 @@ import numpy as np
 
 from waferllm.engine.layouts import HeadLayout
 from waferllm.errors import MeshError, PlacementError
-from waferllm.hardware.defects import reroute_squares
+from waferllm.hardware.defects import reroute_fit
 from waferllm.hardware.plmr import DTYPE_BYTES, WaferSpec
 from waferllm.mesh.region import Region
 from waferllm.mesh.tensor import QUANT_BITS
@@ -232,16 +232,16 @@ def region_slots(wafer: WaferSpec, grid: int, phase: str, fill: bool = True) -> 
             f"{phase} grid {grid} does not fit the {wafer.rows}x{wafer.cols} mesh of {wafer.name} "
             f"(largest square: {min(wafer.rows, wafer.cols)})"
         )
+    nr, nc = wafer.rows // grid, wafer.cols // grid
+    squares = [(r * grid, c * grid, grid) for r in range(nr) for c in range(nc)]
+    min_side = max(8, grid // 4)
+    if fill:
+        squares += _squares(wafer, 0, nc * grid, wafer.rows, wafer.cols - nc * grid, min_side)
+        squares += _squares(wafer, nr * grid, 0, wafer.rows - nr * grid, nc * grid, min_side)
     if wafer.defect_recovery == "reroute" and wafer.defective_pes:
         # fault-aware placement: each square spans the columns its rows need to skip their defects
         return [Region(wafer, side, side, r, c, name=f"{phase}[{i}]", span=span) for i, (r, c, side, span) in
-                enumerate(reroute_squares(wafer, grid, fill, max(8, grid // 4)))]
-    nr, nc = wafer.rows // grid, wafer.cols // grid
-    squares = [(r * grid, c * grid, grid) for r in range(nr) for c in range(nc)]
-    if fill:
-        min_side = max(8, grid // 4)
-        squares += _squares(wafer, 0, nc * grid, wafer.rows, wafer.cols - nc * grid, min_side)
-        squares += _squares(wafer, nr * grid, 0, wafer.rows - nr * grid, nc * grid, min_side)
+                enumerate(reroute_fit(wafer, squares, min(min_side, grid)))]
     out = []
     for r, c, side in squares:
         try:

@@ -101,7 +101,7 @@ def predict_run(config, wafer, run: RunConfig, input_len: int, output_len: int, 
                      f"layer time scaled by {config.num_layers / wm.layers:g} (the paper's method for models that "
                      f"do not fit one wafer)")
     if band:
-        with_band(m, config, wm.wafer, run, input_len, output_len)
+        with_band(m, config, wm.cluster or wm.wafer, run, input_len, output_len)
     if gpus:
         m["gpu_baselines"] = gpu_baselines(config, input_len, output_len)
     return m

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from waferllm.errors import HardwareError
-from waferllm.hardware.plmr import STATUSES, Provenance, WaferSpec, _short, get_wafer
+from waferllm.hardware.plmr import Provenance, WaferSpec, _exists, _short, get_wafer, read_constant
 
 try:  # Python >= 3.11
     import tomllib
@@ -207,26 +207,7 @@ def from_mapping(data: Mapping[str, Any], where: str = "<mapping>", _chain: tupl
                                     f"{LINK_FIELDS[key][1]})")
             values[key] = getattr(base, key)
             continue
-        raw = data[key]
-        if isinstance(raw, Mapping):
-            if "value" not in raw:
-                raise HardwareError(f"{where}: {key} is a table but has no 'value'")
-            status = str(raw.get("status", "user"))
-            if status not in STATUSES:
-                raise HardwareError(f"{where}: {key}.status must be one of {', '.join(STATUSES)}, got {status!r}")
-            rng = raw.get("range")
-            if rng is not None:
-                try:
-                    lo, hi = (_coerce(key, v, where) for v in rng)
-                except (TypeError, ValueError):
-                    raise HardwareError(f"{where}: {key}.range must be [low, high], got {_short(rng)}") from None
-                if lo > hi:
-                    raise HardwareError(f"{where}: {key}.range must be [low, high] with low <= high, got {rng!r}")
-                rng = (lo, hi)
-            prov[key] = Provenance(str(raw.get("source", where)), status, rng)
-            raw = raw["value"]
-        else:
-            prov[key] = Provenance(where, "user")
+        raw, prov[key] = read_constant(key, data[key], where, _coerce)
         values[key] = _coerce(key, raw, where)
     return ClusterSpec(name=str(data.get("name", base.name if base else Path(where).stem)), wafer=spec,
                        description=str(data.get("description", base.description if base else "")),
@@ -294,9 +275,3 @@ def cluster_for(wafer: WaferSpec | str) -> ClusterSpec:
     c = get_cluster("cs2")
     return dataclasses.replace(c, wafer=spec, description=c.description + f" (link of cs2, wafer {spec.name})")
 
-
-def _exists(path: str) -> bool:
-    try:
-        return bool(path) and Path(path).exists()
-    except (OSError, ValueError):
-        return False

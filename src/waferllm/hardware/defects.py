@@ -15,13 +15,16 @@ deterministic). How the wafer copes is its ``defect_recovery``:
   hardware bypasses it); along a column, one hop more for every retired row crossed, and
   the column's PEs no longer sit in one physical column: a path down it reaches the
   farthest of them, as many hops more as their physical columns spread.
-- ``reroute`` (fault-aware placement in software, no spare fabric): a region of side
-  ``g`` spans as many physical columns as its rows need to hold ``g`` healthy PEs each,
-  and its logical PEs are each row's healthy PEs in order (so no logical PE is a
-  defective one). A message along a row past a dead PE cannot cross its router: it
-  detours through the neighbouring row, two hops more than the skipped PEs; and each
-  detour needs a route on the PEs it passes: where a primitive already uses every route
-  a PE has but two, a detoured message is relayed in software there (one routing stage).
+- ``reroute`` (fault-aware placement in software, the hardware's remap off): the same
+  fabric, spare columns included. Each region of the perfect wafer's tiling keeps its
+  side and order but spans as many physical columns as its rows need to hold its side in
+  healthy PEs (regions to its right move over, into the spare columns; one that no longer
+  fits shrinks), and its logical PEs are each row's healthy PEs in order (so no logical
+  PE is a defective one). A message along a row past a dead PE cannot cross its router:
+  it detours through the neighbouring row, two hops more than the skipped PEs; each
+  detour needs a route on the PEs it passes: where a primitive already uses every route a
+  PE has but two, a detoured message is relayed in software there (one routing stage).
+  Along a column, the region's PEs drift apart as with ``spare`` (no row is retired).
 
 Every cost is read from per-axis maps of extra hops on the logical links of a region
 (:class:`LinkMap`): the comm primitives ask for the worst extra a message of ``h`` hops
@@ -259,7 +262,7 @@ def wafer_links(wafer) -> LinkMap | None:
     # a link (r, c) -> (r, c+1) touching a dead PE is passed by a detour
     dead = mask[:, :-1] | mask[:, 1:]
     x = np.where(dead, DETOUR_HOPS, 0).astype(np.int64)
-    return LinkMap(x, np.zeros((wafer.rows - 1, wafer.cols), np.int64), dead)
+    return LinkMap(x, np.zeros((mask.shape[0] - 1, mask.shape[1]), np.int64), dead)
 
 
 def region_links(region) -> LinkMap | None:
@@ -302,74 +305,80 @@ def _box_links(wafer, top, left, height, width) -> LinkMap:
 # ------------------------------------------------------------------ fault-aware regions (reroute)
 
 
+@lru_cache(maxsize=16)
+def _healthy_tables(wafer) -> tuple[np.ndarray, np.ndarray]:
+    """Of the usable rows over every physical column (the spare ones too), per row: healthy
+    PEs before each column (rows, width + 1), and the column of its k-th healthy PE (rows,
+    width + 1; past the last one: the row's length)."""
+    mask = defect_mask(wafer)[: wafer.rows]
+    before = np.zeros((mask.shape[0], mask.shape[1] + 1), np.int64)
+    np.cumsum(~mask, axis=1, out=before[:, 1:])
+    kth = np.full((mask.shape[0], mask.shape[1] + 1), mask.shape[1], np.int64)
+    order = np.argsort(mask, axis=1, kind="stable")  # healthy first, in column order
+    ok = np.arange(mask.shape[1])[None, :] < before[:, -1:]
+    kth[:, :-1] = np.where(ok, order, mask.shape[1])
+    before.setflags(write=False)
+    kth.setflags(write=False)
+    return before, kth
+
+
 def reroute_span(wafer, row0: int, rows: int, col0: int, side: int) -> int | None:
     """Physical columns from ``col0`` a region of ``rows`` x ``side`` logical PEs needs so
     that each of its rows holds ``side`` healthy PEs (None: the wafer is too narrow)."""
-    mask = defect_mask(wafer)[row0: row0 + rows, col0:]
-    if mask.shape[1] < side:
+    before, kth = _healthy_tables(wafer)
+    width = before.shape[1] - 1
+    if col0 >= width:
         return None
-    healthy = np.cumsum(~mask, axis=1)
-    enough = healthy[:, -1] >= side
-    if not enough.all():
-        return None
-    # per row, the first column where its healthy count reaches ``side``
-    return int((healthy >= side).argmax(axis=1).max()) + 1
+    lines = np.arange(row0, row0 + rows)
+    last = kth[lines, np.minimum(before[lines, col0] + side - 1, width)]  # each row's side-th healthy PE
+    end = int(last.max())
+    return None if end >= width else end + 1 - col0
 
 
-def reroute_squares(wafer, grid: int, fill: bool, min_side: int) -> list[tuple[int, int, int, int]]:
-    """Recovery ``reroute``: square regions as (row0, col0, side, span), grid x grid ones
-    first, band by band (each as wide as its rows need), then with ``fill`` the largest
-    squares that fit in the strips they leave (as the perfect wafer's tiling does)."""
+def reroute_holds(wafer, row0: int, rows: int, col0: int, cols: int, span: int) -> bool:
+    """Whether every row of a region holds ``cols`` healthy PEs in its ``span`` columns from ``col0``."""
+    before, _ = _healthy_tables(wafer)
+    if col0 + span > before.shape[1] - 1:
+        return False
+    r = slice(row0, row0 + rows)
+    return bool((before[r, col0 + span] - before[r, col0] >= cols).all())
+
+
+def reroute_fit(wafer, squares, min_side: int) -> list[tuple[int, int, int, int]]:
+    """Recovery ``reroute``: the perfect wafer's square regions ``squares`` ((row0, col0, side),
+    in order) placed on the defective one, each spanning the columns its rows need to skip
+    their defective PEs: (row0, col0, side, span). A square that would overlap one already
+    placed moves right; one that no longer fits shrinks (never below ``min_side``, else it
+    is dropped). No square grows, so the regions are never better than the perfect wafer's.
+    (Remembered per defect map: the tuner and the prediction band plan the same tilings.)"""
+    key = (wafer.rows, wafer.cols, wafer.defective_pes, tuple(squares), min_side)
+    out = _FITS.get(key)
+    if out is None:
+        out = _FITS[key] = _reroute_fit(wafer, squares, min_side)
+        if len(_FITS) > 256:
+            _FITS.pop(next(iter(_FITS)))
+    return list(out)
+
+
+_FITS: dict = {}
+
+
+def _reroute_fit(wafer, squares, min_side: int) -> tuple:
+    width = wafer.fabric_shape[1]
+    occupied = np.zeros((wafer.rows, width), bool)
     out = []
-    nr = wafer.rows // grid
-    right = 0  # where the grid squares of the widest band end
-    for b in range(nr):
-        c = 0
-        while True:
-            span = reroute_span(wafer, b * grid, grid, c, grid)
-            if span is None:
-                break
-            out.append((b * grid, c, grid, span))
-            c += span
-        right = max(right, c)
-    if not fill:
-        return out
-    strips = [(0, right, wafer.rows, wafer.cols - right), (nr * grid, 0, wafer.rows - nr * grid, right)]
-    for r0, c0, h, w in strips:
-        out += _fill(wafer, r0, c0, h, w, min_side)
-    return out
-
-
-def _fill(wafer, r0: int, c0: int, h: int, w: int, min_side: int) -> list[tuple[int, int, int, int]]:
-    """Largest squares first, greedily, in the h x w strip at (r0, c0), each as wide as its
-    rows need: along the strip's long side; then the strips they leave."""
-    side, placed = min(h, w), []
-    while side >= min_side and not placed:
-        if h > w:  # down the strip
-            r = r0
-            while r + side <= r0 + h:
-                span = reroute_span(wafer, r, side, c0, side)
-                if span is None or span > w:
-                    break
-                placed.append((r, c0, side, span))
-                r += side
-        else:  # along it
-            c = c0
-            while True:
-                span = reroute_span(wafer, r0, side, c, side)
-                if span is None or c + span > c0 + w:
-                    break
-                placed.append((r0, c, side, span))
-                c += span
-        if not placed:  # one side less at a time for a while (spans exceed sides by a few), then faster
-            tries = min(h, w) - side
-            side -= 1 if tries < 32 else max(1, side // 16)
-    if not placed:
-        return []
-    if h > w:
-        used, width = side * len(placed), max(p[3] for p in placed)
-        return (placed + _fill(wafer, r0, c0 + width, used, w - width, min_side)
-                + _fill(wafer, r0 + used, c0, h - used, w, min_side))
-    used = placed[-1][1] + placed[-1][3] - c0
-    return (placed + _fill(wafer, r0 + side, c0, h - side, used, min_side)
-            + _fill(wafer, r0, c0 + used, h, w - used, min_side))
+    for r0, c0, side in squares:
+        s, col = side, c0
+        while s >= min_side:
+            span = reroute_span(wafer, r0, s, col, s)
+            if span is None or col + span > width:
+                s -= 1
+                continue
+            box = occupied[r0: r0 + s, col: col + span]
+            if box.any():  # past the columns taken
+                col += int(np.flatnonzero(box.any(axis=0)).max()) + 1
+                continue
+            occupied[r0: r0 + s, col: col + span] = True
+            out.append((r0, col, s, span))
+            break
+    return tuple(out)

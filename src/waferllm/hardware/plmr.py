@@ -107,10 +107,10 @@ DTYPE_BYTES = {"fp16": 2, "fp32": 4}
 
 #: How a wafer copes with its defective PEs (``defect_recovery``): ``avoid`` places regions
 #: on squares without one (the PEs listed are in the usable rectangle); ``spare``: the
-#: hardware remaps spare rows and columns so programs see a perfect rectangle (the PEs
-#: listed are on the physical fabric, rows + spare_rows by cols + spare_cols); ``reroute``:
-#: fault-aware placement in software, regions skipping the defective PEs of the usable
-#: rectangle and messages detouring around them (see :mod:`waferllm.hardware.defects`).
+#: hardware remaps spare rows and columns so programs see a perfect rectangle; ``reroute``:
+#: fault-aware placement in software, regions skipping the defective PEs (into the spare
+#: columns as needed) and messages detouring around them. For both, the PEs listed are on
+#: the physical fabric, rows + spare_rows by cols + spare_cols (see :mod:`waferllm.hardware.defects`).
 DEFECT_RECOVERY = ("avoid", "spare", "reroute")
 
 #: Constants added after wafer files were first written: a file with no ``base`` that
@@ -210,8 +210,9 @@ class WaferSpec:
     @property
     def fabric_shape(self) -> tuple[int, int]:
         """Rows and columns of the physical fabric the defective PEs are given on: the usable
-        rectangle, plus the spare rows and columns when the hardware remaps them (``spare``)."""
-        if self.defect_recovery == "spare":
+        rectangle plus its spare rows and columns, which the hardware remaps (``spare``) or
+        the software places regions on (``reroute``); ``avoid``: the usable rectangle."""
+        if self.defect_recovery in ("spare", "reroute"):
             return self.rows + self.spare_rows, self.cols + self.spare_cols
         return self.rows, self.cols
 
@@ -278,7 +279,8 @@ class WaferSpec:
             raise HardwareError(f"{self.name}: defect_recovery must be one of {', '.join(DEFECT_RECOVERY)}, "
                                 f"got {self.defect_recovery!r}")
         fr, fc = self.fabric_shape
-        where = "physical fabric (the mesh plus its spare rows and columns)" if self.defect_recovery == "spare" else "mesh"
+        where = ("physical fabric (the mesh plus its spare rows and columns)"
+                 if self.defect_recovery in ("spare", "reroute") else "mesh")
         for r, c in self.defective_pes:
             if not (0 <= r < fr and 0 <= c < fc):
                 raise HardwareError(f"{self.name}: defective PE ({r}, {c}) is outside the {fr}x{fc} {where}")

@@ -39,7 +39,8 @@ def hardware(
     console = Console()
     console.print(f"[bold]{spec.name}[/]  {spec.description}")
     t = Table("figure", "value", title="derived figures")
-    t.add_row("mesh", f"{spec.rows} x {spec.cols} = {spec.pes:,} PEs ({len(spec.defective_pes)} defective)")
+    t.add_row("mesh", f"{spec.rows} x {spec.cols} = {spec.pes:,} PEs ({len(spec.defective_pes)} defective"
+                      + (f", recovery {spec.defect_recovery})" if spec.defective_pes else ")"))
     t.add_row("SRAM", f"{spec.sram_bytes_per_pe:,} B/PE ({spec.usable_sram_bytes_per_pe:,} usable), total {_si(spec.total_sram_bytes, 'B')}")
     t.add_row("peak compute", f"{_si(spec.peak_flops('fp16'), 'FLOP/s')} fp16, {_si(spec.peak_flops('fp32'), 'FLOP/s')} fp32")
     t.add_row("SRAM bandwidth", _si(spec.aggregate_sram_bandwidth, "B/s"))
@@ -49,7 +50,7 @@ def hardware(
     console.print(t)
     c = Table("constant", "value", "status", "source", title="constants")
     for key, value in spec.to_dict(with_provenance=False).items():
-        if key in ("name", "description", "defective_pes"):
+        if key in ("name", "description", "defective_pes", "defect_recovery"):
             continue
         p = spec.source_of(key)
         c.add_row(key, f"{value:g}" if isinstance(value, float) else str(value), p.status, p.source)

@@ -132,19 +132,19 @@ def _print_defects(console, d: dict) -> None:
 
     what = f"{d['defective_pes']:,} defective PEs" + (f" (rate {d['rate']:g}, seed {d['seed'] or 0})"
                                                      if d.get("rate") is not None else "")
-    t = Table(title=f"{what}, recovery {d['recovery']}: against a perfect wafer")
-    for col in ("", "perfect", "defective", "lost"):
+    console.print(f"{what}, recovery [bold]{d['recovery']}[/], against a perfect wafer:")
+    t = Table()
+    for col in ("", "perfect", "defective", "change"):
         t.add_column(col, justify="right")
-    rows = (("TTFT (ms)", "ttft_s", 1e3, "+"), ("TPOT (ms)", "tpot_s", 1e3, "+"),
-            ("decode TPR (tok/s)", "decode_tokens_per_s", 1, "-"), ("e2e TPR (tok/s)", "e2e_tokens_per_s", 1, "-"),
-            ("KV capacity (tokens)", "kv_capacity_tokens", 1, "-"))
-    for label, key, scale, sign in rows:
+    rows = (("TTFT (ms)", "ttft_s", 1e3, "+", 3), ("TPOT (ms)", "tpot_s", 1e3, "+", 4),
+            ("decode TPR (tok/s)", "decode_tokens_per_s", 1, "-", 1), ("e2e TPR (tok/s)", "e2e_tokens_per_s", 1, "-", 1),
+            ("KV capacity (tokens)", "kv_capacity_tokens", 1, "-", 0))
+    for label, key, scale, sign, digits in rows:
         a, b, f = d["perfect"].get(key), d["defective"].get(key), d["lost_fraction"].get(key)
         if a is None or b is None:
             continue
-        fmt = (lambda v: f"{v * scale:,.3f}") if scale != 1 or isinstance(a, float) and a < 100 else (
-            lambda v: f"{v:,.0f}")
-        t.add_row(label, fmt(a), fmt(b), "" if f is None else f"{sign}{abs(f) * 100:.2f}%" if f else "0%")
+        change = "0%" if not f else f"{sign if f > 0 else '+' if sign == '-' else '-'}{abs(f) * 100:.2f}%"
+        t.add_row(label, f"{a * scale:,.{digits}f}", f"{b * scale:,.{digits}f}", change)
     console.print(t)
 
 

@@ -3,8 +3,8 @@
 A tensor that leaves a wafer crosses three legs:
 
 1. the source wafer's fabric, from the PEs that hold it to the column where the system's
-   I/O meets the fabric (the wafer's west edge: its first column of healthy PEs), spread
-   over that column's rows;
+   I/O meets the fabric (the wafer's west edge: its first column of healthy PEs), each
+   row of the tensor along its own row of PEs;
 2. the link between the two systems (:class:`waferllm.hardware.cluster.ClusterSpec`):
    ``hops`` network elements of ``hop_latency_s`` each, a fixed ``transfer_overhead_s``
    per hand-off, and the bytes at ``link_bytes_per_s``;
@@ -51,9 +51,13 @@ def io_region(wafer) -> Region:
 
 
 def at_io(p: Placement) -> Placement:
-    """The tensor of ``p`` spread over its wafer's I/O column: the dim ``p`` splits over its
-    rows (else over its columns, else the largest), in balanced blocks over the column's rows."""
+    """The tensor of ``p`` on its wafer's I/O column: each element on the row of the wafer
+    where ``p`` has it (it streams along its own row to or from the I/O); a tensor whose
+    rows come from block tables, or that no dim spreads over the rows, in balanced blocks
+    of its column-spread (else largest) dim over the column's rows."""
     io = io_region(p.region.wafer)
+    if p.y_dim is not None and p.pe_rows is None:
+        return Placement(io, p.shape, y_dim=p.y_dim, y_of=p.y_of + p.region.row0)
     dim = p.y_dim if p.y_dim is not None else p.x_dim
     if dim is None:
         dim = int(np.argmax(p.shape)) if p.shape else None

@@ -29,16 +29,18 @@ class Region:
         for label, v in (("rows", self.rows), ("cols", self.cols)):
             if not isinstance(v, (int, np.integer)) or v <= 0:
                 raise MeshError(f"region {self.name!r}: {label} must be a positive integer, got {v!r}")
-        if self.row0 < 0 or self.col0 < 0 or self.row0 + self.rows > w.rows or self.col0 + self.cols > w.cols:
+        # software rerouting places regions over the spare columns too
+        width = w.cols + (w.spare_cols if w.defect_recovery == "reroute" and w.defective_pes else 0)
+        if self.row0 < 0 or self.col0 < 0 or self.row0 + self.rows > w.rows or self.col0 + self.cols > width:
             raise MeshError(
                 f"region {self.name!r} ({self.rows}x{self.cols} at row {self.row0}, col {self.col0}) lies outside "
                 f"the {w.rows}x{w.cols} mesh of {w.name}; the largest square region is {min(w.rows, w.cols)}x{min(w.rows, w.cols)}"
             )
         if w.defect_recovery == "reroute" and w.defective_pes:
-            from waferllm.hardware.defects import reroute_span
+            from waferllm.hardware.defects import reroute_holds, reroute_span
 
-            need = reroute_span(w, self.row0, self.rows, self.col0, self.cols)
-            if need is None or need > (self.span or self.cols) or self.col0 + (self.span or self.cols) > w.cols:
+            if not reroute_holds(w, self.row0, self.rows, self.col0, self.cols, self.span or self.cols):
+                need = reroute_span(w, self.row0, self.rows, self.col0, self.cols)
                 raise MeshError(
                     f"region {self.name!r} ({self.rows}x{self.cols} at row {self.row0}, col {self.col0}, spanning "
                     f"{self.span or self.cols} columns) has a row with fewer than {self.cols} healthy PEs; "

@@ -231,15 +231,16 @@ def _open_gguf(model):
 
     from waferllm.models.gguf_loader import GGUFFile, gguf_config
 
-    path = getattr(model, "path", model)
-    fmt = getattr(model, "format", "gguf" if isinstance(path, (str, os.PathLike)) and str(path).endswith(".gguf")
-                  else "hf")
+    loaded = hasattr(model, "weights")  # a LoadedModel, or a path
+    path = model.path if loaded else model
+    fmt = model.format if loaded else (
+        "gguf" if isinstance(path, (str, os.PathLike)) and str(path).lower().endswith(".gguf") else "hf")
     if not isinstance(path, (str, os.PathLike)) or fmt != "gguf" or not os.path.isfile(path):
         raise RequestError(f"--weights native keeps a GGUF file's own quantisation; {path!s} is not a GGUF file "
                            "(presets and Hugging Face folders hold no quantised blocks): use --weights int8 or "
                            "int4, or fp16", weights="native")
     gf = GGUFFile.open(os.fspath(path))
-    config = getattr(model, "config", None) or gguf_config(gf)
+    config = model.config if loaded else gguf_config(gf)
     return gf, config, os.fspath(path)
 
 
