@@ -234,8 +234,12 @@ def test_a_defect_rate_never_makes_a_prediction_faster():
             assert m["e2e_tokens_per_s"] < base["e2e_tokens_per_s"]
             assert m["tpot_s"] >= prev["tpot_s"]  # more defects, no faster
             prev = m
-            if recovery == "spare":  # the same perfect rectangle: the same placement and capacity
-                assert m["kv_capacity_tokens"] == base["kv_capacity_tokens"]
+            # the same regions (spare: the same perfect rectangle; reroute: the perfect tiling, moved over
+            # into the spare columns), so the same capacity: only the hops grow
+            assert m["kv_capacity_tokens"] == base["kv_capacity_tokens"]
+            for ph in ("prefill", "decode"):
+                assert m["placement"][ph]["region_sides"] == base["placement"][ph]["region_sides"]
+            if recovery == "spare":
                 assert m["placement"]["decode"]["stages"] == base["placement"]["decode"]["stages"]
 
 

@@ -37,5 +37,10 @@ def defect_impact(config, wafer, run, input_len: int, output_len: int, defective
         "defective_pes": len(wafer.defective_pes), "recovery": wafer.defect_recovery, "rate": rate, "seed": seed,
         "perfect": {k: base.get(k) for k in FIGURES}, "defective": {k: m.get(k) for k in FIGURES},
         "lost_fraction": lost,
-        "placement_perfect": {ph: (base["placement"][ph] or {}).get("region_sides") for ph in ("prefill", "decode")},
+        # fault-aware placement keeps the perfect wafer's regions unless the defects leave no room for one
+        "same_regions": all(_sides(base, ph) == _sides(m, ph) for ph in ("prefill", "decode")),
     }
+
+
+def _sides(metrics: dict, phase: str):
+    return (metrics["placement"].get(phase) or {}).get("region_sides")
