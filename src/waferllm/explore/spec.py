@@ -25,10 +25,10 @@ A spec is a TOML file (or the same mapping in Python) with four tables::
 An input is a run setting (``model``, ``wafer``, ``input_len``, ``output_len``,
 ``prefill_grid``, ``decode_grid`` (an integer or ``"auto"``: tuned), ``dtype``,
 ``kv_scheme``, ``layers`` (place and run that many layers, scale to the whole model),
-``band``, ``gpus``, ``allow_beyond_context``) or any wafer constant (the ``--set`` keys of
-``waferllm hardware``).
-``wafers`` and ``defect_rate`` are part of the format but only their neutral values
-(1 wafer, no defects) are accepted until the engine models them.
+``band``, ``gpus``, ``allow_beyond_context``, ``weights`` (fp16, int8, int4), ``defect_rate``
+with ``defect_seed`` and ``defect_recovery``) or any wafer constant (the ``--set`` keys of
+``waferllm hardware``). ``wafers`` is part of the format but only 1 is accepted: a sweep
+predicts one wafer (``waferllm predict --wafers`` plans clusters).
 """
 
 from __future__ import annotations
@@ -70,13 +70,15 @@ RUN_KEYS: dict[str, tuple[str, Any]] = {
     "band": ("bool", False),
     "gpus": ("bool", False),
     "allow_beyond_context": ("bool", False),
+    "weights": ("str", "fp16"),
+    "defect_rate": ("float", 0.0),
+    "defect_seed": ("int", 0),
+    "defect_recovery": ("str", "spare"),
 }
 
 #: inputs the format knows but the engine does not model yet: name -> (neutral value, why refused)
 NOT_MODELLED: dict[str, tuple[Any, str]] = {
     "wafers": (1, "the engine places a model on one wafer; multi-wafer pipelines are not modelled yet"),
-    "defect_rate": (0.0, "the engine does not place regions around defective PEs yet (list known defects "
-                         "with defective_pes in a wafer file instead)"),
 }
 
 METHODS = ("grid", "random")

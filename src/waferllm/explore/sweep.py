@@ -68,6 +68,11 @@ def _predict(point: Mapping[str, Any], out: dict) -> None:
     constants = set(wafer_keys())
     overrides = {k: v for k, v in point.items() if k in constants}
     wafer = get_wafer(point["wafer"], **overrides)
+    if point.get("defect_rate"):
+        from waferllm.hardware.defects import with_defect_rate
+
+        wafer = with_defect_rate(wafer, float(point["defect_rate"]), int(point.get("defect_seed", 0)),
+                                 point.get("defect_recovery"))
     for k, v in wafer.to_dict().items():
         if isinstance(v, dict):
             out[k] = _cell(v["value"])
@@ -79,7 +84,8 @@ def _predict(point: Mapping[str, Any], out: dict) -> None:
     pg = None if point["prefill_grid"] == "auto" else point["prefill_grid"]
     dg = None if point["decode_grid"] == "auto" else point["decode_grid"]
     run = RunConfig.for_request(il, ol, prefill_grid=pg, decode_grid=dg, dtype=point["dtype"],
-                                kv_scheme=point["kv_scheme"], layers=point.get("layers"))
+                                kv_scheme=point["kv_scheme"], layers=point.get("layers"),
+                                weights=point.get("weights", "fp16"))
     if pg is None or dg is None:
         run = tune_grids(cfg, wafer, run, il, ol)["run"]
     m = predict_run(cfg, wafer, run, il, ol, gpus=bool(point.get("gpus")), band=bool(point.get("band")),

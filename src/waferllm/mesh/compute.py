@@ -17,7 +17,6 @@ import numpy as np
 
 from waferllm.errors import MeshError
 from waferllm.hardware.plmr import DTYPE_BYTES
-from waferllm.hardware.plmr import DTYPE_BYTES
 from waferllm.mesh.cost import compute_cycles, vector_cycles
 from waferllm.mesh.tensor import AXES, NP_DTYPES, QUANT_BITS, DistTensor, QuantTensor, tile_shape_for
 
