@@ -72,6 +72,52 @@ def _band(m: dict, key: str, scale: float = 1.0) -> str:
     return f"{_f(lo * scale)}-{_f(hi * scale)}"
 
 
+WEIGHTS = ("fp16", "int8", "int4")
+
+
+def section_weights(out: Out, wafers, models, n_in: int, n_out: int) -> None:
+    """Wafers needed per weight format: planned (every wafer's share placed on its regions,
+    checked by planning the cluster), not run; Q8_0/Q4_0 weights stored at their size."""
+    from waferllm.engine.cluster import fewest_any_grid
+    from waferllm.engine.placement import plan
+    from waferllm.errors import WaferLLMError
+
+    out("## Wafers needed by weight format")
+    out()
+    out(f"The fewest wafers that hold each model ({n_in} + {n_out} tokens, `shared` layout, any candidate grid), "
+        "with its layer matrices stored as fp16, or as GGUF Q8_0 / Q4_0 blocks dequantised on the PEs "
+        "(`--weights int8|int4`). Planned, not run: `waferllm predict --wafers auto --weights ...` gives the "
+        "figures.")
+    out()
+    rows = []
+    for wname in wafers:
+        wafer = get_wafer(wname)
+        for name in models:
+            cfg = model(name)
+            cells = []
+            for weights in WEIGHTS:
+                run = RunConfig.for_request(n_in, n_out, weights=weights)
+                try:
+                    one = None
+                    for g in (360, 420, 480, 540, 600, 660, 720):
+                        try:
+                            plan(cfg, wafer, g, g, run.max_seq_len, prompt_len=n_in, weights=weights)
+                            one = g
+                            break
+                        except WaferLLMError:
+                            continue
+                    if one is not None:
+                        cells.append(f"1 ({one}/{one})")
+                        continue
+                    found = fewest_any_grid(cfg, wafer, run)
+                    cells.append("-" if found is None else f"{found[0]} ({found[1]}/{found[2]})")
+                except WaferLLMError as exc:
+                    cells.append(f"error: {str(exc)[:60]}")
+            rows.append([name, wname, *cells])
+    out.table(["model", "wafer", "fp16 wafers (grids)", "int8 wafers (grids)", "int4 wafers (grids)"], rows)
+    out()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--markdown", default=None)
@@ -204,6 +250,8 @@ def main() -> None:
     out.table(["model", "wafer", "wafer #", "phases", "layers", "vocabulary", "prefill regions (sides)",
                "decode regions (sides)"], rows)
 
+    # the 70B-class models in the three weight formats (planning only: a few minutes)
+    section_weights(out, args.wafers, [m for m in ("llama3-70b", "qwen2-72b") if m in args.models], n_in, n_out)
     if args.plot:
         _plot(results, args, out)
     if args.markdown:

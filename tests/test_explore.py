@@ -172,7 +172,7 @@ def test_bad_constants_are_recorded_not_raised(tmp_path):
     ({"fixed": {"modle": "x"}}, "unknown input"),
     ({"fixed": {"beta_cycles": 5}, "axes": {"beta_cycles": [1, 2]}}, "both fixed and swept"),
     ({"fixed": {"wafers": 2}}, "one wafer"),
-    ({"axes": {"defect_rate": [0.0, 0.01]}}, "defective PEs"),
+    ({"axes": {"defect_rate": [0.0, 1.5]}}, "defect rate|defect_rate"),
     ({"sweep": {"method": "random"}, "axes": {"beta_cycles": [1, 2]}}, "samples"),
     ({"sweep": {"method": "bayes"}}, "method"),
     ({"axes": {"beta_cycles": {"low": 1, "high": 10}}}, "needs num"),

@@ -78,7 +78,7 @@ RUN_KEYS: dict[str, tuple[str, Any]] = {
 
 #: inputs the format knows but the engine does not model yet: name -> (neutral value, why refused)
 NOT_MODELLED: dict[str, tuple[Any, str]] = {
-    "wafers": (1, "the engine places a model on one wafer; multi-wafer pipelines are not modelled yet"),
+    "wafers": (1, "a sweep predicts one wafer; `waferllm predict --wafers auto|N` plans and predicts clusters"),
 }
 
 METHODS = ("grid", "random")
@@ -133,6 +133,8 @@ def _check_value(key: str, value: Any, where: str) -> Any:
         if value != int(value):
             raise SweepError(f"{where}: {key} must be a whole number, got {value!r}")
         return int(value)
+    if key == "defect_rate" and not 0 <= value < 1:
+        raise SweepError(f"{where}: defect_rate is the fraction of defective PEs, 0 <= rate < 1; got {value!r}")
     return float(value)
 
 
