@@ -41,6 +41,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/scale_out.py --markdown benchmarks/RESULTS-scale-out.md --plot docs/scale_out.png
 	$(PY) benchmarks/simulation_speed.py --markdown benchmarks/RESULTS-simulation-speed.md
 	$(PY) benchmarks/sweep_speed.py --markdown benchmarks/RESULTS-sweep.md
+	$(PY) benchmarks/defects.py --markdown benchmarks/RESULTS-defects.md --plot docs/defects.png
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
