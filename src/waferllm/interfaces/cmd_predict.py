@@ -123,7 +123,7 @@ def predict(
     if "defects" in m:
         _print_defects(console, m["defects"])
     for p in written:
-        console.print(f"wrote {p}")
+        console.print(f"wrote {p}", soft_wrap=True)  # a path stays on one line
 
 
 def _print_defects(console, d: dict) -> None:

@@ -82,4 +82,4 @@ def sweep(
 
         prefix = Path(spec_path).stem + "_"
         for p in plot_sweep(res.rows, plot, swept=spec.swept, pareto=figures, y=ys, title=spec.name, prefix=prefix):
-            console.print(f"wrote {p}")
+            console.print(f"wrote {p}", soft_wrap=True)  # a path stays on one line
