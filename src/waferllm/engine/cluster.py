@@ -43,7 +43,7 @@ import math
 import time
 from dataclasses import dataclass, field
 
-from waferllm.engine.placement import PhasePlan, Plan, Stage, _split, plan_phase, planned_kv_capacity
+from waferllm.engine.placement import PhasePlan, Plan, Stage, _split, fill_by_capacity, plan_phase, planned_kv_capacity
 from waferllm.errors import PlacementError, RequestError
 from waferllm.hardware.cluster import FASTER_WHEN_LARGER, LINK_FIELDS, ClusterSpec, cluster_for
 from waferllm.hardware.plmr import DTYPE_BYTES, WaferSpec
@@ -191,14 +191,7 @@ def _spread(total: int, caps: list[int]) -> list[int] | None:
     n = len(caps)
     if total < n or min(caps) < 1 or sum(caps) < total:
         return None
-    room = [c - 1 for c in caps]
-    extra = [min(r, x) for r, x in zip(room, _split(total - n, room))] if sum(room) else [0] * n
-    short = total - n - sum(extra)
-    for i in range(n):
-        take = min(short, room[i] - extra[i])
-        extra[i] += take
-        short -= take
-    return [1 + x for x in extra]
+    return [1 + x for x in fill_by_capacity(total - n, [c - 1 for c in caps])]
 
 
 # ------------------------------------------------------------------ the plan

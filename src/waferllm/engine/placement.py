@@ -327,13 +327,20 @@ def _assign(budget: PhaseBudget, regs: list[Region], total_layers: int) -> tuple
     vocab, caps = budget.capacities(regs)
     if min(caps) < 0 or sum(caps) < total_layers:
         return None
-    counts = [min(c, x) for c, x in zip(caps, _split(total_layers, [max(c, 0) for c in caps]))]
-    short = total_layers - sum(counts)
-    for i in range(len(regs)):
-        take = min(short, caps[i] - counts[i])
+    return vocab, fill_by_capacity(total_layers, caps)
+
+
+def fill_by_capacity(total: int, caps: list[int]) -> list[int]:
+    """``total`` items over holders of capacities ``caps`` (their sum at least ``total``):
+    in proportion to the capacities, capped by them, then topped up in order where there is room."""
+    usable = [max(c, 0) for c in caps]
+    counts = [min(c, x) for c, x in zip(caps, _split(total, usable))] if sum(usable) else [0] * len(caps)
+    short = total - sum(counts)
+    for i, c in enumerate(caps):
+        take = min(short, c - counts[i])
         counts[i] += take
         short -= take
-    return vocab, counts
+    return counts
 
 
 def _drop_idle_slots(budget: PhaseBudget, slots: list[Region]) -> list[Region]:
