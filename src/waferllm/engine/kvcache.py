@@ -30,8 +30,7 @@ import numpy as np
 from waferllm.engine.transition import positions
 from waferllm.errors import MeshError, PlacementError
 from waferllm.hardware.plmr import DTYPE_BYTES
-from waferllm.mesh import comm
-from waferllm.mesh.cost import message_cycles, vector_cycles
+from waferllm.mesh import comm, compute
 from waferllm.mesh.move import Placement
 from waferllm.mesh.tensor import NP_DTYPES, DistTensor
 
@@ -222,15 +221,11 @@ class KVCache:
     def _charge_append(self, movers: np.ndarray, name: str = "kv_append") -> None:
         mesh, entry, q = self.mesh, self.entry_bytes, self.q
         if movers.size:
-            # every moving row sends one token's K and V feature block one hop up, in parallel
-            moved = entry * movers.size * q
-            extra, relays, _ = comm.defect_cost(mesh, "y", 1)  # a remapped or rerouted neighbour row
-            mesh.ledger.charge(f"{name}.shift", "comm", message_cycles(mesh.wafer, entry, 1 + extra, relays),
-                               bytes_moved=moved,
-                               hop_bytes=moved, messages=movers.size * q, sram_read_bytes=moved, sram_write_bytes=moved)
-        # the new entry (K and V feature blocks) stored into the bottom row's slot
-        mesh.ledger.charge(f"{name}.write", "compute", vector_cycles(mesh.wafer, 2 * self.hl.col_features, self.dtype),
-                           sram_write_bytes=entry * q)
+            # every PE of a moving row sends one token's K and V feature block one hop up, in
+            # parallel (over a remapped or rerouted neighbour row on a defective wafer)
+            comm.charge_messages(mesh, f"{name}.shift", entry, 1, messages=movers.size * q, axis="y")
+        # the new entry (K and V feature blocks) stored into the bottom row's slot by its q PEs
+        compute.store(mesh, f"{name}.write", 2 * self.hl.col_features, self.dtype, writers=q)
 
     def _shift_and_store(self, layer, k, v, movers, head, count) -> None:
         K, V = self.k[layer], self.v[layer]  # [rows, cols, F, cap], [rows, cols, cap, F]

@@ -38,9 +38,15 @@ def _charge(mesh, name, cycles, flops_per_pe, read_bytes, write_bytes, *, dtype=
 def charge_task_switch(mesh) -> None:
     """Every op (or collective) is a task the PE switches to: a fixed cost outside the op's
     own time. Inside a kernel's :func:`task` the switch was paid once on entering it."""
-    cycles = mesh.wafer.task_switch_cycles
-    if cycles and not mesh.ledger.task_depth:
-        mesh.ledger.charge("task_switch", "overhead", cycles)
+    mesh.ledger.charge_task_switch()
+
+
+def store(mesh, name: str, elems_per_pe: int, dtype: str, writers: int) -> float:
+    """``writers`` PEs each store ``elems_per_pe`` values they hold into a buffer (e.g. a new
+    token's K and V into a cache slot): vector work at the dtype's SIMD width, written to
+    SRAM. Part of the op that produced the values, so no task switch of its own."""
+    return mesh.ledger.charge(name, "compute", vector_cycles(mesh.wafer, elems_per_pe, dtype),
+                              sram_write_bytes=elems_per_pe * DTYPE_BYTES[dtype] * writers)
 
 
 @contextmanager

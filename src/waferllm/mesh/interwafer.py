@@ -148,9 +148,7 @@ def charge_transfer(ledger, cluster, flows: list[Flow], name: str = "interwafer"
     cost = transfer_cost(cluster, flows)
     if not flows:
         return 0.0
-    w = ledger.wafer
-    if w.task_switch_cycles:
-        ledger.charge("task_switch", "overhead", w.task_switch_cycles)
+    ledger.charge_task_switch()
     return ledger.charge(name, "comm", cost.cycles, **cost.counters)
 
 

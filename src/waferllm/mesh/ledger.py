@@ -71,6 +71,12 @@ class Ledger:
         self._group: dict | None = None
         self.task_depth = 0  # > 0 inside a kernel that runs as one task (see compute.task)
 
+    def charge_task_switch(self) -> None:
+        """An op or collective is a task the PE switches to: a fixed cost outside the op's own
+        time, paid once on entering a kernel that runs as one task (none inside it)."""
+        if self.wafer.task_switch_cycles and not self.task_depth:
+            self.charge("task_switch", "overhead", self.wafer.task_switch_cycles)
+
     # ---- structure ---------------------------------------------------------
     @contextmanager
     def span(self, name: str):

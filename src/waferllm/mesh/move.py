@@ -653,8 +653,7 @@ def charge_move(ledger, src: Placement, dst: Placement, itemsize: float, name: s
     w = ledger.wafer
     top, left, height, width = _box(src, dst)
     extra = box_extra(src.region.wafer, top, left, height, width, cost.max_hops)
-    if w.task_switch_cycles:
-        ledger.charge("task_switch", "overhead", w.task_switch_cycles)
+    ledger.charge_task_switch()
     return ledger.charge(name, "comm", move_cycles(w, cost, extra), bytes_moved=cost.bytes_moved,
                          hop_bytes=cost.hop_bytes, messages=cost.messages, sram_read_bytes=cost.read_bytes,
                          sram_write_bytes=cost.write_bytes)
