@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from waferllm.errors import HardwareError
-from waferllm.hardware.plmr import Provenance, WaferSpec, _exists, _short, get_wafer, read_constant
+from waferllm.hardware.plmr import Provenance, WaferSpec, _short, get_wafer, preset_or_file, read_constant
 
 try:  # Python >= 3.11
     import tomllib
@@ -244,21 +244,9 @@ def get_cluster(name_or_path: "str | Path | ClusterSpec", wafer: WaferSpec | str
                 _chain: tuple[str, ...] = (), **overrides: Any) -> ClusterSpec:
     """A cluster preset (``cs2``, ``cs3``) or file; ``wafer`` replaces the wafer its systems
     hold (e.g. one with ``--set`` overrides), ``overrides`` its link constants."""
-    if isinstance(name_or_path, ClusterSpec):
-        spec = name_or_path
-    elif not isinstance(name_or_path, (str, Path)):
-        raise HardwareError(f"cluster must be a preset name ({', '.join(cluster_names())}), a cluster file or a "
-                            f"ClusterSpec, got {type(name_or_path).__name__}")
-    else:
-        key = str(name_or_path)
-        if key.lower() in cluster_names():
-            text = (resources.files("waferllm.hardware") / "clusters" / f"{key.lower()}.toml").read_text(encoding="utf-8")
-            spec = from_mapping(tomllib.loads(text), where=f"cluster preset {key.lower()}", _chain=_chain)
-        elif _exists(key):
-            spec = load_cluster_file(key, _chain=_chain)
-        else:
-            raise HardwareError(f"unknown cluster {_short(key)}: not a preset ({', '.join(cluster_names())}) nor an "
-                                "existing file")
+    spec = preset_or_file(name_or_path, ClusterSpec, "cluster", "clusters", cluster_names(),
+                          lambda data, where: from_mapping(data, where=where, _chain=_chain),
+                          lambda path: load_cluster_file(path, _chain=_chain), preset_label="cluster preset")
     if wafer is not None:
         spec = dataclasses.replace(spec, wafer=wafer if isinstance(wafer, WaferSpec) else get_wafer(wafer))
     return spec.replace(**overrides) if overrides else spec

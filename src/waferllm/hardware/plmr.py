@@ -503,22 +503,28 @@ def preset_names() -> list[str]:
 
 def get_wafer(name_or_path: "str | Path | WaferSpec", *, _chain: tuple[str, ...] = (), **overrides: Any) -> WaferSpec:
     """A preset by name (``wse2``, ``wse3``) or a TOML/JSON file, with optional overrides."""
-    if isinstance(name_or_path, WaferSpec):
-        spec = name_or_path
-    elif not isinstance(name_or_path, (str, Path)):
-        raise HardwareError(f"wafer must be a preset name ({', '.join(preset_names())}), a wafer file or a WaferSpec, "
-                            f"got {type(name_or_path).__name__}")
-    else:
-        key = str(name_or_path)
-        if key.lower() in preset_names():
-            preset = resources.files("waferllm.hardware") / "presets" / f"{key.lower()}.toml"
-            spec = from_mapping(tomllib.loads(preset.read_text(encoding="utf-8")), where=f"preset {key.lower()}")
-        elif _exists(key):
-            spec = load_wafer_file(key, _chain=_chain)
-        else:
-            raise HardwareError(f"unknown wafer {_short(key)}: not a preset ({', '.join(preset_names())}) nor an "
-                                "existing file")
+    spec = preset_or_file(name_or_path, WaferSpec, "wafer", "presets", preset_names(),
+                          lambda data, where: from_mapping(data, where=where),
+                          lambda path: load_wafer_file(path, _chain=_chain), preset_label="preset")
     return spec.replace(**overrides) if overrides else spec
+
+
+def preset_or_file(name_or_path, spec_type: type, kind: str, folder: str, names: list[str], parse, load_file,
+                   preset_label: str):
+    """A description as given (``spec_type``), a preset of ``hardware/FOLDER`` by name
+    (``parse(mapping, where)``), or a file (``load_file(path)``); anything else a clear error."""
+    if isinstance(name_or_path, spec_type):
+        return name_or_path
+    if not isinstance(name_or_path, (str, Path)):
+        raise HardwareError(f"{kind} must be a preset name ({', '.join(names)}), a {kind} file or a "
+                            f"{spec_type.__name__}, got {type(name_or_path).__name__}")
+    key = str(name_or_path)
+    if key.lower() in names:
+        text = (resources.files("waferllm.hardware") / folder / f"{key.lower()}.toml").read_text(encoding="utf-8")
+        return parse(tomllib.loads(text), f"{preset_label} {key.lower()}")
+    if _exists(key):
+        return load_file(key)
+    raise HardwareError(f"unknown {kind} {_short(key)}: not a preset ({', '.join(names)}) nor an existing file")
 
 
 def _exists(path: str) -> bool:
