@@ -23,6 +23,14 @@ from waferllm.mesh.routes import POLICIES
 from waferllm.models.quant import check_weights, resolve_weights
 
 
+#: the switchable algorithms: the paper's design first, then what goes beyond it
+ALGORITHMS = {
+    "prefill_attention": ("paper", "streaming"),
+    "decode_collectives": ("paper", "fused"),
+    "gemv_ktree": ("paper", "tuned"),
+}
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """How one model runs on one wafer.
@@ -48,6 +56,15 @@ class RunConfig:
             scale per 32 values, dequantised by the PEs), or ``native`` (a GGUF file's own
             Q8_0 / Q4_0 blocks; resolved to int8 or int4 with :meth:`resolve_weights`
             before the run is planned).
+        max_num_seqs: requests decoded together (a batch; 1 is the paper's setting). The
+            decode KV cache is planned as a pool of ``max_num_seqs * max_seq_len`` tokens that
+            the requests in flight share.
+        prefill_attention: ``paper`` (score tiles of whole key ranges, heads per pass as SRAM
+            allows) or ``streaming`` (flash-style: running max and sum, key blocks in flight).
+        decode_collectives: ``paper`` (every reduction its own allreduce) or ``fused``
+            (statistics ride with the neighbouring reduce: fewer collectives per layer).
+        gemv_ktree: ``paper`` (K-tree with K=2 for every allreduce) or ``tuned`` (K and group
+            chosen per reduction and grid by the cost model).
     """
 
     prefill_grid: int | None = None
@@ -59,11 +76,15 @@ class RunConfig:
     layers: int | None = None
     route_policy: str = "relay"
     weights: str = "fp16"
+    max_num_seqs: int = 1
+    prefill_attention: str = "paper"
+    decode_collectives: str = "paper"
+    gemv_ktree: str = "paper"
 
     def __post_init__(self):
-        for name in ("prefill_grid", "decode_grid", "max_seq_len", "prompt_len", "layers"):
+        for name in ("prefill_grid", "decode_grid", "max_seq_len", "prompt_len", "layers", "max_num_seqs"):
             value = getattr(self, name)
-            if value is not None or name == "max_seq_len":
+            if value is not None or name in ("max_seq_len", "max_num_seqs"):
                 object.__setattr__(self, name, _positive(name, value))  # numpy ints become ints
         if self.dtype not in DTYPE_BYTES:
             raise RequestError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {self.dtype!r}")
@@ -72,6 +93,14 @@ class RunConfig:
         if self.route_policy not in POLICIES:
             raise RequestError(f"route_policy must be one of {', '.join(POLICIES)}, got {self.route_policy!r}")
         check_weights(self.weights)
+        for name, allowed in ALGORITHMS.items():
+            if getattr(self, name) not in allowed:
+                raise RequestError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+
+    @property
+    def kv_pool_tokens(self) -> int:
+        """Tokens the decode KV cache holds for all requests in flight together."""
+        return self.max_seq_len * self.max_num_seqs
 
     @classmethod
     def for_request(cls, input_len: int, output_len: int, **fields) -> "RunConfig":
@@ -102,8 +131,10 @@ class RunConfig:
         if self.weights == "native":
             raise RequestError("weights='native' takes the model file's own quantisation: resolve it first "
                                "(RunConfig.resolve_weights(model))", weights="native")
-        return plan(config, wafer, self.prefill_grid, self.decode_grid, self.max_seq_len, self.dtype,
-                    prompt_len=self.prompt_len, layers=self.layer_count(config), weights=self.weights)
+        # the decode KV pool holds every request in flight; prefill runs one prompt at a time
+        return plan(config, wafer, self.prefill_grid, self.decode_grid, self.kv_pool_tokens, self.dtype,
+                    prompt_len=self.prompt_len or self.max_seq_len, layers=self.layer_count(config),
+                    weights=self.weights)
 
 
 def _positive(name: str, value) -> int:
