@@ -150,9 +150,10 @@ def run_requests(cfg, w, grids, mode="numeric", requests=1, steps=2, tag=False):
     wm = WaferModel(cfg, w if mode == "numeric" else None, BIG, run, mode=mode)
     inner, out = wm._transition, []
 
-    def transition_kept(length, kv):  # what the transition is handed, and what it leaves
+    def transition_kept(kvs):  # what the transition is handed, and what it leaves
+        [(seq, length, kv)] = kvs
         kv = tagged(kv) if tag else kv
-        inner(length, kv)
+        inner([(seq, length, kv)])
         req = out[-1]
         req.kv = kv
         if mode == "numeric":

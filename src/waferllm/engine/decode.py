@@ -17,6 +17,11 @@ product reduced along x (within the columns of each head), and p V reduces along
 A stage's :meth:`DecodeStage.step` runs the token through its layers and owns the KV
 cache's append; every layer runs in an SRAM scope, so what it allocates lives exactly
 until its last use.
+
+Several requests decode together as a batch: the hidden states are [B, E] (None, y),
+every GEMV a skinny MeshGEMM of B rows (``kernels.meshgemv``), and each request keeps
+its own KV cache (``caches[seq]``) and runs its own attention over it. Cache 0 is the
+single-request API's, sized for the whole context.
 """
 
 from __future__ import annotations
@@ -29,11 +34,13 @@ import numpy as np
 
 from waferllm.engine.kvcache import KVCache
 from waferllm.engine.layouts import HeadLayout
+from waferllm.kernels import batch
 from waferllm.kernels.argmax import argmax
 from waferllm.kernels.decode_attention import decode_attention
 from waferllm.kernels.layer_ops import rmsnorm, rope, silu_mul, split_fused
 from waferllm.kernels.meshgemv import gemv
 from waferllm.mesh import comm, compute
+from waferllm.errors import MeshError
 from waferllm.mesh.tensor import QUANT_BITS, DistTensor, QuantTensor, tile_shape_for
 from waferllm.models import quant
 
@@ -110,9 +117,31 @@ class DecodeStage:
         if not c.tie_word_embeddings:
             self.embed = mesh.place(embed if embed is not None else (E, vc), ("y", "x"), dtype, name="embedding")
         self.final_norm = mesh.place(final_norm if final_norm is not None else (E,), ("y",), "fp32", name="final_norm")
-        self.cache = KVCache(mesh, hl, len(layer_ids), capacity_tokens, kv_scheme, dtype,
-                             name=f"kv[{layer_ids.start}:{layer_ids.stop}]")
+        self.kv_scheme = kv_scheme
+        self.caches: dict[int, KVCache] = {}  # request slot -> its KV cache
+        self.open_cache(0, capacity_tokens)
         self._rope = None
+
+    # ---- per-request caches -------------------------------------------------------------
+    @property
+    def cache(self) -> KVCache:
+        """The single-request API's cache (slot 0)."""
+        return self.caches[0]
+
+    def open_cache(self, seq: int, capacity_tokens: int) -> KVCache:
+        """A KV cache for the request in slot ``seq``, holding up to ``capacity_tokens``."""
+        if seq in self.caches:
+            raise MeshError(f"request slot {seq} already has a KV cache")
+        ids = self.layer_ids
+        self.caches[seq] = KVCache(self.mesh, self.hl, len(ids), capacity_tokens, self.kv_scheme, self.dtype,
+                                   name=f"kv{seq or ''}[{ids.start}:{ids.stop}]")
+        return self.caches[seq]
+
+    def close_cache(self, seq: int) -> None:
+        """The request in slot ``seq`` is done: its cache's SRAM is free."""
+        cache = self.caches.pop(seq, None)
+        if cache is not None:
+            cache.free()
 
     # ---- placement -------------------------------------------------------------------
     def _place_layer(self, li: int, lw) -> dict:
@@ -148,74 +177,87 @@ class DecodeStage:
             return gemv(x, w, algo="meshgemv", **self.ktree, out_dtype="fp32", name=name).out
 
     def rmsnorm(self, h: DistTensor, weight: DistTensor, name: str) -> DistTensor:
-        """h [E] (y): sum of squares allreduced along y, then scaled on every PE."""
-        return rmsnorm(h, weight, 0, self.config.rms_norm_eps, "fp32", **self.ktree, name=name)
+        """h [E] (y) or [B, E] (None, y): sum of squares allreduced along y, then scaled on every PE."""
+        return rmsnorm(h, weight, len(h.shape) - 1, self.config.rms_norm_eps, "fp32", **self.ktree, name=name)
 
-    def rope_tables(self, pos: int):
-        """Per-column cos/sin for this token's position, computed once per token: (1, cols, F)."""
+    def rope_tables(self, positions: tuple[int, ...]):
+        """Per-column cos/sin for the batch's positions, computed once per step: (1, cols, B, F)."""
         if not self.mesh.numeric:
             return None, None
-        if self._rope is None or self._rope[0] != pos:
-            cos, sin = self.hl.rope_tables(self.config, [pos])
-            shape = (1, self.mesh.cols, self.hl.col_features)
-            self._rope = (pos, cos[0].reshape(shape), sin[0].reshape(shape))
+        if self._rope is None or self._rope[0] != positions:
+            cos, sin = self.hl.rope_tables(self.config, list(positions))  # [B, cols * F]
+            shape = (len(positions), self.mesh.cols, self.hl.col_features)
+            self._rope = (positions, cos.reshape(shape).transpose(1, 0, 2)[None],
+                          sin.reshape(shape).transpose(1, 0, 2)[None])
         return self._rope[1:]
 
-    # ---- one token -------------------------------------------------------------------
-    def step(self, h: DistTensor, pos: int, run_layer: LayerRunner = run_now) -> DistTensor:
-        """The token at ``pos`` (hidden state ``h`` [E] (y), consumed) through this region's
-        layers, appending its K and V to the cache. A layer ``run_layer`` replays still
-        advances the cache's bookkeeping."""
-        key = ("decode",) + self.cache.program_key()  # the same program for every layer of the step
+    # ---- one step ---------------------------------------------------------------------
+    def step(self, h: DistTensor, pos, run_layer: LayerRunner = run_now, seqs: tuple[int, ...] = (0,)) -> DistTensor:
+        """The tokens of the requests in slots ``seqs`` (hidden states ``h`` [B, E] (None, y),
+        consumed; at positions ``pos``) through this region's layers, appending their K and V
+        to their caches. One request may come as ``h`` [E] (y) with ``pos`` an int (slot 0).
+        A layer ``run_layer`` replays still advances the caches' bookkeeping."""
+        single = len(h.shape) == 1
+        if single:
+            h, pos = batch.as_batch(h), (pos,)
+        caches = [self.caches[s] for s in seqs]
+        positions = tuple(int(p) for p in pos)
+        # the same program for every layer of the step: the batch and each cache's state
+        key = ("decode", len(caches)) + tuple(c.program_key() for c in caches)
         for idx, li in enumerate(self.layer_ids):
             with self.mesh.ledger.span(f"layer{li}"):
-                out = run_layer(key, lambda: self.layer(idx, h, pos))
+                out = run_layer(key, lambda: self.layer(idx, h, positions, caches))
             if out is None:
-                self.cache.update(idx)
+                for c in caches:
+                    c.update(idx)
             else:
                 self.mesh.sram.release(h)  # a layer's input lives until the layer is done
                 h = out
-        return h
+        return batch.unbatch(h) if single else h
 
-    def skip_step(self) -> None:
-        """A step whose whole cost was replayed: advance the cache as the step would."""
-        for idx in range(len(self.layer_ids)):
-            self.cache.update(idx)
+    def skip_step(self, seqs: tuple[int, ...] = (0,)) -> None:
+        """A step whose whole cost was replayed: advance the caches as the step would."""
+        for s in seqs:
+            for idx in range(len(self.layer_ids)):
+                self.caches[s].update(idx)
 
-    def layer(self, idx: int, h: DistTensor, pos: int) -> DistTensor:
-        """One decoder layer: h [E] (y) -> [E] (y)."""
+    def layer(self, idx: int, h: DistTensor, positions: tuple[int, ...], caches: list[KVCache]) -> DistTensor:
+        """One decoder layer for a batch: h [B, E] (None, y) -> [B, E] (None, y)."""
         w, hl, sram = self.w[idx], self.hl, self.mesh.sram
-        r, width = hl.group, hl.col_features
+        r, width, B = hl.group, hl.col_features, len(caches)
         with sram.scope() as scope:
-            x = self.rmsnorm(h, w["attn_norm"], "attn_norm")  # [E] (y)
-            qkv = self._gemv(x, w["qkv"], "qkv_gemv")  # [cols * (r+2) * F] (x): column j [q_j | k_j | v_j]
+            x = self.rmsnorm(h, w["attn_norm"], "attn_norm")  # [B, E] (None, y)
+            qkv = self._gemv(x, w["qkv"], "qkv_gemv")  # [B, cols * (r+2) * F] (None, x): column j [q_j | k_j | v_j]
             scope.release(x)
             if "qkv_bias" in w:
                 biased = compute.elementwise(lambda a, b: a + b, qkv, w["qkv_bias"], name="qkv_bias", dtype="fp32")
                 scope.release(qkv)
                 qkv = biased
-            # [q_padded] [kv_padded] [kv_padded] (x): address ranges of the fused tile
+            # [B, q_padded] [B, kv_padded] [B, kv_padded] (None, x): address ranges of the fused tile
             q, k, v = split_fused(qkv, [((hl.q_padded,), r * width), ((hl.kv_padded,), width),
                                         ((hl.kv_padded,), width)])
-            cos, sin = self.rope_tables(pos)
+            cos, sin = self.rope_tables(positions)
             q = rope(q, cos, sin, "rope_q")
             k = rope(k, cos, sin, "rope_k")
-            kv = self.cache.update(idx, k, v)
-            scope.release(qkv, k)
-            o = decode_attention(q, kv.k_t, kv.v, kv.valid, hl.head_of_pos, self.config.num_kv_heads,
-                                 1.0 / math.sqrt(self.config.head_dim), **self.ktree)  # [q_padded] (x)
-            scope.release(q)
-            attn = self._gemv(o, w["o"], "o_gemv")  # [E] (y)
+            outs = []
+            for b, cache in enumerate(caches):  # each request attends over its own cache
+                kv = cache.update(idx, batch.row(k, b), batch.row(v, b))
+                outs.append(decode_attention(batch.row(q, b), kv.k_t, kv.v, kv.valid, hl.head_of_pos,
+                                             self.config.num_kv_heads, 1.0 / math.sqrt(self.config.head_dim),
+                                             **self.ktree))  # [q_padded] (x)
+            scope.release(qkv, k, q)
+            o = batch.stack(outs, name="attention")  # [B, q_padded] (None, x)
+            attn = self._gemv(o, w["o"], "o_gemv")  # [B, E] (None, y)
             scope.release(o)
             h = compute.elementwise(lambda a, b: a + b, h, attn, name="residual", dtype="fp32")
             scope.release(attn)
             x = self.rmsnorm(h, w["ffn_norm"], "ffn_norm")
-            gu = self._gemv(x, w["gate_up"], "gate_up_gemv")  # [2 * ffn_padded] (x): column j [gate_j | up_j]
+            gu = self._gemv(x, w["gate_up"], "gate_up_gemv")  # [B, 2 * ffn_padded] (None, x): [gate_j | up_j]
             scope.release(x)
             g, u = split_fused(gu, [((self.ffn_padded,), self.ffn_per_column)] * 2)
-            act = silu_mul(g, u, "fp32")  # [ffn_padded] (x)
+            act = silu_mul(g, u, "fp32")  # [B, ffn_padded] (None, x)
             scope.release(gu)
-            down = self._gemv(act, w["down"], "down_gemv")  # [E] (y)
+            down = self._gemv(act, w["down"], "down_gemv")  # [B, E] (None, y)
             scope.release(act)
             return scope.keep(compute.elementwise(lambda a, b: a + b, h, down, name="residual", dtype="fp32"))
 
@@ -236,12 +278,16 @@ class DecodeStage:
             self.mesh.sram.release(row)
             return out
 
-    def lm_head(self, x: DistTensor) -> tuple[np.ndarray | None, DistTensor]:
-        """Logits of this region's vocabulary slice (x is already normalised, on this mesh) and
-        the slice's best (value, index): what greedy sampling needs on the wafer."""
+    def lm_head(self, x: DistTensor) -> tuple[np.ndarray | None, DistTensor | list[DistTensor]]:
+        """Logits of this region's vocabulary slice (x [E] or a batch [B, E], already
+        normalised, on this mesh) and each row's best (value, index): what greedy sampling
+        needs on the wafer."""
         with self.mesh.ledger.span("lm_head"):
-            # [Vc] (x), reduced to a root row (no broadcast back)
+            # [Vc] (x) or [B, Vc] (None, x), reduced to a root row (no broadcast back)
             out = gemv(x, self.lm, algo="meshgemv", **self.ktree, broadcast=False, out_dtype="fp32",
                        name="logits").out
-            best = argmax(out, k=self.ktree["k"])
+            if len(out.shape) == 1:
+                best = argmax(out, k=self.ktree["k"])
+            else:  # each request's row
+                best = [argmax(batch.row(out, b), k=self.ktree["k"]) for b in range(out.shape[0])]
         return (out.to_global() if out.tiles is not None else None), best

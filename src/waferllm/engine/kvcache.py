@@ -101,6 +101,11 @@ class KVCache:
         rows shift (a dry run replays a step whose key it has executed)."""
         return self.occupied, bool(self._plan_append().size)
 
+    def free(self) -> None:
+        """The request is done: the cache's SRAM is free for others."""
+        self.mesh.sram.free(self._alloc)
+        self.k = self.v = None
+
     def reset(self) -> None:
         self.count[:] = 0
         self.head[:] = 0

@@ -46,6 +46,7 @@ from waferllm.errors import RequestError
 from waferllm.hardware import get_wafer
 from waferllm.hardware.cluster import ClusterSpec
 from waferllm.hardware.plmr import DTYPE_BYTES, WaferSpec
+from waferllm.kernels import batch
 from waferllm.mesh import comm, interwafer
 from waferllm.mesh.ledger import Ledger
 from waferllm.mesh.move import Placement, charge_move
@@ -93,7 +94,9 @@ class WaferModel:
         self._memo: dict = {}  # dry runs: program key -> its cost (a ledger delta)
         self._weights: dict = {}  # (phase, stage) -> one layer's weights as the transition moves them
         self.weights_layout = "prefill"  # where the layers' weights are: "prefill" or "decode"
-        self.position = 0
+        self.positions: dict[int, int] = {0: 0}  # request slot -> tokens in its cache (slot 0: the single API)
+        self._next_seq = 1
+        self.token_cycles: dict[int, float] = {}  # request slot -> ledger time its last token was picked
         self.cycles = RequestCycles()
         self.request_mark = self.ledger.mark(per_primitive=True)
 
@@ -148,10 +151,47 @@ class WaferModel:
             return np.asarray(w.final_norm, np.float32)
         raise KeyError(what)
 
+    @property
+    def position(self) -> int:
+        """Tokens in the single-request API's cache (slot 0)."""
+        return self.positions[0]
+
+    @position.setter
+    def position(self, value: int) -> None:
+        self.positions[0] = value
+
+    # ---- requests in flight ---------------------------------------------------------------
+    def open_seq(self, capacity_tokens: int) -> int:
+        """A slot for one more request in flight, with its own KV cache of ``capacity_tokens``
+        on every decode region (SRAM is charged now; it overflows if the regions are full)."""
+        seq = self._next_seq
+        opened = []
+        try:
+            for st in self.decode_stages:
+                opened.append(st)
+                st.open_cache(seq, capacity_tokens)
+        except Exception:
+            for st in opened:
+                st.close_cache(seq)
+            raise
+        self._next_seq += 1
+        self.positions[seq] = 0
+        return seq
+
+    def close_seq(self, seq: int) -> None:
+        """The request in ``seq`` is done (or the single API's slot 0 is not needed): free its caches."""
+        for st in self.decode_stages:
+            st.close_cache(seq)
+        self.positions.pop(seq, None)
+        self.token_cycles.pop(seq, None)
+
     # ---- backend protocol ------------------------------------------------------------------
     def reset(self) -> None:
         """Start a new request: empty caches, zeroed counters (the weights stay where the
         previous request left them)."""
+        if 0 not in self.positions:  # slot 0 was handed to the batch pool: take it back
+            for st in self.decode_stages:
+                st.open_cache(0, self.max_seq_len)
         self.position = 0
         for st in self.decode_stages:
             st.cache.reset()
@@ -179,29 +219,41 @@ class WaferModel:
             self._memo[key] = delta
         return out
 
-    def prefill(self, token_ids, prompt_logits: bool = False) -> np.ndarray | None:
-        """Run the prompt (ids, or just a length in dry mode); returns the logits of every
-        prompt token [T, V] with ``prompt_logits``, else of the last one [1, V] (numeric)."""
-        ids, length = self._check_prompt(token_ids)
+    def prefill(self, token_ids, prompt_logits: bool = False, seq: int = 0) -> np.ndarray | None:
+        """Run the prompt (ids, or just a length in dry mode) of the request in slot ``seq``;
+        returns the logits of every prompt token [T, V] with ``prompt_logits``, else of the
+        last one [1, V] (numeric)."""
+        return self.prefill_many([(seq, token_ids, prompt_logits)])[0]
+
+    def prefill_many(self, requests: list[tuple[int, object, bool]]) -> list[np.ndarray | None]:
+        """Prefill several requests ((slot, ids, prompt_logits) each) one after another, with
+        one restore before and one transition after: the weights move once for them all.
+        ``token_cycles[slot]`` is when each one's first token was picked."""
+        checked = [(seq, *self._check_prompt(ids), pl) for seq, ids, pl in requests]
         led = self.ledger
         start = led.mark()
+        outs, kvs = [], []
         with led.span("prefill"):
             restore = self._restore()
-            h = self._embed_prompt(ids if ids is not None else self.typical_prompt(length))
-            kv = []
-            for si, st in enumerate(self.prefill_stages):
-                if si:
-                    h = self._to_region(h, st, ("y", "x"))  # [L, E] (y, x)
-                h, stage_kv = st.step(h, length, partial(self._run_layer, "prefill", si))
-                kv += stage_kv
-            logits = self._prefill_logits(h, length, prompt_logits)
+            for seq, ids, length, prompt_logits in checked:
+                h = self._embed_prompt(ids if ids is not None else self.typical_prompt(length))
+                kv = []
+                for si, st in enumerate(self.prefill_stages):
+                    if si:
+                        h = self._to_region(h, st, ("y", "x"))  # [L, E] (y, x)
+                    h, stage_kv = st.step(h, length, partial(self._run_layer, "prefill", si))
+                    kv += stage_kv
+                outs.append(self._prefill_logits(h, length, prompt_logits))
+                self.token_cycles[seq] = led.cycles
+                kvs.append((seq, length, kv))
         self.cycles.phase["prefill"] += led.since(start)["cycles"] - restore
         if self.decode_stages:
-            self._transition(length, kv)
-        for k, v in kv:  # the prompt's K and V have moved to the decode cache
-            k.mesh.sram.release(k, v)
-        self.position = length
-        return logits
+            self._transition(kvs)
+        for seq, length, kv in kvs:
+            for k, v in kv:  # the prompt's K and V have moved to the decode cache
+                k.mesh.sram.release(k, v)
+            self.positions[seq] = length
+        return outs
 
     def _to_region(self, h: DistTensor, stage, layout, name: str = "stage_transfer") -> DistTensor:
         """Hidden states on to the next region of the pipeline (on another wafer: over the
@@ -364,11 +416,12 @@ class WaferModel:
                 self._weights[key] = transition.decode_weights(self.decode_stages[index], self.config)
         return self._weights[key]
 
-    def _pairs(self, kv: list | None = None, length: int = 0) -> list[transition.Pair]:
+    def _pairs(self, kvs: list | None = None) -> list[transition.Pair]:
         """The moves between every prefill region and every decode region holding some of the
-        same layers: prefill -> decode (weights, and K and V when ``kv`` is given) or, without
-        ``kv``, the weights decode -> prefill. The layers of a pair move as one tensor with a
-        leading layer dim (they share every link)."""
+        same layers: prefill -> decode (weights, and each request's K and V when ``kvs``,
+        (slot, length, K/V per layer) each, is given) or, without ``kvs``, the weights decode ->
+        prefill. The layers of a pair move as one tensor with a leading layer dim (they share
+        every link)."""
         pairs = []
         for pi, pst in enumerate(self.prefill_stages):
             for di, dst in enumerate(self.decode_stages):
@@ -378,36 +431,40 @@ class WaferModel:
                 n, pw, dw = len(layers), self._stage_weights("prefill", pi), self._stage_weights("decode", di)
                 moves = [(name, transition.stacked(pw[name][0], n), transition.stacked(dw[name][0], n), item)
                          for name, (_, item) in pw.items()]
-                if kv is None:
+                if kvs is None:
                     moves = [(name, b, a, item) for name, a, b, item in moves]
                     pairs.append(transition.Pair(dst.mesh.region, pst.mesh.region, moves))
                     continue
-                k, v = kv[layers[0]]  # every layer of the pair: the same placement
-                moves.append(("kv", transition.stacked(transition.kv_source(k, v, pst.hl, self.config), n),
-                              transition.stacked(dst.cache.placement(length), n), k.itemsize))
+                for seq, length, kv in kvs:
+                    k, v = kv[layers[0]]  # every layer of the pair: the same placement
+                    moves.append(("kv", transition.stacked(transition.kv_source(k, v, pst.hl, self.config), n),
+                                  transition.stacked(dst.caches[seq].placement(length), n), k.itemsize))
                 pairs.append(transition.Pair(pst.mesh.region, dst.mesh.region, moves))
         return pairs
 
-    def _transition(self, length: int, kv: list[tuple[DistTensor, DistTensor]]) -> None:
-        """Re-place weights and the KV cache from the prefill layout to the decode layout."""
+    def _transition(self, kvs: list[tuple[int, int, list]]) -> None:
+        """Re-place weights and the prompts' K and V ((slot, length, K/V per layer) each) from
+        the prefill layout to the decode layout."""
         led = self.ledger
         start = led.mark()
         with led.span("transition"):
             if self.cluster is None:
-                transition.charge(led, self._pairs(kv, length), "transition")
+                transition.charge(led, self._pairs(kvs), "transition")
             elif self.cluster.layout == "split":
-                self._send_kv(self._pairs(kv, length))
+                self._send_kv(self._pairs(kvs))
             else:
-                self._charge_per_wafer(self._pairs(kv, length), "transition")
-            for dst_st in self.decode_stages:
-                if self.mode != "numeric":
-                    dst_st.cache.load(length)
-                    continue
-                # each layer's K and V, read from the prefill tiles that hold them
-                layers = dst_st.layer_ids
-                src = [next(p for p in self.prefill_stages if li in p.layer_ids).hl for li in layers]
-                dst_st.cache.load(length, [kv[li][0] for li in layers], [kv[li][1] for li in layers],
-                                  [transition.positions(hl.kv_cols, hl.kv_dim) for hl in src])
+                self._charge_per_wafer(self._pairs(kvs), "transition")
+            for seq, length, kv in kvs:
+                for dst_st in self.decode_stages:
+                    cache = dst_st.caches[seq]
+                    if self.mode != "numeric":
+                        cache.load(length)
+                        continue
+                    # each layer's K and V, read from the prefill tiles that hold them
+                    layers = dst_st.layer_ids
+                    src = [next(p for p in self.prefill_stages if li in p.layer_ids).hl for li in layers]
+                    cache.load(length, [kv[li][0] for li in layers], [kv[li][1] for li in layers],
+                               [transition.positions(hl.kv_cols, hl.kv_dim) for hl in src])
         if self.cluster is None or self.cluster.layout == "shared":  # split: the weights stay where they are
             self.weights_layout = "decode"
         delta = led.since(start)
@@ -455,52 +512,94 @@ class WaferModel:
                                      _one_pe(self.decode_stages[0].mesh.region), DTYPE_BYTES["fp32"]))
         interwafer.charge_transfer(self.ledger, self.cluster, flows, name="interwafer.kv")
 
-    def decode(self, token_id) -> np.ndarray | None:
-        """Run one token (None in a dry run); returns the next token's logits [V] (numeric)."""
-        tok = self._check_token(token_id)
-        led = self.ledger
+    def decode(self, token_id, seq: int = 0) -> np.ndarray | None:
+        """Run one token (None in a dry run) of the request in slot ``seq``; returns the next
+        token's logits [V] (numeric)."""
+        out = self.decode_batch([seq], [token_id])
+        return None if out is None else out[0]
+
+    def decode_batch(self, seqs, tokens) -> np.ndarray | None:
+        """One decode step for the requests in slots ``seqs``, whose last tokens are ``tokens``
+        (None each in a dry run); returns their next tokens' logits [B, V] (numeric).
+
+        With several decode regions the batch runs as micro-batches (one per region at most)
+        pipelined over them: while one micro-batch is on region s, the next is on region s-1
+        (``Ledger.pipeline``). The LM head spans every region (its vocabulary is sliced over
+        them all), so each micro-batch's head waits for them all to be free.
+        ``token_cycles[slot]`` is when each request's token was picked."""
+        seqs = tuple(seqs)
+        toks = [self._check_token(t, s) for t, s in zip(tokens, seqs)]
+        groups = [tuple(int(x) for x in g) for g in np.array_split(seqs, min(len(seqs), len(self.decode_stages)))]
+        led, stages = self.ledger, self.decode_stages
         start = led.mark(per_primitive=self.mode == "dry")
         if self.mode == "dry":
-            # the step's program: every stage's cache state (stages of different grids
-            # change occupancy at different tokens)
-            step_key = ("step",) + tuple(st.cache.program_key() for st in self.decode_stages)
+            # the step's program: the micro-batches and every cache's state on every stage
+            # (stages of different grids change occupancy at different tokens)
+            step_key = ("step", tuple(len(g) for g in groups)) + tuple(
+                tuple(st.caches[s].program_key() for s in seqs) for st in stages)
             if step_key in self._memo:
-                return self._replay_step(self._memo[step_key])
+                return self._replay_step(self._memo[step_key], groups)
             layers_before = self.cycles.layer_totals("decode")
-        with led.span("decode"):
-            h = self._embed_token(tok)
-            for si, st in enumerate(self.decode_stages):
-                if si:
-                    h = self._to_region(h, st, ("y",))  # [E] (y)
-                h = st.step(h, self.position, partial(self._run_layer, "decode", si))
-            logits = self._decode_logits(h)
+        token = dict(zip(seqs, toks))
+        with led.span("decode"), led.pipeline() as pipe:
+            hs = [self._embed_tokens(pipe, m, [token[s] for s in g]) for m, g in enumerate(groups)]
+            for si, st in enumerate(stages):
+                for m, g in enumerate(groups):
+                    with pipe.slot(m, (si,)):
+                        h = hs[m] if not si else self._to_region(hs[m], st, hs[m].layout)  # [b, E] (None, y)
+                        hs[m] = st.step(h, [self.positions[s] for s in g], partial(self._run_layer, "decode", si),
+                                        seqs=g)
+            logits = []
+            for m, g in enumerate(groups):
+                with pipe.slot(m, range(len(stages))):
+                    logits.append(self._decode_logits(hs[m]))
+            ends = [pipe.item_end(m) - start["cycles"] for m in range(len(groups))]
         delta = led.since(start)
+        delta["token_offsets"] = ends
         if self.mode == "dry":
             after = self.cycles.layer_totals("decode")
             delta["layers"] = {k: v - layers_before[k] for k, v in after.items()}  # the step's layers alone
             self._memo[step_key] = delta
-        self._count_step(delta["cycles"])
-        return logits
+        self._count_step(delta, groups, start["cycles"])
+        if self.mode != "numeric":
+            return None
+        return np.concatenate(logits, axis=0)
 
-    def _check_token(self, token_id) -> int | None:
+    def _check_token(self, token_id, seq: int = 0) -> int | None:
         tok = None if token_id is None else int(token_id)
         if tok is not None and not 0 <= tok < self.config.vocab_size:
             raise RequestError(f"token id {tok} out of range [0, {self.config.vocab_size})")
-        if self.position + 1 > self.max_seq_len:
+        if seq not in self.positions:
+            raise RequestError(f"no request in slot {seq}")
+        if self.positions[seq] + 1 > self.max_seq_len:
             raise RequestError(f"context of {self.max_seq_len} tokens is full")
         return tok
 
-    def _replay_step(self, delta: dict) -> None:
+    def _replay_step(self, delta: dict, groups: list[tuple[int, ...]]) -> None:
+        start = self.ledger.cycles
         self.ledger.replay(delta, "decode step (replayed)")
         for st in self.decode_stages:
-            st.skip_step()
+            for g in groups:
+                st.skip_step(g)
         self.cycles.add_layers("decode", delta["layers"])
-        self._count_step(delta["cycles"])
+        self._count_step(delta, groups, start)
 
-    def _count_step(self, cycles: float) -> None:
-        self.cycles.phase["decode"] += cycles
-        self.cycles.steps.append(cycles)
-        self.position += 1
+    def _count_step(self, delta: dict, groups: list[tuple[int, ...]], start: float) -> None:
+        self.cycles.phase["decode"] += delta["cycles"]
+        self.cycles.steps.append(delta["cycles"])
+        for g, offset in zip(groups, delta["token_offsets"]):
+            for s in g:
+                self.positions[s] += 1
+                self.token_cycles[s] = start + offset
+
+    def _embed_tokens(self, pipe, item: int, toks: list[int | None]) -> DistTensor:
+        """The micro-batch's token embeddings [b, E] (None, y) on the first decode region; each
+        is broadcast on the region whose table slice holds it (a dry run's token: the first of
+        the vocabulary)."""
+        owners = {next((i for i, s in enumerate(self.decode_stages) if t is not None and t in s.vocab), 0)
+                  for t in toks}
+        with pipe.slot(item, sorted(owners | {0})):
+            return batch.stack([self._embed_token(t) for t in toks], name="embeddings")
 
     def _embed_token(self, tok: int | None) -> DistTensor:
         """The token's embedding [E] (y) on the first decode region (a dry run's token is the
@@ -522,19 +621,19 @@ class WaferModel:
         with last.mesh.sram.scope():
             hn = last.rmsnorm(h, last.final_norm, "final_norm")  # [E] (y)
             last.mesh.sram.release(h)
-            copies = self._to_table_wafers(hn, heads, ("y",))  # on a cluster: to the wafers with tables
+            copies = self._to_table_wafers(hn, heads, hn.layout)  # on a cluster: to the wafers with tables
             with led.span("lm_head"), led.parallel() as par:
                 for st in heads:
                     src = copies.get(st.mesh.wafer.name, (hn, 1))[0]
                     with par.branch(), st.mesh.sram.scope():
-                        x = comm.relayout(src, st.mesh, ("y",), name="lm_head.transfer")
+                        x = comm.relayout(src, st.mesh, src.layout, name="lm_head.transfer")
                         logits, _ = st.lm_head(x)
                         chunks.append(logits)
             self._release_copies(copies, hn)
             self._gather_best(heads, self.decode_stages[0])
         if self.mode != "numeric":
             return None
-        return np.concatenate(chunks)
+        return np.concatenate(chunks, axis=-1)  # [b, V]
 
     def measured_stages(self, phase: str):
         """(phase plan, stages) whose SRAM accounting saw their layers run: every stage, except

@@ -88,21 +88,23 @@ def rope(t: DistTensor, cos: np.ndarray | None, sin: np.ndarray | None, name: st
 
 
 def split_fused(t: DistTensor, parts: list[tuple[tuple[int, ...], int]], name: str = "part") -> list[DistTensor]:
-    """Views of the parts of a fused 1-d tensor whose every tile is [part0 | part1 | ...].
+    """Views of the parts of a fused tensor whose every tile is [part0 | part1 | ...] along
+    its last dim (a 1-d tensor, or a batch [B, N] whose rows are each fused alike).
 
     ``parts``: (logical shape, width in the tile) of each, in tile order. A part is an
     address range of the fused tile: no copy, no SRAM of its own (the fused tensor holds
     it; release that one when the parts are done).
     """
-    if len(t.shape) != 1:
-        raise MeshError(f"split_fused: {t.name} is not 1-d")
+    if len(t.shape) not in (1, 2) or (len(t.shape) == 2 and t.layout[0] is not None):
+        raise MeshError(f"split_fused: {t.name} is neither 1-d nor a batch of 1-d rows")
     widths = [w for _, w in parts]
-    if sum(widths) != t.tile_shape[0]:
-        raise MeshError(f"split_fused: parts of {widths} values do not fill {t.name}'s tile of {t.tile_shape[0]}")
+    lead = t.tile_shape[:-1]
+    if sum(widths) != t.tile_shape[-1]:
+        raise MeshError(f"split_fused: parts of {widths} values do not fill {t.name}'s tile of {t.tile_shape[-1]}")
     bounds = np.cumsum([0] + widths)
     out = []
     for i, (shape, w) in enumerate(parts):
         tiles = None if t.tiles is None else t.tiles[..., bounds[i]: bounds[i + 1]]
-        out.append(DistTensor(t.mesh, shape, t.layout, t.dtype, tiles, name=f"{name}{i}", tile_shape=(w,),
-                              charge_sram=False))
+        out.append(DistTensor(t.mesh, t.shape[:-1] + tuple(shape), t.layout, t.dtype, tiles, name=f"{name}{i}",
+                              tile_shape=lead + (w,), charge_sram=False))
     return out

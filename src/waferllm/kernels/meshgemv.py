@@ -10,6 +10,11 @@ decode alternate reduce axes and never transpose.
 
 Layouts: W (y, x) with x (y,) -> y (x,); or W (x, y) with x (x,) -> y (y,).
 
+A batch of B vectors (decode of several requests at once) is x [B, K] with layout
+(None, axis): every PE holds the B segments of its line, the local product becomes a
+skinny B x tk by tk x tn GEMM, and one reduce carries the B partial rows: the weights are
+read once per step and the collective's fixed costs are paid once for the batch.
+
 W may be stored block-quantised (a :class:`QuantTensor`, int8 or int4 with fp16 block
 scales): each PE dequantises its tile in its SIMD unit as part of the local product.
 """
@@ -33,14 +38,18 @@ def gemv(x: DistTensor, w: DistTensor, *, algo: str = "meshgemv", k: int = 2, gr
     if algo not in GEMV_ALGOS:
         raise MeshError(f"unknown GEMV algorithm {algo!r}; expected one of {', '.join(GEMV_ALGOS)}")
     mesh = x.mesh
-    if len(w.shape) != 2 or len(x.shape) != 1:
-        raise MeshError(f"GEMV needs x [K] and W [K, N]; got {x.shape} and {w.shape}")
-    if x.shape[0] != w.shape[0]:
-        raise MeshError(f"GEMV: x has {x.shape[0]} elements, W has {w.shape[0]} rows")
+    if len(w.shape) != 2 or len(x.shape) not in (1, 2):
+        raise MeshError(f"GEMV needs x [K] (or a batch [B, K]) and W [K, N]; got {x.shape} and {w.shape}")
+    if x.shape[-1] != w.shape[0]:
+        raise MeshError(f"GEMV: x has {x.shape[-1]} elements, W has {w.shape[0]} rows")
     red_axis = w.layout[0]
-    if red_axis not in ("y", "x") or w.layout[1] not in ("y", "x") or x.layout != (red_axis,):
-        raise MeshError(f"GEMV needs W (y, x) with x (y,) or W (x, y) with x (x,); got W {w.layout}, x {x.layout}")
+    batch = x.shape[0] if len(x.shape) == 2 else None
+    x_layout = (red_axis,) if batch is None else (None, red_axis)
+    if red_axis not in ("y", "x") or w.layout[1] not in ("y", "x") or x.layout != x_layout:
+        raise MeshError(f"GEMV needs W (y, x) with x (y,) or W (x, y) with x (x,) (a batch: (None, y) or "
+                        f"(None, x)); got W {w.layout}, x {x.layout}")
     out_axis = w.layout[1]
+    out_shape, out_layout = ((w.shape[1],), (out_axis,)) if batch is None else ((batch, w.shape[1]), (None, out_axis))
     out_dtype = out_dtype or x.dtype
     tk, tn = w.tile_shape
     quant = w if isinstance(w, QuantTensor) else None
@@ -48,8 +57,8 @@ def gemv(x: DistTensor, w: DistTensor, *, algo: str = "meshgemv", k: int = 2, gr
         # every PE: its x segment times its W tile (charged here, computed below); a
         # block-quantised W is dequantised tile-wide in the PE first, in the same op
         matmul_tiles(mesh, None, None, dtype=quant.compute_dtype if quant else w.dtype, name=f"{algo}.local_gemv",
-                     shapes=(1, tk, tn), dequant=quant)
-        partial = DistTensor(mesh, (w.shape[1],), (out_axis,), "fp32", _local_gemv(x, w, red_axis),
+                     shapes=(batch or 1, tk, tn), dequant=quant)
+        partial = DistTensor(mesh, out_shape, out_layout, "fp32", _local_gemv(x, w, red_axis),
                              name=f"{name}_partial", partial=(red_axis, "sum"))
         y = comm.reduce(partial, red_axis, "sum", algo=GEMV_ALGOS[algo], k=k, group=group, allreduce=broadcast,
                         name=f"{algo}.allreduce" if broadcast else f"{algo}.reduce")
@@ -57,7 +66,7 @@ def gemv(x: DistTensor, w: DistTensor, *, algo: str = "meshgemv", k: int = 2, gr
             y = y.with_tiles(None if y.tiles is None else y.tiles.astype("float16" if out_dtype == "fp16" else "float32"),
                              dtype=out_dtype, name=name)
     n = mesh.axis_size(red_axis)
-    rep.extra.update(k=w.shape[0], n=w.shape[1], grid=n, reduce_axis=red_axis, output_axis=out_axis)
+    rep.extra.update(k=w.shape[0], n=w.shape[1], grid=n, reduce_axis=red_axis, output_axis=out_axis, batch=batch or 1)
     return KernelResult(y, rep)
 
 
@@ -66,22 +75,40 @@ def _local_gemv(x, w, red_axis):
 
     x is replicated along the other axis, so the products of one line of PEs are one
     vector-matrix product with that line's W tiles side by side: the same sums, in far
-    fewer BLAS calls than one per PE.
+    fewer BLAS calls than one per PE. A batch's B segments are B rows of the same product.
     """
     if x.tiles is None:
         return None
     r, c = x.tiles.shape[:2]
     tk, tn = w.tile_shape
     xt = x.tiles.astype(np.float32, copy=False)
+    if xt.ndim == 3:
+        xt = xt[:, :, None, :]  # one vector: a batch of one, [r, c, 1, tk]
+        return _local_gemm(xt, w, red_axis, r, c, tk, tn)[:, :, 0]
+    return _local_gemm(xt, w, red_axis, r, c, tk, tn)
+
+
+def _local_gemm(xt, w, red_axis, r, c, tk, tn):
+    """xt [r, c, B, tk] (the same along the other axis) times every PE's W tile: [r, c, B, tn].
+
+    Each of the B rows is its own BLAS call of the one-vector shape: a batched GEMM may sum
+    in another order, and a request's logits must not depend on who it is batched with."""
+    if xt.shape[2] > 1:
+        return np.concatenate([_local_gemm(xt[:, :, b:b + 1], w, red_axis, r, c, tk, tn)
+                               for b in range(xt.shape[2])], axis=2)
     # a quantised W multiplies with its dequantised values
     values = w.dequantized_tiles if isinstance(w, QuantTensor) else (lambda: w.tiles.astype(np.float32))
     if red_axis == "y":  # x_i is the same on every PE of row i
         wr = w.host_layout("gemv_rows", lambda t: np.ascontiguousarray(
             values().transpose(0, 2, 1, 3).reshape(r, tk, c * tn)))
-        return np.matmul(xt[:, 0, None, :], wr).reshape(r, c, tn)
+        b = xt.shape[2]
+        # [r, B, tk] @ [r, tk, c*tn] -> [r, B, c, tn] -> [r, c, B, tn]
+        return np.matmul(xt[:, 0], wr).reshape(r, b, c, tn).transpose(0, 2, 1, 3)
     wc = w.host_layout("gemv_cols", lambda t: np.ascontiguousarray(
         values().transpose(1, 2, 0, 3).reshape(c, tk, r * tn)))
-    return np.matmul(xt[0, :, None, :], wc).reshape(c, r, tn).transpose(1, 0, 2)
+    b = xt.shape[2]
+    # [c, B, tk] @ [c, tk, r*tn] -> [c, B, r, tn] -> [r, c, B, tn]
+    return np.matmul(xt[0], wc).reshape(c, b, r, tn).transpose(2, 0, 1, 3)
 
 
 def meshgemv(x, w, **kw) -> KernelResult:

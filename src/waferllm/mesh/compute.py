@@ -107,12 +107,31 @@ def dequant_ops_per_pe(wafer, weight, elems: int) -> float:
 
 
 _POOL = None
+_WORKERS: int | None = None  # set_workers(); None: one per core, at most 8
+
+
+def workers() -> int:
+    """How many threads split a large batched tile product (see :func:`set_workers`)."""
+    return _WORKERS or max(1, min(8, os.cpu_count() or 1))
+
+
+def set_workers(n: int | None) -> None:
+    """Split large batched tile products over ``n`` threads (None: one per core, at most 8).
+    Only host wall time changes: every PE's product is the same call either way."""
+    global _POOL, _WORKERS
+    if n is not None and n < 1:
+        raise MeshError(f"workers must be at least 1, got {n}")
+    if n != _WORKERS:
+        _WORKERS = n
+        if _POOL is not None:
+            _POOL.shutdown(wait=True)
+        _POOL = None
 
 
 def _pool():
     global _POOL
     if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)))
+        _POOL = ThreadPoolExecutor(max_workers=workers())
     return _POOL
 
 
@@ -128,10 +147,10 @@ def _batched_matmul(a, b, acc, transpose_b):
     b = np.broadcast_to(b, a.shape[:-2] + b.shape[-2:])
     out_shape = a.shape[:-1] + b.shape[-1:]
     rows = a.shape[0]
-    workers = _pool()._max_workers
+    n_workers = workers()
     macs = math.prod(out_shape) * a.shape[-1]
     f32 = (lambda x: x if x.dtype == np.float32 else x.astype(np.float32))
-    if rows < 2 or workers == 1 or macs < 1 << 24:  # small products: threads cost more than they save
+    if rows < 2 or n_workers == 1 or macs < 1 << 24:  # small products: threads cost more than they save
         prod = np.matmul(f32(a), f32(b))
         if acc is None:
             return prod
@@ -143,7 +162,7 @@ def _batched_matmul(a, b, acc, transpose_b):
     def work(lo, hi):
         acc[lo:hi] += np.matmul(f32(a[lo:hi]), f32(b[lo:hi]))
 
-    bounds = np.linspace(0, rows, min(rows, workers) + 1).astype(int)
+    bounds = np.linspace(0, rows, min(rows, n_workers) + 1).astype(int)
     list(_pool().map(lambda lh: work(*lh), zip(bounds[:-1], bounds[1:])))
     return acc
 
@@ -181,12 +200,21 @@ def elementwise(fn, *tensors: DistTensor, ops_per_elem: float = 1.0, name: str =
     if mesh.numeric:
         # padding (reset to zero below) may divide 0 by 0; real elements never do
         with np.errstate(over="ignore", under="ignore", invalid="ignore", divide="ignore"):
-            tiles = np.asarray(fn(*[t.tiles.astype(np.float32, copy=False) for t in tensors]), dtype=np.float32)
+            tiles = np.asarray(fn(*[_aligned(t, len(ref.tile_shape)) for t in tensors]), dtype=np.float32)
         tiles = np.broadcast_to(tiles, (mesh.rows, mesh.cols, *ref.tile_shape)).astype(NP_DTYPES[dt])
         mask = ref.pad_mask()
         if mask is not None:  # keep the padding zero (fn(0) need not be 0, e.g. exp)
             tiles = np.where(mask, tiles, np.zeros((), tiles.dtype))
     return ref.with_tiles(tiles, dtype=dt, name=name, partial=None)
+
+
+def _aligned(t: DistTensor, ndim: int) -> np.ndarray:
+    """``t``'s tiles as float32 with ``ndim`` tile dims: a tensor of fewer dims (a norm weight
+    [E] against a batch [B, E]) broadcasts over the leading ones, as numpy would without
+    the mesh dims in front."""
+    x = t.tiles.astype(np.float32, copy=False)
+    missing = ndim - (x.ndim - 2)
+    return x.reshape(x.shape[:2] + (1,) * missing + x.shape[2:]) if missing > 0 else x
 
 
 def tile_reduce(t: DistTensor, dim: int, op: str = "sum", name: str = "tile_reduce", keepdims: bool = True) -> DistTensor:

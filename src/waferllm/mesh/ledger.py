@@ -179,6 +179,20 @@ class Ledger:
         self.cycles = par.start + par.longest
         self.exposed_comm_cycles += par.exposed
 
+    @contextmanager
+    def pipeline(self):
+        """Work items (micro-batches of requests) flowing through resources (regions):
+        ``with ledger.pipeline() as pipe:`` then ``with pipe.slot(item, regions): ...`` for
+        each piece of work. A slot starts when its item's previous slot is done and every
+        region it uses is free, so different items occupy different regions at once; the
+        block costs the schedule's makespan."""
+        if self._overlap is not None:
+            raise RuntimeError("pipeline() cannot be nested inside overlap()")
+        pipe = _Pipeline(self, self.cycles)
+        yield pipe
+        self.cycles = pipe.end
+        self.exposed_comm_cycles += pipe.critical_exposed()
+
     def replay(self, delta: dict, name: str) -> None:
         """Charge again the cost of an identical program run measured by ``since()``.
 
@@ -340,3 +354,50 @@ class _Parallel:
                 self.longest, self.exposed = took, exposed
             led.exposed_comm_cycles = exposed_before
             led.cycles = self.start
+
+
+class _Pipeline:
+    """The schedule of a :meth:`Ledger.pipeline` block: when each region is free and each
+    item is ready, and the slot that set every slot's start (to find the critical path)."""
+
+    def __init__(self, ledger: Ledger, start: float):
+        self.ledger = ledger
+        self.start = start
+        self.end = start
+        self.free: dict = {}  # region -> (time it is free, slot that last used it)
+        self.ready: dict = {}  # item -> (time its last slot ended, that slot)
+        self.slots: list[tuple[float, float, int | None]] = []  # (end, exposed comm, predecessor)
+        self.last: int | None = None  # the slot that ends last
+
+    @contextmanager
+    def slot(self, item, regions):
+        led = self.ledger
+        waits = [self.ready.get(item, (self.start, None))] + [self.free.get(r, (self.start, None)) for r in regions]
+        begin, pred = max(waits, key=lambda w: w[0])
+        led.cycles = begin
+        exposed_before = led.exposed_comm_cycles
+        try:
+            yield led
+        finally:
+            end = led.cycles
+            self.slots.append((end, led.exposed_comm_cycles - exposed_before, pred))
+            led.exposed_comm_cycles = exposed_before
+            me = len(self.slots) - 1
+            self.ready[item] = (end, me)
+            for r in regions:
+                self.free[r] = (end, me)
+            if end >= self.end:
+                self.end, self.last = end, me
+            led.cycles = self.end
+
+    def item_end(self, item) -> float:
+        """When ``item``'s last slot so far ended."""
+        return self.ready.get(item, (self.start, None))[0]
+
+    def critical_exposed(self) -> float:
+        """Exposed communication of the slots on the critical path (the others' is hidden)."""
+        total, i = 0.0, self.last
+        while i is not None:
+            end, exposed, i = self.slots[i]
+            total += exposed
+        return total
