@@ -189,14 +189,18 @@ class PromptFrontend:
 
     def generate(self, prompts, sampling_params=None, chat: bool = False,
                  on_token: OnToken | None = None) -> list[RequestOutput]:
-        """Generate for a prompt or a list of prompts (one request at a time, batch size 1 as in
-        the paper). ``sampling_params``: a SamplingParams (or a dict of its fields) for all, or
+        """Generate for a prompt or a list of prompts (an engine may run several as a batch).
+        ``sampling_params``: a SamplingParams (or a dict of its fields) for all, or
         a list of them, one per prompt. Every request is checked before the first one runs."""
         prompts = as_prompt_list(prompts)
         plist = as_params_list(sampling_params, len(prompts))
         encoded = [self.encode_prompt(p, chat=chat) for p in prompts]
         for (_, ids), params in zip(encoded, plist):
             self.check_request(ids, params)
+        return self.run_requests(encoded, plist, on_token)
+
+    def run_requests(self, encoded: list, plist: list, on_token: OnToken | None = None) -> list[RequestOutput]:
+        """Run checked requests ((text, ids) each, with their params): one after another."""
         return [self.generate_ids(ids, params, on_token=on_token, prompt=text)
                 for (text, ids), params in zip(encoded, plist)]
 
@@ -219,8 +223,7 @@ class PromptFrontend:
             encoded.append((text, check_token_ids(tok.encode(text, add_special_tokens=False), self.config.vocab_size)))
         for (_, ids), params in zip(encoded, plist):
             self.check_request(ids, params)
-        return [self.generate_ids(ids, params, on_token=on_token, prompt=text)
-                for (text, ids), params in zip(encoded, plist)]
+        return self.run_requests(encoded, plist, on_token)
 
     def check_request(self, prompt_token_ids, params: SamplingParams) -> None:
         """Refuse a request that cannot run (before running any)."""
@@ -261,6 +264,54 @@ def _stopped(tok: int, grown: int, detok: _Detokenizer, params: SamplingParams, 
     return None, None
 
 
+class SequenceState:
+    """One request's sampling and stopping, token by token: its sampler, incremental text
+    and stop checks. The sequential loop (:func:`generate_one`) and the batch scheduler
+    (``engine.scheduler``) both feed it logits, so a request ends alike in either."""
+
+    def __init__(self, tokenizer, prompt_ids: list[int], params: SamplingParams, max_len: int | None):
+        if params.stop and tokenizer is None:
+            raise RequestError("stop strings need a tokenizer")
+        self.params = params
+        self.prompt_ids = prompt_ids
+        self.max_len = max_len
+        self.eos = set() if (params.ignore_eos or tokenizer is None) else set(
+            getattr(tokenizer, "eos_token_ids", []) or [])
+        self.stop_ids = set(params.stop_token_ids or [])
+        self.sampler = Sampler(params)
+        self.detok = _Detokenizer(tokenizer, params.stop or [])
+        self.token_ids: list[int] = []
+        self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def accept(self, logits: np.ndarray) -> tuple[int, str]:
+        """Sample the next token from ``logits`` [V]; returns it and the text it releases
+        (stop-string prefixes and incomplete characters are held back until settled)."""
+        params = self.params
+        tok = self.sampler.sample(logits)
+        if self.logprobs is not None:
+            self.logprobs.append(self.sampler.logprobs(logits, tok, params.logprobs))
+        self.token_ids.append(tok)
+        finish, self.stop_reason = _stopped(tok, self.detok.add(tok), self.detok, params, self.stop_ids, self.eos)
+        if finish is None and len(self.token_ids) >= params.max_tokens:
+            finish = "length"
+        if finish is None and self.max_len is not None and len(self.prompt_ids) + len(self.token_ids) >= self.max_len:
+            finish = "length"
+        self.finish_reason = finish
+        return tok, self.detok.take(final=finish is not None)
+
+    def output(self, prompt: str | None, prompt_logprobs=None, metrics: dict | None = None) -> RequestOutput:
+        return RequestOutput(prompt=prompt, prompt_token_ids=self.prompt_ids, text=self.detok.text,
+                             token_ids=self.token_ids, logprobs=self.logprobs, prompt_logprobs=prompt_logprobs,
+                             finish_reason=self.finish_reason or "abort", stop_reason=self.stop_reason,
+                             metrics=metrics or {})
+
+
 def generate_one(backend, tokenizer, prompt_token_ids: Sequence[int], params: SamplingParams | None = None,
                  on_token: OnToken | None = None, prompt: str | None = None) -> RequestOutput:
     """Generate one completion. ``on_token(token_id, text_delta)`` is called once per generated token."""
@@ -268,16 +319,11 @@ def generate_one(backend, tokenizer, prompt_token_ids: Sequence[int], params: Sa
     prompt_ids = [int(t) for t in prompt_token_ids]
     if not prompt_ids:
         raise RequestError("the prompt is empty (no tokens)")
-    if params.stop and tokenizer is None:
-        raise RequestError("stop strings need a tokenizer")
     max_len = getattr(backend, "max_seq_len", None)
     if max_len is not None and len(prompt_ids) >= max_len:
         raise RequestError(f"the prompt has {len(prompt_ids)} tokens, which leaves no room to generate in a context of "
                            f"{max_len} tokens")
-    eos = set() if (params.ignore_eos or tokenizer is None) else set(getattr(tokenizer, "eos_token_ids", []) or [])
-    stop_ids = set(params.stop_token_ids or [])
-    sampler = Sampler(params)
-    detok = _Detokenizer(tokenizer, params.stop or [])
+    seq = SequenceState(tokenizer, prompt_ids, params, max_len)
 
     t0 = time.perf_counter()
     backend.reset()
@@ -287,43 +333,35 @@ def generate_one(backend, tokenizer, prompt_token_ids: Sequence[int], params: Sa
     logits = logits_all[-1]
     del logits_all
 
-    token_ids: list[int] = []
-    lps: list[dict[int, float]] | None = [] if params.logprobs is not None else None
     t_first = None
     while True:
-        tok = sampler.sample(logits)
-        if lps is not None:
-            lps.append(sampler.logprobs(logits, tok, params.logprobs))
-        token_ids.append(tok)
+        tok, delta = seq.accept(logits)
         if t_first is None:
             t_first = time.perf_counter()
-        finish, stop_reason = _stopped(tok, detok.add(tok), detok, params, stop_ids, eos)
-        if finish is None and len(token_ids) >= params.max_tokens:
-            finish = "length"
-        if finish is None and max_len is not None and len(prompt_ids) + len(token_ids) >= max_len:
-            finish = "length"
         if on_token is not None:
-            on_token(tok, detok.take(final=finish is not None))
-        if finish is not None:
+            on_token(tok, delta)
+        if seq.finished:
             break
         logits = np.asarray(backend.decode(tok)).reshape(-1)
     t_end = time.perf_counter()
 
-    n_prompt, n_gen = len(prompt_ids), len(token_ids)
-    prefill_s, decode_s = t_prefill - t0, t_end - (t_first or t_end)
-    metrics = {
+    metrics = host_metrics(len(prompt_ids), len(seq.token_ids), t0, t_prefill, t_first or t_end, t_end)
+    extra = getattr(backend, "request_metrics", None)
+    if callable(extra):
+        metrics["backend"] = extra()
+    return seq.output(prompt, prompt_lps, metrics)
+
+
+def host_metrics(n_prompt: int, n_gen: int, t0: float, t_prefill: float, t_first: float, t_end: float) -> dict:
+    """A request's host-side figures from its timestamps (perf_counter seconds)."""
+    prefill_s, decode_s = t_prefill - t0, t_end - t_first
+    return {
         "prompt_tokens": n_prompt,
         "generated_tokens": n_gen,
         "prefill_time_s": prefill_s,
-        "time_to_first_token_s": (t_first or t_end) - t0,
+        "time_to_first_token_s": t_first - t0,
         "decode_time_s": decode_s,
         "total_time_s": t_end - t0,
         "prefill_tokens_per_s": n_prompt / prefill_s if prefill_s > 0 else None,
         "decode_tokens_per_s": (n_gen - 1) / decode_s if n_gen > 1 and decode_s > 0 else None,
     }
-    extra = getattr(backend, "request_metrics", None)
-    if callable(extra):
-        metrics["backend"] = extra()
-    return RequestOutput(prompt=prompt, prompt_token_ids=prompt_ids, text=detok.text, token_ids=token_ids,
-                         logprobs=lps, prompt_logprobs=prompt_lps, finish_reason=finish, stop_reason=stop_reason,
-                         metrics=metrics)

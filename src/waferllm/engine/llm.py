@@ -80,11 +80,13 @@ def check_grids_fit_mesh(pg, dg, spec: WaferSpec) -> None:
                                f"(largest square: {side}x{side})")
 
 
-def _longest_fitting(config, spec, grids: dict, hi: int, dtype: str, weights: str = "fp16") -> int:
-    """The longest context (<= hi) whose phases plan on ``grids`` ({phase: grid}), 0 if none.
-    More tokens never need less SRAM, so a bisection finds it."""
+def _longest_fitting(config, spec, grids: dict, hi: int, dtype: str, weights: str = "fp16", seqs: int = 1) -> int:
+    """The longest context (<= hi) whose phases plan on ``grids`` ({phase: grid}), the decode
+    KV pool holding ``seqs`` such contexts; 0 if none. More tokens never need less SRAM, so a
+    bisection finds it."""
     def fits(n: int) -> bool:
-        return all(phase_fits(config, spec, g, ph, n, dtype, weights=weights) for ph, g in grids.items())
+        return all(phase_fits(config, spec, g, ph, n * seqs if ph == "decode" else n, dtype, weights=weights)
+                   for ph, g in grids.items())
 
     if not fits(1):
         return 0
@@ -109,13 +111,17 @@ class LLM(PromptFrontend):
 
     def __init__(self, model=None, wafer: str | WaferSpec | None = "wse2", prefill_grid="auto", decode_grid="auto",
                  dtype: str = "fp16", kv_scheme: str = "shift", max_model_len: int | None = None,
-                 wafer_overrides: dict | None = None, progress=None, band: bool = True, weights: str = "fp16"):
+                 wafer_overrides: dict | None = None, progress=None, band: bool = True, weights: str = "fp16",
+                 max_num_seqs: int = 4):
         from waferllm.models import quant
         from waferllm.models.loader import resolve_model
 
         # 1. what needs neither the model nor placement
         pg, dg = check_engine_args(prefill_grid, decode_grid, dtype, kv_scheme, max_model_len)
         quant.check_weights(weights)
+        if isinstance(max_num_seqs, bool) or not isinstance(max_num_seqs, numbers.Integral) or max_num_seqs < 1:
+            raise RequestError(f"max_num_seqs must be a positive integer, got {max_num_seqs!r}")
+        self.max_num_seqs = int(max_num_seqs)
         if wafer_overrides is not None and not isinstance(wafer_overrides, dict):
             raise RequestError(f"wafer_overrides must be a dict of wafer constants, got {type(wafer_overrides).__name__}")
         spec = wafer if isinstance(wafer, WaferSpec) else get_wafer(wafer or "wse2")
@@ -137,7 +143,7 @@ class LLM(PromptFrontend):
         mml = check_max_model_len(max_model_len, config)
         if mml is None:
             limit = {ph: fixed[ph] or auto_hi for ph in fixed}
-            mml = _longest_fitting(config, spec, limit, ctx, dtype, wf)
+            mml = _longest_fitting(config, spec, limit, ctx, dtype, wf, self.max_num_seqs)
             if not mml:  # not even one token: the fit check below says why and what would fit
                 mml = min(ctx, 512)
                 self.max_model_len_reason = f"default {mml}: the grids allowed hold no context at all"
@@ -155,7 +161,7 @@ class LLM(PromptFrontend):
         # 3. does it fit? (planning only; the advice is planned too) then tune among the grids that fit
         cands = self._grids_that_fit(fixed, auto_hi, dtype)
         run = RunConfig(prefill_grid=fixed["prefill"], decode_grid=fixed["decode"], max_seq_len=mml, dtype=dtype,
-                        kv_scheme=kv_scheme, weights=wf)
+                        kv_scheme=kv_scheme, weights=wf, max_num_seqs=self.max_num_seqs)
         self.tuning = None
         if fixed["prefill"] is None or fixed["decode"] is None:
             if progress:
@@ -180,7 +186,8 @@ class LLM(PromptFrontend):
         cands, failed = {}, {}
         for ph, g in fixed.items():
             grids = [g] if g else candidate_grids(spec, hi=auto_hi)
-            cands[ph] = [x for x in grids if phase_fits(config, spec, x, ph, mml, dtype, weights=self.weights_format)]
+            n = mml * self.max_num_seqs if ph == "decode" else mml  # decode holds the KV pool
+            cands[ph] = [x for x in grids if phase_fits(config, spec, x, ph, n, dtype, weights=self.weights_format)]
             if not cands[ph]:
                 failed[ph] = max(grids)
         if failed:
@@ -219,7 +226,8 @@ class LLM(PromptFrontend):
                 options.append(("no-grid", f"no {ph} grid of {spec.name} holds {mml} tokens, so a shorter context"))
         # a shorter context on the grids tried
         at = {ph: fixed[ph] or max(cands[ph] or [failed.get(ph, 1)]) for ph in ("prefill", "decode")}
-        longest = _longest_fitting(config, spec, at, mml - 1, dtype, self.weights_format) if mml > 1 else 0
+        longest = _longest_fitting(config, spec, at, mml - 1, dtype, self.weights_format,
+                                   self.max_num_seqs) if mml > 1 else 0
         if longest >= 2:
             options.append(("length", f"max_model_len={longest} (--max-model-len {longest}) on these grids"))
         options.append(("wafer", "a wafer with more SRAM per PE (a wafer file, or wafer_overrides)"))
@@ -253,6 +261,31 @@ class LLM(PromptFrontend):
     @property
     def plan(self):
         return self.backend.plan
+
+    def run_requests(self, encoded: list, plist: list, on_token: OnToken | None = None) -> list[RequestOutput]:
+        """Several requests at once decode as a batch (continuous batching, up to
+        ``max_num_seqs`` in flight); one request, a batch size of 1, or a streaming callback
+        run them one after another. Greedy tokens are the same either way."""
+        if len(encoded) == 1 or self.max_num_seqs == 1 or on_token is not None:
+            return super().run_requests(encoded, plist, on_token)
+        from waferllm.engine.scheduler import Scheduler
+
+        t0 = time.perf_counter()
+        sched = Scheduler(self, max_waiting=len(encoded))
+        ids = [sched.add_request(tok_ids, params, prompt=text) for (text, tok_ids), params in zip(encoded, plist)]
+        done = sched.run_to_completion()
+        outs = []
+        for rid in ids:
+            out = done[rid]
+            wafer = out.metrics.pop("wafer")
+            n = len(out.token_ids)
+            out.metrics = {**wafer, "wafer": self.wafer.name, "engine": self.name, "batched": len(ids),
+                           "max_num_seqs": self.max_num_seqs, "max_model_len": self.max_model_len,
+                           "e2e_tokens_per_s": n / wafer["e2e_s"] if wafer.get("e2e_s") else None,
+                           "host": {**out.metrics, "wall_s": time.perf_counter() - t0,
+                                    "placement_wall_s": self.backend.placement_wall_s}}
+            outs.append(out)
+        return outs
 
     def check_request(self, prompt_token_ids, params: SamplingParams) -> None:
         check_lengths(len(prompt_token_ids), params.max_tokens, self.max_model_len, self.config.name,
