@@ -52,9 +52,10 @@ def _rel(a, b) -> float:
 
 
 def run_wafer(cfg, w, prefill_grid, decode_grid, kv_scheme="shift", dtype="fp32", prompt=PROMPT, steps=STEPS,
-              wafer=BIG, tokens=None):
+              wafer=BIG, tokens=None, **algorithms):
     """Prefill logits [T, V] and the logits of each decode step (tokens: teacher-forced, else greedy)."""
-    run = RunConfig(prefill_grid, decode_grid, max_seq_len=len(prompt) + steps + 4, dtype=dtype, kv_scheme=kv_scheme)
+    run = RunConfig(prefill_grid, decode_grid, max_seq_len=len(prompt) + steps + 4, dtype=dtype, kv_scheme=kv_scheme,
+                    **algorithms)
     wm = WaferModel(cfg, w, wafer, run, mode="numeric")
     wm.reset()
     pre = wm.prefill(prompt, prompt_logits=True)
@@ -109,6 +110,18 @@ def test_fp32_matches_reference_both_kv_schemes(models, references, name, grid):
     np.testing.assert_array_equal(out["shift"][0], out["concat"][0])
     for a, b in zip(out["shift"][1], out["concat"][1]):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * np.max(np.abs(b)))
+        assert int(np.argmax(a)) == int(np.argmax(b))
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_fused_collectives_and_tuned_ktree_match_reference(models, references, name):
+    """Decode beyond the paper (RMSNorm statistics riding the GEMV's reduce, one collective
+    for softmax and P V, K-trees chosen per reduction) computes the same logits."""
+    cfg, w = models[name]
+    ref_pre, ref_dec, tokens = references[name]
+    _, _, dec = run_wafer(cfg, w, 4, 5, tokens=tokens, decode_collectives="fused", gemv_ktree="tuned")
+    for i, (a, b) in enumerate(zip(dec, ref_dec)):
+        assert _rel(a, b) < FP32_TOL, f"{name}: decode step {i}"
         assert int(np.argmax(a)) == int(np.argmax(b))
 
 

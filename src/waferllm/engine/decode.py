@@ -39,6 +39,7 @@ from waferllm.kernels.argmax import argmax
 from waferllm.kernels.decode_attention import decode_attention
 from waferllm.kernels.layer_ops import rmsnorm, rope, silu_mul, split_fused
 from waferllm.kernels.meshgemv import gemv
+from waferllm.kernels.norm_gemv import norm_gemv
 from waferllm.mesh import comm, compute
 from waferllm.errors import MeshError
 from waferllm.mesh.tensor import QUANT_BITS, DistTensor, QuantTensor, tile_shape_for
@@ -93,7 +94,8 @@ class DecodeStage:
 
     def __init__(self, mesh, config, layer_ids: range, layers, vocab: range, lm_head, embed, final_norm,
                  capacity_tokens: int, dtype: str = "fp16", kv_scheme: str = "shift", gemv_k: int = 2,
-                 gemv_group: int | None = None, weights: str = "fp16"):
+                 gemv_group: int | None = None, weights: str = "fp16", collectives: str = "paper",
+                 ktree: str = "paper"):
         self.mesh = mesh
         self.config = config
         self.layer_ids = layer_ids
@@ -101,8 +103,12 @@ class DecodeStage:
         self.dtype = dtype
         # how the layers' matrices are stored: dense in ``dtype`` ("fp16"), or int8 / int4 blocks
         self.weights = weights
-        # the K-tree of every allreduce: K levels, groups of about n^(1/K) PEs unless given
-        self.ktree = {"k": gemv_k, "group": gemv_group}
+        # the K-tree of every allreduce: K levels, groups of about n^(1/K) PEs unless given;
+        # "tuned": K and group chosen per reduction by the cost model (comm.best_ktree)
+        self.ktree = {"k": "tuned", "group": None} if ktree == "tuned" else {"k": gemv_k, "group": gemv_group}
+        # "fused": RMSNorm statistics ride with the following GEMV's reduce (kernels.norm_gemv) and
+        # attention's softmax statistics with its P V reduce (one collective instead of three)
+        self.fused = collectives == "fused"
         q = mesh.rows
         c = config
         self.hl = hl = HeadLayout(c.num_heads, c.num_kv_heads, c.head_dim, q)
@@ -178,7 +184,20 @@ class DecodeStage:
 
     def rmsnorm(self, h: DistTensor, weight: DistTensor, name: str) -> DistTensor:
         """h [E] (y) or [B, E] (None, y): sum of squares allreduced along y, then scaled on every PE."""
-        return rmsnorm(h, weight, len(h.shape) - 1, self.config.rms_norm_eps, "fp32", **self.ktree, name=name)
+        rows = h.shape[0] if len(h.shape) == 2 else 1  # one fp32 statistic per token
+        k, group = comm.ktree_for(self.mesh, "y", rows * 4, self.ktree["k"], self.ktree["group"])
+        return rmsnorm(h, weight, len(h.shape) - 1, self.config.rms_norm_eps, "fp32", k=k, group=group, name=name)
+
+    def norm_gemv(self, h: DistTensor, weight: DistTensor, w: DistTensor, name: str) -> DistTensor:
+        """RMSNorm(h) @ W: with fused collectives one reduce carries the GEMV's partials and
+        the norm's statistic; else the paper's RMSNorm, then its MeshGEMV."""
+        if not self.fused:
+            x = self.rmsnorm(h, weight, name.split("+")[0])
+            out = self._gemv(x, w, name.split("+")[1])
+            self.mesh.sram.release(x)
+            return out
+        with self.mesh.ledger.span(name):
+            return norm_gemv(h, weight, w, self.config.rms_norm_eps, **self.ktree, out_dtype="fp32", name=name).out
 
     def rope_tables(self, positions: tuple[int, ...]):
         """Per-column cos/sin for the batch's positions, computed once per step: (1, cols, B, F)."""
@@ -226,9 +245,8 @@ class DecodeStage:
         w, hl, sram = self.w[idx], self.hl, self.mesh.sram
         r, width, B = hl.group, hl.col_features, len(caches)
         with sram.scope() as scope:
-            x = self.rmsnorm(h, w["attn_norm"], "attn_norm")  # [B, E] (None, y)
-            qkv = self._gemv(x, w["qkv"], "qkv_gemv")  # [B, cols * (r+2) * F] (None, x): column j [q_j | k_j | v_j]
-            scope.release(x)
+            # [B, E] (None, y) -> [B, cols * (r+2) * F] (None, x): column j [q_j | k_j | v_j]
+            qkv = self.norm_gemv(h, w["attn_norm"], w["qkv"], "attn_norm+qkv_gemv")
             if "qkv_bias" in w:
                 biased = compute.elementwise(lambda a, b: a + b, qkv, w["qkv_bias"], name="qkv_bias", dtype="fp32")
                 scope.release(qkv)
@@ -244,16 +262,14 @@ class DecodeStage:
                 kv = cache.update(idx, batch.row(k, b), batch.row(v, b))
                 outs.append(decode_attention(batch.row(q, b), kv.k_t, kv.v, kv.valid, hl.head_of_pos,
                                              self.config.num_kv_heads, 1.0 / math.sqrt(self.config.head_dim),
-                                             **self.ktree))  # [q_padded] (x)
+                                             **self.ktree, fused=self.fused))  # [q_padded] (x)
             scope.release(qkv, k, q)
             o = batch.stack(outs, name="attention")  # [B, q_padded] (None, x)
             attn = self._gemv(o, w["o"], "o_gemv")  # [B, E] (None, y)
             scope.release(o)
             h = compute.elementwise(lambda a, b: a + b, h, attn, name="residual", dtype="fp32")
             scope.release(attn)
-            x = self.rmsnorm(h, w["ffn_norm"], "ffn_norm")
-            gu = self._gemv(x, w["gate_up"], "gate_up_gemv")  # [B, 2 * ffn_padded] (None, x): [gate_j | up_j]
-            scope.release(x)
+            gu = self.norm_gemv(h, w["ffn_norm"], w["gate_up"], "ffn_norm+gate_up_gemv")  # [B, 2 * ffn_padded] (None, x)
             g, u = split_fused(gu, [((self.ffn_padded,), self.ffn_per_column)] * 2)
             act = silu_mul(g, u, "fp32")  # [B, ffn_padded] (None, x)
             scope.release(gu)

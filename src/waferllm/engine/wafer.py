@@ -126,11 +126,13 @@ class WaferModel:
         embed = (lambda vs: None) if c.tie_word_embeddings else (lambda vs: self._host("embed", vs))
         prefill = [PrefillStage(self._mesh(st), c, st.layers, layers(st.layers, "prefill"), st.vocab,
                                 self._host("lm", st.vocab), embed(st.vocab), self._host("final_norm"), run.dtype,
-                                st.heads_per_pass or pre.heads_per_pass, weights=run.weights)
+                                st.heads_per_pass or pre.heads_per_pass, weights=run.weights,
+                                attention=run.prefill_attention)
                    for st in (pre.stages if pre else [])]
         decode = [DecodeStage(self._mesh(st), c, st.layers, layers(st.layers, "decode"), st.vocab,
                               self._host("lm", st.vocab), embed(st.vocab), self._host("final_norm"), run.max_seq_len,
-                              run.dtype, run.kv_scheme, weights=run.weights) for st in (dec.stages if dec else [])]
+                              run.dtype, run.kv_scheme, weights=run.weights, collectives=run.decode_collectives,
+                              ktree=run.gemv_ktree) for st in (dec.stages if dec else [])]
         return prefill, decode
 
     def _mesh(self, stage) -> Mesh:

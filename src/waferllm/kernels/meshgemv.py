@@ -58,8 +58,10 @@ def gemv(x: DistTensor, w: DistTensor, *, algo: str = "meshgemv", k: int = 2, gr
         # block-quantised W is dequantised tile-wide in the PE first, in the same op
         matmul_tiles(mesh, None, None, dtype=quant.compute_dtype if quant else w.dtype, name=f"{algo}.local_gemv",
                      shapes=(batch or 1, tk, tn), dequant=quant)
-        partial = DistTensor(mesh, out_shape, out_layout, "fp32", _local_gemv(x, w, red_axis),
+        partial = DistTensor(mesh, out_shape, out_layout, "fp32", local_gemv(x, w, red_axis),
                              name=f"{name}_partial", partial=(red_axis, "sum"))
+        # k "tuned": the K-tree the cost model picks for this payload and line
+        k, group = comm.ktree_for(mesh, red_axis, partial.bytes_per_pe, k, group, allreduce=broadcast)
         y = comm.reduce(partial, red_axis, "sum", algo=GEMV_ALGOS[algo], k=k, group=group, allreduce=broadcast,
                         name=f"{algo}.allreduce" if broadcast else f"{algo}.reduce")
         if out_dtype != "fp32":
@@ -70,7 +72,7 @@ def gemv(x: DistTensor, w: DistTensor, *, algo: str = "meshgemv", k: int = 2, gr
     return KernelResult(y, rep)
 
 
-def _local_gemv(x, w, red_axis):
+def local_gemv(x, w, red_axis):
     """Numerics of the local products, PE by PE, computed line by line on the host.
 
     x is replicated along the other axis, so the products of one line of PEs are one

@@ -513,3 +513,139 @@ def elements(t: DistTensor, index) -> np.ndarray:
         by, bx = p.pe_rows[by, bx], p.pe_cols[by, bx]
     offsets = tuple(i % size if axis else i for i, size, axis in zip(index, t.tile_shape, t.layout))
     return t.tiles[(by, bx) + offsets]
+
+
+# ------------------------------------------------------------------------ merges of states, K per reduction
+
+
+def allreduce_combine(t: DistTensor, axis: str, combine, k: int = 2, group: int | None = None,
+                      bytes_per_pe: int | None = None, merge_ops: float = 0.0,
+                      name: str = "allreduce_combine") -> DistTensor:
+    """Allreduce along ``axis`` whose relays merge per-PE states with ``combine`` instead of adding them
+    (flash-decoding's softmax: [max | sum | unnormalised output] merged with rescaling).
+
+    The schedule and its messages are the K-tree allreduce's (:func:`reduce`), carrying
+    ``bytes_per_pe`` (what a PE really sends; default its whole tile). ``merge_ops``: the SIMD ops
+    (fp32) one merge of two states needs beyond the add a relay already does while the payload
+    streams through; a relay must finish them before it forwards, so every merge on the critical
+    path adds them: each level is a chain of relays ending at a root that merges both sides, at
+    most ``stages + 1`` merges in sequence.
+
+    ``combine(x, ax)`` merges the states stacked along axis ``ax`` of ``x`` (kept, size 1). ``x``
+    is the tile array with the line split into (groups, members) at each level: the dims before
+    the tile dims are mesh dims, and the last of them is the mesh columns on a reduction along y.
+    It is applied level by level over the groups the K-tree forms, so the result is the tree's.
+    """
+    ax = _check_axis(axis)
+    if t.axis_dim(axis) is not None:
+        raise MeshError(f"{name}: cannot combine {t.name} along {axis}: a logical dim is split along it")
+    mesh = t.mesh
+    n = mesh.axis_size(axis)
+    nbytes = t.bytes_per_pe if bytes_per_pe is None else bytes_per_pe
+    phases, routes = reduce_schedule(n, "ktree", k, group, None, True)
+    if routes:
+        mesh.routes.request(name, routes, relayable=False)
+    cycles, stages, hops = _schedule_cycles(mesh, phases, nbytes, axis, routes)
+    lines = mesh.rows * mesh.cols // max(n, 1)
+    if n > 1:
+        mesh.ledger.charge(name, "comm", cycles, bytes_moved=nbytes * (n - 1) * lines * 2,
+                           hop_bytes=nbytes * hops * lines, routing_stages=stages, messages=(n - 1) * lines,
+                           flops=t.tile_elems * (n - 1) * lines)
+        merges = sum(p.stages + 1 for p in phases if p.stages)
+        if merge_ops and merges:
+            ops = merge_ops * (n - 1) * lines  # every non-root state is merged once
+            mesh.ledger.charge(f"{name}.merge", "compute",
+                               merges * math.ceil(merge_ops / mesh.wafer.macs_per_cycle("fp32")),
+                               flops=ops, macs_fp32=ops / 2)
+    tiles = None
+    if t.tiles is not None:
+        acc = _combine_levels(t.tiles.astype(np.float32, copy=False), ax, phases, n, combine)
+        tiles = np.broadcast_to(acc, t.tiles.shape)
+    return t.with_tiles(tiles, partial=None, name=name)
+
+
+def _combine_levels(x: np.ndarray, ax: int, phases: list[Phase], n: int, combine) -> np.ndarray:
+    """``combine`` over the line axis ``ax`` in the K-tree's groups, level after level: a level of
+    group size g merges members [0, g), [g, 2g), ... (the last group may be short)."""
+    levels = [p for p in phases if p.stages]
+    sizes = [b.spacing // a.spacing for a, b in zip(levels, levels[1:])]
+    sizes.append(math.ceil(n / levels[-1].spacing) if levels else 1)
+    for g in sizes:
+        m = x.shape[ax]
+        full = (m // g) * g
+        parts = []
+        if full:
+            head = np.take(x, np.arange(full), axis=ax)
+            head = head.reshape(head.shape[:ax] + (m // g, g) + head.shape[ax + 1:])
+            parts.append(np.squeeze(combine(head, ax + 1), axis=ax + 1))
+        if full < m:
+            parts.append(combine(np.take(x, np.arange(full, m), axis=ax), ax))
+        x = np.concatenate(parts, axis=ax) if len(parts) > 1 else parts[0]
+    return x
+
+
+def best_ktree(mesh, axis: str, nbytes_per_pe: int, allreduce: bool = True, span: int | None = None,
+               ks: tuple[int, ...] = (1, 2, 3, 4)) -> tuple[int, int]:
+    """The K-tree (K, group size) whose executed schedule is fastest for a reduction of
+    ``nbytes_per_pe`` along ``axis`` (over ``span`` PEs; default the whole line).
+
+    Every K in ``ks`` and every group size 2..n-1 is priced with the schedule and the cycles
+    :func:`reduce` itself charges (defects included); ties go to the paper's K=2 default, then
+    to fewer routes, smaller K and smaller groups, so the choice is deterministic and never
+    slower than the default. Small payloads favour more levels (fewer software relays), large
+    ones fewer (each level streams the whole payload once more)."""
+    _check_axis(axis)
+    n = mesh.axis_size(axis) if span is None else int(span)
+    key = (axis, n, int(nbytes_per_pe), bool(allreduce), tuple(ks), mesh.routes.budget)
+    cache = getattr(mesh, "_best_ktree", None)
+    if cache is None:  # per region: the wafer's constants and defects are fixed there
+        cache = mesh._best_ktree = {}
+    if key not in cache:
+        default = (2, _ktree_group(n, 2)) if n > 1 else (2, 2)
+        best = None
+        for k in ks:
+            for g in ([max(n, 2)] if k == 1 else range(2, max(n, 3))):
+                phases, routes = reduce_schedule(n, "ktree", k, g, None, allreduce)
+                if routes > mesh.routes.budget:
+                    continue
+                cycles = _schedule_cycles(mesh, phases, nbytes_per_pe, axis, routes)[0]
+                rank = (cycles, (k, g) != default, routes, k, g)
+                if best is None or rank < best:
+                    best = rank
+        cache[key] = (best[3], best[4]) if best else default
+    return cache[key]
+
+
+def ktree_for(mesh, axis: str, nbytes_per_pe: int, k, group: int | None = None, allreduce: bool = True,
+              span: int | None = None) -> tuple[int, int | None]:
+    """(k, group) as given, or, with ``k == "tuned"``, :func:`best_ktree`'s for this payload."""
+    if k == "tuned":
+        return best_ktree(mesh, axis, nbytes_per_pe, allreduce, span)
+    return k, group
+
+
+# ------------------------------------------------------------------------ sums of per-PE slots
+
+
+def allreduce_slots(t: DistTensor, axis: str, slot_groups, span: int, k: int = 2, group: int | None = None,
+                    name: str = "allreduce_slots") -> DistTensor:
+    """Sum-allreduce along ``axis`` of tiles whose first tile dim holds a PE's *slots*: slot s of a
+    PE stands for group ``slot_groups[..., s]`` (broadcastable to (rows, cols, slots); -1: none),
+    e.g. the attention heads of the features a PE column holds, packed so that a PE keeps only
+    its own. Every PE gets, in each slot, the sum over its line of the entries of that slot's
+    group. A group lives on at most ``span`` consecutive PEs, so the schedule and its cost are
+    :func:`allreduce_segments`' over ``span`` PEs carrying the whole (packed) tile."""
+    ax = _check_axis(axis)
+    mesh = t.mesh
+    out = allreduce_segments(t, axis, span, k=k, name=name, group=group)
+    if t.tiles is not None:
+        ids = np.broadcast_to(np.asarray(slot_groups), (mesh.rows, mesh.cols, t.tile_shape[0]))
+        n_groups = max(int(ids.max()) + 1, 1)
+        onehot = (ids[..., None] == np.arange(n_groups)).astype(np.float32)  # (rows, cols, slots, groups)
+        x = t.tiles.astype(np.float32, copy=False)
+        x = np.where((ids >= 0).reshape(ids.shape + (1,) * (x.ndim - 3)), x, 0.0)
+        per_group = np.einsum("ijsg,ijs...->ijg...", onehot, x)  # each PE's entries by group
+        total = per_group.sum(axis=ax, keepdims=True)  # the line's sum of every group
+        tiles = np.einsum("ijsg,ijg...->ijs...", onehot, np.broadcast_to(total, per_group.shape))
+        out.tiles = tiles.astype(t.tiles.dtype)
+    return out
