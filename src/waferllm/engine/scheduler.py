@@ -286,3 +286,61 @@ class Scheduler:
                 if ev.finished and ev.output is not None:
                     done[ev.request_id] = ev.output
         return done
+
+
+# ---- shape-only: the same policy, predicted for any model ------------------------------------
+
+
+def predict_batch(config, wafer, run, input_len: int, output_len: int, requests: int) -> dict:
+    """``requests`` identical requests arriving together, served by the scheduler's policy on
+    a dry (shape-only) model: admitted up to ``run.max_num_seqs`` at a time in prefill blocks
+    of at most the planned prompt length, each block followed by one decode step of every
+    running request, until each has ``output_len`` tokens. Returns per-request and aggregate
+    predicted figures, from the program executed."""
+    from waferllm.engine.wafer import WaferModel
+
+    wm = WaferModel(config, None, wafer, run, mode="dry")
+    wm.close_seq(0)
+    secs = wm.wafer.cycles_to_seconds
+    per_block = max(1, (run.prompt_len or run.max_seq_len) // input_len)
+    waiting = list(range(requests))
+    running: dict[int, int] = {}  # slot -> tokens so far
+    times: dict[int, list[float]] = {}
+    start = wm.ledger.cycles
+    full_steps: list[float] = []
+    while waiting or running:
+        block = []
+        while waiting and len(running) + len(block) < run.max_num_seqs and len(block) < per_block:
+            waiting.pop(0)
+            block.append(wm.open_seq(input_len + output_len))
+        if block:
+            wm.prefill_many([(s, input_len, False) for s in block])
+            for s in block:
+                running[s], times[s] = 1, [wm.token_cycles[s]]
+        active = [s for s, n in running.items() if n < output_len]
+        if active:
+            before = wm.ledger.cycles
+            wm.decode_batch(active, [None] * len(active))
+            if len(active) == min(requests, run.max_num_seqs) and not waiting:
+                full_steps.append(wm.ledger.cycles - before)  # the batch in steady state
+            for s in active:
+                running[s] += 1
+                times[s].append(wm.token_cycles[s])
+        for s in [s for s, n in running.items() if n >= output_len]:
+            wm.close_seq(s)
+            del running[s]
+    ttft = [secs(t[0] - start) for t in times.values()]
+    tpot = [secs(t[-1] - t[0]) / (len(t) - 1) for t in times.values() if len(t) > 1]
+    makespan = secs(wm.ledger.cycles - start)
+    step = secs(sum(full_steps) / len(full_steps)) if full_steps else None
+    batch = min(requests, run.max_num_seqs)
+    return {"requests": requests, "max_num_seqs": run.max_num_seqs, "decode_regions": len(wm.decode_stages),
+            "micro_batches": min(batch, len(wm.decode_stages)),
+            "ttft_s_mean": sum(ttft) / len(ttft), "ttft_s_max": max(ttft),
+            # first token to last, waiting for the others' prefills and the transition included
+            "tpot_s_mean": sum(tpot) / len(tpot) if tpot else None,
+            # a decode step with the whole batch in flight: each request's token rate, and all of them
+            "decode_step_s": step, "decode_tokens_per_s_per_request": 1.0 / step if step else None,
+            "decode_tokens_per_s": batch / step if step else None,
+            "output_tokens_per_s": requests * output_len / makespan, "makespan_s": makespan,
+            "energy_j_per_request": float(sum(wm.ledger.energy_breakdown_j().values())) / requests}
