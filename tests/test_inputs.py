@@ -302,10 +302,17 @@ def test_api_default_max_model_len_is_what_the_wafer_holds_and_says_so(tiny):
     llm = LLM(tiny, wafer_overrides={"sram_bytes_per_pe": SMALL_SRAM}, band=False)
     small = get_wafer("wse2", sram_bytes_per_pe=SMALL_SRAM)
     n = llm.max_model_len
-    assert 1 < n < 256 and n == _longest_fitting(tiny.config, small, {"prefill": 48, "decode": 48}, 256, "fp16")
-    assert not phase_fits(tiny.config, small, 48, "prefill", n + 1)  # the longest: one more token does not fit
-    assert llm.max_model_len_reason == ("default: the longest context tiny.gguf fits on wse2 with prefill grids up to "
-                                        "48 and decode grids up to 48 (tiny.gguf allows 256)")
+    seqs = llm.max_num_seqs  # the decode KV pool holds this many whole contexts
+    assert seqs == 4
+    assert 1 < n < 256 and n == _longest_fitting(tiny.config, small, {"prefill": 48, "decode": 48}, 256, "fp16",
+                                                 seqs=seqs)
+    assert phase_fits(tiny.config, small, 48, "decode", n * seqs) and phase_fits(tiny.config, small, 48, "prefill", n)
+    # the longest: one more token does not fit
+    assert not (phase_fits(tiny.config, small, 48, "decode", (n + 1) * seqs)
+                and phase_fits(tiny.config, small, 48, "prefill", n + 1))
+    assert llm.max_model_len_reason == ("default: the longest context tiny.gguf fits on wse2 for 4 requests at once "
+                                        "(max_num_seqs) with prefill grids up to 48 and decode grids up to 48 "
+                                        "(tiny.gguf allows 256)")
     assert llm.run.max_seq_len == n and llm.generate("hi", {"max_tokens": 1})[0].metrics["max_model_len"] == n
 
 

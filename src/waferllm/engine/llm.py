@@ -102,6 +102,10 @@ def _longest_fitting(config, spec, grids: dict, hi: int, dtype: str, weights: st
 class LLM(PromptFrontend):
     """A model placed on a simulated wafer. ``model``: GGUF file, HF directory, LoadedModel or None.
 
+    ``max_num_seqs``: requests decoded together (``generate([...])`` batches them); the
+    decode KV pool holds that many whole contexts. ``threads``: host threads for the
+    simulation (BLAS and the simulator's workers), process-wide; None keeps the defaults.
+
     ``max_model_len``: tokens a request may hold (prompt + output). Default: the model's
     context, or, when the wafer cannot hold that on the grids allowed (given, or tuned up
     to ``NUMERIC_MAX_GRID``), the longest context it can; ``max_model_len_reason`` says
@@ -112,13 +116,16 @@ class LLM(PromptFrontend):
     def __init__(self, model=None, wafer: str | WaferSpec | None = "wse2", prefill_grid="auto", decode_grid="auto",
                  dtype: str = "fp16", kv_scheme: str = "shift", max_model_len: int | None = None,
                  wafer_overrides: dict | None = None, progress=None, band: bool = True, weights: str = "fp16",
-                 max_num_seqs: int = 4):
+                 max_num_seqs: int = 4, threads: int | None = None):
         from waferllm.models import quant
         from waferllm.models.loader import resolve_model
 
         # 1. what needs neither the model nor placement
         pg, dg = check_engine_args(prefill_grid, decode_grid, dtype, kv_scheme, max_model_len)
         quant.check_weights(weights)
+        if threads is not None:  # host threads (BLAS and the simulator's workers) for this process
+            from waferllm.engine.threads import set_threads
+            set_threads(threads)
         if isinstance(max_num_seqs, bool) or not isinstance(max_num_seqs, numbers.Integral) or max_num_seqs < 1:
             raise RequestError(f"max_num_seqs must be a positive integer, got {max_num_seqs!r}")
         self.max_num_seqs = int(max_num_seqs)
@@ -150,8 +157,9 @@ class LLM(PromptFrontend):
             elif mml == ctx:
                 self.max_model_len_reason = f"default: {config.name}'s context"
             else:
+                batch = f" for {self.max_num_seqs} requests at once (max_num_seqs)" if self.max_num_seqs > 1 else ""
                 self.max_model_len_reason = (
-                    f"default: the longest context {config.name} fits on {spec.name} with "
+                    f"default: the longest context {config.name} fits on {spec.name}{batch} with "
                     + " and ".join(f"{ph} grid {g}" if fixed[ph] else f"{ph} grids up to {g}" for ph, g in limit.items())
                     + f" ({config.name} allows {ctx})")
         else:
