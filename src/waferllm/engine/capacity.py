@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from waferllm.engine.placement import (PhasePlan, Plan, activation_bytes, cdiv, decode_scores_bytes_per_slot,
                                        kv_bytes_per_slot, layer_weight_bytes)
@@ -45,8 +46,9 @@ _BUFFER_MARKS = ("_acc", "_partial", ".next_tiles", ".reduce", ".shift_")
 _STATISTIC = re.compile(r"\.(allreduce_)?(max|sum)$")
 
 
+@lru_cache(maxsize=8192)
 def kind_of(name: str, phase: str) -> str:
-    """The kind of an SRAM allocation: one of :data:`KINDS`."""
+    """The kind of an SRAM allocation: one of :data:`KINDS` (the same names recur)."""
     if _WEIGHT.match(name):
         return "weights"
     if name in _VOCAB_TABLES:
@@ -155,18 +157,23 @@ def _points(config, sram, phase: str, rest: dict[str, int], slots: int) -> tuple
 
 def _measure(config, stage, phase: str) -> _Measured:
     sram = stage.mesh.sram
-    rest = _by_kind(sram.held().values(), phase)
+    rest = sram.memo(("rest", phase), lambda: _by_kind(sram.held().values(), phase))
     cache = getattr(stage, "cache", None)
+
+    def points_at(slots):  # what the accounting says, read once per state of it
+        return sram.memo(("points", phase, slots, config.num_heads),
+                         lambda: _points(config, sram, phase, rest, slots))
+
     if cache is None:
-        points, kv_layer = _points(config, sram, phase, rest, 0)
+        points, kv_layer = points_at(0)
         return _Measured(rest, points, kv_layer, 0, 0)
     # the allocation holds cap slots per row (shift) or grows with the bottom row (concat);
     # attention scans the fullest row's occupied slots (or, failing that, all of them)
     held = int(cache.cap) if cache.scheme == "shift" else int(cache.count.max())
     slots = max(1, int(cache.count.max()))
-    points, _ = _points(config, sram, phase, rest, slots)
+    points, _ = points_at(slots)
     if not any(p.score_bytes_per_slot for p in points.values()) and cache.cap != slots:
-        by_cap, _ = _points(config, sram, phase, rest, int(cache.cap))
+        by_cap, _ = points_at(int(cache.cap))
         if any(p.score_bytes_per_slot for p in by_cap.values()):
             points, slots = by_cap, int(cache.cap)
     layers = len(stage.layer_ids)
@@ -239,8 +246,9 @@ class _SideRatios:
         kv = kv_bytes_per_slot(config, side, dtype) / kv_bytes_per_slot(config, measured, dtype)
         self.kv = kv * (cdiv(seq, side) / cdiv(seq, measured) if phase == "prefill" else 1)
         if phase == "prefill":
-            a = activation_bytes(config, side, phase, seq, dtype, pp.heads_per_pass)
-            self.transients = a / activation_bytes(config, measured, phase, seq, dtype, pp.heads_per_pass)
+            hpp, att = pp.heads_per_pass, pp.attention  # the passes as planned, for the attention planned
+            a = activation_bytes(config, side, phase, seq, dtype, hpp, att)
+            self.transients = a / activation_bytes(config, measured, phase, seq, dtype, hpp, att)
         else:  # the other decode transients are slices of hidden-size vectors
             self.transients = cdiv(config.hidden_size, side) / cdiv(config.hidden_size, measured)
 

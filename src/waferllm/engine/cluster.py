@@ -61,8 +61,9 @@ class Capacity:
     its KV cache for ``max_seq_len`` tokens). Every answer is a plan that succeeded."""
 
     def __init__(self, config, wafer: WaferSpec, max_seq_len: int, prompt_len: int | None = None,
-                 dtype: str = "fp16", weights: str = "fp16"):
+                 dtype: str = "fp16", weights: str = "fp16", prefill_attention: str = "paper"):
         self.config, self.wafer, self.dtype, self.weights = config, wafer, dtype, weights
+        self.prefill_attention = prefill_attention
         self.seq = {"prefill": prompt_len or max_seq_len, "decode": max_seq_len}
         self.max_seq_len = max_seq_len
         self._layers: dict = {}
@@ -86,7 +87,7 @@ class Capacity:
     def _plan(self, grid: int, phase: str, layers: int, vocab: int) -> PhasePlan:
         cfg, wafer = self.config.replace(num_layers=layers), self.wafer
         pp = plan_phase(cfg, wafer, grid, phase, self.seq[phase], self.dtype, suggest=False, vocab_size=vocab,
-                        weights=self.weights)
+                        weights=self.weights, prefill_attention=self.prefill_attention)
         if phase == "decode":
             held = planned_kv_capacity(cfg, wafer, pp)[0]
             if held < self.max_seq_len:
@@ -262,6 +263,7 @@ def _merge(phase: str, plans: list[PhasePlan]) -> PhasePlan | None:
     pp = PhasePlan(phase, plans[0].grid, [s for p in plans for s in p.stages], max(p.layers_per_region for p in plans),
                    dict(fullest.bytes_per_pe), sum(p.regions_available for p in plans))
     pp.heads_per_pass = min(p.heads_per_pass for p in plans)
+    pp.attention = plans[0].attention
     pp.region_bytes = [b for p in plans for b in p.region_bytes]
     pp.layer_share = [n for p in plans for n in p.layer_share]
     pp.whole_model_fits = True
@@ -272,14 +274,15 @@ def _merge(phase: str, plans: list[PhasePlan]) -> PhasePlan | None:
 
 
 def plan_cluster(config, cluster: ClusterSpec, prefill_grid: int | None, decode_grid: int | None, max_seq_len: int,
-                 dtype: str = "fp16", prompt_len: int | None = None, weights: str = "fp16") -> ClusterPlan:
+                 dtype: str = "fp16", prompt_len: int | None = None, weights: str = "fp16",
+                 prefill_attention: str = "paper") -> ClusterPlan:
     """Plan the model over ``cluster.wafers`` wafers in the cluster's layout (see the module
     docstring). A count that cannot hold the model is an error that says how many can."""
     if max_seq_len < 1:
         raise PlacementError("max_seq_len must be positive")
     N, L = cluster.wafers, config.num_layers
     grids = {"prefill": prefill_grid, "decode": decode_grid}
-    cap = Capacity(config, cluster.wafer, max_seq_len, prompt_len, dtype, weights)
+    cap = Capacity(config, cluster.wafer, max_seq_len, prompt_len, dtype, weights, prefill_attention)
     if cluster.prefill_wafers is None:
         groups = [(list(range(N)), [ph for ph in PHASES if grids[ph] is not None])]
     else:

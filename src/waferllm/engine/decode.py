@@ -37,7 +37,7 @@ from waferllm.engine.layouts import HeadLayout
 from waferllm.kernels import batch
 from waferllm.kernels.argmax import argmax
 from waferllm.kernels.decode_attention import decode_attention
-from waferllm.kernels.layer_ops import rmsnorm, rope, silu_mul, split_fused
+from waferllm.kernels.layer_ops import rmsnorm, rope, silu_mul, split_fused, under
 from waferllm.kernels.meshgemv import gemv
 from waferllm.kernels.norm_gemv import norm_gemv
 from waferllm.mesh import comm, compute
@@ -248,7 +248,8 @@ class DecodeStage:
             # [B, E] (None, y) -> [B, cols * (r+2) * F] (None, x): column j [q_j | k_j | v_j]
             qkv = self.norm_gemv(h, w["attn_norm"], w["qkv"], "attn_norm+qkv_gemv")
             if "qkv_bias" in w:
-                biased = compute.elementwise(lambda a, b: a + b, qkv, w["qkv_bias"], name="qkv_bias", dtype="fp32")
+                biased = compute.elementwise(lambda a, b: a + under(b, a), qkv, w["qkv_bias"], name="qkv_bias",
+                                             dtype="fp32")
                 scope.release(qkv)
                 qkv = biased
             # [B, q_padded] [B, kv_padded] [B, kv_padded] (None, x): address ranges of the fused tile

@@ -6,11 +6,20 @@ time); the LM head (and, for untied models, the embedding table) get regions of 
 own, split by vocabulary when one region cannot hold them. Per-PE SRAM is budgeted for
 weights, KV cache, activations and buffers; the runtime's SRAM accounting then checks
 every allocation for real.
+
+Prefill attention runs in passes of kv heads; the planner gives each pass as many heads as
+the SRAM left beside a region's layers allows. With the streaming attention a pass's score
+tiles hold one key block of the heads of a PE's own features, so passes widen at little
+SRAM; where fewer layers per region (so more regions, or fuller small ones) would still
+widen them, the planner predicts each option's prefill time by running its layers
+shape-only and keeps the fastest.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 
@@ -18,6 +27,7 @@ from waferllm.engine.layouts import HeadLayout
 from waferllm.errors import MeshError, PlacementError
 from waferllm.hardware.defects import reroute_fit
 from waferllm.hardware.plmr import DTYPE_BYTES, WaferSpec
+from waferllm.kernels.flash_attention import slots_per_column
 from waferllm.mesh.region import Region
 from waferllm.mesh.tensor import QUANT_BITS
 from waferllm.models import quant
@@ -66,6 +76,8 @@ class PhasePlan:
     seq_len: int = 0  # tokens planned for (prefill: the prompt; decode: the whole context)
     dtype: str = "fp16"
     weights: str = "fp16"  # the layers' matrices: dense in dtype, or int8 / int4 blocks
+    attention: str = "paper"  # prefill attention the passes were planned for ("paper" or "streaming")
+    weighed: list = field(default_factory=list)  # streaming: every layout weighed (see _weigh_passes)
 
     def to_dict(self) -> dict:
         return {
@@ -77,9 +89,10 @@ class PhasePlan:
             "layer_share": list(self.layer_share),
             "whole_model_fits": self.whole_model_fits,
             "heads_per_pass": self.heads_per_pass,
+            "attention": self.attention,
             "bytes_per_pe": dict(self.bytes_per_pe),
             "stages": [s.to_dict() for s in self.stages],
-        }
+        } | ({"weighed": [dict(w) for w in self.weighed]} if self.weighed else {})
 
 
 @dataclass
@@ -174,11 +187,13 @@ def decode_scores_bytes_per_slot(config) -> int:
     return 4 * config.num_heads * 4
 
 
-def activation_bytes(config, grid: int, phase: str, seq_len: int, dtype: str = "fp16", heads_per_pass: int = 1) -> int:
+def activation_bytes(config, grid: int, phase: str, seq_len: int, dtype: str = "fp16", heads_per_pass: int = 1,
+                     attention: str = "paper") -> int:
     """Peak bytes per PE of activations and buffers during one layer (with double buffers).
 
     Prefill attention processes ``heads_per_pass`` kv heads (with their query heads) at a
-    time: its score tiles are what limits long prompts.
+    time: its score tiles are what limits long prompts (``attention``: see
+    :func:`streaming_attention_bytes` for the streaming kernel's).
     """
     b = DTYPE_BYTES[dtype]
     E, F = config.hidden_size, config.intermediate_size
@@ -191,14 +206,37 @@ def activation_bytes(config, grid: int, phase: str, seq_len: int, dtype: str = "
         qkv = t * (qt + 2 * hl.col_features) * b + t * qt * 4  # q, k, v and the fp32 accumulator of the largest
         heads = heads_per_pass * hl.group
         scores = heads * t * t * (4 + 4 + 2 * b)  # partial, S, P and P's double buffer
+        attn = scores + t * qt * 4  # and the fp32 output
+        if attention == "streaming":
+            attn = streaming_attention_bytes(config, grid, seq_len, dtype, heads_per_pass)
         ffn = 2 * t * f * b + t * f * 4
         in_flight = max(e * f, e * qt) * b  # MeshGEMM's next weight tile (double buffer)
-        return hidden + qkv + max(scores + t * qt * 4, ffn) + in_flight + 1024
+        return hidden + qkv + max(attn, ffn) + in_flight + 1024
     cap = cdiv(seq_len, grid)
     vec = 6 * e * 4 + 3 * (qt + 2 * hl.col_features) * 4
     scores = decode_scores_bytes_per_slot(config) * cap
     ffn = 4 * 2 * f * 4
     return vec + max(scores, ffn) + 1024
+
+
+def streaming_attention_bytes(config, grid: int, seq_len: int, dtype: str = "fp16", heads_per_pass: int = 1) -> int:
+    """Peak bytes per PE the streaming attention kernel adds beside q, k and v
+    (:mod:`waferllm.kernels.flash_attention`). With S a score tile (one key block of the G
+    heads of a pass that a column holds, fp32), st one running statistic and O the fp32
+    output, its program points peak at 2 S + O + 4 st (a block's sum being taken while the
+    next block's scores are summed) or 2 S + O + 2 st and a K tile arriving."""
+    hl = HeadLayout(config.num_heads, config.num_kv_heads, config.head_dim, grid)
+    t = cdiv(seq_len, grid)
+    g = _slots(hl, heads_per_pass)
+    s_tile, stat, out = g * hl.group * t * t * 4, g * hl.group * t * 4, t * hl.group * hl.col_features * 4
+    kv = t * hl.col_features * DTYPE_BYTES[dtype]
+    return 2 * s_tile + out + max(4 * stat, 2 * stat + kv)
+
+
+@lru_cache(maxsize=4096)
+def _slots(hl: HeadLayout, heads_per_pass: int) -> int:
+    """Heads of one pass a PE column holds at most (the planner asks for the same few often)."""
+    return slots_per_column(hl.head_of_pos, heads_per_pass)
 
 
 def lm_head_bytes(config, grid: int, vocab: int, dtype: str = "fp16") -> int:
@@ -271,7 +309,7 @@ class PhaseBudget:
     """
 
     def __init__(self, config, wafer: WaferSpec, phase: str, seq_len: int, dtype: str = "fp16",
-                 vocab_size: int | None = None, weights: str = "fp16"):
+                 vocab_size: int | None = None, weights: str = "fp16", attention: str = "paper"):
         self.config = config
         # vocabulary entries the regions hold (a cluster's wafers without the tables: 0)
         self.vocab_size = config.vocab_size if vocab_size is None else vocab_size
@@ -280,14 +318,25 @@ class PhaseBudget:
         self.seq_len = seq_len
         self.dtype = dtype
         self.weights = weights
+        self.attention = attention if phase == "prefill" else "paper"
         self.usable = wafer.usable_sram_bytes_per_pe - PLANNING_SLACK
         self.tables = 1 if config.tie_word_embeddings else 2
+        self.pass_heads = 1  # the attention pass the layer capacities leave room for
         self._caps: dict[tuple[int, int], int] = {}
 
-    def need(self, g: int, layers: int, vocab: int, heads_per_pass: int = 1) -> dict[str, int]:
-        """Bytes per PE by kind on a g x g region."""
+    def sized_for(self, heads_per_pass: int) -> "PhaseBudget":
+        """This budget with layer capacities that leave room for passes of ``heads_per_pass``
+        kv heads (fewer layers per region, wider passes)."""
+        out = copy.copy(self)
+        out.pass_heads, out._caps = heads_per_pass, {}
+        return out
+
+    def need(self, g: int, layers: int, vocab: int, heads_per_pass: int | None = None) -> dict[str, int]:
+        """Bytes per PE by kind on a g x g region (passes of ``heads_per_pass`` kv heads; default
+        what the budget is sized for)."""
         config, phase, dtype, seq_len = self.config, self.phase, self.dtype, self.seq_len
-        act = activation_bytes(config, g, phase, seq_len, dtype, heads_per_pass)
+        heads_per_pass = self.pass_heads if heads_per_pass is None else heads_per_pass
+        act = activation_bytes(config, g, phase, seq_len, dtype, heads_per_pass, self.attention)
         if phase == "prefill":
             # the LM head's MeshGEMM (after the layers): the placed vocabulary tile, the one
             # in use and the next one arriving, the fp32 accumulator and the normalised rows
@@ -301,7 +350,7 @@ class PhaseBudget:
             "vocab_tables": self.tables * lm_head_bytes(config, g, vocab, dtype),
         }
 
-    def fits(self, g: int, layers: int, vocab: int, heads_per_pass: int = 1) -> bool:
+    def fits(self, g: int, layers: int, vocab: int, heads_per_pass: int | None = None) -> bool:
         return sum(self.need(g, layers, vocab, heads_per_pass).values()) <= self.usable
 
     def capacity(self, g: int, vocab: int) -> int:
@@ -398,7 +447,7 @@ def _does_not_fit(budget: PhaseBudget, slots: list[Region], grid: int, n_layers:
            else ".")
     )
     fit = smallest_fitting_grid(config, wafer, phase, budget.seq_len, budget.dtype, grid + 1, n_layers,
-                                weights=budget.weights) if suggest else None
+                                weights=budget.weights, prefill_attention=budget.attention) if suggest else None
     advice = ((f" A {fit}x{fit} grid would fit (checked by planning it)." if fit else " No grid of this wafer fits it.")
               + " Other options: a wafer with more SRAM per PE, shorter sequences, or (for a prediction) "
                 "--extrapolate-from-layers K.")
@@ -406,13 +455,13 @@ def _does_not_fit(budget: PhaseBudget, slots: list[Region], grid: int, n_layers:
 
 
 def phase_fits(config, wafer: WaferSpec, grid: int, phase: str, seq_len: int, dtype: str = "fp16",
-               layers: int | None = None, weights: str = "fp16") -> bool:
+               layers: int | None = None, weights: str = "fp16", prefill_attention: str = "paper") -> bool:
     """Whether ``phase`` plans on ``grid`` x ``grid`` regions for ``seq_len`` tokens (prefill: a
     prompt of that length; decode: that context, its KV cache included)."""
     try:
         if phase == "prefill":
             plan(config, wafer, grid, None, seq_len, dtype, prompt_len=seq_len, layers=layers, suggest=False,
-                 weights=weights)
+                 weights=weights, prefill_attention=prefill_attention)
         else:
             plan(config, wafer, None, grid, seq_len, dtype, layers=layers, suggest=False, weights=weights)
         return True
@@ -421,7 +470,8 @@ def phase_fits(config, wafer: WaferSpec, grid: int, phase: str, seq_len: int, dt
 
 
 def smallest_fitting_grid(config, wafer: WaferSpec, phase: str, seq_len: int, dtype: str = "fp16", lo: int = 1,
-                          layers: int | None = None, weights: str = "fp16") -> int | None:
+                          layers: int | None = None, weights: str = "fp16",
+                          prefill_attention: str = "paper") -> int | None:
     """The smallest grid from ``lo`` up on which ``phase`` plans (see :func:`phase_fits`), or None.
 
     Grids are scanned in steps of about 1/16 of the grid (a few dozen plans up to a full
@@ -430,9 +480,9 @@ def smallest_fitting_grid(config, wafer: WaferSpec, phase: str, seq_len: int, dt
     hi = min(wafer.rows, wafer.cols)
     prev, g = lo - 1, max(1, lo)
     while g <= hi:
-        if phase_fits(config, wafer, g, phase, seq_len, dtype, layers, weights):
+        if phase_fits(config, wafer, g, phase, seq_len, dtype, layers, weights, prefill_attention):
             for h in range(prev + 1, g):  # the smallest one in the last step
-                if phase_fits(config, wafer, h, phase, seq_len, dtype, layers, weights):
+                if phase_fits(config, wafer, h, phase, seq_len, dtype, layers, weights, prefill_attention):
                     return h
             return g
         prev, g = g, g + max(1, g // 16)
@@ -458,14 +508,41 @@ def _extrapolated_layout(budget: PhaseBudget, slots: list[Region], found, n_laye
 
 def _heads_per_pass(budget: PhaseBudget, regs: list[Region], share: list[int], vocab: list[int]) -> int:
     """Prefill: as many kv heads per attention pass as every region's SRAM allows with its
-    layer ``share`` (decode: 1)."""
+    layer ``share`` (decode: 1). The streaming attention takes the fewest passes that fit,
+    each as narrow as that allows (:func:`_streaming_heads_per_pass`)."""
     hpp = 1
     if budget.phase != "prefill":
         return hpp
+    if budget.attention == "streaming":
+        return _streaming_heads_per_pass(budget, regs, share, vocab)
     num_kv = budget.config.num_kv_heads
     while hpp < num_kv and all(budget.fits(r.rows, p, v, hpp + 1) for r, p, v in zip(regs, share, vocab) if p):
         hpp += 1
     return hpp
+
+
+def _streaming_heads_per_pass(budget: PhaseBudget, regs: list[Region], share: list[int], vocab: list[int]) -> int:
+    """The fewest passes whose heads fit every region beside its layer ``share``, then the
+    fewest heads per pass giving that many (a pass's time hangs on its steps, not its heads).
+
+    A pass's score tiles grow only with the heads of its own that a column holds, so heads
+    that add no bytes to a one-head pass are taken even where that one does not fit (a plan
+    extrapolated from a model the regions cannot hold)."""
+    num_kv = budget.config.num_kv_heads
+    held = [(r.rows, p, v) for r, p, v in zip(regs, share, vocab) if p]
+
+    def ok(hpp):
+        return all(sum(budget.need(g, p, v, hpp).values()) <= max(budget.usable, sum(budget.need(g, p, v, 1).values()))
+                   for g, p, v in held)
+
+    for passes in range(1, num_kv + 1):
+        narrowest = cdiv(num_kv, passes)
+        for hpp in range(narrowest, num_kv + 1):
+            if cdiv(num_kv, hpp) < passes:
+                break  # wider ones give fewer passes: those did not fit
+            if ok(hpp):
+                return hpp
+    return 1  # never reached: one head per pass is always ok
 
 
 def _stages(regs: list[Region], counts: list[int], vocab: list[int]) -> list[Stage]:
@@ -478,9 +555,46 @@ def _stages(regs: list[Region], counts: list[int], vocab: list[int]) -> list[Sta
     return stages
 
 
+def _weigh_passes(budget: PhaseBudget, all_slots: list[Region], n_layers: int, regs: list[Region], vocab: list[int],
+                  counts: list[int], hpp: int) -> tuple[list[Region], list[int], list[int], int, list[dict]]:
+    """Streaming prefill: fewer layers per region leave more SRAM for wider passes, at the
+    price of more regions (more stage transfers, smaller strip squares) or of fewer layers
+    on the fullest ones. Beside the fewest regions (``regs``, passes of ``hpp`` heads), every
+    narrower pass count is an option: the fewest regions whose layer capacities leave room
+    for its heads. Each option's prefill is predicted by running its layers shape-only
+    (:func:`waferllm.engine.prefill.predicted_cycles`) and the fastest kept (ties: the
+    earlier, fewest regions first). Returns (regions, vocab, counts, heads per pass, every
+    option weighed)."""
+    num_kv = budget.config.num_kv_heads
+    options, seen = [(regs, vocab, counts, hpp)], {(len(regs), tuple(counts), hpp)}
+    for passes in range(1, cdiv(num_kv, hpp)):
+        sized = budget.sized_for(cdiv(num_kv, passes))
+        slots = _drop_idle_slots(sized, all_slots)
+        found = _fewest_regions(sized, slots, n_layers)
+        if found is None:
+            continue
+        n, (v_p, c_p) = found
+        h_p = _heads_per_pass(budget, slots[:n], c_p, v_p)
+        if cdiv(num_kv, h_p) < cdiv(num_kv, hpp) and (n, tuple(c_p), h_p) not in seen:
+            seen.add((n, tuple(c_p), h_p))
+            options.append((slots[:n], v_p, c_p, h_p))
+    if len(options) == 1:
+        return regs, vocab, counts, hpp, []
+    from waferllm.engine.prefill import predicted_cycles  # the engine's own layer code, shapes only
+
+    cfg, wafer, memo = budget.config, budget.wafer, {}
+    seconds = [wafer.cycles_to_seconds(predicted_cycles(cfg, wafer, r, c, budget.seq_len, budget.dtype, budget.weights,
+                                                         h, budget.attention, memo=memo))
+               for r, _, c, h in options]
+    best = min(range(len(options)), key=lambda i: (seconds[i], i))
+    weighed = [{"regions": len(r), "layers_per_region": max(c), "heads_per_pass": h, "predicted_s": t}
+               for (r, _, c, h), t in zip(options, seconds)]
+    return (*options[best], weighed)
+
+
 def plan_phase(config, wafer: WaferSpec, grid: int, phase: str, seq_len: int, dtype: str = "fp16",
                layers: int | None = None, suggest: bool = True, vocab_size: int | None = None,
-               weights: str = "fp16") -> PhasePlan:
+               weights: str = "fp16", prefill_attention: str = "paper") -> PhasePlan:
     """Regions for one phase: the fewest square regions that hold every layer.
 
     grid x grid regions come first; when they are not enough, smaller squares from the
@@ -492,10 +606,13 @@ def plan_phase(config, wafer: WaferSpec, grid: int, phase: str, seq_len: int, dt
     ``vocab_size``: the vocabulary entries these regions hold (default all; a cluster's
     wafer without the vocabulary tables: 0). ``weights``: how the layers' matrices are
     stored (dense in ``dtype``, or int8 / int4 blocks at their stored size).
+    ``prefill_attention``: the prefill attention the passes are sized for; with
+    ``streaming``, layouts that leave room for wider passes are weighed too
+    (:func:`_weigh_passes`).
     """
     n_layers = config.num_layers if layers is None else layers
     extrapolating = n_layers < config.num_layers
-    budget = PhaseBudget(config, wafer, phase, seq_len, dtype, vocab_size, weights)
+    budget = PhaseBudget(config, wafer, phase, seq_len, dtype, vocab_size, weights, prefill_attention)
     all_slots = region_slots(wafer, grid, phase)
     slots = _drop_idle_slots(budget, all_slots)
     found = _fewest_regions(budget, slots, config.num_layers if extrapolating else n_layers)
@@ -507,6 +624,10 @@ def plan_phase(config, wafer: WaferSpec, grid: int, phase: str, seq_len: int, dt
         n, (vocab, counts) = found
         regs, share = slots[:n], list(counts)
     hpp = _heads_per_pass(budget, regs, share, vocab)
+    weighed = []
+    if budget.attention == "streaming" and found is not None and not extrapolating:
+        regs, vocab, counts, hpp, weighed = _weigh_passes(budget, all_slots, n_layers, regs, vocab, counts, hpp)
+        share = list(counts)
     per_region = [budget.need(r.rows, c, v, hpp) for r, c, v in zip(regs, share, vocab)]
     fullest = max(range(len(regs)), key=lambda i: sum(per_region[i].values()))
     b = per_region[fullest] | {"reserved": wafer.reserved_bytes_per_pe, "usable": wafer.usable_sram_bytes_per_pe}
@@ -516,6 +637,7 @@ def plan_phase(config, wafer: WaferSpec, grid: int, phase: str, seq_len: int, dt
     pp.layer_share = share
     pp.whole_model_fits = found is not None
     pp.seq_len, pp.dtype, pp.weights = seq_len, dtype, weights
+    pp.attention, pp.weighed = budget.attention, weighed
     return pp
 
 
@@ -560,17 +682,18 @@ def plan(config, wafer: WaferSpec, prefill_grid: int | None, decode_grid: int | 
 
 def _plan_wafer(config, wafer: WaferSpec, prefill_grid: int | None, decode_grid: int | None, max_seq_len: int,
                 dtype: str = "fp16", prompt_len: int | None = None, layers: int | None = None, suggest: bool = True,
-                weights: str = "fp16") -> Plan:
+                weights: str = "fp16", prefill_attention: str = "paper") -> Plan:
     """Plan both phases (or one, when the other grid is None) for sequences up to ``max_seq_len``.
 
     ``suggest``: a does-not-fit error searches for (and plans) a grid that would fit.
-    ``weights``: the layers' matrices dense in ``dtype`` ("fp16") or int8 / int4 blocks."""
+    ``weights``: the layers' matrices dense in ``dtype`` ("fp16") or int8 / int4 blocks.
+    ``prefill_attention``: ``paper`` or ``streaming`` (see :func:`plan_phase`)."""
     if max_seq_len < 1:
         raise PlacementError("max_seq_len must be positive")
     pre = dec = None
     if prefill_grid is not None:
         pre = plan_phase(config, wafer, prefill_grid, "prefill", prompt_len or max_seq_len, dtype, layers, suggest,
-                         weights=weights)
+                         weights=weights, prefill_attention=prefill_attention)
     shift_cap = concat_cap = 0
     if decode_grid is not None:
         dec = plan_phase(config, wafer, decode_grid, "decode", max_seq_len, dtype, layers, suggest, weights=weights)

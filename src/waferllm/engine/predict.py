@@ -12,13 +12,21 @@ count from the fewest that hold the model up to a limit, in the faster layout.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import time
 
 from waferllm.baselines import gpu_baselines
+from waferllm.engine.band import RATES, TIMES, apply_band, corner
+from waferllm.engine.cluster import cluster_corner
 from waferllm.engine.run_config import RunConfig
 from waferllm.engine.wafer import WaferModel
 from waferllm.errors import RequestError
+from waferllm.hardware import get_wafer
 from waferllm.hardware.cluster import ClusterSpec
+from waferllm.hardware.plmr import WaferSpec
+from waferllm.mesh.corners import Corners, nominal, tracking
+from waferllm.mesh.corners import corner as corner_value
 
 
 #: the most tokens a prediction runs, even beyond the model's context (each decode step is
@@ -73,15 +81,38 @@ def predict_run(config, wafer, run: RunConfig, input_len: int, output_len: int, 
 
     With ``band``, times and rates also get ``*_low``/``*_high``: the same request on the
     wafer with its assumed constants at the ends of their ranges, widened by the wafer's
-    calibration error (:mod:`waferllm.engine.band`)."""
+    calibration error (:mod:`waferllm.engine.band`). The corners are priced in the same
+    execution as the request when their programs are the same (:func:`_with_corners`), else
+    run again. ``host_wall_s``: the whole prediction's host time, band included."""
     _check(input_len, output_len)
     t0 = time.perf_counter()
-    wm = WaferModel(config, None, wafer, run, mode="dry")
-    wm.reset()
-    wm.prefill(input_len)
-    for _ in range(output_len - 1):
-        wm.decode(None)
+    spec = wafer if isinstance(wafer, (WaferSpec, ClusterSpec)) else get_wafer(wafer)
+    m, ends = _with_corners(config, spec, run, input_len, output_len) if band else (None, None)
+    if m is None:
+        m = _run(config, spec, run, input_len, output_len)
+        if band:
+            ends = _corner_runs(config, spec, run, input_len, output_len)
+    if band:
+        apply_band(m, ends[0], ends[1], _residual(spec))
+    if gpus:
+        m["gpu_baselines"] = gpu_baselines(config, input_len, output_len)
+    m["host_wall_s"] = time.perf_counter() - t0
+    return m
+
+
+def _run(config, spec, run: RunConfig, input_len: int, output_len: int, shown=None, watch=None) -> dict:
+    """One execution of the request on ``spec`` (a wafer, or a cluster): its metrics.
+    ``shown``: the wafer or cluster whose constants the result lists (default ``spec``);
+    ``watch``: a context the execution runs in (the report built from it runs outside)."""
+    wm = WaferModel(config, None, spec, run, mode="dry")
+    with watch or contextlib.nullcontext():
+        wm.reset()
+        wm.prefill(input_len)
+        for _ in range(output_len - 1):
+            wm.decode(None)
     m = wm.request_metrics()
+    shown = shown or spec
+    shown_wafer = shown.wafer if isinstance(shown, ClusterSpec) else shown
     m.update({
         "model": config.name,
         "input_len": input_len,
@@ -90,36 +121,86 @@ def predict_run(config, wafer, run: RunConfig, input_len: int, output_len: int, 
         "weights": run.weights,
         "kv_scheme": run.kv_scheme,
         "placement": wm.plan.to_dict(),
-        "constants": {k: {"value": v["value"], "status": v["status"]} for k, v in wm.wafer.to_dict().items()
+        "constants": {k: {"value": v["value"], "status": v["status"]} for k, v in shown_wafer.to_dict().items()
                       if isinstance(v, dict)},
-        "host_wall_s": time.perf_counter() - t0,
     })
-    if isinstance(wafer, ClusterSpec):  # the link's constants, with their provenance
-        m["cluster"] = wafer.to_dict()
+    if isinstance(shown, ClusterSpec):  # the link's constants, with their provenance
+        m["cluster"] = shown.to_dict()
     if wm.layers != config.num_layers:
         m["note"] = (f"extrapolated: {wm.layers} of {config.num_layers} layers were placed and run on these grids; "
                      f"layer time scaled by {config.num_layers / wm.layers:g} (the paper's method for models that "
                      f"do not fit one wafer)")
-    if band:
-        with_band(m, config, wm.cluster or wm.wafer, run, input_len, output_len)
-    if gpus:
-        m["gpu_baselines"] = gpu_baselines(config, input_len, output_len)
     return m
+
+
+def _ends(spec) -> list:
+    """The fast and the slow corner of a wafer or cluster (both None: no constant has a range)."""
+    if isinstance(spec, ClusterSpec):
+        return [cluster_corner(spec, slow) for slow in (False, True)]
+    return [corner(spec, slow) for slow in (False, True)]
+
+
+def _residual(spec) -> float:
+    return (spec.wafer if isinstance(spec, ClusterSpec) else spec).calibration_error
+
+
+def _corner_runs(config, spec, run: RunConfig, input_len: int, output_len: int) -> list:
+    """The request run again on each corner (None where there is none)."""
+    return [None if w is None else _run(config, w, run, input_len, output_len) for w in _ends(spec)]
+
+
+def _combined(spec, ends):
+    """``spec`` with every constant that differs between it and its corners holding all of
+    their values (a :class:`Corners`: nominal, fast, slow); the rest as they are."""
+    def merge(nom, fast, slow):
+        changed = {}
+        for f in dataclasses.fields(nom):
+            vals = tuple(getattr(x, f.name) for x in (nom, fast, slow))
+            if isinstance(vals[0], (int, float)) and not isinstance(vals[0], bool) and len(set(vals)) > 1:
+                changed[f.name] = Corners(tuple(float(v) for v in vals))
+        return dataclasses.replace(nom, **changed) if changed else nom
+
+    fast, slow = ends
+    if isinstance(spec, ClusterSpec):
+        w = merge(spec.wafer, fast.wafer, slow.wafer)
+        return merge(*(dataclasses.replace(c, wafer=w) for c in (spec, fast, slow)))
+    return merge(spec, fast, slow)
+
+
+def _with_corners(config, spec, run: RunConfig, input_len: int, output_len: int):
+    """The request and both corners of its band from one execution, on a wafer whose
+    differing constants carry every corner's value (:mod:`waferllm.mesh.corners`): the
+    metrics (with the nominal values alone) and each corner's times and rates. (None, None)
+    when the corners' programs would differ (or anything fails): the caller runs them apart."""
+    ends = _ends(spec)
+    if ends[0] is None or ends[1] is None:
+        return None, None
+    watch = tracking()  # the execution's decisions; the report sorts and formats by nominal values
+    try:
+        m = _run(config, _combined(spec, ends), run, input_len, output_len, shown=spec, watch=watch)
+    except Exception:  # noqa: BLE001 - the separate runs will raise whatever is real
+        return None, None
+    if watch.seen["diverged"] or watch.seen["lost"]:
+        return None, None
+    keys = [k for k in TIMES + RATES if m.get(k) is not None]
+    return _nominal(m), [{k: corner_value(m[k], i) for k in keys} for i in (1, 2)]
+
+
+def _nominal(x):
+    """``x`` with every :class:`Corners` replaced by its nominal value (a plain float)."""
+    if isinstance(x, dict):
+        return {k: _nominal(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_nominal(v) for v in x]
+    return nominal(x) if isinstance(x, Corners) else x
 
 
 def with_band(m: dict, config, wafer, run: RunConfig, input_len: int, output_len: int) -> dict:
     """Add the low/high band to the metrics ``m`` of this request (see :func:`predict_run`)."""
-    from waferllm.engine.band import apply_band, corner
-    from waferllm.engine.cluster import cluster_corner
-
-    ends = []
-    for slow in (False, True):
-        w = cluster_corner(wafer, slow) if isinstance(wafer, ClusterSpec) else corner(wafer, slow)
-        ends.append(None if w is None else
-                    predict_run(config, w, run, input_len, output_len, gpus=False, band=False,
-                                allow_beyond_context=True))
-    residual = (wafer.wafer if isinstance(wafer, ClusterSpec) else wafer).calibration_error
-    return apply_band(m, ends[0], ends[1], residual)
+    _, ends = _with_corners(config, wafer, run, input_len, output_len)
+    if ends is None:
+        ends = _corner_runs(config, wafer, run, input_len, output_len)
+    return apply_band(m, ends[0], ends[1], _residual(wafer))
 
 
 def predict_cluster(config, cluster: ClusterSpec, run: RunConfig, input_len: int, output_len: int,

@@ -5,8 +5,10 @@ Layout ``B L_y E_x``: tokens split over mesh y, features over mesh x. Weights ar
 normalised activations, as do gate/up. Attention runs per pass of kv heads (as many as
 the SRAM budget allows): Q K^T by the grouped dist-GEMM-T, a causal softmax with its
 max and sum allreduced along x, then P V by the grouped MeshGEMM (both activations
-skewed on the mesh). RMSNorm statistics are allreduced along x; RoPE uses each token's
-true position.
+skewed on the mesh). With ``attention="streaming"`` each pass instead runs
+:func:`~waferllm.kernels.flash_attention.streaming_attention` (K and V blocks in flight, an
+online softmax), whose score tiles are small enough for many more heads per pass.
+RMSNorm statistics are allreduced along x; RoPE uses each token's true position.
 
 A stage's :meth:`PrefillStage.step` runs the prompt through its layers and returns each
 layer's K and V (kept for the decode cache); every layer runs in an SRAM scope, so what
@@ -21,19 +23,28 @@ import numpy as np
 
 from waferllm.engine.decode import LayerRunner, place_matrices, run_now
 from waferllm.engine.layouts import HeadLayout
+from waferllm.errors import MeshError
 from waferllm.kernels.attention import grouped_pv, grouped_scores
+from waferllm.kernels.flash_attention import streaming_attention
 from waferllm.kernels.layer_ops import masked_softmax, rmsnorm, rope, silu_mul
 from waferllm.kernels.meshgemm import meshgemm, place_b, skew_blocks
-from waferllm.mesh import compute
+from waferllm.mesh import comm, compute
+from waferllm.mesh.ledger import Ledger
 from waferllm.mesh.move import Placement
+from waferllm.mesh.runtime import Mesh
 from waferllm.mesh.tensor import DistTensor
+
+#: the prefill attention algorithms (``RunConfig.prefill_attention``)
+ATTENTION = ("paper", "streaming")
 
 
 class PrefillStage:
     """The prefill program of one region: its layers' weights and its vocabulary slice."""
 
     def __init__(self, mesh, config, layer_ids: range, layers, vocab: range, lm_head, embed, final_norm,
-                 dtype: str = "fp16", heads_per_pass: int = 1, weights: str = "fp16"):
+                 dtype: str = "fp16", heads_per_pass: int = 1, weights: str = "fp16", attention: str = "paper"):
+        if attention not in ATTENTION:
+            raise MeshError(f"prefill attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
         self.mesh = mesh
         self.config = config
         self.layer_ids = layer_ids
@@ -42,6 +53,9 @@ class PrefillStage:
         # how the layers' matrices are stored: dense in ``dtype`` ("fp16"), or int8 / int4 blocks
         self.weights = weights
         self.heads_per_pass = max(1, heads_per_pass)
+        # "paper": whole score tiles per pass (dist-GEMM-T, softmax, MeshGEMM); "streaming":
+        # key blocks in flight with an online softmax (kernels.flash_attention)
+        self.prefill_attention = attention
         n = mesh.rows
         c = config
         self.hl = HeadLayout(c.num_heads, c.num_kv_heads, c.head_dim, n)
@@ -169,9 +183,20 @@ class PrefillStage:
             out = compute.elementwise(lambda p, s: p + s, h, d, name="residual", dtype=self.dtype)
             return scope.keep(out, k_rot, v)
 
+    def _passes(self):
+        """Each attention pass's kv heads and every feature's head within it (-1: another
+        pass's head, or padding)."""
+        hl, c = self.hl, self.config
+        for g0 in range(0, c.num_kv_heads, self.heads_per_pass):
+            heads = range(g0, min(c.num_kv_heads, g0 + self.heads_per_pass))
+            yield heads, np.where((hl.head_of_pos >= heads.start) & (hl.head_of_pos < heads.stop),
+                                  hl.head_of_pos - heads.start, -1)
+
     def attention(self, q: DistTensor, k: DistTensor, v: DistTensor, length: int) -> DistTensor:
         """Causal attention of q [L, q_padded] against k, v [L, kv_padded] (all (y, x)), in passes
         of ``heads_per_pass`` kv heads (the score tiles are what limits long prompts)."""
+        if self.prefill_attention == "streaming":
+            return self._streaming_attention(q, k, v, length)
         hl, c, mesh = self.hl, self.config, self.mesh
         n = mesh.rows
         tq, tk = q.tile_shape[0], k.tile_shape[0]
@@ -185,11 +210,7 @@ class PrefillStage:
                        & (key_index[None, :, None, :] < length))[:, :, None, None]
         out = None
         with mesh.ledger.span("attention"):
-            for g0 in range(0, c.num_kv_heads, self.heads_per_pass):
-                heads = range(g0, min(c.num_kv_heads, g0 + self.heads_per_pass))
-                # each feature's kv head within this pass (-1: another pass's head, or padding)
-                pass_head = np.where((hl.head_of_pos >= heads.start) & (hl.head_of_pos < heads.stop),
-                                     hl.head_of_pos - heads.start, -1)
+            for heads, pass_head in self._passes():
                 # [heads, r, L, L] (None, None, y, x)
                 s = grouped_scores(q, k, pass_head, len(heads), hl.group, name="scores").out
                 p = masked_softmax(s, allowed, scale, dim=3, out_dtype=self.dtype)
@@ -201,10 +222,24 @@ class PrefillStage:
                 total = compute.elementwise(lambda a, b: a + b, out, part, name="attn_accumulate", dtype="fp32")
                 mesh.sram.release(out, part)
                 out = total
+        return self._cast(out)
+
+    def _streaming_attention(self, q: DistTensor, k: DistTensor, v: DistTensor, length: int) -> DistTensor:
+        """The same attention with key blocks in flight and an online softmax, pass by pass: a
+        PE's score tile holds one key block of its own features' heads."""
+        scale = 1.0 / math.sqrt(self.config.head_dim)
+        out = None
+        with self.mesh.ledger.span("attention"):
+            for _, pass_head in self._passes():
+                # [L, q_padded] (y, x) fp32: each pass normalises its own heads' features
+                out = streaming_attention(q, k, v, pass_head, self.hl.group, length, scale, out=out).out
+        return self._cast(out)
+
+    def _cast(self, out: DistTensor) -> DistTensor:
         if out.dtype == self.dtype:
             return out
         cast = out.with_tiles(out.tiles, dtype=self.dtype, name="attn_out")
-        mesh.sram.release(out)
+        self.mesh.sram.release(out)
         return cast
 
     # ---- vocabulary slice ------------------------------------------------------------
@@ -230,3 +265,39 @@ class PrefillStage:
         """Logits [rows of h, vocab slice] of normalised hidden states on this mesh."""
         with self.mesh.ledger.span("lm_head"):
             return meshgemm(h, self.lm, out_dtype="fp32", name="logits").out
+
+
+def predicted_cycles(config, wafer, regions, counts, seq_len: int, dtype: str = "fp16", weights: str = "fp16",
+                     heads_per_pass: int = 1, attention: str = "paper", memo: dict | None = None) -> float:
+    """Predicted cycles of a prompt of ``seq_len`` tokens through layers placed ``counts`` per
+    region of ``regions`` (in pipeline order): one layer of each region side executed
+    shape-only on its own mesh (identical layers cost alike) times its count, plus the
+    hidden states' move from each region holding layers to the next. The planner weighs
+    placements with it (``placement._weigh_passes``); ``memo`` keeps layer cycles by
+    region side and heads per pass across calls."""
+    ledger = Ledger(wafer, keep_events=False)
+    per_side = {} if memo is None else memo
+    total, prev = 0.0, None
+    for region, count in zip(regions, counts):
+        if not count:
+            continue
+        # layers of one side cost alike, unless defective PEs make each square's links its own
+        where = (region.row0, region.col0) if wafer.defective_pes else ()
+        key = (region.rows, *where, heads_per_pass)
+        if key not in per_side:
+            mesh = Mesh(region, mode="dry", ledger=ledger)
+            stage = PrefillStage(mesh, config, range(1), [None], range(region.cols), None, None, None, dtype,
+                                 heads_per_pass, weights, attention)
+            h = mesh.place((seq_len, config.hidden_size), ("y", "x"), dtype, name="hidden")
+            mark = ledger.mark()
+            stage.layer(0, h, seq_len, stage.rope_tables(np.arange(seq_len)))
+            per_side[key] = ledger.since(mark)["cycles"]
+        total += count * per_side[key]
+        mesh = Mesh(region, mode="dry", ledger=ledger)
+        if prev is not None:  # [L, E] (y, x) on to this region, as the pipeline moves it
+            h = prev.place((seq_len, config.hidden_size), ("y", "x"), dtype, name="hidden")
+            mark = ledger.mark()
+            comm.relayout(h, mesh, ("y", "x"), name="stage_transfer")
+            total += ledger.since(mark)["cycles"]
+        prev = mesh
+    return total

@@ -134,7 +134,7 @@ class RunConfig:
         # the decode KV pool holds every request in flight; prefill runs one prompt at a time
         return plan(config, wafer, self.prefill_grid, self.decode_grid, self.kv_pool_tokens, self.dtype,
                     prompt_len=self.prompt_len or self.max_seq_len, layers=self.layer_count(config),
-                    weights=self.weights)
+                    weights=self.weights, prefill_attention=self.prefill_attention)
 
 
 def _positive(name: str, value) -> int:

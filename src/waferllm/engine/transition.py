@@ -84,7 +84,7 @@ def _like(t, ref: Placement, ref_blocks: dict | None) -> Placement:
     the same block maps: a stage's pre-skewed weights) instead of rebuilding them."""
     blocks = t.blocks
     same = ref_blocks is not None and blocks is not None and blocks.keys() == ref_blocks.keys() and all(
-        np.array_equal(blocks[d], ref_blocks[d]) for d in blocks)
+        blocks[d] is ref_blocks[d] or np.array_equal(blocks[d], ref_blocks[d]) for d in blocks)
     if not same:
         return Placement.of(t)
     p = Placement.blocked(t.mesh.region, t.shape, t.layout, t.tile_shape)

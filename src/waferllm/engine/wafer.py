@@ -81,8 +81,8 @@ class WaferModel:
             raise RequestError("a cluster places the whole model: extrapolating from some layers "
                                "(--extrapolate-from-layers) is for one wafer")
         self.plan = run.plan(config, self.wafer) if self.cluster is None else plan_cluster(
-            config, self.cluster, run.prefill_grid, run.decode_grid, run.max_seq_len, run.dtype, run.prompt_len,
-            run.weights)
+            config, self.cluster, run.prefill_grid, run.decode_grid, run.kv_pool_tokens, run.dtype,
+            run.prompt_len or run.max_seq_len, run.weights, run.prefill_attention)
         self.ledger = Ledger(self.wafer, keep_events=(mode == "numeric"))
         self.weights = weights
         t0 = time.perf_counter()

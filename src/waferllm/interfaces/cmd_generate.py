@@ -268,6 +268,10 @@ def generate(
                                                 help="Tokens a request may hold, prompt + output (at most the model's "
                                                      "context). Default: the prompt + --max-tokens (wafer), the "
                                                      "model's context (reference)."),
+    threads: Optional[int] = typer.Option(None, "--threads", rich_help_panel=ENGINE,
+                                          help="Host threads for BLAS and the simulator's tile products (default: the "
+                                               "libraries' own; 1 is steadiest on a shared machine). Only host time "
+                                               "changes."),
     wafer: Optional[str] = typer.Option(None, "--wafer", rich_help_panel=WAFER,
                                         help="Wafer preset name or TOML/JSON file (default: wse2)."),
     prefill_grid: Optional[str] = typer.Option(None, "--prefill-grid", rich_help_panel=WAFER,
@@ -299,7 +303,9 @@ def generate(
     an error, not ignored.
     """
     from waferllm.engine.sampling import SamplingParams
+    from waferllm.engine.threads import set_threads
 
+    set_threads(threads)
     # 1. the options alone (no model): fast, so a mistake costs nothing
     engine = engine.strip().lower()
     if engine not in ("wafer", "reference"):
@@ -339,7 +345,7 @@ def generate(
             try:
                 eng = LLM(loaded, wafer=spec, prefill_grid=pg, decode_grid=dg, dtype=given["dtype"] or "fp16",
                           kv_scheme=given["kv_scheme"] or "shift", max_model_len=mml, progress=progress,
-                          weights=given["weights"] or "fp16")
+                          weights=given["weights"] or "fp16", max_num_seqs=1)  # one prompt: no batch to hold
             except PlacementError as exc:
                 raise _rewrite_for_cli(exc, len(ids), max_tokens, max_model_len) from None
     if engine == "wafer" and max_model_len is None:

@@ -54,6 +54,8 @@ def predict(
     cluster: Optional[str] = typer.Option(None, "--cluster", help="With --wafers: cluster preset (cs2, cs3) or "
                                                                   "TOML/JSON file (the link between the systems; its "
                                                                   "wafer replaces --wafer). Default: the wafer's systems."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Host threads for BLAS (default: the library's own). "
+                                                                  "Only host time changes."),
 ) -> None:
     """Predict TTFT, TPOT, throughput and energy of a model on a wafer (dry run: no weights needed)."""
     from waferllm.engine.predict import check_request, predict_run
@@ -65,7 +67,9 @@ def predict(
 
     from waferllm.interfaces.cmd_generate import with_defect_options
     from waferllm.models.quant import resolve_weights
+    from waferllm.engine.threads import set_threads
 
+    set_threads(threads)
     cfg = _config(model)
     check_request(cfg, input_len, output_len, extrapolate, allow_beyond_context)  # before tuning
     spec = with_defect_options(get_wafer(wafer, **parse_overrides(set_)), defect_rate, seed, recovery)

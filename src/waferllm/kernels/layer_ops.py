@@ -30,10 +30,17 @@ def rmsnorm(h: DistTensor, weight: DistTensor, dim: int, eps: float, out_dtype: 
     with mesh.ledger.span(name):
         ss = compute.tile_reduce(h, dim, "sumsq", name=f"{name}.sumsq")  # partial along the features' axis
         ss = comm.allreduce(ss, h.layout[dim], "sum", k=k, group=group, name=f"{name}.allreduce")
-        out = compute.elementwise(lambda x, s, w: x / np.sqrt(s / features + eps) * w, h, ss, weight,
+        out = compute.elementwise(lambda x, s, w: x / np.sqrt(s / features + eps) * under(w, x), h, ss, weight,
                                   ops_per_elem=mesh.wafer.ops_rmsnorm_scale, name=f"{name}.scale", dtype=out_dtype)
         mesh.sram.release(ss)
     return out
+
+
+def under(v: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Tiles ``v`` of a tensor with fewer dims (a norm weight or bias [N]) lined up under tiles
+    ``x`` of a batch [B, N]: the mesh dims lead, so numpy alone would align them wrongly."""
+    missing = x.ndim - v.ndim
+    return v.reshape(v.shape[:2] + (1,) * missing + v.shape[2:]) if missing > 0 else v
 
 
 def masked_softmax(s: DistTensor, allowed, scale: float, dim: int, out_dtype: str, k: int = 2,

@@ -122,11 +122,16 @@ def ring_shift(t: DistTensor, axis: str, steps=1, ring: str = "interleave", name
     mesh = t.mesh
     n = mesh.axis_size(axis)
     lines = mesh.cols if axis == "y" else mesh.rows
-    steps_arr = np.asarray(steps, dtype=np.int64)
-    if steps_arr.ndim and steps_arr.shape != (lines,):
-        raise MeshError(f"{name}: need one step count per line ({lines}), got shape {steps_arr.shape}")
-    k = np.mod(steps_arr, n)
-    rounds = int(np.max(np.minimum(k, n - k))) if n > 1 else 0
+    if isinstance(steps, (int, np.integer)):  # one rotation for every line (the usual case)
+        steps_arr = np.int64(steps)
+        k = int(steps) % n
+        rounds = min(k, n - k) if n > 1 else 0
+    else:
+        steps_arr = np.asarray(steps, dtype=np.int64)
+        if steps_arr.ndim and steps_arr.shape != (lines,):
+            raise MeshError(f"{name}: need one step count per line ({lines}), got shape {steps_arr.shape}")
+        k = np.mod(steps_arr, n)
+        rounds = int(np.max(np.minimum(k, n - k))) if n > 1 else 0
     if rounds == 0:
         return t
     mesh.routes.request(f"{name}[{ring}]", 3, relayable=False)
@@ -134,24 +139,46 @@ def ring_shift(t: DistTensor, axis: str, steps=1, ring: str = "interleave", name
     # flows of one step that share a directed link serialise on it
     charge_messages(mesh, name, t.bytes_per_pe, hops=hops, rounds=rounds, links_shared=ring_max_link_load(n, ring),
                     axis=axis, routes=3)
-    src = ring_source(n, ring, steps_arr)  # (n,) or (lines, n)
+    src = ring_source(n, ring, steps_arr) if steps_arr.ndim == 0 else _line_sources(n, ring, steps_arr)
     if src.ndim == 1:
         # the same rotation on every line: index one mesh axis only (much cheaper)
         tiles = None if t.tiles is None else (t.tiles[:, src] if axis == "x" else t.tiles[src])
         return t.with_moved_tiles(tiles, axis, src)
     ii, jj = _grid(mesh)
     idx = (ii, src) if axis == "x" else (src.T, jj)
-    return t.with_tiles(None if t.tiles is None else t.tiles[idx], blocks=_moved_blocks(t, idx, ii, jj))
+    return t.with_tiles(None if t.tiles is None else t.tiles[idx], blocks=_moved_blocks(t, idx, ii, jj, axis, src))
 
 
-def _moved_blocks(t: DistTensor, idx, ii, jj):
+_LINE_SOURCES: dict = {}  # a skew's sources, by (n, ring, steps): every MeshGEMM skews alike
+
+
+def _line_sources(n: int, ring: str, steps: np.ndarray) -> np.ndarray:
+    key = (n, ring, steps.tobytes())
+    src = _LINE_SOURCES.get(key)
+    if src is None:
+        if len(_LINE_SOURCES) > 64:
+            _LINE_SOURCES.clear()
+        src = _LINE_SOURCES[key] = ring_source(n, ring, steps)
+        src.setflags(write=False)
+    return src
+
+
+def _moved_blocks(t: DistTensor, idx, ii, jj, axis: str, src: np.ndarray):
     """Moving tiles means each PE now holds another PE's block: record which, for every
-    split dim (a dim missing from t.blocks holds its own coordinate before the move)."""
+    split dim (a dim missing from t.blocks holds its own coordinate before the move: along
+    the moved axis, that of the PE its tile came from, ``src``; across it, its own)."""
     blocks = dict(t.blocks or {})
-    base = {0: ii, 1: jj}
+    shape = ii.shape
     for dim, a in enumerate(t.layout):
-        if a is not None:
-            blocks[dim] = np.broadcast_to(blocks.get(dim, base[AXES[a]]), ii.shape)[idx]
+        if a is None:
+            continue
+        if dim in blocks:
+            blocks[dim] = np.broadcast_to(blocks[dim], shape)[idx]
+        elif a == axis:
+            blocks[dim] = src if axis == "x" else src.T
+        else:
+            own = np.arange(shape[0])[:, None] if a == "y" else np.arange(shape[1])[None, :]
+            blocks[dim] = np.broadcast_to(own, shape)
     return blocks or None
 
 
@@ -251,6 +278,21 @@ class Phase:
 def reduce_schedule(n: int, algo: str, k: int = 2, group: int | None = None, root: int | None = None,
                     allreduce: bool = True) -> tuple[list[Phase], int]:
     """The phases a reduction along a line of ``n`` PEs executes, and its routes per PE."""
+    phases, routes = _schedule(int(n), algo, int(k), None if group is None else int(group),
+                               None if root is None else int(root), bool(allreduce))
+    return list(phases), routes
+
+
+@lru_cache(maxsize=4096)
+def _schedule(n: int, algo: str, k: int, group: int | None, root: int | None,
+              allreduce: bool) -> tuple[tuple[Phase, ...], int]:
+    """:func:`reduce_schedule`, remembered: the same few reductions recur every step."""
+    phases, routes = _build_schedule(n, algo, k, group, root, allreduce)
+    return tuple(phases), routes
+
+
+def _build_schedule(n: int, algo: str, k: int, group: int | None, root: int | None,
+                    allreduce: bool) -> tuple[list[Phase], int]:
     if n <= 1:
         return [], 0
     if algo == "chain":
@@ -331,6 +373,17 @@ def _schedule_cycles(mesh, phases: list[Phase], nbytes: int, axis: str | None = 
     return cycles, stages, hops
 
 
+def _schedule_cost(mesh, phases: tuple, nbytes: int, axis: str | None, routes: int) -> tuple[float, int, int]:
+    """:func:`_schedule_cycles` of a region, remembered: its wafer, defects and route budget
+    are fixed, and the same reductions recur every step."""
+    memo = mesh.__dict__.setdefault("_schedule_costs", {})
+    key = (phases, nbytes, axis, routes)
+    out = memo.get(key)
+    if out is None:
+        out = memo[key] = _schedule_cycles(mesh, list(phases), nbytes, axis, routes)
+    return out
+
+
 def _occupancy_cycles(mesh, phases: list[Phase], nbytes: int) -> float:
     """Cycles a reduction keeps its busiest PE occupied: at every level it relays, a PE
     takes in the streams from both sides, adds them and sends one on."""
@@ -386,13 +439,15 @@ def reduce(t: DistTensor, axis: str, op: str = "sum", algo: str = "ktree", k: in
         r_arr = np.asarray(root)
         if r_arr.size and (r_arr.min() < 0 or r_arr.max() >= n):
             raise MeshError(f"{name}: root {root} outside a line of {n} PEs")
-        worst_root = int(r_arr.flat[np.argmax(np.maximum(r_arr, n - 1 - r_arr))]) if r_arr.size else None
-    phases, routes = reduce_schedule(n, algo, k, group, worst_root, allreduce)
+        if algo == "chain" and r_arr.size:  # only a chain's schedule depends on where its root is
+            worst_root = int(r_arr.flat[np.argmax(np.maximum(r_arr, n - 1 - r_arr))])
+    phases, routes = _schedule(n, algo, int(k), None if group is None else int(group), worst_root, bool(allreduce))
     if routes:
         mesh.routes.request(name, routes, relayable=False)
-    cycles, stages, hops = _schedule_cycles(mesh, phases, t.bytes_per_pe, axis, routes)
+    nbytes = t.bytes_per_pe
+    cycles, stages, hops = _schedule_cost(mesh, phases, nbytes, axis, routes)
     if pipelined:
-        cycles = _occupancy_cycles(mesh, phases, t.bytes_per_pe)
+        cycles = _occupancy_cycles(mesh, phases, nbytes)
     lines = mesh.rows * mesh.cols // max(n, 1)
     if n > 1:
         mesh.ledger.charge(
@@ -402,9 +457,9 @@ def reduce(t: DistTensor, axis: str, op: str = "sum", algo: str = "ktree", k: in
             flops=t.tile_elems * (n - 1) * lines,
         )
     lines_n = mesh.cols if axis == "y" else mesh.rows
-    rroot = np.broadcast_to(np.asarray((n - 1) // 2 if root is None else root, dtype=np.int64), (lines_n,))
     tiles = None
     if t.tiles is not None:
+        rroot = np.broadcast_to(np.asarray((n - 1) // 2 if root is None else root, dtype=np.int64), (lines_n,))
         red = np.sum if op == "sum" else np.max
         acc = red(t.tiles.astype(np.float32, copy=False), axis=ax, keepdims=True).astype(t.tiles.dtype)
         if allreduce:

@@ -200,21 +200,12 @@ def elementwise(fn, *tensors: DistTensor, ops_per_elem: float = 1.0, name: str =
     if mesh.numeric:
         # padding (reset to zero below) may divide 0 by 0; real elements never do
         with np.errstate(over="ignore", under="ignore", invalid="ignore", divide="ignore"):
-            tiles = np.asarray(fn(*[_aligned(t, len(ref.tile_shape)) for t in tensors]), dtype=np.float32)
+            tiles = np.asarray(fn(*[t.tiles.astype(np.float32, copy=False) for t in tensors]), dtype=np.float32)
         tiles = np.broadcast_to(tiles, (mesh.rows, mesh.cols, *ref.tile_shape)).astype(NP_DTYPES[dt])
         mask = ref.pad_mask()
         if mask is not None:  # keep the padding zero (fn(0) need not be 0, e.g. exp)
             tiles = np.where(mask, tiles, np.zeros((), tiles.dtype))
     return ref.with_tiles(tiles, dtype=dt, name=name, partial=None)
-
-
-def _aligned(t: DistTensor, ndim: int) -> np.ndarray:
-    """``t``'s tiles as float32 with ``ndim`` tile dims: a tensor of fewer dims (a norm weight
-    [E] against a batch [B, E]) broadcasts over the leading ones, as numpy would without
-    the mesh dims in front."""
-    x = t.tiles.astype(np.float32, copy=False)
-    missing = ndim - (x.ndim - 2)
-    return x.reshape(x.shape[:2] + (1,) * missing + x.shape[2:]) if missing > 0 else x
 
 
 def tile_reduce(t: DistTensor, dim: int, op: str = "sum", name: str = "tile_reduce", keepdims: bool = True) -> DistTensor:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import math
 from typing import Mapping
 
+from waferllm.mesh.corners import nominal
+
 PJ = 1e-12
 
 # ledger counter -> energy term it pays for
@@ -28,15 +30,19 @@ def energy_breakdown_j(wafer, counters: Mapping[str, float], seconds: float) -> 
     A pure function of the counters, so it applies as well to a ledger delta or to counters
     scaled for an extrapolated run. ``sum(result.values())`` is the energy.
     """
+    seconds = nominal(seconds)  # the band covers times and rates, not energy
     if seconds < 0:
         raise ValueError(f"seconds must be >= 0, got {seconds!r}")
-    get = counters.get
+
+    def get(key):
+        return float(nominal(counters.get(key, 0.0)))
+
     return {
-        "compute_fp16": float(get("macs_fp16", 0.0)) * wafer.mac_energy_fp16_pj * PJ,
-        "compute_fp32": float(get("macs_fp32", 0.0)) * wafer.mac_energy_fp32_pj * PJ,
-        "sram_read": float(get("sram_read_bytes", 0.0)) * wafer.sram_read_energy_pj_per_byte * PJ,
-        "sram_write": float(get("sram_write_bytes", 0.0)) * wafer.sram_write_energy_pj_per_byte * PJ,
-        "fabric": 8.0 * float(get("hop_bytes", 0.0)) * wafer.fabric_energy_pj_per_bit_hop * PJ,
+        "compute_fp16": get("macs_fp16") * wafer.mac_energy_fp16_pj * PJ,
+        "compute_fp32": get("macs_fp32") * wafer.mac_energy_fp32_pj * PJ,
+        "sram_read": get("sram_read_bytes") * wafer.sram_read_energy_pj_per_byte * PJ,
+        "sram_write": get("sram_write_bytes") * wafer.sram_write_energy_pj_per_byte * PJ,
+        "fabric": 8.0 * get("hop_bytes") * wafer.fabric_energy_pj_per_bit_hop * PJ,
         "static": wafer.static_power_w * float(seconds),
     }
 

@@ -69,6 +69,7 @@ def _ring_source(n: int, kind: str = "interleave", steps=1) -> np.ndarray:
     return order[(ring_rank(n, kind) - np.asarray(steps)[..., None]) % n] if np.ndim(steps) else order[(ring_rank(n, kind) - steps) % n]
 
 
+@lru_cache(maxsize=256)
 def ring_max_hops(n: int, kind: str = "interleave") -> int:
     """Longest physical distance between logical neighbours on the ring."""
     if n <= 1:
@@ -103,6 +104,7 @@ def ring_link_loads(n: int, kind: str = "interleave") -> dict[tuple[int, int], i
     return loads
 
 
+@lru_cache(maxsize=256)
 def ring_max_link_load(n: int, kind: str = "interleave") -> int:
     """Most flows one directed link carries in a ring step (1 for both rings: no sharing)."""
     right, left = _link_loads(n, kind)

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from waferllm.mesh.corners import Corners, cmax, pick, values, width
 from waferllm.mesh.cost import energy_breakdown_j as _energy_breakdown_j
 
 COUNTERS = (
@@ -103,18 +104,19 @@ class Ledger:
             yield self
         finally:
             self._overlap = None
-            busy = max(ov.compute, ov.comm)
-            self.exposed_comm_cycles += max(0.0, ov.comm - ov.compute)
+            busy = cmax(ov.compute, ov.comm)
+            self.exposed_comm_cycles += cmax(0.0, ov.comm - ov.compute)
             self.cycles = ov.start + busy + ov.overhead
 
     # ---- charging ----------------------------------------------------------
     def charge(self, name: str, kind: str, cycles: float, **counters) -> float:
-        cycles = float(cycles)
+        if not isinstance(cycles, Corners):  # (a band's corners stay corners: see mesh.corners)
+            cycles = float(cycles)
         grp = self._group
         if grp is not None and kind == "comm":
             # concurrent transfers on different links: the group costs its slowest one
             start = grp["start"]
-            grp["longest"] = max(grp["longest"], cycles)
+            grp["longest"] = cmax(grp["longest"], cycles)
         else:
             start = self._advance(kind, cycles)
         if kind == "compute":
@@ -123,12 +125,12 @@ class Ledger:
             self.comm_cycles += cycles if grp is None else 0.0
         else:
             self.overhead_cycles += cycles
+        totals = self.totals
         for k, v in counters.items():
-            self.totals[k] += v
-        path = tuple(self._stack)
+            totals[k] += v
         self.by_primitive[name] += cycles
         if self.keep_events and len(self.events) < self.max_events:
-            self.events.append(Event(name, kind, start, cycles, path, counters))
+            self.events.append(Event(name, kind, start, cycles, tuple(self._stack), counters))
         return cycles
 
     def _advance(self, kind: str, cycles: float) -> float:
@@ -147,7 +149,7 @@ class Ledger:
             start = ov.start + ov.comm
             ov.comm += cycles
         else:
-            start = ov.start + max(ov.compute, ov.comm) + ov.overhead
+            start = ov.start + cmax(ov.compute, ov.comm) + ov.overhead
             ov.overhead += cycles
         return start
 
@@ -350,8 +352,14 @@ class _Parallel:
         finally:
             took = led.cycles - self.start
             exposed = led.exposed_comm_cycles - exposed_before
-            if took > self.longest or (took == self.longest and exposed > self.exposed):
-                self.longest, self.exposed = took, exposed
+            n = width(took, exposed, self.longest, self.exposed)
+            if n == 1:
+                if took > self.longest or (took == self.longest and exposed > self.exposed):
+                    self.longest, self.exposed = took, exposed
+            else:  # each corner keeps its own slowest branch
+                slower = tuple(t > lo or (t == lo and e > x) for t, lo, e, x in zip(
+                    values(took, n), values(self.longest, n), values(exposed, n), values(self.exposed, n)))
+                self.longest, self.exposed = pick(slower, took, self.longest), pick(slower, exposed, self.exposed)
             led.exposed_comm_cycles = exposed_before
             led.cycles = self.start
 

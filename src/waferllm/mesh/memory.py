@@ -22,6 +22,9 @@ class SRAM:
         self.capacity = int(capacity if capacity is not None else region.wafer.usable_sram_bytes_per_pe)
         self._uniform = 0  # bytes held by every PE
         self._varying: np.ndarray | None = None  # extra bytes per PE
+        self._varying_max = 0  # its largest entry (kept: every allocation checks it)
+        self.version = 0  # changes with every allocation and release: what was derived before is stale
+        self._memo: dict = {}  # derived figures of this version (see memo)
         self._allocs: dict[int, tuple[str, object]] = {}
         self._ids = itertools.count()
         self.peak_bytes = 0
@@ -31,8 +34,20 @@ class SRAM:
         self._highs: dict[str, tuple[int, dict[int, tuple[str, object]]]] = {}
 
     def used_max(self) -> int:
-        extra = int(self._varying.max()) if self._varying is not None else 0
-        return self._uniform + extra
+        return self._uniform + self._varying_max
+
+    def _set_varying(self, v: np.ndarray) -> None:
+        self._varying = v
+        self._varying_max = int(v.max())
+
+    def memo(self, key, build):
+        """``build()``, remembered until the accounting next changes (analyses of what a
+        region holds read it several times)."""
+        if self._memo.get("version") != self.version:
+            self._memo = {"version": self.version}
+        if key not in self._memo:
+            self._memo[key] = build()
+        return self._memo[key]
 
     def used(self) -> np.ndarray:
         base = np.full(self.region.shape, self._uniform, dtype=np.int64)
@@ -60,16 +75,18 @@ class SRAM:
         """For each allocation name, what was live (as :meth:`held_at_peak`) when an
         allocation of that name brought the fullest PE highest: every program point where
         usage peaks, e.g. a decode step's attention and its LM head, however they rank."""
-        return {name: _on_fullest(allocs, self.region.shape) for name, (_, allocs) in self._highs.items()}
+        fullest: dict = {}  # the arrays held (by identity, all alive here) -> their fullest PE
+        return {name: _on_fullest(allocs, self.region.shape, fullest) for name, (_, allocs) in self._highs.items()}
 
     def alloc(self, name: str, bytes_per_pe) -> int:
         """Charge ``bytes_per_pe`` (int or rows x cols array) to the region; returns a handle."""
         if isinstance(bytes_per_pe, np.ndarray):
             b = bytes_per_pe.astype(np.int64)
             worst = self._uniform + int(((self._varying if self._varying is not None else 0) + b).max())
+            top = int(b.max())
         else:
-            b = int(bytes_per_pe)
-            worst = self.used_max() + b
+            b = top = int(bytes_per_pe)
+            worst = self._uniform + self._varying_max + b
         if worst > self.capacity:
             holders = ", ".join(f"{n} {v:,} B" for n, v in sorted(self.by_name().items(), key=lambda kv: -kv[1])[:6])
             raise SRAMOverflowError(
@@ -80,13 +97,16 @@ class SRAM:
                 f"Already held per PE: {holders or 'nothing'}. Use a larger region, smaller tiles or fewer layers per region."
             )
         if isinstance(b, np.ndarray):
-            self._varying = b.copy() if self._varying is None else self._varying + b
+            self._set_varying(b.copy() if self._varying is None else self._varying + b)
         else:
             self._uniform += b
+        self.version += 1
         handle = next(self._ids)
         self._allocs[handle] = (name, b)
-        self.peak_bytes = max(self.peak_bytes, worst)
-        self.peak_by_name[name] = max(self.peak_by_name.get(name, 0), int(np.max(b)))
+        if worst > self.peak_bytes:
+            self.peak_bytes = worst
+        if top > self.peak_by_name.get(name, -1):
+            self.peak_by_name[name] = top
         high = self._highs.get(name)
         if high is None or worst > high[0]:
             self._highs[name] = (worst, dict(self._allocs))
@@ -95,6 +115,7 @@ class SRAM:
     def _rekey(self, new: int, handle: int) -> None:
         """Give the allocation just made as ``new`` the handle ``handle`` (resize, lent)."""
         entry = self._allocs[handle] = self._allocs.pop(new)
+        self.version += 1
         high = self._highs.get(entry[0])  # only the allocation itself can have recorded it
         if high is not None and new in high[1]:
             high[1][handle] = high[1].pop(new)
@@ -117,9 +138,10 @@ class SRAM:
             return
         _, b = entry
         if isinstance(b, np.ndarray):
-            self._varying = self._varying - b
+            self._set_varying(self._varying - b)
         else:
             self._uniform -= b
+        self.version += 1
 
     @contextmanager
     def lent(self, *tensors):
@@ -162,11 +184,19 @@ class SRAM:
             s.close()
 
 
-def _on_fullest(allocs: dict, shape) -> dict[int, tuple[str, int]]:
-    """handle -> (name, bytes) on the PE that ``allocs`` fill most (arrays: that PE's entry)."""
-    varying = [b for _, b in allocs.values() if isinstance(b, np.ndarray)]
-    at = np.unravel_index(int(np.argmax(sum(varying))), shape) if varying else None
-    return {h: (name, int(b[at]) if isinstance(b, np.ndarray) else int(b)) for h, (name, b) in allocs.items()}
+def _on_fullest(allocs: dict, shape, fullest: dict | None = None) -> dict[int, tuple[str, int]]:
+    """handle -> (name, bytes) on the PE that ``allocs`` fill most (arrays: that PE's entry).
+    ``fullest``: that PE, remembered by the arrays held (snapshots alive at once share them)."""
+    varying = {h: b for h, (_, b) in allocs.items() if isinstance(b, np.ndarray)}
+    if not varying:
+        return {h: (name, int(b)) for h, (name, b) in allocs.items()}
+    key = tuple(id(b) for b in varying.values())
+    at = None if fullest is None else fullest.get(key)
+    if at is None:
+        at = np.unravel_index(int(np.argmax(sum(varying.values()))), shape)
+        if fullest is not None:
+            fullest[key] = at
+    return {h: (name, int(b[at]) if h in varying else int(b)) for h, (name, b) in allocs.items()}
 
 
 class Scope:

@@ -27,10 +27,14 @@ difference arrays (rectangle updates, then prefix sums), vectorised over all cel
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import math
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from fractions import Fraction
+from functools import lru_cache
 
 import numpy as np
 
@@ -79,8 +83,14 @@ class Placement:
                 raise MeshError(f"placement: {label} map needs one coordinate per index of dim {dim} "
                                 f"({shape[dim]}), got shape {of.shape}")
             n = self.region.rows if label == "y" else self.region.cols
-            if of.size and (of.min() < 0 or of.max() >= n):
-                raise MeshError(f"placement: {label} coordinates must lie in [0, {n}) on {self.region.describe()}")
+            seen = _CHECKED.get(id(of))
+            if not (seen is not None and seen[0] is of and seen[1] <= n):
+                if of.size and (of.min() < 0 or of.max() >= n):
+                    raise MeshError(f"placement: {label} coordinates must lie in [0, {n}) on {self.region.describe()}")
+                if not of.flags.writeable and of.flags.owndata:
+                    if len(_CHECKED) > 4096:
+                        _CHECKED.clear()
+                    _CHECKED[id(of)] = (of, int(of.max(initial=0)) + 1)
             object.__setattr__(self, f"{label}_of", of)
         if (self.pe_rows is None) != (self.pe_cols is None):
             raise MeshError("placement: give both block tables (pe_rows and pe_cols) or neither")
@@ -98,7 +108,7 @@ class Placement:
             if label in layout:
                 d = list(layout).index(label)
                 t = tile_shape[d] if tile_shape is not None else math.ceil(shape[d] / parts)
-                kw[f"{label}_dim"], kw[f"{label}_of"] = d, np.arange(shape[d]) // max(int(t), 1)
+                kw[f"{label}_dim"], kw[f"{label}_of"] = d, _block_map(shape[d], max(int(t), 1))
         return cls(region, shape, **kw)
 
     @classmethod
@@ -110,46 +120,143 @@ class Placement:
         if not blocks:
             return cls(p.region, p.shape, p.y_dim, p.y_of, p.x_dim, p.x_of, partial=partial)
         r, c = t.mesh.shape
-        ii, jj = np.meshgrid(np.arange(r), np.arange(c), indexing="ij")
-        by = np.broadcast_to(blocks.get(p.y_dim, ii), (r, c)) if p.y_dim is not None else np.zeros((r, c), np.int64)
-        bx = np.broadcast_to(blocks.get(p.x_dim, jj), (r, c)) if p.x_dim is not None else np.zeros((r, c), np.int64)
-        # an axis a tensor is not split along holds copies: they must hold the same blocks
-        for held, axis, name in ((by, 1, "x"), (bx, 0, "y")):
-            if (p.x_dim if axis == 1 else p.y_dim) is None and not (held == held.take([0], axis=axis)).all():
-                raise MeshError(f"{t.name}: its copies along {name} hold different blocks; cannot price a move of it")
-        pe_rows = np.full((r, c), -1, np.int64)
-        pe_cols = np.full((r, c), -1, np.int64)
-        pe_rows[by, bx], pe_cols[by, bx] = ii, jj
-        return cls(p.region, p.shape, p.y_dim, p.y_of, p.x_dim, p.x_of, pe_rows, pe_cols, partial)
+        by, bx = (blocks.get(p.y_dim) if p.y_dim is not None else 0), (blocks.get(p.x_dim) if p.x_dim is not None else 0)
+        key = (r, c, _blocks_key(by), _blocks_key(bx))
+        tables = _TABLES.get(key) if None not in key else None
+        if tables is None:
+            tables = _tables(t.name, r, c, by, bx, p.x_dim is None, p.y_dim is None)
+            if None not in key:
+                if len(_TABLES) > 256:
+                    _TABLES.clear()
+                _TABLES[key] = tables + (by, bx)  # (the maps keyed by identity stay alive with it)
+        return cls(p.region, p.shape, p.y_dim, p.y_of, p.x_dim, p.x_of, tables[0], tables[1], partial)
 
 
-@dataclass
+_TABLES: dict = {}  # block maps -> (pe_rows, pe_cols): every weight of a region is skewed alike
+
+
+def _blocks_key(b):
+    """A block map, as a key, without reading every entry: None (its own coordinate), 0 (a
+    dim that is not split), a read-only array by identity (a kernel's cached skew), a map
+    broadcast along an axis by its one line; ``None`` in the key when it has none of these
+    forms (the tables are then built and not remembered)."""
+    if b is None or isinstance(b, int):
+        return ("own",) if b is None else ("zero",)
+    b = np.asarray(b)
+    if b.ndim == 2 and 0 in b.strides:
+        axis = 1 if b.strides[1] == 0 else 0
+        line = b[:, 0] if axis == 1 else b[0, :]
+        return ("line", axis, line.shape, np.ascontiguousarray(line).tobytes())
+    if not b.flags.writeable and b.flags.owndata:
+        return ("id", id(b))
+    return None
+
+
+def _tables(name, r, c, by, bx, copies_x: bool, copies_y: bool):
+    """(pe_rows, pe_cols) of a tensor whose PE (i, j) holds block (by[i, j], bx[i, j]) (None:
+    its own coordinate, 0: one block), read-only; refuses copies that hold different blocks."""
+    ii, jj = np.meshgrid(np.arange(r), np.arange(c), indexing="ij")
+    by = np.zeros((r, c), np.int64) if isinstance(by, int) else np.broadcast_to(ii if by is None else by, (r, c))
+    bx = np.zeros((r, c), np.int64) if isinstance(bx, int) else np.broadcast_to(jj if bx is None else bx, (r, c))
+    # an axis a tensor is not split along holds copies: they must hold the same blocks
+    for held, axis, along, copies in ((by, 1, "x", copies_x), (bx, 0, "y", copies_y)):
+        if copies and not (held == held.take([0], axis=axis)).all():
+            raise MeshError(f"{name}: its copies along {along} hold different blocks; cannot price a move of it")
+    pe_rows = np.full((r, c), -1, np.int64)
+    pe_cols = np.full((r, c), -1, np.int64)
+    pe_rows[by, bx], pe_cols[by, bx] = ii, jj
+    pe_rows.setflags(write=False)
+    pe_cols.setflags(write=False)
+    return pe_rows, pe_cols
+
+
+@lru_cache(maxsize=1024)
+def _block_map(n: int, tile: int) -> np.ndarray:
+    """Index -> block of ``n`` indices in blocks of ``tile`` (read-only: shared by every tensor alike)."""
+    out = np.arange(n) // tile
+    out.setflags(write=False)
+    return out
+
+
+_CHECKED: dict = {}  # id(read-only map) -> (the map, its bound): shared maps are checked once
+
+
+@dataclass(frozen=True)
+class _Outer:
+    """``unit * (outer(u, v) - outer(u2, v2))`` of non-negative integer profiles, kept
+    factored: its sum needs no array, and so does its max when nothing is subtracted."""
+
+    u: np.ndarray
+    v: np.ndarray
+    unit: int = 1
+    u2: np.ndarray | None = None
+    v2: np.ndarray | None = None
+
+    def array(self) -> np.ndarray:
+        out = self.unit * np.outer(self.u, self.v)
+        if self.u2 is not None:
+            out -= self.unit * np.outer(self.u2, self.v2)
+        return out
+
+    def max(self) -> int:
+        if self.u2 is not None:
+            return int(self.array().max(initial=0))
+        return self.unit * int(self.u.max(initial=0)) * int(self.v.max(initial=0)) if self.u.size * self.v.size else 0
+
+    def sum(self) -> int:
+        total = int(self.u.sum()) * int(self.v.sum())
+        if self.u2 is not None:
+            total -= int(self.u2.sum()) * int(self.v2.sum())
+        return self.unit * total
+
+
+LOADS = ("inject", "eject", "east", "west", "south", "north")
+
+
 class MoveTraffic:
     """What a move loads, in bytes. Arrays cover the bounding box of both regions, whose
     top-left PE is ``origin`` on the wafer: ``inject``/``eject`` per PE; ``east[r, c]`` the
     link (r, c) -> (r, c+1), ``west[r, c]`` (r, c+1) -> (r, c), ``south[r, c]`` (r, c) ->
-    (r+1, c), ``north[r, c]`` (r+1, c) -> (r, c)."""
+    (r+1, c), ``north[r, c]`` (r+1, c) -> (r, c). A load given as an :class:`_Outer` is
+    built only when read: the cost needs its max and sum alone."""
 
-    origin: tuple[int, int]
-    inject: np.ndarray
-    eject: np.ndarray
-    east: np.ndarray
-    west: np.ndarray
-    south: np.ndarray
-    north: np.ndarray
-    max_hops: int
-    bytes_moved: int  # bytes delivered (a multicast counts every receiver)
-    messages: int  # sends
+    def __init__(self, origin, inject, eject, east, west, south, north, max_hops: int, bytes_moved: int,
+                 messages: int):
+        self.origin = origin
+        self._loads = dict(zip(LOADS, (inject, eject, east, west, south, north)))
+        self.max_hops = max_hops
+        self.bytes_moved = bytes_moved  # bytes delivered (a multicast counts every receiver)
+        self.messages = messages  # sends
+
+    def load(self, name: str) -> np.ndarray:
+        v = self._loads[name]
+        if isinstance(v, _Outer):
+            v = self._loads[name] = v.array()
+        return v
+
+    inject = property(lambda self: self.load("inject"))
+    eject = property(lambda self: self.load("eject"))
+    east = property(lambda self: self.load("east"))
+    west = property(lambda self: self.load("west"))
+    south = property(lambda self: self.load("south"))
+    north = property(lambda self: self.load("north"))
+
+    def _max(self, name: str) -> int:
+        v = self._loads[name]
+        return v.max() if isinstance(v, _Outer) else int(v.max(initial=0))
+
+    def total(self, name: str) -> int:
+        v = self._loads[name]
+        return v.sum() if isinstance(v, _Outer) else int(v.sum())
 
     @property
     def busiest_bytes(self) -> int:
         """The most bytes one ramp or one directed link carries."""
-        loads = (self.inject, self.eject, self.east, self.west, self.south, self.north)
-        return int(max(a.max(initial=0) for a in loads))
+        return max(self._max(k) for k in LOADS)
 
     @property
     def hop_bytes(self) -> int:
-        return int(sum(a.sum() for a in (self.east, self.west, self.south, self.north)))
+        return sum(self.total(k) for k in ("east", "west", "south", "north"))
 
 
 # ---------------------------------------------------------------------- cells
@@ -161,8 +268,10 @@ def _runs(maps: list[np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray]:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     if not maps:
         return np.zeros(1, np.int64), np.array([n], np.int64)
-    stack = np.stack(maps)
-    change = np.flatnonzero((stack[:, 1:] != stack[:, :-1]).any(axis=0)) + 1
+    edge = maps[0][1:] != maps[0][:-1]
+    for m in maps[1:]:
+        edge |= m[1:] != m[:-1]
+    change = np.flatnonzero(edge) + 1
     starts = np.concatenate(([0], change))
     return starts, np.diff(np.concatenate((starts, [n])))
 
@@ -174,9 +283,12 @@ def _merged_runs(maps: list[np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray
     starts, lengths = _runs(maps, n)
     if not maps:
         return starts, np.zeros((0, starts.size), np.int64), lengths
-    vals, first, inv = np.unique(np.stack([m[starts] for m in maps]), axis=1, return_index=True,
-                                 return_inverse=True)
-    return starts[first], vals, np.bincount(inv.ravel(), lengths, vals.shape[1]).astype(np.int64)
+    at = [m[starts] for m in maps]
+    key = at[0]
+    for m in at[1:]:  # one integer per value tuple (coordinates are small): a 1-d unique
+        key = key * (int(m.max(initial=0)) + 1) + m
+    _, first, inv = np.unique(key, return_index=True, return_inverse=True)
+    return starts[first], np.stack(at)[:, first], np.bincount(inv.ravel(), lengths, first.size).astype(np.int64)
 
 
 def _cells(src: Placement, dst: Placement):
@@ -357,20 +469,24 @@ def _traffic_separable(src, dst, itemsize, box) -> MoveTraffic:
     X, wx = _separable_axis(src, dst, "x", left)
     unit = itemsize * math.prod(s for d, s in enumerate(src.shape) if d not in
                                 {src.y_dim, src.x_dim, dst.y_dim, dst.x_dim})
-    o = np.outer
     send_y, send_x = _span(H, Y.s_lo, Y.s_hi, wy), _span(W, X.s_lo, X.s_hi, wx)
     recv_x = _span(W, X.r_lo, X.r_hi, wx)
     stay_y, stay_x = wy * Y.stay, wx * X.stay
     own_y, own_x = wy * Y.own, wx * X.own
     live_msgs = (Y.n_send * Y.ok).sum() * (X.n_send * X.ok).sum()
     stay_msgs = (Y.n_send * Y.ok * Y.stay).sum() * (X.n_send * X.ok * X.stay).sum()
+
+    def less(u, v, u2, v2):  # u x v less what stays (nothing to subtract: kept factored)
+        if not (u2[2].any() and v2[2].any()):
+            return _Outer(u, v, unit)
+        return _Outer(u, v, unit, _span(len(u), *u2), _span(len(v), *v2))
+
     return MoveTraffic(
         origin=(top, left),
-        inject=unit * (o(send_y, send_x) - o(_span(H, Y.s_lo, Y.s_hi, stay_y), _span(W, X.s_lo, X.s_hi, stay_x))),
-        eject=unit * (o(_span(H, Y.r_lo, Y.r_hi, wy), recv_x)
-                      - o(_span(H, Y.s_lo, Y.s_hi, own_y), _span(W, X.s_lo, X.s_hi, own_x))),
-        east=unit * o(send_y, _span(W - 1, *X.fwd, wx)), west=unit * o(send_y, _span(W - 1, *X.back, wx)),
-        south=unit * o(_span(H - 1, *Y.fwd, wy), recv_x), north=unit * o(_span(H - 1, *Y.back, wy), recv_x),
+        inject=less(send_y, send_x, (Y.s_lo, Y.s_hi, stay_y), (X.s_lo, X.s_hi, stay_x)),
+        eject=less(_span(H, Y.r_lo, Y.r_hi, wy), recv_x, (Y.s_lo, Y.s_hi, own_y), (X.s_lo, X.s_hi, own_x)),
+        east=_Outer(send_y, _span(W - 1, *X.fwd, wx), unit), west=_Outer(send_y, _span(W - 1, *X.back, wx), unit),
+        south=_Outer(_span(H - 1, *Y.fwd, wy), recv_x, unit), north=_Outer(_span(H - 1, *Y.back, wy), recv_x, unit),
         max_hops=int(Y.hops[Y.ok].max(initial=0) + X.hops[X.ok].max(initial=0)),
         bytes_moved=int(unit * ((wy * Y.n_recv).sum() * (wx * X.n_recv).sum()
                                 - (own_y * Y.n_send).sum() * (own_x * X.n_send).sum())),
@@ -407,6 +523,53 @@ def _traffic_cells(src, dst, itemsize, box) -> MoveTraffic:
     )
 
 
+def _transposed(src: Placement, dst: Placement) -> bool:
+    """Whether a plain placement's two spread dims swap axes (no tables, nothing replicated
+    or partial): what :func:`_traffic_transposed` prices."""
+    return (src.pe_rows is None and dst.pe_rows is None and src.partial is None and None not in (src.y_dim, src.x_dim)
+            and (dst.y_dim, dst.x_dim) == (src.x_dim, src.y_dim))
+
+
+def _traffic_transposed(src, dst, itemsize, box) -> MoveTraffic:
+    """A transpose between plain placements, every load from a few (H, W) sums.
+
+    Key a (merged runs of the dim on the source rows) leaves row ``sy`` for column ``dx``;
+    key b (the dim on the source columns) leaves column ``sx`` for row ``dy``. Element
+    (a, b) goes along row sy[a] from sx[b] to dx[a], then along column dx[a] to dy[b]. A
+    row link (r, c) -> (r, c+1) carries every a of row r bound past c times every b sent
+    from c or before: ``Qa`` (a's bytes by (sy, dx)) summed right of c, times the b's bytes
+    by source column summed up to c; the other links alike. What stays is Qa x Qb."""
+    top, left, H, W = box
+    A, B = src.y_dim, src.x_dim
+    unit = itemsize * math.prod(s for d, s in enumerate(src.shape) if d not in (A, B))
+    _, (sy, dx), la = _merged_runs([src.y_of, dst.x_of], src.shape[A])
+    _, (sx, dy), lb = _merged_runs([src.x_of, dst.y_of], src.shape[B])
+    sy, dx = sy + src.region.row0 - top, dx + dst.region.col0 - left
+    sx, dy = sx + src.region.col0 - left, dy + dst.region.row0 - top
+    la = la * unit
+
+    def grid(r, c, w=None):  # (H, W) sums of w by (r, c)
+        return np.bincount(r * W + c, w, H * W).astype(np.int64).reshape(H, W)
+
+    qa, qb = grid(sy, dx, la), grid(dy, sx, lb)
+    stay = qa * qb
+    ix, ey = np.bincount(sx, lb, W).astype(np.int64), np.bincount(dy, lb, H).astype(np.int64)
+    ix_up, ey_up = np.cumsum(ix), np.cumsum(ey)  # b's bytes from source columns <= c / bound for rows <= r
+    qa_right, qa_down = np.cumsum(qa, axis=1), np.cumsum(qa, axis=0)
+    east = (qa_right[:, -1:] - qa_right[:, :-1]) * ix_up[:-1]
+    west = qa_right[:, :-1] * (ix_up[-1] - ix_up[:-1])
+    south = qa_down[:-1] * (ey_up[-1] - ey_up[:-1])[:, None]
+    north = (qa_down[-1:] - qa_down[:-1]) * ey_up[:-1, None]
+    inject = np.outer(np.bincount(sy, la, H).astype(np.int64), ix) - stay
+    eject = np.outer(ey, np.bincount(dx, la, W).astype(np.int64)) - stay
+    messages = la.size * lb.size - int((grid(sy, dx) * grid(dy, sx)).sum())
+    # the longest path: |sx - dx| + |sy - dy| is the largest of its four signed sums
+    hops = max(int((s1 * sx - s2 * dy).max()) + int((s2 * sy - s1 * dx).max()) for s1 in (1, -1) for s2 in (1, -1))
+    return MoveTraffic(origin=(top, left), inject=inject, eject=eject, east=east, west=west, south=south,
+                       north=north, max_hops=hops if messages else 0,
+                       bytes_moved=int(la.sum()) * int(lb.sum()) - int(stay.sum()), messages=messages)
+
+
 def _column_table(src: Placement, dst: Placement) -> bool:
     """Whether ``src`` holds its blocks by a table whose PE column depends on the column
     block alone (a MeshGEMM B operand: its skew permutes the row blocks within each
@@ -429,14 +592,18 @@ def _line_loads(lines: int, n: int, line, frm, to, w) -> tuple[np.ndarray, np.nd
     on line ``line``, from coordinate ``frm`` to ``to``, ``w`` bytes. Returns the
     (lines, n - 1) loads of the forward links (i -> i+1) and the backward ones (i+1 -> i)."""
     shape = np.broadcast_shapes(np.shape(line), np.shape(frm), np.shape(to), np.shape(w))
-    back = to < frm
+    frm, to = np.broadcast_to(frm, shape), np.broadcast_to(to, shape)
     # each message adds w from its lower end and takes it back at its upper end, in its
     # direction's plane (one that stays adds and takes back in one place)
-    base = line * (n + 1) + back * (lines * (n + 1))
-    w = np.broadcast_to(w, shape).ravel()
+    lo, hi = np.minimum(frm, to), np.maximum(frm, to)
+    base = (to < frm) * np.int64(lines * (n + 1))
+    base += np.asarray(line, np.int64) * (n + 1)
+    lo += base
+    hi += base
+    w = np.broadcast_to(np.asarray(w, np.float64), shape).ravel()
     size = 2 * lines * (n + 1)
-    d = np.bincount((base + np.minimum(frm, to)).ravel(), w, size)
-    d -= np.bincount((base + np.maximum(frm, to)).ravel(), w, size)
+    d = np.bincount(lo.ravel(), w, size)
+    d -= np.bincount(hi.ravel(), w, size)
     d = d.reshape(2, lines, n + 1)
     np.cumsum(d, axis=2, out=d)
     loads = d[:, :, : n - 1].astype(np.int64)  # integer weights: the float sums are exact
@@ -445,12 +612,17 @@ def _line_loads(lines: int, n: int, line, frm, to, w) -> tuple[np.ndarray, np.nd
 
 def _by_column(profiles: np.ndarray, key: np.ndarray, w: np.ndarray, col: np.ndarray, W: int) -> np.ndarray:
     """(len of a profile, W): column c holds the sum of ``w[i] * profiles[key[i]]`` over
-    every i with ``col[i] == c``."""
-    out = np.zeros((profiles.shape[1], W), np.int64)
+    every i with ``col[i] == c``. Added in rounds (the first i of every column, then the
+    second, ...): a column gets a few, so no round writes a column twice."""
+    out = np.zeros((W, profiles.shape[1]), np.int64)
     order = np.argsort(col, kind="stable")
-    at, first = np.unique(col[order], return_index=True)
-    out[:, at] = np.add.reduceat(profiles[key[order]] * w[order, None], first, axis=0).T
-    return out
+    c = col[order]
+    at = np.arange(c.size)
+    rank = at - np.maximum.accumulate(np.where(np.r_[True, c[1:] != c[:-1]], at, 0))  # place in its column
+    for k in range(int(rank.max(initial=-1)) + 1):
+        i = order[rank == k]
+        out[col[i]] += profiles[key[i]] * w[i, None]
+    return out.T
 
 
 def _expand(groups: np.ndarray, of: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -577,6 +749,8 @@ def move_traffic(src: Placement, dst: Placement, itemsize: int) -> MoveTraffic:
                            z((H, W - 1), np.int64), z((H - 1, W), np.int64), z((H - 1, W), np.int64), 0, 0, 0)
     if _separable(src, dst):
         return _traffic_separable(src, dst, itemsize, box)
+    if _transposed(src, dst):
+        return _traffic_transposed(src, dst, itemsize, box)
     if _column_table(src, dst):
         return _traffic_column_table(src, dst, itemsize, box)
     return _traffic_cells(src, dst, itemsize, box)
@@ -597,31 +771,83 @@ class MoveCost:
     @classmethod
     def of(cls, tr: MoveTraffic) -> "MoveCost":
         return cls(tr.busiest_bytes, tr.max_hops, tr.bytes_moved, tr.hop_bytes, tr.messages,
-                   int(tr.inject.sum()), int(tr.eject.sum()))
+                   tr.total("inject"), tr.total("eject"))
 
 
-_COSTS: OrderedDict = OrderedDict()  # the same moves recur (every layer, every decode step)
+    def scaled(self, k: int) -> "MoveCost":
+        """The cost of the same move with every element ``k`` times as large: the loads are
+        sums of element bytes, so each byte figure (and the busiest load) scales by k."""
+        return MoveCost(self.busiest_bytes * k, self.max_hops, self.bytes_moved * k, self.hop_bytes * k,
+                        self.messages, self.read_bytes * k, self.write_bytes * k)
 
 
-def _key(p: Placement) -> tuple:
+#: the same moves recur (every layer, every decode step, the band's runs, every wafer of a
+#: cluster): their costs per element byte, by the placements' geometry
+_COSTS: OrderedDict = OrderedDict()
+_COSTS_KEPT = 2048
+
+
+_DIGESTS: dict = {}  # id(array) -> (weak reference, digest): a block table is shared by many moves
+
+
+def _digest(a: np.ndarray):
+    """The array's shape and a 128-bit digest of its values (block tables are hashed once
+    while they live: every placement of a stage's weights shares its table)."""
+    held = _DIGESTS.get(id(a))
+    if held is not None and held[0]() is a:
+        return held[1]
+    d = (a.shape, hashlib.blake2b(np.ascontiguousarray(a).data, digest_size=16).digest())
+    if a.size > 4096:
+        if len(_DIGESTS) > 4096:
+            _DIGESTS.clear()
+        _DIGESTS[id(a)] = (weakref.ref(a), d)
+    return d
+
+
+def _runs_key(a: np.ndarray) -> tuple:
+    """A coordinate map, exactly, by its runs (where its value changes, and the values):
+    a blocked or permuted map has a few runs per PE line, however long it is."""
+    edge = np.flatnonzero(a[1:] != a[:-1]) + 1
+    first = a[:1].astype(np.int32).tobytes()
+    return a.size, edge.astype(np.int32).tobytes(), first + a[edge].astype(np.int32).tobytes()
+
+
+def _key(p: Placement, spread: set) -> tuple:
+    """What a move's cost per element byte depends on: the region's place and size, the
+    sizes of the spread dims, their maps (by runs) and tables (by digest)."""
     r = p.region
-    arrays = tuple(None if a is None else (a.shape, a.tobytes()) for a in (p.y_of, p.x_of, p.pe_rows, p.pe_cols))
-    return (r.row0, r.col0, r.rows, r.cols, p.shape, p.y_dim, p.x_dim, p.partial, arrays)
+    arrays = tuple(None if a is None else _runs_key(a) for a in (p.y_of, p.x_of)) + tuple(
+        None if a is None else _digest(a) for a in (p.pe_rows, p.pe_cols))
+    shape = tuple(s if d in spread else 1 for d, s in enumerate(p.shape))
+    return (r.row0, r.col0, r.rows, r.cols, shape, p.y_dim, p.x_dim, p.partial, arrays)
+
+
+def _unit(p: Placement, spread: set) -> Placement:
+    """``p`` with every dim that no axis spreads cut to one element (its cost per byte)."""
+    shape = tuple(s if d in spread else 1 for d, s in enumerate(p.shape))
+    return p if shape == p.shape else dataclasses.replace(p, shape=shape)
 
 
 def move_cost(src: Placement, dst: Placement, itemsize: int) -> MoveCost:
-    """:class:`MoveCost` of :func:`move_traffic` (remembered for the most recent moves)."""
+    """:class:`MoveCost` of :func:`move_traffic`. A dim spread over no axis at either end
+    (e.g. the layers of a stacked move) only multiplies every element's bytes, so the cost
+    is priced per element byte of the other dims and scaled: moves that differ only there
+    (or in itemsize) share one pricing."""
     if src.region.wafer is not dst.region.wafer and src.region.wafer != dst.region.wafer:
         raise MeshError("move: cannot move a tensor between different wafers")
-    key = (_key(src), _key(dst), int(itemsize))
+    spread = {d for d in (src.y_dim, src.x_dim, dst.y_dim, dst.x_dim) if d is not None}
+    scale = math.prod(s for d, s in enumerate(src.shape) if d not in spread) * itemsize
+    if src.shape != dst.shape or scale <= 0 or scale != int(scale):  # refused, nothing sent, or not whole bytes
+        return MoveCost.of(move_traffic(src, dst, itemsize))
+    key = (_key(src, spread), _key(dst, spread))
     cost = _COSTS.get(key)
     if cost is None:
-        cost = _COSTS[key] = MoveCost.of(move_traffic(src, dst, itemsize))
-        if len(_COSTS) > 256:
+        cost = _COSTS[key] = MoveCost.of(move_traffic(_unit(src, spread), _unit(dst, spread), 1))
+        if len(_COSTS) > _COSTS_KEPT:
             _COSTS.popitem(last=False)
     else:
         _COSTS.move_to_end(key)
-    return cost
+    return cost.scaled(int(scale))
 
 
 def move_cycles(wafer, cost: MoveCost, extra_hops: int = 0) -> float:

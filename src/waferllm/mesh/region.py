@@ -26,6 +26,10 @@ class Region:
 
     def __post_init__(self):
         w = self.wafer
+        if (not w.defective_pes and type(self.rows) is int and type(self.cols) is int and self.rows > 0
+                and self.cols > 0 and 0 <= self.row0 and 0 <= self.col0 and self.row0 + self.rows <= w.rows
+                and self.col0 + self.cols <= w.cols):
+            return  # the usual case, checked at once: a rectangle on a perfect mesh (planners make thousands)
         for label, v in (("rows", self.rows), ("cols", self.cols)):
             if not isinstance(v, (int, np.integer)) or v <= 0:
                 raise MeshError(f"region {self.name!r}: {label} must be a positive integer, got {v!r}")

@@ -20,7 +20,6 @@ In dry-run mode ``tiles`` is ``None``: shapes, layouts, SRAM and cost are identi
 from __future__ import annotations
 
 import math
-import weakref
 from typing import Sequence
 
 import numpy as np
@@ -110,7 +109,12 @@ class DistTensor:
         self._host = None
         if charge_sram:
             self._handle = mesh.sram.alloc(name, self.bytes_per_pe)
-            weakref.finalize(self, mesh.sram.free, self._handle)
+
+    def __del__(self):
+        # the last reference is gone: the tensor's SRAM is free (unless released before)
+        handle = getattr(self, "_handle", None)
+        if handle is not None:
+            self.mesh.sram.free(handle)
 
     # ---- block maps ----------------------------------------------------------
     @property
