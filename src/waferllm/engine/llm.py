@@ -105,6 +105,8 @@ class LLM(PromptFrontend):
     ``max_num_seqs``: requests decoded together (``generate([...])`` batches them); the
     decode KV pool holds that many whole contexts. ``threads``: host threads for the
     simulation (BLAS and the simulator's workers), process-wide; None keeps the defaults.
+    ``prefill_attention``, ``decode_collectives``, ``gemv_ktree``: the paper's algorithms
+    ("paper") or the ones beyond it (see :data:`waferllm.engine.run_config.ALGORITHMS`).
 
     ``max_model_len``: tokens a request may hold (prompt + output). Default: the model's
     context, or, when the wafer cannot hold that on the grids allowed (given, or tuned up
@@ -116,7 +118,8 @@ class LLM(PromptFrontend):
     def __init__(self, model=None, wafer: str | WaferSpec | None = "wse2", prefill_grid="auto", decode_grid="auto",
                  dtype: str = "fp16", kv_scheme: str = "shift", max_model_len: int | None = None,
                  wafer_overrides: dict | None = None, progress=None, band: bool = True, weights: str = "fp16",
-                 max_num_seqs: int = 4, threads: int | None = None):
+                 max_num_seqs: int = 4, threads: int | None = None, prefill_attention: str = "paper",
+                 decode_collectives: str = "paper", gemv_ktree: str = "paper"):
         from waferllm.models import quant
         from waferllm.models.loader import resolve_model
 
@@ -169,7 +172,9 @@ class LLM(PromptFrontend):
         # 3. does it fit? (planning only; the advice is planned too) then tune among the grids that fit
         cands = self._grids_that_fit(fixed, auto_hi, dtype)
         run = RunConfig(prefill_grid=fixed["prefill"], decode_grid=fixed["decode"], max_seq_len=mml, dtype=dtype,
-                        kv_scheme=kv_scheme, weights=wf, max_num_seqs=self.max_num_seqs)
+                        kv_scheme=kv_scheme, weights=wf, max_num_seqs=self.max_num_seqs,
+                        prefill_attention=prefill_attention, decode_collectives=decode_collectives,
+                        gemv_ktree=gemv_ktree)
         self.tuning = None
         if fixed["prefill"] is None or fixed["decode"] is None:
             if progress:

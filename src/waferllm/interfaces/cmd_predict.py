@@ -56,10 +56,20 @@ def predict(
                                                                   "wafer replaces --wafer). Default: the wafer's systems."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Host threads for BLAS (default: the library's own). "
                                                                   "Only host time changes."),
+    prefill_attention: str = typer.Option("paper", "--prefill-attention",
+                                          help="paper, or streaming (flash-style: key blocks in flight, running max "
+                                               "and sum; more heads per pass)."),
+    decode_collectives: str = typer.Option("paper", "--decode-collectives",
+                                           help="paper, or fused (norm statistics ride the GEMV reduce; one "
+                                                "collective for softmax and P V)."),
+    gemv_ktree: str = typer.Option("paper", "--gemv-ktree", help="paper (K=2), or tuned (K and group per reduction "
+                                                                 "by the cost model)."),
+    beyond_paper: bool = typer.Option(False, "--beyond-paper", help="All three improvements at once (streaming, "
+                                                                    "fused, tuned)."),
 ) -> None:
     """Predict TTFT, TPOT, throughput and energy of a model on a wafer (dry run: no weights needed)."""
     from waferllm.engine.predict import check_request, predict_run
-    from waferllm.engine.run_config import RunConfig
+    from waferllm.engine.run_config import ALGORITHMS, RunConfig
     from waferllm.engine.tuner import tune_grids
     from waferllm.errors import PlacementError, RequestError
     from waferllm.hardware import get_wafer, parse_overrides
@@ -86,8 +96,11 @@ def predict(
     pg, dg = grid(prefill_grid, "--prefill-grid"), grid(decode_grid, "--decode-grid")
     if input_len < 1 or output_len < 1:
         raise RequestError(f"--input-len and --output-len must be positive, got {input_len} and {output_len}")
+    algorithms = ({k: v[1] for k, v in ALGORITHMS.items()} if beyond_paper else
+                  {"prefill_attention": prefill_attention, "decode_collectives": decode_collectives,
+                   "gemv_ktree": gemv_ktree})
     run = RunConfig.for_request(input_len, output_len, prefill_grid=pg, decode_grid=dg, dtype=dtype,
-                                kv_scheme=kv_scheme, layers=extrapolate, weights=weights)
+                                kv_scheme=kv_scheme, layers=extrapolate, weights=weights, **algorithms)
     from waferllm.interfaces import cluster_report
 
     n_wafers = cluster_report.parse_wafers(wafers)
@@ -108,6 +121,7 @@ def predict(
 
         m["defects"] = defect_impact(cfg, spec, run, input_len, output_len, m, allow_beyond_context,
                                      rate=defect_rate, seed=seed)
+    m["algorithms"] = {k: getattr(run, k) for k in ALGORITHMS}
     if tuning:
         m["tuning"] = {"prefill_grid": pg, "decode_grid": dg,
                        "tried_s": {ph: {str(g): v for g, v in d.items()} for ph, d in tuning["tried"].items()}}
@@ -122,7 +136,8 @@ def predict(
     console = Console()
     console.print(f"[bold]{cfg.name}[/] on [bold]{spec.name}[/]: {input_len} input + {output_len} output tokens, {dtype}, "
                   f"{kv_scheme} KV cache" + (f", {weights} weights" if weights != "fp16" else "")
-                  + (f", tuned grids {pg}/{dg}" if tuning else ""))
+                  + (f", tuned grids {pg}/{dg}" if tuning else "")
+                  + "".join(f", {k.replace('_', ' ')} {v}" for k, v in m["algorithms"].items() if v != "paper"))
     print_report(m, console, plan=m["placement"], gpus=m.get("gpu_baselines"))
     if "defects" in m:
         _print_defects(console, m["defects"])
