@@ -42,6 +42,10 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/simulation_speed.py --markdown benchmarks/RESULTS-simulation-speed.md
 	$(PY) benchmarks/sweep_speed.py --markdown benchmarks/RESULTS-sweep.md
 	$(PY) benchmarks/defects.py --markdown benchmarks/RESULTS-defects.md --plot docs/defects.png
+	$(PY) benchmarks/decode_collectives.py --markdown benchmarks/RESULTS-decode-collectives.md
+	$(PY) benchmarks/beyond_paper.py --markdown benchmarks/RESULTS-beyond-paper.md
+	$(PY) benchmarks/batching.py --markdown benchmarks/RESULTS-batching.md
+	$(PY) benchmarks/serve_load.py --markdown benchmarks/RESULTS-serve.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
