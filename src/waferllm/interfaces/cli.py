@@ -34,6 +34,7 @@ def _register() -> None:
     from waferllm.interfaces import cmd_predict  # noqa: F401
     from waferllm.interfaces import cmd_calibrate  # noqa: F401
     from waferllm.interfaces import cmd_sweep  # noqa: F401
+    from waferllm.interfaces import cmd_serve  # noqa: F401
 
 
 def version() -> str:

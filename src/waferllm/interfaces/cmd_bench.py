@@ -1,4 +1,4 @@
-"""`waferllm bench gemm|gemv`: sweep kernels over grids and algorithms.
+"""`waferllm bench gemm|gemv`: sweep kernels over grids and algorithms (`bench serve`: cmd_bench_serve).
 
     waferllm bench gemm --k 2048 --grid 120,360,720 --algo meshgemm,summa,cannon --dry-run
     waferllm bench gemv --k 16384 --n 16384 --grid 240,720 --algo meshgemv,pipeline --dry-run --json
@@ -27,6 +27,7 @@ from rich.table import Table
 from waferllm.errors import MeshError
 from waferllm.hardware import get_wafer, parse_overrides
 from waferllm.interfaces.cli import app
+from waferllm.interfaces.cmd_bench_serve import BenchCommand
 from waferllm.kernels.bench import check_algos, sweep
 
 # ---------------------------------------------------------------------------- parsing
@@ -139,9 +140,9 @@ def plot_points(points: list[dict], path: str, title: str) -> str:
 # ---------------------------------------------------------------------------- command
 
 
-@app.command()
+@app.command(cls=BenchCommand)
 def bench(
-    op: str = typer.Argument(..., help="gemm or gemv."),
+    op: str = typer.Argument(..., help="gemm or gemv; serve: load a running server (see bench serve --help)."),
     m: Optional[int] = typer.Option(None, "--m", help="Rows of A (gemm; default = --k). gemv: must be 1."),
     k: int = typer.Option(..., "--k", help="Inner dimension."),
     n: Optional[int] = typer.Option(None, "--n", help="Columns of B / W (default = --k)."),
@@ -160,8 +161,14 @@ def bench(
     layout: str = typer.Option("yx", "--layout", help="gemv: yx = W (y, x), x (y,); xy = W (x, y), x (x,)."),
     route_policy: str = typer.Option("relay", "--route-policy", help="relay (software relays) or raise."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random inputs (numeric mode)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Host threads for BLAS and the simulator's tile "
+                                                                  "products (default: the libraries' own). Only host "
+                                                                  "time changes."),
 ) -> None:
     """Sweep GEMM/GEMV kernels over grids x algorithms: time, efficiency, comm split, routes, SRAM, GPU roofline."""
+    from waferllm.engine.threads import set_threads
+
+    set_threads(threads)
     op = op.lower()
     if op not in ("gemm", "gemv"):
         raise MeshError(f"unknown op {op!r}; expected gemm or gemv")
