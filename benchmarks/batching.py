@@ -30,7 +30,7 @@ from waferllm.models.presets import get_model_preset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import Out, code_version  # noqa: E402
 
-SHAPES = ((2048, 128, (1, 2, 3)), (512, 128, (1, 2, 4, 6)), (128, 128, (1, 4, 8, 16)))
+SHAPES = ((2048, 128, (1, 2, 3, 4)), (512, 128, (1, 2, 4, 8)), (128, 128, (1, 4, 8, 12)))
 
 
 def main() -> None:

@@ -77,6 +77,10 @@ class PhasePlan:
     dtype: str = "fp16"
     weights: str = "fp16"  # the layers' matrices: dense in dtype, or int8 / int4 blocks
     attention: str = "paper"  # prefill attention the passes were planned for ("paper" or "streaming")
+    # decode of a batch: rows of the largest micro-batch a region runs at once, and the longest
+    # request (attention runs request by request over its own cache); None: seq_len
+    rows: int = 1
+    request_len: int | None = None
     weighed: list = field(default_factory=list)  # streaming: every layout weighed (see _weigh_passes)
 
     def to_dict(self) -> dict:
@@ -90,6 +94,7 @@ class PhasePlan:
             "whole_model_fits": self.whole_model_fits,
             "heads_per_pass": self.heads_per_pass,
             "attention": self.attention,
+            "batch_rows": self.rows,
             "bytes_per_pe": dict(self.bytes_per_pe),
             "stages": [s.to_dict() for s in self.stages],
         } | ({"weighed": [dict(w) for w in self.weighed]} if self.weighed else {})
@@ -188,12 +193,14 @@ def decode_scores_bytes_per_slot(config) -> int:
 
 
 def activation_bytes(config, grid: int, phase: str, seq_len: int, dtype: str = "fp16", heads_per_pass: int = 1,
-                     attention: str = "paper") -> int:
+                     attention: str = "paper", rows: int = 1, request_len: int | None = None) -> int:
     """Peak bytes per PE of activations and buffers during one layer (with double buffers).
 
     Prefill attention processes ``heads_per_pass`` kv heads (with their query heads) at a
     time: its score tiles are what limits long prompts (``attention``: see
-    :func:`streaming_attention_bytes` for the streaming kernel's).
+    :func:`streaming_attention_bytes` for the streaming kernel's). Decode of a batch holds
+    ``rows`` tokens' vectors at once, and one request's score tiles at a time (of at most
+    ``request_len`` tokens; default ``seq_len``).
     """
     b = DTYPE_BYTES[dtype]
     E, F = config.hidden_size, config.intermediate_size
@@ -212,11 +219,11 @@ def activation_bytes(config, grid: int, phase: str, seq_len: int, dtype: str = "
         ffn = 2 * t * f * b + t * f * 4
         in_flight = max(e * f, e * qt) * b  # MeshGEMM's next weight tile (double buffer)
         return hidden + qkv + max(attn, ffn) + in_flight + 1024
-    cap = cdiv(seq_len, grid)
+    cap = cdiv(request_len or seq_len, grid)
     vec = 6 * e * 4 + 3 * (qt + 2 * hl.col_features) * 4
     scores = decode_scores_bytes_per_slot(config) * cap
     ffn = 4 * 2 * f * 4
-    return vec + max(scores, ffn) + 1024
+    return rows * vec + max(scores, rows * ffn) + 1024
 
 
 def streaming_attention_bytes(config, grid: int, seq_len: int, dtype: str = "fp16", heads_per_pass: int = 1) -> int:
@@ -309,7 +316,8 @@ class PhaseBudget:
     """
 
     def __init__(self, config, wafer: WaferSpec, phase: str, seq_len: int, dtype: str = "fp16",
-                 vocab_size: int | None = None, weights: str = "fp16", attention: str = "paper"):
+                 vocab_size: int | None = None, weights: str = "fp16", attention: str = "paper", rows: int = 1,
+                 request_len: int | None = None):
         self.config = config
         # vocabulary entries the regions hold (a cluster's wafers without the tables: 0)
         self.vocab_size = config.vocab_size if vocab_size is None else vocab_size
@@ -319,6 +327,7 @@ class PhaseBudget:
         self.dtype = dtype
         self.weights = weights
         self.attention = attention if phase == "prefill" else "paper"
+        self.rows, self.request_len = rows, request_len  # decode of a batch (see activation_bytes)
         self.usable = wafer.usable_sram_bytes_per_pe - PLANNING_SLACK
         self.tables = 1 if config.tie_word_embeddings else 2
         self.pass_heads = 1  # the attention pass the layer capacities leave room for
@@ -336,7 +345,8 @@ class PhaseBudget:
         what the budget is sized for)."""
         config, phase, dtype, seq_len = self.config, self.phase, self.dtype, self.seq_len
         heads_per_pass = self.pass_heads if heads_per_pass is None else heads_per_pass
-        act = activation_bytes(config, g, phase, seq_len, dtype, heads_per_pass, self.attention)
+        act = activation_bytes(config, g, phase, seq_len, dtype, heads_per_pass, self.attention, self.rows,
+                               self.request_len)
         if phase == "prefill":
             # the LM head's MeshGEMM (after the layers): the placed vocabulary tile, the one
             # in use and the next one arriving, the fp32 accumulator and the normalised rows
@@ -594,7 +604,8 @@ def _weigh_passes(budget: PhaseBudget, all_slots: list[Region], n_layers: int, r
 
 def plan_phase(config, wafer: WaferSpec, grid: int, phase: str, seq_len: int, dtype: str = "fp16",
                layers: int | None = None, suggest: bool = True, vocab_size: int | None = None,
-               weights: str = "fp16", prefill_attention: str = "paper") -> PhasePlan:
+               weights: str = "fp16", prefill_attention: str = "paper", rows: int = 1,
+               request_len: int | None = None) -> PhasePlan:
     """Regions for one phase: the fewest square regions that hold every layer.
 
     grid x grid regions come first; when they are not enough, smaller squares from the
@@ -608,11 +619,13 @@ def plan_phase(config, wafer: WaferSpec, grid: int, phase: str, seq_len: int, dt
     stored (dense in ``dtype``, or int8 / int4 blocks at their stored size).
     ``prefill_attention``: the prefill attention the passes are sized for; with
     ``streaming``, layouts that leave room for wider passes are weighed too
-    (:func:`_weigh_passes`).
+    (:func:`_weigh_passes`). Decode of a batch: ``rows`` tokens per region at once, requests
+    of at most ``request_len`` tokens in a KV pool of ``seq_len``.
     """
     n_layers = config.num_layers if layers is None else layers
     extrapolating = n_layers < config.num_layers
-    budget = PhaseBudget(config, wafer, phase, seq_len, dtype, vocab_size, weights, prefill_attention)
+    budget = PhaseBudget(config, wafer, phase, seq_len, dtype, vocab_size, weights, prefill_attention, rows,
+                         request_len)
     all_slots = region_slots(wafer, grid, phase)
     slots = _drop_idle_slots(budget, all_slots)
     found = _fewest_regions(budget, slots, config.num_layers if extrapolating else n_layers)
@@ -638,6 +651,7 @@ def plan_phase(config, wafer: WaferSpec, grid: int, phase: str, seq_len: int, dt
     pp.whole_model_fits = found is not None
     pp.seq_len, pp.dtype, pp.weights = seq_len, dtype, weights
     pp.attention, pp.weighed = budget.attention, weighed
+    pp.rows, pp.request_len = rows, request_len
     return pp
 
 
@@ -648,7 +662,8 @@ def planned_kv_capacity(config, wafer: WaferSpec, dec: PhasePlan, layers: list[i
     cache slot of its layers. The shift-based cache fills every row evenly; the
     concatenation cache grows one row of PEs. (What a run really holds comes from its
     SRAM accounting: ``engine.capacity``.)"""
-    budget = PhaseBudget(config, wafer, "decode", dec.seq_len, dec.dtype, weights=dec.weights)
+    budget = PhaseBudget(config, wafer, "decode", dec.seq_len, dec.dtype, weights=dec.weights, rows=dec.rows,
+                         request_len=dec.request_len)
     caps = []
     for st, n in zip(dec.stages, dec.layer_share if layers is None else layers):
         if n:
@@ -682,12 +697,17 @@ def plan(config, wafer: WaferSpec, prefill_grid: int | None, decode_grid: int | 
 
 def _plan_wafer(config, wafer: WaferSpec, prefill_grid: int | None, decode_grid: int | None, max_seq_len: int,
                 dtype: str = "fp16", prompt_len: int | None = None, layers: int | None = None, suggest: bool = True,
-                weights: str = "fp16", prefill_attention: str = "paper") -> Plan:
+                weights: str = "fp16", prefill_attention: str = "paper", max_num_seqs: int = 1,
+                request_len: int | None = None) -> Plan:
     """Plan both phases (or one, when the other grid is None) for sequences up to ``max_seq_len``.
 
     ``suggest``: a does-not-fit error searches for (and plans) a grid that would fit.
     ``weights``: the layers' matrices dense in ``dtype`` ("fp16") or int8 / int4 blocks.
-    ``prefill_attention``: ``paper`` or ``streaming`` (see :func:`plan_phase`)."""
+    ``prefill_attention``: ``paper`` or ``streaming`` (see :func:`plan_phase`).
+    ``max_num_seqs``: requests decoded together, each of at most ``request_len`` tokens, in a
+    KV pool of ``max_seq_len``: decode first plans one row per region, then again for the
+    rows of the largest micro-batch that many regions give (``PhasePlan.rows``; the engine
+    never runs more rows on a region at once)."""
     if max_seq_len < 1:
         raise PlacementError("max_seq_len must be positive")
     pre = dec = None
@@ -696,7 +716,12 @@ def _plan_wafer(config, wafer: WaferSpec, prefill_grid: int | None, decode_grid:
                          weights=weights, prefill_attention=prefill_attention)
     shift_cap = concat_cap = 0
     if decode_grid is not None:
-        dec = plan_phase(config, wafer, decode_grid, "decode", max_seq_len, dtype, layers, suggest, weights=weights)
+        dec = plan_phase(config, wafer, decode_grid, "decode", max_seq_len, dtype, layers, suggest, weights=weights,
+                         request_len=request_len)
+        if max_num_seqs > 1:
+            rows = cdiv(max_num_seqs, len(dec.stages))
+            dec = plan_phase(config, wafer, decode_grid, "decode", max_seq_len, dtype, layers, suggest,
+                             weights=weights, rows=rows, request_len=request_len)
         shift_cap, concat_cap = planned_kv_capacity(config, wafer, dec)
         # a model the regions cannot hold is extrapolated from the layers placed: their cache must fit
         held = shift_cap if dec.whole_model_fits else planned_kv_capacity(

@@ -134,7 +134,8 @@ class RunConfig:
         # the decode KV pool holds every request in flight; prefill runs one prompt at a time
         return plan(config, wafer, self.prefill_grid, self.decode_grid, self.kv_pool_tokens, self.dtype,
                     prompt_len=self.prompt_len or self.max_seq_len, layers=self.layer_count(config),
-                    weights=self.weights, prefill_attention=self.prefill_attention)
+                    weights=self.weights, prefill_attention=self.prefill_attention, max_num_seqs=self.max_num_seqs,
+                    request_len=self.max_seq_len)
 
 
 def _positive(name: str, value) -> int:

@@ -531,7 +531,10 @@ class WaferModel:
         ``token_cycles[slot]`` is when each request's token was picked."""
         seqs = tuple(seqs)
         toks = [self._check_token(t, s) for t, s in zip(tokens, seqs)]
-        groups = [tuple(int(x) for x in g) for g in np.array_split(seqs, min(len(seqs), len(self.decode_stages)))]
+        # one micro-batch per region at most, of no more rows than the plan budgeted a region for
+        rows = getattr(self.plan.decode, "rows", 1)
+        count = max(min(len(seqs), len(self.decode_stages)), -(-len(seqs) // rows))
+        groups = [tuple(int(x) for x in g) for g in np.array_split(seqs, count)]
         led, stages = self.ledger, self.decode_stages
         start = led.mark(per_primitive=self.mode == "dry")
         if self.mode == "dry":
