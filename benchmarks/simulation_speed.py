@@ -1,23 +1,34 @@
-"""Simulation speed: host seconds per generated token on the simulated wafer vs the dense reference.
+"""Simulation speed: the host time the simulator takes, on both of its paths, at a stated thread count.
 
-    .venv/bin/python benchmarks/simulation_speed.py [--decode-grids 24,32,48] [--prefill-grid 32]
-        [--max-tokens 16] [--markdown benchmarks/RESULTS-simulation-speed.md]
+    .venv/bin/python benchmarks/simulation_speed.py [--threads 1] [--max-tokens 16]
+        [--markdown benchmarks/RESULTS-simulation-speed.md]
 
-1. The embedded SmolLM2 (``waferllm.models.loader.load_model()``) generates ``--max-tokens``
-   tokens greedily (``SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)``) on the
-   simulated WSE-2 (numeric mode: every PE's tiles are real numpy data, fp16) with
-   ``LLM(prefill_grid=32, decode_grid=24/32/48)``. Host figures come from
-   ``out.metrics["host"]``: placement wall, prefill wall, decode wall / (generated - 1).
-2. The same prompt through ``waferllm.models.reference.ReferenceModel`` (dense numpy, fp32):
-   prefill wall and the mean wall of one decode step. Ratio = wafer / reference.
-3. Dry-run ``predict`` wall: llama3-8b extrapolated from 1 layer, smollm2-135m fully placed.
+Every figure is host wall time (and the process's CPU time beside it: the host is shared
+with other work) at ``--threads`` BLAS threads and simulator workers
+(:mod:`waferllm.engine.threads`). "Cold" is a fresh Python process (imports done, nothing
+priced or planned yet: what the command line pays); "warm" is the same call again in that
+process (what a sweep or a server pays).
+
+1. Dry-run ``predict`` (shapes only), fully placed, with its low/high band: llama3-8b
+   2048/128 on 600/360 grids of one WSE-2, and llama3-70b pipelined over 10 WSE-2 on the
+   same grids (it needs 10); then ``--wafers auto`` for qwen2-72b (the count and layout
+   searched).
+2. The grid tuner (``tune_grids``) for llama3-8b 2048/128, both grids auto.
+3. Time to first token of ``waferllm generate --max-tokens 8 --prompt "The wafer-scale
+   engine is"`` (the embedded SmolLM2, grids tuned), from the process start to the first
+   generated text on stdout, and where it went (loading, tuning, placement, prefill).
+4. The numeric simulation (every PE's tiles real, fp16) against the dense numpy reference
+   (``ReferenceModel``, fp32): host seconds per prompt token and per generated token on the
+   grids ``generate`` picks, and on ``--grids``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,55 +36,108 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import Out, code_version  # noqa: E402
 
-PROMPT = ("The wafer-scale engine is a single silicon wafer holding hundreds of thousands of cores, "
-          "each with its own small memory, connected by a two-dimensional mesh. Large language models")
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "The wafer-scale engine is"
+LONG_PROMPT = ("The wafer-scale engine is a single silicon wafer holding hundreds of thousands of cores, "
+               "each with its own small memory, connected by a two-dimensional mesh. Large language models")
+
+# Run in a fresh interpreter: the calls, timed cold then warm; prints one JSON line.
+_PREDICT = """
+import json, sys, time
+from waferllm.engine.threads import set_threads
+set_threads({threads})
+from waferllm.engine.predict import predict, predict_cluster
+from waferllm.engine.run_config import RunConfig
+from waferllm.engine.tuner import tune_grids
+from waferllm.hardware import get_wafer
+from waferllm.hardware.cluster import cluster_for
+from waferllm.models.presets import get_model_preset
+w = get_wafer("wse2")
+def call():
+    {call}
+out = []
+for _ in range(2):
+    t, c = time.perf_counter(), time.process_time()
+    m = call()
+    out.append([time.perf_counter() - t, time.process_time() - c])
+print(json.dumps({{"times": out, "m": m}}))
+"""
+
+CALLS = {
+    "llama3-8b": 'return predict(get_model_preset("llama3-8b"), w, 2048, 128, 600, 360, gpus=False)["ttft_s"]',
+    "llama3-70b": ('return predict_cluster(get_model_preset("llama3-70b"), cluster_for(w), RunConfig.for_request('
+                   '2048, 128, prefill_grid=600, decode_grid=360), 2048, 128, wafers=10, gpus=False)["ttft_s"]'),
+    "qwen2-72b": ('m = predict_cluster(get_model_preset("qwen2-72b"), cluster_for(w), RunConfig.for_request('
+                  '2048, 128, prefill_grid=600, decode_grid=360), 2048, 128, wafers="auto", gpus=False); '
+                  'return [m["cluster_search"]["chosen"]["wafers"], len(m["cluster_search"]["options"])]'),
+    "tuner": ('r = tune_grids(get_model_preset("llama3-8b"), w, RunConfig.for_request(2048, 128), 2048, 128); '
+              'return [r["prefill_grid"], r["decode_grid"]]'),
+}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--prefill-grid", type=int, default=32)
-    ap.add_argument("--decode-grids", default="24,32,48")
-    ap.add_argument("--max-tokens", type=int, default=16)
-    ap.add_argument("--markdown", default=None, help="also write the output to this file")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="BLAS threads, set before numpy loads (1: steadiest on a small, shared machine; 0: default)")
-    args = ap.parse_args()
-    if args.threads:
-        for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-            os.environ[var] = str(args.threads)
+def fresh(call: str, threads: int) -> dict:
+    """The call timed twice in a fresh interpreter: {"times": [[wall, cpu] cold, [wall, cpu] warm], "m": ...}."""
+    code = _PREDICT.format(threads=threads, call=call)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def generate_ttft(threads: int, max_tokens: int = 8) -> dict:
+    """``waferllm generate`` as a user runs it: seconds from the process start to the first
+    generated text on stdout, to the end, and the host breakdown from its --json twin."""
+    cmd = [sys.executable, "-m", "waferllm", "generate", "--max-tokens", str(max_tokens), "--prompt", PROMPT,
+           "--threads", str(threads)]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT)
+    first = proc.stdout.read(1)
+    t_first = time.perf_counter() - t0
+    rest = proc.stdout.read()
+    proc.wait()
+    t_end = time.perf_counter() - t0
+    return {"first_s": t_first, "end_s": t_end, "text": (first + rest).decode(errors="replace").strip()[:80]}
+
+
+# The breakdown of the same command's steps, timed in one process.
+_STEPS = """
+import json, time
+t = time.perf_counter()
+from waferllm.engine.threads import set_threads
+set_threads({threads})
+from waferllm import LLM, SamplingParams
+from waferllm.engine import llm as L
+from waferllm.models.loader import load_model
+imported = time.perf_counter() - t
+t = time.perf_counter(); model = load_model(); load = time.perf_counter() - t
+ids = model.tokenizer.encode({prompt!r}, add_special_tokens=True)
+tune = []
+orig = L.LLM._tune
+def timed(self, *a):
+    t = time.perf_counter(); out = orig(self, *a); tune.append(time.perf_counter() - t); return out
+L.LLM._tune = timed
+t = time.perf_counter(); llm = LLM(model, max_model_len=len(ids) + {max_tokens}); init = time.perf_counter() - t
+o = llm.generate_ids(ids, SamplingParams(temperature=0, max_tokens={max_tokens}, ignore_eos=True))
+h = o.metrics["host"]
+print(json.dumps({{"import": imported, "load": load, "init": init, "tune": sum(tune), "placement": h["placement_wall_s"],
+                   "prefill": h["prefill_time_s"], "grids": [llm.run.prefill_grid, llm.run.decode_grid],
+                   "prompt": len(ids)}}))
+"""
+
+
+def generate_steps(threads: int, max_tokens: int = 8) -> dict:
+    code = _STEPS.format(threads=threads, prompt=PROMPT, max_tokens=max_tokens)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def numeric_vs_reference(model, grids: list[tuple[int, int]], max_tokens: int, out: Out) -> None:
+    """Host seconds per prompt token and per generated token, wafer (numeric) vs the dense reference."""
     import numpy as np
 
     from waferllm import LLM, SamplingParams
-    from waferllm.engine.predict import predict
-    from waferllm.hardware import get_wafer
-    from waferllm.models.loader import load_model
-    from waferllm.models.presets import get_model_preset
     from waferllm.models.reference import ReferenceModel
 
-    out = Out()
-    t_all = time.perf_counter()
-    rev = code_version()
-    out("# Simulation speed")
-    out()
-    out("Command: `.venv/bin/python benchmarks/simulation_speed.py " + " ".join(sys.argv[1:]) + "`")
-    out()
-    out(f"Host: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-        f"numpy {np.__version__}, BLAS threads {args.threads or 'default'}, load average at start "
-        f"{os.getloadavg()[0]:.2f} (other work shares this host). Code: {rev}.")
-    out()
-
-    t0 = time.perf_counter()
-    model = load_model()
-    load_s = time.perf_counter() - t0
-    c = model.config
-    params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
-    ids = model.tokenizer.encode(PROMPT, add_special_tokens=True)
-    out(f"Model: {c.name} ({c.param_count() / 1e6:.1f}M parameters, {c.num_layers} layers, hidden {c.hidden_size}), "
-        f"loaded in {load_s:.2f} s. Prompt: {len(ids)} tokens; {args.max_tokens} tokens generated greedily "
-        f"(ignore_eos).")
-    out()
-
-    # ---------------------------------------------------------------- reference
+    ids = model.tokenizer.encode(LONG_PROMPT, add_special_tokens=True)
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     rm = ReferenceModel(model.weights)
     ref_prefill, ref_step, ref_tokens = float("inf"), float("inf"), None
     for _ in range(3):
@@ -83,62 +147,93 @@ def main() -> None:
         ref_prefill = min(ref_prefill, time.perf_counter() - t)
         toks = [int(np.argmax(logits[-1]))]
         t = time.perf_counter()
-        for _ in range(args.max_tokens - 1):
+        for _ in range(max_tokens - 1):
             toks.append(int(np.argmax(rm.decode(toks[-1]))))
-        ref_step = min(ref_step, (time.perf_counter() - t) / max(1, args.max_tokens - 1))
+        ref_step = min(ref_step, (time.perf_counter() - t) / max(1, max_tokens - 1))
         ref_tokens = toks
-
-    # ---------------------------------------------------------------- wafer (numeric)
     rows = []
-    for dg in [int(x) for x in args.decode_grids.split(",")]:
-        t = time.perf_counter()
-        try:
-            llm = LLM(model, wafer="wse2", prefill_grid=args.prefill_grid, decode_grid=dg, dtype="fp16")
-        except Exception as e:  # noqa: BLE001 - report and go on
-            rows.append([f"{args.prefill_grid}/{dg}", f"{type(e).__name__}: {str(e)[:140]}"] + [""] * 9)
-            continue
-        init_s = time.perf_counter() - t
+    for pg, dg in grids:
+        kw = {} if pg is None else {"prefill_grid": pg, "decode_grid": dg}
+        llm = LLM(model, wafer="wse2", dtype="fp16", max_model_len=len(ids) + max_tokens, **kw)
+        llm.generate_ids(ids, params)  # the first request pays one-time host work (conversions, caches)
         o = llm.generate_ids(ids, params)
         h = o.metrics["host"]
-        n_gen = h["generated_tokens"]
-        per_tok = h["decode_time_s"] / max(1, n_gen - 1)
+        per_tok = h["decode_time_s"] / max(1, h["generated_tokens"] - 1)
+        per_prompt = h["prefill_time_s"] / len(ids)
         match = sum(a == b for a, b in zip(o.token_ids, ref_tokens))
-        rows.append([f"{args.prefill_grid}/{dg}",
-                     f"{init_s:.2f} ({h['placement_wall_s']:.2f})",
-                     f"{h['prefill_time_s']:.3f}",
-                     f"{h['prefill_time_s'] / ref_prefill:.0f}x",
-                     f"{per_tok:.3f}",
-                     f"{per_tok / ref_step:.0f}x",
-                     f"{h['wall_s']:.2f}",
-                     f"{o.metrics['ttft_s'] * 1e6:.1f}",
-                     f"{o.metrics['tpot_s'] * 1e6:.1f}",
-                     f"{per_tok / o.metrics['tpot_s']:.2e}",
-                     f"{match}/{len(ref_tokens)}"])
-    out("## 1. Numeric simulation (SmolLM2 on simulated WSE-2 regions, fp16) vs dense reference (numpy fp32)")
+        rows.append([f"{llm.run.prefill_grid}/{llm.run.decode_grid}" + (" (tuned)" if pg is None else ""),
+                     f"{per_prompt * 1e3:.1f}", f"{per_prompt / (ref_prefill / len(ids)):.0f}x",
+                     f"{per_tok * 1e3:.1f}", f"{per_tok / ref_step:.1f}x", f"{match}/{len(ref_tokens)}"])
+    out(f"Dense reference (numpy fp32, best of 3): prefill {ref_prefill * 1e3:.1f} ms for {len(ids)} tokens "
+        f"({ref_prefill / len(ids) * 1e3:.2f} ms per prompt token), decode {ref_step * 1e3:.2f} ms per generated token.")
     out()
-    out(f"Reference: prefill {ref_prefill * 1e3:.1f} ms for {len(ids)} tokens, decode {ref_step * 1e3:.2f} ms/token "
-        f"(best of 3).")
-    out()
-    out.table(["grids pre/dec", "LLM() s (placement)", "host prefill s", "vs ref prefill", "host s / token",
-               "vs ref decode step", "host total s", "predicted TTFT us", "predicted TPOT us",
-               "host s per wafer s (decode)", "greedy tokens = ref"], rows)
+    out.table(["grids pre/dec", "wafer ms / prompt token", "vs reference", "wafer ms / generated token",
+               "vs reference", "greedy tokens = reference"], rows)
 
-    # ---------------------------------------------------------------- dry-run predict
-    wafer = get_wafer("wse2")
-    drows = []
-    for name, li, lo, pg, dg, layers in (("llama3-8b", 2048, 128, 600, 420, 1), ("llama3-8b", 4096, 4096, 600, 420, 1),
-                                         ("smollm2-135m", 2048, 128, 120, 90, None),
-                                         ("smollm2-135m", 512, 512, 120, 120, None)):
-        t = time.perf_counter()
-        m = predict(get_model_preset(name), wafer, li, lo, pg, dg, layers=layers)
-        wall = time.perf_counter() - t
-        drows.append([name, "layers=1 (extrapolated)" if layers else "full", f"{li}/{lo}", f"{pg}/{dg}",
-                      f"{wall:.2f}", f"{m['ttft_s'] * 1e3:.3g}", f"{m['tpot_s'] * 1e6:.3g}",
-                      f"{m['decode_tokens_per_s']:.0f}"])
-    out("## 2. Dry-run predict (shapes only, identical layers replayed from the ledger)")
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=1, help="BLAS threads and simulator workers (stated in every figure)")
+    ap.add_argument("--max-tokens", type=int, default=16, help="tokens generated in section 4")
+    ap.add_argument("--grids", default="32/24,32/48", help="section 4's fixed grids beside the tuned ones (pre/dec,...)")
+    ap.add_argument("--markdown", default=None, help="also write the output to this file")
+    args = ap.parse_args()
+    from waferllm.engine.threads import set_threads
+
+    set_threads(args.threads)
+    import numpy as np
+
+    from waferllm.models.loader import load_model
+
+    out = Out()
+    t_all = time.perf_counter()
+    th = f"threads={args.threads}"
+    out("# Simulation speed")
     out()
-    out.table(["model", "placement", "in/out", "grids pre/dec", "host s", "predicted TTFT ms", "predicted TPOT us",
-               "decode TPR"], drows)
+    out("Command: `.venv/bin/python benchmarks/simulation_speed.py " + " ".join(sys.argv[1:]) + "`")
+    out()
+    out(f"Host: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, numpy {np.__version__}; "
+        f"every figure at {th} (BLAS threads and simulator workers); load average at start "
+        f"{os.getloadavg()[0]:.2f} (other work shares this host, so wall times are upper bounds; CPU time "
+        f"beside them). Code: {code_version()}.")
+    out()
+
+    # ------------------------------------------------------------------ 1, 2: dry runs
+    rows = []
+    for key, label in (("llama3-8b", "llama3-8b, 1 wafer, 600/360, 2048/128, band"),
+                       ("llama3-70b", "llama3-70b, 10 wafers, 600/360, 2048/128, band"),
+                       ("qwen2-72b", "qwen2-72b, --wafers auto, 600/360, 2048/128, band"),
+                       ("tuner", "tune_grids: llama3-8b, 2048/128, both grids auto")):
+        r = fresh(CALLS[key], args.threads)
+        (cw, cc), (ww, wc) = r["times"]
+        rows.append([label, f"{cw:.2f} ({cc:.2f})", f"{ww:.2f} ({wc:.2f})", json.dumps(r["m"])])
+    out(f"## 1. Dry-run predict and the grid tuner ({th})")
+    out()
+    out.table(["call", "cold s, wall (CPU)", "warm s, wall (CPU)", "result (TTFT s, or wafers/options, or grids)"], rows)
+
+    # ------------------------------------------------------------------ 3: generate's first token
+    g = generate_ttft(args.threads)
+    s = generate_steps(args.threads)
+    out(f"## 2. Time to first token of `waferllm generate` ({th})")
+    out()
+    out(f"`waferllm generate --max-tokens 8 --prompt \"{PROMPT}\" --threads {args.threads}`: first generated text on "
+        f"stdout {g['first_s']:.1f} s after the process started, last {g['end_s']:.1f} s (greedy: \"{g['text']}\").")
+    out()
+    out.table(["step (same command, one process)", "s"],
+              [["import waferllm", f"{s['import']:.2f}"], ["load SmolLM2 (GGUF)", f"{s['load']:.2f}"],
+               ["LLM(): tune grids (dry runs)", f"{s['tune']:.2f}"],
+               ["LLM(): place on the wafer (numeric)", f"{s['placement']:.2f}"],
+               ["LLM() other (fit checks, planning)", f"{s['init'] - s['tune'] - s['placement']:.2f}"],
+               [f"prefill of {s['prompt']} tokens on grid {s['grids'][0]}, first token", f"{s['prefill']:.2f}"]])
+
+    # ------------------------------------------------------------------ 4: numeric vs reference
+    model = load_model()
+    grids = [(None, None)] + [tuple(int(x) for x in p.split("/")) for p in args.grids.split(",") if p]
+    n_prompt = len(model.tokenizer.encode(LONG_PROMPT, add_special_tokens=True))
+    out(f"## 3. Numeric simulation vs the dense reference ({th}; SmolLM2, fp16 on the wafer; the second request "
+        f"of a {n_prompt}-token prompt, {args.max_tokens} greedy tokens)")
+    out()
+    numeric_vs_reference(model, grids, args.max_tokens, out)
     out(f"Load average at end: {os.getloadavg()[0]:.2f}. Total benchmark wall time: {time.perf_counter() - t_all:.0f} s.")
     if args.markdown:
         Path(args.markdown).write_text("\n".join(out.lines) + "\n")

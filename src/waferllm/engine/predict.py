@@ -19,7 +19,7 @@ import time
 from waferllm.baselines import gpu_baselines
 from waferllm.engine.band import RATES, TIMES, apply_band, corner
 from waferllm.engine.cluster import cluster_corner
-from waferllm.engine.run_config import RunConfig
+from waferllm.engine.run_config import ALGORITHMS, RunConfig
 from waferllm.engine.wafer import WaferModel
 from waferllm.errors import RequestError
 from waferllm.hardware import get_wafer
@@ -120,6 +120,7 @@ def _run(config, spec, run: RunConfig, input_len: int, output_len: int, shown=No
         "dtype": run.dtype,
         "weights": run.weights,
         "kv_scheme": run.kv_scheme,
+        "algorithms": {k: getattr(run, k) for k in ALGORITHMS},  # the paper's, or beyond it
         "placement": wm.plan.to_dict(),
         "constants": {k: {"value": v["value"], "status": v["status"]} for k, v in shown_wafer.to_dict().items()
                       if isinstance(v, dict)},
@@ -241,10 +242,21 @@ def predict_phase(config, wafer, run: RunConfig, phase: str, input_len: int, out
                         mode="dry")
         wm.reset()
         wm.prefill(input_len)
-        return wm.request_metrics()["ttft_s"]
+        return phase_seconds(wm, "prefill")
     wm = WaferModel(config, None, wafer, run.with_grids(None, run.decode_grid).replace(prompt_len=None), mode="dry")
     wm.reset()
     wm.start_decode(input_len)
     for _ in range(max(1, output_len - 1)):
         wm.decode(None)
-    return wm.request_metrics()["tpot_s"]
+    return phase_seconds(wm, "decode")
+
+
+def phase_seconds(wm: WaferModel, phase: str) -> float:
+    """``request_metrics(wm)``'s ``ttft_s`` (prefill) or ``tpot_s`` (decode), read from the
+    cycles the run counted, the same sums in the same order, without the rest of the report
+    (its SRAM and capacity analysis is most of a small candidate's host time)."""
+    cyc, sec = wm.cycles, wm.wafer.cycles_to_seconds
+    scale = wm.config.num_layers / wm.layers
+    if phase == "prefill":
+        return sec(cyc.phase["restore"] * scale + cyc.phase["prefill"] + cyc.layers["prefill"] * (scale - 1))
+    return sec((cyc.phase["decode"] + cyc.layers["decode"] * (scale - 1)) / len(cyc.steps))

@@ -121,7 +121,6 @@ def predict(
 
         m["defects"] = defect_impact(cfg, spec, run, input_len, output_len, m, allow_beyond_context,
                                      rate=defect_rate, seed=seed)
-    m["algorithms"] = {k: getattr(run, k) for k in ALGORITHMS}
     if tuning:
         m["tuning"] = {"prefill_grid": pg, "decode_grid": dg,
                        "tried_s": {ph: {str(g): v for g, v in d.items()} for ph, d in tuning["tried"].items()}}
@@ -137,7 +136,8 @@ def predict(
     console.print(f"[bold]{cfg.name}[/] on [bold]{spec.name}[/]: {input_len} input + {output_len} output tokens, {dtype}, "
                   f"{kv_scheme} KV cache" + (f", {weights} weights" if weights != "fp16" else "")
                   + (f", tuned grids {pg}/{dg}" if tuning else "")
-                  + "".join(f", {k.replace('_', ' ')} {v}" for k, v in m["algorithms"].items() if v != "paper"))
+                  + "".join(f", {k.replace('_', ' ')} {v}" for k, v in m.get("algorithms", {}).items()
+                            if v != "paper"))
     print_report(m, console, plan=m["placement"], gpus=m.get("gpu_baselines"))
     if "defects" in m:
         _print_defects(console, m["defects"])

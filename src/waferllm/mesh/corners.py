@@ -14,7 +14,9 @@ This is only exact while the corners' programs are the same. :func:`tracking` wa
 what would break that: a comparison whose outcome differs between corners (a decision that
 would take another path), a corner-dependent value turned into a plain number (``int()``,
 ``float()``, a numpy conversion), or an error. The caller then falls back to separate
-runs. Values equal in every corner collapse to plain numbers.
+runs. Values equal in every corner collapse to plain numbers. (The ``math`` module's
+functions other than ceil/floor/trunc read the nominal value unseen: no cost uses them,
+and tests compare the corners of one execution with separate runs.)
 """
 
 from __future__ import annotations
@@ -180,10 +182,10 @@ class Corners(float):
 
 def cmax(a, b):
     """max(a, b) in every corner (no decision: the corners may take different maxima)."""
-    if isinstance(a, Corners) or isinstance(b, Corners):
-        n = len((a if isinstance(a, Corners) else b).v)
-        return _make(tuple(max(x, y) for x, y in zip(_parts(a, n), _parts(b, n))))
-    return max(a, b)
+    if type(a) is not Corners and type(b) is not Corners:  # the usual case: plain numbers (max's own rule)
+        return b if b > a else a
+    n = len((a if isinstance(a, Corners) else b).v)
+    return _make(tuple(max(x, y) for x, y in zip(_parts(a, n), _parts(b, n))))
 
 
 def pick(cond, a, b):

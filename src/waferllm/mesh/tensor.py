@@ -80,7 +80,7 @@ class DistTensor:
     def __init__(self, mesh, shape, layout, dtype, tiles=None, *, name="tensor", blocks=None, partial=None,
                  tile_shape=None, charge_sram=True, host_f32=False, moved=None):
         self.mesh = mesh
-        self.shape = tuple(int(s) for s in shape)
+        self.shape = tuple(map(int, shape))
         self.layout = check_layout(self.shape, layout)
         if dtype not in _STORAGE or (dtype in QUANT_BITS and not isinstance(self, QuantTensor)):
             raise MeshError(f"dtype must be fp16 or fp32, got {dtype!r}")
@@ -100,7 +100,7 @@ class DistTensor:
         self._blocks = blocks
         # (py, px): the tile on PE (i, j) is the one ``blocks`` puts on PE (py[i], px[j])
         # (None on an axis: no move along it); see with_moved_tiles
-        self._moved = moved if moved is not None and any(a for a in self.layout) else None
+        self._moved = moved if moved is not None and ("y" in self.layout or "x" in self.layout) else None
         self.partial = partial
         self.name = name
         self._handle = None
@@ -114,7 +114,10 @@ class DistTensor:
         # the last reference is gone: the tensor's SRAM is free (unless released before)
         handle = getattr(self, "_handle", None)
         if handle is not None:
-            self.mesh.sram.free(handle)
+            try:
+                self.mesh.sram.free(handle)
+            except (TypeError, AttributeError):  # interpreter shutdown: the modules are already gone
+                pass
 
     # ---- block maps ----------------------------------------------------------
     @property
