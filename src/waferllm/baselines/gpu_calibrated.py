@@ -41,6 +41,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -180,6 +181,16 @@ def fits_dir() -> Path:
 
 
 def _read_fit(path: Path) -> GPUFit:
+    """The fit stored in ``path`` (read once per version of the file)."""
+    try:
+        stamp = path.stat().st_mtime_ns
+    except OSError:
+        stamp = None
+    return _read_fit_at(path, stamp)
+
+
+@lru_cache(maxsize=32)
+def _read_fit_at(path: Path, stamp) -> GPUFit:
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError) as exc:

@@ -237,8 +237,7 @@ class DecodeStage:
     def skip_step(self, seqs: tuple[int, ...] = (0,)) -> None:
         """A step whose whole cost was replayed: advance the caches as the step would."""
         for s in seqs:
-            for idx in range(len(self.layer_ids)):
-                self.caches[s].update(idx)
+            self.caches[s].advance()
 
     def layer(self, idx: int, h: DistTensor, positions: tuple[int, ...], caches: list[KVCache]) -> DistTensor:
         """One decoder layer for a batch: h [B, E] (None, y) -> [B, E] (None, y)."""

@@ -196,6 +196,13 @@ class KVCache:
             self._commit(movers)
         return view
 
+    def advance(self) -> None:
+        """A step whose every layer was replayed: the append's bookkeeping at once (what
+        :meth:`update` does over all layers without K/V)."""
+        if self._updated:
+            raise MeshError(f"{self.name}: a step is half appended ({self._updated} of {self.layers} layers)")
+        self._commit(self._plan_append())
+
     def _plan_append(self) -> np.ndarray:
         """Rows that hand their oldest token up for the next append (empty for concat)."""
         n = self.length

@@ -272,6 +272,16 @@ def region_slots(wafer: WaferSpec, grid: int, phase: str, fill: bool = True) -> 
     four 360s and 30% of its PEs in the strips). Defective PEs (see the wafer's
     ``defect_recovery``): ``avoid`` skips squares with one; ``spare`` sees a perfect mesh;
     ``reroute`` widens each square to the columns its rows need to skip theirs."""
+    # the planner asks for the same slots over and over while tuning (regions are values)
+    return list(_region_slots(wafer, grid, phase, fill))
+
+
+@lru_cache(maxsize=256)
+def _region_slots(wafer: WaferSpec, grid: int, phase: str, fill: bool) -> tuple[Region, ...]:
+    return tuple(_build_region_slots(wafer, grid, phase, fill))
+
+
+def _build_region_slots(wafer: WaferSpec, grid: int, phase: str, fill: bool) -> list[Region]:
     if grid < 1 or grid > min(wafer.rows, wafer.cols):
         raise PlacementError(
             f"{phase} grid {grid} does not fit the {wafer.rows}x{wafer.cols} mesh of {wafer.name} "

@@ -18,7 +18,7 @@ import math
 import numpy as np
 
 from waferllm.errors import MeshError
-from waferllm.kernels.meshgemm import ring_routes
+from waferllm.kernels.meshgemm import ring_routes, scaled_delta
 from waferllm.kernels.report import KernelResult, measured
 from waferllm.mesh import comm
 from waferllm.mesh.compute import matmul_tiles
@@ -47,7 +47,7 @@ def rotating_root_schedule(k: DistTensor, local, part_lead: tuple, tq: int, *, a
     # held for the whole kernel: K's column ring and the row reduction tree
     _, tree_routes = comm.reduce_schedule(n, reduce_algo, 2, None, None, False)
     mesh.routes.request(f"{algo}.routes", ring_routes(n) + tree_routes, relayable=False)
-    for s in range(n):
+    def step(s: int, k: DistTensor) -> DistTensor:
         root = order[(rho + s) % n]  # key block held by each row now = root column
         with mesh.ledger.overlap():
             part = local(k)
@@ -61,7 +61,21 @@ def rotating_root_schedule(k: DistTensor, local, part_lead: tuple, tq: int, *, a
         mesh.ledger.charge(f"{algo}.step", "overhead", mesh.wafer.step_overhead_cycles)
         if out is not None:
             out[rows, root] = red.tiles[rows, root]
-        del red, partial
+        return k
+
+    if not mesh.numeric and n > 2:
+        # shapes only: every step shifts the same K tiles one ring position and reduces partials
+        # of one shape to a root per row (the roots only permute), so from the second on each
+        # step costs what the second did: it is run once and replayed
+        home = k
+        k = step(0, k)
+        mark = mesh.ledger.mark(per_primitive=True)
+        k = step(1, k)
+        mesh.ledger.replay(scaled_delta(mesh.ledger.since(mark), n - 2), f"{algo}.steps (replayed)")
+        k = home  # n shifts bring K home
+    else:
+        for s in range(n):
+            k = step(s, k)
     # the reductions were pipelined step after step: the last one's latency remains
     mesh.ledger.charge(f"{algo}.reduce_tail", "comm", comm.pipeline_tail(mesh, n, nbytes, reduce_algo,
                                                                                 axis="x"))

@@ -136,7 +136,7 @@ def cannon_schedule(mesh, operands: list, local, *, algo: str, steps: int, ring:
             mark = mesh.ledger.mark(per_primitive=True)
             a, b = step(a, b)
             delta = mesh.ledger.since(mark)
-            mesh.ledger.replay(_scaled(delta, steps - 2), f"{algo}.steps (replayed)")
+            mesh.ledger.replay(scaled_delta(delta, steps - 2), f"{algo}.steps (replayed)")
         else:
             for _ in range(steps):
                 a, b = step(a, b)
@@ -144,7 +144,7 @@ def cannon_schedule(mesh, operands: list, local, *, algo: str, steps: int, ring:
     return home
 
 
-def _scaled(delta: dict, times: int) -> dict:
+def scaled_delta(delta: dict, times: int) -> dict:
     """A ledger delta charged ``times`` times over (its numbers and per-primitive cycles)."""
     return {k: ({n: c * times for n, c in v.items()} if isinstance(v, dict) else v * times)
             for k, v in delta.items()}
