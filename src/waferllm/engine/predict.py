@@ -238,17 +238,27 @@ def predict_phase(config, wafer, run: RunConfig, phase: str, input_len: int, out
     """Predicted seconds of one phase alone (for the tuner): TTFT on ``run.prefill_grid``,
     or the mean TPOT on ``run.decode_grid`` after an ``input_len``-token prompt."""
     if phase == "prefill":
-        wm = WaferModel(config, None, wafer, run.with_grids(run.prefill_grid, None).replace(prompt_len=input_len),
-                        mode="dry")
+        one = run.with_grids(run.prefill_grid, None).replace(prompt_len=input_len)
+        wm = WaferModel(config, None, wafer, one, mode="dry", plan=_quiet_plan(config, wafer, one))
         wm.reset()
         wm.prefill(input_len)
         return phase_seconds(wm, "prefill")
-    wm = WaferModel(config, None, wafer, run.with_grids(None, run.decode_grid).replace(prompt_len=None), mode="dry")
+    one = run.with_grids(None, run.decode_grid).replace(prompt_len=None)
+    wm = WaferModel(config, None, wafer, one, mode="dry", plan=_quiet_plan(config, wafer, one))
     wm.reset()
     wm.start_decode(input_len)
     for _ in range(max(1, output_len - 1)):
         wm.decode(None)
     return phase_seconds(wm, "decode")
+
+
+def _quiet_plan(config, wafer, run: RunConfig):
+    """A candidate's plan without the does-not-fit advice (a candidate that does not fit is
+    simply not taken; planning the advice is most of a failing candidate's time); None on a
+    cluster, which plans itself."""
+    if isinstance(wafer, ClusterSpec):
+        return None
+    return run.plan(config, wafer if isinstance(wafer, WaferSpec) else get_wafer(wafer), suggest=False)
 
 
 def phase_seconds(wm: WaferModel, phase: str) -> float:

@@ -126,8 +126,9 @@ class RunConfig:
         (int8 for Q8_0, int4 for Q4_0; anything else is refused)."""
         return self.replace(weights=resolve_weights(self.weights, model)) if self.weights == "native" else self
 
-    def plan(self, config, wafer):
-        """The placement plan of this run (the one place the planner is called)."""
+    def plan(self, config, wafer, suggest: bool = True):
+        """The placement plan of this run (the one place the planner is called); ``suggest``:
+        a does-not-fit error plans what would fit (the advice costs planning time)."""
         if self.weights == "native":
             raise RequestError("weights='native' takes the model file's own quantisation: resolve it first "
                                "(RunConfig.resolve_weights(model))", weights="native")
@@ -135,7 +136,7 @@ class RunConfig:
         return plan(config, wafer, self.prefill_grid, self.decode_grid, self.kv_pool_tokens, self.dtype,
                     prompt_len=self.prompt_len or self.max_seq_len, layers=self.layer_count(config),
                     weights=self.weights, prefill_attention=self.prefill_attention, max_num_seqs=self.max_num_seqs,
-                    request_len=self.max_seq_len)
+                    request_len=self.max_seq_len, suggest=suggest)
 
 
 def _positive(name: str, value) -> int:

@@ -61,7 +61,7 @@ class WaferModel:
 
     def __init__(self, config, weights=None, wafer: str | WaferSpec | ClusterSpec = "wse2",
                  run: RunConfig | int | None = None,
-                 decode_grid: int | None = None, *, mode: str = "numeric", progress=None, **run_fields):
+                 decode_grid: int | None = None, *, mode: str = "numeric", progress=None, plan=None, **run_fields):
         if not isinstance(run, RunConfig):
             run = RunConfig(prefill_grid=run, decode_grid=decode_grid, **run_fields)
         elif decode_grid is not None or run_fields:
@@ -80,7 +80,8 @@ class WaferModel:
         if self.cluster is not None and self.layers != config.num_layers:
             raise RequestError("a cluster places the whole model: extrapolating from some layers "
                                "(--extrapolate-from-layers) is for one wafer")
-        self.plan = run.plan(config, self.wafer) if self.cluster is None else plan_cluster(
+        # ``plan``: one already made for this run (the tuner plans its candidates without advice)
+        self.plan = (plan or run.plan(config, self.wafer)) if self.cluster is None else plan_cluster(
             config, self.cluster, run.prefill_grid, run.decode_grid, run.kv_pool_tokens, run.dtype,
             run.prompt_len or run.max_seq_len, run.weights, run.prefill_attention)
         self.ledger = Ledger(self.wafer, keep_events=(mode == "numeric"))
