@@ -14,6 +14,20 @@ class Out:
         print(text, flush=True)
         self.lines.append(text)
 
+    def header(self, title: str, script: str) -> None:
+        """The title, the command that made the file, and the host and code it ran on."""
+        import os
+        import platform
+        import sys
+
+        self(f"# {title}")
+        self()
+        self(f"Command: `.venv/bin/python benchmarks/{script}" + "".join(f" {a}" for a in sys.argv[1:]) + "`")
+        self()
+        self(f"Host: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}. "
+             f"Code: {code_version()}.")
+        self()
+
     def table(self, header: list[str], rows: list[list]) -> None:
         self("| " + " | ".join(header) + " |")
         self("|" + "|".join("---" for _ in header) + "|")

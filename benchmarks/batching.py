@@ -15,8 +15,6 @@ projections are skinny MeshGEMMs of its rows. The decode KV pool is planned for
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -28,7 +26,7 @@ from waferllm.hardware import get_wafer
 from waferllm.models.presets import get_model_preset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import Out, code_version  # noqa: E402
+from _report import Out  # noqa: E402
 
 SHAPES = ((2048, 128, (1, 2, 3, 4)), (512, 128, (1, 2, 4, 8)), (128, 128, (1, 4, 8, 12)))
 
@@ -43,13 +41,7 @@ def main() -> None:
     cfg, wafer = get_model_preset(args.model), get_wafer("wse2")
     out = Out()
     t0 = time.perf_counter()
-    out("# Batching on the wafer")
-    out()
-    out("Command: `.venv/bin/python benchmarks/batching.py" + "".join(f" {a}" for a in sys.argv[1:]) + "`")
-    out()
-    out(f"Host: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}. "
-        f"Code: {code_version()}.")
-    out()
+    out.header("Batching on the wafer", "batching.py")
     out(f"{args.model} on wse2, grids {args.prefill_grid}/{args.decode_grid}, fp16, dry run. N requests arrive "
         "together; max_num_seqs = N. The first row of each shape is the paper's setting (one request at a time). "
         "Decode step: one token for the whole batch in flight; per-request TPR = 1 / step, aggregate = N / step. "

@@ -19,8 +19,6 @@ A fourth gain, requests pipelined over the idle decode regions, is a serving mat
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -30,7 +28,7 @@ from waferllm.engine.run_config import ALGORITHMS, RunConfig
 from waferllm.models.presets import get_model_preset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import Out, code_version  # noqa: E402
+from _report import Out  # noqa: E402
 
 # (model, prefill grid, decode grid, weights): llama2-13b fits one wse2 at 2048 tokens only with int4 weights
 MODELS = (("llama3-8b", 600, 360, "fp16"), ("llama2-13b", 600, 360, "int4"))
@@ -47,13 +45,7 @@ def main() -> None:
     args = ap.parse_args()
     out = Out()
     t0 = time.perf_counter()
-    out("# Beyond the paper")
-    out()
-    out("Command: `.venv/bin/python benchmarks/beyond_paper.py" + "".join(f" {a}" for a in sys.argv[1:]) + "`")
-    out()
-    out(f"Host: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}. "
-        f"Code: {code_version()}.")
-    out()
+    out.header("Beyond the paper", "beyond_paper.py")
     out("wse2, 2048 + 128 tokens, fp16 activations and KV, dry run, every layer placed; llama3-8b fp16 weights, "
         "llama2-13b int4 weights (in fp16 it needs two wafers). Gain: against the paper's design as modelled.")
     out()
