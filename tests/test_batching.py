@@ -76,6 +76,10 @@ def test_batched_greedy_tokens_equal_each_request_alone(smol_llm):
     assert [o.token_ids for o in together] == [o.token_ids for o in alone]
     assert [o.text for o in together] == [o.text for o in alone]
     assert all(o.metrics["batched"] == 4 for o in together)
+    # admitted together, prefilled one after another: each waits for the previous one's first token
+    assert together[0].metrics["queue_s"] == 0
+    for prev, nxt in zip(together, together[1:]):
+        assert nxt.metrics["queue_s"] == pytest.approx(prev.metrics["ttft_s"], rel=1e-9)
 
 
 def test_continuous_batching_admits_between_steps_and_frees_kv(smol_llm):

@@ -65,7 +65,7 @@ class _Request:
     arrival_host: float
     arrival_cycles: float | None = None
     slot: int | None = None
-    prefill_cycles: float = 0.0  # wafer time its prefill block started
+    prefill_cycles: float = 0.0  # wafer time work on it began (its prefill, or its block's restore)
     token_cycles: list[float] = field(default_factory=list)
     energy_j: float = 0.0
     prompt_logprobs: list | None = None
@@ -215,7 +215,7 @@ class Scheduler:
             k = req.seq.params.prompt_logprobs
             if k is not None:
                 req.prompt_logprobs = _prompt_logprobs(lg, req.seq.prompt_ids, k)
-            req.prefill_cycles = mark["cycles"]
+            req.prefill_cycles = model.prefill_began[req.slot]
             req.energy_j += energy * len(req.seq.prompt_ids) / total
             req.t_prefill = t1
             events.append(self._accept(req, lg[-1], model.token_cycles[req.slot]))

@@ -98,6 +98,7 @@ class WaferModel:
         self.positions: dict[int, int] = {0: 0}  # request slot -> tokens in its cache (slot 0: the single API)
         self._next_seq = 1
         self.token_cycles: dict[int, float] = {}  # request slot -> ledger time its last token was picked
+        self.prefill_began: dict[int, float] = {}  # request slot -> ledger time its prefill began
         self.cycles = RequestCycles()
         self.request_mark = self.ledger.mark(per_primitive=True)
 
@@ -187,6 +188,7 @@ class WaferModel:
             st.close_cache(seq)
         self.positions.pop(seq, None)
         self.token_cycles.pop(seq, None)
+        self.prefill_began.pop(seq, None)
 
     # ---- backend protocol ------------------------------------------------------------------
     def reset(self) -> None:
@@ -231,14 +233,19 @@ class WaferModel:
     def prefill_many(self, requests: list[tuple[int, object, bool]]) -> list[np.ndarray | None]:
         """Prefill several requests ((slot, ids, prompt_logits) each) one after another, with
         one restore before and one transition after: the weights move once for them all.
-        ``token_cycles[slot]`` is when each one's first token was picked."""
+        ``prefill_began[slot]`` is when work on each began (the first: with the restore) and
+        ``token_cycles[slot]`` when its first token was picked."""
         checked = [(seq, *self._check_prompt(ids), pl) for seq, ids, pl in requests]
         led = self.ledger
         start = led.mark()
         outs, kvs = [], []
         with led.span("prefill"):
+            began = led.cycles  # the first request's work starts with the restore
             restore = self._restore()
             for seq, ids, length, prompt_logits in checked:
+                self.prefill_began[seq], began = began, None
+                if self.prefill_began[seq] is None:
+                    self.prefill_began[seq] = led.cycles
                 h = self._embed_prompt(ids if ids is not None else self.typical_prompt(length))
                 kv = []
                 for si, st in enumerate(self.prefill_stages):
