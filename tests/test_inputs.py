@@ -666,3 +666,16 @@ def test_cli_shows_progress_bars_only_on_a_terminal(capsys, tiny_gguf, monkeypat
     monkeypatch.setattr(g, "_progress", lambda enabled: calls.append(enabled) or real(False))
     rc, out, err, _ = run(capsys, "generate", "--engine", "reference", "--model", tiny_gguf, "--prompt", "hi", "-n", "1")
     assert rc == 0 and calls == [True, True]  # loading the model, then the engine
+
+
+def test_unknown_algorithm_is_refused_before_the_model_loads(capsys, monkeypatch):
+    import waferllm.models.loader as loader
+
+    def no_load(*a, **k):  # pragma: no cover - the request is refused first
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(loader, "resolve_model", no_load)
+    with pytest.raises(RequestError, match=r"decode_collectives must be one of paper, fused, got 'nope'"):
+        LLM(decode_collectives="nope")
+    err = refused(capsys, "predict", "--gemv-ktree", "fast", match=r"gemv_ktree must be one of paper, tuned")
+    assert "Traceback" not in err

@@ -26,7 +26,7 @@ from waferllm.engine.outputs import RequestOutput
 from waferllm.engine.placement import phase_fits, plan, smallest_fitting_grid
 from waferllm.engine.predict import with_band
 from waferllm.engine.reference import check_max_model_len
-from waferllm.engine.run_config import RunConfig
+from waferllm.engine.run_config import ALGORITHMS, RunConfig
 from waferllm.engine.sampling import SamplingParams
 from waferllm.engine.tuner import candidate_grids, tune_grids
 from waferllm.engine.wafer import WaferModel
@@ -126,6 +126,10 @@ class LLM(PromptFrontend):
         # 1. what needs neither the model nor placement
         pg, dg = check_engine_args(prefill_grid, decode_grid, dtype, kv_scheme, max_model_len)
         quant.check_weights(weights)
+        for name, value in (("prefill_attention", prefill_attention), ("decode_collectives", decode_collectives),
+                            ("gemv_ktree", gemv_ktree)):
+            if value not in ALGORITHMS[name]:
+                raise RequestError(f"{name} must be one of {', '.join(ALGORITHMS[name])}, got {value!r}")
         if threads is not None:  # host threads (BLAS and the simulator's workers) for this process
             from waferllm.engine.threads import set_threads
             set_threads(threads)

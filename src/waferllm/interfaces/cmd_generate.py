@@ -17,6 +17,7 @@ from typing import Optional
 import typer
 
 from waferllm.errors import PlacementError, RequestError, WaferLLMError
+from waferllm.interfaces import algorithm_options
 from waferllm.interfaces.cli import app
 
 REQUEST = "Request"
@@ -295,6 +296,10 @@ def generate(
     recovery: Optional[str] = typer.Option(None, "--recovery", rich_help_panel=WAFER,
                                            help="How defects are handled: spare (hardware spare rows/columns, "
                                                 "default), reroute (fault-aware placement and routing) or avoid."),
+    prefill_attention: str = algorithm_options.PREFILL_ATTENTION,
+    decode_collectives: str = algorithm_options.DECODE_COLLECTIVES,
+    gemv_ktree: str = algorithm_options.GEMV_KTREE,
+    beyond_paper: bool = algorithm_options.BEYOND_PAPER,
 ) -> None:
     """Generate text with a real model on the simulated wafer (or the dense reference).
 
@@ -345,7 +350,8 @@ def generate(
             try:
                 eng = LLM(loaded, wafer=spec, prefill_grid=pg, decode_grid=dg, dtype=given["dtype"] or "fp16",
                           kv_scheme=given["kv_scheme"] or "shift", max_model_len=mml, progress=progress,
-                          weights=given["weights"] or "fp16", max_num_seqs=1)  # one prompt: no batch to hold
+                          weights=given["weights"] or "fp16", max_num_seqs=1,  # one prompt: no batch to hold
+                          **algorithm_options.chosen(prefill_attention, decode_collectives, gemv_ktree, beyond_paper))
             except PlacementError as exc:
                 raise _rewrite_for_cli(exc, len(ids), max_tokens, max_model_len) from None
     if engine == "wafer" and max_model_len is None:

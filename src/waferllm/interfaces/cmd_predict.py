@@ -8,6 +8,7 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
+from waferllm.interfaces import algorithm_options
 from waferllm.interfaces.cli import app
 
 
@@ -56,20 +57,14 @@ def predict(
                                                                   "wafer replaces --wafer). Default: the wafer's systems."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Host threads for BLAS (default: the library's own). "
                                                                   "Only host time changes."),
-    prefill_attention: str = typer.Option("paper", "--prefill-attention",
-                                          help="paper, or streaming (flash-style: key blocks in flight, running max "
-                                               "and sum; more heads per pass)."),
-    decode_collectives: str = typer.Option("paper", "--decode-collectives",
-                                           help="paper, or fused (norm statistics ride the GEMV reduce; one "
-                                                "collective for softmax and P V)."),
-    gemv_ktree: str = typer.Option("paper", "--gemv-ktree", help="paper (K=2), or tuned (K and group per reduction "
-                                                                 "by the cost model)."),
-    beyond_paper: bool = typer.Option(False, "--beyond-paper", help="All three improvements at once (streaming, "
-                                                                    "fused, tuned)."),
+    prefill_attention: str = algorithm_options.PREFILL_ATTENTION,
+    decode_collectives: str = algorithm_options.DECODE_COLLECTIVES,
+    gemv_ktree: str = algorithm_options.GEMV_KTREE,
+    beyond_paper: bool = algorithm_options.BEYOND_PAPER,
 ) -> None:
     """Predict TTFT, TPOT, throughput and energy of a model on a wafer (dry run: no weights needed)."""
     from waferllm.engine.predict import check_request, predict_run
-    from waferllm.engine.run_config import ALGORITHMS, RunConfig
+    from waferllm.engine.run_config import RunConfig
     from waferllm.engine.tuner import tune_grids
     from waferllm.errors import PlacementError, RequestError
     from waferllm.hardware import get_wafer, parse_overrides
@@ -96,9 +91,7 @@ def predict(
     pg, dg = grid(prefill_grid, "--prefill-grid"), grid(decode_grid, "--decode-grid")
     if input_len < 1 or output_len < 1:
         raise RequestError(f"--input-len and --output-len must be positive, got {input_len} and {output_len}")
-    algorithms = ({k: v[1] for k, v in ALGORITHMS.items()} if beyond_paper else
-                  {"prefill_attention": prefill_attention, "decode_collectives": decode_collectives,
-                   "gemv_ktree": gemv_ktree})
+    algorithms = algorithm_options.chosen(prefill_attention, decode_collectives, gemv_ktree, beyond_paper)
     run = RunConfig.for_request(input_len, output_len, prefill_grid=pg, decode_grid=dg, dtype=dtype,
                                 kv_scheme=kv_scheme, layers=extrapolate, weights=weights, **algorithms)
     from waferllm.interfaces import cluster_report

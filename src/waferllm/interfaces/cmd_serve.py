@@ -18,6 +18,7 @@ from typing import Optional
 import typer
 
 from waferllm.errors import RequestError
+from waferllm.interfaces import algorithm_options
 from waferllm.interfaces.cli import app
 
 SERVER = "Server"
@@ -92,6 +93,10 @@ def serve(
                                                "error event in a stream); 0: no limit."),
     log_level: str = typer.Option("info", "--log-level", rich_help_panel=SERVER,
                                   help="critical, error, warning, info or debug (info logs each request)."),
+    prefill_attention: str = algorithm_options.PREFILL_ATTENTION,
+    decode_collectives: str = algorithm_options.DECODE_COLLECTIVES,
+    gemv_ktree: str = algorithm_options.GEMV_KTREE,
+    beyond_paper: bool = algorithm_options.BEYOND_PAPER,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API, batching requests on the simulated wafer.
 
@@ -128,7 +133,8 @@ def serve(
             # a model that does not fit says what would, flags included
             llm = LLM(loaded, wafer=spec, prefill_grid=pg, decode_grid=dg, dtype=given["dtype"] or "fp16",
                       kv_scheme=given["kv_scheme"] or "shift", max_model_len=max_model_len, progress=progress,
-                      weights=given["weights"] or "fp16", max_num_seqs=max_num_seqs)
+                      weights=given["weights"] or "fp16", max_num_seqs=max_num_seqs,
+                      **algorithm_options.chosen(prefill_attention, decode_collectives, gemv_ktree, beyond_paper))
         name = served_model_name or model or loaded.config.name
         run_server(llm, name, sock, max_num_seqs=max_num_seqs, max_waiting=max_waiting,
                    request_timeout_s=request_timeout or None, log_level=level)
