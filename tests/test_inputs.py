@@ -306,10 +306,12 @@ def test_api_default_max_model_len_is_what_the_wafer_holds_and_says_so(tiny):
     assert seqs == 4
     assert 1 < n < 256 and n == _longest_fitting(tiny.config, small, {"prefill": 48, "decode": 48}, 256, "fp16",
                                                  seqs=seqs)
-    assert phase_fits(tiny.config, small, 48, "decode", n * seqs) and phase_fits(tiny.config, small, 48, "prefill", n)
+    assert phase_fits(tiny.config, small, 48, "decode", n, max_num_seqs=seqs)
+    assert phase_fits(tiny.config, small, 48, "prefill", n)
     # the longest: one more token does not fit
-    assert not (phase_fits(tiny.config, small, 48, "decode", (n + 1) * seqs)
+    assert not (phase_fits(tiny.config, small, 48, "decode", n + 1, max_num_seqs=seqs)
                 and phase_fits(tiny.config, small, 48, "prefill", n + 1))
+    assert llm.plan.decode.seq_len == n * seqs  # the pool
     assert llm.max_model_len_reason == ("default: the longest context tiny.gguf fits on wse2 for 4 requests at once "
                                         "(max_num_seqs) with prefill grids up to 48 and decode grids up to 48 "
                                         "(tiny.gguf allows 256)")

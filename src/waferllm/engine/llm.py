@@ -23,7 +23,7 @@ import time
 from waferllm.engine.generate import OnToken, PromptFrontend, check_lengths, check_token_ids, generate_one
 from waferllm.engine.kvcache import SCHEMES
 from waferllm.engine.outputs import RequestOutput
-from waferllm.engine.placement import phase_fits, plan, smallest_fitting_grid
+from waferllm.engine.placement import phase_fits, smallest_fitting_grid
 from waferllm.engine.predict import with_band
 from waferllm.engine.reference import check_max_model_len
 from waferllm.engine.run_config import ALGORITHMS, RunConfig
@@ -85,7 +85,7 @@ def _longest_fitting(config, spec, grids: dict, hi: int, dtype: str, weights: st
     KV pool holding ``seqs`` such contexts; 0 if none. More tokens never need less SRAM, so a
     bisection finds it."""
     def fits(n: int) -> bool:
-        return all(phase_fits(config, spec, g, ph, n * seqs if ph == "decode" else n, dtype, weights=weights)
+        return all(phase_fits(config, spec, g, ph, n, dtype, weights=weights, max_num_seqs=seqs)
                    for ph, g in grids.items())
 
     if not fits(1):
@@ -203,13 +203,19 @@ class LLM(PromptFrontend):
         cands, failed = {}, {}
         for ph, g in fixed.items():
             grids = [g] if g else candidate_grids(spec, hi=auto_hi)
-            n = mml * self.max_num_seqs if ph == "decode" else mml  # decode holds the KV pool
-            cands[ph] = [x for x in grids if phase_fits(config, spec, x, ph, n, dtype, weights=self.weights_format)]
+            cands[ph] = [x for x in grids if phase_fits(config, spec, x, ph, mml, dtype, weights=self.weights_format,
+                                                        max_num_seqs=self.max_num_seqs)]
             if not cands[ph]:
                 failed[ph] = max(grids)
         if failed:
             raise self._does_not_fit(fixed, failed, cands, dtype)
         return cands
+
+    def _plan(self, prefill_grid, decode_grid, dtype: str):
+        """The plan of this LLM's run on these grids (no advice): what placement will do."""
+        return RunConfig(prefill_grid=prefill_grid, decode_grid=decode_grid, max_seq_len=self.max_model_len,
+                         dtype=dtype, weights=self.weights_format, max_num_seqs=self.max_num_seqs
+                         ).plan(self.config, self.wafer, suggest=False)
 
     def _does_not_fit(self, fixed: dict, failed: dict, cands: dict, dtype: str) -> PlacementError:
         """Why the model does not fit, and what would: grids and a context each checked by planning."""
@@ -217,8 +223,7 @@ class LLM(PromptFrontend):
         whys = []
         for ph, g in failed.items():
             try:
-                plan(config, spec, g if ph == "prefill" else None, g if ph == "decode" else None, mml, dtype,
-                     suggest=False, weights=self.weights_format)
+                self._plan(g if ph == "prefill" else None, g if ph == "decode" else None, dtype)
                 whys.append(f"{ph} on {g}x{g}: does not fit")  # pragma: no cover - phase_fits said no
             except PlacementError as exc:
                 whys.append(exc.context.get("detail", str(exc)))
@@ -226,13 +231,13 @@ class LLM(PromptFrontend):
                              for ph, g in failed.items())
         options: list[tuple[str, str]] = []  # (kind, text): the CLI rewords some kinds for its own flags
         # grids: the smallest above the failed one that plans, per failing phase; the whole plan checked
-        grids = {ph: smallest_fitting_grid(config, spec, ph, mml, dtype, g + 1, weights=self.weights_format)
+        grids = {ph: smallest_fitting_grid(config, spec, ph, mml, dtype, g + 1, weights=self.weights_format,
+                                           max_num_seqs=self.max_num_seqs)
                  for ph, g in failed.items()}
         if all(grids.values()):
             full = {ph: grids.get(ph) or max(cands[ph]) for ph in ("prefill", "decode")}
             try:
-                plan(config, spec, full["prefill"], full["decode"], mml, dtype, suggest=False,
-                     weights=self.weights_format)
+                self._plan(full["prefill"], full["decode"], dtype)
                 options.append(("grid", " with ".join(f"{ph}_grid={grids[ph]} (--{ph}-grid {grids[ph]})" for ph in grids)
                                 + (" (numeric runs on grids above 48 take longer on the host)"
                                    if max(grids.values()) > NUMERIC_MAX_GRID else "")))

@@ -475,15 +475,18 @@ def _does_not_fit(budget: PhaseBudget, slots: list[Region], grid: int, n_layers:
 
 
 def phase_fits(config, wafer: WaferSpec, grid: int, phase: str, seq_len: int, dtype: str = "fp16",
-               layers: int | None = None, weights: str = "fp16", prefill_attention: str = "paper") -> bool:
+               layers: int | None = None, weights: str = "fp16", prefill_attention: str = "paper",
+               max_num_seqs: int = 1) -> bool:
     """Whether ``phase`` plans on ``grid`` x ``grid`` regions for ``seq_len`` tokens (prefill: a
-    prompt of that length; decode: that context, its KV cache included)."""
+    prompt of that length; decode: ``max_num_seqs`` contexts of that length decoded together,
+    their KV caches included)."""
     try:
         if phase == "prefill":
             plan(config, wafer, grid, None, seq_len, dtype, prompt_len=seq_len, layers=layers, suggest=False,
                  weights=weights, prefill_attention=prefill_attention)
         else:
-            plan(config, wafer, None, grid, seq_len, dtype, layers=layers, suggest=False, weights=weights)
+            plan(config, wafer, None, grid, seq_len * max_num_seqs, dtype, layers=layers, suggest=False,
+                 weights=weights, max_num_seqs=max_num_seqs, request_len=seq_len)
         return True
     except PlacementError:
         return False
@@ -491,7 +494,7 @@ def phase_fits(config, wafer: WaferSpec, grid: int, phase: str, seq_len: int, dt
 
 def smallest_fitting_grid(config, wafer: WaferSpec, phase: str, seq_len: int, dtype: str = "fp16", lo: int = 1,
                           layers: int | None = None, weights: str = "fp16",
-                          prefill_attention: str = "paper") -> int | None:
+                          prefill_attention: str = "paper", max_num_seqs: int = 1) -> int | None:
     """The smallest grid from ``lo`` up on which ``phase`` plans (see :func:`phase_fits`), or None.
 
     Grids are scanned in steps of about 1/16 of the grid (a few dozen plans up to a full
@@ -500,9 +503,10 @@ def smallest_fitting_grid(config, wafer: WaferSpec, phase: str, seq_len: int, dt
     hi = min(wafer.rows, wafer.cols)
     prev, g = lo - 1, max(1, lo)
     while g <= hi:
-        if phase_fits(config, wafer, g, phase, seq_len, dtype, layers, weights, prefill_attention):
+        if phase_fits(config, wafer, g, phase, seq_len, dtype, layers, weights, prefill_attention, max_num_seqs):
             for h in range(prev + 1, g):  # the smallest one in the last step
-                if phase_fits(config, wafer, h, phase, seq_len, dtype, layers, weights, prefill_attention):
+                if phase_fits(config, wafer, h, phase, seq_len, dtype, layers, weights, prefill_attention,
+                              max_num_seqs):
                     return h
             return g
         prev, g = g, g + max(1, g // 16)
