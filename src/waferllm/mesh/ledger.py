@@ -191,9 +191,11 @@ class Ledger:
         if self._overlap is not None:
             raise RuntimeError("pipeline() cannot be nested inside overlap()")
         pipe = _Pipeline(self, self.cycles)
-        yield pipe
-        self.cycles = pipe.end
-        self.exposed_comm_cycles += pipe.critical_exposed()
+        try:
+            yield pipe
+        finally:  # the clock ends at the schedule's end, also when a slot failed
+            self.cycles = pipe.end
+            self.exposed_comm_cycles += pipe.critical_exposed()
 
     def replay(self, delta: dict, name: str) -> None:
         """Charge again the cost of an identical program run measured by ``since()``.
