@@ -28,6 +28,11 @@ class Out:
              f"Code: {code_version()}.")
         self()
 
+    def save(self, path: str | None) -> None:
+        """Write the lines kept so far to ``path`` as markdown (nothing when no path was asked for)."""
+        if path:
+            Path(path).write_text("\n".join(self.lines) + "\n")
+
     def table(self, header: list[str], rows: list[list]) -> None:
         self("| " + " | ".join(header) + " |")
         self("|" + "|".join("---" for _ in header) + "|")

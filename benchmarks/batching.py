@@ -69,8 +69,7 @@ def main() -> None:
     out.table(["request", "N", "decode regions", "micro-batches", "decode step us", "per-request TPR",
                "aggregate decode tok/s", "TTFT ms mean / max", "TPOT us", "output tok/s"], rows)
     out(f"Host time: {time.perf_counter() - t0:.0f} s.")
-    if args.markdown:
-        Path(args.markdown).write_text("\n".join(out.lines) + "\n")
+    out.save(args.markdown)
 
 
 if __name__ == "__main__":

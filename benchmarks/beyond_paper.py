@@ -68,8 +68,7 @@ def main() -> None:
             print(f"  {name} {label}: TTFT {r['ttft_s'] * 1e3:.1f} ms, decode {r['decode_tokens_per_s']:.0f}", flush=True)
     out.table(["model", "design", "TTFT ms", "decode TPR", "e2e TPR"], rows)
     out(f"Host time: {time.perf_counter() - t0:.0f} s.")
-    if args.markdown:
-        Path(args.markdown).write_text("\n".join(out.lines) + "\n")
+    out.save(args.markdown)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from waferllm.mesh import Mesh, comm, compute
 from waferllm.models.presets import get_model_preset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import Out, code_version  # noqa: E402
+from _report import Out  # noqa: E402
 
 MODELS = ("llama3-8b", "llama2-13b")
 VARIANTS = {"paper": (False, 2), "paper + tuned K": (False, "tuned"), "fused": (True, 2),
@@ -120,11 +120,9 @@ def main() -> None:
     args = ap.parse_args()
     wafer = get_wafer(args.wafer)
     out = Out()
-    out("# Decode collectives: the paper's layer vs fused collectives and K per reduction")
-    out()
-    out("Command: `" + " ".join(["python", "benchmarks/decode_collectives.py", *sys.argv[1:]]) + "`")
-    out()
-    out(f"Code: {code_version()}. Wafer: {wafer.name} (beta={wafer.beta_cycles:g}, collective overhead="
+    out.header("Decode collectives: the paper's layer vs fused collectives and K per reduction",
+               "decode_collectives.py")
+    out(f"Wafer: {wafer.name} (beta={wafer.beta_cycles:g}, collective overhead="
         f"{wafer.collective_overhead_cycles:g}, task switch={wafer.task_switch_cycles:g}, op overhead="
         f"{wafer.op_overhead_cycles:g} cycles, ops_exp={wafer.ops_exp:g}). Decode grid {args.grid}x{args.grid}, "
         f"KV cache of {args.context} tokens, batch 1, fp16 weights, dry run; the KV append is left out "
@@ -151,8 +149,7 @@ def main() -> None:
     out(_choices(wafer, args.grid))
     out()
     out(f"Wall time: {time.perf_counter() - t0:.1f} s.")
-    if args.markdown:
-        Path(args.markdown).write_text("\n".join(out.lines) + "\n")
+    out.save(args.markdown)
 
 
 def _choices(wafer, grid: int) -> str:

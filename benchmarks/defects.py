@@ -15,8 +15,6 @@ the mean over the seeds.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -28,7 +26,7 @@ from waferllm.hardware.defects import with_defect_rate
 from waferllm.models.presets import get_model_preset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import Out, code_version  # noqa: E402
+from _report import Out  # noqa: E402
 
 SCHEMES = ("spare", "reroute")
 
@@ -47,13 +45,7 @@ def main() -> None:
     run = RunConfig.for_request(2048, 128, prefill_grid=600, decode_grid=360)
     out = Out()
     t0 = time.perf_counter()
-    out("# Defective PEs")
-    out()
-    out("Command: `.venv/bin/python benchmarks/defects.py" + "".join(f" {a}" for a in sys.argv[1:]) + "`")
-    out()
-    out(f"Host: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}. "
-        f"Code: {code_version()}.")
-    out()
+    out.header("Defective PEs", "defects.py")
     out(f"{args.model}, 2048 + 128 tokens, grids 600/360, wse2, every layer placed; mean over seeds "
         f"{', '.join(map(str, seeds))}. Lost: the fraction of the perfect wafer's figure lost (times: added).")
     out()
@@ -84,8 +76,7 @@ def main() -> None:
         out(f"Plot: `{args.plot}`")
         out()
     out(f"Total benchmark wall time: {time.perf_counter() - t0:.0f} s.")
-    if args.markdown:
-        Path(args.markdown).write_text("\n".join(out.lines) + "\n")
+    out.save(args.markdown)
 
 
 def _plot(curves: dict, path: str, model: str) -> None:

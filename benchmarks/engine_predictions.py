@@ -351,8 +351,7 @@ def main() -> None:
     section_summary(out)
     section_host_time(out)
     out(f"Total benchmark wall time: {time.perf_counter() - t0:.0f} s.")
-    if args.markdown:
-        Path(args.markdown).write_text("\n".join(out.lines) + "\n")
+    out.save(args.markdown)
 
 
 if __name__ == "__main__":

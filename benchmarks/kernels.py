@@ -177,8 +177,7 @@ def main() -> None:
     if not args.skip_speed:
         part_d(out, wafer)
     out(f"Total benchmark wall time: {time.perf_counter() - t0:.0f} s.")
-    if args.markdown:
-        Path(args.markdown).write_text("\n".join(out.lines) + "\n")
+    out.save(args.markdown)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from waferllm.hardware.cluster import cluster_for
 from waferllm.models.presets import get_model_preset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import Out, code_version  # noqa: E402
+from _report import Out  # noqa: E402
 
 MODELS = ("llama3-8b", "llama2-13b", "codellama-34b", "llama3-70b", "qwen2-72b", "405b-shape")
 GPU_SETUPS = ("A100-80GB", "8xA100-80GB TP", "2x8xA100-80GB TP", "H100-SXM", "H200", "B200")
@@ -129,15 +128,7 @@ def main() -> None:
     args = ap.parse_args()
     out = Out()
     n_in, n_out = args.input_len, args.output_len
-    out("# Scale-out: models pipelined over wafers")
-    out()
-    out(f"Command: `.venv/bin/python benchmarks/scale_out.py"
-        + (f" --markdown {args.markdown}" if args.markdown else "") + (f" --plot {args.plot}" if args.plot else "")
-        + (f" --input-len {n_in}" if n_in != 2048 else "") + (f" --output-len {n_out}" if n_out != 128 else "") + "`")
-    out()
-    out(f"Host: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}. "
-        f"Code: {code_version()}.")
-    out()
+    out.header("Scale-out: models pipelined over wafers", "scale_out.py")
     out(f"Every point: one request of {n_in} input + {n_out} output tokens, batch 1, fp16 weights, KV cache and "
         "activations, shift-based KV cache, `predict_cluster(wafers=\"auto\", layout=\"auto\")`: the fewest wafers "
         "that hold the whole model (each wafer's share planned on its own regions), then every count up to twice "
@@ -255,7 +246,7 @@ def main() -> None:
     if args.plot:
         _plot(results, args, out)
     if args.markdown:
-        Path(args.markdown).write_text("\n".join(out.lines) + "\n")
+        out.save(args.markdown)
         print(f"wrote {args.markdown}")
 
 

@@ -14,8 +14,6 @@ take for the same requests, batched as they were (throughput over the wafer's bu
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import re
 import subprocess
 import sys
@@ -28,7 +26,7 @@ import httpx
 from waferllm.interfaces.loadgen import run_load
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import Out, code_version  # noqa: E402
+from _report import Out  # noqa: E402
 
 SERVER_ARGS = ["--prefill-grid", "20", "--decode-grid", "20", "--max-model-len", "128", "--served-model-name", "smol",
                "--log-level", "warning"]
@@ -84,13 +82,7 @@ def main() -> None:
     levels = [int(c) for c in args.concurrencies.split(",")]
     out = Out()
     t0 = time.perf_counter()
-    out("# Serving under load")
-    out()
-    out("Command: `.venv/bin/python benchmarks/serve_load.py" + "".join(f" {a}" for a in sys.argv[1:]) + "`")
-    out()
-    out(f"Host: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}. "
-        f"Code: {code_version()}.")
-    out()
+    out.header("Serving under load", "serve_load.py")
     out(f"Server: `waferllm serve --max-num-seqs {args.max_num_seqs} {' '.join(SERVER_ARGS[:-2])}` (embedded "
         f"SmolLM2-135M-Instruct, wse2). Load: `waferllm bench serve` with C x {args.prompts_per_level} greedy "
         f"completions of {args.max_tokens} tokens (EOS ignored), all sent at once, at most C in flight. Host: "
@@ -117,8 +109,7 @@ def main() -> None:
     out.table(["C", "done", "host TTFT", "host TPOT", "host E2EL", "host req/s", "host tok/s", "wafer TTFT",
                "wafer TPOT", "wafer E2EL", "wafer req/s", "wafer tok/s"], rows)
     out(f"Total benchmark wall time: {time.perf_counter() - t0:.0f} s.")
-    if args.markdown:
-        Path(args.markdown).write_text("\n".join(out.lines) + "\n")
+    out.save(args.markdown)
 
 
 if __name__ == "__main__":

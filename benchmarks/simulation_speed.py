@@ -235,8 +235,7 @@ def main() -> None:
     out()
     numeric_vs_reference(model, grids, args.max_tokens, out)
     out(f"Load average at end: {os.getloadavg()[0]:.2f}. Total benchmark wall time: {time.perf_counter() - t_all:.0f} s.")
-    if args.markdown:
-        Path(args.markdown).write_text("\n".join(out.lines) + "\n")
+    out.save(args.markdown)
 
 
 if __name__ == "__main__":

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import Out, code_version  # noqa: E402
+from _report import Out  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,11 +38,9 @@ def main() -> None:
 
     spec = load_spec(args.spec)
     out = Out()
-    out("# Sweep throughput")
-    out()
+    out.header("Sweep throughput", "sweep_speed.py")
     out(f"Spec `{Path(args.spec).relative_to(ROOT) if Path(args.spec).is_relative_to(ROOT) else args.spec}`: "
-        f"{len(spec.points())} points. Host: {platform.machine()}, {os.cpu_count()} CPUs (shared), Python "
-        f"{platform.python_version()}. Code: {code_version()}.")
+        f"{len(spec.points())} points; the host is shared with other work.")
     out()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -60,8 +57,7 @@ def main() -> None:
                          f"{sum(per_point) / max(1, len(per_point)):.2f}", f"{res.ok}/{res.failed}"])
     out.table(["run", "points", "wall s", "Ray start s", "points/s", "points/s after start",
                "host s per prediction", "ok/failed"], rows)
-    if args.markdown:
-        Path(args.markdown).write_text("\n".join(out.lines) + "\n")
+    out.save(args.markdown)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ wafers run prefill and the others decode.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from importlib import resources
@@ -31,12 +30,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from waferllm.errors import HardwareError
-from waferllm.hardware.plmr import Provenance, WaferSpec, _short, get_wafer, preset_or_file, read_constant
+from waferllm.hardware.plmr import (Provenance, WaferSpec, _short, get_wafer, preset_or_file, read_constant,
+                                    read_description_file)
 
-try:  # Python >= 3.11
-    import tomllib
-except ModuleNotFoundError:  # pragma: no cover - 3.10
-    import tomli as tomllib  # type: ignore
 
 #: name -> (type, unit, meaning); every link constant must be > 0 except where noted
 LINK_FIELDS: dict[str, tuple[type, str, str]] = {
@@ -220,24 +216,8 @@ def cluster_names() -> list[str]:
 
 
 def load_cluster_file(path: str | Path, _chain: tuple[str, ...] = ()) -> ClusterSpec:
-    path = Path(path)
-    try:
-        if not path.is_file():
-            raise HardwareError(f"cluster file not found: {path}")
-        if path.stat().st_size > MAX_CLUSTER_FILE_BYTES:
-            raise HardwareError(f"{path}: {path.stat().st_size:,} bytes is too large for a cluster description")
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError as exc:
-        raise HardwareError(f"{path}: cannot read the cluster file ({exc.strerror or exc})") from None
-    real = str(path.resolve())
-    if real in _chain or len(_chain) >= 16:
-        raise HardwareError(f"{path}: its chain of bases comes back to itself or is too long")
-    kind = "JSON" if path.suffix.lower() == ".json" else "TOML"
-    try:
-        data = json.loads(text) if kind == "JSON" else tomllib.loads(text)
-    except (ValueError, tomllib.TOMLDecodeError) as exc:
-        raise HardwareError(f"{path}: not valid {kind}: {exc}") from None
-    return from_mapping(data, where=str(path), _chain=_chain + (real,))
+    data, chain = read_description_file(path, "cluster", MAX_CLUSTER_FILE_BYTES, _chain)
+    return from_mapping(data, where=str(path), _chain=chain)
 
 
 def get_cluster(name_or_path: "str | Path | ClusterSpec", wafer: WaferSpec | str | None = None, *,

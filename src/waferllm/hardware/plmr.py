@@ -471,29 +471,38 @@ def from_mapping(data: Mapping[str, Any], where: str = "<mapping>", base: WaferS
 MAX_WAFER_FILE_BYTES = 1 << 20  # a wafer description is a few KB
 
 
-def load_wafer_file(path: str | Path, _chain: tuple[str, ...] = ()) -> WaferSpec:
+def read_description_file(path: str | Path, kind: str, max_bytes: int,
+                          _chain: tuple[str, ...] = ()) -> tuple[Any, tuple[str, ...]]:
+    """The parsed TOML/JSON of a ``kind`` ("wafer", "cluster") description file, and the chain
+    of files its ``base`` continues; a missing, oversized, unreadable or malformed file, or a
+    chain of bases that loops, is a clear error."""
     path = Path(path)
     try:
         if not path.is_file():
-            raise HardwareError(f"hardware file not found: {path}")
-        if path.stat().st_size > MAX_WAFER_FILE_BYTES:
-            raise HardwareError(f"{path}: {path.stat().st_size:,} bytes is too large for a wafer description "
-                                f"(at most {MAX_WAFER_FILE_BYTES:,})")
+            raise HardwareError(f"{kind} file not found: {path}")
+        if path.stat().st_size > max_bytes:
+            raise HardwareError(f"{path}: {path.stat().st_size:,} bytes is too large for a {kind} description "
+                                f"(at most {max_bytes:,})")
         text = path.read_text(encoding="utf-8", errors="replace")
     except OSError as exc:
-        raise HardwareError(f"{path}: cannot read the wafer file ({exc.strerror or exc})") from None
+        raise HardwareError(f"{path}: cannot read the {kind} file ({exc.strerror or exc})") from None
     real = os.path.realpath(path)
     if real in _chain or len(_chain) >= 16:
         raise HardwareError(f"{path}: its chain of bases comes back to itself or is too long "
                             f"({' -> '.join(_chain + (real,))})")
-    kind = "JSON" if path.suffix.lower() == ".json" else "TOML"
+    fmt = "JSON" if path.suffix.lower() == ".json" else "TOML"
     try:
-        data = json.loads(text) if kind == "JSON" else tomllib.loads(text)
+        data = json.loads(text) if fmt == "JSON" else tomllib.loads(text)
     except (ValueError, tomllib.TOMLDecodeError) as exc:
-        raise HardwareError(f"{path}: not valid {kind}: {exc}") from None
+        raise HardwareError(f"{path}: not valid {fmt}: {exc}") from None
     except RecursionError:
-        raise HardwareError(f"{path}: not valid {kind}: nested too deeply") from None
-    return from_mapping(data, where=str(path), _chain=_chain + (real,))
+        raise HardwareError(f"{path}: not valid {fmt}: nested too deeply") from None
+    return data, _chain + (real,)
+
+
+def load_wafer_file(path: str | Path, _chain: tuple[str, ...] = ()) -> WaferSpec:
+    data, chain = read_description_file(path, "wafer", MAX_WAFER_FILE_BYTES, _chain)
+    return from_mapping(data, where=str(path), _chain=chain)
 
 
 def preset_names() -> list[str]:
