@@ -8,14 +8,8 @@ every PE of the line ends with the slice's argmax.
 from __future__ import annotations
 
 from waferllm.errors import MeshError
-from waferllm.hardware.plmr import DTYPE_BYTES
 from waferllm.mesh import comm, compute
 from waferllm.mesh.tensor import DistTensor
-
-
-def pair_bytes() -> int:
-    """A (value, index) pair: two fp32 words."""
-    return 2 * DTYPE_BYTES["fp32"]
 
 
 def argmax(logits: DistTensor, k: int | str = 2, name: str = "argmax") -> DistTensor:
@@ -24,7 +18,7 @@ def argmax(logits: DistTensor, k: int | str = 2, name: str = "argmax") -> DistTe
     axis = logits.layout[0]
     if axis is None:
         raise MeshError(f"{name}: {logits.name} is not split over the mesh")
-    k, _ = comm.ktree_for(logits.mesh, axis, pair_bytes(), k)  # k "tuned": the cost model's K for a pair
+    k, _ = comm.ktree_for(logits.mesh, axis, compute.PAIR_BYTES, k)  # k "tuned": the cost model's K for a pair
     pair = compute.tile_argmax(logits, name=f"{name}.local")
     out = compute.allreduce_maxloc(pair, axis, k=k, name=f"{name}.allreduce")
     logits.mesh.sram.release(pair)

@@ -93,7 +93,7 @@ def _flash_softmax_pv(s: DistTensor, v: DistTensor, q: DistTensor, allowed, grou
         tiles = None
         if mesh.numeric:
             flat = [t.tiles.reshape(mesh.rows, mesh.cols, -1) for t in (mx, tot, o)]
-            tiles = np.concatenate(flat, axis=-1).astype(np.float32)
+            tiles = np.concatenate(flat, axis=-1).astype(np.float32, copy=False)
         state = DistTensor(mesh, (mesh.cols * (2 * hr + o.tile_elems),), ("x",), "fp32", tiles, name=f"{name}.state")
         mesh.sram.release(mx, tot, o)
         onehot = (np.asarray(groups[0])[..., None] == np.arange(hkv)).astype(np.float32)  # (cols, F, Hkv)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from waferllm.errors import MeshError
-from waferllm.kernels.meshgemm import ring_routes
+from waferllm.kernels.meshgemm import ring_routes, run_and_replay
 from waferllm.kernels.report import KernelResult, measured
 from waferllm.mesh import comm, compute
 from waferllm.mesh.compute import matmul_tiles
@@ -40,8 +40,7 @@ def head_slots(head_of_pos) -> tuple[np.ndarray, np.ndarray, int]:
     last (G: the most any column holds); ``slot_of_pos`` (cols, tf): each feature's slot
     (-1 for padding); ``span``: the most columns one head's features spread over."""
     hp = np.asarray(head_of_pos)
-    n_heads = max(int(hp.max()) + 1, 1)
-    present = (hp[..., None] == np.arange(n_heads)).any(axis=1)  # (cols, H)
+    present = _heads_held(hp)
     g = max(1, int(present.sum(axis=1).max()))
     first = np.argsort(~present, axis=1, kind="stable")[:, :g]  # held heads first, ascending
     heads = np.where(np.take_along_axis(present, first, axis=1), first, -1)
@@ -50,12 +49,16 @@ def head_slots(head_of_pos) -> tuple[np.ndarray, np.ndarray, int]:
     return heads, np.where(hp >= 0, slot, -1), span
 
 
+def _heads_held(hp: np.ndarray) -> np.ndarray:
+    """(cols, H): whether column j holds a feature of kv head h (H: the largest head + 1)."""
+    return (hp[..., None] == np.arange(max(int(hp.max()) + 1, 1))).any(axis=1)
+
+
 def slots_per_column(head_of_pos, heads_per_pass: int) -> int:
     """The most slots (heads of one pass) a column holds, over every pass of ``heads_per_pass``
     kv heads: what sizes a PE's score tile in the streaming kernel."""
-    hp = np.asarray(head_of_pos)
-    n_heads = max(int(hp.max()) + 1, 1)
-    present = (hp[..., None] == np.arange(n_heads)).any(axis=1)  # (cols, H)
+    present = _heads_held(np.asarray(head_of_pos))
+    n_heads = present.shape[1]
     return max(max(1, int(present[:, g0:g0 + heads_per_pass].sum(axis=1).max()))
                for g0 in range(0, n_heads, max(1, heads_per_pass)))
 
@@ -194,7 +197,7 @@ def streaming_attention(q: DistTensor, k: DistTensor, v: DistTensor, head_of_pos
             _run_blocks(mesh, n, block, parts, sums)
             state["k"] = state["v"] = None  # home again after a full turn of the ring
         mesh.sram.release(state["o"], state["m"], state["l"])  # normalised in place, statistics done
-        o = compute.elementwise(lambda a, s: a / _per_feature(s, slot_of_pos, tq, group, empty=1.0), state["o"],
+        o = compute.elementwise(lambda a, s: a / _per_feature(s, slot_of_pos, tq, group), state["o"],
                                 state["l"], ops_per_elem=mesh.wafer.ops_div, name="stream.normalise", dtype="fp32")
     rep.extra.update(grid=n, slots=g, span=span)
     return KernelResult(o, rep)
@@ -209,12 +212,7 @@ def _run_blocks(mesh, n: int, block, parts: dict, sums: dict) -> None:
             block(i)
         return
     block(0)
-    mark = mesh.ledger.mark(per_primitive=True)
-    block(1)
-    delta = mesh.ledger.since(mark)
-    times = full - 2
-    mesh.ledger.replay({key: ({p: c * times for p, c in val.items()} if isinstance(val, dict) else val * times)
-                        for key, val in delta.items()}, "streaming_attention.steps (replayed)")
+    run_and_replay(mesh, lambda: block(1), full - 2, "streaming_attention.steps (replayed)")
     # what block n-3 would leave in flight: shapes only, so the last ones in flight stand in
     sums[n - 2] = sums.pop(2)
     parts[n - 1] = parts.pop(3)
@@ -222,14 +220,14 @@ def _run_blocks(mesh, n: int, block, parts: dict, sums: dict) -> None:
     block(n - 1)
 
 
-def _per_feature(stat, slot_of_pos, tq: int, group: int, empty: float = 1.0):
+def _per_feature(stat, slot_of_pos, tq: int, group: int):
     """(rows, cols, G, tq*r, 1) per-slot values -> (rows, cols, tq, r*tf): each feature its
-    head's value (``empty`` for features of no head in this pass)."""
+    head's value (1 for features of no head in this pass: a rescale or divide leaves them be)."""
     rows, cols = stat.shape[:2]
     per = stat[..., 0].reshape(rows, cols, -1, tq, group).transpose(0, 1, 3, 4, 2)  # (rows, cols, tq, r, G)
     tf = slot_of_pos.shape[1]
     safe = np.where(slot_of_pos < 0, 0, slot_of_pos)  # (cols, tf)
     idx = np.broadcast_to(safe[None, :, None, None, :], (rows, cols, tq, group, tf))
     got = np.take_along_axis(per, idx, axis=4)  # (rows, cols, tq, r, tf): the column's slot of every feature
-    got = np.where(slot_of_pos[None, :, None, None, :] >= 0, got, empty)
+    got = np.where(slot_of_pos[None, :, None, None, :] >= 0, got, 1.0)
     return got.reshape(rows, cols, tq, group * tf)

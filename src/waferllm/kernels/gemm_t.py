@@ -18,7 +18,7 @@ import math
 import numpy as np
 
 from waferllm.errors import MeshError
-from waferllm.kernels.meshgemm import ring_routes, scaled_delta
+from waferllm.kernels.meshgemm import ring_routes, run_and_replay
 from waferllm.kernels.report import KernelResult, measured
 from waferllm.mesh import comm
 from waferllm.mesh.compute import matmul_tiles
@@ -69,9 +69,7 @@ def rotating_root_schedule(k: DistTensor, local, part_lead: tuple, tq: int, *, a
         # step costs what the second did: it is run once and replayed
         home = k
         k = step(0, k)
-        mark = mesh.ledger.mark(per_primitive=True)
-        k = step(1, k)
-        mesh.ledger.replay(scaled_delta(mesh.ledger.since(mark), n - 2), f"{algo}.steps (replayed)")
+        run_and_replay(mesh, lambda: step(1, k), n - 2, f"{algo}.steps (replayed)")
         k = home  # n shifts bring K home
     else:
         for s in range(n):

@@ -133,10 +133,7 @@ def cannon_schedule(mesh, operands: list, local, *, algo: str, steps: int, ring:
             # the same tile shapes, so from the second one on (both buffers in use) each
             # costs what the second did.
             a, b = step(a, b)
-            mark = mesh.ledger.mark(per_primitive=True)
-            a, b = step(a, b)
-            delta = mesh.ledger.since(mark)
-            mesh.ledger.replay(scaled_delta(delta, steps - 2), f"{algo}.steps (replayed)")
+            a, b = run_and_replay(mesh, lambda: step(a, b), steps - 2, f"{algo}.steps (replayed)")
         else:
             for _ in range(steps):
                 a, b = step(a, b)
@@ -148,6 +145,16 @@ def scaled_delta(delta: dict, times: int) -> dict:
     """A ledger delta charged ``times`` times over (its numbers and per-primitive cycles)."""
     return {k: ({n: c * times for n, c in v.items()} if isinstance(v, dict) else v * times)
             for k, v in delta.items()}
+
+
+def run_and_replay(mesh, run, times: int, label: str):
+    """``run()``, measured on the ledger, then its cost charged ``times`` more times as
+    ``label``: for a dry run's steps that cost alike (the same tiles, the same moves), each
+    replayed step is what an executed one earned. Returns what ``run`` returned."""
+    mark = mesh.ledger.mark(per_primitive=True)
+    out = run()
+    mesh.ledger.replay(scaled_delta(mesh.ledger.since(mark), times), label)
+    return out
 
 
 def meshgemm(a: DistTensor, b: DistTensor, *, ring: str = "interleave", a_skewed: bool = False,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from waferllm.errors import MeshError
+from waferllm.kernels.layer_ops import under
 from waferllm.kernels.meshgemv import local_gemv
 from waferllm.kernels.report import KernelResult, measured
 from waferllm.mesh import comm, compute
@@ -37,7 +38,7 @@ def norm_gemv(h: DistTensor, norm_weight: DistTensor, w: DistTensor, eps: float,
     with measured(mesh, "norm_gemv") as rep:
         # one pass over h: its sum of squares and h * g, the GEMV's input (both partial work of this PE)
         ss = compute.tile_reduce(h, -1, "sumsq", name=f"{name}.sumsq")  # [.., 1], partial along red_axis
-        xg = compute.elementwise(_scale_by, h, norm_weight, name=f"{name}.gain", dtype="fp32")
+        xg = compute.elementwise(lambda a, g: a * under(g, a), h, norm_weight, name=f"{name}.gain", dtype="fp32")
         matmul_tiles(mesh, None, None, dtype=quant.compute_dtype if quant else w.dtype, name="norm_gemv.local_gemv",
                      shapes=(batch or 1, tk, tn), dequant=quant)
         part = local_gemv(xg, w, red_axis)  # [.., tn] per PE
@@ -77,11 +78,6 @@ def _check(h: DistTensor, g: DistTensor, w: DistTensor) -> tuple[str, str]:
     if h.partial is not None:
         raise MeshError(f"norm_gemv: {h.name} is partial along {h.partial[0]}; finish it first")
     return red_axis, out_axis
-
-
-def _scale_by(a: np.ndarray, g: np.ndarray) -> np.ndarray:
-    """h * g with the norm weight's tile [tk] against h's [tk] or [B, tk] (mesh dims in front)."""
-    return a * g.reshape(g.shape[:2] + (1,) * (a.ndim - g.ndim) + g.shape[2:])
 
 
 def _split(t: DistTensor, n: int, tn: int, axis: str, lead: tuple) -> tuple[DistTensor, DistTensor]:

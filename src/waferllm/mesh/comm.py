@@ -356,7 +356,7 @@ def _ktree_group(n: int, k: int) -> int:
     return g0 if cost(g0)[0] == cost(best)[0] else best
 
 
-def _schedule_cycles(mesh, phases: list[Phase], nbytes: int, axis: str | None = None,
+def _schedule_cycles(mesh, phases: list[Phase] | tuple[Phase, ...], nbytes: int, axis: str | None = None,
                      routes: int = 0) -> tuple[float, int, int]:
     """Cycles of a reduction schedule along ``axis``: its messages phase after phase, plus the
     collective's fixed cost (setting up its routes and receive tasks) once. On a wafer with
@@ -380,7 +380,7 @@ def _schedule_cost(mesh, phases: tuple, nbytes: int, axis: str | None, routes: i
     key = (phases, nbytes, axis, routes)
     out = memo.get(key)
     if out is None:
-        out = memo[key] = _schedule_cycles(mesh, list(phases), nbytes, axis, routes)
+        out = memo[key] = _schedule_cycles(mesh, phases, nbytes, axis, routes)
     return out
 
 
@@ -493,7 +493,7 @@ def allreduce_segments(t: DistTensor, axis: str, span: int, bytes_per_pe: int | 
     mesh = t.mesh
     nbytes = t.bytes_per_pe if bytes_per_pe is None else bytes_per_pe
     phases, routes = reduce_schedule(span, "ktree", k, group if group and group < span else None, None, True)
-    cycles, stages, hops = _schedule_cycles(mesh, phases, nbytes, axis, routes)
+    cycles, stages, hops = _schedule_cost(mesh, tuple(phases), nbytes, axis, routes)
     if routes:
         mesh.routes.request(name, routes, relayable=False)
     pes = mesh.rows * mesh.cols
@@ -600,7 +600,7 @@ def allreduce_combine(t: DistTensor, axis: str, combine, k: int = 2, group: int 
     phases, routes = reduce_schedule(n, "ktree", k, group, None, True)
     if routes:
         mesh.routes.request(name, routes, relayable=False)
-    cycles, stages, hops = _schedule_cycles(mesh, phases, nbytes, axis, routes)
+    cycles, stages, hops = _schedule_cost(mesh, tuple(phases), nbytes, axis, routes)
     lines = mesh.rows * mesh.cols // max(n, 1)
     if n > 1:
         mesh.ledger.charge(name, "comm", cycles, bytes_moved=nbytes * (n - 1) * lines * 2,
@@ -652,9 +652,8 @@ def best_ktree(mesh, axis: str, nbytes_per_pe: int, allreduce: bool = True, span
     _check_axis(axis)
     n = mesh.axis_size(axis) if span is None else int(span)
     key = (axis, n, int(nbytes_per_pe), bool(allreduce), tuple(ks), mesh.routes.budget)
-    cache = getattr(mesh, "_best_ktree", None)
-    if cache is None:  # per region: the wafer's constants and defects are fixed there
-        cache = mesh._best_ktree = {}
+    # per region: the wafer's constants and defects are fixed there
+    cache = mesh.__dict__.setdefault("_best_ktree", {})
     if key not in cache:
         default = (2, _ktree_group(n, 2)) if n > 1 else (2, 2)
         best = None

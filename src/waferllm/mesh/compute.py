@@ -340,6 +340,9 @@ def grouped_expand(p: DistTensor, b: DistTensor, groups, *, shape, layout, parti
     return out
 
 
+PAIR_BYTES = 2 * DTYPE_BYTES["fp32"]  # a (value, index) pair: two fp32 words
+
+
 def tile_argmax(t: DistTensor, name: str = "argmax") -> DistTensor:
     """Every PE's (value, index) of the largest entry of its tile of a 1-d tensor, lowest
     index on ties; the index is into the logical tensor. Finish with :func:`allreduce_maxloc`.
@@ -353,8 +356,7 @@ def tile_argmax(t: DistTensor, name: str = "argmax") -> DistTensor:
     if t.shape[0] >= 1 << 24:
         raise MeshError(f"{name}: indices beyond 2^24 are not exact in fp32")
     mesh = t.mesh
-    pair_bytes = 2 * DTYPE_BYTES["fp32"]
-    _charge(mesh, name, vector_cycles(mesh.wafer, t.tile_elems, t.dtype), t.tile_elems, t.bytes_per_pe, pair_bytes,
+    _charge(mesh, name, vector_cycles(mesh.wafer, t.tile_elems, t.dtype), t.tile_elems, t.bytes_per_pe, PAIR_BYTES,
             dtype=t.dtype)
     tiles = None
     if mesh.numeric:

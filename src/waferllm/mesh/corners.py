@@ -60,13 +60,9 @@ def _make(values, kind=float):
 _PLAIN = (float, int)  # the usual other operand (checked before the slower abstract check)
 
 
-def _parts(x, n: int) -> tuple:
-    return x.v if isinstance(x, Corners) else (x,) * n
-
-
 def values(x, n: int) -> tuple:
     """The ``n`` values of ``x`` (a plain number: the same in every corner)."""
-    return _parts(x, n)
+    return x.v if isinstance(x, Corners) else (x,) * n
 
 
 def corner(x, i: int):
@@ -185,14 +181,14 @@ def cmax(a, b):
     if type(a) is not Corners and type(b) is not Corners:  # the usual case: plain numbers (max's own rule)
         return b if b > a else a
     n = len((a if isinstance(a, Corners) else b).v)
-    return _make(tuple(max(x, y) for x, y in zip(_parts(a, n), _parts(b, n))))
+    return _make(tuple(max(x, y) for x, y in zip(values(a, n), values(b, n))))
 
 
 def pick(cond, a, b):
     """``a`` where ``cond`` holds, else ``b``, corner by corner (``cond``: a bool, or one per corner)."""
     if isinstance(cond, tuple):
         n = len(cond)
-        return _make(tuple(x if c else y for c, x, y in zip(cond, _parts(a, n), _parts(b, n))))
+        return _make(tuple(x if c else y for c, x, y in zip(cond, values(a, n), values(b, n))))
     return a if cond else b
 
 

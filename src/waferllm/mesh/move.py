@@ -694,7 +694,6 @@ def _traffic_column_table(src, dst, itemsize, box) -> MoveTraffic:
         hmax = np.zeros(J, np.int64)
         np.maximum.at(hmax, jb, np.abs(col[jb] - dc))
         max_hops = int((np.abs(P - dr).max(axis=1) + hmax).max())
-        keys = la.size * lb.size
     else:  # transposed: destination row from b, column from a
         dc, dr = oa + c0, ob + r0
         eject = np.outer(np.bincount(dr, lb, H), np.bincount(dc, la, W))
@@ -721,11 +720,10 @@ def _traffic_column_table(src, dst, itemsize, box) -> MoveTraffic:
         np.minimum.at(near, zj, zr)
         reach = np.maximum(np.abs(P - far[:, None]), np.abs(P - near[:, None]))
         max_hops = int((reach + np.abs(col[:, None] - dc)).max())
-        keys = la.size * lb.size
     stay = stay.astype(np.int64)  # integer weights: the float sums are exact
     inject = inject.astype(np.int64) - stay
     eject = eject.astype(np.int64).ravel() - stay
-    live = keys - stay_msgs
+    live = la.size * lb.size - stay_msgs
     return MoveTraffic(
         origin=(top, left), inject=inject.reshape(H, W), eject=eject.reshape(H, W), east=east, west=west,
         south=south, north=north, max_hops=max_hops if live else 0,
