@@ -17,7 +17,7 @@ from typing import Optional
 import typer
 
 from waferllm.errors import PlacementError, RequestError, WaferLLMError
-from waferllm.interfaces import algorithm_options
+from waferllm.interfaces import algorithm_options, wafer_options
 from waferllm.interfaces.cli import app
 
 REQUEST = "Request"
@@ -121,7 +121,8 @@ def _check_wafer_options(engine: str, given: dict):
         return None, None, None
     pg = _grid(given["prefill_grid"], "--prefill-grid")
     dg = _grid(given["decode_grid"], "--decode-grid")
-    dtype, kv = given["dtype"] or "fp16", given["kv_scheme"] or "shift"
+    chosen = wafer_options.llm_kwargs(given)
+    dtype, kv = chosen["dtype"], chosen["kv_scheme"]
     if dtype not in DTYPE_BYTES:
         raise RequestError(f"--dtype must be one of {', '.join(DTYPE_BYTES)}, got {dtype!r}")
     if kv not in SCHEMES:
@@ -263,32 +264,20 @@ def generate(
                                  help="Print one JSON object instead of streaming text."),
     engine: str = typer.Option("wafer", "--engine", "-e", rich_help_panel=ENGINE,
                                help="wafer (the simulated wafer) or reference (the dense numpy forward)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", rich_help_panel=ENGINE,
-                                        help="A .gguf file or HF directory; default: the embedded SmolLM2-135M-Instruct."),
+    model: Optional[str] = wafer_options.model(ENGINE),
     max_model_len: Optional[int] = typer.Option(None, "--max-model-len", rich_help_panel=ENGINE,
                                                 help="Tokens a request may hold, prompt + output (at most the model's "
                                                      "context). Default: the prompt + --max-tokens (wafer), the "
                                                      "model's context (reference)."),
-    threads: Optional[int] = typer.Option(None, "--threads", rich_help_panel=ENGINE,
-                                          help="Host threads for BLAS and the simulator's tile products (default: the "
-                                               "libraries' own; 1 is steadiest on a shared machine). Only host time "
-                                               "changes."),
-    wafer: Optional[str] = typer.Option(None, "--wafer", rich_help_panel=WAFER,
-                                        help="Wafer preset name or TOML/JSON file (default: wse2)."),
-    prefill_grid: Optional[str] = typer.Option(None, "--prefill-grid", rich_help_panel=WAFER,
-                                               help="Prefill regions: P (PxP PEs) or auto, tuned up to 48 (default: auto)."),
-    decode_grid: Optional[str] = typer.Option(None, "--decode-grid", rich_help_panel=WAFER,
-                                              help="Decode regions: P (PxP PEs) or auto, tuned up to 48 (default: auto)."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", rich_help_panel=WAFER,
-                                        help="fp16 (as the paper) or fp32 (default: fp16)."),
-    kv_scheme: Optional[str] = typer.Option(None, "--kv-scheme", rich_help_panel=WAFER,
-                                            help="shift (WaferLLM) or concat (baseline) KV cache (default: shift)."),
+    threads: Optional[int] = wafer_options.threads(ENGINE),
+    wafer: Optional[str] = wafer_options.wafer(WAFER),
+    prefill_grid: Optional[str] = wafer_options.grid("prefill", WAFER),
+    decode_grid: Optional[str] = wafer_options.grid("decode", WAFER),
+    dtype: Optional[str] = wafer_options.dtype(WAFER),
+    kv_scheme: Optional[str] = wafer_options.kv_scheme(WAFER),
     trace: Optional[str] = typer.Option(None, "--trace", rich_help_panel=WAFER,
                                         help="Write a Chrome/Perfetto trace JSON of the wafer run to this file."),
-    weights: Optional[str] = typer.Option(None, "--weights", rich_help_panel=WAFER,
-                                          help="Layer weights on the PEs: fp16 (dense, in --dtype), int8 or int4 "
-                                               "(GGUF Q8_0/Q4_0 blocks, dequantised by the PEs), or native (a GGUF "
-                                               "file's own Q8_0/Q4_0) (default: fp16)."),
+    weights: Optional[str] = wafer_options.weights(WAFER),
     defect_rate: Optional[float] = typer.Option(None, "--defect-rate", rich_help_panel=WAFER,
                                                 help="Fraction of defective PEs (e.g. 0.001), drawn with --defect-seed."),
     defect_seed: Optional[int] = typer.Option(None, "--defect-seed", rich_help_panel=WAFER,
@@ -348,9 +337,9 @@ def generate(
             from waferllm.engine.llm import LLM
 
             try:
-                eng = LLM(loaded, wafer=spec, prefill_grid=pg, decode_grid=dg, dtype=given["dtype"] or "fp16",
-                          kv_scheme=given["kv_scheme"] or "shift", max_model_len=mml, progress=progress,
-                          weights=given["weights"] or "fp16", max_num_seqs=1,  # one prompt: no batch to hold
+                eng = LLM(loaded, wafer=spec, prefill_grid=pg, decode_grid=dg, max_model_len=mml, progress=progress,
+                          max_num_seqs=1,  # one prompt: no batch to hold
+                          **wafer_options.llm_kwargs(given),
                           **algorithm_options.chosen(prefill_attention, decode_collectives, gemv_ktree, beyond_paper))
             except PlacementError as exc:
                 raise _rewrite_for_cli(exc, len(ids), max_tokens, max_model_len) from None

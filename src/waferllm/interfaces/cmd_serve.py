@@ -18,7 +18,7 @@ from typing import Optional
 import typer
 
 from waferllm.errors import RequestError
-from waferllm.interfaces import algorithm_options
+from waferllm.interfaces import algorithm_options, wafer_options
 from waferllm.interfaces.cli import app
 
 SERVER = "Server"
@@ -58,8 +58,7 @@ def _check_limits(max_num_seqs: int, max_waiting: int, request_timeout: float) -
 
 @app.command()
 def serve(
-    model: Optional[str] = typer.Option(None, "--model", "-m", rich_help_panel=ENGINE,
-                                        help="A .gguf file or HF directory; default: the embedded SmolLM2-135M-Instruct."),
+    model: Optional[str] = wafer_options.model(ENGINE),
     served_model_name: Optional[str] = typer.Option(None, "--served-model-name", rich_help_panel=ENGINE,
                                                     help="The model name clients send (default: --model as given, "
                                                          "or the model's name)."),
@@ -69,21 +68,13 @@ def serve(
     max_num_seqs: int = typer.Option(8, "--max-num-seqs", rich_help_panel=ENGINE,
                                      help="Requests decoded together in one batch (the decode KV pool is planned "
                                           "for this many contexts of --max-model-len)."),
-    threads: Optional[int] = typer.Option(None, "--threads", rich_help_panel=ENGINE,
-                                          help="Host threads for BLAS and the simulator's tile products (default: the "
-                                               "libraries' own). Only host time changes."),
-    wafer: Optional[str] = typer.Option(None, "--wafer", rich_help_panel=WAFER,
-                                        help="Wafer preset name or TOML/JSON file (default: wse2)."),
-    prefill_grid: Optional[str] = typer.Option(None, "--prefill-grid", rich_help_panel=WAFER,
-                                               help="Prefill regions: P (PxP PEs) or auto, tuned up to 48 (default: auto)."),
-    decode_grid: Optional[str] = typer.Option(None, "--decode-grid", rich_help_panel=WAFER,
-                                              help="Decode regions: P (PxP PEs) or auto, tuned up to 48 (default: auto)."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", rich_help_panel=WAFER,
-                                        help="fp16 (as the paper) or fp32 (default: fp16)."),
-    kv_scheme: Optional[str] = typer.Option(None, "--kv-scheme", rich_help_panel=WAFER,
-                                            help="shift (WaferLLM) or concat (baseline) KV cache (default: shift)."),
-    weights: Optional[str] = typer.Option(None, "--weights", rich_help_panel=WAFER,
-                                          help="Layer weights on the PEs: fp16, int8, int4 or native (default: fp16)."),
+    threads: Optional[int] = wafer_options.threads(ENGINE),
+    wafer: Optional[str] = wafer_options.wafer(WAFER),
+    prefill_grid: Optional[str] = wafer_options.grid("prefill", WAFER),
+    decode_grid: Optional[str] = wafer_options.grid("decode", WAFER),
+    dtype: Optional[str] = wafer_options.dtype(WAFER),
+    kv_scheme: Optional[str] = wafer_options.kv_scheme(WAFER),
+    weights: Optional[str] = wafer_options.weights(WAFER),
     host: str = typer.Option("127.0.0.1", "--host", rich_help_panel=SERVER, help="Address to listen on."),
     port: int = typer.Option(8000, "--port", rich_help_panel=SERVER, help="Port to listen on (0: any free port)."),
     max_waiting: int = typer.Option(64, "--max-waiting", rich_help_panel=SERVER,
@@ -131,9 +122,8 @@ def serve(
                 progress(0, None, "loading model")
             loaded = resolve_model(model)
             # a model that does not fit says what would, flags included
-            llm = LLM(loaded, wafer=spec, prefill_grid=pg, decode_grid=dg, dtype=given["dtype"] or "fp16",
-                      kv_scheme=given["kv_scheme"] or "shift", max_model_len=max_model_len, progress=progress,
-                      weights=given["weights"] or "fp16", max_num_seqs=max_num_seqs,
+            llm = LLM(loaded, wafer=spec, prefill_grid=pg, decode_grid=dg, max_model_len=max_model_len,
+                      progress=progress, max_num_seqs=max_num_seqs, **wafer_options.llm_kwargs(given),
                       **algorithm_options.chosen(prefill_attention, decode_collectives, gemv_ktree, beyond_paper))
         name = served_model_name or model or loaded.config.name
         run_server(llm, name, sock, max_num_seqs=max_num_seqs, max_waiting=max_waiting,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Optional
 
@@ -62,12 +63,8 @@ def sweep(
                   + (rate if res.ran else "") + f", {res.skipped} already in the table; "
                   f"{res.ok} ok, {res.failed} failed. Table: {res.path}")
     if res.failed:
-        errors = {}
-        for r in res.rows:
-            if r["status"] != "ok":
-                errors.setdefault(str(r.get("error") or "")[:160], 0)
-                errors[str(r.get("error") or "")[:160]] += 1
-        for msg, n in list(errors.items())[:5]:
+        errors = Counter(str(r.get("error") or "")[:160] for r in res.rows if r["status"] != "ok")
+        for msg, n in list(errors.items())[:5]:  # the first five kinds, in the order they happened
             console.print(f"  [yellow]{n} failed:[/] {msg}", highlight=False)
     if plot:
         from waferllm.explore.plots import plot_sweep

@@ -287,13 +287,12 @@ class _Response:
         self.req, self.rid, self.created, self.model, self.tok = req, rid, created, model, tok
         self.prompt_tokens = prompt_tokens
         self.texts = [""] * n
-        self.token_ids: list[list[int]] = [[] for _ in range(n)]
         self.outputs: list = [None] * n
 
     def _head(self, obj: str) -> dict:
         return {"id": self.rid, "object": obj, "created": self.created, "model": self.model}
 
-    def _logprobs(self, idx: int, token_ids, lps, offset: int):
+    def _logprobs(self, token_ids, lps, offset: int):
         if self.req.logprobs is None or lps is None:
             return None
         if self.req.chat:
@@ -321,12 +320,11 @@ class _Response:
         """Record an event; the stream chunk it makes (None when it adds nothing to say)."""
         offset = len(self.texts[idx])
         self.texts[idx] += ev.text
-        self.token_ids[idx] += list(ev.token_ids)
         finish = None
         if ev.finished:
             self.outputs[idx] = ev.output
             finish = ev.output.finish_reason
-        lps = self._logprobs(idx, list(ev.token_ids), ev.logprobs, offset)
+        lps = self._logprobs(list(ev.token_ids), ev.logprobs, offset)
         if not (ev.text or finish or lps):
             return None
         delta = {"content": ev.text} if self.req.chat else ev.text
@@ -352,7 +350,7 @@ class _Response:
     def full(self) -> dict:
         choices = []
         for i, o in enumerate(self.outputs):
-            lps = self._logprobs(i, list(o.token_ids), o.logprobs, 0)
+            lps = self._logprobs(list(o.token_ids), o.logprobs, 0)
             if self.req.chat:
                 choices.append({"index": i, "message": {"role": "assistant", "content": o.text}, "logprobs": lps,
                                 "finish_reason": o.finish_reason, "stop_reason": o.stop_reason})
