@@ -34,6 +34,7 @@ import numpy as np
 
 from waferllm.engine.kvcache import KVCache
 from waferllm.engine.layouts import HeadLayout
+from waferllm.engine.placement import layer_matrices
 from waferllm.kernels import batch
 from waferllm.kernels.argmax import argmax
 from waferllm.kernels.decode_attention import decode_attention
@@ -170,7 +171,7 @@ class DecodeStage:
             "ffn_norm": ((E,), ("y",), "fp32", lambda w: w.ffn_norm),
         }
         # the input-dim (K) index of every placed row of each matrix: where its block scales come from
-        rows = {"qkv": np.arange(E), "o": hl.q_cols, "gate_up": np.arange(E), "down": fcols}
+        rows = {key: k_rows for key, (k_rows, _, _) in layer_matrices(c, q, "decode").items()}
         if c.qkv_bias:
             specs["qkv_bias"] = ((q * (r + 2) * width,), ("x",), "fp32", lambda w: _blocks(
                 [hl.take_cols(w.bq[None], hl.q_cols), hl.take_cols(w.bk[None], hl.kv_cols),

@@ -23,6 +23,7 @@ import numpy as np
 
 from waferllm.engine.decode import LayerRunner, place_matrices, run_now
 from waferllm.engine.layouts import HeadLayout
+from waferllm.engine.placement import layer_matrices
 from waferllm.errors import MeshError
 from waferllm.kernels.attention import grouped_pv, grouped_scores
 from waferllm.kernels.flash_attention import streaming_attention
@@ -91,8 +92,7 @@ class PrefillStage:
                         bk=((1, hl.kv_padded), lambda w: hl.take_cols(w.bk[None], hl.kv_cols)),
                         bv=((1, hl.kv_padded), lambda w: hl.take_cols(w.bv[None], hl.kv_cols)))
         # the input-dim (K) index of every placed row of each matrix: where its block scales come from
-        k_rows = {"q": np.arange(E), "k": np.arange(E), "v": np.arange(E), "o": hl.q_cols, "gate": np.arange(E),
-                  "up": np.arange(E), "down": np.arange(F)}
+        k_rows = {key: k for key, (k, _, _) in layer_matrices(c, m.rows, "prefill").items()}
         specs = {key: (shape, ("y", "x"), d, build) for key, (shape, build) in mats.items()}
         specs.update({key: (shape, (None, "x"), "fp32", build) for key, (shape, build) in rows.items()})
         return place_matrices(m, li, lw, specs, k_rows, self.weights, d,

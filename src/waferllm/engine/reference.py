@@ -11,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from waferllm.engine.generate import OnToken, PromptFrontend, check_lengths, generate_one
+from waferllm.engine.generate import OnToken, PromptFrontend, check_lengths, check_token_ids, generate_one
 from waferllm.engine.outputs import RequestOutput
 from waferllm.engine.sampling import SamplingParams
 from waferllm.errors import RequestError
@@ -79,8 +79,6 @@ class ReferenceEngine(PromptFrontend):
 
     def generate_ids(self, prompt_token_ids: Sequence[int], params: SamplingParams | None = None,
                      on_token: OnToken | None = None, prompt: str | None = None) -> RequestOutput:
-        from waferllm.engine.generate import check_token_ids
-
         params = SamplingParams.coerce(params)
         ids = check_token_ids(prompt_token_ids, self.config.vocab_size)
         self.check_request(ids, params)

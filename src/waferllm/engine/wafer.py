@@ -242,10 +242,8 @@ class WaferModel:
         with led.span("prefill"):
             began = led.cycles  # the first request's work starts with the restore
             restore = self._restore()
-            for seq, ids, length, prompt_logits in checked:
-                self.prefill_began[seq], began = began, None
-                if self.prefill_began[seq] is None:
-                    self.prefill_began[seq] = led.cycles
+            for i, (seq, ids, length, prompt_logits) in enumerate(checked):
+                self.prefill_began[seq] = led.cycles if i else began
                 h = self._embed_prompt(ids if ids is not None else self.typical_prompt(length))
                 kv = []
                 for si, st in enumerate(self.prefill_stages):
@@ -366,10 +364,7 @@ class WaferModel:
         (copy, its rows)}. On one wafer (or with the tables all on ``hn``'s wafer): {}."""
         if self.cluster is None:
             return {}
-        first = {}
-        for st in heads:
-            first.setdefault(st.mesh.wafer.name, st)
-        far = [st for st in first.values() if not _same_wafer(st.mesh, hn.mesh)]
+        far = [st for st in _first_per_wafer(heads) if not _same_wafer(st.mesh, hn.mesh)]
         if not far:
             return {}
         if last_row is None:
@@ -396,11 +391,8 @@ class WaferModel:
         wafer, where the token is picked."""
         if self.cluster is None:
             return
-        firsts = {}
-        for st in heads:
-            firsts.setdefault(st.mesh.wafer.name, st)
         flows = [interwafer.Flow(_one_pe(st.mesh.region), _one_pe(dest.mesh.region), DTYPE_BYTES["fp32"])
-                 for st in firsts.values() if not _same_wafer(st.mesh, dest.mesh)]
+                 for st in _first_per_wafer(heads) if not _same_wafer(st.mesh, dest.mesh)]
         if flows:
             interwafer.charge_transfer(self.ledger, self.cluster, flows, name="interwafer.argmax")
 
@@ -540,7 +532,7 @@ class WaferModel:
         seqs = tuple(seqs)
         toks = [self._check_token(t, s) for t, s in zip(tokens, seqs)]
         # one micro-batch per region at most, of no more rows than the plan budgeted a region for
-        rows = getattr(self.plan.decode, "rows", 1)
+        rows = self.plan.decode.rows
         count = max(min(len(seqs), len(self.decode_stages)), -(-len(seqs) // rows))
         groups = [tuple(int(x) for x in g) for g in np.array_split(seqs, count)]
         led, stages = self.ledger, self.decode_stages
@@ -671,6 +663,15 @@ class WaferModel:
 def _same_wafer(a, b) -> bool:
     """Whether two meshes (or regions) are on the same wafer."""
     return a.wafer is b.wafer or a.wafer == b.wafer
+
+
+def _first_per_wafer(stages) -> list:
+    """The first of ``stages`` on each wafer: what a wafer sends or receives goes once, to or
+    from that stage's region."""
+    first: dict = {}
+    for st in stages:
+        first.setdefault(st.mesh.wafer.name, st)
+    return list(first.values())
 
 
 def _one_pe(region) -> Placement:
