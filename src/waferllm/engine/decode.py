@@ -192,9 +192,10 @@ class DecodeStage:
     def norm_gemv(self, h: DistTensor, weight: DistTensor, w: DistTensor, name: str) -> DistTensor:
         """RMSNorm(h) @ W: with fused collectives one reduce carries the GEMV's partials and
         the norm's statistic; else the paper's RMSNorm, then its MeshGEMV."""
+        norm_name, gemv_name = name.split("+")
         if not self.fused:
-            x = self.rmsnorm(h, weight, name.split("+")[0])
-            out = self._gemv(x, w, name.split("+")[1])
+            x = self.rmsnorm(h, weight, norm_name)
+            out = self._gemv(x, w, gemv_name)
             self.mesh.sram.release(x)
             return out
         with self.mesh.ledger.span(name):

@@ -55,7 +55,7 @@ class _Detokenizer:
         return delta
 
 
-def _prompt_logprobs(logits: np.ndarray, prompt: Sequence[int], k: int) -> list[dict[int, float] | None]:
+def prompt_logprobs(logits: np.ndarray, prompt: Sequence[int], k: int) -> list[dict[int, float] | None]:
     out: list[dict[int, float] | None] = [None]
     for i in range(1, len(prompt)):
         out.append(top_logprobs(log_softmax(logits[i - 1]), k, extra=int(prompt[i])))
@@ -329,7 +329,7 @@ def generate_one(backend, tokenizer, prompt_token_ids: Sequence[int], params: Sa
     backend.reset()
     logits_all = np.asarray(backend.prefill(prompt_ids, prompt_logits=params.prompt_logprobs is not None))
     t_prefill = time.perf_counter()
-    prompt_lps = _prompt_logprobs(logits_all, prompt_ids, params.prompt_logprobs) if params.prompt_logprobs is not None else None
+    prompt_lps = prompt_logprobs(logits_all, prompt_ids, params.prompt_logprobs) if params.prompt_logprobs is not None else None
     logits = logits_all[-1]
     del logits_all
 

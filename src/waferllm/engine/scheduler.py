@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from waferllm.engine.generate import SequenceState, _prompt_logprobs, host_metrics
+from waferllm.engine.generate import SequenceState, prompt_logprobs, host_metrics
 from waferllm.engine.outputs import RequestOutput
 from waferllm.engine.sampling import SamplingParams
 from waferllm.errors import RequestError, SRAMOverflowError
@@ -72,6 +72,14 @@ class _Request:
     t_prefill: float | None = None
     t_first: float | None = None
     aborted: bool = False
+
+
+def joins_block(running: int, block: int, block_tokens: int, prompt_tokens: int, max_num_seqs: int,
+                prompt_budget: int) -> bool:
+    """Whether the next waiting request (``prompt_tokens`` long) joins this step's prefill
+    block: the batch has a free slot, and after the block's first request its prompts stay
+    within the prompt length the prefill regions were planned for."""
+    return running + block < max_num_seqs and (not block or block_tokens + prompt_tokens <= prompt_budget)
 
 
 class Scheduler:
@@ -180,13 +188,13 @@ class Scheduler:
     def _admit(self) -> list[_Request]:
         new: list[_Request] = []
         prompt_tokens = 0
-        while self.waiting and len(self.running) + len(new) < self.max_num_seqs:
+        while self.waiting:
             req = self.waiting[0]
             n = len(req.seq.prompt_ids)
+            if not joins_block(len(self.running), len(new), prompt_tokens, n, self.max_num_seqs, self.prompt_budget):
+                break  # the batch is full, or the next prefill block takes it
             if self.reserved + req.need > self._rounded(self.pool_tokens):
                 break  # first come, first served: wait for running requests to leave
-            if new and prompt_tokens + n > self.prompt_budget:
-                break  # the next prefill block takes it
             try:
                 req.slot = self.model.open_seq(req.need)
             except SRAMOverflowError:
@@ -214,7 +222,7 @@ class Scheduler:
             lg = np.asarray(lg)
             k = req.seq.params.prompt_logprobs
             if k is not None:
-                req.prompt_logprobs = _prompt_logprobs(lg, req.seq.prompt_ids, k)
+                req.prompt_logprobs = prompt_logprobs(lg, req.seq.prompt_ids, k)
             req.prefill_cycles = model.prefill_began[req.slot]
             req.energy_j += energy * len(req.seq.prompt_ids) / total
             req.t_prefill = t1
@@ -302,7 +310,6 @@ def predict_batch(config, wafer, run, input_len: int, output_len: int, requests:
     wm = WaferModel(config, None, wafer, run, mode="dry")
     wm.close_seq(0)
     secs = wm.wafer.cycles_to_seconds
-    per_block = max(1, (run.prompt_len or run.max_seq_len) // input_len)
     waiting = list(range(requests))
     running: dict[int, int] = {}  # slot -> tokens so far
     times: dict[int, list[float]] = {}
@@ -310,7 +317,8 @@ def predict_batch(config, wafer, run, input_len: int, output_len: int, requests:
     full_steps: list[float] = []
     while waiting or running:
         block = []
-        while waiting and len(running) + len(block) < run.max_num_seqs and len(block) < per_block:
+        while waiting and joins_block(len(running), len(block), len(block) * input_len, input_len, run.max_num_seqs,
+                                      run.prompt_len or run.max_seq_len):
             waiting.pop(0)
             block.append(wm.open_seq(input_len + output_len))
         if block:
