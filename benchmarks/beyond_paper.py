@@ -10,9 +10,12 @@ with the paper's design as modelled (``RunConfig`` defaults) and with each switc
   blocks in flight), so score tiles of one key block fit and several heads run per pass;
 - ``decode_collectives=fused``: RMSNorm statistics ride the following GEMV's reduce, and
   attention's softmax statistics ride its P V reduce (6 collectives per layer instead of 10);
-- ``gemv_ktree=tuned``: K and the group of every K-tree chosen by the cost model per payload.
+- ``gemv_ktree=tuned``: K and the group of every K-tree chosen by the cost model per payload;
+- ``gemv_overlap=segmented``: every layer GEMV's local product runs in chunks of output columns
+  whose reduce segments stream through one tree, chunk c+1's product overlapping segment c's
+  reduce; the segment count per GEMV and grid chosen by the cost model.
 
-A fourth gain, requests pipelined over the idle decode regions, is a serving matter: see
+A further gain, requests pipelined over the idle decode regions, is a serving matter: see
 ``benchmarks/batching.py``.
 """
 

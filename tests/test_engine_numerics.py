@@ -159,11 +159,12 @@ def test_one_token_prompt_and_reset_between_requests(models):
     assert _rel(pre, ref_pre) < FP32_TOL
     for a, b in zip(dec, ref_dec):
         assert _rel(a, b) < FP32_TOL
-    # a second request on the same model starts from an empty cache
+    # a second request on the same model starts from an empty cache (its layers now replay
+    # their cost and run fused numerics: the same values to fp32 rounding)
     wm.reset()
     again = wm.prefill([42])
-    np.testing.assert_array_equal(again, pre)
-    np.testing.assert_array_equal(wm.decode(tokens[0]), dec[0])
+    np.testing.assert_allclose(again, pre, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(wm.decode(tokens[0]), dec[0], rtol=1e-5, atol=1e-6)
 
 
 def test_last_row_only_when_prompt_logits_not_wanted(models):

@@ -10,7 +10,6 @@ with ``.venv/bin/python tests/test_host_speed.py --write`` (and says why).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -46,20 +45,23 @@ def _plain(m: dict) -> dict:
 
 def numeric_figures(overrides: dict, pg: int, dg: int) -> dict:
     """Two requests (the second restores the weights) of 11 and 12 prompt tokens and 4 greedy
-    steps each on a tiny random model: logits digests, tokens, metrics and the ledger."""
+    steps each on a tiny random model: logits digests, tokens, metrics and the ledger. Every
+    layer runs primitive by primitive (``numerics="mesh"``), as when the figures were taken;
+    tests/test_fused_numerics.py compares the fused numerics with it."""
     cfg = tiny_config(**overrides)
     wm = WaferModel(cfg, random_weights(cfg, seed=3), WSE2, RunConfig(prefill_grid=pg, decode_grid=dg,
-                                                                      max_seq_len=64, dtype="fp16"))
+                                                                      max_seq_len=64, dtype="fp16", numerics="mesh"))
     rec: dict = {"logits": [], "tokens": []}
-    digest = lambda x: hashlib.sha256(np.asarray(x, np.float32).tobytes()).hexdigest()  # noqa: E731
+    # the logits themselves, not a digest: BLAS kernels (chosen per CPU) may round differently
+    values = lambda x: np.round(np.asarray(x, np.float64).ravel(), 6).tolist()  # noqa: E731
     for req in range(2):
         wm.reset()
         logits = wm.prefill((np.arange(11 + req) * 7 + 3) % cfg.vocab_size)
-        rec["logits"].append(digest(logits))
+        rec["logits"].append(values(logits))
         tok = int(np.argmax(logits[-1]))
         for _ in range(4):
             logits = wm.decode(tok)
-            rec["logits"].append(digest(logits))
+            rec["logits"].append(values(logits))
             tok = int(np.argmax(logits))
             rec["tokens"].append(tok)
         rec[f"metrics{req}"] = _plain(wm.request_metrics())
@@ -96,8 +98,12 @@ def _expected(ref: dict) -> dict:
 
 @pytest.mark.parametrize("key", sorted(NUMERIC))
 def test_numeric_run_equals_reference(reference, key):
-    """Logits, tokens, every ledger figure and both requests' metrics, exactly."""
-    assert numeric_figures(*NUMERIC[key]) == _expected(reference[key])
+    """Tokens, every ledger figure and both requests' metrics exactly; the logits to the
+    rounding a different BLAS kernel may bring (fp16 activations amplify it to ~1e-3)."""
+    got, want = numeric_figures(*NUMERIC[key]), _expected(reference[key])
+    for g, w in zip(got.pop("logits"), want.pop("logits"), strict=True):
+        np.testing.assert_allclose(g, w, rtol=0, atol=2e-3 * max(1.0, float(np.max(np.abs(w)))))
+    assert got == want
 
 
 def _assert_close(got, want, path="") -> None:

@@ -32,6 +32,7 @@ from typing import Callable
 
 import numpy as np
 
+from waferllm.engine import fused
 from waferllm.engine.kvcache import KVCache
 from waferllm.engine.layouts import HeadLayout
 from waferllm.engine.placement import layer_matrices
@@ -46,12 +47,14 @@ from waferllm.errors import MeshError
 from waferllm.mesh.tensor import QUANT_BITS, DistTensor, QuantTensor, tile_shape_for
 from waferllm.models import quant
 
-#: runs one layer's program: ``run_layer(key, fn)`` returns ``fn()``, or None when it
-#: replayed the cost of an identical program (``key``) instead (dry runs)
-LayerRunner = Callable[[tuple, Callable], object]
+#: runs one layer's program: ``run_layer(key, fn, fused)`` returns ``fn()``; or, having
+#: replayed the cost of an identical program (``key``) instead, None in a dry run and
+#: ``fused()`` (the same values as dense array operations, :mod:`waferllm.engine.fused`)
+#: in a numeric one
+LayerRunner = Callable[[tuple, Callable, Callable], object]
 
 
-def run_now(key: tuple, fn: Callable):
+def run_now(key: tuple, fn: Callable, fused: Callable | None = None):
     return fn()
 
 
@@ -96,7 +99,7 @@ class DecodeStage:
     def __init__(self, mesh, config, layer_ids: range, layers, vocab: range, lm_head, embed, final_norm,
                  capacity_tokens: int, dtype: str = "fp16", kv_scheme: str = "shift", gemv_k: int = 2,
                  gemv_group: int | None = None, weights: str = "fp16", collectives: str = "paper",
-                 ktree: str = "paper"):
+                 ktree: str = "paper", overlap: str = "paper"):
         self.mesh = mesh
         self.config = config
         self.layer_ids = layer_ids
@@ -110,6 +113,9 @@ class DecodeStage:
         # "fused": RMSNorm statistics ride with the following GEMV's reduce (kernels.norm_gemv) and
         # attention's softmax statistics with its P V reduce (one collective instead of three)
         self.fused = collectives == "fused"
+        # "segmented": every layer GEMV streams its reduce in segments of output columns, the
+        # product of the next chunk overlapping it, as many as the cost model finds fastest
+        self.segments = "tuned" if overlap == "segmented" else 1
         q = mesh.rows
         c = config
         self.hl = hl = HeadLayout(c.num_heads, c.num_kv_heads, c.head_dim, q)
@@ -181,7 +187,7 @@ class DecodeStage:
     # ---- building blocks ---------------------------------------------------------------
     def _gemv(self, x, w, name):
         with self.mesh.ledger.span(name):
-            return gemv(x, w, algo="meshgemv", **self.ktree, out_dtype="fp32", name=name).out
+            return gemv(x, w, algo="meshgemv", **self.ktree, out_dtype="fp32", name=name, segments=self.segments).out
 
     def rmsnorm(self, h: DistTensor, weight: DistTensor, name: str) -> DistTensor:
         """h [E] (y) or [B, E] (None, y): sum of squares allreduced along y, then scaled on every PE."""
@@ -199,7 +205,8 @@ class DecodeStage:
             self.mesh.sram.release(x)
             return out
         with self.mesh.ledger.span(name):
-            return norm_gemv(h, weight, w, self.config.rms_norm_eps, **self.ktree, out_dtype="fp32", name=name).out
+            return norm_gemv(h, weight, w, self.config.rms_norm_eps, **self.ktree, out_dtype="fp32", name=name,
+                             segments=self.segments).out
 
     def rope_tables(self, positions: tuple[int, ...]):
         """Per-column cos/sin for the batch's positions, computed once per step: (1, cols, B, F)."""
@@ -224,10 +231,15 @@ class DecodeStage:
         caches = [self.caches[s] for s in seqs]
         positions = tuple(int(p) for p in pos)
         # the same program for every layer of the step: the batch and each cache's state
-        key = ("decode", len(caches)) + tuple(c.program_key() for c in caches)
+        # (numeric runs replay only what they would charge and hold exactly: how many rows
+        # shift, and with concat caches whether the layer is the last, whose append grows them)
+        exact = self.mesh.numeric
+        key = ("decode", len(caches)) + tuple(c.program_key(exact=exact) for c in caches)
         for idx, li in enumerate(self.layer_ids):
+            last = (idx == len(self.layer_ids) - 1,) if exact and caches[0].scheme == "concat" else ()
             with self.mesh.ledger.span(f"layer{li}"):
-                out = run_layer(key, lambda: self.layer(idx, h, positions, caches))
+                out = run_layer(key + last, lambda: self.layer(idx, h, positions, caches),
+                                lambda: fused.decode_layer(self, idx, h, positions, caches))
             if out is None:
                 for c in caches:
                     c.update(idx)

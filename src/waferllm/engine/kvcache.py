@@ -96,10 +96,13 @@ class KVCache:
         """Slots in use on the fullest row: what the attention loops run over."""
         return int(self.count.max()) if self.count.size else 0
 
-    def program_key(self) -> tuple[int, bool]:
+    def program_key(self, exact: bool = False) -> tuple[int, int]:
         """What the next append's program depends on: the fullest row's slots and whether
-        rows shift (a dry run replays a step whose key it has executed)."""
-        return self.occupied, bool(self._plan_append().size)
+        rows shift (a dry run replays a step whose key it has executed). ``exact``: how many
+        rows shift instead, which changes the shift's message count, not its time (a numeric
+        run replays only programs whose every counter it knows)."""
+        movers = self._plan_append().size
+        return self.occupied, (movers if exact else int(bool(movers)))
 
     def free(self) -> None:
         """The request is done: the cache's SRAM is free for others."""
@@ -189,12 +192,33 @@ class KVCache:
             self._charge_append(movers)
             head, count = self._after(movers)
             if self.k is not None:
-                self._shift_and_store(layer, k, v, movers, head, count)
+                self._shift_and_store(layer, k.tiles[-1], v.tiles[-1], movers, head, count)
             view = self._view(layer, head, count)
         self._updated += 1
         if self._updated == self.layers:
             self._commit(movers)
         return view
+
+    def update_values(self, layer: int, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """:meth:`update` for a layer whose cost was replayed but whose numerics run fused
+        (:mod:`waferllm.engine.fused`): store the new token's K and V (each [kv_padded], wafer
+        order) as the program would, charge nothing, and return the layer's cache (K, V) each
+        [tokens, kv_padded] in token order (None without values: a dry run)."""
+        if layer != self._updated:
+            raise MeshError(f"{self.name}: layers of a token are appended in order; expected layer "
+                            f"{self._updated}, got {layer}")
+        if layer == 0:
+            self._movers = self._plan_append()
+        movers = self._movers
+        head, count = self._after(movers)
+        cols = (self.q, self.hl.col_features)
+        if self.k is not None:
+            self._shift_and_store(layer, k.reshape(cols), v.reshape(cols), movers, head, count)
+        self._updated += 1
+        out = None if self.k is None else self._logical(layer, head, count)
+        if self._updated == self.layers:
+            self._commit(movers)
+        return out
 
     def advance(self) -> None:
         """A step whose every layer was replayed: the append's bookkeeping at once (what
@@ -240,6 +264,8 @@ class KVCache:
         compute.store(mesh, f"{name}.write", 2 * self.hl.col_features, self.dtype, writers=q)
 
     def _shift_and_store(self, layer, k, v, movers, head, count) -> None:
+        """Hand the movers' oldest tokens up and store the new token (``k``, ``v``: the
+        bottom row's tiles, [cols, F], the same on every row) in the bottom row."""
         K, V = self.k[layer], self.v[layer]  # [rows, cols, F, cap], [rows, cols, cap, F]
         if movers.size:
             src = self.head[movers]
@@ -249,8 +275,8 @@ class KVCache:
             V[up, :, dst, :] = V[movers, :, src, :]
         last = self.q - 1
         slot = (head[last] + count[last] - 1) % self.cap
-        K[last, :, :, slot] = k.tiles[last].astype(K.dtype)
-        V[last, :, slot, :] = v.tiles[last].astype(V.dtype)
+        K[last, :, :, slot] = k.astype(K.dtype)
+        V[last, :, slot, :] = v.astype(V.dtype)
 
     def _view(self, layer: int, head: np.ndarray, count: np.ndarray) -> KVView:
         """The occupied slots of every row in ring order (a ring's occupied part is one or two
@@ -280,9 +306,12 @@ class KVCache:
     # ---- reading back ----------------------------------------------------------------
     def logical(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
         """(K, V) each [n, kv_padded] in token order, wafer feature order (numeric mode)."""
-        j = np.arange(self.cap)[None, :]
-        slots = (self.head[:, None] + j) % self.cap  # (Q rows, cap): the j-th oldest token's slot
-        held = j < self.count[:, None]  # row-major order of `held` is token order
+        return self._logical(layer, self.head, self.count)
+
+    def _logical(self, layer: int, head: np.ndarray, count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        j = np.arange(int(count.max()) if count.size else 0)[None, :]
+        slots = (head[:, None] + j) % self.cap  # (Q rows, slots): the j-th oldest token's slot
+        held = j < count[:, None]  # row-major order of `held` is token order
         k = self.k[layer].transpose(0, 3, 1, 2)  # [rows, cap, cols, F]
         v = self.v[layer].transpose(0, 2, 1, 3)
         k = np.take_along_axis(k, slots[:, :, None, None], axis=1)[held]

@@ -105,8 +105,10 @@ class LLM(PromptFrontend):
     ``max_num_seqs``: requests decoded together (``generate([...])`` batches them); the
     decode KV pool holds that many whole contexts. ``threads``: host threads for the
     simulation (BLAS and the simulator's workers), process-wide; None keeps the defaults.
-    ``prefill_attention``, ``decode_collectives``, ``gemv_ktree``: the paper's algorithms
+    ``prefill_attention``, ``decode_collectives``, ``gemv_ktree``, ``gemv_overlap``: the paper's algorithms
     ("paper") or the ones beyond it (see :data:`waferllm.engine.run_config.ALGORITHMS`).
+    ``numerics``: ``fused`` (layers whose program has run compute their values as dense array
+    operations, their cost replayed) or ``mesh`` (every primitive); the same predictions.
 
     ``max_model_len``: tokens a request may hold (prompt + output). Default: the model's
     context, or, when the wafer cannot hold that on the grids allowed (given, or tuned up
@@ -119,7 +121,8 @@ class LLM(PromptFrontend):
                  dtype: str = "fp16", kv_scheme: str = "shift", max_model_len: int | None = None,
                  wafer_overrides: dict | None = None, progress=None, band: bool = True, weights: str = "fp16",
                  max_num_seqs: int = 4, threads: int | None = None, prefill_attention: str = "paper",
-                 decode_collectives: str = "paper", gemv_ktree: str = "paper"):
+                 decode_collectives: str = "paper", gemv_ktree: str = "paper", numerics: str = "fused",
+                 gemv_overlap: str = "paper"):
         from waferllm.models import quant
         from waferllm.models.loader import resolve_model
 
@@ -127,7 +130,7 @@ class LLM(PromptFrontend):
         pg, dg = check_engine_args(prefill_grid, decode_grid, dtype, kv_scheme, max_model_len)
         quant.check_weights(weights)
         for name, value in (("prefill_attention", prefill_attention), ("decode_collectives", decode_collectives),
-                            ("gemv_ktree", gemv_ktree)):
+                            ("gemv_ktree", gemv_ktree), ("gemv_overlap", gemv_overlap)):
             if value not in ALGORITHMS[name]:
                 raise RequestError(f"{name} must be one of {', '.join(ALGORITHMS[name])}, got {value!r}")
         if threads is not None:  # host threads (BLAS and the simulator's workers) for this process
@@ -178,7 +181,7 @@ class LLM(PromptFrontend):
         run = RunConfig(prefill_grid=fixed["prefill"], decode_grid=fixed["decode"], max_seq_len=mml, dtype=dtype,
                         kv_scheme=kv_scheme, weights=wf, max_num_seqs=self.max_num_seqs,
                         prefill_attention=prefill_attention, decode_collectives=decode_collectives,
-                        gemv_ktree=gemv_ktree)
+                        gemv_ktree=gemv_ktree, numerics=numerics, gemv_overlap=gemv_overlap)
         self.tuning = None
         if fixed["prefill"] is None or fixed["decode"] is None:
             if progress:

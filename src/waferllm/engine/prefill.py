@@ -21,6 +21,7 @@ import math
 
 import numpy as np
 
+from waferllm.engine import fused
 from waferllm.engine.decode import LayerRunner, place_matrices, run_now
 from waferllm.engine.layouts import HeadLayout
 from waferllm.engine.placement import layer_matrices
@@ -137,7 +138,8 @@ class PrefillStage:
         kv = []
         for idx, li in enumerate(self.layer_ids):
             with self.mesh.ledger.span(f"layer{li}"):
-                out = run_layer(("prefill", length), lambda: self.layer(idx, h, length, tables))
+                out = run_layer(("prefill", length), lambda: self.layer(idx, h, length, tables),
+                                lambda: fused.prefill_layer(self, idx, h, length))
             if out is None:
                 shape = (length, self.hl.kv_padded)
                 out = (h, self.mesh.place(shape, ("y", "x"), self.dtype, name="k_prefill"),

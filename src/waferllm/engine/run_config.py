@@ -23,11 +23,16 @@ from waferllm.mesh.routes import POLICIES
 from waferllm.models.quant import check_weights, resolve_weights
 
 
+#: how a numeric run computes its values (never its cost): every primitive on the mesh, or
+#: layers whose program has run once as dense array operations (see waferllm.engine.fused)
+NUMERICS = ("fused", "mesh")
+
 #: the switchable algorithms: the paper's design first, then what goes beyond it
 ALGORITHMS = {
     "prefill_attention": ("paper", "streaming"),
     "decode_collectives": ("paper", "fused"),
     "gemv_ktree": ("paper", "tuned"),
+    "gemv_overlap": ("paper", "segmented"),
 }
 
 
@@ -65,6 +70,13 @@ class RunConfig:
             (statistics ride with the neighbouring reduce: fewer collectives per layer).
         gemv_ktree: ``paper`` (K-tree with K=2 for every allreduce) or ``tuned`` (K and group
             chosen per reduction and grid by the cost model).
+        gemv_overlap: ``paper`` (a decode GEMV's local product, then its reduce) or ``segmented``
+            (the reduce streamed in segments of output columns, each chunk's product overlapping
+            the previous segment's reduce; the count chosen per GEMV and grid by the cost model).
+        numerics: how a numeric run computes its values: ``fused`` (a layer whose program
+            has already run replays that cost and computes its values as dense array
+            operations: the same values to rounding, several times faster on the host) or
+            ``mesh`` (every layer primitive by primitive). Predicted costs are the same.
     """
 
     prefill_grid: int | None = None
@@ -80,6 +92,8 @@ class RunConfig:
     prefill_attention: str = "paper"
     decode_collectives: str = "paper"
     gemv_ktree: str = "paper"
+    gemv_overlap: str = "paper"
+    numerics: str = "fused"
 
     def __post_init__(self):
         for name in ("prefill_grid", "decode_grid", "max_seq_len", "prompt_len", "layers", "max_num_seqs"):
@@ -93,6 +107,8 @@ class RunConfig:
         if self.route_policy not in POLICIES:
             raise RequestError(f"route_policy must be one of {', '.join(POLICIES)}, got {self.route_policy!r}")
         check_weights(self.weights)
+        if self.numerics not in NUMERICS:
+            raise RequestError(f"numerics must be one of {', '.join(NUMERICS)}, got {self.numerics!r}")
         for name, allowed in ALGORITHMS.items():
             if getattr(self, name) not in allowed:
                 raise RequestError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")

@@ -36,7 +36,7 @@ from functools import partial
 
 import numpy as np
 
-from waferllm.engine import transition
+from waferllm.engine import fused, transition
 from waferllm.engine.cluster import plan_cluster
 from waferllm.engine.decode import DecodeStage
 from waferllm.engine.metrics import RequestCycles, request_metrics
@@ -92,7 +92,7 @@ class WaferModel:
         # per phase, for each stage the first stage holding the same program (itself on one wafer)
         self.twins = {ph: _twins(pp.stages if pp else []) for ph, pp in (("prefill", self.plan.prefill),
                                                                           ("decode", self.plan.decode))}
-        self._memo: dict = {}  # dry runs: program key -> its cost (a ledger delta)
+        self._memo: dict = {}  # program key -> its cost (a ledger delta), for replays
         self._weights: dict = {}  # (phase, stage) -> one layer's weights as the transition moves them
         self.weights_layout = "prefill"  # where the layers' weights are: "prefill" or "decode"
         self.positions: dict[int, int] = {0: 0}  # request slot -> tokens in its cache (slot 0: the single API)
@@ -134,7 +134,7 @@ class WaferModel:
         decode = [DecodeStage(self._mesh(st), c, st.layers, layers(st.layers, "decode"), st.vocab,
                               self._host("lm", st.vocab), embed(st.vocab), self._host("final_norm"), run.max_seq_len,
                               run.dtype, run.kv_scheme, weights=run.weights, collectives=run.decode_collectives,
-                              ktree=run.gemv_ktree) for st in (dec.stages if dec else [])]
+                              ktree=run.gemv_ktree, overlap=run.gemv_overlap) for st in (dec.stages if dec else [])]
         return prefill, decode
 
     def _mesh(self, stage) -> Mesh:
@@ -209,20 +209,50 @@ class WaferModel:
             st.cache.load(prompt_len)
         self.position = prompt_len
 
-    def _run_layer(self, phase: str, stage: int, key: tuple, fn):
-        """Run one layer (or replay an identical one in dry mode); returns fn's result or None."""
-        led, key = self.ledger, (self.twins[phase][stage],) + key
-        if self.mode == "dry" and key in self._memo:
-            led.replay(self._memo[key], "layer (replayed)")
-            self.cycles.add_layers(phase, self._memo[key])
-            return None
-        mark = led.mark(per_primitive=self.mode == "dry")
-        out = fn()
-        delta = led.since(mark)
+    def _run_layer(self, phase: str, stage: int, key: tuple, fn, fused=None):
+        """Run one layer's program ``fn``; or, when an identical program (``key``) has run,
+        replay its cost and return None (dry) or ``fused()``, its values computed as dense
+        array operations (numeric, ``numerics="fused"``; see :mod:`waferllm.engine.fused`)."""
+        st = (self.prefill_stages if phase == "prefill" else self.decode_stages)[stage]
+        out, delta = self._run_program((self.twins[phase][stage],) + key, fn, fused, st.mesh.sram)
         self.cycles.add_layers(phase, delta)
-        if self.mode == "dry":
-            self._memo[key] = delta
         return out
+
+    def _run_program(self, key: tuple, fn, fused=None, sram=None, name: str = "layer (replayed)"):
+        """(result, cost) of the program ``fn``, or of its replay once ``key`` has run (see
+        :meth:`_run_layer`). A numeric replay also replays the program's SRAM high-water
+        marks on ``sram`` (its region's), so that only how the values are computed differs."""
+        led = self.ledger
+        known = self._memo.get(key)
+        if known is not None and (self.mode == "dry" or (fused is not None and self.run.numerics == "fused")):
+            led.replay(known, name)
+            if self.mode == "dry":
+                return None, known
+            sram.replay(known["sram"])
+            return fused(), known
+        mark = led.mark(per_primitive=True)
+        with sram.recording() as footprint:
+            out = fn()
+        delta = led.since(mark)
+        self._memo[key] = delta | {"sram": footprint}
+        return out, delta
+
+    def _head_logits(self, phase: str, index: int, st, x: DistTensor) -> np.ndarray | None:
+        """Logits of stage ``st``'s vocabulary slice for ``x`` (None in a dry run). In a
+        numeric run with fused numerics, once this head's program has run its cost is
+        replayed and its values are one product (:func:`fused.head_logits`)."""
+        if phase == "prefill":
+            def run():
+                out = st.lm_head(x)
+                return None if out.tiles is None else out.to_global()
+        else:
+            def run():
+                return st.lm_head(x)[0]
+        if self.mode != "numeric":
+            return run()
+        return self._run_program(("lm_head", phase, index, x.shape), run, lambda: fused.head_logits(st, x),
+                                 st.mesh.sram,
+                                 name="lm_head (replayed)")[0]
 
     def prefill(self, token_ids, prompt_logits: bool = False, seq: int = 0) -> np.ndarray | None:
         """Run the prompt (ids, or just a length in dry mode) of the request in slot ``seq``;
@@ -344,14 +374,13 @@ class WaferModel:
             # on a cluster: the rows (or the last one) also cross to every other wafer with tables
             copies = self._to_table_wafers(hn, heads, ("y", "x"), None if prompt_logits else length)
             with led.span("lm_head"), led.parallel() as par:
-                for st in heads:
+                for i, st in enumerate(heads):
                     src, n = copies.get(st.mesh.wafer.name, (hn, length))
                     with par.branch(), st.mesh.sram.scope():
                         # [L or 1, E] (y, x) on each region, from where the rows are
                         x = (comm.relayout(src, st.mesh, ("y", "x"), name="lm_head.transfer") if prompt_logits
                              else self._move_last_row(src, n, st.mesh))
-                        out = st.lm_head(x)
-                        chunks.append(out.to_global() if out.tiles is not None else None)
+                        chunks.append(self._head_logits("prefill", i, st, x))
             self._release_copies(copies, hn)
             self._gather_best(heads, self.prefill_stages[0])
         if self.mode != "numeric":
@@ -628,12 +657,11 @@ class WaferModel:
             last.mesh.sram.release(h)
             copies = self._to_table_wafers(hn, heads, hn.layout)  # on a cluster: to the wafers with tables
             with led.span("lm_head"), led.parallel() as par:
-                for st in heads:
+                for i, st in enumerate(heads):
                     src = copies.get(st.mesh.wafer.name, (hn, 1))[0]
                     with par.branch(), st.mesh.sram.scope():
                         x = comm.relayout(src, st.mesh, src.layout, name="lm_head.transfer")
-                        logits, _ = st.lm_head(x)
-                        chunks.append(logits)
+                        chunks.append(self._head_logits("decode", i, st, x))
             self._release_copies(copies, hn)
             self._gather_best(heads, self.decode_stages[0])
         if self.mode != "numeric":

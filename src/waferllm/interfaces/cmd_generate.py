@@ -29,7 +29,8 @@ OUTPUT = "Output"
 #: the wafer engine's options: (parameter, flag)
 WAFER_ONLY = (("wafer", "--wafer"), ("prefill_grid", "--prefill-grid"), ("decode_grid", "--decode-grid"),
               ("dtype", "--dtype"), ("kv_scheme", "--kv-scheme"), ("trace", "--trace"), ("weights", "--weights"),
-              ("defect_rate", "--defect-rate"), ("defect_seed", "--defect-seed"), ("recovery", "--recovery"))
+              ("defect_rate", "--defect-rate"), ("defect_seed", "--defect-seed"), ("recovery", "--recovery"),
+              ("numerics", "--numerics"))
 
 
 def read_prompt(prompt: Optional[str], prompt_file: Optional[str]) -> str:
@@ -104,6 +105,7 @@ def _check_wafer_options(engine: str, given: dict):
     wafer spec and the grids ("auto" or P)."""
     from waferllm.engine.kvcache import SCHEMES
     from waferllm.engine.llm import _grid, check_grids_fit_mesh
+    from waferllm.engine.run_config import NUMERICS
     from waferllm.hardware import get_wafer
     from waferllm.hardware.plmr import DTYPE_BYTES
 
@@ -127,6 +129,8 @@ def _check_wafer_options(engine: str, given: dict):
         raise RequestError(f"--dtype must be one of {', '.join(DTYPE_BYTES)}, got {dtype!r}")
     if kv not in SCHEMES:
         raise RequestError(f"--kv-scheme must be one of {', '.join(SCHEMES)}, got {kv!r}")
+    if chosen["numerics"] not in NUMERICS:
+        raise RequestError(f"--numerics must be one of {', '.join(NUMERICS)}, got {chosen['numerics']!r}")
     spec = get_wafer(given["wafer"] or "wse2")
     if given.get("weights") is not None:
         from waferllm.models.quant import WEIGHT_CHOICES
@@ -278,6 +282,7 @@ def generate(
     trace: Optional[str] = typer.Option(None, "--trace", rich_help_panel=WAFER,
                                         help="Write a Chrome/Perfetto trace JSON of the wafer run to this file."),
     weights: Optional[str] = wafer_options.weights(WAFER),
+    numerics: Optional[str] = wafer_options.numerics(WAFER),
     defect_rate: Optional[float] = typer.Option(None, "--defect-rate", rich_help_panel=WAFER,
                                                 help="Fraction of defective PEs (e.g. 0.001), drawn with --defect-seed."),
     defect_seed: Optional[int] = typer.Option(None, "--defect-seed", rich_help_panel=WAFER,
@@ -288,6 +293,7 @@ def generate(
     prefill_attention: str = algorithm_options.PREFILL_ATTENTION,
     decode_collectives: str = algorithm_options.DECODE_COLLECTIVES,
     gemv_ktree: str = algorithm_options.GEMV_KTREE,
+    gemv_overlap: str = algorithm_options.GEMV_OVERLAP,
     beyond_paper: bool = algorithm_options.BEYOND_PAPER,
 ) -> None:
     """Generate text with a real model on the simulated wafer (or the dense reference).
@@ -305,7 +311,8 @@ def generate(
     if engine not in ("wafer", "reference"):
         raise RequestError(f"--engine must be wafer or reference, got {engine!r}")
     given = dict(wafer=wafer, prefill_grid=prefill_grid, decode_grid=decode_grid, dtype=dtype, kv_scheme=kv_scheme,
-                 trace=trace, weights=weights, defect_rate=defect_rate, defect_seed=defect_seed, recovery=recovery)
+                 trace=trace, weights=weights, defect_rate=defect_rate, defect_seed=defect_seed, recovery=recovery,
+                 numerics=numerics)
     spec, pg, dg = _check_wafer_options(engine, given)
     _check_lengths_upfront(max_tokens, max_model_len)
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
@@ -340,7 +347,8 @@ def generate(
                 eng = LLM(loaded, wafer=spec, prefill_grid=pg, decode_grid=dg, max_model_len=mml, progress=progress,
                           max_num_seqs=1,  # one prompt: no batch to hold
                           **wafer_options.llm_kwargs(given),
-                          **algorithm_options.chosen(prefill_attention, decode_collectives, gemv_ktree, beyond_paper))
+                          **algorithm_options.chosen(prefill_attention, decode_collectives, gemv_ktree, beyond_paper,
+                                                     gemv_overlap))
             except PlacementError as exc:
                 raise _rewrite_for_cli(exc, len(ids), max_tokens, max_model_len) from None
     if engine == "wafer" and max_model_len is None:

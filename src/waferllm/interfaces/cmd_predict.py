@@ -60,6 +60,7 @@ def predict(
     prefill_attention: str = algorithm_options.PREFILL_ATTENTION,
     decode_collectives: str = algorithm_options.DECODE_COLLECTIVES,
     gemv_ktree: str = algorithm_options.GEMV_KTREE,
+    gemv_overlap: str = algorithm_options.GEMV_OVERLAP,
     beyond_paper: bool = algorithm_options.BEYOND_PAPER,
 ) -> None:
     """Predict TTFT, TPOT, throughput and energy of a model on a wafer (dry run: no weights needed)."""
@@ -91,7 +92,8 @@ def predict(
     pg, dg = grid(prefill_grid, "--prefill-grid"), grid(decode_grid, "--decode-grid")
     if input_len < 1 or output_len < 1:
         raise RequestError(f"--input-len and --output-len must be positive, got {input_len} and {output_len}")
-    algorithms = algorithm_options.chosen(prefill_attention, decode_collectives, gemv_ktree, beyond_paper)
+    algorithms = algorithm_options.chosen(prefill_attention, decode_collectives, gemv_ktree, beyond_paper,
+                                          gemv_overlap)
     run = RunConfig.for_request(input_len, output_len, prefill_grid=pg, decode_grid=dg, dtype=dtype,
                                 kv_scheme=kv_scheme, layers=extrapolate, weights=weights, **algorithms)
     from waferllm.interfaces import cluster_report

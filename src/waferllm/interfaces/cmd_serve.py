@@ -75,6 +75,7 @@ def serve(
     dtype: Optional[str] = wafer_options.dtype(WAFER),
     kv_scheme: Optional[str] = wafer_options.kv_scheme(WAFER),
     weights: Optional[str] = wafer_options.weights(WAFER),
+    numerics: Optional[str] = wafer_options.numerics(WAFER),
     host: str = typer.Option("127.0.0.1", "--host", rich_help_panel=SERVER, help="Address to listen on."),
     port: int = typer.Option(8000, "--port", rich_help_panel=SERVER, help="Port to listen on (0: any free port)."),
     max_waiting: int = typer.Option(64, "--max-waiting", rich_help_panel=SERVER,
@@ -87,6 +88,7 @@ def serve(
     prefill_attention: str = algorithm_options.PREFILL_ATTENTION,
     decode_collectives: str = algorithm_options.DECODE_COLLECTIVES,
     gemv_ktree: str = algorithm_options.GEMV_KTREE,
+    gemv_overlap: str = algorithm_options.GEMV_OVERLAP,
     beyond_paper: bool = algorithm_options.BEYOND_PAPER,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API, batching requests on the simulated wafer.
@@ -101,7 +103,7 @@ def serve(
     # 1. the options alone, with generate's checks; then the port
     set_threads(threads)
     given = dict(wafer=wafer, prefill_grid=prefill_grid, decode_grid=decode_grid, dtype=dtype, kv_scheme=kv_scheme,
-                 trace=None, weights=weights)
+                 trace=None, weights=weights, numerics=numerics)
     spec, pg, dg = _check_wafer_options("wafer", given)
     _check_limits(max_num_seqs, max_waiting, request_timeout)
     if max_model_len is not None and max_model_len < 2:
@@ -124,7 +126,8 @@ def serve(
             # a model that does not fit says what would, flags included
             llm = LLM(loaded, wafer=spec, prefill_grid=pg, decode_grid=dg, max_model_len=max_model_len,
                       progress=progress, max_num_seqs=max_num_seqs, **wafer_options.llm_kwargs(given),
-                      **algorithm_options.chosen(prefill_attention, decode_collectives, gemv_ktree, beyond_paper))
+                      **algorithm_options.chosen(prefill_attention, decode_collectives, gemv_ktree, beyond_paper,
+                                                 gemv_overlap))
         name = served_model_name or model or loaded.config.name
         run_server(llm, name, sock, max_num_seqs=max_num_seqs, max_waiting=max_waiting,
                    request_timeout_s=request_timeout or None, log_level=level)

@@ -45,7 +45,14 @@ def weights(panel: str):
                              "(default: fp16).")
 
 
+def numerics(panel: str):
+    return typer.Option(None, "--numerics", rich_help_panel=panel,
+                        help="fused (a layer whose program has run replays its cost and computes its values as "
+                             "dense products: the same tokens, several times faster) or mesh (every primitive "
+                             "on the mesh, also in a --trace) (default: fused). Predictions are the same.")
+
+
 def llm_kwargs(given: dict) -> dict:
     """The LLM keywords of the checked options (each default where not given)."""
     return {"dtype": given["dtype"] or "fp16", "kv_scheme": given["kv_scheme"] or "shift",
-            "weights": given["weights"] or "fp16"}
+            "weights": given["weights"] or "fp16", "numerics": given.get("numerics") or "fused"}

@@ -21,20 +21,27 @@ scales): each PE dequantises its tile in its SIMD unit as part of the local prod
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from waferllm.errors import MeshError
 from waferllm.kernels.report import KernelResult, measured
 from waferllm.mesh import comm
-from waferllm.mesh.compute import matmul_tiles
+from waferllm.mesh.compute import dequant_ops_per_pe, matmul_tiles
+from waferllm.mesh.cost import compute_cycles
 from waferllm.mesh.tensor import DistTensor, QuantTensor
 
 GEMV_ALGOS = {"meshgemv": "ktree", "pipeline": "pipeline", "ring": "ring"}
 
 
 def gemv(x: DistTensor, w: DistTensor, *, algo: str = "meshgemv", k: int = 2, group: int | None = None,
-         broadcast: bool = True, out_dtype: str | None = None, name: str = "y") -> KernelResult:
-    """y = x @ W on the mesh; ``algo`` is meshgemv (K-tree), pipeline or ring."""
+         broadcast: bool = True, out_dtype: str | None = None, name: str = "y", segments=1) -> KernelResult:
+    """y = x @ W on the mesh; ``algo`` is meshgemv (K-tree), pipeline or ring.
+
+    ``segments`` > 1 (or "tuned": :func:`plan_segments` picks it): the local product runs in
+    that many chunks of output columns and the reduce delivers each as its own segment, so
+    the product of chunk c+1 overlaps the reduce of chunk c (:func:`comm.reduce_stream`)."""
     if algo not in GEMV_ALGOS:
         raise MeshError(f"unknown GEMV algorithm {algo!r}; expected one of {', '.join(GEMV_ALGOS)}")
     mesh = x.mesh
@@ -53,23 +60,83 @@ def gemv(x: DistTensor, w: DistTensor, *, algo: str = "meshgemv", k: int = 2, gr
     out_dtype = out_dtype or x.dtype
     tk, tn = w.tile_shape
     quant = w if isinstance(w, QuantTensor) else None
+    dtype = quant.compute_dtype if quant else w.dtype
+    # k "tuned": the K-tree the cost model picks for this payload (each segment's) and line
+    widths, k, group = plan_segments(mesh, red_axis, batch or 1, tk, tn, dtype, quant, k, group, segments,
+                                     allreduce=broadcast, algo=GEMV_ALGOS[algo])
+
+    def product(c):
+        # every PE: its x segment times chunk c of its W tile's columns (charged here, computed
+        # below); a block-quantised W is dequantised in the PE first, in the same op
+        matmul_tiles(mesh, None, None, dtype=dtype, name=f"{algo}.local_gemv", shapes=(batch or 1, tk, widths[c]),
+                     dequant=quant)
+
     with measured(mesh, algo) as rep:
-        # every PE: its x segment times its W tile (charged here, computed below); a
-        # block-quantised W is dequantised tile-wide in the PE first, in the same op
-        matmul_tiles(mesh, None, None, dtype=quant.compute_dtype if quant else w.dtype, name=f"{algo}.local_gemv",
-                     shapes=(batch or 1, tk, tn), dequant=quant)
+        # the values of every chunk at once: a column of the product is the same sum either way
         partial = DistTensor(mesh, out_shape, out_layout, "fp32", local_gemv(x, w, red_axis),
                              name=f"{name}_partial", partial=(red_axis, "sum"))
-        # k "tuned": the K-tree the cost model picks for this payload and line
-        k, group = comm.ktree_for(mesh, red_axis, partial.bytes_per_pe, k, group, allreduce=broadcast)
-        y = comm.reduce(partial, red_axis, "sum", algo=GEMV_ALGOS[algo], k=k, group=group, allreduce=broadcast,
-                        name=f"{algo}.allreduce" if broadcast else f"{algo}.reduce")
+        y = comm.reduce_stream(partial, red_axis, widths, product, "sum", algo=GEMV_ALGOS[algo], k=k, group=group,
+                               allreduce=broadcast, name=f"{algo}.allreduce" if broadcast else f"{algo}.reduce")
         if out_dtype != "fp32":
             y = y.with_tiles(None if y.tiles is None else y.tiles.astype("float16" if out_dtype == "fp16" else "float32"),
                              dtype=out_dtype, name=name)
     n = mesh.axis_size(red_axis)
-    rep.extra.update(k=w.shape[0], n=w.shape[1], grid=n, reduce_axis=red_axis, output_axis=out_axis, batch=batch or 1)
+    rep.extra.update(k=w.shape[0], n=w.shape[1], grid=n, reduce_axis=red_axis, output_axis=out_axis, batch=batch or 1,
+                     segments=len(widths))
     return KernelResult(y, rep)
+
+
+def plan_segments(mesh, axis: str, rows: int, tk: int, tn: int, dtype: str, quant, k, group, segments,
+                  allreduce: bool = True, algo: str = "ktree", extra: int = 0, most: int = 16):
+    """(widths, k, group): the output-column chunks of a local product of ``rows`` x ``tk`` by
+    ``tk`` x ``tn`` per PE whose reduce (``extra`` more values riding the last segment) is
+    streamed along ``axis``, and the K-tree of that stream (``k="tuned"``: chosen for one
+    segment's payload). ``segments="tuned"``: the count, up to ``most``, whose stream the
+    cost model prices fastest, as :func:`comm.best_ktree` does for K. Each segment pays its
+    own product launch and messages, so fine streams of small tiles cost more than they hide."""
+    if segments != "tuned":
+        widths = _widths(tn, int(segments))
+        k, group = comm.ktree_for(mesh, axis, 4 * rows * (widths[0] + extra), k, group, allreduce=allreduce)
+        return widths, k, group
+    key = (axis, rows, tk, tn, dtype, None if quant is None else quant.dtype, k, group, allreduce, algo, extra, most)
+    cache = mesh.__dict__.setdefault("_gemv_segments", {})
+    if key not in cache:
+        best = None
+        for s in range(1, min(tn, most) + 1):
+            widths, kk, gg = plan_segments(mesh, axis, rows, tk, tn, dtype, quant, k, group, s, allreduce, algo, extra)
+            cycles = _stream_cycles(mesh, axis, rows, tk, widths, dtype, quant, kk, gg, allreduce, algo, extra)
+            if best is None or cycles < best[0]:  # ties keep fewer segments
+                best = (cycles, widths, kk, gg)
+        cache[key] = best[1:]
+    return cache[key]
+
+
+def _widths(tn: int, segments: int) -> list[int]:
+    """``tn`` columns in ``segments`` chunks as even as they go (the wider first)."""
+    if not 1 <= segments <= tn:
+        raise MeshError(f"cannot cut a tile of {tn} columns into {segments} segments")
+    q, r = divmod(tn, segments)
+    return [q + (i < r) for i in range(segments)]
+
+
+def _stream_cycles(mesh, axis, rows, tk, widths, dtype, quant, k, group, allreduce, algo, extra) -> float:
+    """The cycles :func:`comm.reduce_stream` would charge for these chunks: the first product,
+    then each step the slower of the next product and this segment's occupancy, then the
+    last segment's latency (priced with the functions the executed primitives charge with)."""
+    w = mesh.wafer
+    prod, lat, occ = [], [], []
+    for c, width in enumerate(widths):
+        cyc = compute_cycles(w, rows * tk * width, dtype)
+        if quant is not None and cyc:  # the PE dequantises the chunk's values first (see matmul_tiles)
+            cyc += math.ceil(dequant_ops_per_pe(w, quant, tk * width) / w.macs_per_cycle(dtype))
+        prod.append(cyc)
+        seg = width + (extra if c == len(widths) - 1 else 0)
+        a, b = comm.stream_cycles(mesh, axis, 4 * rows * seg, algo, k, group, allreduce)
+        lat.append(a)
+        occ.append(b)
+    if len(widths) == 1:
+        return prod[0] + lat[0]
+    return prod[0] + sum(max(p, o) for p, o in zip(prod[1:], occ)) + max(lat[-1], occ[-1])
 
 
 def local_gemv(x, w, red_axis):

@@ -18,7 +18,7 @@ import numpy as np
 
 from waferllm.errors import MeshError
 from waferllm.kernels.layer_ops import under
-from waferllm.kernels.meshgemv import local_gemv
+from waferllm.kernels.meshgemv import local_gemv, plan_segments
 from waferllm.kernels.report import KernelResult, measured
 from waferllm.mesh import comm, compute
 from waferllm.mesh.compute import matmul_tiles
@@ -26,22 +26,29 @@ from waferllm.mesh.tensor import DistTensor, QuantTensor
 
 
 def norm_gemv(h: DistTensor, norm_weight: DistTensor, w: DistTensor, eps: float, *, k=2, group: int | None = None,
-              out_dtype: str = "fp32", name: str = "y") -> KernelResult:
+              out_dtype: str = "fp32", name: str = "y", segments=1) -> KernelResult:
     """RMSNorm(h; ``norm_weight``, ``eps``) @ W on the mesh with one allreduce (K-tree ``k``,
-    ``group``; ``k="tuned"``: both chosen for the payload by :func:`comm.best_ktree`)."""
+    ``group``; ``k="tuned"``: both chosen for the payload by :func:`comm.best_ktree`), streamed
+    in ``segments`` as :func:`waferllm.kernels.meshgemv.gemv` streams its own."""
     mesh = h.mesh
     red_axis, out_axis = _check(h, norm_weight, w)
     batch = h.shape[0] if len(h.shape) == 2 else None
     features = h.shape[-1]
     tk, tn = w.tile_shape
     quant = w if isinstance(w, QuantTensor) else None
+    dtype = quant.compute_dtype if quant else w.dtype
+    # the sum of squares rides the last segment of the reduce: one value more per token
+    widths, kk, gg = plan_segments(mesh, red_axis, batch or 1, tk, tn, dtype, quant, k, group, segments, extra=1)
+
+    def product(c):  # chunk c of the output columns of every PE's (h * g) @ W_tile (computed below)
+        matmul_tiles(mesh, None, None, dtype=dtype, name="norm_gemv.local_gemv", shapes=(batch or 1, tk, widths[c]),
+                     dequant=quant)
+
     with measured(mesh, "norm_gemv") as rep:
         # one pass over h: its sum of squares and h * g, the GEMV's input (both partial work of this PE)
         ss = compute.tile_reduce(h, -1, "sumsq", name=f"{name}.sumsq")  # [.., 1], partial along red_axis
         xg = compute.elementwise(lambda a, g: a * under(g, a), h, norm_weight, name=f"{name}.gain", dtype="fp32")
-        matmul_tiles(mesh, None, None, dtype=quant.compute_dtype if quant else w.dtype, name="norm_gemv.local_gemv",
-                     shapes=(batch or 1, tk, tn), dequant=quant)
-        part = local_gemv(xg, w, red_axis)  # [.., tn] per PE
+        part = local_gemv(xg, w, red_axis)  # [.., tn] per PE: every chunk's values at once
         mesh.sram.release(xg)
         lead = () if batch is None else (batch,)
         tiles = None if part is None else np.concatenate([part, ss.tiles.astype(np.float32)], axis=-1)
@@ -49,9 +56,8 @@ def norm_gemv(h: DistTensor, norm_weight: DistTensor, w: DistTensor, eps: float,
         packed = DistTensor(mesh, lead + (mesh.axis_size(out_axis) * (tn + 1),), (None,) * len(lead) + (out_axis,),
                             "fp32", tiles, name=f"{name}_partial", partial=(red_axis, "sum"))
         mesh.sram.release(ss)
-        kk, gg = comm.ktree_for(mesh, red_axis, packed.bytes_per_pe, k, group)
-        summed = comm.reduce(packed, red_axis, "sum", algo="ktree", k=kk, group=gg, allreduce=True,
-                             name="norm_gemv.allreduce")
+        summed = comm.reduce_stream(packed, red_axis, widths[:-1] + [widths[-1] + 1], product, "sum", algo="ktree",
+                                    k=kk, group=gg, allreduce=True, name="norm_gemv.allreduce")
         mesh.sram.release(packed)
         y, sq = _split(summed, w.shape[1], tn, out_axis, lead)
         # one reciprocal square root per token, then a multiply per output: a division's cost
@@ -59,7 +65,7 @@ def norm_gemv(h: DistTensor, norm_weight: DistTensor, w: DistTensor, eps: float,
                                   name=f"{name}.scale", dtype=out_dtype)
         mesh.sram.release(summed)
     rep.extra.update(k=w.shape[0], n=w.shape[1], grid=mesh.axis_size(red_axis), reduce_axis=red_axis,
-                     output_axis=out_axis, batch=batch or 1, ktree=(kk, gg))
+                     output_axis=out_axis, batch=batch or 1, ktree=(kk, gg), segments=len(widths))
     return KernelResult(out, rep)
 
 

@@ -396,9 +396,9 @@ def _occupancy_cycles(mesh, phases: list[Phase], nbytes: int) -> float:
 
 
 def pipeline_tail(mesh, n: int, nbytes: int, algo: str = "ktree", k: int = 2, allreduce: bool = False,
-                  axis: str | None = None) -> float:
+                  axis: str | None = None, group: int | None = None) -> float:
     """What the last of a stream of pipelined reductions (along ``axis``) adds after the stream's steps."""
-    phases, routes = reduce_schedule(n, algo, k, None, None, allreduce)
+    phases, routes = reduce_schedule(n, algo, k, group, None, allreduce)
     full, _, _ = _schedule_cycles(mesh, phases, nbytes, axis, routes)
     return max(0.0, full - _occupancy_cycles(mesh, phases, nbytes))
 
@@ -418,22 +418,10 @@ def reduce(t: DistTensor, axis: str, op: str = "sum", algo: str = "ktree", k: in
     each is charged only the time it occupies its busiest PE; the caller charges the
     stream's latency tail once (:func:`pipeline_tail`).
     """
-    ax = _check_axis(axis)
-    if op not in ("sum", "max"):
-        raise MeshError(f"reduce op must be sum or max, got {op!r}")
-    if t.axis_dim(axis) is not None:
-        raise MeshError(f"cannot reduce {t.name} along {axis}: a logical dim is split along it")
     mesh = t.mesh
     n = mesh.axis_size(axis)
     name = name or f"{'allreduce' if allreduce else 'reduce'}[{algo}]"
-    keep_partial = None
-    if t.partial is not None and t.partial != (axis, op):
-        # the tiles are partial along the other axis: reducing them is exact only for the
-        # same op, and only an allreduce can keep that other partial
-        if t.partial[0] == axis or t.partial[1] != op or not allreduce:
-            raise MeshError(f"{name}: {t.name} is partial along {t.partial[0]} ({t.partial[1]}); "
-                            f"cannot {op}-reduce it along {axis}{'' if allreduce else ' to a root'}")
-        keep_partial = t.partial
+    keep_partial = _check_reduce(t, axis, op, allreduce, name)
     worst_root = None
     if root is not None:
         r_arr = np.asarray(root)
@@ -442,9 +430,34 @@ def reduce(t: DistTensor, axis: str, op: str = "sum", algo: str = "ktree", k: in
         if algo == "chain" and r_arr.size:  # only a chain's schedule depends on where its root is
             worst_root = int(r_arr.flat[np.argmax(np.maximum(r_arr, n - 1 - r_arr))])
     phases, routes = _schedule(n, algo, int(k), None if group is None else int(group), worst_root, bool(allreduce))
+    _charge_reduce(mesh, name, axis, phases, routes, t.bytes_per_pe, t.tile_elems, allreduce, pipelined)
+    partial = keep_partial if allreduce else (axis, op)
+    return t.with_tiles(_reduced_tiles(t, axis, op, root, allreduce), partial=partial, name=name)
+
+
+def _check_reduce(t: DistTensor, axis: str, op: str, allreduce: bool, name: str):
+    """Refuse what a reduction of ``t`` cannot do; returns the partial state the result keeps."""
+    _check_axis(axis)
+    if op not in ("sum", "max"):
+        raise MeshError(f"reduce op must be sum or max, got {op!r}")
+    if t.axis_dim(axis) is not None:
+        raise MeshError(f"cannot reduce {t.name} along {axis}: a logical dim is split along it")
+    if t.partial is None or t.partial == (axis, op):
+        return None
+    # the tiles are partial along the other axis: reducing them is exact only for the
+    # same op, and only an allreduce can keep that other partial
+    if t.partial[0] == axis or t.partial[1] != op or not allreduce:
+        raise MeshError(f"{name}: {t.name} is partial along {t.partial[0]} ({t.partial[1]}); "
+                        f"cannot {op}-reduce it along {axis}{'' if allreduce else ' to a root'}")
+    return t.partial
+
+
+def _charge_reduce(mesh, name: str, axis: str, phases, routes: int, nbytes: int, elems: int, allreduce: bool,
+                   pipelined: bool) -> None:
+    """Charge a reduction of ``nbytes`` (``elems`` values) per PE along ``axis`` by ``phases``."""
+    n = mesh.axis_size(axis)
     if routes:
         mesh.routes.request(name, routes, relayable=False)
-    nbytes = t.bytes_per_pe
     cycles, stages, hops = _schedule_cost(mesh, phases, nbytes, axis, routes)
     if pipelined:
         cycles = _occupancy_cycles(mesh, phases, nbytes)
@@ -452,32 +465,87 @@ def reduce(t: DistTensor, axis: str, op: str = "sum", algo: str = "ktree", k: in
     if n > 1:
         mesh.ledger.charge(
             name, "comm", cycles,
-            bytes_moved=t.bytes_per_pe * (n - 1) * lines * (2 if allreduce else 1),
-            hop_bytes=t.bytes_per_pe * hops * lines, routing_stages=stages, messages=(n - 1) * lines,
-            flops=t.tile_elems * (n - 1) * lines,
+            bytes_moved=nbytes * (n - 1) * lines * (2 if allreduce else 1),
+            hop_bytes=nbytes * hops * lines, routing_stages=stages, messages=(n - 1) * lines,
+            flops=elems * (n - 1) * lines,
         )
+
+
+def _reduced_tiles(t: DistTensor, axis: str, op: str, root, allreduce: bool):
+    """The values a reduction of ``t`` along ``axis`` leaves on every PE (None in a dry run)."""
+    if t.tiles is None:
+        return None
+    mesh, ax = t.mesh, AXES[axis]
+    n = mesh.axis_size(axis)
     lines_n = mesh.cols if axis == "y" else mesh.rows
-    tiles = None
-    if t.tiles is not None:
-        rroot = np.broadcast_to(np.asarray((n - 1) // 2 if root is None else root, dtype=np.int64), (lines_n,))
-        red = np.sum if op == "sum" else np.max
-        acc = red(t.tiles.astype(np.float32, copy=False), axis=ax, keepdims=True).astype(t.tiles.dtype)
-        if allreduce:
-            tiles = np.broadcast_to(acc, t.tiles.shape)
-        else:
-            # only the root of each line holds the result; max needs -inf elsewhere, sum zeros
-            tiles = np.full_like(t.tiles, 0 if op == "sum" else -np.inf)
-            line = np.arange(lines_n)
-            if axis == "y":
-                tiles[rroot, line] = acc[0]
-            else:
-                tiles[line, rroot] = acc[:, 0]
-    partial = keep_partial if allreduce else (axis, op)
-    return t.with_tiles(tiles, partial=partial, name=name)
+    red = np.sum if op == "sum" else np.max
+    acc = red(t.tiles.astype(np.float32, copy=False), axis=ax, keepdims=True).astype(t.tiles.dtype)
+    if allreduce:
+        return np.broadcast_to(acc, t.tiles.shape)
+    # only the root of each line holds the result; max needs -inf elsewhere, sum zeros
+    rroot = np.broadcast_to(np.asarray((n - 1) // 2 if root is None else root, dtype=np.int64), (lines_n,))
+    tiles = np.full_like(t.tiles, 0 if op == "sum" else -np.inf)
+    line = np.arange(lines_n)
+    if axis == "y":
+        tiles[rroot, line] = acc[0]
+    else:
+        tiles[line, rroot] = acc[:, 0]
+    return tiles
 
 
 def allreduce(t: DistTensor, axis: str, op: str = "sum", algo: str = "ktree", **kw) -> DistTensor:
     return reduce(t, axis, op=op, algo=algo, allreduce=True, **kw)
+
+
+def stream_cycles(mesh, axis: str, nbytes: int, algo: str = "ktree", k: int = 2, group: int | None = None,
+                  allreduce: bool = True) -> tuple[float, float]:
+    """(latency, period) of one segment of ``nbytes`` in a stream of reductions along ``axis``
+    through one tree: the cycles :func:`reduce` charges it alone, and what it occupies the
+    busiest PE, after which the next segment can follow (what ``reduce(pipelined=True)`` charges)."""
+    n = mesh.axis_size(axis)
+    if n <= 1:
+        return 0.0, 0.0
+    phases, routes = reduce_schedule(n, algo, k, group, None, allreduce)
+    return _schedule_cost(mesh, tuple(phases), nbytes, axis, routes)[0], _occupancy_cycles(mesh, phases, nbytes)
+
+
+def reduce_stream(t: DistTensor, axis: str, widths, produce=None, op: str = "sum", algo: str = "ktree", k: int = 2,
+                  group: int | None = None, allreduce: bool = True, name: str | None = None) -> DistTensor:
+    """:func:`reduce` of ``t`` delivered as segments of its tiles' last dim (``widths`` values
+    each), one after another through the same tree, so that the work making the next segment
+    overlaps the reduction of this one.
+
+    ``produce(c)`` charges the work that makes segment c (e.g. its columns of a local
+    product): segment 0's first, then segment c+1's on the PEs' cores while segment c is
+    on the fabric. Each segment is its own message: it pays its ramps, hops and relays, and
+    the stream's last one its whole latency; the tree's set-up is paid once. Segment c+1
+    enters the tree when both its producer and the busiest PE (done with segment c) are
+    ready, so a stream of tiny segments costs more than one message. One segment is
+    exactly :func:`reduce`. The values are those of one reduction of the whole tile."""
+    widths = [int(w) for w in widths]
+    if sum(widths) != t.tile_shape[-1] or min(widths) < 1:
+        raise MeshError(f"reduce_stream: segments of {widths} values do not fill {t.name}'s tile of {t.tile_shape[-1]}")
+    mesh, led = t.mesh, t.mesh.ledger
+    name = name or f"{'allreduce' if allreduce else 'reduce'}[{algo}]"
+    if produce is not None:
+        produce(0)
+    if len(widths) == 1:
+        return reduce(t, axis, op, algo, k, group, allreduce=allreduce, name=name)
+    keep = _check_reduce(t, axis, op, allreduce, name)
+    n = mesh.axis_size(axis)
+    phases, routes = _schedule(n, algo, int(k), None if group is None else int(group), None, bool(allreduce))
+    per_value = t.tile_elems // t.tile_shape[-1]  # a segment of w values: w of every leading row
+    for c, w in enumerate(widths):
+        with led.overlap():
+            if produce is not None and c + 1 < len(widths):
+                produce(c + 1)
+            _charge_reduce(mesh, name, axis, phases, routes, per_value * w * t.itemsize, per_value * w, allreduce,
+                           pipelined=True)
+    # the last segment's latency beyond its occupancy: nothing is left to hide it
+    tail = pipeline_tail(mesh, n, per_value * widths[-1] * t.itemsize, algo, k, allreduce, axis, group)
+    led.charge(f"{name}.tail", "comm", tail)
+    return t.with_tiles(_reduced_tiles(t, axis, op, None, allreduce), partial=keep if allreduce else (axis, op),
+                        name=name)
 
 
 def allreduce_segments(t: DistTensor, axis: str, span: int, bytes_per_pe: int | None = None, k: int = 2,

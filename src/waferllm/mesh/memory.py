@@ -32,6 +32,7 @@ class SRAM:
         # name -> (the fullest PE's usage, the allocations held) when an allocation of that
         # name brought the usage highest: the program points where usage peaks
         self._highs: dict[str, tuple[int, dict[int, tuple[str, object]]]] = {}
+        self._footprint: Footprint | None = None  # a program being recorded (see recording)
 
     def used_max(self) -> int:
         return self._uniform + self._varying_max
@@ -110,7 +111,41 @@ class SRAM:
         high = self._highs.get(name)
         if high is None or worst > high[0]:
             self._highs[name] = (worst, dict(self._allocs))
+        if self._footprint is not None:
+            self._footprint.note(self, name, worst)
         return handle
+
+    # ---- replaying a program's high-water marks ----------------------------------------
+    @contextmanager
+    def recording(self):
+        """``with sram.recording() as fp:`` -- note how a program's allocations raise the
+        usage above what the region held when it began, for :meth:`replay`."""
+        outer, self._footprint = self._footprint, Footprint(self)
+        try:
+            yield self._footprint
+        finally:
+            self._footprint = outer
+
+    def replay(self, fp: "Footprint") -> None:
+        """The high-water marks a recorded program would set, run again from what the region
+        holds now (the peak, and each name's highest point with what was held there): a
+        program replayed for its cost (numeric runs with fused numerics) leaves the SRAM
+        accounting as executing it would. Its allocations are all released by its end, but
+        what it keeps, which the replaying code allocates itself."""
+        level = self.used_max()
+        for name, rise, transient, lent in fp.points:
+            worst = level + rise
+            if worst > self.peak_bytes:
+                self.peak_bytes = worst
+            high = self._highs.get(name)
+            if high is None or worst > high[0]:
+                # what the region holds now, but what the program had lent out (the recorded
+                # run's operands: the replayed layer's alike), and what it held at that point
+                held = dict(self._allocs)
+                for h in lent:
+                    held.pop(h, None)
+                held.update({next(self._ids): entry for entry in transient})
+                self._highs[name] = (worst, held)
 
     def _rekey(self, new: int, handle: int) -> None:
         """Give the allocation just made as ``new`` the handle ``handle`` (resize, lent)."""
@@ -197,6 +232,25 @@ def _on_fullest(allocs: dict, shape, fullest: dict | None = None) -> dict[int, t
         if fullest is not None:
             fullest[key] = at
     return {h: (name, int(b[at]) if h in varying else int(b)) for h, (name, b) in allocs.items()}
+
+
+class Footprint:
+    """How a program's allocations raised a region's usage: for each allocation, its name,
+    the rise of the fullest PE over the usage when the program began, the program's own
+    allocations held then (name, bytes), and how many of what it began with it had lent
+    out (a MeshGEMM rotates its operands through their own space). Uniform allocations rise
+    alike from any start."""
+
+    def __init__(self, sram: SRAM):
+        self.start = sram.used_max()
+        self.held = dict.fromkeys(sram._allocs)  # what the region held when the program began
+        self.points: list[tuple[str, int, tuple, tuple]] = []
+
+    def note(self, sram: SRAM, name: str, worst: int) -> None:
+        now = sram._allocs
+        mine = tuple(entry for h, entry in now.items() if h not in self.held)
+        lent = tuple(h for h in self.held if h not in now)
+        self.points.append((name, worst - self.start, mine, lent))
 
 
 class Scope:

@@ -404,7 +404,7 @@ def _span(n: int, lo, hi, w) -> np.ndarray:
     lo, hi, w = (np.ravel(a) for a in (lo, hi, w))
     keep = (lo <= hi) & (w != 0)
     d = np.bincount(lo[keep], w[keep], n + 1) - np.bincount(hi[keep] + 1, w[keep], n + 1)
-    return np.rint(np.cumsum(d)[:n]).astype(np.int64)
+    return np.cumsum(np.rint(d).astype(np.int64))[:n]
 
 
 def _rect(shape, rows, cols, w) -> np.ndarray:
@@ -421,14 +421,14 @@ def _rect(shape, rows, cols, w) -> np.ndarray:
     if (r0 == r1).all():  # spans of single rows: differences along the rows only
         row = r0 * (W + 1)
         d = np.bincount(np.concatenate((row + c0, row + c1 + 1)), np.concatenate((w, -w)), H * (W + 1))
-        return np.cumsum(d.reshape(H, W + 1), axis=1)[:, :W].astype(np.int64)
+        return np.cumsum(d.astype(np.int64).reshape(H, W + 1), axis=1)[:, :W]
     if (c0 == c1).all():  # spans of single columns
         d = np.bincount(np.concatenate((r0 * W + c0, (r1 + 1) * W + c0)), np.concatenate((w, -w)), (H + 1) * W)
-        return np.cumsum(d.reshape(H + 1, W), axis=0)[:H].astype(np.int64)
+        return np.cumsum(d.astype(np.int64).reshape(H + 1, W), axis=0)[:H]
     r0, r1 = r0 * (W + 1), (r1 + 1) * (W + 1)
     corners = np.concatenate((r0 + c0, r0 + c1 + 1, r1 + c0, r1 + c1 + 1))
-    d = np.bincount(corners, np.concatenate((w, -w, -w, w)), (H + 1) * (W + 1)).reshape(H + 1, W + 1)
-    return np.cumsum(np.cumsum(d, axis=0), axis=1)[:H, :W].astype(np.int64)
+    d = np.bincount(corners, np.concatenate((w, -w, -w, w)), (H + 1) * (W + 1)).astype(np.int64).reshape(H + 1, W + 1)
+    return np.cumsum(np.cumsum(d, axis=0), axis=1)[:H, :W]
 
 
 def _box(src: Placement, dst: Placement):
@@ -592,22 +592,23 @@ def _line_loads(lines: int, n: int, line, frm, to, w) -> tuple[np.ndarray, np.nd
     on line ``line``, from coordinate ``frm`` to ``to``, ``w`` bytes. Returns the
     (lines, n - 1) loads of the forward links (i -> i+1) and the backward ones (i+1 -> i)."""
     shape = np.broadcast_shapes(np.shape(line), np.shape(frm), np.shape(to), np.shape(w))
-    frm, to = np.broadcast_to(frm, shape), np.broadcast_to(to, shape)
     # each message adds w from its lower end and takes it back at its upper end, in its
-    # direction's plane (one that stays adds and takes back in one place)
-    lo, hi = np.minimum(frm, to), np.maximum(frm, to)
-    base = (to < frm) * np.int64(lines * (n + 1))
-    base += np.asarray(line, np.int64) * (n + 1)
-    lo += base
-    hi += base
+    # direction's plane (one that stays adds and takes back in one place); both ends are
+    # built whole first, so that the passes after them run on contiguous arrays
+    at = np.asarray(line, np.int64) * (n + 1)
+    f, t = np.broadcast_to(at + frm, shape).ravel(), np.broadcast_to(at + to, shape).ravel()
+    lo, hi = np.minimum(f, t), np.maximum(f, t)
+    off = (t < f) * np.int64(lines * (n + 1))
+    lo += off
+    hi += off
     w = np.broadcast_to(np.asarray(w, np.float64), shape).ravel()
     size = 2 * lines * (n + 1)
-    d = np.bincount(lo.ravel(), w, size)
-    d -= np.bincount(hi.ravel(), w, size)
-    d = d.reshape(2, lines, n + 1)
-    np.cumsum(d, axis=2, out=d)
-    loads = d[:, :, : n - 1].astype(np.int64)  # integer weights: the float sums are exact
-    return loads[0], loads[1]
+    d = np.bincount(lo, w, size)
+    d -= np.bincount(hi, w, size)
+    # integer weights: the float sums are exact, and an integer prefix sum is far quicker
+    loads = d.astype(np.int64).reshape(2, lines, n + 1)
+    np.cumsum(loads, axis=2, out=loads)
+    return loads[0, :, : n - 1], loads[1, :, : n - 1]
 
 
 def _by_column(profiles: np.ndarray, key: np.ndarray, w: np.ndarray, col: np.ndarray, W: int) -> np.ndarray:
@@ -636,6 +637,43 @@ def _expand(groups: np.ndarray, of: np.ndarray, n: int) -> tuple[np.ndarray, np.
     return i, k
 
 
+def _extremes(key: np.ndarray, v: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The least and the most of ``v`` over the items of each key in [0, n)."""
+    lo, hi = np.full(n, np.iinfo(np.int64).max), np.full(n, np.iinfo(np.int64).min)
+    np.minimum.at(lo, key, v)
+    np.maximum.at(hi, key, v)
+    return lo, hi
+
+
+def _column_links(H: int, W: int, frm: np.ndarray, to: np.ndarray, to_w: np.ndarray, held: np.ndarray, t0: int,
+                  r0: int, exc: tuple, key: np.ndarray, key_w: np.ndarray, key_col: np.ndarray):
+    """(south, north), each (H - 1, W): the column links of a skewed source's move, whose
+    messages run on lines (column blocks, or row blocks), each line's profile then summed on
+    the destination columns of its keys (``key``: a key's line, ``key_w`` its bytes,
+    ``key_col`` its column).
+
+    On line l, item k goes from row ``frm[l, k]`` to row ``to[k]`` with ``to_w[k]`` bytes.
+    With C_x(i) the bytes of the items whose x <= i, the link below row i carries
+    C_frm - C_max(frm, to) and the one above it C_to - C_max(frm, to): C_max is the one pass
+    over every (line, item), C_to one line shared by all, and C_frm what each line holds on
+    each row (``held``, from box row ``r0``) summed down: ``t0`` on every row but a few
+    exceptions ``exc`` (line, row, and their pairs (i, k) with the keys of their lines)."""
+    n = frm.shape[0]
+    c_max = np.bincount(((np.arange(n) * H)[:, None] + np.maximum(frm, to)).ravel(),
+                        np.tile(np.asarray(to_w, np.float64), n), n * H).astype(np.int64).reshape(n, H)
+    np.cumsum(c_max, axis=1, out=c_max)  # integer weights: the float sums are exact
+    both = _by_column(c_max[:, : H - 1], key, key_w, key_col, W)
+    per_col = np.bincount(key_col, key_w, W).astype(np.int64)
+    el, er, i, k = exc
+    # (W, H): the prefix sums down each column run along contiguous memory
+    held_c = np.bincount(key_col[k] * H + er[i] + r0, (held[el, er] - t0)[i] * key_w[k], W * H)
+    held_c = held_c.astype(np.int64).reshape(W, H)
+    held_c[:, r0: r0 + held.shape[1]] += t0 * per_col[:, None]
+    np.cumsum(held_c, axis=1, out=held_c)
+    c_to = np.cumsum(np.bincount(to, to_w, H).astype(np.int64))
+    return held_c[:, : H - 1].T - both, np.outer(c_to[: H - 1], per_col) - both
+
+
 def _traffic_column_table(src, dst, itemsize, box) -> MoveTraffic:
     """A source placed by a column-preserving block table (see :func:`_column_table`).
 
@@ -646,8 +684,8 @@ def _traffic_column_table(src, dst, itemsize, box) -> MoveTraffic:
     pair: the injection per PE (j, y); the row links as one profile shared by every source
     row plus each PE's difference from it (same dims) or per (j, a) (transposed); the column
     links as one row profile per column block j (same dims) or per row block y (transposed),
-    summed on the destination columns. Messages are the distinct (source PE, destination PE)
-    pairs."""
+    summed on the destination columns (:func:`_column_links`). Messages are the distinct
+    (source PE, destination PE) pairs."""
     top, left, H, W = box
     A, B = src.y_dim, src.x_dim
     trans = dst.y_dim == B
@@ -657,12 +695,14 @@ def _traffic_column_table(src, dst, itemsize, box) -> MoveTraffic:
     la = la * unit  # bytes of each key a's elements, for one element of b (and every load in bytes)
     ub, jb = np.unique(sb, return_inverse=True)
     uy, ya = np.unique(sa, return_inverse=True)
-    J = ub.size
+    J, Y = ub.size, uy.size
     col = src.pe_cols[uy[0], ub] + src.region.col0 - left  # (J,) the PE column of column block j
-    rows = src.pe_rows[np.ix_(uy, ub)].T + src.region.row0 - top  # (J, Y) PE row of row block y there
+    rs = src.region.row0 - top
+    rows_yj = src.pe_rows[np.ix_(uy, ub)] + rs  # (Y, J) PE row of row block y in column block j
+    rows = rows_yj.T  # (J, Y)
     P = rows[:, ya]  # (J, A) source row of key a in column block j
     ly, lb_j = np.bincount(ya, la), np.bincount(jb, lb, J)
-    inject = np.bincount((rows * W + col[:, None]).ravel(), (lb_j[:, None] * ly).ravel(), H * W)
+    inject = np.bincount((rows_yj * W + col).ravel(), (ly[:, None] * lb_j).ravel(), H * W)
     r0, c0 = dst.region.row0 - top, dst.region.col0 - left
     if not trans:  # a keeps its dims' roles: destination row from a, column from b
         dr, dc = oa + r0, ob + c0
@@ -677,7 +717,6 @@ def _traffic_column_table(src, dst, itemsize, box) -> MoveTraffic:
         # row links: a source row carries, for every column block j, its row block's share
         # of j's keys b. Most row blocks are alike (t0 elements): one profile for every
         # source row, plus each PE's difference from it (other sizes, no block)
-        rs = src.region.row0 - top
         held = np.zeros((J, src.region.rows), np.int64)
         held[np.arange(J)[:, None], rows - rs] = ly
         sizes, count = np.unique(ly, return_counts=True)
@@ -688,12 +727,14 @@ def _traffic_column_table(src, dst, itemsize, box) -> MoveTraffic:
         common = _line_loads(1, W, 0, col[jb], dc, lb)
         east[rs: rs + src.region.rows] += t0 * common[0]
         west[rs: rs + src.region.rows] += t0 * common[1]
-        # column links: every column block's profile over the rows, summed on the columns its keys b go to
-        vs, vn = _line_loads(J, H, np.arange(J)[:, None], P, dr, la)
-        south, north = (_by_column(v, jb, lb, dc, W) for v in (vs, vn))
+        # column links: each column block's line (its keys a from their rows to dr), summed
+        # on the columns its keys b go to
+        south, north = _column_links(H, W, P, dr, la, held, t0, rs, (ej, er, e, b), jb, lb, dc)
         hmax = np.zeros(J, np.int64)
         np.maximum.at(hmax, jb, np.abs(col[jb] - dc))
-        max_hops = int((np.abs(P - dr).max(axis=1) + hmax).max())
+        # the farthest key a of row block y from its row: one of the extremes of its dr
+        d_lo, d_hi = _extremes(ya, dr, Y)
+        max_hops = int((np.maximum(rows - d_lo, d_hi - rows).max(axis=1) + hmax).max())
     else:  # transposed: destination row from b, column from a
         dc, dr = oa + c0, ob + r0
         eject = np.outer(np.bincount(dr, lb, H), np.bincount(dc, la, W))
@@ -708,18 +749,24 @@ def _traffic_column_table(src, dst, itemsize, box) -> MoveTraffic:
         stay = np.bincount(rr * W + dc[ka], stay_w, H * W)
         stay_msgs = int(n_jr[ja * H + rr].sum())
         east, west = _line_loads(H, W, P, col[:, None], dc, lb_j[:, None] * la)
-        # column links: row block y leaves from row rows[j, y] of every column block j for the
-        # destination rows of j's keys b: a profile per row block, summed on a's columns
+        # column links: row block y's line, from row rows[j, y] of every column block j to the
+        # destination rows of j's keys b, summed on the columns of y's keys a. What a line
+        # holds on a row: the column blocks that put y there (each t0, the usual, but a few)
         nz = np.flatnonzero(per_jr)
         zj, zr = np.divmod(nz, H)
-        fs, fn = _line_loads(uy.size, H, np.arange(uy.size), rows[zj], zr[:, None], per_jr[nz, None])
-        south, north = (_by_column(f, ya, la, dc, W) for f in (fs, fn))
-        far = np.zeros(J, np.int64)
-        near = np.full(J, H, np.int64)
-        np.maximum.at(far, zj, zr)
-        np.minimum.at(near, zj, zr)
-        reach = np.maximum(np.abs(P - far[:, None]), np.abs(P - near[:, None]))
-        max_hops = int((reach + np.abs(col[:, None] - dc)).max())
+        held = np.bincount((np.arange(Y)[:, None] * src.region.rows + rows_yj - rs).ravel(),
+                           np.tile(lb_j, Y), Y * src.region.rows).astype(np.int64).reshape(Y, -1)
+        sizes, count = np.unique(lb_j, return_counts=True)
+        t0 = int(sizes[count.argmax()])
+        ey, er = np.nonzero(held != t0)
+        e, a = _expand(ey, ya, Y)
+        south, north = _column_links(H, W, rows_yj[:, zj], zr, per_jr[nz], held, t0, rs, (ey, er, e, a), ya, la, dc)
+        far, near = _extremes(zj, zr, J)
+        far, near = np.maximum(far, 0), np.minimum(near, H)
+        # the farthest key a of row block y from column col[j]: one of the extremes of its dc
+        c_lo, c_hi = _extremes(ya, dc, Y)
+        reach = np.maximum(np.abs(rows - far[:, None]), np.abs(rows - near[:, None]))
+        max_hops = int((reach + np.maximum(col[:, None] - c_lo, c_hi - col[:, None])).max())
     stay = stay.astype(np.int64)  # integer weights: the float sums are exact
     inject = inject.astype(np.int64) - stay
     eject = eject.astype(np.int64).ravel() - stay

@@ -369,6 +369,15 @@ class QuantTensor(DistTensor):
         values = self.tiles.astype(np.float32) * self.scales.astype(np.float32)
         return values.astype(NP_DTYPES[self.compute_dtype]).astype(np.float32)
 
+    def to_global(self, dtype=None) -> np.ndarray:
+        """The logical matrix as the PEs multiply with it: its dequantised values (float32
+        unless ``dtype``), not the stored integers."""
+        if self.tiles is None:
+            raise MeshError(f"{self.name}: dry-run tensors hold no data")
+        values = DistTensor(self.mesh, self.shape, self.layout, "fp32", self.dequantized_tiles(), name=self.name,
+                            blocks=self._blocks, moved=self._moved, tile_shape=self.tile_shape, charge_sram=False)
+        return values.to_global(dtype or np.float32)
+
     def with_tiles(self, tiles, *, name=None, layout=None, shape=None, blocks="keep", partial="keep", dtype=None,
                    moved=None) -> "QuantTensor":
         """The tensor after its tiles moved (a MeshGEMM operand's ring shift): the same stored

@@ -1,0 +1,150 @@
+"""Fused numerics (``numerics="fused"``, the default) against the primitive-by-primitive path.
+
+A layer whose program has already run replays its cost and computes its values as dense
+products (``waferllm.engine.fused``). The two paths must charge exactly the same costs,
+store the same KV cache, and give the same logits to the rounding of a different summation
+order, so the same greedy tokens.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from waferllm.engine import fused
+from waferllm.engine.run_config import RunConfig
+from waferllm.engine.wafer import WaferModel
+from waferllm.errors import RequestError
+from waferllm.hardware import get_wafer
+from waferllm.models.reference import ReferenceModel
+from waferllm.models.testing import random_weights, tiny_config
+
+WSE2 = get_wafer("wse2")
+
+CASES = {
+    "llama-gqa": (dict(), dict()),
+    "qwen2-bias-mha": (dict(num_kv_heads=4, qkv_bias=True, arch="qwen2"), dict()),
+    "tied-pipeline": (dict(num_layers=4, tie_word_embeddings=True), dict(prefill_grid=4, decode_grid=4)),
+    "int4-streaming-concat": (dict(), dict(weights="int4", prefill_attention="streaming", kv_scheme="concat")),
+    "concat": (dict(), dict(kv_scheme="concat")),
+    "beyond-paper": (dict(), dict(decode_collectives="fused", gemv_ktree="tuned", gemv_overlap="segmented")),
+}
+
+
+def _run(cfg, w, numerics: str, grids=(8, 6), **run) -> dict:
+    """Two requests (12 and 13 prompt tokens, 5 greedy steps each) on one placed model."""
+    pg, dg = run.pop("prefill_grid", grids[0]), run.pop("decode_grid", grids[1])
+    wm = WaferModel(cfg, w, WSE2, RunConfig(prefill_grid=pg, decode_grid=dg, max_seq_len=64, numerics=numerics,
+                                            **run))
+    out = {"logits": [], "tokens": [], "metrics": []}
+    for req in range(2):
+        wm.reset()
+        logits = wm.prefill((np.arange(12 + req) * 5 + 1) % cfg.vocab_size)
+        out["logits"].append(logits[-1])
+        for _ in range(5):
+            tok = int(np.argmax(out["logits"][-1]))
+            out["tokens"].append(tok)
+            out["logits"].append(wm.decode(tok))
+        out["metrics"].append(wm.request_metrics())
+    out["kv"] = [st.cache.logical(layer) for st in wm.decode_stages for layer in range(len(st.layer_ids))]
+    out["ledger"] = wm.ledger
+    return out
+
+
+def _close(a, b, rel=1e-9) -> None:
+    """Costs summed in another order (a replay adds a whole layer at once): equal to rounding."""
+    if isinstance(b, dict):
+        assert a.keys() == b.keys()
+        for k in b:
+            _close(a[k], b[k], rel)
+    elif isinstance(b, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            _close(x, y, rel)
+    elif isinstance(b, float):
+        assert a == pytest.approx(b, rel=rel, abs=1e-12)
+    else:
+        assert a == b
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_fused_equals_primitive_by_primitive(case, monkeypatch):
+    over, run = CASES[case]
+    cfg = tiny_config(**over)
+    w = random_weights(cfg, seed=11)
+    mesh = _run(cfg, w, "mesh", **dict(run))
+    calls = {"prefill": 0, "decode": 0, "head": 0}
+    for name, key in (("prefill_layer", "prefill"), ("decode_layer", "decode"), ("head_logits", "head")):
+        orig = getattr(fused, name)
+
+        def counted(*a, _orig=orig, _key=key, **k):
+            calls[_key] += 1
+            return _orig(*a, **k)
+
+        monkeypatch.setattr(fused, name, counted)
+    fast = _run(cfg, w, "fused", **dict(run))
+    # the fused path really ran: the second request's prefill layers, decode layers, LM heads
+    assert calls["prefill"] >= cfg.num_layers and calls["decode"] > 0 and calls["head"] > 0
+    # the same tokens; logits and every KV entry equal to the rounding of another summation order
+    # (fp16 activations and KV entries: one fp16 rounding step, 1e-3 of the scale, at most)
+    assert fast["tokens"] == mesh["tokens"]
+    for a, b in zip(fast["logits"], mesh["logits"]):
+        np.testing.assert_allclose(a, b, rtol=0, atol=2e-3 * float(np.abs(b).max()))
+    for (ka, va), (kb, vb) in zip(fast["kv"], mesh["kv"]):
+        np.testing.assert_allclose(ka, kb, rtol=0, atol=2e-3 * max(1.0, float(np.abs(kb).max())))
+        np.testing.assert_allclose(va, vb, rtol=0, atol=2e-3 * max(1.0, float(np.abs(vb).max())))
+    # exactly the costs: the ledger's counters and per-primitive cycles, and both requests' reports
+    la, lb = fast["ledger"], mesh["ledger"]
+    _close([la.cycles, la.compute_cycles, la.comm_cycles, la.exposed_comm_cycles, la.overhead_cycles],
+           [lb.cycles, lb.compute_cycles, lb.comm_cycles, lb.exposed_comm_cycles, lb.overhead_cycles])
+    _close(dict(la.totals), dict(lb.totals))
+    _close(dict(la.by_primitive), dict(lb.by_primitive))
+    _close(fast["metrics"], mesh["metrics"])
+
+
+def test_fused_layers_match_the_dense_reference():
+    """Independent of the mesh: the fused run's logits against the numpy reference in fp32."""
+    cfg = tiny_config()
+    w = random_weights(cfg, seed=5)
+    prompt = [3, 17, 99, 4, 250, 61, 7]
+    ref = ReferenceModel(w)
+    want = [ref.prefill(prompt)[-1]]
+    tokens = [int(np.argmax(want[-1]))]
+    for _ in range(4):
+        want.append(ref.decode(tokens[-1]))
+        tokens.append(int(np.argmax(want[-1])))
+    wm = WaferModel(cfg, w, WSE2, RunConfig(prefill_grid=8, decode_grid=6, max_seq_len=32, dtype="fp32"))
+    for _ in range(2):  # the second request runs fused throughout
+        wm.reset()
+        got = [wm.prefill(prompt)[-1]]
+        got += [wm.decode(t) for t in tokens[:-1]]
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.abs(b).max()))
+
+
+def test_batched_decode_fused_equals_mesh():
+    """Two requests decoded as one batch, each with its own cache, fused or not."""
+    cfg = tiny_config()
+    w = random_weights(cfg, seed=2)
+    outs = {}
+    for numerics in ("mesh", "fused"):
+        wm = WaferModel(cfg, w, WSE2, RunConfig(prefill_grid=8, decode_grid=6, max_seq_len=32, max_num_seqs=2,
+                                                numerics=numerics))
+        seqs = [wm.open_seq(32), wm.open_seq(32)]
+        first = wm.prefill_many([(s, [5 + s, 9, 2 * s + 1, 40], False) for s in seqs])
+        toks = [int(np.argmax(lg[-1])) for lg in first]
+        rows = []
+        for _ in range(4):
+            lg = wm.decode_batch(seqs, toks)
+            rows.append(lg)
+            toks = [int(t) for t in np.argmax(lg, axis=-1)]
+        outs[numerics] = (np.stack(rows), wm.ledger.cycles)
+    np.testing.assert_allclose(outs["fused"][0], outs["mesh"][0], rtol=0,
+                               atol=2e-3 * float(np.abs(outs["mesh"][0]).max()))
+    assert np.array_equal(outs["fused"][0].argmax(-1), outs["mesh"][0].argmax(-1))
+    assert outs["fused"][1] == pytest.approx(outs["mesh"][1], rel=1e-9)
+
+
+def test_numerics_is_checked():
+    with pytest.raises(RequestError, match="numerics must be one of fused, mesh"):
+        RunConfig(numerics="dense")
