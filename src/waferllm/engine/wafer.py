@@ -214,9 +214,20 @@ class WaferModel:
         replay its cost and return None (dry) or ``fused()``, its values computed as dense
         array operations (numeric, ``numerics="fused"``; see :mod:`waferllm.engine.fused`)."""
         st = (self.prefill_stages if phase == "prefill" else self.decode_stages)[stage]
-        out, delta = self._run_program((self.twins[phase][stage],) + key, fn, fused, st.mesh.sram)
+        out, delta = self._run_program(self._program_of(phase, stage) + key, fn, fused, st.mesh.sram)
         self.cycles.add_layers(phase, delta)
         return out
+
+    def _program_of(self, phase: str, stage: int) -> tuple:
+        """What a stage's layer program depends on besides its inputs. A dry run keeps each
+        stage's own (its twin's on another wafer). On a perfect wafer a layer costs the same
+        on any region of the same size (and attention passes), so a numeric run shares its
+        programs among them: with fused numerics most layers then replay. (The SRAM each
+        region holds differs; replays carry it: :meth:`SRAM.replay`.)"""
+        if self.mode == "dry" or self.wafer.defective_pes:
+            return (self.twins[phase][stage],)
+        st = (self.plan.prefill if phase == "prefill" else self.plan.decode).stages[stage]
+        return ("side", st.region.rows, st.region.cols, st.heads_per_pass)
 
     def _run_program(self, key: tuple, fn, fused=None, sram=None, name: str = "layer (replayed)"):
         """(result, cost) of the program ``fn``, or of its replay once ``key`` has run (see
