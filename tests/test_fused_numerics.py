@@ -148,3 +148,30 @@ def test_batched_decode_fused_equals_mesh():
 def test_numerics_is_checked():
     with pytest.raises(RequestError, match="numerics must be one of fused, mesh"):
         RunConfig(numerics="dense")
+
+
+@pytest.mark.parametrize("attention", ["paper", "streaming"])
+def test_prefill_program_depends_on_tile_rows_only(attention):
+    """Why a prefill layer's replay is keyed by the prompt's tile rows: prompts that pad to
+    the same tiles execute the same program (every cost, counter and high-water mark)."""
+    import numpy as np
+
+    from waferllm.engine.prefill import PrefillStage
+    from waferllm.mesh.ledger import Ledger
+    from waferllm.mesh.region import Region
+    from waferllm.mesh.runtime import Mesh
+
+    cfg = tiny_config(num_kv_heads=4, qkv_bias=True, arch="qwen2")
+
+    def run(length):
+        led = Ledger(WSE2, keep_events=False)
+        mesh = Mesh(Region(WSE2, 6, 6), mode="dry", ledger=led)
+        st = PrefillStage(mesh, cfg, range(1), [None], range(6), None, None, None, "fp16", 2, "fp16", attention)
+        h = mesh.place((length, cfg.hidden_size), ("y", "x"), "fp16", name="hidden")
+        mark = led.mark(per_primitive=True)
+        st.layer(0, h, length, st.rope_tables(np.arange(length)))
+        return led.since(mark), mesh.sram.peak_bytes, mesh.routes.peak
+
+    same = run(13)  # 3 tile rows on 6 PE rows, as 17 and 18 tokens
+    assert run(17) == same and run(18) == same
+    assert run(19)[0]["cycles"] > same[0]["cycles"]  # a fourth tile row costs more

@@ -138,7 +138,9 @@ class PrefillStage:
         kv = []
         for idx, li in enumerate(self.layer_ids):
             with self.mesh.ledger.span(f"layer{li}"):
-                out = run_layer(("prefill", length), lambda: self.layer(idx, h, length, tables),
+                # the program depends on the prompt's tile rows, not its length: prompts that
+                # pad to the same tiles cost alike (only their values and masks differ)
+                out = run_layer(("prefill", h.tile_shape[0]), lambda: self.layer(idx, h, length, tables),
                                 lambda: fused.prefill_layer(self, idx, h, length))
             if out is None:
                 shape = (length, self.hl.kv_padded)
