@@ -132,6 +132,22 @@ class Capacity:
                 min(self.layers(ph, grids[ph], 0) for ph in run))
 
 
+_CAPACITIES: dict = {}  # the arguments (the model's fields by value) -> their Capacity
+
+
+def capacity_for(config, wafer: WaferSpec, max_seq_len: int, prompt_len: int | None = None, dtype: str = "fp16",
+                 weights: str = "fp16", prefill_attention: str = "paper") -> Capacity:
+    """The :class:`Capacity` of these arguments, shared: a search's candidates, and the
+    cluster plan of each, plan the same shares (every answer is a function of them)."""
+    key = (repr(config), id(wafer), max_seq_len, prompt_len, dtype, weights, prefill_attention)
+    held = _CAPACITIES.get(key)
+    if held is None or held.wafer is not wafer:
+        if len(_CAPACITIES) >= 8:
+            _CAPACITIES.pop(next(iter(_CAPACITIES)))
+        held = _CAPACITIES[key] = Capacity(config, wafer, max_seq_len, prompt_len, dtype, weights, prefill_attention)
+    return held
+
+
 #: the most wafers the vocabulary tables are spread over (beyond, a table slice is smaller
 #: than a layer on any wafer this project describes)
 MAX_TABLE_WAFERS = 8
@@ -282,7 +298,7 @@ def plan_cluster(config, cluster: ClusterSpec, prefill_grid: int | None, decode_
         raise PlacementError("max_seq_len must be positive")
     N, L = cluster.wafers, config.num_layers
     grids = {"prefill": prefill_grid, "decode": decode_grid}
-    cap = Capacity(config, cluster.wafer, max_seq_len, prompt_len, dtype, weights, prefill_attention)
+    cap = capacity_for(config, cluster.wafer, max_seq_len, prompt_len, dtype, weights, prefill_attention)
     if cluster.prefill_wafers is None:
         groups = [(list(range(N)), [ph for ph in PHASES if grids[ph] is not None])]
     else:
@@ -471,7 +487,7 @@ def search(config, cluster: ClusterSpec, run, input_len: int, output_len: int, w
             raise PlacementError(f"{config.name}: not one {phase} layer fits a region of {wafer.name} on the grids "
                                  f"tried ({tried}), so no count of wafers holds it: try other grids, or a wafer with "
                                  "more SRAM per PE")
-    cap = Capacity(config, wafer, run.max_seq_len, run.prompt_len, run.dtype, run.weights)
+    cap = capacity_for(config, wafer, run.max_seq_len, run.prompt_len, run.dtype, run.weights)
     layouts = LAYOUTS if layout == "auto" else (layout,)
     # the fewest wafers per layout and grid pair (planning only)
     fewest: dict = {}

@@ -116,6 +116,9 @@ class KVCache:
         self._resize_concat()
 
     def _resize_concat(self) -> None:
+        """After the rows' counts changed (reset, load, an append): the concat cache's SRAM
+        follows its rows; the length :meth:`_plan_append` knows is no longer known."""
+        self._known = None
         if self.scheme == "concat":
             rows = np.zeros(self.mesh.shape, np.int64)
             rows[:, :] = (self.count * self.slot_bytes)[:, None]
@@ -228,26 +231,39 @@ class KVCache:
         self._commit(self._plan_append())
 
     def _plan_append(self) -> np.ndarray:
-        """Rows that hand their oldest token up for the next append (empty for concat)."""
-        n = self.length
+        """Rows that hand their oldest token up for the next append (empty for concat): the
+        last rows, as a read-only view of the cache's row indices (a replayed decode step
+        plans every cache's append, so this stays a few Python operations)."""
+        known = getattr(self, "_known", None)  # (count, its sum) as the last commit left them
+        n = known[1] if known is not None and known[0] is self.count else self.length
         if n + 1 > self.capacity_tokens:
             raise PlacementError(
                 f"KV cache full ({self.scheme} scheme): {n} tokens, capacity {self.capacity_tokens}"
             )
+        rows = getattr(self, "_rows", None)
+        if rows is None:
+            rows = self._rows = np.arange(self.q)
+            rows.flags.writeable = False
         if self.scheme == "concat":
             if self.count[-1] + 1 > self.cap:
                 raise PlacementError(f"KV cache full (concat scheme): the bottom row holds {self.count[-1]} tokens")
-            return np.zeros(0, np.int64)
-        m = n % self.q
-        if m == 0:
-            return np.zeros(0, np.int64)
-        return np.arange(self.q - m, self.q)
+            return rows[:0]
+        return rows[self.q - n % self.q:] if n % self.q else rows[:0]
 
     def _after(self, movers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(head, count) of every row once the pending token is appended."""
+        """(head, count) of every row once the pending token is appended. The movers
+        :meth:`_plan_append` names are the last m rows: their heads step on, and the row
+        above them gains the token each hands up (the bottom row's new one replaces its own)."""
         head = self.head.copy()
         count = self.count.copy()
-        if movers.size:
+        m = movers.size
+        if m and movers.base is getattr(self, "_rows", None) and movers.strides == movers.base.strides:
+            tail = head[self.q - m:]
+            tail += 1
+            np.remainder(tail, self.cap, out=tail)
+            count[self.q - m - 1] += 1
+            return head, count
+        if m:
             head[movers] = (head[movers] + 1) % self.cap
             count[movers - 1] += 1
             count[movers] -= 1
@@ -298,10 +314,13 @@ class KVCache:
 
     def _commit(self, movers: np.ndarray) -> None:
         # counted once per step for all layers, replayed ones included
+        known = getattr(self, "_known", None)
+        n = known[1] if known is not None and known[0] is self.count else self.length
         self.shift_moves += int(movers.size) * self.layers
         self.head, self.count = self._after(movers)
         self._movers, self._updated = None, 0
         self._resize_concat()
+        self._known = (self.count, n + 1)  # every append adds one token
 
     # ---- reading back ----------------------------------------------------------------
     def logical(self, layer: int) -> tuple[np.ndarray, np.ndarray]:

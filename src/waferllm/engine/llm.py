@@ -191,7 +191,7 @@ class LLM(PromptFrontend):
         self.run = run
         self.band = band  # each request's metrics carry low/high bands (two shape-only reruns)
         try:
-            self.backend = WaferModel(config, quant.weights_for_run(model, wf), spec, run, mode="numeric",
+            self.backend = WaferModel(config, quant.weights_for_run(model, wf, run.dtype), spec, run, mode="numeric",
                                       progress=progress)
         except WaferLLMError as exc:
             raise with_context(exc, f"placing {config.name} on {spec.name} (prefill {run.prefill_grid}x"

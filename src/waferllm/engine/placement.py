@@ -149,19 +149,33 @@ def layer_weight_bytes(config, grid: int, phase: str, dtype: str = "fp16", weigh
 def layer_matrices(config, grid: int, phase: str) -> dict[str, tuple[np.ndarray, int, int]]:
     """Each matrix of one layer as a grid x grid region's placement lays it out (see
     ``DecodeStage._place_layer`` / ``PrefillStage._place_layer``): name -> (input-dim index of
-    every placed row, -1 for padding; rows and columns of a PE's tile)."""
-    hl = HeadLayout(config.num_heads, config.num_kv_heads, config.head_dim, grid)
-    E, F = config.hidden_size, config.intermediate_size
+    every placed row, -1 for padding; rows and columns of a PE's tile). Every layer of a
+    region asks: the index maps are built once per shape (read-only)."""
+    c = config
+    return dict(_layer_matrices(c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size, c.intermediate_size, grid,
+                                phase))
+
+
+@lru_cache(maxsize=256)
+def _layer_matrices(heads: int, kv_heads: int, head_dim: int, E: int, F: int, grid: int, phase: str) -> dict:
+    out = _matrices(heads, kv_heads, head_dim, E, F, grid, phase)
+    for rows, _, _ in out.values():
+        rows.setflags(write=False)
+    return out
+
+
+def _matrices(heads: int, kv_heads: int, head_dim: int, E: int, F: int, grid: int, phase: str) -> dict:
+    hl = HeadLayout(heads, kv_heads, head_dim, grid)
     e, f = cdiv(E, grid), cdiv(F, grid)
     e_rows = np.arange(E)
     if phase == "decode":
         fcols = np.where(np.arange(f * grid) < F, np.arange(f * grid), -1)
         r, width = hl.group, hl.col_features
-        return {"qkv": (e_rows, e, (r + 2) * width), "o": (hl.q_cols, r * width, e),
+        return {"qkv": (e_rows, e, (r + 2) * width), "o": (hl.q_cols.copy(), r * width, e),
                 "gate_up": (e_rows, e, 2 * f), "down": (fcols, f, e)}
     qt = hl.q_padded // grid
     return {"q": (e_rows, e, qt), "k": (e_rows, e, hl.col_features), "v": (e_rows, e, hl.col_features),
-            "o": (hl.q_cols, qt, e), "gate": (e_rows, e, f), "up": (e_rows, e, f), "down": (np.arange(F), f, e)}
+            "o": (hl.q_cols.copy(), qt, e), "gate": (e_rows, e, f), "up": (e_rows, e, f), "down": (np.arange(F), f, e)}
 
 
 def quantized_layer_bytes(config, grid: int, phase: str, fmt: str) -> int:

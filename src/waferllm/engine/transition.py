@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from waferllm.hardware.plmr import DTYPE_BYTES
-from waferllm.mesh.move import Placement, charge_move
+from waferllm.mesh.move import Placement, _blocks_key, charge_move
 from waferllm.mesh.region import Region
 from waferllm.mesh.tensor import QBLOCK, QUANT_BITS, SCALE_BYTES
 
@@ -112,6 +112,10 @@ def prefill_weights(stage, config) -> dict[str, tuple[Placement, int]]:
     """One layer's weights on a prefill region as the logical tensors of the transition:
     name -> (placement, bytes per element). The matrices are MeshGEMM B operands, placed
     pre-skewed: their block tables come from the tensors."""
+    return _alike(stage, config, _prefill_weights)
+
+
+def _prefill_weights(stage, config) -> dict[str, tuple[Placement, int]]:
     w, c = stage.w[0], config
     q_index, kv_index = _heads(c, stage.hl)
     e, f = np.arange(c.hidden_size), np.arange(c.intermediate_size)
@@ -134,6 +138,10 @@ def decode_weights(stage, config) -> dict[str, tuple[Placement, int]]:
     """One layer's weights on a decode region, as :func:`prefill_weights`: the fused column
     blocks hold [q | k | v] and [gate | up] of one feature block, W_O and W_down have their
     input on x, the norms are split over the rows and copied along them."""
+    return _alike(stage, config, _decode_weights)
+
+
+def _decode_weights(stage, config) -> dict[str, tuple[Placement, int]]:
     w, c, hl = stage.w[0], config, stage.hl
     q_index, kv_index = _heads(c, hl)
     e, f = np.arange(c.hidden_size), np.arange(c.intermediate_size)
@@ -159,12 +167,81 @@ def decode_weights(stage, config) -> dict[str, tuple[Placement, int]]:
     return {k: (p, NORM_BYTES if k in ("norms", "bias") else item) for k, p in out.items()}
 
 
+#: a layer's transition tensors by what they depend on besides the region's place (every
+#: region of one size and stage shape places its layers alike: the stages of a pipeline,
+#: and every candidate of a cluster search), placed on the first such region
+_ALIKE: dict = {}
+
+
+def _alike(stage, config, build) -> dict[str, tuple[Placement, int]]:
+    """``build(stage, config)``, from a region of the same size and stage shape when one was
+    built: its placements moved to this region (the maps are the same; they are read-only)."""
+    key = _shape_key(stage, config, build)
+    if key is None:
+        return build(stage, config)
+    held = _ALIKE.get(key)
+    if held is None:
+        out = {k: (_fixed(p), item) for k, (p, item) in build(stage, config).items()}
+        if len(_ALIKE) > 256:
+            _ALIKE.clear()
+        held = _ALIKE[key] = (out, [t.blocks for t in stage.w[0].values()])  # (block maps keyed by identity live on)
+    region = stage.mesh.region
+    return {k: (_at(p, region), item) for k, (p, item) in held[0].items()}
+
+
+def _shape_key(stage, config, build) -> tuple | None:
+    """What one layer's weight placements depend on, apart from where the region is: its
+    size, head layout, dtypes and every tensor's shape, layout, tiles and block maps (None:
+    a block map with no key)."""
+    tensors = []
+    for name, t in stage.w[0].items():
+        blocks = t.blocks
+        bk = None if not blocks else tuple((d, _blocks_key(b)) for d, b in sorted(blocks.items()))
+        if bk is not None and any(k is None for _, k in bk):
+            return None
+        tensors.append((name, t.shape, tuple(t.layout), t.tile_shape, bk, t.partial))
+    r, c = stage.mesh.region, config
+    return (build.__name__, r.rows, r.cols, stage.hl, getattr(stage, "ffn_per_column", None), weight_itemsize(stage),
+            c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size, c.intermediate_size, tuple(tensors))
+
+
+def _at(p: Placement, region: Region) -> Placement:
+    """``p`` on another region of its size (its maps already checked against that size)."""
+    if p.region is region:
+        return p
+    out = object.__new__(Placement)
+    out.__dict__.update(p.__dict__)
+    object.__setattr__(out, "region", region)
+    return out
+
+
 def kv_source(k, v, hl, config) -> Placement:
     """Where a prefill layer's K and V [tokens, kv_padded] (y, x) are, as one logical
-    [tokens, K | V] in the model's feature order."""
+    [tokens, K | V] in the model's feature order (built once per region size and tensor
+    shape, as :func:`_alike`)."""
+    if k.blocks or v.blocks or k.partial is not None or v.partial is not None or k.mesh.region is not v.mesh.region:
+        return _kv_source(k, v, hl, config)
+    r = k.mesh.region
+    key = ("kv", r.rows, r.cols, hl, config.num_heads, config.head_dim) + tuple(
+        (t.shape, tuple(t.layout), t.tile_shape) for t in (k, v))
+    held = _ALIKE.get(key)
+    if held is None:
+        held = _ALIKE[key] = _fixed(_kv_source(k, v, hl, config))
+    return _at(held, r)
+
+
+def _kv_source(k, v, hl, config) -> Placement:
     _, kv_index = _heads(config, hl)
     tokens = np.arange(k.shape[0])
     return concat([take(Placement.of(k), {0: tokens, 1: kv_index}), take(Placement.of(v), {0: tokens, 1: kv_index})], 1)
+
+
+def _fixed(p: Placement) -> Placement:
+    """``p`` with read-only maps (it is shared)."""
+    for a in (p.y_of, p.x_of):
+        if a is not None:
+            a.setflags(write=False)
+    return p
 
 
 # ------------------------------------------------------------------ moves and their order

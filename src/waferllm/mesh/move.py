@@ -849,12 +849,26 @@ def _digest(a: np.ndarray):
     return d
 
 
+_RUNS: dict = {}  # id(read-only map) -> (weak reference, its runs): a stage's maps recur in many moves
+
+
 def _runs_key(a: np.ndarray) -> tuple:
     """A coordinate map, exactly, by its runs (where its value changes, and the values):
-    a blocked or permuted map has a few runs per PE line, however long it is."""
+    a blocked or permuted map has a few runs per PE line, however long it is. A read-only
+    map that owns its values is read once while it lives."""
+    fixed = not a.flags.writeable and a.flags.owndata
+    if fixed:
+        held = _RUNS.get(id(a))
+        if held is not None and held[0]() is a:
+            return held[1]
     edge = np.flatnonzero(a[1:] != a[:-1]) + 1
     first = a[:1].astype(np.int32).tobytes()
-    return a.size, edge.astype(np.int32).tobytes(), first + a[edge].astype(np.int32).tobytes()
+    key = a.size, edge.astype(np.int32).tobytes(), first + a[edge].astype(np.int32).tobytes()
+    if fixed:
+        if len(_RUNS) > 4096:
+            _RUNS.clear()
+        _RUNS[id(a)] = (weakref.ref(a), key)
+    return key
 
 
 def _key(p: Placement, spread: set) -> tuple:

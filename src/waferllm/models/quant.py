@@ -312,11 +312,16 @@ def resolve_weights(weights: str, model=None) -> str:
     return native_format(model) if weights == "native" else weights
 
 
-def weights_for_run(model, fmt: str):
-    """The host weights a numeric run in ``fmt`` places: the model's own (dense), the GGUF
-    file's blocks (its native format) or its weights quantised here."""
+def weights_for_run(model, fmt: str, dtype: str = "fp32"):
+    """The host weights a numeric run in ``fmt`` places: the model's own (dense; with
+    ``dtype`` fp16 their matrices rounded to fp16 once, as every tile holding them is, for
+    both phases' placements), the GGUF file's blocks (its native format) or its weights
+    quantised here."""
     if fmt == "fp16":
-        return model.weights
+        if dtype != "fp16":
+            return model.weights
+        return _map_layers(model.weights, lambda lw: dataclasses.replace(
+            lw, **{k: np.asarray(getattr(lw, k), np.float16) for k in MATRICES}))
     try:
         if getattr(model, "format", None) == "gguf" and native_format(model) == fmt:
             return native_weights(model)
