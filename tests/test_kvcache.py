@@ -210,6 +210,7 @@ def test_program_key_and_the_charges_of_one_append():
     assert cache.program_key() == (2, True)
     entry = 2 * hl.col_features * 4  # K and V feature blocks, fp32
     for layer in range(2):
+        cache.charge_append()  # charged beside the layer's program (its message count changes per token)
         cache.update(layer, mesh.zeros((hl.kv_padded,), ("x",)), mesh.zeros((hl.kv_padded,), ("x",)))
     t = mesh.ledger.totals
     assert t["bytes_moved"] == 2 * entry * 1 * 3  # 2 layers x 1 moving row x its 3 PEs

@@ -47,14 +47,17 @@ from waferllm.errors import MeshError
 from waferllm.mesh.tensor import QUANT_BITS, DistTensor, QuantTensor, tile_shape_for
 from waferllm.models import quant
 
-#: runs one layer's program: ``run_layer(key, fn, fused)`` returns ``fn()``; or, having
+#: runs one layer's program: ``run_layer(key, fn, fused, pre)`` returns ``fn()``; or, having
 #: replayed the cost of an identical program (``key``) instead, None in a dry run and
 #: ``fused()`` (the same values as dense array operations, :mod:`waferllm.engine.fused`)
-#: in a numeric one
-LayerRunner = Callable[[tuple, Callable, Callable], object]
+#: in a numeric one. ``pre()`` charges the layer's work that is not part of its program
+#: (it runs either way, and counts as the layer's)
+LayerRunner = Callable[..., object]
 
 
-def run_now(key: tuple, fn: Callable, fused: Callable | None = None):
+def run_now(key: tuple, fn: Callable, fused: Callable | None = None, pre: Callable | None = None):
+    if pre is not None:
+        pre()
     return fn()
 
 
@@ -231,15 +234,17 @@ class DecodeStage:
         caches = [self.caches[s] for s in seqs]
         positions = tuple(int(p) for p in pos)
         # the same program for every layer of the step: the batch and each cache's state
-        # (numeric runs replay only what they would charge and hold exactly: how many rows
-        # shift, and with concat caches whether the layer is the last, whose append grows them)
-        exact = self.mesh.numeric
-        key = ("decode", len(caches)) + tuple(c.program_key(exact=exact) for c in caches)
+        # the layer's program: the batch and each cache's state (each cache charges its append
+        # itself); in a numeric run with concat caches also whether the layer is the last,
+        # whose append grows them (its SRAM high-water mark differs)
+        key = ("decode", len(caches)) + tuple(c.program_key() for c in caches)
+        grows = self.mesh.numeric and caches[0].scheme == "concat"
         for idx, li in enumerate(self.layer_ids):
-            last = (idx == len(self.layer_ids) - 1,) if exact and caches[0].scheme == "concat" else ()
+            last = (idx == len(self.layer_ids) - 1,) if grows else ()
             with self.mesh.ledger.span(f"layer{li}"):
                 out = run_layer(key + last, lambda: self.layer(idx, h, positions, caches),
-                                lambda: fused.decode_layer(self, idx, h, positions, caches))
+                                lambda: fused.decode_layer(self, idx, h, positions, caches),
+                                lambda: [c.charge_append() for c in caches])
             if out is None:
                 for c in caches:
                     c.update(idx)

@@ -96,13 +96,10 @@ class KVCache:
         """Slots in use on the fullest row: what the attention loops run over."""
         return int(self.count.max()) if self.count.size else 0
 
-    def program_key(self, exact: bool = False) -> tuple[int, int]:
-        """What the next append's program depends on: the fullest row's slots and whether
-        rows shift (a dry run replays a step whose key it has executed). ``exact``: how many
-        rows shift instead, which changes the shift's message count, not its time (a numeric
-        run replays only programs whose every counter it knows)."""
-        movers = self._plan_append().size
-        return self.occupied, (movers if exact else int(bool(movers)))
+    def program_key(self) -> tuple[int, bool]:
+        """What the next decode step's program depends on: the fullest row's slots and
+        whether rows shift (a dry run replays a step whose key it has executed)."""
+        return self.occupied, bool(self._plan_append().size)
 
     def free(self) -> None:
         """The request is done: the cache's SRAM is free for others."""
@@ -192,7 +189,6 @@ class KVCache:
         movers = self._movers
         view = None
         if k is not None:
-            self._charge_append(movers)
             head, count = self._after(movers)
             if self.k is not None:
                 self._shift_and_store(layer, k.tiles[-1], v.tiles[-1], movers, head, count)
@@ -201,6 +197,13 @@ class KVCache:
         if self._updated == self.layers:
             self._commit(movers)
         return view
+
+    def charge_append(self) -> None:
+        """Charge the next layer's append (its rows' hand-over and the new entry's store),
+        before :meth:`update` or :meth:`update_values` does it. Kept out of the layer's
+        program: how many rows hand a token up changes with every token, and with it the
+        append's messages (not its time), so a replayed layer charges only what it shares."""
+        self._charge_append(self._movers if self._updated else self._plan_append())
 
     def update_values(self, layer: int, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         """:meth:`update` for a layer whose cost was replayed but whose numerics run fused

@@ -209,11 +209,15 @@ class WaferModel:
             st.cache.load(prompt_len)
         self.position = prompt_len
 
-    def _run_layer(self, phase: str, stage: int, key: tuple, fn, fused=None):
+    def _run_layer(self, phase: str, stage: int, key: tuple, fn, fused=None, pre=None):
         """Run one layer's program ``fn``; or, when an identical program (``key``) has run,
         replay its cost and return None (dry) or ``fused()``, its values computed as dense
         array operations (numeric, ``numerics="fused"``; see :mod:`waferllm.engine.fused`)."""
         st = (self.prefill_stages if phase == "prefill" else self.decode_stages)[stage]
+        if pre is not None:  # the layer's own work outside its program (see decode.LayerRunner)
+            mark = self.ledger.mark()
+            pre()
+            self.cycles.add_layers(phase, self.ledger.since(mark))
         out, delta = self._run_program(self._program_of(phase, stage) + key, fn, fused, st.mesh.sram)
         self.cycles.add_layers(phase, delta)
         return out
