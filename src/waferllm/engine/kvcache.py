@@ -181,22 +181,32 @@ class KVCache:
         it. ``k``/``v`` None: the layer's program was replayed (a dry run, its cost already
         charged): only the bookkeeping advances, and nothing is returned.
         """
+        if k is None:
+            return self._append(layer, None, None, None)
+        return self._append(layer, None if k.tiles is None else k.tiles[-1], None if v.tiles is None else v.tiles[-1],
+                            self._view)
+
+    def _append(self, layer: int, k, v, read):
+        """Layer ``layer``'s part of the append, in order: the first plans it, the last
+        commits it. Stores ``k``/``v`` (the bottom row's tiles [cols, F]; None: no values) and
+        returns ``read(layer, head, count)`` on the cache with the new token (``read`` None:
+        bookkeeping only, nothing returned)."""
         if layer != self._updated:
             raise MeshError(f"{self.name}: layers of a token are appended in order; expected layer "
                             f"{self._updated}, got {layer}")
         if layer == 0:
             self._movers = self._plan_append()
         movers = self._movers
-        view = None
-        if k is not None:
+        out = None
+        if read is not None:
             head, count = self._after(movers)
-            if self.k is not None:
-                self._shift_and_store(layer, k.tiles[-1], v.tiles[-1], movers, head, count)
-            view = self._view(layer, head, count)
+            if self.k is not None and k is not None:
+                self._shift_and_store(layer, k, v, movers, head, count)
+            out = read(layer, head, count)
         self._updated += 1
         if self._updated == self.layers:
             self._commit(movers)
-        return view
+        return out
 
     def charge_append(self) -> None:
         """Charge the next layer's append (its rows' hand-over and the new entry's store),
@@ -210,21 +220,8 @@ class KVCache:
         (:mod:`waferllm.engine.fused`): store the new token's K and V (each [kv_padded], wafer
         order) as the program would, charge nothing, and return the layer's cache (K, V) each
         [tokens, kv_padded] in token order (None without values: a dry run)."""
-        if layer != self._updated:
-            raise MeshError(f"{self.name}: layers of a token are appended in order; expected layer "
-                            f"{self._updated}, got {layer}")
-        if layer == 0:
-            self._movers = self._plan_append()
-        movers = self._movers
-        head, count = self._after(movers)
         cols = (self.q, self.hl.col_features)
-        if self.k is not None:
-            self._shift_and_store(layer, k.reshape(cols), v.reshape(cols), movers, head, count)
-        self._updated += 1
-        out = None if self.k is None else self._logical(layer, head, count)
-        if self._updated == self.layers:
-            self._commit(movers)
-        return out
+        return self._append(layer, k.reshape(cols), v.reshape(cols), None if self.k is None else self._logical)
 
     def advance(self) -> None:
         """A step whose every layer was replayed: the append's bookkeeping at once (what
