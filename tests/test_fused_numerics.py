@@ -175,3 +175,20 @@ def test_prefill_program_depends_on_tile_rows_only(attention):
     same = run(13)  # 3 tile rows on 6 PE rows, as 17 and 18 tokens
     assert run(17) == same and run(18) == same
     assert run(19)[0]["cycles"] > same[0]["cycles"]  # a fourth tile row costs more
+
+
+def test_replayed_layers_raise_the_sram_peak_as_executed_ones():
+    """A replay also replays the program's SRAM high-water marks from what the region holds
+    then: a dry run (every layer but one replayed) peaks where the numeric run executing
+    every layer on the mesh does; later prefill layers start with more K/V held."""
+    cfg = tiny_config(num_layers=6)
+    w = random_weights(cfg, seed=1)
+    peaks = {}
+    for mode in ("numeric", "dry"):
+        run = RunConfig(prefill_grid=4, decode_grid=4, max_seq_len=40, numerics="mesh")
+        wm = WaferModel(cfg, w if mode == "numeric" else None, WSE2, run, mode=mode)
+        wm.reset()
+        wm.prefill(np.arange(20) if mode == "numeric" else 20)
+        assert [len(s.layer_ids) for s in wm.prefill_stages] == [3, 3]  # several layers per region
+        peaks[mode] = wm.request_metrics()["sram_peak_bytes_per_pe"]
+    assert peaks["dry"] == peaks["numeric"]

@@ -228,7 +228,7 @@ class WaferModel:
         on any region of the same size (and attention passes), so a numeric run shares its
         programs among them: with fused numerics most layers then replay. (The SRAM each
         region holds differs; replays carry it: :meth:`SRAM.replay`.)"""
-        if self.mode == "dry" or self.wafer.defective_pes:
+        if self.wafer.defective_pes:
             return (self.twins[phase][stage],)
         st = (self.plan.prefill if phase == "prefill" else self.plan.decode).stages[stage]
         return ("side", st.region.rows, st.region.cols, st.heads_per_pass)
@@ -241,10 +241,8 @@ class WaferModel:
         known = self._memo.get(key)
         if known is not None and (self.mode == "dry" or (fused is not None and self.run.numerics == "fused")):
             led.replay(known, name)
-            if self.mode == "dry":
-                return None, known
             sram.replay(known["sram"])
-            return fused(), known
+            return (None if self.mode == "dry" else fused()), known
         mark = led.mark(per_primitive=True)
         with sram.recording() as footprint:
             out = fn()
