@@ -28,3 +28,24 @@ def test_generate_bad_request(capsys):
     rc = main(["generate", "--engine", "reference", "--prompt", "hi", "--top-p", "0"])
     assert rc == 2
     assert "top_p" in capsys.readouterr().err
+
+
+def test_generate_numerics_mesh_and_fused_agree(capsys):
+    """--numerics mesh executes every layer on the mesh; the default replays known programs and
+    computes fused values: the same tokens and the same predicted figures."""
+    outs = {}
+    for numerics in ("mesh", "fused"):
+        rc = main(["generate", "--prompt", "The wafer-scale engine is", "--max-tokens", "4", "--json",
+                   "--prefill-grid", "8", "--decode-grid", "8", "--numerics", numerics])
+        assert rc == 0
+        outs[numerics] = json.loads(capsys.readouterr().out)
+    assert outs["mesh"]["token_ids"] == outs["fused"]["token_ids"]
+    for key in ("ttft_s", "tpot_s", "energy_j", "bytes_moved", "sram_peak_bytes_per_pe"):
+        a, b = outs["mesh"]["metrics"][key], outs["fused"]["metrics"][key]
+        assert a == b if isinstance(a, dict) else abs(a - b) <= 1e-9 * abs(a), key
+
+
+def test_generate_numerics_is_checked(capsys):
+    rc = main(["generate", "--prompt", "hi", "--numerics", "dense"])
+    assert rc == 2
+    assert "--numerics must be one of fused, mesh, got 'dense'" in capsys.readouterr().err
