@@ -36,7 +36,7 @@ def test_generate_numerics_mesh_and_fused_agree(capsys):
     outs = {}
     for numerics in ("mesh", "fused"):
         rc = main(["generate", "--prompt", "The wafer-scale engine is", "--max-tokens", "4", "--json",
-                   "--prefill-grid", "8", "--decode-grid", "8", "--numerics", numerics])
+                   "--prefill-grid", "16", "--decode-grid", "16", "--numerics", numerics])
         assert rc == 0
         outs[numerics] = json.loads(capsys.readouterr().out)
     assert outs["mesh"]["token_ids"] == outs["fused"]["token_ids"]

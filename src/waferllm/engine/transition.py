@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from waferllm.hardware.plmr import DTYPE_BYTES
-from waferllm.mesh.move import Placement, _blocks_key, charge_move
+from waferllm.mesh.move import Placement, blocks_key, charge_move
 from waferllm.mesh.region import Region
 from waferllm.mesh.tensor import QBLOCK, QUANT_BITS, SCALE_BYTES
 
@@ -196,7 +196,7 @@ def _shape_key(stage, config, build) -> tuple | None:
     tensors = []
     for name, t in stage.w[0].items():
         blocks = t.blocks
-        bk = None if not blocks else tuple((d, _blocks_key(b)) for d, b in sorted(blocks.items()))
+        bk = None if not blocks else tuple((d, blocks_key(b)) for d, b in sorted(blocks.items()))
         if bk is not None and any(k is None for _, k in bk):
             return None
         tensors.append((name, t.shape, tuple(t.layout), t.tile_shape, bk, t.partial))

@@ -310,9 +310,10 @@ class Ledger:
         }
 
     def chrome_trace(self) -> dict:
-        """Chrome/Perfetto trace: spans on one track, compute and comm on their own."""
+        """Chrome/Perfetto trace: spans on one track, compute and comm on their own, and
+        replayed programs (a whole layer's cost at once) on theirs."""
         us = 1e6 / self.wafer.clock_hz
-        tids = {"span": 1, "compute": 2, "comm": 3, "overhead": 4}
+        tids = {"span": 1, "compute": 2, "comm": 3, "overhead": 4, "replay": 5}
         ev = [{"ph": "M", "pid": 1, "tid": t, "name": "thread_name", "args": {"name": n}} for n, t in tids.items()]
         for path, start, end in self.spans:
             ev.append({"ph": "X", "pid": 1, "tid": tids["span"], "name": path[-1], "cat": "/".join(path[:-1]) or "root",

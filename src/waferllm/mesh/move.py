@@ -121,7 +121,7 @@ class Placement:
             return cls(p.region, p.shape, p.y_dim, p.y_of, p.x_dim, p.x_of, partial=partial)
         r, c = t.mesh.shape
         by, bx = (blocks.get(p.y_dim) if p.y_dim is not None else 0), (blocks.get(p.x_dim) if p.x_dim is not None else 0)
-        key = (r, c, _blocks_key(by), _blocks_key(bx))
+        key = (r, c, blocks_key(by), blocks_key(bx))
         tables = _TABLES.get(key) if None not in key else None
         if tables is None:
             tables = _tables(t.name, r, c, by, bx, p.x_dim is None, p.y_dim is None)
@@ -135,7 +135,7 @@ class Placement:
 _TABLES: dict = {}  # block maps -> (pe_rows, pe_cols): every weight of a region is skewed alike
 
 
-def _blocks_key(b):
+def blocks_key(b):
     """A block map, as a key, without reading every entry: None (its own coordinate), 0 (a
     dim that is not split), a read-only array by identity (a kernel's cached skew), a map
     broadcast along an axis by its one line; ``None`` in the key when it has none of these
