@@ -180,8 +180,9 @@ def numeric_vs_reference(model, grids: list[tuple[int, int]], max_tokens: int, o
                "vs reference", "greedy tokens = reference"], rows)
     out()
     out("numerics fused: a layer (or LM head) whose program has run replays its cost and SRAM high-water marks and "
-        "computes its values as dense products (waferllm.engine.fused); the first layer of every new program (a prompt "
-        "of a new tile count, a new cache state) still runs primitive by primitive. mesh: every layer primitive by "
+        "computes its values as dense products (waferllm.engine.fused); the first layer of every new program still runs "
+        "on the mesh (a prompt of a new tile count: shape-only; a new cache occupancy: primitive by primitive). mesh: "
+        "every layer primitive by "
         "primitive. The predicted figures of both are the same (tests/test_fused_numerics.py).")
     out()
 

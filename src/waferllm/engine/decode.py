@@ -51,11 +51,12 @@ from waferllm.models import quant
 #: replayed the cost of an identical program (``key``) instead, None in a dry run and
 #: ``fused()`` (the same values as dense array operations, :mod:`waferllm.engine.fused`)
 #: in a numeric one. ``pre()`` charges the layer's work that is not part of its program
-#: (it runs either way, and counts as the layer's)
+#: (it runs either way, and counts as the layer's); ``dry()`` runs the program shape-only on
+#: a twin of the stage's mesh (what a fused numeric run does with a program it has not run)
 LayerRunner = Callable[..., object]
 
 
-def run_now(key: tuple, fn: Callable, fused: Callable | None = None, pre: Callable | None = None):
+def run_now(key: tuple, fn: Callable, fused: Callable | None = None, pre: Callable | None = None, dry=None):
     if pre is not None:
         pre()
     return fn()

@@ -15,9 +15,12 @@ KV cache written in place.
 What differs is only the order of additions: a dense product sums a dot product in its
 BLAS order, the mesh sums per-PE partials along a line; prefill's streaming attention
 also rescales its running sums. Logits agree to fp32 rounding (fp16 rounding in prefill)
-and greedy tokens are the same but at near-ties (``tests/test_fused_numerics.py``). The
-first layer of every program still runs primitive by primitive, so each run exercises
-the mesh's own numerics too.
+and greedy tokens are the same but at near-ties (``tests/test_fused_numerics.py``).
+
+A program not yet run: a decode layer runs primitive by primitive (so each run exercises
+the mesh's own numerics too); a prefill layer, whose program changes with the prompt's
+tile rows, runs shape-only on a twin of its mesh (``PrefillStage.dry_layer``: the same
+ledger, a copy of the region's SRAM accounting) and its values are fused.
 
 Shapes: B requests, L prompt tokens, E hidden, n PE columns, r query heads per kv head,
 F kv features per column (``HeadLayout.col_features``), G kv heads of D features; kv

@@ -17,6 +17,7 @@ it allocates lives exactly until its last use.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -141,7 +142,8 @@ class PrefillStage:
                 # the program depends on the prompt's tile rows, not its length: prompts that
                 # pad to the same tiles cost alike (only their values and masks differ)
                 out = run_layer(("prefill", h.tile_shape[0]), lambda: self.layer(idx, h, length, tables),
-                                lambda: fused.prefill_layer(self, idx, h, length))
+                                lambda: fused.prefill_layer(self, idx, h, length),
+                                dry=lambda: self.dry_layer(idx, h, length))
             if out is None:
                 shape = (length, self.hl.kv_padded)
                 out = (h, self.mesh.place(shape, ("y", "x"), self.dtype, name="k_prefill"),
@@ -151,6 +153,18 @@ class PrefillStage:
             h, k, v = out
             kv.append((k, v))
         return h, kv
+
+    def dry_layer(self, idx: int, h: DistTensor, length: int):
+        """Layer ``idx``'s program shape-only on a twin of this stage's mesh (``Mesh.dry_twin``):
+        what executing it here charges, holds and routes, without its values. Returns its SRAM
+        footprint and the twin."""
+        twin = self.mesh.dry_twin()
+        stage = copy.copy(self)
+        stage.mesh = twin
+        stage.w = {idx: {key: t.shape_on(twin) for key, t in self.w[idx].items()}}
+        with twin.sram.recording() as footprint:
+            stage.layer(idx, h.shape_on(twin), length, (None, None))
+        return footprint, twin
 
     def layer(self, idx: int, h: DistTensor, length: int, tables) -> tuple[DistTensor, DistTensor, DistTensor]:
         """One decoder layer: h [L, E] (y, x) -> the new hidden states, and this layer's K and V."""

@@ -209,7 +209,7 @@ class WaferModel:
             st.cache.load(prompt_len)
         self.position = prompt_len
 
-    def _run_layer(self, phase: str, stage: int, key: tuple, fn, fused=None, pre=None):
+    def _run_layer(self, phase: str, stage: int, key: tuple, fn, fused=None, pre=None, dry=None):
         """Run one layer's program ``fn``; or, when an identical program (``key``) has run,
         replay its cost and return None (dry) or ``fused()``, its values computed as dense
         array operations (numeric, ``numerics="fused"``; see :mod:`waferllm.engine.fused`)."""
@@ -218,7 +218,7 @@ class WaferModel:
             mark = self.ledger.mark()
             pre()
             self.cycles.add_layers(phase, self.ledger.since(mark))
-        out, delta = self._run_program(self._program_of(phase, stage) + key, fn, fused, st.mesh.sram)
+        out, delta = self._run_program(self._program_of(phase, stage) + key, fn, fused, st.mesh, dry=dry)
         self.cycles.add_layers(phase, delta)
         return out
 
@@ -233,19 +233,27 @@ class WaferModel:
         st = (self.plan.prefill if phase == "prefill" else self.plan.decode).stages[stage]
         return ("side", st.region.rows, st.region.cols, st.heads_per_pass)
 
-    def _run_program(self, key: tuple, fn, fused=None, sram=None, name: str = "layer (replayed)"):
-        """(result, cost) of the program ``fn``, or of its replay once ``key`` has run (see
-        :meth:`_run_layer`). A numeric replay also replays the program's SRAM high-water
-        marks on ``sram`` (its region's), so that only how the values are computed differs."""
+    def _run_program(self, key: tuple, fn, fused=None, mesh=None, name: str = "layer (replayed)", dry=None):
+        """(result, cost) of the program ``fn`` run on ``mesh``, or of its replay once ``key``
+        has run (see :meth:`_run_layer`); a replay also replays the program's SRAM high-water
+        marks. With fused numerics a program not yet run may run shape-only instead (``dry()``:
+        on a twin of its mesh, returning its SRAM footprint and the twin), its values fused."""
         led = self.ledger
         known = self._memo.get(key)
-        if known is not None and (self.mode == "dry" or (fused is not None and self.run.numerics == "fused")):
+        fast = fused is not None and self.mode == "numeric" and self.run.numerics == "fused"
+        if known is not None and (self.mode == "dry" or fast):
             led.replay(known, name)
-            sram.replay(known["sram"])
+            mesh.sram.replay(known["sram"])
             return (None if self.mode == "dry" else fused()), known
         mark = led.mark(per_primitive=True)
-        with sram.recording() as footprint:
-            out = fn()
+        if fast and dry is not None:
+            footprint, twin = dry()
+            mesh.sram.replay(footprint)  # what it would have held here (the twin's accounting began as this one)
+            mesh.routes.absorb(twin.routes)
+            out = fused()
+        else:
+            with mesh.sram.recording() as footprint:
+                out = fn()
         delta = led.since(mark)
         self._memo[key] = delta | {"sram": footprint}
         return out, delta
@@ -264,7 +272,7 @@ class WaferModel:
         if self.mode != "numeric":
             return run()
         return self._run_program(("lm_head", phase, index, x.shape), run, lambda: fused.head_logits(st, x),
-                                 st.mesh.sram,
+                                 st.mesh,
                                  name="lm_head (replayed)")[0]
 
     def prefill(self, token_ids, prompt_logits: bool = False, seq: int = 0) -> np.ndarray | None:

@@ -37,6 +37,18 @@ class SRAM:
     def used_max(self) -> int:
         return self._uniform + self._varying_max
 
+    def copy(self) -> "SRAM":
+        """An independent accounting holding the same allocations under the same handles
+        (for a shape-only twin of the region: see ``Mesh.dry_twin``)."""
+        twin = SRAM(self.region, self.capacity)
+        twin._uniform, twin._varying_max = self._uniform, self._varying_max
+        twin._varying = None if self._varying is None else self._varying.copy()
+        twin._allocs = dict(self._allocs)
+        start = next(self._ids)  # both count on from here: handles stay unique to each
+        self._ids, twin._ids = itertools.count(start), itertools.count(start)
+        twin.peak_bytes, twin.peak_by_name, twin._highs = self.peak_bytes, dict(self.peak_by_name), dict(self._highs)
+        return twin
+
     def _set_varying(self, v: np.ndarray) -> None:
         self._varying = v
         self._varying_max = int(v.max())
@@ -112,7 +124,7 @@ class SRAM:
         if high is None or worst > high[0]:
             self._highs[name] = (worst, dict(self._allocs))
         if self._footprint is not None:
-            self._footprint.note(self, name, worst)
+            self._footprint.note(self, name, worst, top)
         return handle
 
     # ---- replaying a program's high-water marks ----------------------------------------
@@ -133,10 +145,12 @@ class SRAM:
         accounting as executing it would. Its allocations are all released by its end, but
         what it keeps, which the replaying code allocates itself."""
         level = self.used_max()
-        for name, rise, transient, lent in fp.points:
+        for name, rise, top, transient, lent in fp.points:
             worst = level + rise
             if worst > self.peak_bytes:
                 self.peak_bytes = worst
+            if top > self.peak_by_name.get(name, -1):
+                self.peak_by_name[name] = top
             high = self._highs.get(name)
             if high is None or worst > high[0]:
                 # what the region holds now, but what the program had lent out (the recorded
@@ -236,7 +250,8 @@ def _on_fullest(allocs: dict, shape, fullest: dict | None = None) -> dict[int, t
 
 class Footprint:
     """How a program's allocations raised a region's usage: for each allocation, its name,
-    the rise of the fullest PE over the usage when the program began, the program's own
+    the rise of the fullest PE over the usage when the program began, its own largest
+    bytes on a PE, the program's own
     allocations held then (name, bytes), and how many of what it began with it had lent
     out (a MeshGEMM rotates its operands through their own space). Uniform allocations rise
     alike from any start."""
@@ -244,13 +259,13 @@ class Footprint:
     def __init__(self, sram: SRAM):
         self.start = sram.used_max()
         self.held = dict.fromkeys(sram._allocs)  # what the region held when the program began
-        self.points: list[tuple[str, int, tuple, tuple]] = []
+        self.points: list[tuple[str, int, int, tuple, tuple]] = []
 
-    def note(self, sram: SRAM, name: str, worst: int) -> None:
+    def note(self, sram: SRAM, name: str, worst: int, top: int) -> None:
         now = sram._allocs
         mine = tuple(entry for h, entry in now.items() if h not in self.held)
         lent = tuple(h for h in self.held if h not in now)
-        self.points.append((name, worst - self.start, mine, lent))
+        self.points.append((name, worst - self.start, top, mine, lent))
 
 
 class Scope:

@@ -46,6 +46,16 @@ class Routes:
         self._note(per_pe)
         return False
 
+    def absorb(self, other: "Routes") -> None:
+        """Take in what a shape-only twin of this region requested (``Mesh.dry_twin``), as if
+        the requests had been made here."""
+        if other.peak > self.peak:
+            self.peak, self.peak_user = other.peak, other.peak_user
+        for name, n in other.relayed.items():
+            self.relayed[name] = self.relayed.get(name, 0) + n
+        if other.peak:
+            self._note(other.peak)
+
     def _note(self, per_pe: int) -> None:
         if self._windows:
             self._windows[-1] = max(self._windows[-1], per_pe)

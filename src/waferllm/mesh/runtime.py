@@ -32,6 +32,16 @@ class Mesh:
         self.sram = SRAM(region)
         self.routes = Routes(region, policy=route_policy)
 
+    def dry_twin(self) -> "Mesh":
+        """A shape-only mesh on the same region and ledger whose SRAM accounting starts as a
+        copy of this one's (the same allocations, under the same handles) and whose routes
+        start empty: a program run on it (with its tensors' ``shape_on(twin)``) charges the
+        ledger what it would charge here, without computing values. Its SRAM footprint
+        (``SRAM.recording``) and routes (``Routes.absorb``) then apply here."""
+        twin = Mesh(self.region, mode="dry", ledger=self.ledger, route_policy=self.routes.policy)
+        twin.sram = self.sram.copy()
+        return twin
+
     @classmethod
     def square(cls, wafer, n: int, mode: str = "numeric", **kw) -> "Mesh":
         return cls(Region(wafer, n, n, name=f"{n}x{n}"), mode=mode, **kw)

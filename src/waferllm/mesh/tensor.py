@@ -267,6 +267,14 @@ class DistTensor:
             mask = valid if mask is None else mask & valid
         return mask
 
+    def shape_on(self, twin) -> "DistTensor":
+        """This tensor on a shape-only twin of its mesh (``Mesh.dry_twin``): the same shape,
+        layout, block map and allocation (which the twin's accounting holds too), no values."""
+        t = DistTensor(twin, self.shape, self.layout, self.dtype, None, name=self.name, blocks=self._blocks,
+                       partial=self.partial, tile_shape=self.tile_shape, charge_sram=False, moved=self._moved)
+        t._handle = self._handle
+        return t
+
     def with_tiles(self, tiles, *, name=None, layout=None, shape=None, blocks="keep", partial="keep", dtype=None,
                    moved=None) -> "DistTensor":
         """A new tensor on the same mesh with new tiles and optionally new metadata."""
@@ -368,6 +376,13 @@ class QuantTensor(DistTensor):
             return self.tiles
         values = self.tiles.astype(np.float32) * self.scales.astype(np.float32)
         return values.astype(NP_DTYPES[self.compute_dtype]).astype(np.float32)
+
+    def shape_on(self, twin) -> "QuantTensor":
+        t = QuantTensor(twin, self.shape, self.layout, self.dtype, None, compute_dtype=self.compute_dtype,
+                        scale_slots=self.scale_slots, name=self.name, blocks=self._blocks, tile_shape=self.tile_shape,
+                        charge_sram=False, moved=self._moved)
+        t._handle = self._handle
+        return t
 
     def to_global(self, dtype=None) -> np.ndarray:
         """The logical matrix as the PEs multiply with it: its dequantised values (float32
