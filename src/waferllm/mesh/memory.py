@@ -82,14 +82,14 @@ class SRAM:
         same handle in :meth:`held`."""
         if not self._highs:
             return {}
-        return _on_fullest(max(self._highs.values(), key=lambda rec: rec[0])[1], self.region.shape)
+        return _on_fullest(_held(max(self._highs.values(), key=lambda rec: rec[0])[1]), self.region.shape)
 
     def held_at_highs(self) -> dict[str, dict[int, tuple[str, int]]]:
         """For each allocation name, what was live (as :meth:`held_at_peak`) when an
         allocation of that name brought the fullest PE highest: every program point where
         usage peaks, e.g. a decode step's attention and its LM head, however they rank."""
         fullest: dict = {}  # the arrays held (by identity, all alive here) -> their fullest PE
-        return {name: _on_fullest(allocs, self.region.shape, fullest) for name, (_, allocs) in self._highs.items()}
+        return {name: _on_fullest(_held(allocs), self.region.shape, fullest) for name, (_, allocs) in self._highs.items()}
 
     def alloc(self, name: str, bytes_per_pe) -> int:
         """Charge ``bytes_per_pe`` (int or rows x cols array) to the region; returns a handle."""
@@ -141,32 +141,27 @@ class SRAM:
     def replay(self, fp: "Footprint") -> None:
         """The high-water marks a recorded program would set, run again from what the region
         holds now (the peak, and each name's highest point with what was held there): a
-        program replayed for its cost (numeric runs with fused numerics) leaves the SRAM
-        accounting as executing it would. Its allocations are all released by its end, but
-        what it keeps, which the replaying code allocates itself."""
+        program replayed for its cost leaves the SRAM accounting as executing it would. Its
+        allocations are all released by its end, but what it keeps, which the replaying code
+        allocates itself. Each name's highest point is the program's highest for that name
+        (usage rises alike from any start), so only those are looked at."""
         level = self.used_max()
-        for name, rise, top, transient, lent in fp.points:
-            worst = level + rise
-            if worst > self.peak_bytes:
-                self.peak_bytes = worst
+        self.peak_bytes = max(self.peak_bytes, level + fp.rise)
+        base = None
+        for name, (rise, top, transient, lent) in fp.highest().items():
             if top > self.peak_by_name.get(name, -1):
                 self.peak_by_name[name] = top
             high = self._highs.get(name)
-            if high is None or worst > high[0]:
-                # what the region holds now, but what the program had lent out (the recorded
-                # run's operands: the replayed layer's alike), and what it held at that point
-                held = dict(self._allocs)
-                for h in lent:
-                    held.pop(h, None)
-                held.update({next(self._ids): entry for entry in transient})
-                self._highs[name] = (worst, held)
+            if high is None or level + rise > high[0]:
+                base = dict(self._allocs) if base is None else base  # one copy serves every name
+                self._highs[name] = (level + rise, _Replayed(base, lent, transient))
 
     def _rekey(self, new: int, handle: int) -> None:
         """Give the allocation just made as ``new`` the handle ``handle`` (resize, lent)."""
         entry = self._allocs[handle] = self._allocs.pop(new)
         self.version += 1
         high = self._highs.get(entry[0])  # only the allocation itself can have recorded it
-        if high is not None and new in high[1]:
+        if high is not None and not isinstance(high[1], _Replayed) and new in high[1]:
             high[1][handle] = high[1].pop(new)
 
     def resize(self, handle: int, bytes_per_pe) -> None:
@@ -260,12 +255,55 @@ class Footprint:
         self.start = sram.used_max()
         self.held = dict.fromkeys(sram._allocs)  # what the region held when the program began
         self.points: list[tuple[str, int, int, tuple, tuple]] = []
+        self._highest: dict | None = None
 
     def note(self, sram: SRAM, name: str, worst: int, top: int) -> None:
         now = sram._allocs
         mine = tuple(entry for h, entry in now.items() if h not in self.held)
         lent = tuple(h for h in self.held if h not in now)
         self.points.append((name, worst - self.start, top, mine, lent))
+        self._highest = None
+
+    @property
+    def rise(self) -> int:
+        """The program's peak over its start."""
+        return max((p[1] for p in self.points), default=0)
+
+    def highest(self) -> dict[str, tuple[int, int, tuple, tuple]]:
+        """Per name: its first highest point (rise, what was held then) with the name's
+        largest allocation (top), as a replay applies them."""
+        if self._highest is None:
+            out: dict = {}
+            for name, rise, top, mine, lent in self.points:
+                best = out.get(name)
+                if best is None or rise > best[0]:
+                    out[name] = (rise, max(top, best[1]) if best else top, mine, lent)
+                elif top > best[1]:
+                    out[name] = (best[0], top, best[2], best[3])
+            self._highest = out
+        return self._highest
+
+
+class _Replayed:
+    """A high-water snapshot a replay set: what the region held then (``base``, shared by
+    the snapshots of one replay), less what the program had lent out, plus what the program
+    itself held; a dict is built only when read."""
+
+    __slots__ = ("base", "lent", "transient")
+
+    def __init__(self, base: dict, lent: tuple, transient: tuple):
+        self.base, self.lent, self.transient = base, lent, transient
+
+    def held(self) -> dict:
+        out = dict(self.base)
+        for h in self.lent:
+            out.pop(h, None)
+        out.update({-1 - i: entry for i, entry in enumerate(self.transient)})  # never a live handle
+        return out
+
+
+def _held(allocs) -> dict:
+    return allocs.held() if isinstance(allocs, _Replayed) else allocs
 
 
 class Scope:
