@@ -40,7 +40,8 @@ def test_generate_numerics_mesh_and_fused_agree(capsys):
         assert rc == 0
         outs[numerics] = json.loads(capsys.readouterr().out)
     assert outs["mesh"]["token_ids"] == outs["fused"]["token_ids"]
-    for key in ("ttft_s", "tpot_s", "energy_j", "bytes_moved", "sram_peak_bytes_per_pe"):
+    for key in ("ttft_s", "tpot_s", "energy_j", "bytes_moved", "sram_peak_bytes_per_pe", "sram_breakdown_bytes_per_pe",
+                "kv_capacity_tokens"):
         a, b = outs["mesh"]["metrics"][key], outs["fused"]["metrics"][key]
         assert a == b if isinstance(a, dict) else abs(a - b) <= 1e-9 * abs(a), key
 

@@ -162,8 +162,9 @@ class PrefillStage:
         stage = copy.copy(self)
         stage.mesh = twin
         stage.w = {idx: {key: t.shape_on(twin) for key, t in self.w[idx].items()}}
+        hidden = h.shape_on(twin)  # held here, as the caller holds h, until the layer is done
         with twin.sram.recording() as footprint:
-            stage.layer(idx, h.shape_on(twin), length, (None, None))
+            stage.layer(idx, hidden, length, (None, None))
         return footprint, twin
 
     def layer(self, idx: int, h: DistTensor, length: int, tables) -> tuple[DistTensor, DistTensor, DistTensor]:
