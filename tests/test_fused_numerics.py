@@ -192,3 +192,21 @@ def test_replayed_layers_raise_the_sram_peak_as_executed_ones():
         assert [len(s.layer_ids) for s in wm.prefill_stages] == [3, 3]  # several layers per region
         peaks[mode] = wm.request_metrics()["sram_peak_bytes_per_pe"]
     assert peaks["dry"] == peaks["numeric"]
+
+
+def test_round_fp16_is_numpys_fp16_cast():
+    """The fused path's fp16 rounding equals numpy's float16 cast bit for bit: normal values,
+    ties, subnormals, overflow to infinity, signed zeros, infinities and NaN."""
+    rng = np.random.default_rng(0)
+    x = (rng.choice([-1, 1], 200_000) * 2.0 ** rng.uniform(-30, 18, 200_000)).astype(np.float32)
+    mant = rng.integers(0, 2 ** 23, 20_000, dtype=np.uint32) & ~np.uint32(0x1FFF)
+    exp = rng.integers(100, 142, 20_000, dtype=np.uint32)
+    ties = ((exp << 23) | mant | np.uint32(0x1000)).view(np.float32)  # exactly half an fp16 step
+    edges = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 65504, 65519.99, 65520, 65536, 2.0 ** -14,
+                      2.0 ** -24, 2.0 ** -25, 3 * 2.0 ** -26, -6.1e-5], np.float32)
+    x = np.concatenate([x, ties, -ties, edges])
+    with np.errstate(over="ignore"):
+        want = x.astype(np.float16).astype(np.float32)
+    got = fused.round_fp16(x)
+    assert np.array_equal(got.view(np.uint32)[~np.isnan(want)], want.view(np.uint32)[~np.isnan(want)])
+    assert np.isnan(got[np.isnan(want)]).all()

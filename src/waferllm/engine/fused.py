@@ -34,7 +34,7 @@ import math
 
 import numpy as np
 
-from waferllm.mesh.tensor import NP_DTYPES, DistTensor
+from waferllm.mesh.tensor import DistTensor
 
 
 def dense_weights(stage, idx: int) -> dict[str, np.ndarray]:
@@ -52,6 +52,28 @@ def head_logits(stage, x: DistTensor) -> np.ndarray:
     if "lm_head" not in cache:
         cache["lm_head"] = stage.lm.to_global(np.float32)  # [E, vocab slice]
     return x.to_global(np.float32) @ cache["lm_head"]
+
+
+def round_fp16(a: np.ndarray) -> np.ndarray:
+    """float32 ``a`` rounded to the nearest fp16 value (ties to even), as float32: exactly
+    ``a.astype(np.float16).astype(np.float32)``, but as a few whole-array integer operations
+    (numpy converts to fp16 one element at a time). fp16 keeps 10 of float32's 23 mantissa
+    bits; below 2**-14 its values are multiples of 2**-24; from 65520 on it is infinite."""
+    a = np.ascontiguousarray(a, np.float32)
+    u = a.view(np.uint32)
+    r = (u + ((u >> np.uint32(13)) & np.uint32(1)) + np.uint32(0x0FFF)) & np.uint32(0xFFFFE000)
+    out = r.view(np.float32)
+    bits = u & np.uint32(0x7FFFFFFF)
+    small = bits < np.uint32(113 << 23)  # below 2**-14: fp16's subnormals
+    if small.any():
+        out = np.where(small, np.round(a * np.float32(2.0 ** 24)) * np.float32(2.0 ** -24), out)
+    big = (r & np.uint32(0x7FFFFFFF)) >= np.uint32(143 << 23)  # rounded to 2**16 or more
+    if big.any():
+        out = np.where(big, np.copysign(np.float32(np.inf), a), out)
+    nan = bits > np.uint32(0x7F800000)
+    if nan.any():
+        out = np.where(nan, a, out)
+    return out
 
 
 def rmsnorm(h: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -144,10 +166,8 @@ def prefill_layer(stage, idx: int, h: DistTensor, length: int) -> tuple[DistTens
     mesh, hl, c, dtype = stage.mesh, stage.hl, stage.config, stage.dtype
     w = dense_weights(stage, idx)
     n, r, F = mesh.cols, hl.group, hl.col_features
-    npd = NP_DTYPES[dtype]
-
     def rnd(a):  # stored in the run's dtype, computed on in fp32
-        return a.astype(npd).astype(np.float32)
+        return round_fp16(a) if dtype == "fp16" else a.astype(np.float32, copy=False)
 
     hg = h.to_global(np.float32)  # [L, E]
     x = rnd(rmsnorm(hg, w["attn_norm"][0], c.rms_norm_eps))
