@@ -19,6 +19,10 @@ Per decode step, the layers of a region call :meth:`KVCache.update` in order: th
 plans the append (which rows hand a token up: the same for every layer), each stores
 its layer's new K/V and does its layer's shift, and the last commits the new occupancy.
 ``update`` returns what attention reads: the occupied slots of every row, oldest first.
+Each layer's append is charged by :meth:`KVCache.charge_append`, beside the layer's own
+program (how many rows hand a token up changes every token, so a replayed layer does not
+carry it); a layer whose values are computed fused stores its K/V with
+:meth:`KVCache.update_values` and reads the cache back in token order.
 """
 
 from __future__ import annotations
