@@ -166,6 +166,7 @@ def prefill_layer(stage, idx: int, h: DistTensor, length: int) -> tuple[DistTens
     mesh, hl, c, dtype = stage.mesh, stage.hl, stage.config, stage.dtype
     w = dense_weights(stage, idx)
     n, r, F = mesh.cols, hl.group, hl.col_features
+
     def rnd(a):  # stored in the run's dtype, computed on in fp32
         return round_fp16(a) if dtype == "fp16" else a.astype(np.float32, copy=False)
 
