@@ -210,3 +210,42 @@ def test_round_fp16_is_numpys_fp16_cast():
     got = fused.round_fp16(x)
     assert np.array_equal(got.view(np.uint32)[~np.isnan(want)], want.view(np.uint32)[~np.isnan(want)])
     assert np.isnan(got[np.isnan(want)]).all()
+
+
+def test_a_replay_that_would_overflow_sram_raises_as_executing_does():
+    """A program recorded at one SRAM level and replayed at a higher one (here: the K/V of more
+    prompts held until the transition) overflows exactly when executing it would."""
+    from waferllm.errors import SRAMOverflowError
+
+    cfg = tiny_config(num_layers=5)
+    w = random_weights(cfg, seed=3)
+    wafer = WSE2.replace(rows=20, cols=20, sram_bytes_per_pe=28 * 1024)
+    for requests, fits in ((29, True), (30, False)):
+        for numerics in ("mesh", "fused"):
+            wm = WaferModel(cfg, w, wafer, RunConfig(prefill_grid=4, decode_grid=4, max_seq_len=48, numerics=numerics))
+            prompts = [(0, (np.arange(47) * 3 + i) % cfg.vocab_size, False) for i in range(requests)]
+            if fits:
+                wm.prefill_many(prompts)
+            else:
+                with pytest.raises(SRAMOverflowError, match="SRAM overflow on region prefill"):
+                    wm.prefill_many(prompts)
+
+
+def test_concat_regions_of_one_size_with_different_layer_counts_keep_their_own_peaks():
+    """A concat cache grows by one slot of every layer its region holds: regions of one size
+    holding 3 and 2 layers replay their own last layer's growth (per-region peaks as executed)."""
+    cfg = tiny_config(num_layers=5)
+    w = random_weights(cfg, seed=3)
+    wafer = WSE2.replace(rows=20, cols=20, sram_bytes_per_pe=28 * 1024)
+    peaks = {}
+    for numerics in ("mesh", "fused"):
+        wm = WaferModel(cfg, w, wafer, RunConfig(prefill_grid=4, decode_grid=4, max_seq_len=28, kv_scheme="concat",
+                                                 numerics=numerics))
+        assert [len(s.layer_ids) for s in wm.decode_stages] == [3, 2]
+        wm.reset()
+        logits = wm.prefill(np.arange(12) % cfg.vocab_size)
+        tok = int(np.argmax(logits[-1]))
+        for _ in range(8):
+            tok = int(np.argmax(wm.decode(tok)))
+        peaks[numerics] = [s.mesh.sram.peak_bytes for s in wm.decode_stages]
+    assert peaks["fused"] == peaks["mesh"]

@@ -241,7 +241,8 @@ class DecodeStage:
         key = ("decode", len(caches)) + tuple(c.program_key() for c in caches)
         grows = self.mesh.numeric and caches[0].scheme == "concat"
         for idx, li in enumerate(self.layer_ids):
-            last = (idx == len(self.layer_ids) - 1,) if grows else ()
+            # (the growth is a slot of every layer the region holds: their count keys it too)
+            last = (idx == len(self.layer_ids) - 1, len(self.layer_ids)) if grows else ()
             with self.mesh.ledger.span(f"layer{li}"):
                 out = run_layer(key + last, lambda: self.layer(idx, h, positions, caches),
                                 lambda: fused.decode_layer(self, idx, h, positions, caches),

@@ -101,14 +101,7 @@ class SRAM:
             b = top = int(bytes_per_pe)
             worst = self._uniform + self._varying_max + b
         if worst > self.capacity:
-            holders = ", ".join(f"{n} {v:,} B" for n, v in sorted(self.by_name().items(), key=lambda kv: -kv[1])[:6])
-            raise SRAMOverflowError(
-                f"SRAM overflow on region {self.region.describe()}: allocating {name!r} "
-                f"({int(np.max(b)):,} B/PE) would bring the fullest PE to {worst:,} B, over its "
-                f"{self.capacity:,} B usable ({self.region.wafer.sram_bytes_per_pe:,} B SRAM - "
-                f"{self.region.wafer.reserved_bytes_per_pe:,} B reserved) by {worst - self.capacity:,} B. "
-                f"Already held per PE: {holders or 'nothing'}. Use a larger region, smaller tiles or fewer layers per region."
-            )
+            raise self._overflow(name, int(np.max(b)), worst)
         if isinstance(b, np.ndarray):
             self._set_varying(b.copy() if self._varying is None else self._varying + b)
         else:
@@ -146,6 +139,9 @@ class SRAM:
         allocates itself. Each name's highest point is the program's highest for that name
         (usage rises alike from any start), so only those are looked at."""
         level = self.used_max()
+        if level + fp.rise > self.capacity:  # executing it from here would overflow: so does its replay
+            name, (rise, top, _, _) = max(fp.highest().items(), key=lambda kv: kv[1][0])
+            raise self._overflow(name, top, level + rise)
         self.peak_bytes = max(self.peak_bytes, level + fp.rise)
         base = None
         for name, (rise, top, transient, lent) in fp.highest().items():
@@ -155,6 +151,16 @@ class SRAM:
             if high is None or level + rise > high[0]:
                 base = dict(self._allocs) if base is None else base  # one copy serves every name
                 self._highs[name] = (level + rise, _Replayed(base, lent, transient))
+
+    def _overflow(self, name: str, nbytes: int, worst: int) -> SRAMOverflowError:
+        holders = ", ".join(f"{n} {v:,} B" for n, v in sorted(self.by_name().items(), key=lambda kv: -kv[1])[:6])
+        return SRAMOverflowError(
+            f"SRAM overflow on region {self.region.describe()}: allocating {name!r} "
+            f"({nbytes:,} B/PE) would bring the fullest PE to {worst:,} B, over its "
+            f"{self.capacity:,} B usable ({self.region.wafer.sram_bytes_per_pe:,} B SRAM - "
+            f"{self.region.wafer.reserved_bytes_per_pe:,} B reserved) by {worst - self.capacity:,} B. "
+            f"Already held per PE: {holders or 'nothing'}. Use a larger region, smaller tiles or fewer layers per region."
+        )
 
     def _rekey(self, new: int, handle: int) -> None:
         """Give the allocation just made as ``new`` the handle ``handle`` (resize, lent)."""
