@@ -136,6 +136,7 @@ class DecodeStage:
         self.final_norm = mesh.place(final_norm if final_norm is not None else (E,), ("y",), "fp32", name="final_norm")
         self.kv_scheme = kv_scheme
         self.caches: dict[int, KVCache] = {}  # request slot -> its KV cache
+        self.dense: dict = {}  # fused numerics: a layer's (and the LM head's) float32 values, from first use
         self.open_cache(0, capacity_tokens)
         self._rope = None
 

@@ -34,13 +34,14 @@ import math
 
 import numpy as np
 
+from waferllm.kernels.layer_ops import rms_scale, rotate_pairs, silu_gate
 from waferllm.mesh.tensor import DistTensor
 
 
 def dense_weights(stage, idx: int) -> dict[str, np.ndarray]:
     """Layer ``idx`` of a stage as placed, each tensor its logical float32 values, kept on
     the stage from first use (host memory: one float32 copy of the stage's weights)."""
-    cache = stage.__dict__.setdefault("_dense", {})
+    cache = stage.dense
     if idx not in cache:
         cache[idx] = {key: t.to_global(np.float32) for key, t in stage.w[idx].items()}
     return cache[idx]
@@ -48,7 +49,7 @@ def dense_weights(stage, idx: int) -> dict[str, np.ndarray]:
 
 def head_logits(stage, x: DistTensor) -> np.ndarray:
     """The stage's LM head on ``x`` ([E], or rows [T, E]): logits of its vocabulary slice, fp32."""
-    cache = stage.__dict__.setdefault("_dense", {})
+    cache = stage.dense
     if "lm_head" not in cache:
         cache["lm_head"] = stage.lm.to_global(np.float32)  # [E, vocab slice]
     return x.to_global(np.float32) @ cache["lm_head"]
@@ -77,19 +78,14 @@ def round_fp16(a: np.ndarray) -> np.ndarray:
 
 
 def rmsnorm(h: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    """The mesh's RMSNorm: sum of squares, then ``x / sqrt(mean + eps) * w`` (fp32)."""
+    """The mesh's RMSNorm on rows of features (fp32)."""
     ss = np.sum(np.square(h), axis=-1, keepdims=True)
-    return (h / np.sqrt(ss / h.shape[-1] + eps) * weight).astype(np.float32)
+    return rms_scale(h, ss, weight, h.shape[-1], eps).astype(np.float32)
 
 
 def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """Pair-ordered RoPE on [..., blocks, F] with cos/sin [..., 1, F]: ``x cos + partner sin``."""
-    partner = x.reshape(*x.shape[:-1], x.shape[-1] // 2, 2)[..., ::-1].reshape(x.shape)
-    return (x * cos + partner * sin).astype(np.float32)
-
-
-def silu_mul(g: np.ndarray, u: np.ndarray) -> np.ndarray:
-    return (g / (1 + np.exp(-g)) * u).astype(np.float32)
+    """Pair-ordered RoPE on [..., blocks, F] with cos/sin [..., 1, F] (fp32)."""
+    return rotate_pairs(x, cos, sin).astype(np.float32)
 
 
 def softmax(z: np.ndarray, allowed: np.ndarray | None = None) -> np.ndarray:
@@ -152,7 +148,7 @@ def decode_layer(stage, idx: int, h: DistTensor, positions: tuple[int, ...], cac
     h1 = hg + np.concatenate(outs) @ w["o"]  # [B, E]
     x = rmsnorm(h1, w["ffn_norm"], c.rms_norm_eps)
     gu = (x @ w["gate_up"]).reshape(B, n, 2, -1)  # column j [gate_j | up_j]
-    act = silu_mul(gu[:, :, 0], gu[:, :, 1]).reshape(B, -1)  # [B, ffn_padded]
+    act = silu_gate(gu[:, :, 0], gu[:, :, 1]).astype(np.float32).reshape(B, -1)  # [B, ffn_padded]
     out = h1 + act @ w["down"]
     return DistTensor.from_global(mesh, out, (None, "y"), "fp32", name="residual")
 
@@ -186,7 +182,7 @@ def prefill_layer(stage, idx: int, h: DistTensor, length: int) -> tuple[DistTens
     o = rnd(_unheads(p @ _heads(v, hl, n, "kv"), hl, n))  # [L, q_padded]
     h1 = rnd(hg + rnd(o @ w["o"]))
     x = rnd(rmsnorm(h1, w["ffn_norm"][0], c.rms_norm_eps))
-    act = rnd(silu_mul(rnd(x @ w["gate"]), rnd(x @ w["up"])))
+    act = rnd(silu_gate(rnd(x @ w["gate"]), rnd(x @ w["up"])))
     out = rnd(h1 + rnd(act @ w["down"]))
     # named as the program names them: the SRAM accounting keeps its high-water marks by name
     place = lambda a, name: DistTensor.from_global(mesh, a, ("y", "x"), dtype, name=name)  # noqa: E731

@@ -73,6 +73,7 @@ class PrefillStage:
                                     name="embedding")
         self.final_norm = mesh.place(final_norm[None] if final_norm is not None else (1, E), (None, "x"), "fp32",
                                      name="final_norm")
+        self.dense: dict = {}  # fused numerics: a layer's (and the LM head's) float32 values, from first use
 
     def _place_layer(self, li, lw) -> dict:
         """One layer's weights, pre-skewed for MeshGEMM (``lw`` None: shapes only, dry run)."""

@@ -186,7 +186,7 @@ def _alike(stage, config, build) -> dict[str, tuple[Placement, int]]:
             _ALIKE.clear()
         held = _ALIKE[key] = (out, [t.blocks for t in stage.w[0].values()])  # (block maps keyed by identity live on)
     region = stage.mesh.region
-    return {k: (_at(p, region), item) for k, (p, item) in held[0].items()}
+    return {k: (p.on(region), item) for k, (p, item) in held[0].items()}
 
 
 def _shape_key(stage, config, build) -> tuple | None:
@@ -205,16 +205,6 @@ def _shape_key(stage, config, build) -> tuple | None:
             c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size, c.intermediate_size, tuple(tensors))
 
 
-def _at(p: Placement, region: Region) -> Placement:
-    """``p`` on another region of its size (its maps already checked against that size)."""
-    if p.region is region:
-        return p
-    out = object.__new__(Placement)
-    out.__dict__.update(p.__dict__)
-    object.__setattr__(out, "region", region)
-    return out
-
-
 def kv_source(k, v, hl, config) -> Placement:
     """Where a prefill layer's K and V [tokens, kv_padded] (y, x) are, as one logical
     [tokens, K | V] in the model's feature order (built once per region size and tensor
@@ -227,7 +217,7 @@ def kv_source(k, v, hl, config) -> Placement:
     held = _ALIKE.get(key)
     if held is None:
         held = _ALIKE[key] = _fixed(_kv_source(k, v, hl, config))
-    return _at(held, r)
+    return held.on(r)
 
 
 def _kv_source(k, v, hl, config) -> Placement:

@@ -30,10 +30,30 @@ def rmsnorm(h: DistTensor, weight: DistTensor, dim: int, eps: float, out_dtype: 
     with mesh.ledger.span(name):
         ss = compute.tile_reduce(h, dim, "sumsq", name=f"{name}.sumsq")  # partial along the features' axis
         ss = comm.allreduce(ss, h.layout[dim], "sum", k=k, group=group, name=f"{name}.allreduce")
-        out = compute.elementwise(lambda x, s, w: x / np.sqrt(s / features + eps) * under(w, x), h, ss, weight,
+        out = compute.elementwise(lambda x, s, w: rms_scale(x, s, under(w, x), features, eps), h, ss, weight,
                                   ops_per_elem=mesh.wafer.ops_rmsnorm_scale, name=f"{name}.scale", dtype=out_dtype)
         mesh.sram.release(ss)
     return out
+
+
+# ---- the arithmetic of each step, on host arrays (the mesh's tiles, or a fused layer's rows)
+
+
+def rms_scale(x, sumsq, weight, features: int, eps: float):
+    """RMSNorm's scale of ``x`` given its features' sum of squares."""
+    return x / np.sqrt(sumsq / features + eps) * weight
+
+
+def silu_gate(g, u):
+    """SwiGLU's ``silu(g) * u``."""
+    return g / (1 + np.exp(-g)) * u
+
+
+def rotate_pairs(x, cos, sin):
+    """RoPE of pair-ordered features (last dim; cos/sin broadcast against x, sin signed):
+    ``x cos + partner sin``, the partner of each feature the other of its pair."""
+    partner = x.reshape(*x.shape[:-1], x.shape[-1] // 2, 2)[..., ::-1].reshape(x.shape)
+    return x * cos + partner * sin
 
 
 def under(v: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -72,8 +92,7 @@ def masked_softmax(s: DistTensor, allowed, scale: float, dim: int, out_dtype: st
 
 def silu_mul(g: DistTensor, u: DistTensor, out_dtype: str, name: str = "silu_mul") -> DistTensor:
     """SwiGLU's gate: ``g / (1 + exp(-g)) * u`` on every PE."""
-    return compute.elementwise(lambda g_, u_: g_ / (1 + np.exp(-g_)) * u_, g, u, ops_per_elem=g.mesh.wafer.ops_silu,
-                               name=name, dtype=out_dtype)
+    return compute.elementwise(silu_gate, g, u, ops_per_elem=g.mesh.wafer.ops_silu, name=name, dtype=out_dtype)
 
 
 def rope(t: DistTensor, cos: np.ndarray | None, sin: np.ndarray | None, name: str = "rope") -> DistTensor:
@@ -88,8 +107,7 @@ def rope(t: DistTensor, cos: np.ndarray | None, sin: np.ndarray | None, name: st
     def rotate(x):
         width = cos.shape[-1]
         x = x.reshape(*x.shape[:-1], x.shape[-1] // width, width)  # [..., blocks, F]
-        partner = x.reshape(*x.shape[:-1], width // 2, 2)[..., ::-1].reshape(x.shape)
-        return (x * cos[..., None, :] + partner * sin[..., None, :]).reshape(*x.shape[:-2], -1)
+        return rotate_pairs(x, cos[..., None, :], sin[..., None, :]).reshape(*x.shape[:-2], -1)
 
     return compute.elementwise(rotate, t, ops_per_elem=t.mesh.wafer.ops_rope, name=name, dtype=t.dtype)
 

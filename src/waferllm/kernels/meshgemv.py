@@ -99,7 +99,7 @@ def plan_segments(mesh, axis: str, rows: int, tk: int, tn: int, dtype: str, quan
         k, group = comm.ktree_for(mesh, axis, 4 * rows * (widths[0] + extra), k, group, allreduce=allreduce)
         return widths, k, group
     key = (axis, rows, tk, tn, dtype, None if quant is None else quant.dtype, k, group, allreduce, algo, extra, most)
-    cache = mesh.__dict__.setdefault("_gemv_segments", {})
+    cache = mesh.cache("gemv_segments")
     if key not in cache:
         best = None
         for s in range(1, min(tn, most) + 1):

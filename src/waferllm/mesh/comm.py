@@ -376,7 +376,7 @@ def _schedule_cycles(mesh, phases: list[Phase] | tuple[Phase, ...], nbytes: int,
 def _schedule_cost(mesh, phases: tuple, nbytes: int, axis: str | None, routes: int) -> tuple[float, int, int]:
     """:func:`_schedule_cycles` of a region, remembered: its wafer, defects and route budget
     are fixed, and the same reductions recur every step."""
-    memo = mesh.__dict__.setdefault("_schedule_costs", {})
+    memo = mesh.cache("schedule_costs")
     key = (phases, nbytes, axis, routes)
     out = memo.get(key)
     if out is None:
@@ -721,7 +721,7 @@ def best_ktree(mesh, axis: str, nbytes_per_pe: int, allreduce: bool = True, span
     n = mesh.axis_size(axis) if span is None else int(span)
     key = (axis, n, int(nbytes_per_pe), bool(allreduce), tuple(ks), mesh.routes.budget)
     # per region: the wafer's constants and defects are fixed there
-    cache = mesh.__dict__.setdefault("_best_ktree", {})
+    cache = mesh.cache("best_ktree")
     if key not in cache:
         default = (2, _ktree_group(n, 2)) if n > 1 else (2, 2)
         best = None

@@ -68,6 +68,18 @@ class Placement:
     pe_cols: np.ndarray | None = None
     partial: str | None = None
 
+    def on(self, region: Region) -> "Placement":
+        """The same placement on another region of its size (its maps, already checked
+        against that size, are shared: callers keep them read-only)."""
+        if region is self.region:
+            return self
+        if region.shape != self.region.shape:
+            raise MeshError(f"placement on a {self.region.shape} region cannot move to a {region.shape} one")
+        out = object.__new__(Placement)
+        out.__dict__.update(self.__dict__)
+        object.__setattr__(out, "region", region)
+        return out
+
     def __post_init__(self):
         shape = tuple(int(s) for s in self.shape)
         object.__setattr__(self, "shape", shape)

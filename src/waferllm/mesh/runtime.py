@@ -32,6 +32,11 @@ class Mesh:
         self.sram = SRAM(region)
         self.routes = Routes(region, policy=route_policy)
 
+    def cache(self, name: str) -> dict:
+        """A dict kept on this mesh under ``name``, for figures a program derives again and
+        again from the mesh's shape and constants alone (schedule costs, chosen K-trees)."""
+        return self.__dict__.setdefault(f"_cache_{name}", {})
+
     def dry_twin(self) -> "Mesh":
         """A shape-only mesh on the same region and ledger whose SRAM accounting starts as a
         copy of this one's (the same allocations, under the same handles) and whose routes
@@ -40,6 +45,8 @@ class Mesh:
         (``SRAM.recording``) and routes (``Routes.absorb``) then apply here."""
         twin = Mesh(self.region, mode="dry", ledger=self.ledger, route_policy=self.routes.policy)
         twin.sram = self.sram.copy()
+        # the same region and constants: what this mesh has derived holds there too
+        twin.__dict__.update({k: v for k, v in self.__dict__.items() if k.startswith("_cache_")})
         return twin
 
     @classmethod
