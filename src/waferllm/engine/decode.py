@@ -235,7 +235,6 @@ class DecodeStage:
             h, pos = batch.as_batch(h), (pos,)
         caches = [self.caches[s] for s in seqs]
         positions = tuple(int(p) for p in pos)
-        # the same program for every layer of the step: the batch and each cache's state
         # the layer's program: the batch and each cache's state (each cache charges its append
         # itself); in a numeric run with concat caches also whether the layer is the last,
         # whose append grows them (its SRAM high-water mark differs)

@@ -89,6 +89,9 @@ class KVCache:
         self.shift_moves = 0  # token entries handed to a neighbour row (all layers)
         self._movers: np.ndarray | None = None  # the pending append's moving rows
         self._updated = 0  # layers of the pending append done
+        self._known = None  # (count, its sum) as the last commit left them: the length, unread
+        self._rows = np.arange(q)  # row indices; the movers are a view of its tail
+        self._rows.flags.writeable = False
 
     # ---- state -------------------------------------------------------------------
     @property
@@ -238,16 +241,13 @@ class KVCache:
         """Rows that hand their oldest token up for the next append (empty for concat): the
         last rows, as a read-only view of the cache's row indices (a replayed decode step
         plans every cache's append, so this stays a few Python operations)."""
-        known = getattr(self, "_known", None)  # (count, its sum) as the last commit left them
+        known = self._known
         n = known[1] if known is not None and known[0] is self.count else self.length
         if n + 1 > self.capacity_tokens:
             raise PlacementError(
                 f"KV cache full ({self.scheme} scheme): {n} tokens, capacity {self.capacity_tokens}"
             )
-        rows = getattr(self, "_rows", None)
-        if rows is None:
-            rows = self._rows = np.arange(self.q)
-            rows.flags.writeable = False
+        rows = self._rows
         if self.scheme == "concat":
             if self.count[-1] + 1 > self.cap:
                 raise PlacementError(f"KV cache full (concat scheme): the bottom row holds {self.count[-1]} tokens")
@@ -261,7 +261,7 @@ class KVCache:
         head = self.head.copy()
         count = self.count.copy()
         m = movers.size
-        if m and movers.base is getattr(self, "_rows", None) and movers.strides == movers.base.strides:
+        if m and movers.base is self._rows and movers.strides == movers.base.strides:
             tail = head[self.q - m:]
             tail += 1
             np.remainder(tail, self.cap, out=tail)
@@ -318,7 +318,7 @@ class KVCache:
 
     def _commit(self, movers: np.ndarray) -> None:
         # counted once per step for all layers, replayed ones included
-        known = getattr(self, "_known", None)
+        known = self._known
         n = known[1] if known is not None and known[0] is self.count else self.length
         self.shift_moves += int(movers.size) * self.layers
         self.head, self.count = self._after(movers)

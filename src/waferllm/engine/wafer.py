@@ -212,7 +212,9 @@ class WaferModel:
     def _run_layer(self, phase: str, stage: int, key: tuple, fn, fused=None, pre=None, dry=None):
         """Run one layer's program ``fn``; or, when an identical program (``key``) has run,
         replay its cost and return None (dry) or ``fused()``, its values computed as dense
-        array operations (numeric, ``numerics="fused"``; see :mod:`waferllm.engine.fused`)."""
+        array operations (numeric, ``numerics="fused"``; see :mod:`waferllm.engine.fused`).
+        ``pre`` charges the layer's work outside its program; ``dry`` runs a program not yet
+        run shape-only (see :class:`waferllm.engine.decode.LayerRunner`)."""
         st = (self.prefill_stages if phase == "prefill" else self.decode_stages)[stage]
         if pre is not None:  # the layer's own work outside its program (see decode.LayerRunner)
             mark = self.ledger.mark()
@@ -223,11 +225,11 @@ class WaferModel:
         return out
 
     def _program_of(self, phase: str, stage: int) -> tuple:
-        """What a stage's layer program depends on besides its inputs. A dry run keeps each
-        stage's own (its twin's on another wafer). On a perfect wafer a layer costs the same
-        on any region of the same size (and attention passes), so a numeric run shares its
-        programs among them: with fused numerics most layers then replay. (The SRAM each
-        region holds differs; replays carry it: :meth:`SRAM.replay`.)"""
+        """What a stage's layer program depends on besides its inputs. On a perfect wafer a
+        layer costs the same on any region of the same size (and attention passes), so runs
+        share programs among them (the SRAM each region holds differs; a replay starts from
+        it: :meth:`SRAM.replay`). With defective PEs each region's links are its own: each
+        stage keeps its own programs (its twin's on another wafer)."""
         if self.wafer.defective_pes:
             return (self.twins[phase][stage],)
         st = (self.plan.prefill if phase == "prefill" else self.plan.decode).stages[stage]
@@ -272,8 +274,7 @@ class WaferModel:
         if self.mode != "numeric":
             return run()
         return self._run_program(("lm_head", phase, index, x.shape), run, lambda: fused.head_logits(st, x),
-                                 st.mesh,
-                                 name="lm_head (replayed)")[0]
+                                 st.mesh, name="lm_head (replayed)")[0]
 
     def prefill(self, token_ids, prompt_logits: bool = False, seq: int = 0) -> np.ndarray | None:
         """Run the prompt (ids, or just a length in dry mode) of the request in slot ``seq``;
