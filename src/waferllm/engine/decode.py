@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import Counter
 from typing import Callable
 
 import numpy as np
@@ -88,6 +89,18 @@ def place_matrices(mesh, li: int, lw, specs: dict, rows: dict, weights: str, dty
         host = build(ints) if lw is not None else shape
         out[key] = (place_b(host, weights, name, **kw) if place_b
                     else QuantTensor.from_global(mesh, host, layout, weights, name=name, **kw))
+    return out
+
+
+def _runs(caches: list) -> list[tuple[int, int]]:
+    """(first, end) rows of each request in a batch: a request's tokens come in a run."""
+    out, lo = [], 0
+    for b in range(1, len(caches) + 1):
+        if b == len(caches) or caches[b] is not caches[lo]:
+            out.append((lo, b))
+            lo = b
+    if len({id(caches[lo]) for lo, _ in out}) != len(out):
+        raise MeshError("a request's tokens in a batch must be consecutive rows")
     return out
 
 
@@ -235,10 +248,16 @@ class DecodeStage:
             h, pos = batch.as_batch(h), (pos,)
         caches = [self.caches[s] for s in seqs]
         positions = tuple(int(p) for p in pos)
+        # a request may come with several tokens, in order (a verification pass): each layer
+        # appends them one after another, each token attending over the cache up to itself
+        tokens = Counter(seqs)
+        for s, n in tokens.items():
+            self.caches[s].begin(n)
         # the layer's program: the batch and each cache's state (each cache charges its append
         # itself); in a numeric run with concat caches also whether the layer is the last,
         # whose append grows them (its SRAM high-water mark differs)
-        key = ("decode", len(caches)) + tuple(c.program_key() for c in caches)
+        key = ("decode", len(caches)) + tuple(self.caches[s].program_key(n) for s, n in tokens.items())
+        appending = [self.caches[s] for s in tokens]
         grows = self.mesh.numeric and caches[0].scheme == "concat"
         for idx, li in enumerate(self.layer_ids):
             # (the growth is a slot of every layer the region holds: their count keys it too)
@@ -246,7 +265,7 @@ class DecodeStage:
             with self.mesh.ledger.span(f"layer{li}"):
                 out = run_layer(key + last, lambda: self.layer(idx, h, positions, caches),
                                 lambda: fused.decode_layer(self, idx, h, positions, caches),
-                                lambda: [c.charge_append() for c in caches])
+                                lambda: [c.charge_append() for c in appending])
             if out is None:
                 for c in caches:
                     c.update(idx)
@@ -279,11 +298,17 @@ class DecodeStage:
             q = rope(q, cos, sin, "rope_q")
             k = rope(k, cos, sin, "rope_k")
             outs = []
-            for b, cache in enumerate(caches):  # each request attends over its own cache
-                kv = cache.update(idx, batch.row(k, b), batch.row(v, b))
-                outs.append(decode_attention(batch.row(q, b), kv.k_t, kv.v, kv.valid, hl.head_of_pos,
-                                             self.config.num_kv_heads, 1.0 / math.sqrt(self.config.head_dim),
-                                             **self.ktree, fused=self.fused))  # [q_padded] (x)
+            for lo, hi in _runs(caches):  # each request attends over its own cache
+                cache = caches[lo]
+                for b in range(lo, hi):  # a verification pass appends its tokens in order
+                    kv = cache.update(idx, batch.row(k, b), batch.row(v, b))
+                if hi - lo == 1:
+                    query, valid = batch.row(q, lo), kv.valid  # [q_padded] (x)
+                else:  # its tokens' queries at once: [T * q_padded] (x), T*r heads per kv head
+                    query, valid = batch.rows_as_heads(q, lo, hi), kv.causal(hi - lo)
+                o = decode_attention(query, kv.k_t, kv.v, valid, hl.head_of_pos, self.config.num_kv_heads,
+                                     1.0 / math.sqrt(self.config.head_dim), **self.ktree, fused=self.fused)
+                outs += [o] if hi - lo == 1 else batch.heads_as_rows(o, hi - lo)  # [q_padded] (x) each
             scope.release(qkv, k, q)
             o = batch.stack(outs, name="attention")  # [B, q_padded] (None, x)
             attn = self._gemv(o, w["o"], "o_gemv")  # [B, E] (None, y)

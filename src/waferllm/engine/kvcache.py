@@ -19,6 +19,9 @@ Per decode step, the layers of a region call :meth:`KVCache.update` in order: th
 plans the append (which rows hand a token up: the same for every layer), each stores
 its layer's new K/V and does its layer's shift, and the last commits the new occupancy.
 ``update`` returns what attention reads: the occupied slots of every row, oldest first.
+A verification pass (speculative decoding) appends several tokens of one request in one
+step (:meth:`KVCache.begin`): each layer appends them in order, each token's attention
+reading the cache up to itself; :meth:`KVCache.rollback` then drops the rejected ones.
 Each layer's append is charged by :meth:`KVCache.charge_append`, beside the layer's own
 program (how many rows hand a token up changes every token, so a replayed layer does not
 carry it); a layer whose values are computed fused stores its K/V with
@@ -50,10 +53,20 @@ class KVView:
     k_t: DistTensor  # K^T [kv_padded, rows * slots] (x, y)
     v: DistTensor  # V [rows * slots, kv_padded] (y, x)
     valid: np.ndarray | None  # (rows, slots): True where a row's slot holds a token (numeric runs)
+    index: np.ndarray | None = None  # (rows, slots): the token each slot holds, 0 the oldest (numeric runs)
 
     @property
     def slots(self) -> int:
         return self.k_t.tile_shape[1]
+
+    def causal(self, tokens: int) -> np.ndarray | None:
+        """(rows, tokens, slots): what each of the newest ``tokens`` tokens may attend to,
+        itself and the tokens before it (a verification pass's queries; None in a dry run)."""
+        if self.valid is None:
+            return None
+        newest = int(self.valid.sum()) - tokens  # the first of them
+        limit = newest + np.arange(tokens)
+        return self.valid[:, None, :] & (self.index[:, None, :] <= limit[None, :, None])
 
 
 class KVCache:
@@ -87,8 +100,10 @@ class KVCache:
             self.k = [np.zeros((q, q, width, self.cap), npd) for _ in range(layers)]  # K^T per PE: [F, slots]
             self.v = [np.zeros((q, q, self.cap, width), npd) for _ in range(layers)]  # V per PE: [slots, F]
         self.shift_moves = 0  # token entries handed to a neighbour row (all layers)
-        self._movers: np.ndarray | None = None  # the pending append's moving rows
-        self._updated = 0  # layers of the pending append done
+        self._tokens = 1  # tokens the next step appends (several: a verification pass)
+        self._plans: list | None = None  # the pending step's appends: (moving rows, head, count after)
+        self._updated = 0  # layers of the pending step done
+        self._sub = 0  # ... and of the current layer's appends
         self._known = None  # (count, its sum) as the last commit left them: the length, unread
         self._rows = np.arange(q)  # row indices; the movers are a view of its tail
         self._rows.flags.writeable = False
@@ -103,10 +118,17 @@ class KVCache:
         """Slots in use on the fullest row: what the attention loops run over."""
         return int(self.count.max()) if self.count.size else 0
 
-    def program_key(self) -> tuple[int, bool]:
+    def program_key(self, tokens: int = 1) -> tuple:
         """What the next decode step's program depends on: the fullest row's slots and
-        whether rows shift (a dry run replays a step whose key it has executed)."""
-        return self.occupied, bool(self._plan_append().size)
+        whether rows shift (a dry run replays a step whose key it has executed); for a step
+        appending several ``tokens``, that of each append in turn."""
+        if tokens == 1:
+            return self.occupied, bool(self._plan_append().size)
+        keys, count = [], self.count
+        for movers, _, after in self._plan_steps(tokens):
+            keys.append((int(count.max()), bool(movers.size)))
+            count = after
+        return tuple(keys)
 
     def free(self) -> None:
         """The request is done: the cache's SRAM is free for others."""
@@ -116,8 +138,11 @@ class KVCache:
     def reset(self) -> None:
         self.count[:] = 0
         self.head[:] = 0
-        self._movers, self._updated = None, 0
+        self._clear_step()
         self._resize_concat()
+
+    def _clear_step(self) -> None:
+        self._tokens, self._plans, self._updated, self._sub = 1, None, 0, 0
 
     def _resize_concat(self) -> None:
         """After the rows' counts changed (reset, load, an append): the concat cache's SRAM
@@ -164,7 +189,7 @@ class KVCache:
             raise PlacementError(f"prompt of {length} tokens needs {counts.max()} slots per row, the cache has {self.cap}")
         self.count = counts
         self.head = np.zeros(self.q, np.int64)
-        self._movers, self._updated = None, 0
+        self._clear_step()
         self._resize_concat()
         if self.k is None or k_layers is None:
             return
@@ -180,13 +205,23 @@ class KVCache:
             self.v[l][...] = np.where(real, comm.elements(v_layers[l], (tok, col)), 0).transpose(0, 1, 3, 2)
 
     # ---- decode append -------------------------------------------------------------
+    def begin(self, tokens: int) -> None:
+        """The next step appends ``tokens`` tokens of this request (a verification pass):
+        each layer's :meth:`update` is called ``tokens`` times, in token order."""
+        if self._updated or self._sub or self._plans is not None:
+            raise MeshError(f"{self.name}: a step is half appended ({self._updated} of {self.layers} layers)")
+        if tokens < 1:
+            raise MeshError(f"{self.name}: a step appends at least one token, got {tokens}")
+        self._tokens = int(tokens)
+
     def update(self, layer: int, k: DistTensor | None = None, v: DistTensor | None = None) -> KVView | None:
         """Append the new token's K and V of ``layer`` ([kv_padded] (x), replicated down the
         columns) and return the layer's cache as attention reads it, the new token included.
 
-        Layers are updated in order 0, 1, ...: the first plans the append, the last commits
-        it. ``k``/``v`` None: the layer's program was replayed (a dry run, its cost already
-        charged): only the bookkeeping advances, and nothing is returned.
+        Layers are updated in order 0, 1, ... (each as many times as the step has tokens):
+        the first plans the append, the last commits it. ``k``/``v`` None: the layer's
+        program was replayed (a dry run, its cost already charged): only the bookkeeping
+        advances, and nothing is returned.
         """
         if k is None:
             return self._append(layer, None, None, None)
@@ -194,33 +229,37 @@ class KVCache:
                             self._view)
 
     def _append(self, layer: int, k, v, read):
-        """Layer ``layer``'s part of the append, in order: the first plans it, the last
-        commits it. Stores ``k``/``v`` (the bottom row's tiles [cols, F]; None: no values) and
-        returns ``read(layer, head, count)`` on the cache with the new token (``read`` None:
-        bookkeeping only, nothing returned)."""
+        """Layer ``layer``'s next append of the step, in order: the first plans the step,
+        the last commits it. Stores ``k``/``v`` (the bottom row's tiles [cols, F]; None: no
+        values) and returns ``read(layer, head, count)`` on the cache with the new token
+        (``read`` None: bookkeeping only, nothing returned)."""
         if layer != self._updated:
             raise MeshError(f"{self.name}: layers of a token are appended in order; expected layer "
                             f"{self._updated}, got {layer}")
-        if layer == 0:
-            self._movers = self._plan_append()
-        movers = self._movers
+        plans = self._step_plans()
+        j = self._sub
+        movers, head, count = plans[j]
         out = None
         if read is not None:
-            head, count = self._after(movers)
             if self.k is not None and k is not None:
-                self._shift_and_store(layer, k, v, movers, head, count)
+                before = (self.head, self.count) if j == 0 else plans[j - 1][1:]
+                self._shift_and_store(layer, k, v, movers, before, head, count)
             out = read(layer, head, count)
-        self._updated += 1
-        if self._updated == self.layers:
-            self._commit(movers)
+        self._sub += 1
+        if self._sub == len(plans):
+            self._sub = 0
+            self._updated += 1
+            if self._updated == self.layers:
+                self._commit()
         return out
 
     def charge_append(self) -> None:
-        """Charge the next layer's append (its rows' hand-over and the new entry's store),
-        before :meth:`update` or :meth:`update_values` does it. Kept out of the layer's
+        """Charge the next layer's appends (its rows' hand-over and the new entry's store),
+        before :meth:`update` or :meth:`update_values` does them. Kept out of the layer's
         program: how many rows hand a token up changes with every token, and with it the
         append's messages (not its time), so a replayed layer charges only what it shares."""
-        self._charge_append(self._movers if self._updated else self._plan_append())
+        for movers, _, _ in self._step_plans():
+            self._charge_append(movers)
 
     def update_values(self, layer: int, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         """:meth:`update` for a layer whose cost was replayed but whose numerics run fused
@@ -233,33 +272,55 @@ class KVCache:
     def advance(self) -> None:
         """A step whose every layer was replayed: the append's bookkeeping at once (what
         :meth:`update` does over all layers without K/V)."""
-        if self._updated:
+        if self._updated or self._sub:
             raise MeshError(f"{self.name}: a step is half appended ({self._updated} of {self.layers} layers)")
-        self._commit(self._plan_append())
+        self._step_plans()
+        self._commit()
 
-    def _plan_append(self) -> np.ndarray:
-        """Rows that hand their oldest token up for the next append (empty for concat): the
-        last rows, as a read-only view of the cache's row indices (a replayed decode step
-        plans every cache's append, so this stays a few Python operations)."""
+    def _step_plans(self) -> list:
+        """The pending step's appends, planned on first use: (moving rows, head, count after each)."""
+        if self._plans is None:
+            self._plans = self._plan_steps(self._tokens)
+        return self._plans
+
+    def _plan_steps(self, tokens: int) -> list:
+        plans, head, count = [], self.head, self.count
+        for ahead in range(tokens):
+            movers = self._plan_append(ahead)
+            head, count = self._after(movers, head, count)
+            plans.append((movers, head, count))
+        return plans
+
+    def _plan_append(self, ahead: int = 0) -> np.ndarray:
+        """Rows that hand their oldest token up for the next append (empty for concat), after
+        ``ahead`` appends still pending: the last rows, as a read-only view of the cache's row
+        indices (a replayed decode step plans every cache's append, so this stays a few
+        Python operations). Balanced rows make them a function of the length alone."""
         known = self._known
-        n = known[1] if known is not None and known[0] is self.count else self.length
+        n = (known[1] if known is not None and known[0] is self.count else self.length) + ahead
         if n + 1 > self.capacity_tokens:
             raise PlacementError(
                 f"KV cache full ({self.scheme} scheme): {n} tokens, capacity {self.capacity_tokens}"
             )
         rows = self._rows
         if self.scheme == "concat":
-            if self.count[-1] + 1 > self.cap:
-                raise PlacementError(f"KV cache full (concat scheme): the bottom row holds {self.count[-1]} tokens")
+            if self.count[-1] + ahead + 1 > self.cap:
+                raise PlacementError(f"KV cache full (concat scheme): the bottom row holds "
+                                     f"{self.count[-1] + ahead} tokens")
             return rows[:0]
-        return rows[self.q - n % self.q:] if n % self.q else rows[:0]
+        return self._movers_at(n)
 
-    def _after(self, movers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(head, count) of every row once the pending token is appended. The movers
-        :meth:`_plan_append` names are the last m rows: their heads step on, and the row
-        above them gains the token each hands up (the bottom row's new one replaces its own)."""
-        head = self.head.copy()
-        count = self.count.copy()
+    def _movers_at(self, n: int) -> np.ndarray:
+        """The rows that hand a token up when a token joins ``n`` balanced ones (shift)."""
+        return self._rows[self.q - n % self.q:] if n % self.q else self._rows[:0]
+
+    def _after(self, movers: np.ndarray, head: np.ndarray, count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(head, count) of every row once a token is appended to rows at ``head``, ``count``.
+        The movers :meth:`_plan_append` names are the last m rows: their heads step on, and
+        the row above them gains the token each hands up (the bottom row's new one replaces
+        its own)."""
+        head = head.copy()
+        count = count.copy()
         m = movers.size
         if m and movers.base is self._rows and movers.strides == movers.base.strides:
             tail = head[self.q - m:]
@@ -283,14 +344,15 @@ class KVCache:
         # the new entry (K and V feature blocks) stored into the bottom row's slot by its q PEs
         compute.store(mesh, f"{name}.write", 2 * self.hl.col_features, self.dtype, writers=q)
 
-    def _shift_and_store(self, layer, k, v, movers, head, count) -> None:
+    def _shift_and_store(self, layer, k, v, movers, before, head, count) -> None:
         """Hand the movers' oldest tokens up and store the new token (``k``, ``v``: the
-        bottom row's tiles, [cols, F], the same on every row) in the bottom row."""
+        bottom row's tiles, [cols, F], the same on every row) in the bottom row; the rows
+        were at ``before`` (head, count) and are at ``head``, ``count`` after."""
         K, V = self.k[layer], self.v[layer]  # [rows, cols, F, cap], [rows, cols, cap, F]
         if movers.size:
-            src = self.head[movers]
+            src = before[0][movers]
             up = movers - 1
-            dst = (self.head[up] + self.count[up]) % self.cap
+            dst = (before[0][up] + before[1][up]) % self.cap
             K[up, :, :, dst] = K[movers, :, :, src]
             V[up, :, dst, :] = V[movers, :, src, :]
         last = self.q - 1
@@ -303,28 +365,64 @@ class KVCache:
         address ranges, so a PE reads only those)."""
         mesh, q = self.mesh, self.q
         slots = max(int(count.max()), 1)
-        k_tiles = v_tiles = valid = None
+        k_tiles = v_tiles = valid = index = None
         if self.k is not None:
             ring = (head[:, None] + np.arange(slots)[None, :]) % self.cap  # [rows, slots]: j-th oldest's slot
             k_tiles = np.take_along_axis(self.k[layer], ring[:, None, None, :], axis=3)
             v_tiles = np.take_along_axis(self.v[layer], ring[:, None, :, None], axis=2)
             valid = np.arange(slots)[None, :] < count[:, None]
+            index = (np.cumsum(count) - count)[:, None] + np.arange(slots)[None, :]  # rows hold tokens in order
         padded = self.hl.kv_padded
         k_t = DistTensor(mesh, (padded, q * slots), ("x", "y"), self.dtype, k_tiles, name=f"{self.name}.k",
                          charge_sram=False)
         v = DistTensor(mesh, (q * slots, padded), ("y", "x"), self.dtype, v_tiles, name=f"{self.name}.v",
                        charge_sram=False)
-        return KVView(k_t, v, valid)
+        return KVView(k_t, v, valid, index)
 
-    def _commit(self, movers: np.ndarray) -> None:
+    def _commit(self) -> None:
         # counted once per step for all layers, replayed ones included
         known = self._known
         n = known[1] if known is not None and known[0] is self.count else self.length
-        self.shift_moves += int(movers.size) * self.layers
-        self.head, self.count = self._after(movers)
-        self._movers, self._updated = None, 0
+        plans = self._plans
+        self.shift_moves += sum(int(m.size) for m, _, _ in plans) * self.layers
+        _, self.head, self.count = plans[-1]
+        self._clear_step()
         self._resize_concat()
-        self._known = (self.count, n + 1)  # every append adds one token
+        self._known = (self.count, n + len(plans))  # every append adds one token
+
+    # ---- rejected tokens ---------------------------------------------------------------
+    def rollback(self, tokens: int) -> None:
+        """Drop the newest ``tokens`` tokens (a verification pass's rejected drafts), the
+        exact inverse of their appends: for each, newest first, every row that handed its
+        oldest token up to the row above takes that row's newest token back, in one parallel
+        neighbour step carrying the token's K and V of every layer (charged here); the
+        concatenation cache only shortens its bottom row."""
+        if self._updated or self._sub or self._plans is not None:
+            raise MeshError(f"{self.name}: cannot roll back during a step")
+        if not 0 <= tokens <= self.length:
+            raise MeshError(f"{self.name}: cannot drop {tokens} of {self.length} tokens")
+        mesh, q = self.mesh, self.q
+        for _ in range(tokens):
+            n = self.length - 1  # tokens once the newest is gone
+            movers = self._movers_at(n) if self.scheme == "shift" else self._rows[:0]
+            head, count = self.head.copy(), self.count.copy()
+            if movers.size:
+                up = movers - 1
+                if self.k is not None:
+                    src = (head[up] + count[up] - 1) % self.cap  # the row above's newest
+                    dst = (head[movers] - 1) % self.cap  # just before the mover's oldest
+                    for K, V in zip(self.k, self.v):
+                        K[movers, :, :, dst] = K[up, :, :, src]
+                        V[movers, :, dst, :] = V[up, :, src, :]
+                comm.charge_messages(mesh, "kv_rollback.shift", self.slot_bytes, 1, messages=movers.size * q,
+                                     axis="y")
+                head[movers] = (head[movers] - 1) % self.cap
+                count[up] -= 1
+                count[movers] += 1
+                self.shift_moves += int(movers.size) * self.layers
+            count[-1] -= 1
+            self.head, self.count = head, count
+        self._resize_concat()
 
     # ---- reading back ----------------------------------------------------------------
     def logical(self, layer: int) -> tuple[np.ndarray, np.ndarray]:

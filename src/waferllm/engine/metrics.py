@@ -88,22 +88,47 @@ def energy(model, seconds: float, counters: dict) -> dict:
             "energy_power_x_time_j": power_x_time}
 
 
+@dataclass
+class PhaseCycles:
+    """A request's critical-path cycles per phase, its layers' scaled to the whole model."""
+
+    restore: float
+    prefill: float  # the restore included: it delays the first token
+    transition: float
+    decode: float
+
+
+def phase_cycles(model) -> PhaseCycles:
+    """The cycles of the request ``model`` ran since its reset(); a run of K of the model's
+    layers scales what its layers took to all of them."""
+    cyc = model.cycles
+    scale = model.config.num_layers / model.layers
+    restore = cyc.phase["restore"] * scale  # it moves every layer's weights
+    return PhaseCycles(restore, restore + cyc.phase["prefill"] + cyc.layers["prefill"] * (scale - 1),
+                       cyc.phase["transition"] * scale, cyc.phase["decode"] + cyc.layers["decode"] * (scale - 1))
+
+
+def request_counters(model) -> dict:
+    """The request's event counters (flops, bytes, ...) since its reset(), its layers' scaled
+    to the whole model, and the ledger delta they come from."""
+    scale = model.config.num_layers / model.layers
+    delta = model.ledger.since(model.request_mark)
+    return {k: delta.get(k, 0.0) + model.cycles.layer_counters[k] * (scale - 1) for k in COUNTERS}, delta
+
+
 def request_metrics(model) -> dict:
     """Predicted wafer figures of the request ``model`` (a ``WaferModel``) ran since its reset()."""
     w, cyc = model.wafer, model.cycles
     sec = w.cycles_to_seconds
     scale = model.config.num_layers / model.layers
-    restore = cyc.phase["restore"] * scale  # it moves every layer's weights
-    pre = restore + cyc.phase["prefill"] + cyc.layers["prefill"] * (scale - 1)
-    trans = cyc.phase["transition"] * scale
-    dec = cyc.phase["decode"] + cyc.layers["decode"] * (scale - 1)
+    ph = phase_cycles(model)
+    restore, pre, trans, dec = ph.restore, ph.prefill, ph.transition, ph.decode
     n_dec = len(cyc.steps)
     prompt = model.position - n_dec
     out_tokens = n_dec + 1  # the first token comes from the prefill logits
     tpot = sec(dec / n_dec) if n_dec else None
     total = sec(pre + trans + dec)
-    delta = model.ledger.since(model.request_mark)
-    counters = {k: delta.get(k, 0.0) + cyc.layer_counters[k] * (scale - 1) for k in COUNTERS}
+    counters, delta = request_counters(model)
     return {
         "wafer": w.name,
         "extrapolated_from_layers": model.layers if model.layers != model.config.num_layers else None,

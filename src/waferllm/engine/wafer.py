@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections import Counter
 from functools import partial
 
 import numpy as np
@@ -580,30 +581,42 @@ class WaferModel:
         (``Ledger.pipeline``). The LM head spans every region (its vocabulary is sliced over
         them all), so each micro-batch's head waits for them all to be free.
         ``token_cycles[slot]`` is when each request's token was picked."""
-        seqs = tuple(seqs)
-        toks = [self._check_token(t, s) for t, s in zip(tokens, seqs)]
+        seqs = tuple(int(s) for s in seqs)
+        tokens = list(tokens)
+        if len(tokens) != len(seqs):
+            raise RequestError(f"{len(tokens)} tokens for {len(seqs)} request slots")
+        # a slot may come several times, its tokens in order (a verification pass): the k-th
+        # is at its position + k, and all of them stay in one micro-batch
+        ahead = Counter()
+        positions = []
+        for s in seqs:
+            positions.append(self.positions.get(s, 0) + ahead[s])
+            ahead[s] += 1
+        toks = [self._check_token(t, s, ahead[s]) for t, s in zip(tokens, seqs)]
         # one micro-batch per region at most, of no more rows than the plan budgeted a region for
         rows = self.plan.decode.rows
-        count = max(min(len(seqs), len(self.decode_stages)), -(-len(seqs) // rows))
-        groups = [tuple(int(x) for x in g) for g in np.array_split(seqs, count)]
+        requests = list(ahead)
+        count = max(min(len(requests), len(self.decode_stages)), -(-len(seqs) // rows))
+        parts = [set(int(x) for x in g) for g in np.array_split(requests, min(count, len(requests)))]
+        order = [[i for i, s in enumerate(seqs) if s in part] for part in parts]  # rows of each micro-batch
+        groups = [tuple(seqs[i] for i in g) for g in order]
         led, stages = self.ledger, self.decode_stages
         start = led.mark(per_primitive=self.mode == "dry")
         if self.mode == "dry":
             # the step's program: the micro-batches and every cache's state on every stage
             # (stages of different grids change occupancy at different tokens)
             step_key = ("step", tuple(len(g) for g in groups)) + tuple(
-                tuple(st.caches[s].program_key() for s in seqs) for st in stages)
+                tuple(st.caches[s].program_key(n) for s, n in ahead.items()) for st in stages)
             if step_key in self._memo:
                 return self._replay_step(self._memo[step_key], groups)
             layers_before = self.cycles.layer_totals("decode")
-        token = dict(zip(seqs, toks))
         with led.span("decode"), led.pipeline() as pipe:
-            hs = [self._embed_tokens(pipe, m, [token[s] for s in g]) for m, g in enumerate(groups)]
+            hs = [self._embed_tokens(pipe, m, [toks[i] for i in g]) for m, g in enumerate(order)]
             for si, st in enumerate(stages):
                 for m, g in enumerate(groups):
                     with pipe.slot(m, (si,)):
                         h = hs[m] if not si else self._to_region(hs[m], st, hs[m].layout)  # [b, E] (None, y)
-                        hs[m] = st.step(h, [self.positions[s] for s in g], partial(self._run_layer, "decode", si),
+                        hs[m] = st.step(h, [positions[i] for i in order[m]], partial(self._run_layer, "decode", si),
                                         seqs=g)
             logits = []
             for m, g in enumerate(groups):
@@ -619,15 +632,42 @@ class WaferModel:
         self._count_step(delta, groups, start["cycles"])
         if self.mode != "numeric":
             return None
-        return np.concatenate(logits, axis=0)
+        out = np.concatenate(logits, axis=0)  # micro-batch order
+        back = np.argsort(np.concatenate(order), kind="stable")
+        return out[back]
 
-    def _check_token(self, token_id, seq: int = 0) -> int | None:
+    def verify(self, seq: int, tokens) -> np.ndarray | None:
+        """A verification pass of speculative decoding: the request in slot ``seq`` takes
+        ``tokens`` (its last token, then the draft's; None each in a dry run) in one decode
+        step, every layer appending them in order, each attending over the cache up to
+        itself; returns the logits after each [T, V] (numeric). :meth:`rollback` drops the
+        rejected ones."""
+        return self.decode_batch([seq] * len(tokens), tokens)
+
+    def rollback(self, seq: int, tokens: int) -> None:
+        """Drop the newest ``tokens`` tokens of the request in slot ``seq`` from its KV cache
+        on every decode region (the drafts a verification pass rejected), charged as decode time."""
+        if seq not in self.positions:
+            raise RequestError(f"no request in slot {seq}")
+        if not 0 <= tokens <= self.positions[seq]:
+            raise RequestError(f"cannot drop {tokens} of the {self.positions[seq]} tokens in slot {seq}")
+        if not tokens:
+            return
+        mark = self.ledger.mark()
+        with self.ledger.span("kv_rollback"), self.ledger.parallel() as par:
+            for st in self.decode_stages:  # each region drops its layers' entries at once
+                with par.branch():
+                    st.caches[seq].rollback(tokens)
+        self.cycles.phase["decode"] += self.ledger.since(mark)["cycles"]
+        self.positions[seq] -= tokens
+
+    def _check_token(self, token_id, seq: int = 0, tokens: int = 1) -> int | None:
         tok = None if token_id is None else int(token_id)
         if tok is not None and not 0 <= tok < self.config.vocab_size:
             raise RequestError(f"token id {tok} out of range [0, {self.config.vocab_size})")
         if seq not in self.positions:
             raise RequestError(f"no request in slot {seq}")
-        if self.positions[seq] + 1 > self.max_seq_len:
+        if self.positions[seq] + tokens > self.max_seq_len:
             raise RequestError(f"context of {self.max_seq_len} tokens is full")
         return tok
 

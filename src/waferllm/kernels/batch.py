@@ -57,3 +57,28 @@ def stack(rows: list[DistTensor], name: str = "batch") -> DistTensor:
     return DistTensor(first.mesh, (len(rows),) + first.shape, (None,) + first.layout, first.dtype, tiles, name=name,
                       tile_shape=(len(rows),) + first.tile_shape)
 
+
+
+def rows_as_heads(t: DistTensor, lo: int, hi: int, name: str = "queries") -> DistTensor:
+    """Rows ``lo..hi-1`` of a batch [B, N] (None, x) whose tile is r query heads' blocks
+    [r, F] (one request's tokens in a verification pass) as one query of (hi-lo)*r heads
+    [(hi-lo)*N] (x): each PE's tile the rows' blocks side by side, [T, r, F] read as
+    [T*r, F]. A view of the batch's tiles (no SRAM of its own; the batch holds it)."""
+    if t.layout[0] is not None or len(t.shape) != 2:
+        raise MeshError(f"rows_as_heads: {t.name} is not a batch of vectors (shape {t.shape}, layout {t.layout})")
+    n = hi - lo
+    tiles = None if t.tiles is None else t.tiles[:, :, lo:hi].reshape(t.tiles.shape[:2] + (-1,))
+    return DistTensor(t.mesh, (n * t.shape[1],), t.layout[1:], t.dtype, tiles, name=name, partial=t.partial,
+                      tile_shape=(n * t.tile_shape[1],), charge_sram=False)
+
+
+def heads_as_rows(t: DistTensor, n: int, name: str = "attention") -> list[DistTensor]:
+    """The inverse of :func:`rows_as_heads` for a result [n*N] (x): its ``n`` rows, each [N]
+    (x) an address range of the tile, each holding its share of ``t``'s SRAM (released)."""
+    if len(t.shape) != 1 or t.shape[0] % n or t.tile_shape[0] % n:
+        raise MeshError(f"heads_as_rows: {t.name} (shape {t.shape}) does not split into {n} rows")
+    tiles = None if t.tiles is None else t.tiles.reshape(t.tiles.shape[:2] + (n, -1))
+    t.mesh.sram.release(t)  # the same bytes, now under the rows' names
+    return [DistTensor(t.mesh, (t.shape[0] // n,), t.layout, t.dtype, None if tiles is None else tiles[:, :, i],
+                       name=f"{name}[{i}]", partial=t.partial, tile_shape=(t.tile_shape[0] // n,))
+            for i in range(n)]

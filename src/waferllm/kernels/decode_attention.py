@@ -37,7 +37,9 @@ def decode_attention(q: DistTensor, k_t: DistTensor, v: DistTensor, valid: np.nd
 
     ``q``: [r * Fpad] (x,) fp32; ``k_t``: [Fpad, rows * S] (x, y); ``v``: [rows * S, Fpad]
     (y, x); ``valid``: (rows, S), True where a row's slot holds a token (None in a dry
-    run). Returns the attention output [r * Fpad] (x,) fp32, complete on every PE. ``k`` and
+    run). Several queries of one request (a verification pass, ``batch.rows_as_heads``: T
+    tokens' r heads each, read as T*r heads) take ``valid`` (rows, T, S): each its own
+    causal limit; every collective then carries all T at once. Returns the attention output [r * Fpad] (x,) fp32, complete on every PE. ``k`` and
     ``group``: the K-tree of every allreduce (group None: about n^(1/k) PEs); ``k="tuned"``
     picks both per reduction for its payload (:func:`comm.best_ktree`). ``fused``: one
     allreduce for softmax and p V (see the module docstring).
@@ -56,7 +58,9 @@ def decode_attention(q: DistTensor, k_t: DistTensor, v: DistTensor, valid: np.nd
     kq, gq = comm.ktree_for(mesh, "x", held, k, group, span=head_span)
     summed = comm.allreduce_segments(scores, "x", head_span, held, kq, group=gq, name="qk_allreduce")
     mesh.sram.release(scores)
-    allowed = None if valid is None else valid[:, None, None, None, :]  # (rows, 1, 1, 1, S) against the tiles
+    if valid is not None and valid.ndim == 3:  # T queries of one request: query t's r heads are rows t*r..
+        valid = np.repeat(valid, r // valid.shape[1], axis=1)[:, None, None]  # (rows, 1, 1, T*r, S)
+    allowed = None if valid is None else (valid if valid.ndim == 5 else valid[:, None, None, None, :])
     if fused:
         return _flash_softmax_pv(summed, v, q, allowed, groups, scale, r, k, group)
     ks, gs = comm.ktree_for(mesh, "y", num_kv_heads * r * 4, k, group)  # the max and sum: fp32 per head row

@@ -33,6 +33,12 @@ _PRESETS: dict[str, dict] = {
                        num_heads=64, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0,
                        max_position_embeddings=8192, tie_word_embeddings=False, bos_token_id=128000,
                        eos_token_ids=[128001, 128009]),
+    # meta-llama/Llama-3.2-1B(-Instruct): llama3-8b's tokenizer, a 1B-class draft for it (its
+    # rope_scaling for long contexts does not change a shape-only run)
+    "llama3.2-1b": dict(arch="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16,
+                        num_heads=32, num_kv_heads=8, head_dim=64, rms_norm_eps=1e-5, rope_theta=500000.0,
+                        max_position_embeddings=131072, tie_word_embeddings=True, bos_token_id=128000,
+                        eos_token_ids=[128001, 128008, 128009]),
     # HuggingFaceTB/SmolLM2-135M-Instruct (the embedded default model)
     "smollm2-135m": dict(arch="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
                          num_heads=9, num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5, rope_theta=100000.0,
@@ -40,7 +46,7 @@ _PRESETS: dict[str, dict] = {
 }
 
 _ALIASES = {"llama-3-8b": "llama3-8b", "llama-2-13b": "llama2-13b", "llama-3-70b": "llama3-70b",
-            "smollm2": "smollm2-135m", "codellama34b": "codellama-34b"}
+            "smollm2": "smollm2-135m", "llama-3.2-1b": "llama3.2-1b", "codellama34b": "codellama-34b"}
 
 
 def list_model_presets() -> list[str]:

@@ -1,0 +1,264 @@
+"""Speculative decoding: the verification pass, KV rollback, draft placement and the decoder.
+
+Independent checks: a verification pass's logits against decoding the same tokens one at a
+time and against the dense numpy reference; a rolled-back cache against a fresh run that
+never saw the rejected tokens; greedy and seeded sampled tokens against plain decoding;
+dry-run round counts against the acceptance pattern worked out by hand; draft regions
+against a brute-force occupancy mask.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from waferllm.engine.generate import generate_one
+from waferllm.engine.run_config import RunConfig
+from waferllm.engine.sampling import SamplingParams
+from waferllm.engine.speculative import (SpeculativeConfig, first_layers, free_rectangles, place_draft,
+                                         speculative_backend)
+from waferllm.engine.wafer import WaferModel
+from waferllm.errors import PlacementError, RequestError
+from waferllm.hardware import get_wafer
+from waferllm.mesh.region import Region
+from waferllm.models.presets import get_model_preset
+from waferllm.models.reference import ReferenceModel
+from waferllm.models.testing import byte_tokenizer, random_weights, tiny_config
+
+WSE2 = get_wafer("wse2")
+PROMPT = np.arange(1, 10)
+
+
+def _model(cfg, w, numerics="fused", scheme="shift", dg=4, **run):
+    wm = WaferModel(cfg, w, WSE2, RunConfig(prefill_grid=8, decode_grid=dg, max_seq_len=48, numerics=numerics,
+                                            kv_scheme=scheme, **run))
+    wm.reset()
+    wm.prefill(PROMPT)
+    return wm
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = tiny_config(num_layers=3)
+    return cfg, random_weights(cfg, scale=0.3)
+
+
+@pytest.mark.parametrize("numerics", ["fused", "mesh"])
+@pytest.mark.parametrize("scheme", ["shift", "concat"])
+def test_verify_pass_equals_decoding_one_at_a_time(tiny, numerics, scheme):
+    cfg, w = tiny
+    seq = [5, 9, 11, 20, 3]
+    one = _model(cfg, w, numerics, scheme)
+    ref = np.stack([one.decode(t) for t in seq])
+    many = _model(cfg, w, numerics, scheme)
+    out = many.verify(0, seq)
+    scale = np.abs(ref).max()
+    assert np.abs(out - ref).max() < 1e-4 * scale
+    # and against the dense reference on the same weights (independent of the mesh)
+    ref_model = ReferenceModel(w)
+    ref_model.prefill(PROMPT)
+    dense = np.stack([ref_model.decode(t) for t in seq])
+    assert np.abs(out - dense).max() < 2e-2 * scale
+    assert many.position == one.position == len(PROMPT) + len(seq)
+
+
+@pytest.mark.parametrize("scheme", ["shift", "concat"])
+@pytest.mark.parametrize("keep", [0, 1, 3])
+def test_rollback_leaves_the_cache_of_a_run_that_never_saw_the_rejected(tiny, scheme, keep):
+    cfg, w = tiny
+    seq = [5, 9, 11, 20, 3]
+    spec = _model(cfg, w, "mesh", scheme)
+    spec.verify(0, [7] + seq)
+    spec.rollback(0, len(seq) - keep)
+    fresh = _model(cfg, w, "mesh", scheme)
+    fresh.verify(0, [7] + seq[:keep]) if keep else fresh.decode(7)
+    for a, b in zip(spec.decode_stages, fresh.decode_stages):
+        ca, cb = a.cache, b.cache
+        assert (ca.count == cb.count).all() and (ca.head == cb.head).all()
+        for layer in range(ca.layers):
+            for x, y in zip(ca.logical(layer), cb.logical(layer)):
+                # the same entries, to fp16 rounding (a batched product sums in its own order)
+                np.testing.assert_allclose(x, y, rtol=2e-3, atol=2e-3)
+    # decoding on from there gives what the fresh run gives
+    a, b = spec.decode(42), fresh.decode(42)
+    assert np.abs(a - b).max() < 2e-3 * np.abs(b).max()
+
+
+def test_rollback_charges_the_inverse_shift():
+    """The shift cache on 4 rows: when the 10th token came to 9 (rows [2, 2, 2, 3]), the
+    bottom row handed its oldest up to row 2; dropping it moves that token back down: one
+    message from each of row 2's 4 PEs, one token's K and V of every layer."""
+    cfg = tiny_config(num_layers=2)
+    wm = WaferModel(cfg, None, WSE2, RunConfig(prefill_grid=None, decode_grid=4, max_seq_len=32), mode="dry")
+    wm.start_decode(9)
+    wm.decode(None)
+    cache = wm.decode_stages[0].cache
+    mark = wm.ledger.mark(per_primitive=True)
+    wm.rollback(0, 1)
+    delta = wm.ledger.since(mark)
+    hl = cache.hl
+    assert delta["messages"] == 4
+    assert delta["bytes_moved"] == 4 * 2 * hl.col_features * 2 * cfg.num_layers
+    assert list(cache.count) == [2, 2, 2, 3] and wm.positions[0] == 9
+
+
+def test_dry_verify_costs_what_a_numeric_one_does(tiny):
+    cfg, w = tiny
+    costs = []
+    for mode in ("numeric", "dry"):
+        wm = WaferModel(cfg, w if mode == "numeric" else None, WSE2,
+                        RunConfig(prefill_grid=8, decode_grid=4, max_seq_len=48, numerics="mesh"), mode=mode)
+        wm.reset()
+        wm.prefill(PROMPT if mode == "numeric" else len(PROMPT))
+        mark = wm.ledger.mark()
+        for _ in range(2):  # the second pass of the same shape replays in the dry run
+            wm.verify(0, [3, 4, 5] if mode == "numeric" else [None] * 3)
+            wm.rollback(0, 1)
+        costs.append(wm.ledger.since(mark))
+    for key in ("cycles", "messages", "bytes_moved", "flops"):
+        assert costs[0][key] == pytest.approx(costs[1][key], rel=1e-9), key
+
+
+def test_a_verify_pass_costs_less_than_its_tokens_one_at_a_time():
+    """The point of a verification pass: one decode step carries T tokens (every collective
+    once, carrying T rows), so it is cheaper than T steps, though dearer than one."""
+    cfg = get_model_preset("llama3-8b")
+    wm = WaferModel(cfg, None, WSE2, RunConfig.for_request(256, 32, prefill_grid=None, decode_grid=360), mode="dry")
+    wm.start_decode(256)
+    step = wm.ledger.cycles
+    wm.decode(None)
+    step = wm.ledger.cycles - step
+    before = wm.ledger.cycles
+    wm.verify(0, [None] * 5)
+    verify = wm.ledger.cycles - before
+    assert step < verify < 3 * step
+
+
+# ---------------------------------------------------------------------------- the decoder
+
+
+def _speculate(cfg, w, draft_layers, k, params, dg=4):
+    target = WaferModel(cfg, w, WSE2, RunConfig(prefill_grid=8, decode_grid=dg, max_seq_len=64))
+    backend = speculative_backend(target, SpeculativeConfig(num_speculative_tokens=k, draft_layers=draft_layers))
+    return generate_one(backend, byte_tokenizer(), list(range(1, 12)), params)
+
+
+@pytest.mark.parametrize("draft_layers,k", [(1, 3), (2, 2), (2, 5)])
+def test_greedy_tokens_are_the_targets_own(tiny, draft_layers, k):
+    cfg, w = tiny
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    plain = generate_one(WaferModel(cfg, w, WSE2, RunConfig(prefill_grid=8, decode_grid=4, max_seq_len=64)),
+                         byte_tokenizer(), list(range(1, 12)), params)
+    spec = _speculate(cfg, w, draft_layers, k, params)
+    assert spec.token_ids == plain.token_ids
+    s = spec.metrics["backend"]["speculative"]
+    # every emitted token after the first is a round's own token or an accepted draft
+    assert s["rounds"] + s["accepted"] == len(spec.token_ids) - 1
+    assert s["accepted"] <= s["drafted"] <= k * s["rounds"]
+
+
+def test_seeded_sampling_draws_the_same_tokens(tiny):
+    """Exact-match verification samples every token from the target's logits for its own
+    prefix, with the request's generator in the same order: the same seed, the same tokens."""
+    cfg, w = tiny
+    params = SamplingParams(max_tokens=20, temperature=0.8, top_p=0.9, seed=7, ignore_eos=True)
+    plain = generate_one(WaferModel(cfg, w, WSE2, RunConfig(prefill_grid=8, decode_grid=4, max_seq_len=64)),
+                         byte_tokenizer(), list(range(1, 12)), params)
+    assert _speculate(cfg, w, 2, 3, params).token_ids == plain.token_ids
+
+
+def test_a_perfect_draft_takes_every_guess(tiny):
+    """A draft of all the target's layers but one guesses well; the same model as its own
+    draft (all layers) would accept everything: check the count with the target itself."""
+    cfg, w = tiny
+    target = WaferModel(cfg, w, WSE2, RunConfig(prefill_grid=8, decode_grid=4, max_seq_len=64))
+    draft = place_draft(cfg, w, target)  # the target's own weights as the draft
+    from waferllm.engine.speculative import SpeculativeBackend
+
+    out = generate_one(SpeculativeBackend(target, draft, 3), byte_tokenizer(), list(range(1, 12)),
+                       SamplingParams(max_tokens=17, temperature=0, ignore_eos=True))
+    s = out.metrics["backend"]["speculative"]
+    assert s["acceptance_rate"] == 1.0 and s["rounds"] == 4  # 16 tokens after the first, 4 per round
+
+
+@pytest.mark.parametrize("acceptance,rounds", [(1.0, 5), (0.0, 19)])
+def test_dry_rounds_follow_the_acceptance(acceptance, rounds):
+    """20 tokens, k=3: accepting every draft, a round emits 4 (its own and 3 drafts): 19
+    tokens after the first take 5 rounds; accepting none, one per round."""
+    cfg = get_model_preset("llama3-8b")
+    target = WaferModel(cfg, None, WSE2, RunConfig.for_request(128, 20, prefill_grid=600, decode_grid=360), mode="dry")
+    backend = speculative_backend(target, SpeculativeConfig(num_speculative_tokens=3, draft_model="llama3.2-1b"),
+                                  draft_config=get_model_preset("llama3.2-1b"))
+    backend.run_dry(128, 20, acceptance)
+    m = backend.request_metrics()
+    assert m["speculative"]["rounds"] == rounds
+    assert backend.emitted == 20
+    assert m["tpot_s"] == pytest.approx(WSE2.cycles_to_seconds(sum(backend.cycles.values())) / 19)
+
+
+# ---------------------------------------------------------------------------- placement
+
+
+def test_free_rectangles_are_free_and_the_largest_comes_first():
+    w = WSE2.replace(rows=40, cols=50)
+    taken = [Region(w, 20, 20, 0, 0), Region(w, 20, 20, 0, 20), Region(w, 12, 12, 20, 0)]
+    used = np.zeros((40, 50), int)
+    for r in taken:
+        used[r.row0:r.row0 + r.rows, r.col0:r.col0 + r.cols] = 1
+    rects = free_rectangles(w, taken)
+    for r0, c0, h, wd in rects:
+        assert not used[r0:r0 + h, c0:c0 + wd].any()
+    # the largest empty rectangle by brute force: every (top, bottom, left, right) at once
+    s = np.zeros((41, 51), int)
+    s[1:, 1:] = used.cumsum(0).cumsum(1)
+    t, b = np.triu_indices(41, 1)
+    l, r = np.triu_indices(51, 1)
+    inside = s[b][:, r] - s[t][:, r] - s[b][:, l] + s[t][:, l]
+    area = (b - t)[:, None] * (r - l)[None, :]
+    assert rects[0][2] * rects[0][3] == area[inside == 0].max() == 20 * 38  # rows 20..40, cols 12..50
+
+
+def test_the_draft_sits_on_pes_the_target_decode_leaves_idle():
+    cfg = get_model_preset("llama3-8b")
+    target = WaferModel(cfg, None, WSE2, RunConfig.for_request(512, 64, prefill_grid=600, decode_grid=360), mode="dry")
+    draft = place_draft(get_model_preset("llama3.2-1b"), None, target, mode="dry")
+    for d in draft.plan.decode.stages + draft.plan.prefill.stages:
+        for t in target.plan.decode.stages:
+            a, b = d.region, t.region
+            assert a.row0 >= b.row0 + b.rows or b.row0 >= a.row0 + a.rows or a.col0 >= b.col0 + b.cols \
+                or b.col0 >= a.col0 + a.cols
+        assert d.region.row0 + d.region.rows <= WSE2.rows and d.region.col0 + d.region.cols <= WSE2.cols
+
+
+def test_a_draft_grid_that_does_not_fit_is_refused_with_one_that_does():
+    cfg = get_model_preset("llama3-8b")
+    target = WaferModel(cfg, None, WSE2, RunConfig.for_request(512, 64, prefill_grid=600, decode_grid=360), mode="dry")
+    with pytest.raises(PlacementError) as err:
+        place_draft(get_model_preset("llama3.2-1b"), None, target, grid=300, mode="dry")
+    fit = err.value.context["fit_grid"]
+    assert fit and f"{fit}x{fit} draft grid fits" in str(err.value)
+    assert place_draft(get_model_preset("llama3.2-1b"), None, target, grid=fit, mode="dry").plan.decode.grid == fit
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(num_speculative_tokens=0, draft_layers=2), "num_speculative_tokens"),
+    (dict(num_speculative_tokens=4), "needs a draft"),
+    (dict(draft_layers=2, draft_model="x"), "not both"),
+    (dict(draft_layers=2, acceptance=1.5), "acceptance"),
+])
+def test_bad_speculative_configs_say_what_is_wrong(fields, message):
+    with pytest.raises(RequestError, match=message):
+        SpeculativeConfig(**fields)
+
+
+def test_draft_layers_must_leave_the_draft_smaller(tiny):
+    cfg, w = tiny
+    with pytest.raises(RequestError, match="draft_layers must be from 1 to 2"):
+        first_layers(cfg, w, 3)
+
+
+def test_a_draft_with_another_vocabulary_is_refused():
+    cfg = get_model_preset("llama3-8b")
+    target = WaferModel(cfg, None, WSE2, RunConfig.for_request(512, 64, prefill_grid=600, decode_grid=360), mode="dry")
+    with pytest.raises(RequestError, match="share the target's tokenizer"):
+        place_draft(get_model_preset("smollm2"), None, target, mode="dry")
