@@ -44,6 +44,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/defects.py --markdown benchmarks/RESULTS-defects.md --plot docs/defects.png
 	$(PY) benchmarks/decode_collectives.py --markdown benchmarks/RESULTS-decode-collectives.md
 	$(PY) benchmarks/beyond_paper.py --markdown benchmarks/RESULTS-beyond-paper.md
+	$(PY) benchmarks/speculative.py --markdown benchmarks/RESULTS-speculative.md
 	$(PY) benchmarks/batching.py --markdown benchmarks/RESULTS-batching.md
 	$(PY) benchmarks/serve_load.py --markdown benchmarks/RESULTS-serve.md
 

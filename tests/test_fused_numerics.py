@@ -239,8 +239,9 @@ def test_concat_regions_of_one_size_with_different_layer_counts_keep_their_own_p
     wafer = WSE2.replace(rows=20, cols=20, sram_bytes_per_pe=28 * 1024)
     peaks = {}
     for numerics in ("mesh", "fused"):
-        wm = WaferModel(cfg, w, wafer, RunConfig(prefill_grid=4, decode_grid=4, max_seq_len=28, kv_scheme="concat",
-                                                 numerics=numerics))
+        # a 12-token prompt and 9 output tokens: the concat budget holds the bottom row's 3 + 8 slots
+        wm = WaferModel(cfg, w, wafer, RunConfig.for_request(12, 9, prefill_grid=4, decode_grid=4, kv_scheme="concat",
+                                                             numerics=numerics))
         assert [len(s.layer_ids) for s in wm.decode_stages] == [3, 2]
         wm.reset()
         logits = wm.prefill(np.arange(12) % cfg.vocab_size)

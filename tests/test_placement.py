@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from waferllm.engine.placement import (PLANNING_SLACK, kv_bytes_per_slot, layer_weight_bytes, plan,
+from waferllm.engine.placement import (PLANNING_SLACK, kv_bytes_per_slot, layer_weight_bytes, phase_fits, plan,
                                        planned_kv_capacity)
 from waferllm.engine.wafer import WaferModel
 from waferllm.errors import PlacementError
@@ -83,9 +83,20 @@ def test_grid_larger_than_the_wafer_raises(grid):
 def test_kv_cache_longer_than_capacity_raises():
     cfg = tiny_config()
     p = plan(cfg, WSE2, None, 4, 32, "fp16")  # decode only: prefill plans the whole prompt
-    # one token more than the planned capacity: the layers and their cache no longer fit
+    assert (len(p.decode.stages), p.decode.layers_per_region) == (1, 2)
+    # one token more than the planned capacity: the layers and their cache no longer fit its one
+    # region (attention's score tiles grow with the cache too), so the planner spreads them out
+    longer = plan(cfg, WSE2, None, 4, p.kv_capacity_tokens + 1, "fp16")
+    assert (len(longer.decode.stages), longer.decode.layers_per_region) == (2, 1)
+    # the longest context any layout of 4x4 regions holds (one layer each); one token more raises
+    lo, hi = p.kv_capacity_tokens + 1, 4 * p.kv_capacity_tokens
+    assert phase_fits(cfg, WSE2, 4, "decode", lo) and not phase_fits(cfg, WSE2, 4, "decode", hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if phase_fits(cfg, WSE2, 4, "decode", mid) else (lo, mid)
+    assert plan(cfg, WSE2, None, 4, lo, "fp16").decode.layers_per_region == 1
     with pytest.raises(PlacementError, match="tiny does not fit wse2 for decode on 4x4 regions"):
-        plan(cfg, WSE2, None, 4, p.kv_capacity_tokens + 1, "fp16")
+        plan(cfg, WSE2, None, 4, lo + 1, "fp16", suggest=False)
     # a model extrapolated from its first layer (the whole does not fit): that layer's cache must
     with pytest.raises(PlacementError, match="the KV cache for 2176 tokens does not fit the 28x28 decode regions"):
         plan(get_model_preset("llama3-8b"), WSE2, None, 28, 2176, "fp16", layers=1)
@@ -129,9 +140,16 @@ def test_plan_fields():
     for st, phase in ((wm.prefill_stages[0], "prefill"), (wm.decode_stages[0], "decode")):
         held = st.mesh.sram.by_name()
         assert sum(v for k, v in held.items() if k.startswith("L0.")) == TINY_LAYER_ON_4[phase]
-    # planned KV capacity: what the budget leaves beside weights, tables and activations, per slot
+    # decode activations, per PE: the token's vectors (6 fp32 hidden slices of 16, 3 of the 16 q +
+    # 2 x 8 k/v features) = 768 B, then the larger of attention's score tiles (2 fp32 tiles of the
+    # 4 query heads per cache slot: 32 B a slot, 16 slots = 512 B) and the FFN's (4 fp32 vectors
+    # of 2 x 24) = 768 B, and 1024 B of margin
     b = p.decode.bytes_per_pe
-    slots = (b["usable"] - b["weights"] - b["vocab_tables"] - b["activations"]) // (2 * 32)
+    assert b["activations"] == 768 + max(32 * 16, 768) + 1024
+    # planned KV capacity: the slots per row whose K/V (2 layers x 32 B) and score tiles (32 B) fit
+    # beside weights, tables and the rest of the activations (the score tiles outgrow the FFN's)
+    slots = (b["usable"] - b["weights"] - b["vocab_tables"] - 768 - 1024) // (2 * 32 + 32)
+    assert 32 * slots > 768
     assert (p.kv_capacity_tokens, p.kv_capacity_tokens_concat) == (4 * slots, slots)
     assert planned_kv_capacity(cfg, WSE2, p.decode) == (4 * slots, slots)
     d = p.to_dict()

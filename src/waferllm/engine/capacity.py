@@ -29,7 +29,8 @@ import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from waferllm.engine.placement import (PhasePlan, Plan, activation_bytes, cdiv, decode_scores_bytes_per_slot,
+from waferllm.engine.placement import (PhasePlan, Plan, activation_bytes, cdiv, decode_row_slots,
+                                       decode_score_tile_bytes_per_slot, decode_scores_bytes_per_slot,
                                        kv_bytes_per_slot, layer_weight_bytes)
 
 KINDS = ("weights", "vocab_tables", "kv_cache", "activations", "buffers")
@@ -134,7 +135,8 @@ def _points(config, sram, phase: str, rest: dict[str, int], slots: int) -> tuple
     region), so one layer's K/V take twice the bytes of any K tile held.
 
     Decode: a score tile holds every head's fp32 score for each scanned slot of the PE's
-    row, so the transients of exactly that size are the copies attention keeps at once,
+    row (:func:`~waferllm.engine.placement.decode_score_tile_bytes_per_slot`), so the
+    transients of exactly that size are the copies attention keeps at once,
     whatever its buffer lifetimes. With one slot, a softmax's per-head statistics (its
     max and sum) have that size too: they are told apart by name."""
     now = sram.held()
@@ -143,7 +145,7 @@ def _points(config, sram, phase: str, rest: dict[str, int], slots: int) -> tuple
     if phase == "prefill":
         kv_layer = 2 * max((b for _, e in highs.values() for name, b in e.values() if _PREFILL_KV.get(name) == "k"),
                            default=0)
-    score_tile = config.num_heads * slots * 4 if phase == "decode" else -1
+    score_tile = decode_score_tile_bytes_per_slot(config) * slots if phase == "decode" else -1
     points = {}
     for at, (kinds, entries) in highs.items():
         # a placed tensor's copies in flight (MeshGEMM rotates a weight through its placed
@@ -219,10 +221,11 @@ def region_sram(config, pp: PhasePlan, stages) -> list[RegionSRAM]:
                 r.kv_cache = r.kv_bytes_per_slot * m.slots_held
         r.points = sorted(set(points.values()), key=lambda p: (p.transient(), p.score_bytes_per_slot))
         if phase == "decode" and n and not any(p.score_bytes_per_slot for p in r.points):
-            # no decode step ran: the planner's estimate of a layer step
-            r.slots = cdiv(pp.seq_len, side)
+            # no decode step ran: the planner's estimate of a layer step, its score tiles over the
+            # slots the plan's attention scans (the concatenation cache: its bottom row's)
+            r.slots = decode_row_slots(pp.seq_len, side, pp.kv_scheme, pp.prompt_len, pp.request_len)[1]
             per_slot = decode_scores_bytes_per_slot(config)
-            other = activation_bytes(config, side, phase, pp.seq_len, pp.dtype) - r.slots * per_slot
+            other = activation_bytes(config, side, phase, pp.seq_len, pp.dtype, slots=r.slots) - r.slots * per_slot
             r.points.append(Point(max(0, other), 0, per_slot))
             r.source = "estimated"
         top = max(r.points, key=lambda p: p.transient(r.slots), default=Point(0, 0))

@@ -122,12 +122,17 @@ class LLM(PromptFrontend):
                  wafer_overrides: dict | None = None, progress=None, band: bool = True, weights: str = "fp16",
                  max_num_seqs: int = 4, threads: int | None = None, prefill_attention: str = "paper",
                  decode_collectives: str = "paper", gemv_ktree: str = "paper", numerics: str = "fused",
-                 gemv_overlap: str = "paper"):
+                 gemv_overlap: str = "paper", speculative_config=None):
         from waferllm.models import quant
         from waferllm.models.loader import resolve_model
 
         # 1. what needs neither the model nor placement
+        from waferllm.engine.speculative import SpeculativeConfig
+
         pg, dg = check_engine_args(prefill_grid, decode_grid, dtype, kv_scheme, max_model_len)
+        self.speculative = SpeculativeConfig.coerce(speculative_config)
+        if self.speculative is not None:
+            max_num_seqs = 1  # a verification pass is the batch: requests run one after another
         quant.check_weights(weights)
         for name, value in (("prefill_attention", prefill_attention), ("decode_collectives", decode_collectives),
                             ("gemv_ktree", gemv_ktree), ("gemv_overlap", gemv_overlap)):
@@ -181,7 +186,8 @@ class LLM(PromptFrontend):
         run = RunConfig(prefill_grid=fixed["prefill"], decode_grid=fixed["decode"], max_seq_len=mml, dtype=dtype,
                         kv_scheme=kv_scheme, weights=wf, max_num_seqs=self.max_num_seqs,
                         prefill_attention=prefill_attention, decode_collectives=decode_collectives,
-                        gemv_ktree=gemv_ktree, numerics=numerics, gemv_overlap=gemv_overlap)
+                        gemv_ktree=gemv_ktree, numerics=numerics, gemv_overlap=gemv_overlap,
+                        speculative_tokens=self.speculative.num_speculative_tokens if self.speculative else 0)
         self.tuning = None
         if fixed["prefill"] is None or fixed["decode"] is None:
             if progress:
@@ -189,7 +195,8 @@ class LLM(PromptFrontend):
             self.tuning = self._tune(run, cands, mml)
             run = self.tuning["run"]
         self.run = run
-        self.band = band  # each request's metrics carry low/high bands (two shape-only reruns)
+        # each request's metrics carry low/high bands (two shape-only reruns of the target alone)
+        self.band = band and self.speculative is None
         try:
             self.backend = WaferModel(config, quant.weights_for_run(model, wf, run.dtype), spec, run, mode="numeric",
                                       progress=progress)
@@ -197,6 +204,25 @@ class LLM(PromptFrontend):
             raise with_context(exc, f"placing {config.name} on {spec.name} (prefill {run.prefill_grid}x"
                                     f"{run.prefill_grid}, decode {run.decode_grid}x{run.decode_grid}, "
                                     f"max_model_len {mml})") from None
+        if self.speculative is not None:
+            self.backend = self._with_draft(self.backend, model, progress)
+
+    def _with_draft(self, target: WaferModel, model, progress):
+        """The target with the speculative config's draft placed on its idle PEs."""
+        from waferllm.engine.speculative import check_vocabularies, speculative_backend
+        from waferllm.models import quant
+        from waferllm.models.loader import resolve_model
+
+        spec, draft_config, draft_weights = self.speculative, None, None
+        if spec.draft_model is not None:
+            draft = resolve_model(spec.draft_model)
+            check_vocabularies(self.config, draft.config)
+            draft_config = draft.config
+            draft_weights = quant.weights_for_run(draft, self.weights_format, target.run.dtype)
+        try:
+            return speculative_backend(target, spec, draft_config, draft_weights, progress)
+        except WaferLLMError as exc:
+            raise with_context(exc, f"placing the draft beside {self.config.name} on {self.wafer.name}") from None
 
     # ------------------------------------------------------------------ fitting
     def _grids_that_fit(self, fixed: dict, auto_hi: int, dtype: str) -> dict:

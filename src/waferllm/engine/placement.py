@@ -81,6 +81,10 @@ class PhasePlan:
     # request (attention runs request by request over its own cache); None: seq_len
     rows: int = 1
     request_len: int | None = None
+    # decode: the cache scheme the budget fills rows by, and the requests' prompt (None: any
+    # length); see decode_row_slots
+    kv_scheme: str = "shift"
+    prompt_len: int | None = None
     weighed: list = field(default_factory=list)  # streaming: every layout weighed (see _weigh_passes)
 
     def to_dict(self) -> dict:
@@ -198,23 +202,68 @@ def kv_bytes_per_slot(config, grid: int, dtype: str = "fp16") -> int:
     return 2 * hl.col_features * DTYPE_BYTES[dtype]
 
 
+#: fp32 score tiles decode attention holds at once (``kernels.decode_attention``): the partial
+#: scores (``qk_gemv``) while their sum over the head's columns (``qk_allreduce``) arrives; then
+#: each softmax step's input while its output is written (scaled, exponentials, normalised),
+#: the statistics beside them being one value per head row, not per slot. The fused path's
+#: softmax (``_flash_softmax_pv``) frees each input as soon as its output exists, likewise.
+DECODE_SCORE_TILES = 2
+
+
+def decode_score_tile_bytes_per_slot(config) -> int:
+    """Bytes per cache slot of one decode score tile on a PE: the kernel's tile is
+    [num_kv_heads, r, slots] fp32 (every kv head's r query heads, whichever heads the PE's
+    own features belong to), r the query heads sharing a kv head (``HeadLayout.group``)."""
+    hl = HeadLayout(config.num_heads, config.num_kv_heads, config.head_dim, 1)
+    return hl.num_kv_heads * hl.group * DTYPE_BYTES["fp32"]
+
+
 def decode_scores_bytes_per_slot(config) -> int:
-    """The planner's budget per cache slot of a PE's row for decode attention's score
-    tiles: four fp32 tiles of every head (the reduced scores, scaled, exponentiated,
-    normalised), so its working set grows with the cache like the cache itself. A run
-    measures what attention really keeps (``engine.capacity``)."""
-    return 4 * config.num_heads * 4
+    """The planner's budget per cache slot attention scans for decode attention's score
+    tiles: the most tiles the kernel keeps at once (:data:`DECODE_SCORE_TILES`), each of
+    :func:`decode_score_tile_bytes_per_slot`. Its working set grows with the slots of the
+    fullest row like the cache itself. A run measures what attention really keeps
+    (``engine.capacity``)."""
+    return DECODE_SCORE_TILES * decode_score_tile_bytes_per_slot(config)
+
+
+def concat_bottom_slots(request_len: int, prompt_len: int | None, grid: int) -> int:
+    """Slots the concatenation cache's bottom row holds at most for one request of
+    ``request_len`` tokens on a grid x grid region: the prompt's share when its
+    ``prompt_len`` tokens are spread over the rows at the transition (the bottom rows take
+    the extra ones), then every generated token. With no ``prompt_len`` (prompts of any
+    length) the worst case: the whole context on the bottom row."""
+    if prompt_len is None:
+        return request_len
+    p = min(prompt_len, request_len)
+    return cdiv(p, grid) + request_len - p
+
+
+def decode_row_slots(seq_len: int, grid: int, kv_scheme: str = "shift", prompt_len: int | None = None,
+                     request_len: int | None = None) -> tuple[int, int]:
+    """(cache slots on a grid x grid decode region's fullest row, slots one request's
+    attention scans there) for a KV pool of ``seq_len`` tokens shared by requests of at most
+    ``request_len`` (default ``seq_len``: one request). The shift-based cache fills the rows
+    evenly; the concatenation cache puts each request's growth on the bottom row
+    (:func:`concat_bottom_slots`), where attention's score tiles span that row's slots."""
+    req = request_len or seq_len
+    if kv_scheme == "concat":
+        per = concat_bottom_slots(req, prompt_len, grid)
+        return per * cdiv(seq_len, req), per
+    return cdiv(seq_len, grid), cdiv(req, grid)
 
 
 def activation_bytes(config, grid: int, phase: str, seq_len: int, dtype: str = "fp16", heads_per_pass: int = 1,
-                     attention: str = "paper", rows: int = 1, request_len: int | None = None) -> int:
+                     attention: str = "paper", rows: int = 1, request_len: int | None = None,
+                     slots: int | None = None) -> int:
     """Peak bytes per PE of activations and buffers during one layer (with double buffers).
 
     Prefill attention processes ``heads_per_pass`` kv heads (with their query heads) at a
     time: its score tiles are what limits long prompts (``attention``: see
     :func:`streaming_attention_bytes` for the streaming kernel's). Decode of a batch holds
-    ``rows`` tokens' vectors at once, and one request's score tiles at a time (of at most
-    ``request_len`` tokens; default ``seq_len``).
+    ``rows`` tokens' vectors at once, and one request's score tiles at a time, over the
+    ``slots`` its attention scans on a PE row (default: ``request_len`` tokens, or
+    ``seq_len``, spread evenly over the rows; see :func:`decode_row_slots`).
     """
     b = DTYPE_BYTES[dtype]
     E, F = config.hidden_size, config.intermediate_size
@@ -233,7 +282,7 @@ def activation_bytes(config, grid: int, phase: str, seq_len: int, dtype: str = "
         ffn = 2 * t * f * b + t * f * 4
         in_flight = max(e * f, e * qt) * b  # MeshGEMM's next weight tile (double buffer)
         return hidden + qkv + max(attn, ffn) + in_flight + 1024
-    cap = cdiv(request_len or seq_len, grid)
+    cap = cdiv(request_len or seq_len, grid) if slots is None else slots
     vec = 6 * e * 4 + 3 * (qt + 2 * hl.col_features) * 4
     scores = decode_scores_bytes_per_slot(config) * cap
     ffn = 4 * 2 * f * 4
@@ -341,7 +390,7 @@ class PhaseBudget:
 
     def __init__(self, config, wafer: WaferSpec, phase: str, seq_len: int, dtype: str = "fp16",
                  vocab_size: int | None = None, weights: str = "fp16", attention: str = "paper", rows: int = 1,
-                 request_len: int | None = None):
+                 request_len: int | None = None, kv_scheme: str = "shift", prompt_len: int | None = None):
         self.config = config
         # vocabulary entries the regions hold (a cluster's wafers without the tables: 0)
         self.vocab_size = config.vocab_size if vocab_size is None else vocab_size
@@ -352,6 +401,8 @@ class PhaseBudget:
         self.weights = weights
         self.attention = attention if phase == "prefill" else "paper"
         self.rows, self.request_len = rows, request_len  # decode of a batch (see activation_bytes)
+        # decode: how the cache fills its rows, and the requests' prompt (see decode_row_slots)
+        self.kv_scheme, self.prompt_len = kv_scheme, prompt_len
         self.usable = wafer.usable_sram_bytes_per_pe - PLANNING_SLACK
         self.tables = 1 if config.tie_word_embeddings else 2
         self.pass_heads = 1  # the attention pass the layer capacities leave room for
@@ -369,8 +420,9 @@ class PhaseBudget:
         what the budget is sized for)."""
         config, phase, dtype, seq_len = self.config, self.phase, self.dtype, self.seq_len
         heads_per_pass = self.pass_heads if heads_per_pass is None else heads_per_pass
+        cached, scanned = self.slots(g)
         act = activation_bytes(config, g, phase, seq_len, dtype, heads_per_pass, self.attention, self.rows,
-                               self.request_len)
+                               self.request_len, scanned)
         if phase == "prefill":
             # the LM head's MeshGEMM (after the layers): the placed vocabulary tile, the one
             # in use and the next one arriving, the fp32 accumulator and the normalised rows
@@ -379,10 +431,18 @@ class PhaseBudget:
             act = max(act, 2 * e * vt * b + t * vt * 4 + 4 * t * e * b + 1024)
         return {
             "weights": layers * layer_weight_bytes(config, g, phase, dtype, self.weights),
-            "kv_cache": layers * kv_bytes_per_slot(config, g, dtype) * cdiv(seq_len, g),
+            "kv_cache": layers * kv_bytes_per_slot(config, g, dtype) * cached,
             "activations": act,
             "vocab_tables": self.tables * lm_head_bytes(config, g, vocab, dtype),
         }
+
+    def slots(self, g: int) -> tuple[int, int]:
+        """(cache slots on the fullest PE row, slots one request's attention scans) on a g x g
+        region: prefill, the prompt's tokens over the rows (scanned by its own attention
+        passes, budgeted apart); decode, see :func:`decode_row_slots`."""
+        if self.phase == "prefill":
+            return cdiv(self.seq_len, g), cdiv(self.seq_len, g)
+        return decode_row_slots(self.seq_len, g, self.kv_scheme, self.prompt_len, self.request_len)
 
     def fits(self, g: int, layers: int, vocab: int, heads_per_pass: int | None = None) -> bool:
         return sum(self.need(g, layers, vocab, heads_per_pass).values()) <= self.usable
@@ -461,7 +521,9 @@ def _does_not_fit(budget: PhaseBudget, slots: list[Region], grid: int, n_layers:
     """The error for a model whose layers the regions cannot hold: by how much, and what would
     fit. A suggested grid is planned before it is offered (with its KV cache, for decode);
     ``error.context`` carries ``phase``, ``grid``, ``fit_grid`` (or None), ``seq_len`` and
-    ``detail`` (the message without the advice, for callers that word their own)."""
+    ``detail`` (the message without the advice, for callers that word their own). With the
+    concatenation cache the advice also names, each planned, the longest request that fits
+    these regions with it (``context["longest"]``) and whether the shift-based cache would."""
     config, wafer, phase = budget.config, budget.wafer, budget.phase
     all_slots = all_slots or slots
     vocab, caps = budget.capacities(slots)
@@ -469,17 +531,40 @@ def _does_not_fit(budget: PhaseBudget, slots: list[Region], grid: int, n_layers:
     one = budget.need(grid, 1, vocab[0])
     fixed = one["activations"] + one["vocab_tables"]
     what = "prompt tokens" if phase == "prefill" else "tokens of context"
+    concat = phase == "decode" and budget.kv_scheme == "concat"
+    kv_for = (f"KV cache {one['kv_cache']:,} for the {budget.slots(grid)[0]} slots of the concatenation cache's bottom "
+              f"row: {_concat_fill(budget, grid)}" if concat else f"KV cache {one['kv_cache']:,} for {budget.seq_len} tokens")
     detail = (
         f"{config.name} does not fit {wafer.name} for {phase} on {grid}x{grid} regions: all {len(all_slots):,} regions "
         f"({grid}x{grid} and the smaller squares around them, {sum(r.pes for r in all_slots):,} PEs) hold "
         f"{held} of its {n_layers} layers, {n_layers - held} short. On a {grid}x{grid} region a layer takes "
-        f"{one['weights'] + one['kv_cache']:,} B per PE (weights {one['weights']:,}, KV cache {one['kv_cache']:,} for "
-        f"{budget.seq_len} tokens) beside activations {one['activations']:,} B (for {budget.seq_len} {what}) and "
+        f"{one['weights'] + one['kv_cache']:,} B per PE (weights {one['weights']:,}, {kv_for}) beside activations "
+        f"{one['activations']:,} B (" + (f"attention's score tiles over those {budget.slots(grid)[1]} slots" if concat
+                                        else f"for {budget.seq_len} {what}") + ") and "
         f"vocabulary slices {one['vocab_tables']:,} B, of the {budget.usable:,} B it may plan for "
         f"({wafer.usable_sram_bytes_per_pe:,} B usable, {PLANNING_SLACK:,} B kept as slack)"
         + (": the activations and vocabulary slices alone take more, so no region can hold a layer." if fixed > budget.usable
            else ".")
     )
+    fit = longest = None
+    if concat:
+        scheme = _scheme_of(budget)
+        seq = scheme.pop("request_len")
+        fit = smallest_fitting_grid(config, wafer, phase, seq, budget.dtype, grid + 1, n_layers, weights=budget.weights,
+                                    **scheme) if suggest else None
+        longest = _longest_concat(config, wafer, grid, budget, n_layers) if suggest else None
+        shift = suggest and phase_fits(config, wafer, grid, phase, seq, budget.dtype, n_layers, budget.weights,
+                                       max_num_seqs=scheme["max_num_seqs"])
+        advice = ((f" A {fit}x{fit} grid would fit it with the concatenation cache" if fit else
+                   " No grid of this wafer fits it with the concatenation cache")
+                  + (f"; on {grid}x{grid} regions a request of at most {longest} tokens in all does"
+                     + (f" (the {budget.prompt_len}-token prompt and {longest - budget.prompt_len} generated)"
+                        if budget.prompt_len else "") if longest else "")
+                  + (f"; the shift-based cache (--kv-scheme shift) holds it on {grid}x{grid} regions" if shift else "")
+                  + (" (checked by planning it)." if fit or longest or shift else ".")
+                  + " Other options: a wafer with more SRAM per PE, or shorter sequences.")
+        return PlacementError(detail + advice, phase=phase, grid=grid, fit_grid=fit, seq_len=seq, detail=detail,
+                              longest=longest, shift_fits=bool(shift))
     fit = smallest_fitting_grid(config, wafer, phase, budget.seq_len, budget.dtype, grid + 1, n_layers,
                                 weights=budget.weights, prefill_attention=budget.attention) if suggest else None
     advice = ((f" A {fit}x{fit} grid would fit (checked by planning it)." if fit else " No grid of this wafer fits it.")
@@ -490,17 +575,19 @@ def _does_not_fit(budget: PhaseBudget, slots: list[Region], grid: int, n_layers:
 
 def phase_fits(config, wafer: WaferSpec, grid: int, phase: str, seq_len: int, dtype: str = "fp16",
                layers: int | None = None, weights: str = "fp16", prefill_attention: str = "paper",
-               max_num_seqs: int = 1) -> bool:
+               max_num_seqs: int = 1, kv_scheme: str = "shift", prompt_len: int | None = None) -> bool:
     """Whether ``phase`` plans on ``grid`` x ``grid`` regions for ``seq_len`` tokens (prefill: a
     prompt of that length; decode: ``max_num_seqs`` contexts of that length decoded together,
-    their KV caches included)."""
+    their KV caches included, filled as ``kv_scheme`` does after prompts of ``prompt_len``
+    tokens (None: any length; see :func:`decode_row_slots`))."""
     try:
         if phase == "prefill":
             plan(config, wafer, grid, None, seq_len, dtype, prompt_len=seq_len, layers=layers, suggest=False,
                  weights=weights, prefill_attention=prefill_attention)
         else:
             plan(config, wafer, None, grid, seq_len * max_num_seqs, dtype, layers=layers, suggest=False,
-                 weights=weights, max_num_seqs=max_num_seqs, request_len=seq_len)
+                 weights=weights, max_num_seqs=max_num_seqs, request_len=seq_len, kv_scheme=kv_scheme,
+                 prompt_len=prompt_len)
         return True
     except PlacementError:
         return False
@@ -508,7 +595,8 @@ def phase_fits(config, wafer: WaferSpec, grid: int, phase: str, seq_len: int, dt
 
 def smallest_fitting_grid(config, wafer: WaferSpec, phase: str, seq_len: int, dtype: str = "fp16", lo: int = 1,
                           layers: int | None = None, weights: str = "fp16",
-                          prefill_attention: str = "paper", max_num_seqs: int = 1) -> int | None:
+                          prefill_attention: str = "paper", max_num_seqs: int = 1, kv_scheme: str = "shift",
+                          prompt_len: int | None = None) -> int | None:
     """The smallest grid from ``lo`` up on which ``phase`` plans (see :func:`phase_fits`), or None.
 
     Grids are scanned in steps of about 1/16 of the grid (a few dozen plans up to a full
@@ -516,11 +604,13 @@ def smallest_fitting_grid(config, wafer: WaferSpec, phase: str, seq_len: int, dt
     planned."""
     hi = min(wafer.rows, wafer.cols)
     prev, g = lo - 1, max(1, lo)
+    scheme = dict(kv_scheme=kv_scheme, prompt_len=prompt_len)
     while g <= hi:
-        if phase_fits(config, wafer, g, phase, seq_len, dtype, layers, weights, prefill_attention, max_num_seqs):
+        if phase_fits(config, wafer, g, phase, seq_len, dtype, layers, weights, prefill_attention, max_num_seqs,
+                      **scheme):
             for h in range(prev + 1, g):  # the smallest one in the last step
                 if phase_fits(config, wafer, h, phase, seq_len, dtype, layers, weights, prefill_attention,
-                              max_num_seqs):
+                              max_num_seqs, **scheme):
                     return h
             return g
         prev, g = g, g + max(1, g // 16)
@@ -633,7 +723,7 @@ def _weigh_passes(budget: PhaseBudget, all_slots: list[Region], n_layers: int, r
 def plan_phase(config, wafer: WaferSpec, grid: int, phase: str, seq_len: int, dtype: str = "fp16",
                layers: int | None = None, suggest: bool = True, vocab_size: int | None = None,
                weights: str = "fp16", prefill_attention: str = "paper", rows: int = 1,
-               request_len: int | None = None) -> PhasePlan:
+               request_len: int | None = None, kv_scheme: str = "shift", prompt_len: int | None = None) -> PhasePlan:
     """Regions for one phase: the fewest square regions that hold every layer.
 
     grid x grid regions come first; when they are not enough, smaller squares from the
@@ -648,12 +738,15 @@ def plan_phase(config, wafer: WaferSpec, grid: int, phase: str, seq_len: int, dt
     ``prefill_attention``: the prefill attention the passes are sized for; with
     ``streaming``, layouts that leave room for wider passes are weighed too
     (:func:`_weigh_passes`). Decode of a batch: ``rows`` tokens per region at once, requests
-    of at most ``request_len`` tokens in a KV pool of ``seq_len``.
+    of at most ``request_len`` tokens in a KV pool of ``seq_len``. Decode's cache fills the
+    rows as ``kv_scheme`` does: with ``concat`` each request's growth is budgeted on the
+    bottom row, after its ``prompt_len`` prompt tokens were spread over the rows
+    (:func:`decode_row_slots`).
     """
     n_layers = config.num_layers if layers is None else layers
     extrapolating = n_layers < config.num_layers
     budget = PhaseBudget(config, wafer, phase, seq_len, dtype, vocab_size, weights, prefill_attention, rows,
-                         request_len)
+                         request_len, kv_scheme if phase == "decode" else "shift", prompt_len)
     all_slots = region_slots(wafer, grid, phase)
     slots = _drop_idle_slots(budget, all_slots)
     found = _fewest_regions(budget, slots, config.num_layers if extrapolating else n_layers)
@@ -680,25 +773,64 @@ def plan_phase(config, wafer: WaferSpec, grid: int, phase: str, seq_len: int, dt
     pp.seq_len, pp.dtype, pp.weights = seq_len, dtype, weights
     pp.attention, pp.weighed = budget.attention, weighed
     pp.rows, pp.request_len = rows, request_len
+    pp.kv_scheme, pp.prompt_len = budget.kv_scheme, prompt_len
     return pp
 
 
 def planned_kv_capacity(config, wafer: WaferSpec, dec: PhasePlan, layers: list[int] | None = None) -> tuple[int, int]:
     """(shift, concat) tokens the planner expects the decode regions' KV caches to hold
-    with ``layers`` per region (default: the whole model's share): what the tightest
-    region's budget leaves beside its weights, vocabulary tables and activations, per
-    cache slot of its layers. The shift-based cache fills every row evenly; the
-    concatenation cache grows one row of PEs. (What a run really holds comes from its
-    SRAM accounting: ``engine.capacity``.)"""
-    budget = PhaseBudget(config, wafer, "decode", dec.seq_len, dec.dtype, weights=dec.weights, rows=dec.rows,
-                         request_len=dec.request_len)
-    caps = []
+    with ``layers`` per region (default: the whole model's share): the cache slots the
+    tightest region's PE rows can take beside its weights, vocabulary tables and
+    activations (:func:`row_slots_capacity`). The shift-based cache fills every row evenly
+    (slots x rows tokens); the concatenation cache grows one row of PEs (slots tokens).
+    (What a run really holds comes from its SRAM accounting: ``engine.capacity``.)"""
+    caps = [(s, side) for s, side, _ in _slot_capacities(config, wafer, dec, layers)]
+    return min(c * side for c, side in caps), min(c for c, _ in caps)
+
+
+def _decode_budget(config, wafer: WaferSpec, dec: PhasePlan) -> PhaseBudget:
+    return PhaseBudget(config, wafer, "decode", dec.seq_len, dec.dtype, weights=dec.weights, rows=dec.rows,
+                       request_len=dec.request_len, kv_scheme=dec.kv_scheme, prompt_len=dec.prompt_len)
+
+
+def _slot_capacities(config, wafer: WaferSpec, dec: PhasePlan, layers: list[int] | None = None):
+    """For each decode region holding layers (``layers`` per region, default the whole
+    model's share): (cache slots its PE rows can take, its side, slots the plan needs on its
+    fullest row)."""
+    budget = _decode_budget(config, wafer, dec)
+    out = []
     for st, n in zip(dec.stages, dec.layer_share if layers is None else layers):
         if n:
-            need = budget.need(st.region.rows, n, len(st.vocab), dec.heads_per_pass)
-            free = wafer.usable_sram_bytes_per_pe - need["activations"] - need["weights"] - need["vocab_tables"]
-            caps.append((max(0, free // (kv_bytes_per_slot(config, st.region.rows, dec.dtype) * n)), st.region.rows))
-    return min(c * side for c, side in caps), min(c for c, _ in caps)
+            g = st.region.rows
+            out.append((row_slots_capacity(budget, g, n, len(st.vocab)), g, budget.slots(g)[0]))
+    return out
+
+
+def row_slots_capacity(budget: PhaseBudget, g: int, layers: int, vocab: int) -> int:
+    """Cache slots per PE row a g x g decode region holding ``layers`` layers and a
+    ``vocab``-entry slice of the tables can take within its usable SRAM: each slot costs
+    its layers' K/V and, while one request's cache is what attention scans, the score
+    tiles over it (:func:`decode_scores_bytes_per_slot`); the requests of a pool each scan
+    their own share, so there the score tiles stay the budget's."""
+    config = budget.config
+    need = budget.need(g, layers, vocab)
+    room = budget.wafer.usable_sram_bytes_per_pe - need["weights"] - need["vocab_tables"]
+    per = layers * kv_bytes_per_slot(config, g, budget.dtype)
+    one_request = (budget.request_len or budget.seq_len) >= budget.seq_len
+    scanned = budget.slots(g)[1]
+
+    def fits(s: int) -> bool:
+        act = activation_bytes(config, g, "decode", budget.seq_len, budget.dtype, rows=budget.rows,
+                               request_len=budget.request_len, slots=s if one_request else scanned)
+        return per * s + act <= room
+
+    if not fits(0):
+        return 0
+    lo, hi = 0, room // per + 1  # fits(lo); not fits(hi): its K/V alone exceed the room
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
 
 
 def plan(config, wafer: WaferSpec, prefill_grid: int | None, decode_grid: int | None, max_seq_len: int,
@@ -714,10 +846,12 @@ def plan(config, wafer: WaferSpec, prefill_grid: int | None, decode_grid: int | 
     except PlacementError as exc:
         if not suggest or (layers is not None and layers < config.num_layers) or "wafers_needed" in exc.context:
             raise
+        if options.get("kv_scheme", "shift") != "shift":
+            raise  # a cluster plans the shift-based cache
         from waferllm.engine.cluster import wafers_needed_note
 
-        n, note = wafers_needed_note(config, wafer, prefill_grid, decode_grid, max_seq_len, dtype, prompt_len,
-                                     options.get("weights", "fp16"))
+        n, note = wafers_needed_note(config, wafer, prefill_grid, decode_grid, max_seq_len, dtype,
+                                     prompt_len or options.get("request_len"), options.get("weights", "fp16"))
         if n is None:
             raise
         raise PlacementError(f"{exc}{note}", **{**exc.context, "wafers_needed": n}) from None
@@ -726,52 +860,116 @@ def plan(config, wafer: WaferSpec, prefill_grid: int | None, decode_grid: int | 
 def _plan_wafer(config, wafer: WaferSpec, prefill_grid: int | None, decode_grid: int | None, max_seq_len: int,
                 dtype: str = "fp16", prompt_len: int | None = None, layers: int | None = None, suggest: bool = True,
                 weights: str = "fp16", prefill_attention: str = "paper", max_num_seqs: int = 1,
-                request_len: int | None = None) -> Plan:
+                request_len: int | None = None, kv_scheme: str = "shift", verify_rows: int = 1) -> Plan:
     """Plan both phases (or one, when the other grid is None) for sequences up to ``max_seq_len``.
 
+    ``prompt_len``: the requests' prompt tokens (None: any length); prefill is sized for it
+    (default ``request_len``, else ``max_seq_len``).
     ``suggest``: a does-not-fit error searches for (and plans) a grid that would fit.
     ``weights``: the layers' matrices dense in ``dtype`` ("fp16") or int8 / int4 blocks.
     ``prefill_attention``: ``paper`` or ``streaming`` (see :func:`plan_phase`).
     ``max_num_seqs``: requests decoded together, each of at most ``request_len`` tokens, in a
     KV pool of ``max_seq_len``: decode first plans one row per region, then again for the
     rows of the largest micro-batch that many regions give (``PhasePlan.rows``; the engine
-    never runs more rows on a region at once)."""
+    never runs more rows on a region at once).
+    ``kv_scheme``: how the decode cache fills its rows: ``shift`` evenly, ``concat`` each
+    request's prompt spread over the rows, then every generated token on the bottom row,
+    which decode's budget then holds (:func:`decode_row_slots`)."""
     if max_seq_len < 1:
         raise PlacementError("max_seq_len must be positive")
     pre = dec = None
     if prefill_grid is not None:
-        pre = plan_phase(config, wafer, prefill_grid, "prefill", prompt_len or max_seq_len, dtype, layers, suggest,
-                         weights=weights, prefill_attention=prefill_attention)
+        pre = plan_phase(config, wafer, prefill_grid, "prefill", prompt_len or request_len or max_seq_len, dtype,
+                         layers, suggest, weights=weights, prefill_attention=prefill_attention)
     shift_cap = concat_cap = 0
     if decode_grid is not None:
+        scheme = dict(kv_scheme=kv_scheme, prompt_len=prompt_len)
         dec = plan_phase(config, wafer, decode_grid, "decode", max_seq_len, dtype, layers, suggest, weights=weights,
-                         request_len=request_len)
-        if max_num_seqs > 1:
-            rows = cdiv(max_num_seqs, len(dec.stages))
+                         request_len=request_len, **scheme)
+        # a verification pass (speculative decoding) runs its tokens as rows of one micro-batch
+        rows = max(cdiv(max_num_seqs, len(dec.stages)), verify_rows)
+        if rows > 1:
             dec = plan_phase(config, wafer, decode_grid, "decode", max_seq_len, dtype, layers, suggest,
-                             weights=weights, rows=rows, request_len=request_len)
+                             weights=weights, rows=rows, request_len=request_len, **scheme)
         shift_cap, concat_cap = planned_kv_capacity(config, wafer, dec)
         # a model the regions cannot hold is extrapolated from the layers placed: their cache must fit
-        held = shift_cap if dec.whole_model_fits else planned_kv_capacity(
-            config, wafer, dec, [len(s.layers) for s in dec.stages])[0]
-        if held < max_seq_len:
-            raise _kv_does_not_fit(config, wafer, decode_grid, max_seq_len, int(held), dtype, layers, suggest, weights)
+        caps = _slot_capacities(config, wafer, dec, None if dec.whole_model_fits else [len(s.layers) for s in dec.stages])
+        short = [(s, side, need) for s, side, need in caps if s < need]
+        if short:
+            raise _kv_does_not_fit(config, wafer, decode_grid, max_seq_len, min(s * side for s, side, _ in caps), dtype,
+                                   layers, suggest, weights, dec, min(short))
     return Plan(config.name, wafer.name, dtype, max_seq_len, pre, dec, int(shift_cap), int(concat_cap), [])
 
 
 def _kv_does_not_fit(config, wafer: WaferSpec, grid: int, max_seq_len: int, held: int, dtype: str,
-                     layers: int | None, suggest: bool, weights: str = "fp16") -> PlacementError:
-    """The error for a decode KV cache the regions cannot hold, with what would (each planned)."""
-    detail = (f"the KV cache for {max_seq_len} tokens does not fit the {grid}x{grid} decode regions "
-              f"(capacity {held} tokens with the shift-based cache)")
+                     layers: int | None, suggest: bool, weights: str = "fp16", dec: PhasePlan | None = None,
+                     short: tuple[int, int, int] | None = None) -> PlacementError:
+    """The error for a decode KV cache the regions cannot hold, with what would (each planned).
+    ``short``: (slots a region's rows take, its side, slots needed) of the tightest one."""
+    concat = dec is not None and dec.kv_scheme == "concat"
+    if concat:
+        slots, side, need = short
+        detail = (f"the concatenation KV cache for {max_seq_len} tokens does not fit the {grid}x{grid} decode regions: "
+                  f"its bottom row needs {need} slots ({_concat_fill(dec, side)}), a {side}x{side} region's rows "
+                  f"hold {slots}")
+    else:
+        detail = (f"the KV cache for {max_seq_len} tokens does not fit the {grid}x{grid} decode regions "
+                  f"(capacity {held} tokens with the shift-based cache)")
     fit = longest = None
     if suggest:
-        fit = smallest_fitting_grid(config, wafer, "decode", max_seq_len, dtype, grid + 1, layers, weights)
-        if held >= 1 and phase_fits(config, wafer, grid, "decode", held, dtype, layers, weights):
+        scheme = _scheme_of(dec)
+        seq = scheme.pop("request_len", max_seq_len)
+        fit = smallest_fitting_grid(config, wafer, "decode", seq, dtype, grid + 1, layers, weights, **scheme)
+        if concat:
+            longest = _longest_concat(config, wafer, grid, dec, layers)
+        elif held >= 1 and phase_fits(config, wafer, grid, "decode", held, dtype, layers, weights):
             longest = held
-    options = ([f"a {fit}x{fit} decode grid holds it"] if fit else []) + (
-        [f"{longest} tokens fit these regions"] if longest else [])
+    fits = f"{longest} tokens fit these regions"
+    if concat and longest:
+        prompt = f" (the {dec.prompt_len}-token prompt and {longest - dec.prompt_len} generated)" if dec.prompt_len else ""
+        fits = f"a request of at most {longest} tokens in all{prompt} fits these regions with it"
+    options = ([f"a {fit}x{fit} decode grid holds it"] if fit else []) + ([fits] if longest else [])
     advice = (f"; {' and '.join(options)} (checked by planning them)" if options else "") + (
         ". Other options: a wafer with more SRAM per PE, or shorter sequences.")
     return PlacementError(detail + advice, phase="decode", grid=grid, fit_grid=fit, seq_len=max_seq_len,
                           longest=longest, detail=detail)
+
+
+def _scheme_of(dec) -> dict:
+    """The cache scheme and prompt a decode plan (or budget) was made for, as keywords of
+    :func:`phase_fits` (a pool: its requests' length and count)."""
+    if dec is None or dec.kv_scheme != "concat":
+        return {}
+    req = dec.request_len or dec.seq_len
+    return dict(kv_scheme="concat", prompt_len=dec.prompt_len, request_len=req, max_num_seqs=cdiv(dec.seq_len, req))
+
+
+def _concat_fill(dec, g: int) -> str:
+    """How a concatenation cache's bottom row fills on a g x g region, in words."""
+    req = dec.request_len or dec.seq_len
+    each = "" if req >= dec.seq_len else f" for each of {cdiv(dec.seq_len, req)} requests"
+    if dec.prompt_len is None:
+        return f"the whole {req}-token context on the bottom row{each}, prompts being of any length"
+    p = min(dec.prompt_len, req)
+    return (f"{cdiv(p, g)} of the {p}-token prompt spread over {g} rows, then {req - p} generated tokens on the "
+            f"bottom row{each}")
+
+
+def _longest_concat(config, wafer: WaferSpec, grid: int, dec, layers: int | None) -> int | None:
+    """The longest request (tokens in all, with the same prompt) that plans on ``grid`` with
+    the concatenation cache, or None: each length tried is planned."""
+    scheme = _scheme_of(dec)
+    req, seqs, prompt = scheme.pop("request_len"), scheme.pop("max_num_seqs"), dec.prompt_len
+
+    def fits(n: int) -> bool:
+        return phase_fits(config, wafer, grid, "decode", n, dec.dtype, layers, dec.weights, max_num_seqs=seqs,
+                          **scheme)
+
+    lo = min(prompt, req - 1) + 1 if prompt else 1  # the prompt and one generated token
+    if lo >= req or not fits(lo):
+        return None
+    hi = req  # does not fit
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo

@@ -73,6 +73,8 @@ class RunConfig:
         gemv_overlap: ``paper`` (a decode GEMV's local product, then its reduce) or ``segmented``
             (the reduce streamed in segments of output columns, each chunk's product overlapping
             the previous segment's reduce; the count chosen per GEMV and grid by the cost model).
+        speculative_tokens: drafts a verification pass checks (speculative decoding, see
+            ``waferllm.engine.speculative``): decode budgets micro-batches of that many rows + 1.
         numerics: how a numeric run computes its values: ``fused`` (a layer whose program
             has already run replays that cost and computes its values as dense array
             operations: the same values to rounding, several times faster on the host) or
@@ -94,6 +96,7 @@ class RunConfig:
     gemv_ktree: str = "paper"
     gemv_overlap: str = "paper"
     numerics: str = "fused"
+    speculative_tokens: int = 0
 
     def __post_init__(self):
         for name in ("prefill_grid", "decode_grid", "max_seq_len", "prompt_len", "layers", "max_num_seqs"):
@@ -107,6 +110,9 @@ class RunConfig:
         if self.route_policy not in POLICIES:
             raise RequestError(f"route_policy must be one of {', '.join(POLICIES)}, got {self.route_policy!r}")
         check_weights(self.weights)
+        k = self.speculative_tokens
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0:
+            raise RequestError(f"speculative_tokens must be a whole number >= 0, got {k!r}")
         if self.numerics not in NUMERICS:
             raise RequestError(f"numerics must be one of {', '.join(NUMERICS)}, got {self.numerics!r}")
         for name, allowed in ALGORITHMS.items():
@@ -148,11 +154,16 @@ class RunConfig:
         if self.weights == "native":
             raise RequestError("weights='native' takes the model file's own quantisation: resolve it first "
                                "(RunConfig.resolve_weights(model))", weights="native")
-        # the decode KV pool holds every request in flight; prefill runs one prompt at a time
+        # the decode KV pool holds every request in flight; prefill runs one prompt at a time, sized
+        # for prompt_len (default: the whole request). Decode's cache fills its rows as kv_scheme
+        # does: with concat, each request's prompt_len tokens spread over the rows, then every
+        # generated token on the bottom row (no prompt_len: prompts of any length, so the whole
+        # context may land there)
         return plan(config, wafer, self.prefill_grid, self.decode_grid, self.kv_pool_tokens, self.dtype,
-                    prompt_len=self.prompt_len or self.max_seq_len, layers=self.layer_count(config),
-                    weights=self.weights, prefill_attention=self.prefill_attention, max_num_seqs=self.max_num_seqs,
-                    request_len=self.max_seq_len, suggest=suggest)
+                    prompt_len=self.prompt_len, layers=self.layer_count(config), weights=self.weights,
+                    prefill_attention=self.prefill_attention, max_num_seqs=self.max_num_seqs,
+                    verify_rows=self.speculative_tokens + 1,
+                    request_len=self.max_seq_len, kv_scheme=self.kv_scheme, suggest=suggest)
 
 
 def _positive(name: str, value) -> int:

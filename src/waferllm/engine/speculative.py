@@ -188,7 +188,8 @@ def place_draft(config, weights, target: WaferModel, grid: int | None = None, mo
                            f"{len(wafer.defective_pes)} defective PEs")
     check_vocabularies(target.config, config)
     taken = [st.region for st in target.plan.decode.stages]
-    base = target.run.replace(layers=None, max_num_seqs=1)
+    # the draft's own passes take the tokens it has not seen with the round's first: two rows
+    base = target.run.replace(layers=None, max_num_seqs=1, speculative_tokens=1)
     rects = free_rectangles(wafer, taken)[:8]
     found = _fit(config, wafer, base, rects, [grid] if grid is not None else None, target.plan.decode.grid)
     if found is None:
@@ -404,6 +405,21 @@ class SpeculativeBackend:
             },
         })
         return m
+
+
+def predict_speculative(config, wafer, run: RunConfig, spec: SpeculativeConfig, input_len: int, output_len: int,
+                        draft_config=None, seed: int = 0) -> dict:
+    """Shape-only: one request with the draft beside the target, each draft accepted with
+    ``spec.acceptance``; the metrics of :meth:`SpeculativeBackend.request_metrics`."""
+    if spec.acceptance is None:
+        raise RequestError("a shape-only prediction has no tokens to compare: give the acceptance rate to assume "
+                           "(acceptance, 0..1; --acceptance)")
+    target = WaferModel(config, None, wafer, run.replace(speculative_tokens=spec.num_speculative_tokens), mode="dry")
+    backend = speculative_backend(target, spec, draft_config)
+    backend.run_dry(input_len, output_len, spec.acceptance, seed)
+    m = backend.request_metrics()
+    m["speculative"]["assumed_acceptance"] = spec.acceptance
+    return m
 
 
 def speculative_backend(target: WaferModel, spec: SpeculativeConfig, draft_config=None, draft_weights=None,

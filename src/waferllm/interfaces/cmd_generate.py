@@ -290,6 +290,17 @@ def generate(
     recovery: Optional[str] = typer.Option(None, "--recovery", rich_help_panel=WAFER,
                                            help="How defects are handled: spare (hardware spare rows/columns, "
                                                 "default), reroute (fault-aware placement and routing) or avoid."),
+    draft_layers: Optional[int] = typer.Option(None, "--draft-layers", rich_help_panel=WAFER,
+                                               help="Speculative decoding: the model's first N layers (with its LM "
+                                                    "head) as the draft, on the PEs its decode leaves idle."),
+    draft_model: Optional[str] = typer.Option(None, "--draft-model", rich_help_panel=WAFER,
+                                              help="Speculative decoding: a draft model file or folder with the same "
+                                                   "vocabulary."),
+    speculative_tokens: int = typer.Option(4, "--speculative-tokens", rich_help_panel=WAFER,
+                                           help="Drafts the model verifies per round (with a draft)."),
+    draft_grid: Optional[int] = typer.Option(None, "--draft-grid", rich_help_panel=WAFER,
+                                             help="The draft's regions' side (default: the largest that fits, up to "
+                                                  "the decode grid)."),
     prefill_attention: str = algorithm_options.PREFILL_ATTENTION,
     decode_collectives: str = algorithm_options.DECODE_COLLECTIVES,
     gemv_ktree: str = algorithm_options.GEMV_KTREE,
@@ -314,6 +325,15 @@ def generate(
                  trace=trace, weights=weights, defect_rate=defect_rate, defect_seed=defect_seed, recovery=recovery,
                  numerics=numerics)
     spec, pg, dg = _check_wafer_options(engine, given)
+    speculative = None
+    if draft_layers is not None or draft_model is not None:
+        from waferllm.engine.speculative import SpeculativeConfig
+
+        if engine == "reference":
+            raise RequestError("--draft-layers and --draft-model only apply to the wafer engine; drop them, or use "
+                               "--engine wafer")
+        speculative = SpeculativeConfig(num_speculative_tokens=speculative_tokens, draft_layers=draft_layers,
+                                        draft_model=draft_model, draft_grid=draft_grid)
     _check_lengths_upfront(max_tokens, max_model_len)
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                             stop=stop or None, logprobs=logprobs, ignore_eos=ignore_eos)
@@ -346,6 +366,7 @@ def generate(
             try:
                 eng = LLM(loaded, wafer=spec, prefill_grid=pg, decode_grid=dg, max_model_len=mml, progress=progress,
                           max_num_seqs=1,  # one prompt: no batch to hold
+                          speculative_config=speculative,
                           **wafer_options.llm_kwargs(given),
                           **algorithm_options.chosen(prefill_attention, decode_collectives, gemv_ktree, beyond_paper,
                                                      gemv_overlap))
@@ -403,6 +424,12 @@ def generate(
                    f"finish={out.finish_reason}; the prompt runs padded to {padded} tokens on the {g}x{g} prefill "
                    f"regions (TTFT grows in steps of {g} tokens); host simulation {host.get('wall_s', 0):.2f} s "
                    f"(placement {host.get('placement_wall_s', 0):.2f} s)", err=True)
+        if "speculative" in m:
+            sp = m["speculative"]
+            rate = "-" if sp["acceptance_rate"] is None else f"{sp['acceptance_rate']:.0%}"
+            typer.echo(f"[wafer] speculative: draft {sp['draft']} on {sp['draft_grid']}x{sp['draft_grid']} regions, "
+                       f"{sp['rounds']} rounds, {sp['accepted']} of {sp['drafted']} drafts accepted ({rate}), "
+                       f"{sp['tokens_per_round'] or 0:.2f} tokens per round", err=True)
         _write_trace(eng, trace)
         return
     parts = [f"{m.get('prompt_tokens')} prompt + {m.get('generated_tokens')} generated tokens",

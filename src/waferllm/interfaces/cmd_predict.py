@@ -57,6 +57,16 @@ def predict(
                                                                   "wafer replaces --wafer). Default: the wafer's systems."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Host threads for BLAS (default: the library's own). "
                                                                   "Only host time changes."),
+    draft_model: Optional[str] = typer.Option(None, "--draft-model", help="Speculative decoding: a draft model with "
+                                              "the target's vocabulary (preset or path), on the PEs the target's decode "
+                                              "leaves idle; needs --acceptance."),
+    draft_layers: Optional[int] = typer.Option(None, "--draft-layers", help="Speculative decoding with the target's "
+                                               "first N layers as the draft; needs --acceptance."),
+    speculative_tokens: int = typer.Option(4, "--speculative-tokens", help="Drafts per round (with a draft)."),
+    acceptance: Optional[float] = typer.Option(None, "--acceptance", help="With a draft: the probability the target "
+                                               "accepts each draft (a shape-only run has no tokens to compare)."),
+    draft_grid: Optional[int] = typer.Option(None, "--draft-grid", help="With a draft: its regions' side (default: "
+                                             "the largest that fits beside the target)."),
     prefill_attention: str = algorithm_options.PREFILL_ATTENTION,
     decode_collectives: str = algorithm_options.DECODE_COLLECTIVES,
     gemv_ktree: str = algorithm_options.GEMV_KTREE,
@@ -103,6 +113,18 @@ def predict(
         _predict_cluster(cfg, spec, run, n_wafers, wafer_layout, cluster, input_len, output_len, extrapolate, plot,
                          allow_beyond_context, as_json)
         return
+    spec_cfg = None
+    if draft_model is not None or draft_layers is not None:
+        from waferllm.engine.speculative import SpeculativeConfig
+
+        if n_wafers != 1 or cluster is not None:
+            raise RequestError("speculative decoding (--draft-model, --draft-layers) runs on one wafer: drop --wafers")
+        spec_cfg = SpeculativeConfig(num_speculative_tokens=speculative_tokens, draft_layers=draft_layers,
+                                     draft_model=draft_model, draft_grid=draft_grid, acceptance=acceptance)
+        if acceptance is None:
+            raise RequestError("a shape-only prediction has no tokens to compare: give --acceptance (0..1), the "
+                               "probability the target accepts each draft")
+        run = run.replace(speculative_tokens=speculative_tokens)
     tuning = None
     if pg is None or dg is None:
         try:
@@ -110,6 +132,9 @@ def predict(
         except PlacementError as exc:  # say how many wafers would hold it
             raise cluster_report.with_wafers_needed(exc, cfg, spec, run) from None
         run, pg, dg = tuning["run"], tuning["prefill_grid"], tuning["decode_grid"]
+    if spec_cfg is not None:
+        _predict_speculative(cfg, spec, run, spec_cfg, input_len, output_len, allow_beyond_context, as_json)
+        return
     m = predict_run(cfg, spec, run, input_len, output_len, allow_beyond_context=allow_beyond_context)
     if spec.defective_pes:
         from waferllm.engine.defect_impact import defect_impact
@@ -191,3 +216,34 @@ def _predict_cluster(cfg, spec, run, wafers, layout, cluster, input_len, output_
                   f"tokens, {run.dtype}, {run.kv_scheme} KV cache")
     print_report(m, console, plan=m["placement"], gpus=m.get("gpu_baselines"))
     print_cluster(m, console)
+
+
+def _predict_speculative(cfg, spec, run, spec_cfg, input_len, output_len, allow_beyond_context, as_json) -> None:
+    """The request with a draft beside the target, and the target alone, side by side."""
+    from rich.table import Table
+
+    from waferllm.engine.predict import predict_run
+    from waferllm.engine.speculative import predict_speculative
+
+    draft_config = _config(spec_cfg.draft_model) if spec_cfg.draft_model is not None else None
+    alone = predict_run(cfg, spec, run.replace(speculative_tokens=0), input_len, output_len, False, False,
+                        allow_beyond_context)
+    m = predict_speculative(cfg, spec, run, spec_cfg, input_len, output_len, draft_config)
+    if as_json:
+        typer.echo(json.dumps({"speculative": m, "target_alone": alone}, indent=2, default=float))
+        return
+    s = m["speculative"]
+    console = Console()
+    console.print(f"[bold]{cfg.name}[/] with the draft [bold]{s['draft']}[/] on {s['draft_grid']}x{s['draft_grid']} "
+                  f"regions of {spec.name}: {input_len} + {output_len} tokens, {spec_cfg.num_speculative_tokens} drafts "
+                  f"per round, assumed acceptance {spec_cfg.acceptance:.0%}")
+    t = Table()
+    for col in ("", "target alone", "with the draft"):
+        t.add_column(col, justify="right")
+    for label, key, scale, digits in (("TTFT (ms)", "ttft_s", 1e3, 3), ("TPOT (ms)", "tpot_s", 1e3, 4),
+                                      ("decode tokens/s", "decode_tokens_per_s", 1, 0),
+                                      ("e2e tokens/s", "e2e_tokens_per_s", 1, 0), ("energy (J)", "energy_j", 1, 3)):
+        t.add_row(label, f"{alone[key] * scale:,.{digits}f}", f"{m[key] * scale:,.{digits}f}")
+    console.print(t)
+    split = ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in s["decode_s"].items())
+    console.print(f"{s['rounds']} rounds, {s['tokens_per_round']:.2f} tokens per round; decode time: {split}")

@@ -222,6 +222,29 @@ class _Outer:
         return self.unit * total
 
 
+@dataclass(frozen=True)
+class _Window:
+    """A load that is zero outside one rectangle of the box: its ``values`` there, from box
+    row and column ``at``, in a box of ``shape``. Its max and sum are the rectangle's (loads
+    are never negative)."""
+
+    values: np.ndarray
+    at: tuple
+    shape: tuple
+
+    def array(self) -> np.ndarray:
+        out = np.zeros(self.shape, np.int64)
+        (r, c), (h, w) = self.at, self.values.shape
+        out[r: r + h, c: c + w] = self.values
+        return out
+
+    def max(self) -> int:
+        return int(self.values.max(initial=0))
+
+    def sum(self) -> int:
+        return int(self.values.sum())
+
+
 LOADS = ("inject", "eject", "east", "west", "south", "north")
 
 
@@ -229,8 +252,8 @@ class MoveTraffic:
     """What a move loads, in bytes. Arrays cover the bounding box of both regions, whose
     top-left PE is ``origin`` on the wafer: ``inject``/``eject`` per PE; ``east[r, c]`` the
     link (r, c) -> (r, c+1), ``west[r, c]`` (r, c+1) -> (r, c), ``south[r, c]`` (r, c) ->
-    (r+1, c), ``north[r, c]`` (r+1, c) -> (r, c). A load given as an :class:`_Outer` is
-    built only when read: the cost needs its max and sum alone."""
+    (r+1, c), ``north[r, c]`` (r+1, c) -> (r, c). A load given as an :class:`_Outer` or a
+    :class:`_Window` is built only when read: the cost needs its max and sum alone."""
 
     def __init__(self, origin, inject, eject, east, west, south, north, max_hops: int, bytes_moved: int,
                  messages: int):
@@ -242,7 +265,7 @@ class MoveTraffic:
 
     def load(self, name: str) -> np.ndarray:
         v = self._loads[name]
-        if isinstance(v, _Outer):
+        if not isinstance(v, np.ndarray):
             v = self._loads[name] = v.array()
         return v
 
@@ -255,11 +278,11 @@ class MoveTraffic:
 
     def _max(self, name: str) -> int:
         v = self._loads[name]
-        return v.max() if isinstance(v, _Outer) else int(v.max(initial=0))
+        return int(v.max(initial=0)) if isinstance(v, np.ndarray) else v.max()
 
     def total(self, name: str) -> int:
         v = self._loads[name]
-        return v.sum() if isinstance(v, _Outer) else int(v.sum())
+        return int(v.sum()) if isinstance(v, np.ndarray) else v.sum()
 
     @property
     def busiest_bytes(self) -> int:
@@ -599,10 +622,11 @@ def _column_table(src: Placement, dst: Placement) -> bool:
     return bool((cols == cols[:1]).all() and (rows >= 0).all())
 
 
-def _line_loads(lines: int, n: int, line, frm, to, w) -> tuple[np.ndarray, np.ndarray]:
+def _line_loads(lines: int, n: int, line, frm, to, w, dtype=np.int64) -> tuple[np.ndarray, np.ndarray]:
     """Link loads of messages along lines of ``n`` PEs (integer arrays broadcast together):
     on line ``line``, from coordinate ``frm`` to ``to``, ``w`` bytes. Returns the
-    (lines, n - 1) loads of the forward links (i -> i+1) and the backward ones (i+1 -> i)."""
+    (lines, n - 1) loads of the forward links (i -> i+1) and the backward ones (i+1 -> i),
+    of integer type ``dtype``."""
     shape = np.broadcast_shapes(np.shape(line), np.shape(frm), np.shape(to), np.shape(w))
     # each message adds w from its lower end and takes it back at its upper end, in its
     # direction's plane (one that stays adds and takes back in one place); both ends are
@@ -614,20 +638,18 @@ def _line_loads(lines: int, n: int, line, frm, to, w) -> tuple[np.ndarray, np.nd
     lo += off
     hi += off
     w = np.broadcast_to(np.asarray(w, np.float64), shape).ravel()
-    size = 2 * lines * (n + 1)
-    d = np.bincount(lo, w, size)
-    d -= np.bincount(hi, w, size)
+    d = np.bincount(np.concatenate((lo, hi)), np.concatenate((w, -w)), 2 * lines * (n + 1))
     # integer weights: the float sums are exact, and an integer prefix sum is far quicker
-    loads = d.astype(np.int64).reshape(2, lines, n + 1)
+    loads = d.astype(dtype).reshape(2, lines, n + 1)
     np.cumsum(loads, axis=2, out=loads)
     return loads[0, :, : n - 1], loads[1, :, : n - 1]
 
 
 def _by_column(profiles: np.ndarray, key: np.ndarray, w: np.ndarray, col: np.ndarray, W: int) -> np.ndarray:
-    """(len of a profile, W): column c holds the sum of ``w[i] * profiles[key[i]]`` over
+    """(W, len of a profile): row c holds the sum of ``w[i] * profiles[key[i]]`` over
     every i with ``col[i] == c``. Added in rounds (the first i of every column, then the
     second, ...): a column gets a few, so no round writes a column twice."""
-    out = np.zeros((W, profiles.shape[1]), np.int64)
+    out = np.zeros((W, profiles.shape[1]), profiles.dtype)
     order = np.argsort(col, kind="stable")
     c = col[order]
     at = np.arange(c.size)
@@ -635,7 +657,7 @@ def _by_column(profiles: np.ndarray, key: np.ndarray, w: np.ndarray, col: np.nda
     for k in range(int(rank.max(initial=-1)) + 1):
         i = order[rank == k]
         out[col[i]] += profiles[key[i]] * w[i, None]
-    return out.T
+    return out
 
 
 def _expand(groups: np.ndarray, of: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -657,33 +679,39 @@ def _extremes(key: np.ndarray, v: np.ndarray, n: int) -> tuple[np.ndarray, np.nd
     return lo, hi
 
 
-def _column_links(H: int, W: int, frm: np.ndarray, to: np.ndarray, to_w: np.ndarray, held: np.ndarray, t0: int,
-                  r0: int, exc: tuple, key: np.ndarray, key_w: np.ndarray, key_col: np.ndarray):
+def _line_c_max(H: int, frm: np.ndarray, to: np.ndarray, to_w: np.ndarray) -> np.ndarray:
+    """(lines, H): on line l, the bytes of the items k whose rows ``frm[l, k]`` and ``to[k]``
+    are both <= each row (one pass over every (line, item))."""
+    n = frm.shape[0]
+    c_max = np.bincount(((np.arange(n) * H)[:, None] + np.maximum(frm, to)).ravel(),
+                        np.tile(np.asarray(to_w, np.float64), n), n * H).astype(np.int64).reshape(n, H)
+    np.cumsum(c_max, axis=1, out=c_max)  # integer weights: the float sums are exact
+    return c_max
+
+
+def _column_links(H: int, W: int, c_max: np.ndarray, t0: int, r0: int, nrows: int, exc: tuple, key: np.ndarray,
+                  key_w: np.ndarray, key_col: np.ndarray, to: np.ndarray, to_w: np.ndarray):
     """(south, north), each (H - 1, W): the column links of a skewed source's move, whose
     messages run on lines (column blocks, or row blocks), each line's profile then summed on
     the destination columns of its keys (``key``: a key's line, ``key_w`` its bytes,
     ``key_col`` its column).
 
-    On line l, item k goes from row ``frm[l, k]`` to row ``to[k]`` with ``to_w[k]`` bytes.
-    With C_x(i) the bytes of the items whose x <= i, the link below row i carries
-    C_frm - C_max(frm, to) and the one above it C_to - C_max(frm, to): C_max is the one pass
-    over every (line, item), C_to one line shared by all, and C_frm what each line holds on
-    each row (``held``, from box row ``r0``) summed down: ``t0`` on every row but a few
-    exceptions ``exc`` (line, row, and their pairs (i, k) with the keys of their lines)."""
-    n = frm.shape[0]
-    c_max = np.bincount(((np.arange(n) * H)[:, None] + np.maximum(frm, to)).ravel(),
-                        np.tile(np.asarray(to_w, np.float64), n), n * H).astype(np.int64).reshape(n, H)
-    np.cumsum(c_max, axis=1, out=c_max)  # integer weights: the float sums are exact
+    On every line, items go from a source row (``frm``) to a destination row (``to``, the
+    same on every line, with ``to_w`` bytes). With C_x(i) the bytes of the items whose x <= i,
+    the link below row i carries C_frm - C_max(frm, to) and the one above it
+    C_to - C_max(frm, to): ``c_max`` (lines, H) is given, C_to is one line shared by all, and
+    C_frm what each line holds on each row summed down: ``t0`` on each of the ``nrows``
+    source rows from box row ``r0``, but for a few exceptions ``exc`` (box rows, columns and
+    bytes of each difference from t0, already summed on the columns of the lines' keys)."""
     both = _by_column(c_max[:, : H - 1], key, key_w, key_col, W)
     per_col = np.bincount(key_col, key_w, W).astype(np.int64)
-    el, er, i, k = exc
+    rows, cols, w = exc
     # (W, H): the prefix sums down each column run along contiguous memory
-    held_c = np.bincount(key_col[k] * H + er[i] + r0, (held[el, er] - t0)[i] * key_w[k], W * H)
-    held_c = held_c.astype(np.int64).reshape(W, H)
-    held_c[:, r0: r0 + held.shape[1]] += t0 * per_col[:, None]
+    held_c = np.bincount(cols * H + rows, w, W * H).astype(np.int64).reshape(W, H)
+    held_c[:, r0: r0 + nrows] += t0 * per_col[:, None]
     np.cumsum(held_c, axis=1, out=held_c)
     c_to = np.cumsum(np.bincount(to, to_w, H).astype(np.int64))
-    return held_c[:, : H - 1].T - both, np.outer(c_to[: H - 1], per_col) - both
+    return (held_c[:, : H - 1] - both).T, (np.outer(per_col, c_to[: H - 1]) - both).T
 
 
 def _traffic_column_table(src, dst, itemsize, box) -> MoveTraffic:
@@ -741,7 +769,8 @@ def _traffic_column_table(src, dst, itemsize, box) -> MoveTraffic:
         west[rs: rs + src.region.rows] += t0 * common[1]
         # column links: each column block's line (its keys a from their rows to dr), summed
         # on the columns its keys b go to
-        south, north = _column_links(H, W, P, dr, la, held, t0, rs, (ej, er, e, b), jb, lb, dc)
+        exc = (er[e] + rs, dc[b], (held[ej, er] - t0)[e] * lb[b])
+        south, north = _column_links(H, W, _line_c_max(H, P, dr, la), t0, rs, src.region.rows, exc, jb, lb, dc, dr, la)
         hmax = np.zeros(J, np.int64)
         np.maximum.at(hmax, jb, np.abs(col[jb] - dc))
         # the farthest key a of row block y from its row: one of the extremes of its dr
@@ -772,7 +801,9 @@ def _traffic_column_table(src, dst, itemsize, box) -> MoveTraffic:
         t0 = int(sizes[count.argmax()])
         ey, er = np.nonzero(held != t0)
         e, a = _expand(ey, ya, Y)
-        south, north = _column_links(H, W, rows_yj[:, zj], zr, per_jr[nz], held, t0, rs, (ey, er, e, a), ya, la, dc)
+        exc = (er[e] + rs, dc[a], (held[ey, er] - t0)[e] * la[a])
+        c_max = _line_c_max(H, rows_yj[:, zj], zr, per_jr[nz])
+        south, north = _column_links(H, W, c_max, t0, rs, src.region.rows, exc, ya, la, dc, zr, per_jr[nz])
         far, near = _extremes(zj, zr, J)
         far, near = np.maximum(far, 0), np.minimum(near, H)
         # the farthest key a of row block y from column col[j]: one of the extremes of its dc
@@ -788,6 +819,309 @@ def _traffic_column_table(src, dst, itemsize, box) -> MoveTraffic:
         south=south, north=north, max_hops=max_hops if live else 0,
         bytes_moved=int(la.sum()) * int(lb.sum()) - int(stay.sum()), messages=live,
     )
+
+
+# ---------------------------------------------------------------------- ring-skewed sources
+
+
+@dataclass(eq=False)
+class _Ring:
+    """A block table that rotates the blocks along a ring of ``n`` PEs (a MeshGEMM operand
+    pre-skewed on an ``n`` x ``n`` region, along the interleaved or the plain ring).
+
+    ``order`` lists the rows in ring order and ``pos`` is its inverse (a block, a row and a
+    column each have a ring position: the id's own). PE (i, j) holds block
+    ``held[i, j] = order[(pos[i] + pos[j]) % n]`` (every column a rotation of one pattern),
+    so block y of column j is on row ``rows[y, j] = order[(pos[y] - pos[j]) % n]``, and on PE
+    column j. Rows 0..k sit on the arc of ring positions ``lo[k] .. lo[k] + k`` (mod n), and
+    so do columns 0..k: the blocks a column holds on rows <= k, the blocks a row holds on
+    columns <= k and the columns that hold a block on rows <= k are arcs of the ring. A sum
+    over any of them is two lookups in a prefix sum along the ring (:meth:`arc_sums`),
+    whatever the keys: O(n) per line of the mesh instead of one term per (column, key)."""
+
+    n: int
+    order: np.ndarray
+    pos: np.ndarray
+    lo: np.ndarray
+    rows: np.ndarray
+    held: np.ndarray
+    arcs: dict = dataclasses.field(default_factory=dict)  # sign -> each owner's arc starts, built once
+
+    def arc_sums(self, x: np.ndarray, sign: int) -> np.ndarray:
+        """(n, n - 1): for owner o and line k (0 .. n - 2), the sum of ``x[k, p]`` over the
+        k + 1 ring positions p from ``pos[o] + lo[k]`` (``sign`` +1: the blocks of row o on
+        columns <= k, or of column o on rows <= k, ``x`` by block position) or from
+        ``pos[o] - lo[k] - k`` (-1: the columns that hold block o on rows <= k, ``x`` by
+        column position). Every arc of line k has k + 1 positions: their sums from every
+        start are one difference of a prefix sum of the ring taken twice round, and each
+        owner reads its own."""
+        n = self.n
+        c2 = np.zeros((n - 1, 2 * n), x.dtype)
+        np.cumsum(x, axis=1, out=c2[:, 1: n + 1])
+        c2[:, n + 1:] = c2[:, n: n + 1] + c2[:, 1: n]
+        # sums[k, s] = c2[k, s + k + 1] - c2[k, s]: the first term a view whose rows start one further each
+        item = c2.itemsize
+        ahead = np.lib.stride_tricks.as_strided(c2.ravel()[1:], (n - 1, n), ((2 * n + 1) * item, item))
+        sums = ahead - c2[:, :n]
+        if sign not in self.arcs:
+            k = np.arange(n - 1)
+            first = self.lo[: n - 1] if sign > 0 else -self.lo[: n - 1] - k
+            self.arcs[sign] = (self.pos[:, None] + first) % n + k * n  # flat into sums, owner by owner
+        return sums.ravel().take(self.arcs[sign])
+
+    def lines(self, x: np.ndarray, off: int, sign: int) -> np.ndarray:
+        """(n, L): :meth:`arc_sums` on every line l of a box, ``x`` (L, n) by ring position,
+        whose region starts at line ``off``: nothing before it (no row or column <= l - off),
+        everything from its last line on, an arc of l - off + 1 in between."""
+        n = self.n
+        out = np.empty((n, x.shape[0]), x.dtype)
+        out[:, :off] = 0
+        out[:, off: off + n - 1] = self.arc_sums(x[off: off + n - 1], sign)
+        out[:, off + n - 1:] = x[off + n - 1:].sum(axis=1)
+        return out
+
+
+_RINGS: dict = {}  # id(pe_rows) -> (weak references to both tables, their _Ring or None)
+
+
+def _ring(p: Placement) -> _Ring | None:
+    """The ring ``p``'s block table rotates its blocks along (:class:`_Ring`), or None. A
+    read-only table (every table of :meth:`Placement.of`) is examined once while it lives."""
+    rows, cols = p.pe_rows, p.pe_cols
+    fixed = not (rows.flags.writeable or cols.flags.writeable)
+    held = _RINGS.get(id(rows)) if fixed else None
+    if held is not None and held[0]() is rows and held[1]() is cols:
+        ring = held[2]
+    else:
+        ring = _find_ring(rows, cols)
+        if fixed:
+            if len(_RINGS) > 256:
+                _RINGS.clear()
+            _RINGS[id(rows)] = (weakref.ref(rows), weakref.ref(cols), ring)
+    return ring if ring is not None and p.region.shape == (ring.n, ring.n) else None
+
+
+def _orbit(succ: np.ndarray) -> np.ndarray:
+    """``out[u]``: where u steps of the permutation ``succ`` lead from 0 (by doubling: one
+    pass per bit of n)."""
+    n = succ.size
+    u, out, step = np.arange(n), np.zeros(n, np.int64), succ
+    for bit in range(max(n - 1, 1).bit_length()):
+        out = np.where((u >> bit) & 1, step[out], out)
+        step = step[step]
+    return out
+
+
+def _find_ring(rows: np.ndarray, cols: np.ndarray) -> _Ring | None:
+    """Read the ring off the table and check the table against it, exactly.
+
+    With column 0 holding every block on its own row (ring position 0 is row 0), a ring
+    rotation puts block y of column ``rows[0, 1]`` (ring position -pos[1]) on the row after
+    y's on the ring, if row 1 is next to row 0 (else rows 0..1 would be no arc: turning the
+    ring round, it is at position 1): ``order`` is that step's orbit from row 0."""
+    n = rows.shape[0]
+    at = np.arange(n)
+    if n < 2 or rows.shape != (n, n) or cols.shape != (n, n) or not (cols == at).all() or not (rows[:, 0] == at).all():
+        return None
+    order = _orbit(np.asarray(rows[:, rows[0, 1]], np.int64))
+    pos = np.full(n, -1, np.int64)
+    pos[order] = at
+    if (pos < 0).any() or not np.array_equal(rows, order[(pos[:, None] - pos) % n]):
+        return None
+    # rows 0..k on one arc: cut the ring after the last row's position, each prefix is an interval
+    signed = np.where(pos <= pos[n - 1], pos, pos - n)
+    lo = np.minimum.accumulate(signed)
+    if not (np.maximum.accumulate(signed) - lo == at).all():
+        return None
+    return _Ring(n, order, pos, lo % n, rows, order[(pos[:, None] + pos) % n])
+
+
+@dataclass(frozen=True, eq=False)
+class _RingMove:
+    """A move off a ring-skewed source, in box coordinates. Keys a (merged runs of the
+    source's row dim): block ``sa``, ``la`` bytes, landing on row (same dims) or column
+    (transposed) ``da``; keys b (its column dim): column block ``sb``, ``lb`` elements,
+    landing on ``db``. The source region from box row and column (rs, cs), the destination's
+    from (r0, c0), ``hd`` x ``wd`` PEs; ``dt`` an integer type that holds every load."""
+
+    ring: _Ring
+    sa: np.ndarray
+    la: np.ndarray
+    da: np.ndarray
+    sb: np.ndarray
+    lb: np.ndarray
+    db: np.ndarray
+    rs: int
+    cs: int
+    r0: int
+    c0: int
+    hd: int
+    wd: int
+    H: int
+    W: int
+    dt: type
+
+
+def _usual(v: np.ndarray) -> int:
+    """The most frequent value of ``v`` (a block's bytes: the others are the exceptions)."""
+    values, count = np.unique(v, return_counts=True)
+    return int(values[count.argmax()])
+
+
+def _traffic_ring(src, dst, itemsize, box, ring: _Ring) -> MoveTraffic:
+    """A source skewed along a ring (:class:`_Ring`): the flows and loads of
+    :func:`_traffic_column_table`, each sum over the blocks of a line taken as an arc, and
+    each load kept to the rectangle it can touch (:class:`_Window`).
+
+    PE (i, j) sends the keys b of column block j, each with the keys a of the block it
+    holds. Same dims (:func:`_ring_same`): the row links carry, per row, the usual block's
+    bytes times one profile of every column's keys b, plus the rows whose block differs; a
+    column block's line below row r carries what it holds on rows <= r (an arc) and is bound
+    below r. Transposed (:func:`_ring_transposed`): a row's link at column c carries the
+    blocks of its columns <= c (an arc) bound past c, and a block's line the column blocks
+    that hold it on rows <= r (an arc) with what they send below r."""
+    top, left, H, W = box
+    trans = dst.y_dim == src.x_dim
+    unit = itemsize * math.prod(s for d, s in enumerate(src.shape) if d not in (src.y_dim, src.x_dim))
+    _, (sa, oa), la = _merged_runs([src.y_of, dst.x_of if trans else dst.y_of], src.shape[src.y_dim])
+    _, (sb, ob), lb = _merged_runs([src.x_of, dst.y_of if trans else dst.x_of], src.shape[src.x_dim])
+    la = la * unit
+    total = int(la.sum()) * int(lb.sum())
+    r0, c0 = dst.region.row0 - top, dst.region.col0 - left
+    m = _RingMove(ring, sa, la, oa + (c0 if trans else r0), sb, lb, ob + (r0 if trans else c0), src.region.row0 - top,
+                  src.region.col0 - left, r0, c0, dst.region.rows, dst.region.cols, H, W,
+                  np.int32 if 4 * total < 2 ** 31 else np.int64)  # (a load and a few partial sums of it fit)
+    n = ring.n
+    ly, lbj = np.bincount(sa, la, n).astype(m.dt), np.bincount(sb, lb, n).astype(m.dt)
+    on_pe = ly[ring.held]  # (n, n): the bytes of a's on each PE, for one element of b
+    inject = on_pe * lbj
+    if trans:
+        eject = np.outer(np.bincount(m.db - r0, lb, m.hd), np.bincount(m.da - c0, la, m.wd)).astype(m.dt)
+        stay, stay_msgs, links, max_hops = _ring_transposed(m, ly, lbj, on_pe)
+    else:
+        eject = np.outer(np.bincount(m.da - r0, la, m.hd), np.bincount(m.db - c0, lb, m.wd)).astype(m.dt)
+        stay, stay_msgs, links, max_hops = _ring_same(m, ly)
+    rows, cols, w = stay  # on PEs of both regions
+    np.subtract.at(inject, (rows - m.rs, cols - m.cs), w)
+    np.subtract.at(eject, (rows - r0, cols - c0), w)
+    live = la.size * lb.size - stay_msgs
+    return MoveTraffic(
+        origin=(top, left), inject=_Window(inject, (m.rs, m.cs), (H, W)), eject=_Window(eject, (r0, c0), (H, W)),
+        **links, max_hops=max_hops if live else 0, bytes_moved=total - int(w.sum()), messages=live,
+    )
+
+
+def _ring_same(m: _RingMove, ly: np.ndarray):
+    """The same dims at both ends: key a lands on row ``da``, key b on column ``db``.
+    Returns (what stays: rows, columns, bytes; its messages; the link loads; the longest path)."""
+    ring, n, rows = m.ring, m.ring.n, m.ring.rows
+    sa, la, dr, sb, lb, dc, rs, cs, H, W, dt = m.sa, m.la, m.da, m.sb, m.lb, m.db, m.rs, m.cs, m.H, m.W, m.dt
+    # what stays: a key b on its own column and a key a on its own row
+    on_col = sb + cs == dc
+    js = np.flatnonzero(np.bincount(sb, on_col, n))
+    jj, aa = np.nonzero(rows[sa[None, :], js[:, None]] + rs == dr)
+    stay = (dr[aa], js[jj] + cs, (np.bincount(sb, lb * on_col, n)[js[jj]] * la[aa]).astype(np.int64))
+    stay_msgs = int(np.bincount(sb, on_col, n)[js[jj]].sum())
+    # the blocks whose bytes differ from the usual t0, on their row of each key b's column:
+    # all the row links and the column lines see of them besides t0 on every PE
+    t0 = _usual(ly)
+    ye = np.flatnonzero(ly != t0)
+    ey, eb = np.repeat(ye, sb.size), np.tile(np.arange(sb.size), ye.size)
+    erow, ew = rows[ey, sb[eb]], (ly[ey] - t0) * lb[eb]
+    east, west = _line_loads(n, W, erow, sb[eb] + cs, dc[eb], ew, dt)
+    common = _line_loads(1, W, 0, sb + cs, dc, lb, dt)
+    east += t0 * common[0]
+    west += t0 * common[1]
+    # a column block's line below row r: its blocks on rows <= r (an arc of the ring), with
+    # their keys a bound for rows <= r
+    below = np.bincount(dr * n + ring.pos[sa], la, H * n).astype(dt).reshape(H, n)
+    np.cumsum(below, axis=0, out=below)
+    south, north = _ring_column_links(m, ring.lines(below, rs, +1), t0, (erow + rs, dc[eb], ew), sb, lb, dc, dr, la)
+    # the longest path: a block's farthest key a from the row holding it, plus the column
+    # block's farthest key b
+    big = 1 << 40
+    d_lo, d_hi = _extremes(sa, dr, n)
+    d_lo, d_hi = np.minimum(d_lo, big), np.maximum(d_hi, -big)
+    h_max = np.full(n, -big)
+    np.maximum.at(h_max, sb, np.abs(sb + cs - dc))
+    i = np.arange(n)[:, None] + rs
+    reach = np.maximum(i - d_lo[ring.held], d_hi[ring.held] - i) + h_max
+    shape = (H, W - 1)
+    links = dict(east=_Window(east, (rs, 0), shape), west=_Window(west, (rs, 0), shape), south=south, north=north)
+    return stay, stay_msgs, links, int(reach.max())
+
+
+def _ring_transposed(m: _RingMove, ly: np.ndarray, lbj: np.ndarray, on_pe: np.ndarray):
+    """The dims swap: key a lands on column ``da``, key b on row ``db``. Returns (what
+    stays: rows, columns, bytes; its messages; the link loads; the longest path)."""
+    ring, n, rows, pos = m.ring, m.ring.n, m.ring.rows, m.ring.pos
+    sa, la, dc, sb, lb, dr, rs, cs, H, W, dt = m.sa, m.la, m.da, m.sb, m.lb, m.db, m.rs, m.cs, m.H, m.W, m.dt
+    # what stays: a key a bound for a source column, from the PE of that column holding its
+    # block, with the keys b of that column bound for that PE's row
+    ka = np.flatnonzero((dc >= cs) & (dc < cs + n))
+    ja = dc[ka] - cs
+    rr = rows[sa[ka], ja] + rs
+    pairs, where = np.unique(sb * H + dr, return_inverse=True)  # (column block, row) of the keys b
+    at = np.minimum(np.searchsorted(pairs, ja * H + rr), pairs.size - 1)
+    hit = pairs[at] == ja * H + rr
+    at, ka = at[hit], ka[hit]
+    stay = (rr[hit], dc[ka], (la[ka] * np.bincount(where, lb)[at]).astype(np.int64))
+    stay_msgs = int(np.bincount(where)[at].sum())
+    # the column blocks whose elements differ from the usual t0, each holding every key a's
+    # block on one row: all the row links and the block lines see of them besides t0
+    t0 = _usual(lbj)
+    je = np.flatnonzero(lbj != t0)
+    ej, ea = np.repeat(je, sa.size), np.tile(np.arange(sa.size), je.size)
+    erow, ew = rows[sa[ea], ej], (lbj[ej] - t0) * la[ea]
+    east, west = _line_loads(n, W, erow, ej + cs, dc[ea], ew, dt)
+    # row i's link at column c: t0 times the bytes bound past c of the blocks on its columns
+    # <= c (an arc); westward, those bound for c or before of its columns past c
+    upto = np.bincount(dc * n + pos[sa], la, W * n).astype(dt).reshape(W, n)
+    np.cumsum(upto, axis=0, out=upto)  # by block position: the bytes bound for columns <= c
+    arc = ring.lines(ly[ring.order] - upto[: W - 1], cs, +1)  # (n, W - 1): of row i's columns <= c
+    arc *= t0
+    east += arc
+    west += arc
+    west += t0 * upto[: W - 1].sum(axis=1)  # of every column
+    west[:, cs: cs + n - 1] -= t0 * np.cumsum(on_pe, axis=1)[:, : n - 1]  # less those of columns <= c
+    west[:, cs + n - 1:] -= t0 * on_pe.sum(axis=1, keepdims=True)
+    # a block's line below row r: the column blocks holding it on rows <= r (an arc), with
+    # their keys b bound for rows <= r
+    below = np.bincount(dr * n + pos[sb], lb, H * n).astype(dt).reshape(H, n)
+    np.cumsum(below, axis=0, out=below)
+    south, north = _ring_column_links(m, ring.lines(below, rs, -1), t0, (erow + rs, dc[ea], ew), sa, la, dc, dr, lb)
+    # the longest path: a column block's farthest key b from the PE's row, plus the block's
+    # farthest key a from the PE's column
+    big = 1 << 40
+    used = lbj > 0
+    r_lo, r_hi = _extremes(sb, dr, n)
+    r_lo, r_hi = np.where(used, r_lo, big), np.where(used, r_hi, -big)
+    c_lo, c_hi = _extremes(sa, dc, n)
+    c_lo, c_hi = np.minimum(c_lo, big), np.maximum(c_hi, -big)
+    i, j = np.arange(n)[:, None] + rs, np.arange(n) + cs
+    reach = np.maximum(i - r_lo, r_hi - i) + np.maximum(j - c_lo[ring.held], c_hi[ring.held] - j)
+    shape = (H, W - 1)
+    links = dict(east=_Window(east, (rs, 0), shape), west=_Window(west, (rs, 0), shape), south=south, north=north)
+    return stay, stay_msgs, links, int(reach.max())
+
+
+def _ring_column_links(m: _RingMove, c_max: np.ndarray, t0: int, exc: tuple, key: np.ndarray, key_w: np.ndarray,
+                       key_col: np.ndarray, to: np.ndarray, to_w: np.ndarray):
+    """(south, north) of :func:`_column_links`, on the destination's columns alone (no
+    column link elsewhere carries anything), as windows."""
+    H, c0, wd, dt = m.H, m.c0, m.wd, m.dt
+    col = key_col - c0
+    both = _by_column(c_max[:, : H - 1], key, key_w.astype(dt), col, wd)
+    per_col = np.bincount(col, key_w, wd).astype(dt)
+    rows, cols, w = exc
+    # (wd, H): the prefix sums down each column run along contiguous memory
+    held_c = np.bincount((cols - c0) * H + rows, w, wd * H).astype(dt).reshape(wd, H)
+    held_c[:, m.rs: m.rs + m.ring.n] += t0 * per_col[:, None]
+    np.cumsum(held_c, axis=1, out=held_c)
+    c_to = np.cumsum(np.bincount(to, to_w, H)).astype(dt)
+    shape = (H - 1, m.W)
+    return (_Window((held_c[:, : H - 1] - both).T, (0, c0), shape),
+            _Window((np.outer(per_col, c_to[: H - 1]) - both).T, (0, c0), shape))
 
 
 def move_traffic(src: Placement, dst: Placement, itemsize: int) -> MoveTraffic:
@@ -809,6 +1143,9 @@ def move_traffic(src: Placement, dst: Placement, itemsize: int) -> MoveTraffic:
     if _transposed(src, dst):
         return _traffic_transposed(src, dst, itemsize, box)
     if _column_table(src, dst):
+        ring = _ring(src)
+        if ring is not None:
+            return _traffic_ring(src, dst, itemsize, box, ring)
         return _traffic_column_table(src, dst, itemsize, box)
     return _traffic_cells(src, dst, itemsize, box)
 

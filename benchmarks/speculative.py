@@ -1,0 +1,129 @@
+"""Speculative decoding on the modelled wse2: accepted tokens/s with a draft on the idle PEs.
+
+    .venv/bin/python benchmarks/speculative.py [--markdown benchmarks/RESULTS-speculative.md]
+
+1. Real prompts, real weights: SmolLM2-135M as the target (48x48 grids, fp16, fused
+   numerics, greedy), its first N layers with its final norm and LM head as the draft
+   (the only smaller model these weights give), on the PEs the target's decode leaves
+   idle. Acceptance is measured: how often the target's greedy token is the draft's guess.
+   Every speculative run's tokens are checked against the plain run's.
+2. Shape-only: llama3-8b (600/360 grids, int8 weights) with a llama3.2-1b draft, 512 + 128
+   tokens, at assumed acceptance rates (a seeded draw per draft), against llama3-8b alone.
+   With fp16 weights the two models and the verification pass's rows do not fit one wse2.
+
+The wafer figures are modelled time: each round's draft steps, the hand-offs, the
+verification pass and the rollbacks, one after another (``waferllm.engine.speculative``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from waferllm.engine.llm import LLM
+from waferllm.engine.run_config import RunConfig
+from waferllm.engine.sampling import SamplingParams
+from waferllm.engine.speculative import SpeculativeConfig, speculative_backend
+from waferllm.engine.threads import set_threads
+from waferllm.engine.wafer import WaferModel
+from waferllm.hardware import get_wafer
+from waferllm.models.presets import get_model_preset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import Out  # noqa: E402
+
+PROMPTS = (
+    "The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is",
+    "Write a short poem about the sea.",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+)
+SMOL = ((None, None), (20, 2), (25, 2), (25, 4))  # (draft layers, k); None: the target alone
+EIGHT_B = ((2, 0.6), (2, 0.8), (2, 0.9), (4, 0.8), (4, 0.9), (4, 1.0))  # (k, acceptance)
+
+
+def smollm2(out: Out, tokens: int) -> None:
+    out("## SmolLM2-135M with its first N layers as the draft (real prompts, greedy)")
+    out()
+    out(f"48x48 grids for the target, the draft on free 48x48 regions; {len(PROMPTS)} prompts, {tokens} tokens "
+        "each (ignore EOS); wafer figures summed over the prompts.")
+    out()
+    params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+    base_ids, base_tpot, rows = None, None, []
+    for layers, k in SMOL:
+        spec = None if layers is None else {"draft_layers": layers, "num_speculative_tokens": k}
+        llm = LLM(None, prefill_grid=48, decode_grid=48, max_model_len=160, speculative_config=spec)
+        outs = [llm.generate(p, params)[0] for p in PROMPTS]
+        ids = [o.token_ids for o in outs]
+        dec = sum(o.metrics["tpot_s"] * (len(o.token_ids) - 1) for o in outs)
+        n = sum(len(o.token_ids) - 1 for o in outs)
+        tpot = dec / n
+        if layers is None:
+            base_ids, base_tpot = ids, tpot
+            rows.append(["target alone", "-", "-", "-", f"{1 / tpot:,.0f}", "1.00x", "-"])
+            continue
+        s = [o.metrics["speculative"] for o in outs]
+        drafted, accepted, rounds = (sum(x[key] for x in s) for key in ("drafted", "accepted", "rounds"))
+        rows.append([f"first {layers} layers", k, f"{accepted / drafted:.1%}", f"{n / rounds:.2f}",
+                     f"{1 / tpot:,.0f}", f"{base_tpot / tpot:.2f}x", "yes" if ids == base_ids else "NO"])
+        print(f"  draft {layers} k={k}: acceptance {accepted / drafted:.3f}", flush=True)
+    out.table(["draft", "k", "acceptance", "tokens per round", "accepted tokens/s", "vs alone", "same tokens"], rows)
+    out()
+
+
+def llama3_8b(out: Out) -> None:
+    out("## llama3-8b with a llama3.2-1b draft (shape-only, assumed acceptance)")
+    out()
+    out("512 + 128 tokens, fp16 activations and KV, int8 weights (GGUF Q8_0 blocks) for both models (in fp16 the "
+        "two models and the verification pass's rows do not fit one wse2), grids 600/360 for the target; the draft "
+        "on the largest grid that plans in the PEs the target's decode leaves idle.")
+    out()
+    wafer = get_wafer("wse2")
+    cfg, draft = get_model_preset("llama3-8b"), get_model_preset("llama3.2-1b")
+    run = RunConfig.for_request(512, 128, prefill_grid=600, decode_grid=360, weights="int8")
+    alone = WaferModel(cfg, None, wafer, run, mode="dry")
+    alone.reset()
+    alone.prefill(512)
+    for _ in range(127):
+        alone.decode(None)
+    base = alone.request_metrics()
+    rows = [["target alone", "-", "-", "-", "-", f"{base['decode_tokens_per_s']:,.0f}", "1.00x",
+             f"{base['tpot_s'] * 1e3:.3f}", "-"]]
+    for k, a in EIGHT_B:
+        target = WaferModel(cfg, None, wafer, run.replace(speculative_tokens=k), mode="dry")
+        b = speculative_backend(target, SpeculativeConfig(num_speculative_tokens=k, draft_model="llama3.2-1b"),
+                                draft_config=draft)
+        b.run_dry(512, 128, a)
+        m = b.request_metrics()
+        s = m["speculative"]
+        split = s["decode_s"]
+        rows.append([f"llama3.2-1b on {s['draft_grid']}x{s['draft_grid']}", k, f"{a:.0%}",
+                     f"{s['tokens_per_round']:.2f}", f"{split['draft'] / s['rounds'] * 1e3:.3f} / "
+                     f"{split['verify'] / s['rounds'] * 1e3:.3f}", f"{m['decode_tokens_per_s']:,.0f}",
+                     f"{m['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x", f"{m['tpot_s'] * 1e3:.3f}",
+                     f"{m['e2e_tokens_per_s']:,.0f}"])
+        print(f"  k={k} a={a}: {m['decode_tokens_per_s']:.0f} tok/s", flush=True)
+    out.table(["draft", "k", "acceptance", "tokens per round", "draft / verify ms per round", "accepted tokens/s",
+               "vs alone", "TPOT ms", "e2e TPR"], rows)
+    out()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--markdown", default=None)
+    ap.add_argument("--tokens", type=int, default=32, help="Tokens per SmolLM2 prompt.")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    set_threads(args.threads)
+    out = Out()
+    t0 = time.perf_counter()
+    out.header("Speculative decoding", "speculative.py")
+    llama3_8b(out)
+    smollm2(out, args.tokens)
+    out(f"Host time: {time.perf_counter() - t0:.0f} s (one thread).")
+    out.save(args.markdown)
+
+
+if __name__ == "__main__":
+    main()
