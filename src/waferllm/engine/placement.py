@@ -13,6 +13,12 @@ tiles hold one key block of the heads of a PE's own features, so passes widen at
 SRAM; where fewer layers per region (so more regions, or fuller small ones) would still
 widen them, the planner predicts each option's prefill time by running its layers
 shape-only and keeps the fastest.
+
+Decode budgets the KV cache and attention's score tiles (the kernel's own tiles, see
+:func:`decode_scores_bytes_per_slot`) over the cache slots of a region's fullest PE row:
+the shift-based cache fills the rows evenly; the concatenation cache spreads the prompt
+over them at the transition and puts every generated token on the bottom row
+(:func:`decode_row_slots`).
 """
 
 from __future__ import annotations

@@ -442,15 +442,21 @@ def _span(n: int, lo, hi, w) -> np.ndarray:
     return np.cumsum(np.rint(d).astype(np.int64))[:n]
 
 
-def _rect(shape, rows, cols, w) -> np.ndarray:
+def _rect(shape, rows, cols, w, factored: bool = False):
     """Array of ``shape``: the sum of w over every rectangle rows[0]..rows[1] x cols[0]..cols[1]
-    (integer weights: the float sums are exact)."""
+    (integer weights: the float sums are exact). ``factored``: when every rectangle spans the
+    same columns (or the same rows), as a multicast to a replicated destination does, the
+    load is one row profile times one column span: an :class:`_Outer`, built only if read."""
     (r0, r1), (c0, c1) = rows, cols
     keep = (r0 <= r1) & (c0 <= c1) & (w != 0)
     r0, r1, c0, c1, w = (np.asarray(a)[keep] for a in (r0, r1, c0, c1, w))
     H, W = shape
     if not w.size:
         return np.zeros(shape, np.int64)
+    if factored and (c0 == c0[0]).all() and (c1 == c1[0]).all():
+        return _Outer(_span(H, r0, r1, w), _span(W, c0[:1], c1[:1], np.ones(1, np.int64)))
+    if factored and (r0 == r0[0]).all() and (r1 == r1[0]).all():
+        return _Outer(_span(H, r0[:1], r1[:1], np.ones(1, np.int64)), _span(W, c0, c1, w))
     if (r0 == r1).all() and (c0 == c1).all():  # single PEs
         return np.bincount(r0 * W + c0, w, H * W).reshape(H, W).astype(np.int64)
     if (r0 == r1).all():  # spans of single rows: differences along the rows only
@@ -529,6 +535,13 @@ def _traffic_separable(src, dst, itemsize, box) -> MoveTraffic:
     )
 
 
+def _less(a, b):
+    """``a - b`` of two loads (arrays or :class:`_Outer`), factored if both are."""
+    if isinstance(a, _Outer) and isinstance(b, _Outer) and a.u2 is None and b.u2 is None and a.unit == b.unit:
+        return _Outer(a.u, a.v, a.unit, b.u, b.v)
+    return (a.array() if isinstance(a, _Outer) else a) - (b.array() if isinstance(b, _Outer) else b)
+
+
 def _traffic_cells(src, dst, itemsize, box) -> MoveTraffic:
     """Any pair of placements: one flow per cell and per sender, loads by rectangle updates."""
     top, left, H, W = box
@@ -547,11 +560,13 @@ def _traffic_cells(src, dst, itemsize, box) -> MoveTraffic:
     hops = np.where(live, Y.hops + X.hops, 0)
     return MoveTraffic(
         origin=(top, left),
-        inject=_rect((H, W), (Y.s_lo, Y.s_hi), (X.s_lo, X.s_hi), b),
-        eject=_rect((H, W), (Y.r_lo, Y.r_hi), (X.r_lo, X.r_hi), b)
-        - _rect((H, W), (Y.s_lo, Y.s_hi), (X.s_lo, X.s_hi), b * own),
-        east=_rect((H, W - 1), (Y.s_lo, Y.s_hi), X.fwd, b), west=_rect((H, W - 1), (Y.s_lo, Y.s_hi), X.back, b),
-        south=_rect((H - 1, W), Y.fwd, (X.r_lo, X.r_hi), b), north=_rect((H - 1, W), Y.back, (X.r_lo, X.r_hi), b),
+        inject=_rect((H, W), (Y.s_lo, Y.s_hi), (X.s_lo, X.s_hi), b, True),
+        eject=_less(_rect((H, W), (Y.r_lo, Y.r_hi), (X.r_lo, X.r_hi), b, True),
+                    _rect((H, W), (Y.s_lo, Y.s_hi), (X.s_lo, X.s_hi), b * own, True)),
+        east=_rect((H, W - 1), (Y.s_lo, Y.s_hi), X.fwd, b, True),
+        west=_rect((H, W - 1), (Y.s_lo, Y.s_hi), X.back, b, True),
+        south=_rect((H - 1, W), Y.fwd, (X.r_lo, X.r_hi), b, True),
+        north=_rect((H - 1, W), Y.back, (X.r_lo, X.r_hi), b, True),
         max_hops=int(hops.max(initial=0)),
         bytes_moved=int((b * (Y.n_recv * X.n_recv - own * Y.n_send * X.n_send)).sum()),
         messages=int((live * Y.n_send * X.n_send).sum()),
@@ -856,7 +871,8 @@ class _Ring:
         start are one difference of a prefix sum of the ring taken twice round, and each
         owner reads its own."""
         n = self.n
-        c2 = np.zeros((n - 1, 2 * n), x.dtype)
+        c2 = np.empty((n - 1, 2 * n), x.dtype)
+        c2[:, 0] = 0
         np.cumsum(x, axis=1, out=c2[:, 1: n + 1])
         c2[:, n + 1:] = c2[:, n: n + 1] + c2[:, 1: n]
         # sums[k, s] = c2[k, s + k + 1] - c2[k, s]: the first term a view whose rows start one further each
@@ -962,6 +978,29 @@ class _RingMove:
     dt: type
 
 
+_FAR = 1 << 40  # farther than any path: stands for "none" in the extremes of an unused block
+
+
+def _cumulative(pos: np.ndarray, line: np.ndarray, w: np.ndarray, n: int, L: int, dt) -> np.ndarray:
+    """(L, n): by ring position, the ``w`` of the keys at ``pos`` whose ``line`` is <= each
+    line (summed along rows of an (n, L) array, contiguous, then turned round)."""
+    out = np.bincount(pos * L + line, w, n * L).astype(dt).reshape(n, L)
+    np.cumsum(out, axis=1, out=out)
+    return np.ascontiguousarray(out.T)
+
+
+def _farthest(bound: np.ndarray, exact) -> int:
+    """The largest of per-column maxima, from an upper bound of each and ``exact(columns)``
+    (their maxima, for an array of columns): the columns are read best bound first, in
+    batches that double, until no bound left is above the best found."""
+    order = np.argsort(-bound, kind="stable")
+    best, at, step = int(exact(order[:1])[0]), 1, 8
+    while at < order.size and bound[order[at]] > best:
+        best = max(best, int(exact(order[at: at + step]).max()))
+        at, step = at + step, 2 * step
+    return best
+
+
 def _usual(v: np.ndarray) -> int:
     """The most frequent value of ``v`` (a block's bytes: the others are the exceptions)."""
     values, count = np.unique(v, return_counts=True)
@@ -1034,21 +1073,24 @@ def _ring_same(m: _RingMove, ly: np.ndarray):
     west += t0 * common[1]
     # a column block's line below row r: its blocks on rows <= r (an arc of the ring), with
     # their keys a bound for rows <= r
-    below = np.bincount(dr * n + ring.pos[sa], la, H * n).astype(dt).reshape(H, n)
-    np.cumsum(below, axis=0, out=below)
+    below = _cumulative(ring.pos[sa], dr, la, n, H, dt)
     south, north = _ring_column_links(m, ring.lines(below, rs, +1), t0, (erow + rs, dc[eb], ew), sb, lb, dc, dr, la)
     # the longest path: a block's farthest key a from the row holding it, plus the column
-    # block's farthest key b
-    big = 1 << 40
+    # block's farthest key b (bounded per column by the farthest any block is from any row)
     d_lo, d_hi = _extremes(sa, dr, n)
-    d_lo, d_hi = np.minimum(d_lo, big), np.maximum(d_hi, -big)
-    h_max = np.full(n, -big)
+    d_lo, d_hi = np.minimum(d_lo, _FAR), np.maximum(d_hi, -_FAR)
+    h_max = np.full(n, -_FAR)
     np.maximum.at(h_max, sb, np.abs(sb + cs - dc))
     i = np.arange(n)[:, None] + rs
-    reach = np.maximum(i - d_lo[ring.held], d_hi[ring.held] - i) + h_max
+    far = max(int((rs + n - 1 - d_lo).max()), int((d_hi - rs).max()))
+
+    def reach(js):  # every row of columns js
+        held = ring.held[:, js]
+        return (np.maximum(i - d_lo[held], d_hi[held] - i) + h_max[js]).max(axis=0)
+
     shape = (H, W - 1)
     links = dict(east=_Window(east, (rs, 0), shape), west=_Window(west, (rs, 0), shape), south=south, north=north)
-    return stay, stay_msgs, links, int(reach.max())
+    return stay, stay_msgs, links, _farthest(far + h_max, reach)
 
 
 def _ring_transposed(m: _RingMove, ly: np.ndarray, lbj: np.ndarray, on_pe: np.ndarray):
@@ -1076,8 +1118,7 @@ def _ring_transposed(m: _RingMove, ly: np.ndarray, lbj: np.ndarray, on_pe: np.nd
     east, west = _line_loads(n, W, erow, ej + cs, dc[ea], ew, dt)
     # row i's link at column c: t0 times the bytes bound past c of the blocks on its columns
     # <= c (an arc); westward, those bound for c or before of its columns past c
-    upto = np.bincount(dc * n + pos[sa], la, W * n).astype(dt).reshape(W, n)
-    np.cumsum(upto, axis=0, out=upto)  # by block position: the bytes bound for columns <= c
+    upto = _cumulative(pos[sa], dc, la, n, W, dt)  # by block position: the bytes bound for columns <= c
     arc = ring.lines(ly[ring.order] - upto[: W - 1], cs, +1)  # (n, W - 1): of row i's columns <= c
     arc *= t0
     east += arc
@@ -1087,22 +1128,26 @@ def _ring_transposed(m: _RingMove, ly: np.ndarray, lbj: np.ndarray, on_pe: np.nd
     west[:, cs + n - 1:] -= t0 * on_pe.sum(axis=1, keepdims=True)
     # a block's line below row r: the column blocks holding it on rows <= r (an arc), with
     # their keys b bound for rows <= r
-    below = np.bincount(dr * n + pos[sb], lb, H * n).astype(dt).reshape(H, n)
-    np.cumsum(below, axis=0, out=below)
+    below = _cumulative(pos[sb], dr, lb, n, H, dt)
     south, north = _ring_column_links(m, ring.lines(below, rs, -1), t0, (erow + rs, dc[ea], ew), sa, la, dc, dr, lb)
     # the longest path: a column block's farthest key b from the PE's row, plus the block's
-    # farthest key a from the PE's column
-    big = 1 << 40
+    # farthest key a from the PE's column (bounded per column by the region's end rows and
+    # the farthest any key a lands)
     used = lbj > 0
     r_lo, r_hi = _extremes(sb, dr, n)
-    r_lo, r_hi = np.where(used, r_lo, big), np.where(used, r_hi, -big)
+    r_lo, r_hi = np.where(used, r_lo, _FAR), np.where(used, r_hi, -_FAR)
     c_lo, c_hi = _extremes(sa, dc, n)
-    c_lo, c_hi = np.minimum(c_lo, big), np.maximum(c_hi, -big)
+    c_lo, c_hi = np.minimum(c_lo, _FAR), np.maximum(c_hi, -_FAR)
     i, j = np.arange(n)[:, None] + rs, np.arange(n) + cs
-    reach = np.maximum(i - r_lo, r_hi - i) + np.maximum(j - c_lo[ring.held], c_hi[ring.held] - j)
+    bound = np.maximum(rs + n - 1 - r_lo, r_hi - rs) + np.maximum(j - c_lo.min(), c_hi.max() - j)
+
+    def reach(js):  # every row of columns js
+        held = ring.held[:, js]
+        return (np.maximum(i - r_lo[js], r_hi[js] - i) + np.maximum(j[js] - c_lo[held], c_hi[held] - j[js])).max(axis=0)
+
     shape = (H, W - 1)
     links = dict(east=_Window(east, (rs, 0), shape), west=_Window(west, (rs, 0), shape), south=south, north=north)
-    return stay, stay_msgs, links, int(reach.max())
+    return stay, stay_msgs, links, _farthest(bound, reach)
 
 
 def _ring_column_links(m: _RingMove, c_max: np.ndarray, t0: int, exc: tuple, key: np.ndarray, key_w: np.ndarray,
