@@ -50,3 +50,27 @@ def test_generate_numerics_is_checked(capsys):
     rc = main(["generate", "--prompt", "hi", "--numerics", "dense"])
     assert rc == 2
     assert "--numerics must be one of fused, mesh, got 'dense'" in capsys.readouterr().err
+
+
+def test_generate_with_a_draft_gives_the_same_tokens(capsys):
+    """--draft-layers: SmolLM2's first 25 layers draft, the whole model verifies; greedy tokens
+    are the model's own, and the JSON says what speculation did."""
+    outs = {}
+    for extra in ([], ["--draft-layers", "25", "--speculative-tokens", "2"]):
+        rc = main(["generate", "--prompt", "The capital of France is Paris. The capital of Italy is", "--max-tokens",
+                   "6", "--json", "--prefill-grid", "24", "--decode-grid", "24", "--ignore-eos", *extra])
+        assert rc == 0
+        outs[bool(extra)] = json.loads(capsys.readouterr().out)
+    assert outs[True]["token_ids"] == outs[False]["token_ids"]
+    s = outs[True]["metrics"]["speculative"]
+    assert s["draft_layers"] == 25 and s["num_speculative_tokens"] == 2
+    assert s["rounds"] + s["accepted"] == 5  # every token after the first: a round's own or an accepted draft
+
+
+def test_generate_draft_options_are_checked(capsys):
+    rc = main(["generate", "--prompt", "hi", "--draft-layers", "30"])
+    assert rc == 2
+    assert "draft_layers must be from 1 to 29" in capsys.readouterr().err
+    rc = main(["generate", "--engine", "reference", "--prompt", "hi", "--draft-layers", "3"])
+    assert rc == 2
+    assert "only apply to the wafer engine" in capsys.readouterr().err

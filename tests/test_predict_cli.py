@@ -84,3 +84,26 @@ def test_predict_text_report_shows_the_predicted_figures(capsys):
                                       f"{py['ttft_s_high'] * 1e3:.3g} ms)")
     assert rows["TPOT"] == f"{py['tpot_s'] * 1e6:.3g} us  ({py['tpot_s_low'] * 1e6:.3g} us - {py['tpot_s_high'] * 1e6:.3g} us)"
     assert py["ttft_s_low"] < py["ttft_s"] < py["ttft_s_high"]
+
+
+def test_predict_with_a_draft_sets_the_target_alone_beside_it(capsys):
+    argv = ["predict", "--model", "llama3-8b", "--input-len", "128", "--output-len", "16", "--prefill-grid", "600",
+            "--decode-grid", "360", "--weights", "int8", "--draft-model", "llama3.2-1b", "--acceptance", "1.0",
+            "--speculative-tokens", "3", "--json"]
+    assert main(argv) == 0
+    d = json.loads(capsys.readouterr().out)
+    s = d["speculative"]["speculative"]
+    # every draft accepted: a round emits its own token and 3 drafts, so 15 tokens take 4 rounds
+    assert s["rounds"] == 4 and s["assumed_acceptance"] == 1.0
+    from waferllm.engine.predict import predict_run
+    from waferllm.engine.run_config import RunConfig
+
+    alone = predict_run(get_model_preset("llama3-8b"), "wse2", RunConfig.for_request(
+        128, 16, prefill_grid=600, decode_grid=360, weights="int8"), 128, 16, gpus=False, band=False)
+    assert d["target_alone"]["tpot_s"] == pytest.approx(alone["tpot_s"])
+    assert d["speculative"]["ttft_s"] == pytest.approx(alone["ttft_s"])  # the draft prefills beside the target
+
+
+def test_predict_with_a_draft_needs_an_acceptance(capsys):
+    assert main(["predict", "--model", "llama3-8b", "--draft-model", "llama3.2-1b"]) == 2
+    assert "give --acceptance" in capsys.readouterr().err
