@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from waferllm.engine.llm import LLM
+from waferllm.engine.predict import predict_run
 from waferllm.engine.run_config import RunConfig
 from waferllm.engine.sampling import SamplingParams
 from waferllm.engine.speculative import SpeculativeConfig, speculative_backend
@@ -82,12 +83,7 @@ def llama3_8b(out: Out) -> None:
     wafer = get_wafer("wse2")
     cfg, draft = get_model_preset("llama3-8b"), get_model_preset("llama3.2-1b")
     run = RunConfig.for_request(512, 128, prefill_grid=600, decode_grid=360, weights="int8")
-    alone = WaferModel(cfg, None, wafer, run, mode="dry")
-    alone.reset()
-    alone.prefill(512)
-    for _ in range(127):
-        alone.decode(None)
-    base = alone.request_metrics()
+    base = predict_run(cfg, wafer, run, 512, 128, gpus=False, band=False)
     rows = [["target alone", "-", "-", "-", "-", f"{base['decode_tokens_per_s']:,.0f}", "1.00x",
              f"{base['tpot_s'] * 1e3:.3f}", "-"]]
     for k, a in EIGHT_B:

@@ -262,3 +262,49 @@ def test_a_draft_with_another_vocabulary_is_refused():
     target = WaferModel(cfg, None, WSE2, RunConfig.for_request(512, 64, prefill_grid=600, decode_grid=360), mode="dry")
     with pytest.raises(RequestError, match="share the target's tokenizer"):
         place_draft(get_model_preset("smollm2"), None, target, mode="dry")
+
+
+def test_speculative_config_from_a_dict_names_unknown_fields():
+    assert SpeculativeConfig.coerce({"draft_layers": 3, "num_speculative_tokens": 2}) == SpeculativeConfig(2, 3)
+    with pytest.raises(RequestError, match="unknown speculative_config field.*draft_lyers"):
+        SpeculativeConfig.coerce({"draft_lyers": 3})
+    with pytest.raises(RequestError, match="speculative_tokens must be a whole number"):
+        RunConfig(speculative_tokens=-1)
+
+
+def test_the_planner_budgets_the_verification_rows():
+    """A verification pass of k+1 tokens runs them as rows of one micro-batch: decode plans
+    for that many rows, as for a batch of that many requests on one region."""
+    cfg = get_model_preset("llama3-8b")
+    run = RunConfig.for_request(512, 64, prefill_grid=600, decode_grid=360, weights="int8")
+    assert run.plan(cfg, WSE2).decode.rows == 1
+    assert run.replace(speculative_tokens=4).plan(cfg, WSE2).decode.rows == 5
+
+
+@pytest.mark.parametrize("k", [2, 6])
+def test_verification_passes_fit_what_the_plan_accepts(k):
+    """At the longest context the planner accepts for k drafts, a verification pass at the
+    end of the context runs without overflowing SRAM (its k+1 tokens' vectors and score
+    tiles are budgeted); the context one token longer is refused at planning."""
+    cfg = tiny_config(num_layers=6, hidden_size=128, intermediate_size=256, num_heads=8, num_kv_heads=2,
+                      head_dim=16, max_position_embeddings=100000)
+    wafer = WSE2.replace(rows=16, cols=16, sram_bytes_per_pe=32 * 1024)
+
+    def plans(n):
+        try:
+            RunConfig(prefill_grid=None, decode_grid=8, max_seq_len=n, speculative_tokens=k).plan(cfg, wafer,
+                                                                                                  suggest=False)
+            return True
+        except PlacementError:
+            return False
+
+    lo, hi = 1, 1 << 16
+    assert plans(lo) and not plans(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if plans(mid) else (lo, mid)
+    wm = WaferModel(cfg, None, wafer, RunConfig(prefill_grid=None, decode_grid=8, max_seq_len=lo,
+                                                speculative_tokens=k), mode="dry")
+    wm.start_decode(lo - k - 1)
+    wm.verify(0, [None] * (k + 1))  # the cache is full after it
+    assert wm.positions[0] == lo

@@ -87,6 +87,7 @@ class PhasePlan:
     # request (attention runs request by request over its own cache); None: seq_len
     rows: int = 1
     request_len: int | None = None
+    queries: int = 1  # tokens of one request attending at once (a verification pass)
     # decode: the cache scheme the budget fills rows by, and the requests' prompt (None: any
     # length); see decode_row_slots
     kv_scheme: str = "shift"
@@ -261,7 +262,7 @@ def decode_row_slots(seq_len: int, grid: int, kv_scheme: str = "shift", prompt_l
 
 def activation_bytes(config, grid: int, phase: str, seq_len: int, dtype: str = "fp16", heads_per_pass: int = 1,
                      attention: str = "paper", rows: int = 1, request_len: int | None = None,
-                     slots: int | None = None) -> int:
+                     slots: int | None = None, queries: int = 1) -> int:
     """Peak bytes per PE of activations and buffers during one layer (with double buffers).
 
     Prefill attention processes ``heads_per_pass`` kv heads (with their query heads) at a
@@ -269,7 +270,8 @@ def activation_bytes(config, grid: int, phase: str, seq_len: int, dtype: str = "
     :func:`streaming_attention_bytes` for the streaming kernel's). Decode of a batch holds
     ``rows`` tokens' vectors at once, and one request's score tiles at a time, over the
     ``slots`` its attention scans on a PE row (default: ``request_len`` tokens, or
-    ``seq_len``, spread evenly over the rows; see :func:`decode_row_slots`).
+    ``seq_len``, spread evenly over the rows; see :func:`decode_row_slots`); a verification
+    pass's ``queries`` tokens of one request attend at once, their score tiles side by side.
     """
     b = DTYPE_BYTES[dtype]
     E, F = config.hidden_size, config.intermediate_size
@@ -290,7 +292,7 @@ def activation_bytes(config, grid: int, phase: str, seq_len: int, dtype: str = "
         return hidden + qkv + max(attn, ffn) + in_flight + 1024
     cap = cdiv(request_len or seq_len, grid) if slots is None else slots
     vec = 6 * e * 4 + 3 * (qt + 2 * hl.col_features) * 4
-    scores = decode_scores_bytes_per_slot(config) * cap
+    scores = decode_scores_bytes_per_slot(config) * cap * queries
     ffn = 4 * 2 * f * 4
     return rows * vec + max(scores, rows * ffn) + 1024
 
@@ -396,7 +398,8 @@ class PhaseBudget:
 
     def __init__(self, config, wafer: WaferSpec, phase: str, seq_len: int, dtype: str = "fp16",
                  vocab_size: int | None = None, weights: str = "fp16", attention: str = "paper", rows: int = 1,
-                 request_len: int | None = None, kv_scheme: str = "shift", prompt_len: int | None = None):
+                 request_len: int | None = None, kv_scheme: str = "shift", prompt_len: int | None = None,
+                 queries: int = 1):
         self.config = config
         # vocabulary entries the regions hold (a cluster's wafers without the tables: 0)
         self.vocab_size = config.vocab_size if vocab_size is None else vocab_size
@@ -407,6 +410,7 @@ class PhaseBudget:
         self.weights = weights
         self.attention = attention if phase == "prefill" else "paper"
         self.rows, self.request_len = rows, request_len  # decode of a batch (see activation_bytes)
+        self.queries = queries  # ... and of a verification pass's tokens
         # decode: how the cache fills its rows, and the requests' prompt (see decode_row_slots)
         self.kv_scheme, self.prompt_len = kv_scheme, prompt_len
         self.usable = wafer.usable_sram_bytes_per_pe - PLANNING_SLACK
@@ -428,7 +432,7 @@ class PhaseBudget:
         heads_per_pass = self.pass_heads if heads_per_pass is None else heads_per_pass
         cached, scanned = self.slots(g)
         act = activation_bytes(config, g, phase, seq_len, dtype, heads_per_pass, self.attention, self.rows,
-                               self.request_len, scanned)
+                               self.request_len, scanned, self.queries)
         if phase == "prefill":
             # the LM head's MeshGEMM (after the layers): the placed vocabulary tile, the one
             # in use and the next one arriving, the fp32 accumulator and the normalised rows
@@ -538,21 +542,23 @@ def _does_not_fit(budget: PhaseBudget, slots: list[Region], grid: int, n_layers:
     fixed = one["activations"] + one["vocab_tables"]
     what = "prompt tokens" if phase == "prefill" else "tokens of context"
     concat = phase == "decode" and budget.kv_scheme == "concat"
-    kv_for = (f"KV cache {one['kv_cache']:,} for the {budget.slots(grid)[0]} slots of the concatenation cache's bottom "
-              f"row: {_concat_fill(budget, grid)}" if concat else f"KV cache {one['kv_cache']:,} for {budget.seq_len} tokens")
+    cached, scanned = budget.slots(grid)
+    kv_for = f"KV cache {one['kv_cache']:,} for {budget.seq_len} tokens"
+    if concat:
+        kv_for = (f"KV cache {one['kv_cache']:,} for the {cached} slots of the concatenation cache's bottom row: "
+                  f"{_concat_fill(budget, grid)}")
+    act_for = f"with attention's score tiles over those {scanned} slots" if concat else f"for {budget.seq_len} {what}"
     detail = (
         f"{config.name} does not fit {wafer.name} for {phase} on {grid}x{grid} regions: all {len(all_slots):,} regions "
         f"({grid}x{grid} and the smaller squares around them, {sum(r.pes for r in all_slots):,} PEs) hold "
         f"{held} of its {n_layers} layers, {n_layers - held} short. On a {grid}x{grid} region a layer takes "
         f"{one['weights'] + one['kv_cache']:,} B per PE (weights {one['weights']:,}, {kv_for}) beside activations "
-        f"{one['activations']:,} B (" + (f"attention's score tiles over those {budget.slots(grid)[1]} slots" if concat
-                                        else f"for {budget.seq_len} {what}") + ") and "
-        f"vocabulary slices {one['vocab_tables']:,} B, of the {budget.usable:,} B it may plan for "
+        f"{one['activations']:,} B ({act_for}) and vocabulary slices {one['vocab_tables']:,} B, of the "
+        f"{budget.usable:,} B it may plan for "
         f"({wafer.usable_sram_bytes_per_pe:,} B usable, {PLANNING_SLACK:,} B kept as slack)"
         + (": the activations and vocabulary slices alone take more, so no region can hold a layer." if fixed > budget.usable
            else ".")
     )
-    fit = longest = None
     if concat:
         scheme = _scheme_of(budget)
         seq = scheme.pop("request_len")
@@ -729,7 +735,8 @@ def _weigh_passes(budget: PhaseBudget, all_slots: list[Region], n_layers: int, r
 def plan_phase(config, wafer: WaferSpec, grid: int, phase: str, seq_len: int, dtype: str = "fp16",
                layers: int | None = None, suggest: bool = True, vocab_size: int | None = None,
                weights: str = "fp16", prefill_attention: str = "paper", rows: int = 1,
-               request_len: int | None = None, kv_scheme: str = "shift", prompt_len: int | None = None) -> PhasePlan:
+               request_len: int | None = None, kv_scheme: str = "shift", prompt_len: int | None = None,
+               queries: int = 1) -> PhasePlan:
     """Regions for one phase: the fewest square regions that hold every layer.
 
     grid x grid regions come first; when they are not enough, smaller squares from the
@@ -752,7 +759,7 @@ def plan_phase(config, wafer: WaferSpec, grid: int, phase: str, seq_len: int, dt
     n_layers = config.num_layers if layers is None else layers
     extrapolating = n_layers < config.num_layers
     budget = PhaseBudget(config, wafer, phase, seq_len, dtype, vocab_size, weights, prefill_attention, rows,
-                         request_len, kv_scheme if phase == "decode" else "shift", prompt_len)
+                         request_len, kv_scheme if phase == "decode" else "shift", prompt_len, queries)
     all_slots = region_slots(wafer, grid, phase)
     slots = _drop_idle_slots(budget, all_slots)
     found = _fewest_regions(budget, slots, config.num_layers if extrapolating else n_layers)
@@ -778,7 +785,7 @@ def plan_phase(config, wafer: WaferSpec, grid: int, phase: str, seq_len: int, dt
     pp.whole_model_fits = found is not None
     pp.seq_len, pp.dtype, pp.weights = seq_len, dtype, weights
     pp.attention, pp.weighed = budget.attention, weighed
-    pp.rows, pp.request_len = rows, request_len
+    pp.rows, pp.request_len, pp.queries = rows, request_len, queries
     pp.kv_scheme, pp.prompt_len = budget.kv_scheme, prompt_len
     return pp
 
@@ -796,7 +803,8 @@ def planned_kv_capacity(config, wafer: WaferSpec, dec: PhasePlan, layers: list[i
 
 def _decode_budget(config, wafer: WaferSpec, dec: PhasePlan) -> PhaseBudget:
     return PhaseBudget(config, wafer, "decode", dec.seq_len, dec.dtype, weights=dec.weights, rows=dec.rows,
-                       request_len=dec.request_len, kv_scheme=dec.kv_scheme, prompt_len=dec.prompt_len)
+                       request_len=dec.request_len, kv_scheme=dec.kv_scheme, prompt_len=dec.prompt_len,
+                       queries=dec.queries)
 
 
 def _slot_capacities(config, wafer: WaferSpec, dec: PhasePlan, layers: list[int] | None = None):
@@ -827,7 +835,8 @@ def row_slots_capacity(budget: PhaseBudget, g: int, layers: int, vocab: int) -> 
 
     def fits(s: int) -> bool:
         act = activation_bytes(config, g, "decode", budget.seq_len, budget.dtype, rows=budget.rows,
-                               request_len=budget.request_len, slots=s if one_request else scanned)
+                               request_len=budget.request_len, slots=s if one_request else scanned,
+                               queries=budget.queries)
         return per * s + act <= room
 
     if not fits(0):
@@ -893,13 +902,15 @@ def _plan_wafer(config, wafer: WaferSpec, prefill_grid: int | None, decode_grid:
         dec = plan_phase(config, wafer, decode_grid, "decode", max_seq_len, dtype, layers, suggest, weights=weights,
                          request_len=request_len, **scheme)
         # a verification pass (speculative decoding) runs its tokens as rows of one micro-batch
+        # (and its tokens' score tiles side by side)
         rows = max(cdiv(max_num_seqs, len(dec.stages)), verify_rows)
         if rows > 1:
             dec = plan_phase(config, wafer, decode_grid, "decode", max_seq_len, dtype, layers, suggest,
-                             weights=weights, rows=rows, request_len=request_len, **scheme)
+                             weights=weights, rows=rows, request_len=request_len, queries=verify_rows, **scheme)
         shift_cap, concat_cap = planned_kv_capacity(config, wafer, dec)
         # a model the regions cannot hold is extrapolated from the layers placed: their cache must fit
-        caps = _slot_capacities(config, wafer, dec, None if dec.whole_model_fits else [len(s.layers) for s in dec.stages])
+        placed = None if dec.whole_model_fits else [len(s.layers) for s in dec.stages]
+        caps = _slot_capacities(config, wafer, dec, placed)
         short = [(s, side, need) for s, side, need in caps if s < need]
         if short:
             raise _kv_does_not_fit(config, wafer, decode_grid, max_seq_len, min(s * side for s, side, _ in caps), dtype,
@@ -932,7 +943,8 @@ def _kv_does_not_fit(config, wafer: WaferSpec, grid: int, max_seq_len: int, held
             longest = held
     fits = f"{longest} tokens fit these regions"
     if concat and longest:
-        prompt = f" (the {dec.prompt_len}-token prompt and {longest - dec.prompt_len} generated)" if dec.prompt_len else ""
+        p = dec.prompt_len
+        prompt = f" (the {p}-token prompt and {longest - p} generated)" if p else ""
         fits = f"a request of at most {longest} tokens in all{prompt} fits these regions with it"
     options = ([f"a {fit}x{fit} decode grid holds it"] if fit else []) + ([fits] if longest else [])
     advice = (f"; {' and '.join(options)} (checked by planning them)" if options else "") + (
