@@ -25,6 +25,9 @@ WAFER = get_wafer("wse2")
 
 
 def _same(a, b):
+    """The same traffic: the cost read before any load is built (sums and caps of the loads
+    left unbuilt), then every array."""
+    assert MoveCost.of(a) == MoveCost.of(b)
     for k in LOADS:
         np.testing.assert_array_equal(a.load(k), b.load(k), err_msg=k)
     assert (a.messages, a.bytes_moved, a.max_hops, a.origin) == (b.messages, b.bytes_moved, b.max_hops, b.origin)
@@ -55,10 +58,10 @@ def _check(src, dst, itemsize=2):
     ring = move._ring(src)
     assert ring is not None
     box = move._box(src, dst)
-    fast = move._traffic_ring(src, dst, itemsize, box, ring)
-    _same(fast, move._traffic_column_table(src, dst, itemsize, box))
-    _same(fast, move._traffic_cells(src, dst, itemsize, box))
-    _same(move_traffic(src, dst, itemsize), fast)  # the one move_traffic picks
+    cells = move._traffic_cells(src, dst, itemsize, box)
+    _same(move._traffic_ring(src, dst, itemsize, box, ring), move._traffic_column_table(src, dst, itemsize, box))
+    _same(move._traffic_ring(src, dst, itemsize, box, ring), cells)
+    _same(move_traffic(src, dst, itemsize), cells)  # the one move_traffic picks
 
 
 @settings(max_examples=60, deadline=None)
@@ -177,3 +180,21 @@ def test_factored_rectangles_equal_their_arrays(seed, same_cols):
     got = move._rect((H, W), rows, cols, w, True)
     want = move._rect((H, W), rows, cols, w)
     np.testing.assert_array_equal(got if isinstance(got, np.ndarray) else got.array(), want)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 10_000), st.sampled_from(["blocked", "any"]))
+def test_transpose_priced_from_windows_equals_cells(seed, kind):
+    """A plain transpose keeps its row links to the source's rows, its column links to the
+    destination's columns and its ramps unbuilt until read: its cost (read first) and its
+    arrays are the per-cell path's."""
+    rng = np.random.default_rng(seed)
+    r1, c1, r2, c2 = (int(x) for x in rng.integers(1, 8, 4))
+    src_reg = Region(WAFER, r1, c1, int(rng.integers(0, 6)), int(rng.integers(0, 6)))
+    dst_reg = Region(WAFER, r2, c2, int(rng.integers(0, 6)), int(rng.integers(0, 6)))
+    A, B = (int(x) for x in rng.integers(1, 14, 2))
+    src = Placement(src_reg, (A, B), y_dim=0, y_of=_map(rng, A, r1, kind), x_dim=1, x_of=_map(rng, B, c1, kind))
+    dst = Placement(dst_reg, (A, B), y_dim=1, y_of=_map(rng, B, r2, kind), x_dim=0, x_of=_map(rng, A, c2, kind))
+    assert move._transposed(src, dst)
+    box = move._box(src, dst)
+    _same(move._traffic_transposed(src, dst, 3, box), move._traffic_cells(src, dst, 3, box))

@@ -167,7 +167,7 @@ def blocks_key(b):
 def _tables(name, r, c, by, bx, copies_x: bool, copies_y: bool):
     """(pe_rows, pe_cols) of a tensor whose PE (i, j) holds block (by[i, j], bx[i, j]) (None:
     its own coordinate, 0: one block), read-only; refuses copies that hold different blocks."""
-    ii, jj = np.meshgrid(np.arange(r), np.arange(c), indexing="ij")
+    ii, jj = np.arange(r)[:, None], np.arange(c)
     by = np.zeros((r, c), np.int64) if isinstance(by, int) else np.broadcast_to(ii if by is None else by, (r, c))
     bx = np.zeros((r, c), np.int64) if isinstance(bx, int) else np.broadcast_to(jj if bx is None else bx, (r, c))
     # an axis a tensor is not split along holds copies: they must hold the same blocks
@@ -176,7 +176,8 @@ def _tables(name, r, c, by, bx, copies_x: bool, copies_y: bool):
             raise MeshError(f"{name}: its copies along {along} hold different blocks; cannot price a move of it")
     pe_rows = np.full((r, c), -1, np.int64)
     pe_cols = np.full((r, c), -1, np.int64)
-    pe_rows[by, bx], pe_cols[by, bx] = ii, jj
+    at = (by * c + bx).ravel()  # each PE's block pair, flat: one scatter per table, of whole arrays
+    pe_rows.ravel()[at], pe_cols.ravel()[at] = np.repeat(np.arange(r), c), np.tile(np.arange(c), r)
     pe_rows.setflags(write=False)
     pe_cols.setflags(write=False)
     return pe_rows, pe_cols
@@ -191,6 +192,12 @@ def _block_map(n: int, tile: int) -> np.ndarray:
 
 
 _CHECKED: dict = {}  # id(read-only map) -> (the map, its bound): shared maps are checked once
+
+
+def _reach(a: np.ndarray, b: np.ndarray) -> slice:
+    """The span of indices where ``a`` or ``b`` is not zero."""
+    nz = np.flatnonzero((a != 0) | (b != 0))
+    return slice(int(nz[0]), int(nz[-1]) + 1) if nz.size else slice(0, 0)
 
 
 @dataclass(frozen=True)
@@ -211,8 +218,10 @@ class _Outer:
         return out
 
     def max(self) -> int:
-        if self.u2 is not None:
-            return int(self.array().max(initial=0))
+        if self.u2 is not None:  # built on the rows and columns either profile reaches (zero elsewhere)
+            rows, cols = _reach(self.u, self.u2), _reach(self.v, self.v2)
+            part = np.outer(self.u[rows], self.v[cols]) - np.outer(self.u2[rows], self.v2[cols])
+            return self.unit * int(part.max(initial=0))
         return self.unit * int(self.u.max(initial=0)) * int(self.v.max(initial=0)) if self.u.size * self.v.size else 0
 
     def sum(self) -> int:
@@ -245,6 +254,38 @@ class _Window:
         return int(self.values.sum())
 
 
+class _Lazy:
+    """A load built only when it is read, or when it may be the busiest: its sum is known
+    exactly without it and ``bound`` caps its max. ``build()`` makes it together with others
+    (one call, kept: its result indexed by ``part``)."""
+
+    def __init__(self, build, part: int, total: int, bound: int):
+        self.build, self.part, self.total, self.bound = build, part, int(total), int(bound)
+
+    def array(self) -> np.ndarray:
+        v = self.build()[self.part]
+        return v if isinstance(v, np.ndarray) else v.array()
+
+    def max(self) -> int:
+        v = self.build()[self.part]
+        return int(v.max(initial=0)) if isinstance(v, np.ndarray) else v.max()
+
+    def sum(self) -> int:
+        return self.total
+
+
+def _lazy_loads(build, totals, bounds) -> tuple[_Lazy, ...]:
+    """Loads built together by one call of ``build`` (a tuple of them), kept once made."""
+    held = []
+
+    def once():
+        if not held:
+            held.append(build())
+        return held[0]
+
+    return tuple(_Lazy(once, k, t, b) for k, (t, b) in enumerate(zip(totals, bounds)))
+
+
 LOADS = ("inject", "eject", "east", "west", "south", "north")
 
 
@@ -252,8 +293,9 @@ class MoveTraffic:
     """What a move loads, in bytes. Arrays cover the bounding box of both regions, whose
     top-left PE is ``origin`` on the wafer: ``inject``/``eject`` per PE; ``east[r, c]`` the
     link (r, c) -> (r, c+1), ``west[r, c]`` (r, c+1) -> (r, c), ``south[r, c]`` (r, c) ->
-    (r+1, c), ``north[r, c]`` (r+1, c) -> (r, c). A load given as an :class:`_Outer` or a
-    :class:`_Window` is built only when read: the cost needs its max and sum alone."""
+    (r+1, c), ``north[r, c]`` (r+1, c) -> (r, c). A load given as an :class:`_Outer`, a
+    :class:`_Window` or a :class:`_Lazy` is built only when read: the cost needs its max and
+    sum alone."""
 
     def __init__(self, origin, inject, eject, east, west, south, north, max_hops: int, bytes_moved: int,
                  messages: int):
@@ -286,8 +328,14 @@ class MoveTraffic:
 
     @property
     def busiest_bytes(self) -> int:
-        """The most bytes one ramp or one directed link carries."""
-        return max(self._max(k) for k in LOADS)
+        """The most bytes one ramp or one directed link carries (a :class:`_Lazy` load is
+        built only if its cap is above the busiest of the others)."""
+        lazy = [v for v in self._loads.values() if isinstance(v, _Lazy)]
+        best = max((self._max(k) for k in LOADS if not isinstance(self._loads[k], _Lazy)), default=0)
+        for v in sorted(lazy, key=lambda v: -v.bound):
+            if v.bound > best:
+                best = max(best, v.max())
+        return best
 
     @property
     def hop_bytes(self) -> int:
@@ -311,10 +359,31 @@ def _runs(maps: list[np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray]:
     return starts, np.diff(np.concatenate((starts, [n])))
 
 
+_MERGED: dict = {}  # ids of read-only maps -> (weak references, their merged runs): a pair recurs per region
+
+
 def _merged_runs(maps: list[np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The runs of :func:`_runs` merged by their map values (indices with the same values are
     held by the same PE and bound for the same PE, wherever they lie): (an index of each
-    distinct value, the values (len(maps), k), elements per value)."""
+    distinct value, the values (len(maps), k), elements per value). Maps that are read-only
+    and own their values (a stage's placements, shared by every region of its size) are
+    merged once while they live; the runs returned then are read-only too."""
+    if not (maps and all(not m.flags.writeable and m.flags.owndata for m in maps)):
+        return _merge(maps, n)
+    key = (n,) + tuple(id(m) for m in maps)
+    held = _MERGED.get(key)
+    if held is not None and all(r() is m for r, m in zip(held[0], maps)):
+        return held[1]
+    out = _merge(maps, n)
+    for a in out:
+        a.setflags(write=False)
+    if len(_MERGED) > 1024:
+        _MERGED.clear()
+    _MERGED[key] = ([weakref.ref(m) for m in maps], out)
+    return out
+
+
+def _merge(maps: list[np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     starts, lengths = _runs(maps, n)
     if not maps:
         return starts, np.zeros((0, starts.size), np.int64), lengths
@@ -457,6 +526,11 @@ def _rect(shape, rows, cols, w, factored: bool = False):
         return _Outer(_span(H, r0, r1, w), _span(W, c0[:1], c1[:1], np.ones(1, np.int64)))
     if factored and (r0 == r0[0]).all() and (r1 == r1[0]).all():
         return _Outer(_span(H, r0[:1], r1[:1], np.ones(1, np.int64)), _span(W, c0, c1, w))
+    if factored:  # built on the rectangles' bounding box alone
+        top, left = int(r0.min()), int(c0.min())
+        size = (int(r1.max()) + 1 - top, int(c1.max()) + 1 - left)
+        local = _rect(size, (r0 - top, r1 - top), (c0 - left, c1 - left), w)
+        return _Window(local, (top, left), shape)
     if (r0 == r1).all() and (c0 == c1).all():  # single PEs
         return np.bincount(r0 * W + c0, w, H * W).reshape(H, W).astype(np.int64)
     if (r0 == r1).all():  # spans of single rows: differences along the rows only
@@ -535,11 +609,38 @@ def _traffic_separable(src, dst, itemsize, box) -> MoveTraffic:
     )
 
 
-def _less(a, b):
-    """``a - b`` of two loads (arrays or :class:`_Outer`), factored if both are."""
+def _less(a, b, shape):
+    """``a - b`` of two loads of ``shape`` (arrays, :class:`_Outer` or :class:`_Window`):
+    factored if both are outer products, else built on the rectangle that holds both."""
     if isinstance(a, _Outer) and isinstance(b, _Outer) and a.u2 is None and b.u2 is None and a.unit == b.unit:
         return _Outer(a.u, a.v, a.unit, b.u, b.v)
-    return (a.array() if isinstance(a, _Outer) else a) - (b.array() if isinstance(b, _Outer) else b)
+    boxes = [_support(v, shape) for v in (a, b)]
+    r0, c0 = min(x[0] for x in boxes), min(x[1] for x in boxes)
+    r1, c1 = max(x[2] for x in boxes), max(x[3] for x in boxes)
+    return _Window(_part(a, r0, c0, r1, c1) - _part(b, r0, c0, r1, c1), (r0, c0), shape)
+
+
+def _support(v, shape) -> tuple[int, int, int, int]:
+    """(row0, col0, row1, col1), ends exclusive: a rectangle outside which load ``v`` is zero."""
+    if isinstance(v, _Window):
+        (r, c), (h, w) = v.at, v.values.shape
+        return r, c, r + h, c + w
+    if isinstance(v, _Outer) and v.u2 is None:
+        rows, cols = _reach(v.u, v.u), _reach(v.v, v.v)
+        return rows.start, cols.start, rows.stop, cols.stop
+    return 0, 0, shape[0], shape[1]
+
+
+def _part(v, r0, c0, r1, c1) -> np.ndarray:
+    """Load ``v`` on rows r0..r1 and columns c0..c1 (ends exclusive) of its box."""
+    if isinstance(v, _Window):
+        out = np.zeros((r1 - r0, c1 - c0), np.int64)
+        (r, c), (h, w) = v.at, v.values.shape
+        out[r - r0: r - r0 + h, c - c0: c - c0 + w] = v.values
+        return out
+    if isinstance(v, _Outer) and v.u2 is None:
+        return v.unit * np.outer(v.u[r0: r1], v.v[c0: c1])
+    return (v if isinstance(v, np.ndarray) else v.array())[r0: r1, c0: c1]
 
 
 def _traffic_cells(src, dst, itemsize, box) -> MoveTraffic:
@@ -562,7 +663,7 @@ def _traffic_cells(src, dst, itemsize, box) -> MoveTraffic:
         origin=(top, left),
         inject=_rect((H, W), (Y.s_lo, Y.s_hi), (X.s_lo, X.s_hi), b, True),
         eject=_less(_rect((H, W), (Y.r_lo, Y.r_hi), (X.r_lo, X.r_hi), b, True),
-                    _rect((H, W), (Y.s_lo, Y.s_hi), (X.s_lo, X.s_hi), b * own, True)),
+                    _rect((H, W), (Y.s_lo, Y.s_hi), (X.s_lo, X.s_hi), b * own, True), (H, W)),
         east=_rect((H, W - 1), (Y.s_lo, Y.s_hi), X.fwd, b, True),
         west=_rect((H, W - 1), (Y.s_lo, Y.s_hi), X.back, b, True),
         south=_rect((H - 1, W), Y.fwd, (X.r_lo, X.r_hi), b, True),
@@ -587,37 +688,69 @@ def _traffic_transposed(src, dst, itemsize, box) -> MoveTraffic:
     key b (the dim on the source columns) leaves column ``sx`` for row ``dy``. Element
     (a, b) goes along row sy[a] from sx[b] to dx[a], then along column dx[a] to dy[b]. A
     row link (r, c) -> (r, c+1) carries every a of row r bound past c times every b sent
-    from c or before: ``Qa`` (a's bytes by (sy, dx)) summed right of c, times the b's bytes
-    by source column summed up to c; the other links alike. What stays is Qa x Qb."""
+    from c or before: ``Qa`` (a's bytes by (sy, dx), on the source's rows and the
+    destination's columns) summed right of c, times the b's bytes by source column summed up
+    to c; the other links alike, the row links on the source's rows and the column links on
+    the destination's columns alone. What stays is Qa x Qb, on the few cells where both are
+    held (found by their codes, never as whole arrays); the ramps are built only if read."""
     top, left, H, W = box
     A, B = src.y_dim, src.x_dim
     unit = itemsize * math.prod(s for d, s in enumerate(src.shape) if d not in (A, B))
     _, (sy, dx), la = _merged_runs([src.y_of, dst.x_of], src.shape[A])
     _, (sx, dy), lb = _merged_runs([src.x_of, dst.y_of], src.shape[B])
-    sy, dx = sy + src.region.row0 - top, dx + dst.region.col0 - left
-    sx, dy = sx + src.region.col0 - left, dy + dst.region.row0 - top
+    rs, c0 = src.region.row0 - top, dst.region.col0 - left
+    sy, dx, sx, dy = sy + rs, dx + c0, sx + src.region.col0 - left, dy + dst.region.row0 - top
     la = la * unit
-
-    def grid(r, c, w=None):  # (H, W) sums of w by (r, c)
-        return np.bincount(r * W + c, w, H * W).astype(np.int64).reshape(H, W)
-
-    qa, qb = grid(sy, dx, la), grid(dy, sx, lb)
-    stay = qa * qb
-    ix, ey = np.bincount(sx, lb, W).astype(np.int64), np.bincount(dy, lb, H).astype(np.int64)
+    total = int(la.sum()) * int(lb.sum())
+    dt = np.int32 if 2 * total < 2 ** 31 else np.int64  # every load (and the partial sums) fits
+    hs, wd = src.region.rows, dst.region.cols
+    qa = np.bincount((sy - rs) * wd + dx - c0, la, hs * wd).astype(dt).reshape(hs, wd)
+    # the cells where a's (by row and destination column) meet b's (by destination row and
+    # column): their elements stay, one message per pair of keys
+    cell_a, ia = np.unique(sy * W + dx, return_inverse=True)
+    cell_b, ib = np.unique(dy * W + sx, return_inverse=True)
+    at, ka, kb = np.intersect1d(cell_a, cell_b, assume_unique=True, return_indices=True)
+    stay = (np.bincount(ia, la)[ka] * np.bincount(ib, lb)[kb]).astype(np.int64)
+    ix, ey = np.bincount(sx, lb, W).astype(dt), np.bincount(dy, lb, H).astype(dt)
     ix_up, ey_up = np.cumsum(ix), np.cumsum(ey)  # b's bytes from source columns <= c / bound for rows <= r
-    qa_right, qa_down = np.cumsum(qa, axis=1), np.cumsum(qa, axis=0)
-    east = (qa_right[:, -1:] - qa_right[:, :-1]) * ix_up[:-1]
-    west = qa_right[:, :-1] * (ix_up[-1] - ix_up[:-1])
-    south = qa_down[:-1] * (ey_up[-1] - ey_up[:-1])[:, None]
-    north = (qa_down[-1:] - qa_down[:-1]) * ey_up[:-1, None]
-    inject = np.outer(np.bincount(sy, la, H).astype(np.int64), ix) - stay
-    eject = np.outer(ey, np.bincount(dx, la, W).astype(np.int64)) - stay
-    messages = la.size * lb.size - int((grid(sy, dx) * grid(dy, sx)).sum())
+    # a's bytes of row r bound for columns <= c, across the whole box
+    right = np.zeros((hs, W), dt)
+    np.cumsum(qa, axis=1, out=right[:, c0: c0 + wd])
+    right[:, c0 + wd:] = right[:, c0 + wd - 1: c0 + wd]
+    down = np.cumsum(qa, axis=0)  # a's bytes of column c from rows <= r (on the source's rows)
+    below = np.zeros((H, wd), dt)
+    below[rs: rs + hs] = down
+    below[rs + hs:] = down[-1]
+    on_rows, on_cols = (H, W - 1), (H - 1, W)
+    links = dict(east=_Window((right[:, -1:] - right[:, :-1]) * ix_up[:-1], (rs, 0), on_rows),
+                 west=_Window(right[:, :-1] * (ix_up[-1] - ix_up[:-1]), (rs, 0), on_rows),
+                 south=_Window(below[:-1] * (ey_up[-1] - ey_up[:-1])[:, None], (0, c0), on_cols),
+                 north=_Window((below[-1:] - below[:-1]) * ey_up[:-1, None], (0, c0), on_cols))
+    inject, eject = _transposed_ramps(np.bincount(sy, la, H), ix, ey, np.bincount(dx, la, W), at, stay, total)
+    messages = la.size * lb.size - int((np.bincount(ia)[ka] * np.bincount(ib)[kb]).sum())
     # the longest path: |sx - dx| + |sy - dy| is the largest of its four signed sums
     hops = max(int((s1 * sx - s2 * dy).max()) + int((s2 * sy - s1 * dx).max()) for s1 in (1, -1) for s2 in (1, -1))
-    return MoveTraffic(origin=(top, left), inject=inject, eject=eject, east=east, west=west, south=south,
-                       north=north, max_hops=hops if messages else 0,
-                       bytes_moved=int(la.sum()) * int(lb.sum()) - int(stay.sum()), messages=messages)
+    return MoveTraffic(origin=(top, left), inject=inject, eject=eject, **links, max_hops=hops if messages else 0,
+                       bytes_moved=total - int(stay.sum()), messages=messages)
+
+
+def _transposed_ramps(from_rows, from_cols, into_rows, into_cols, at, stay, total) -> tuple[_Lazy, ...]:
+    """A transpose's injection and ejection (each an outer product of bytes by row and by
+    column, less what stays on the flat box cells ``at``), built only if read: each sums to
+    every byte but those that stay, and is at most its two largest factors' product."""
+    from_rows, from_cols, into_rows, into_cols = (np.asarray(v).astype(np.int64) for v in
+                                                  (from_rows, from_cols, into_rows, into_cols))
+
+    def build():
+        inject, eject = np.outer(from_rows, from_cols), np.outer(into_rows, into_cols)
+        inject.ravel()[at] -= stay
+        eject.ravel()[at] -= stay
+        return inject, eject
+
+    left = total - int(stay.sum())
+    bounds = [int(u.max(initial=0)) * int(v.max(initial=0))
+              for u, v in ((from_rows, from_cols), (into_rows, into_cols))]
+    return _lazy_loads(build, (left, left), bounds)
 
 
 def _column_table(src: Placement, dst: Placement) -> bool:
@@ -631,6 +764,8 @@ def _column_table(src: Placement, dst: Placement) -> bool:
     if None in dims or (dst.y_dim, dst.x_dim) not in (dims, dims[::-1]):
         return False
     rows, cols = src.pe_rows, src.pe_cols
+    if _table_ring(rows, cols) is not None:  # (one column per column block, every block held)
+        return True
     if not ((cols == cols[:1]).all() and (rows >= 0).all()):  # a full table is the usual case
         used = np.ix_(np.unique(src.y_of), np.unique(src.x_of))
         rows, cols = rows[used], cols[used]
@@ -652,10 +787,11 @@ def _line_loads(lines: int, n: int, line, frm, to, w, dtype=np.int64) -> tuple[n
     off = (t < f) * np.int64(lines * (n + 1))
     lo += off
     hi += off
-    w = np.broadcast_to(np.asarray(w, np.float64), shape).ravel()
-    d = np.bincount(np.concatenate((lo, hi)), np.concatenate((w, -w)), 2 * lines * (n + 1))
-    # integer weights: the float sums are exact, and an integer prefix sum is far quicker
-    loads = d.astype(dtype).reshape(2, lines, n + 1)
+    w = np.broadcast_to(np.asarray(w), shape).ravel().astype(dtype)  # integer weights
+    loads = np.zeros((2, lines, n + 1), dtype)
+    d = loads.ravel()
+    np.add.at(d, lo, w)
+    np.subtract.at(d, hi, w)
     np.cumsum(loads, axis=2, out=loads)
     return loads[0, :, : n - 1], loads[1, :, : n - 1]
 
@@ -882,7 +1018,10 @@ class _Ring:
         if sign not in self.arcs:
             k = np.arange(n - 1)
             first = self.lo[: n - 1] if sign > 0 else -self.lo[: n - 1] - k
-            self.arcs[sign] = (self.pos[:, None] + first) % n + k * n  # flat into sums, owner by owner
+            start = np.add.outer(self.pos, first)
+            start %= n
+            start += k * n  # flat into sums, owner by owner
+            self.arcs[sign] = start
         return sums.ravel().take(self.arcs[sign])
 
     def lines(self, x: np.ndarray, off: int, sign: int) -> np.ndarray:
@@ -900,20 +1039,24 @@ class _Ring:
 _RINGS: dict = {}  # id(pe_rows) -> (weak references to both tables, their _Ring or None)
 
 
-def _ring(p: Placement) -> _Ring | None:
-    """The ring ``p``'s block table rotates its blocks along (:class:`_Ring`), or None. A
-    read-only table (every table of :meth:`Placement.of`) is examined once while it lives."""
-    rows, cols = p.pe_rows, p.pe_cols
+def _table_ring(rows: np.ndarray, cols: np.ndarray) -> _Ring | None:
+    """The ring a block table rotates its blocks along (:class:`_Ring`), or None. A read-only
+    table (every table of :meth:`Placement.of`) is examined once while it lives."""
     fixed = not (rows.flags.writeable or cols.flags.writeable)
     held = _RINGS.get(id(rows)) if fixed else None
     if held is not None and held[0]() is rows and held[1]() is cols:
-        ring = held[2]
-    else:
-        ring = _find_ring(rows, cols)
-        if fixed:
-            if len(_RINGS) > 256:
-                _RINGS.clear()
-            _RINGS[id(rows)] = (weakref.ref(rows), weakref.ref(cols), ring)
+        return held[2]
+    ring = _find_ring(rows, cols)
+    if fixed:
+        if len(_RINGS) > 256:
+            _RINGS.clear()
+        _RINGS[id(rows)] = (weakref.ref(rows), weakref.ref(cols), ring)
+    return ring
+
+
+def _ring(p: Placement) -> _Ring | None:
+    """The ring ``p``'s block table rotates its blocks along, if the table covers its region."""
+    ring = _table_ring(p.pe_rows, p.pe_cols)
     return ring if ring is not None and p.region.shape == (ring.n, ring.n) else None
 
 
@@ -942,25 +1085,30 @@ def _find_ring(rows: np.ndarray, cols: np.ndarray) -> _Ring | None:
     order = _orbit(np.asarray(rows[:, rows[0, 1]], np.int64))
     pos = np.full(n, -1, np.int64)
     pos[order] = at
-    if (pos < 0).any() or not np.array_equal(rows, order[(pos[:, None] - pos) % n]):
+    if (pos < 0).any():
         return None
     # rows 0..k on one arc: cut the ring after the last row's position, each prefix is an interval
     signed = np.where(pos <= pos[n - 1], pos, pos - n)
     lo = np.minimum.accumulate(signed)
     if not (np.maximum.accumulate(signed) - lo == at).all():
         return None
-    return _Ring(n, order, pos, lo % n, rows, order[(pos[:, None] + pos) % n])
+    twice = np.concatenate((order, order))  # ring position -> row, for positions in [0, 2n)
+    if not np.array_equal(rows, twice[np.add.outer(pos, n - pos)]):
+        return None
+    return _Ring(n, order, pos, lo % n, rows, twice[np.add.outer(pos, pos)])
 
 
 @dataclass(frozen=True, eq=False)
 class _RingMove:
-    """A move off a ring-skewed source, in box coordinates. Keys a (merged runs of the
-    source's row dim): block ``sa``, ``la`` bytes, landing on row (same dims) or column
-    (transposed) ``da``; keys b (its column dim): column block ``sb``, ``lb`` elements,
-    landing on ``db``. The source region from box row and column (rs, cs), the destination's
-    from (r0, c0), ``hd`` x ``wd`` PEs; ``dt`` an integer type that holds every load."""
+    """A move off a ring-skewed source, in box coordinates (``trans``: the destination swaps
+    the dims). Keys a (merged runs of the source's row dim): block ``sa``, ``la`` bytes,
+    landing on row (same dims) or column (transposed) ``da``; keys b (its column dim):
+    column block ``sb``, ``lb`` elements, landing on ``db``. The source region from box row
+    and column (rs, cs), the destination's from (r0, c0), ``hd`` x ``wd`` PEs; ``dt`` an
+    integer type that holds every load."""
 
     ring: _Ring
+    trans: bool
     sa: np.ndarray
     la: np.ndarray
     da: np.ndarray
@@ -978,13 +1126,14 @@ class _RingMove:
     dt: type
 
 
-_FAR = 1 << 40  # farther than any path: stands for "none" in the extremes of an unused block
+_FAR = 1 << 24  # farther than any path on a wafer (and three of it fit 32 bits): "none" in an unused block's extremes
 
 
 def _cumulative(pos: np.ndarray, line: np.ndarray, w: np.ndarray, n: int, L: int, dt) -> np.ndarray:
     """(L, n): by ring position, the ``w`` of the keys at ``pos`` whose ``line`` is <= each
     line (summed along rows of an (n, L) array, contiguous, then turned round)."""
-    out = np.bincount(pos * L + line, w, n * L).astype(dt).reshape(n, L)
+    out = np.zeros((n, L), dt)
+    np.add.at(out.ravel(), pos * L + line, w.astype(dt))
     np.cumsum(out, axis=1, out=out)
     return np.ascontiguousarray(out.T)
 
@@ -1027,127 +1176,209 @@ def _traffic_ring(src, dst, itemsize, box, ring: _Ring) -> MoveTraffic:
     la = la * unit
     total = int(la.sum()) * int(lb.sum())
     r0, c0 = dst.region.row0 - top, dst.region.col0 - left
-    m = _RingMove(ring, sa, la, oa + (c0 if trans else r0), sb, lb, ob + (r0 if trans else c0), src.region.row0 - top,
-                  src.region.col0 - left, r0, c0, dst.region.rows, dst.region.cols, H, W,
+    m = _RingMove(ring, trans, sa, la, oa + (c0 if trans else r0), sb, lb, ob + (r0 if trans else c0),
+                  src.region.row0 - top, src.region.col0 - left, r0, c0, dst.region.rows, dst.region.cols, H, W,
                   np.int32 if 4 * total < 2 ** 31 else np.int64)  # (a load and a few partial sums of it fit)
-    n = ring.n
-    ly, lbj = np.bincount(sa, la, n).astype(m.dt), np.bincount(sb, lb, n).astype(m.dt)
-    on_pe = ly[ring.held]  # (n, n): the bytes of a's on each PE, for one element of b
-    inject = on_pe * lbj
+    ly, lbj = np.bincount(sa, la, ring.n).astype(m.dt), np.bincount(sb, lb, ring.n).astype(m.dt)
     if trans:
-        eject = np.outer(np.bincount(m.db - r0, lb, m.hd), np.bincount(m.da - c0, la, m.wd)).astype(m.dt)
-        stay, stay_msgs, links, max_hops = _ring_transposed(m, ly, lbj, on_pe)
+        stay, stay_msgs, links, max_hops = _ring_transposed(m, ly, lbj)
     else:
-        eject = np.outer(np.bincount(m.da - r0, la, m.hd), np.bincount(m.db - c0, lb, m.wd)).astype(m.dt)
         stay, stay_msgs, links, max_hops = _ring_same(m, ly)
-    rows, cols, w = stay  # on PEs of both regions
-    np.subtract.at(inject, (rows - m.rs, cols - m.cs), w)
-    np.subtract.at(eject, (rows - r0, cols - c0), w)
     live = la.size * lb.size - stay_msgs
-    return MoveTraffic(
-        origin=(top, left), inject=_Window(inject, (m.rs, m.cs), (H, W)), eject=_Window(eject, (r0, c0), (H, W)),
-        **links, max_hops=max_hops if live else 0, bytes_moved=total - int(w.sum()), messages=live,
-    )
+    return MoveTraffic(origin=(top, left), **_ring_ramps(m, ly, lbj, stay, total), **links,
+                       max_hops=max_hops if live else 0, bytes_moved=total - int(stay[2].sum()), messages=live)
+
+
+def _ring_ramps(m: _RingMove, ly: np.ndarray, lbj: np.ndarray, stay: tuple, total: int) -> dict:
+    """Injection and ejection, built only if read (or if a ramp might be the busiest, which
+    it rarely is): PE (i, j) sends its block's bytes times its column block's elements, a
+    destination PE receives its row's bytes times its column's, less what stays (``stay``:
+    rows, columns, bytes); each sums to every byte but those that stay."""
+    H, W, dt = m.H, m.W, m.dt
+    r_in, c_in = (m.db, m.da) if m.trans else (m.da, m.db)  # the destination row and column of each key
+    w_r, w_c = (m.lb, m.la) if m.trans else (m.la, m.lb)
+    into_rows, into_cols = np.bincount(r_in - m.r0, w_r, m.hd), np.bincount(c_in - m.c0, w_c, m.wd)
+    rows, cols, w = stay  # on PEs of both regions
+
+    def build():
+        inject = ly[m.ring.held] * lbj
+        eject = np.outer(into_rows, into_cols).astype(dt)
+        np.subtract.at(inject, (rows - m.rs, cols - m.cs), w)
+        np.subtract.at(eject, (rows - m.r0, cols - m.c0), w)
+        return _Window(inject, (m.rs, m.cs), (H, W)), _Window(eject, (m.r0, m.c0), (H, W))
+
+    left = total - int(w.sum())
+    bounds = int(ly.max()) * int(lbj.max()), int(into_rows.max(initial=0)) * int(into_cols.max(initial=0))
+    inject, eject = _lazy_loads(build, (left, left), bounds)
+    return dict(inject=inject, eject=eject)
 
 
 def _ring_same(m: _RingMove, ly: np.ndarray):
     """The same dims at both ends: key a lands on row ``da``, key b on column ``db``.
     Returns (what stays: rows, columns, bytes; its messages; the link loads; the longest path)."""
-    ring, n, rows = m.ring, m.ring.n, m.ring.rows
-    sa, la, dr, sb, lb, dc, rs, cs, H, W, dt = m.sa, m.la, m.da, m.sb, m.lb, m.db, m.rs, m.cs, m.H, m.W, m.dt
-    # what stays: a key b on its own column and a key a on its own row
-    on_col = sb + cs == dc
-    js = np.flatnonzero(np.bincount(sb, on_col, n))
-    jj, aa = np.nonzero(rows[sa[None, :], js[:, None]] + rs == dr)
-    stay = (dr[aa], js[jj] + cs, (np.bincount(sb, lb * on_col, n)[js[jj]] * la[aa]).astype(np.int64))
-    stay_msgs = int(np.bincount(sb, on_col, n)[js[jj]].sum())
+    ring, rows, sa, sb, lb, dc = m.ring, m.ring.rows, m.sa, m.sb, m.lb, m.db
     # the blocks whose bytes differ from the usual t0, on their row of each key b's column:
     # all the row links and the column lines see of them besides t0 on every PE
     t0 = _usual(ly)
     ye = np.flatnonzero(ly != t0)
     ey, eb = np.repeat(ye, sb.size), np.tile(np.arange(sb.size), ye.size)
-    erow, ew = rows[ey, sb[eb]], (ly[ey] - t0) * lb[eb]
-    east, west = _line_loads(n, W, erow, sb[eb] + cs, dc[eb], ew, dt)
-    common = _line_loads(1, W, 0, sb + cs, dc, lb, dt)
-    east += t0 * common[0]
-    west += t0 * common[1]
+    exc = (rows[ey, sb[eb]], sb[eb] + m.cs, dc[eb], (ly[ey] - t0) * lb[eb])  # row, from and to columns, bytes
+    east, west = _same_row_links(m, ly, t0, exc)
     # a column block's line below row r: its blocks on rows <= r (an arc of the ring), with
     # their keys a bound for rows <= r
-    below = _cumulative(ring.pos[sa], dr, la, n, H, dt)
-    south, north = _ring_column_links(m, ring.lines(below, rs, +1), t0, (erow + rs, dc[eb], ew), sb, lb, dc, dr, la)
-    # the longest path: a block's farthest key a from the row holding it, plus the column
-    # block's farthest key b (bounded per column by the farthest any block is from any row)
-    d_lo, d_hi = _extremes(sa, dr, n)
-    d_lo, d_hi = np.minimum(d_lo, _FAR), np.maximum(d_hi, -_FAR)
-    h_max = np.full(n, -_FAR)
-    np.maximum.at(h_max, sb, np.abs(sb + cs - dc))
-    i = np.arange(n)[:, None] + rs
+    below = _cumulative(ring.pos[sa], m.da, m.la, ring.n, m.H, m.dt)
+    south, north = _ring_column_links(m, ring.lines(below, m.rs, +1), t0, (exc[0] + m.rs, exc[2], exc[3]), sb, lb, dc,
+                                      m.da, m.la)
+    links = dict(east=east, west=west, south=south, north=north)
+    return (*_same_stay(m), links, _same_longest(m))
+
+
+def _same_stay(m: _RingMove):
+    """(rows, columns and bytes of what stays, its messages): a key b on its own column
+    with a key a on its own row."""
+    sa, la, dr, sb, lb, dc, n = m.sa, m.la, m.da, m.sb, m.lb, m.db, m.ring.n
+    on_col = sb + m.cs == dc
+    js = np.flatnonzero(np.bincount(sb, on_col, n))
+    jj, aa = np.nonzero(m.ring.rows[sa[None, :], js[:, None]] + m.rs == dr)
+    stay = (dr[aa], js[jj] + m.cs, (np.bincount(sb, lb * on_col, n)[js[jj]] * la[aa]).astype(np.int64))
+    return stay, int(np.bincount(sb, on_col, n)[js[jj]].sum())
+
+
+def _same_row_links(m: _RingMove, ly: np.ndarray, t0: int, exc: tuple) -> tuple[_Lazy, ...]:
+    """East and west (built only if needed): a row carries, for every column block, its
+    block's bytes times the profile of the column's keys b, so t0 times one profile of them
+    all plus the blocks that differ (``exc``). Every column holds every block once: each
+    key b's hops carry all the a's, and no row carries more than the largest block times
+    the profile of all."""
+    n, rs, W, H, dt = m.ring.n, m.rs, m.W, m.H, m.dt
+    common = _line_loads(1, W, 0, m.sb + m.cs, m.db, m.lb, dt)
+
+    def build():
+        east, west = _line_loads(n, W, *exc, dt)
+        east += t0 * common[0]
+        west += t0 * common[1]
+        return _Window(east, (rs, 0), (H, W - 1)), _Window(west, (rs, 0), (H, W - 1))
+
+    hops, bytes_a = (m.db - m.sb - m.cs) * m.lb, int(m.la.sum())
+    totals = bytes_a * int(hops[hops > 0].sum()), -bytes_a * int(hops[hops < 0].sum())
+    return _lazy_loads(build, totals, (int(ly.max()) * int(c.max(initial=0)) for c in common))
+
+
+def _same_longest(m: _RingMove) -> int:
+    """The longest path: a block's farthest key a from the row holding it, plus the column
+    block's farthest key b (bounded per column by the farthest any block is from any row)."""
+    ring, n, rs = m.ring, m.ring.n, m.rs
+    d_lo, d_hi = (np.clip(e, -_FAR, _FAR).astype(np.int32) for e in _extremes(m.sa, m.da, n))
+    h_max = np.full(n, -_FAR, np.int32)
+    np.maximum.at(h_max, m.sb, np.abs(m.sb + m.cs - m.db).astype(np.int32))
+    i = np.arange(rs, rs + n, dtype=np.int32)[:, None]
     far = max(int((rs + n - 1 - d_lo).max()), int((d_hi - rs).max()))
 
     def reach(js):  # every row of columns js
         held = ring.held[:, js]
         return (np.maximum(i - d_lo[held], d_hi[held] - i) + h_max[js]).max(axis=0)
 
-    shape = (H, W - 1)
-    links = dict(east=_Window(east, (rs, 0), shape), west=_Window(west, (rs, 0), shape), south=south, north=north)
-    return stay, stay_msgs, links, _farthest(far + h_max, reach)
+    return _farthest(far + h_max, reach)
 
 
-def _ring_transposed(m: _RingMove, ly: np.ndarray, lbj: np.ndarray, on_pe: np.ndarray):
+def _ring_transposed(m: _RingMove, ly: np.ndarray, lbj: np.ndarray):
     """The dims swap: key a lands on column ``da``, key b on row ``db``. Returns (what
     stays: rows, columns, bytes; its messages; the link loads; the longest path)."""
-    ring, n, rows, pos = m.ring, m.ring.n, m.ring.rows, m.ring.pos
-    sa, la, dc, sb, lb, dr, rs, cs, H, W, dt = m.sa, m.la, m.da, m.sb, m.lb, m.db, m.rs, m.cs, m.H, m.W, m.dt
-    # what stays: a key a bound for a source column, from the PE of that column holding its
-    # block, with the keys b of that column bound for that PE's row
-    ka = np.flatnonzero((dc >= cs) & (dc < cs + n))
-    ja = dc[ka] - cs
-    rr = rows[sa[ka], ja] + rs
-    pairs, where = np.unique(sb * H + dr, return_inverse=True)  # (column block, row) of the keys b
-    at = np.minimum(np.searchsorted(pairs, ja * H + rr), pairs.size - 1)
-    hit = pairs[at] == ja * H + rr
-    at, ka = at[hit], ka[hit]
-    stay = (rr[hit], dc[ka], (la[ka] * np.bincount(where, lb)[at]).astype(np.int64))
-    stay_msgs = int(np.bincount(where)[at].sum())
+    ring, sa, la, dc = m.ring, m.sa, m.la, m.da
     # the column blocks whose elements differ from the usual t0, each holding every key a's
     # block on one row: all the row links and the block lines see of them besides t0
     t0 = _usual(lbj)
     je = np.flatnonzero(lbj != t0)
     ej, ea = np.repeat(je, sa.size), np.tile(np.arange(sa.size), je.size)
-    erow, ew = rows[sa[ea], ej], (lbj[ej] - t0) * la[ea]
-    east, west = _line_loads(n, W, erow, ej + cs, dc[ea], ew, dt)
-    # row i's link at column c: t0 times the bytes bound past c of the blocks on its columns
-    # <= c (an arc); westward, those bound for c or before of its columns past c
-    upto = _cumulative(pos[sa], dc, la, n, W, dt)  # by block position: the bytes bound for columns <= c
-    arc = ring.lines(ly[ring.order] - upto[: W - 1], cs, +1)  # (n, W - 1): of row i's columns <= c
-    arc *= t0
-    east += arc
-    west += arc
-    west += t0 * upto[: W - 1].sum(axis=1)  # of every column
-    west[:, cs: cs + n - 1] -= t0 * np.cumsum(on_pe, axis=1)[:, : n - 1]  # less those of columns <= c
-    west[:, cs + n - 1:] -= t0 * on_pe.sum(axis=1, keepdims=True)
+    exc = (ring.rows[sa[ea], ej], ej + m.cs, dc[ea], (lbj[ej] - t0) * la[ea])  # row, from and to columns, bytes
+    east, west = _transposed_row_links(m, ly, lbj, t0, exc)
     # a block's line below row r: the column blocks holding it on rows <= r (an arc), with
     # their keys b bound for rows <= r
-    below = _cumulative(pos[sb], dr, lb, n, H, dt)
-    south, north = _ring_column_links(m, ring.lines(below, rs, -1), t0, (erow + rs, dc[ea], ew), sa, la, dc, dr, lb)
-    # the longest path: a column block's farthest key b from the PE's row, plus the block's
-    # farthest key a from the PE's column (bounded per column by the region's end rows and
-    # the farthest any key a lands)
+    below = _cumulative(ring.pos[m.sb], m.db, m.lb, ring.n, m.H, m.dt)
+    south, north = _ring_column_links(m, ring.lines(below, m.rs, -1), t0, (exc[0] + m.rs, exc[2], exc[3]), sa, la, dc,
+                                      m.db, m.lb)
+    links = dict(east=east, west=west, south=south, north=north)
+    return (*_transposed_stay(m), links, _transposed_longest(m, lbj))
+
+
+def _transposed_stay(m: _RingMove):
+    """(rows, columns and bytes of what stays, its messages): a key a bound for a source
+    column, from the PE of that column holding its block, with the keys b of that column
+    bound for that PE's row."""
+    sa, la, dc, sb, lb, dr, n, H = m.sa, m.la, m.da, m.sb, m.lb, m.db, m.ring.n, m.H
+    ka = np.flatnonzero((dc >= m.cs) & (dc < m.cs + n))
+    ja = dc[ka] - m.cs
+    rr = m.ring.rows[sa[ka], ja] + m.rs
+    pairs, where = np.unique(sb * H + dr, return_inverse=True)  # (column block, row) of the keys b
+    at = np.minimum(np.searchsorted(pairs, ja * H + rr), pairs.size - 1)
+    hit = pairs[at] == ja * H + rr
+    at, ka = at[hit], ka[hit]
+    stay = (rr[hit], dc[ka], (la[ka] * np.bincount(where, lb)[at]).astype(np.int64))
+    return stay, int(np.bincount(where)[at].sum())
+
+
+def _transposed_row_links(m: _RingMove, ly, lbj, t0: int, exc: tuple) -> tuple[_Lazy, ...]:
+    """East and west (built only if needed): row i's link at column c carries t0 times the
+    bytes bound past c of the blocks on its columns <= c (an arc of the ring), westward
+    those bound for c or before of its columns past c, plus the column blocks that differ
+    (``exc``)."""
+    ring, n, cs, W, H, dt = m.ring, m.ring.n, m.cs, m.W, m.H, m.dt
+
+    def build():
+        east, west = _line_loads(n, W, *exc, dt)
+        on_pe = ly[ring.held]  # (n, n): the bytes of a's on each PE, for one element of b
+        upto = _cumulative(ring.pos[m.sa], m.da, m.la, n, W, dt)  # by block position: bytes bound for columns <= c
+        arc = ring.lines(ly[ring.order] - upto[: W - 1], cs, +1)  # (n, W - 1): of row i's columns <= c
+        arc *= t0
+        east += arc
+        west += arc
+        west += t0 * upto[: W - 1].sum(axis=1)  # of every column
+        west[:, cs: cs + n - 1] -= t0 * np.cumsum(on_pe, axis=1)[:, : n - 1]  # less those of columns <= c
+        west[:, cs + n - 1:] -= t0 * on_pe.sum(axis=1, keepdims=True)
+        return _Window(east, (m.rs, 0), (H, W - 1)), _Window(west, (m.rs, 0), (H, W - 1))
+
+    return _lazy_loads(build, *_transposed_row_figures(m, ly, lbj))
+
+
+def _transposed_longest(m: _RingMove, lbj: np.ndarray) -> int:
+    """The longest path: a column block's farthest key b from the PE's row, plus the block's
+    farthest key a from the PE's column (bounded per column by the region's end rows and
+    the farthest any key a lands)."""
+    ring, n, rs, cs = m.ring, m.ring.n, m.rs, m.cs
     used = lbj > 0
-    r_lo, r_hi = _extremes(sb, dr, n)
-    r_lo, r_hi = np.where(used, r_lo, _FAR), np.where(used, r_hi, -_FAR)
-    c_lo, c_hi = _extremes(sa, dc, n)
-    c_lo, c_hi = np.minimum(c_lo, _FAR), np.maximum(c_hi, -_FAR)
-    i, j = np.arange(n)[:, None] + rs, np.arange(n) + cs
+    r_lo, r_hi = (np.where(used, e, f).astype(np.int32) for e, f in zip(_extremes(m.sb, m.db, n), (_FAR, -_FAR)))
+    c_lo, c_hi = (np.clip(e, -_FAR, _FAR).astype(np.int32) for e in _extremes(m.sa, m.da, n))
+    i, j = np.arange(rs, rs + n, dtype=np.int32)[:, None], np.arange(cs, cs + n, dtype=np.int32)
     bound = np.maximum(rs + n - 1 - r_lo, r_hi - rs) + np.maximum(j - c_lo.min(), c_hi.max() - j)
 
     def reach(js):  # every row of columns js
         held = ring.held[:, js]
         return (np.maximum(i - r_lo[js], r_hi[js] - i) + np.maximum(j[js] - c_lo[held], c_hi[held] - j[js])).max(axis=0)
 
-    shape = (H, W - 1)
-    links = dict(east=_Window(east, (rs, 0), shape), west=_Window(west, (rs, 0), shape), south=south, north=north)
-    return stay, stay_msgs, links, _farthest(bound, reach)
+    return _farthest(bound, reach)
+
+
+def _transposed_row_figures(m: _RingMove, ly: np.ndarray, lbj: np.ndarray):
+    """The transposed move's row links without them: (their exact sums east and west, a cap
+    on each one's busiest link). Column block j (on column j + cs) sends every key a to its
+    column: the hops east from x are sum(bytes * (column - x)) over the keys past x (and
+    west alike), from the keys' bytes per column; a link at column c carries, east, at
+    most the column blocks <= c each with one block's bytes at most, and at most the
+    busiest column block with every key bound past c (west alike)."""
+    la, dc, cs, W, n = m.la, m.da, m.cs, m.W, m.ring.n
+    per = np.bincount(dc, la, W).astype(np.int64)  # a's bytes by column
+    moment = np.bincount(dc, la * dc, W).astype(np.int64)
+    x = np.arange(cs, cs + n)  # each column block's column
+    before, moment_before = np.cumsum(per) - per, np.cumsum(moment) - moment  # of the columns < x
+    past, moment_past = per.sum() - before[x] - per[x], moment.sum() - moment_before[x] - moment[x]
+    totals = int((lbj * (moment_past - x * past)).sum()), int((lbj * (x * before[x] - moment_before[x])).sum())
+    sent = np.zeros(W - 1, np.int64)  # elements of the column blocks on columns <= c
+    k = np.clip(np.arange(W - 1) - cs, -1, n - 1)
+    sent[k >= 0] = np.cumsum(lbj)[k[k >= 0]]
+    beyond = per.sum() - np.cumsum(per)[: W - 1]  # a's bytes bound past column c
+    cap_east = np.minimum(sent * int(ly.max()), int(lbj.max()) * beyond)
+    cap_west = np.minimum((lbj.sum() - sent) * int(ly.max()), int(lbj.max()) * (per.sum() - beyond))
+    return totals, (int(cap_east.max(initial=0)), int(cap_west.max(initial=0)))
 
 
 def _ring_column_links(m: _RingMove, c_max: np.ndarray, t0: int, exc: tuple, key: np.ndarray, key_w: np.ndarray,
@@ -1267,10 +1498,13 @@ def _runs_key(a: np.ndarray) -> tuple:
 
 def _key(p: Placement, spread: set) -> tuple:
     """What a move's cost per element byte depends on: the region's place and size, the
-    sizes of the spread dims, their maps (by runs) and tables (by digest)."""
+    sizes of the spread dims, their maps (by runs) and tables (by digest, or by the ring
+    order that makes them)."""
     r = p.region
-    arrays = tuple(None if a is None else _runs_key(a) for a in (p.y_of, p.x_of)) + tuple(
-        None if a is None else _digest(a) for a in (p.pe_rows, p.pe_cols))
+    ring = None if p.pe_rows is None else _table_ring(p.pe_rows, p.pe_cols)
+    tables = (None, None) if p.pe_rows is None else (("ring", ring.order.tobytes()), None) if ring is not None else (
+        _digest(p.pe_rows), _digest(p.pe_cols))  # a ring's table is its ring order, exactly
+    arrays = tuple(None if a is None else _runs_key(a) for a in (p.y_of, p.x_of)) + tables
     shape = tuple(s if d in spread else 1 for d, s in enumerate(p.shape))
     return (r.row0, r.col0, r.rows, r.cols, shape, p.y_dim, p.x_dim, p.partial, arrays)
 
