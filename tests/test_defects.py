@@ -261,3 +261,21 @@ def test_cli_predict_reports_what_the_defects_cost(capsys):
     assert "perfect" in text and "reroute" in text and "KV capacity" in text
     assert main(["predict", "--model", "llama3-8b", "--seed", "3"]) != 0
     assert "give --defect-rate too" in capsys.readouterr().err
+
+
+def test_a_grid_with_no_defect_free_square_is_refused_clearly():
+    """Recovery 'avoid' skips every square holding a defective PE: at 1e-4 of wse2's PEs no
+    600x600 square is left; the error says so and names a grid that does have such squares."""
+    from waferllm.engine.placement import plan, region_slots
+    from waferllm.errors import PlacementError
+    from waferllm.hardware import get_wafer
+    from waferllm.hardware.defects import with_defect_rate
+    from waferllm.models.presets import get_model_preset
+
+    wafer = with_defect_rate(get_wafer("wse2"), 1e-4, 1, "avoid")
+    assert region_slots(wafer, 600, "prefill") == []
+    with pytest.raises(PlacementError, match="no 600x600 prefill region of wse2 is free of defective PEs") as err:
+        plan(get_model_preset("llama3-8b"), wafer, 600, 360, 2176, prompt_len=2048)
+    free = int(str(err.value).split("a ")[-1].split("x")[0]) if "grid has squares" in str(err.value) else None
+    assert free and region_slots(wafer, free, "prefill", fill=False)
+    assert not any(region_slots(wafer, g, "prefill", fill=False) for g in range(free + 1, 601))

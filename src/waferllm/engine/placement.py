@@ -526,6 +526,18 @@ def _fewest_regions(budget: PhaseBudget, slots: list[Region], total_layers: int)
     return lo, _assign(budget, slots[:lo], total_layers)
 
 
+def _no_regions(wafer: WaferSpec, grid: int, phase: str) -> PlacementError:
+    """The error for a grid none of whose squares is free of defective PEs (recovery ``avoid``),
+    with the largest grid that has such squares (its regions checked, not the model's fit)."""
+    free = next((g for g in range(grid - 1, 0, -1) if region_slots(wafer, g, phase, fill=False)), None)
+    advice = (f"a {free}x{free} grid has squares free of them" if free else "no grid has a square free of them")
+    return PlacementError(
+        f"no {grid}x{grid} {phase} region of {wafer.name} is free of defective PEs ({len(wafer.defective_pes):,} "
+        f"of them, recovery '{wafer.defect_recovery}' skips every square holding one): {advice}; or recovery "
+        "'spare' (the hardware's spare rows and columns) or 'reroute' (regions route around them)",
+        phase=phase, grid=grid, fit_grid=None, detail=f"no defect-free {grid}x{grid} region")
+
+
 def _does_not_fit(budget: PhaseBudget, slots: list[Region], grid: int, n_layers: int,
                   suggest: bool, all_slots: list[Region] | None = None) -> PlacementError:
     """The error for a model whose layers the regions cannot hold: by how much, and what would
@@ -761,6 +773,8 @@ def plan_phase(config, wafer: WaferSpec, grid: int, phase: str, seq_len: int, dt
     budget = PhaseBudget(config, wafer, phase, seq_len, dtype, vocab_size, weights, prefill_attention, rows,
                          request_len, kv_scheme if phase == "decode" else "shift", prompt_len, queries)
     all_slots = region_slots(wafer, grid, phase)
+    if not all_slots:
+        raise _no_regions(wafer, grid, phase)
     slots = _drop_idle_slots(budget, all_slots)
     found = _fewest_regions(budget, slots, config.num_layers if extrapolating else n_layers)
     if extrapolating:
