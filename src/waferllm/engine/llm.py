@@ -109,6 +109,10 @@ class LLM(PromptFrontend):
     ("paper") or the ones beyond it (see :data:`waferllm.engine.run_config.ALGORITHMS`).
     ``numerics``: ``fused`` (layers whose program has run compute their values as dense array
     operations, their cost replayed) or ``mesh`` (every primitive); the same predictions.
+    ``speculative_config``: speculative decoding with a draft on the PEs the model's decode
+    leaves idle, a dict of :class:`waferllm.engine.speculative.SpeculativeConfig`'s fields
+    (``{"draft_layers": 20, "num_speculative_tokens": 4}`` or ``{"draft_model": path}``);
+    requests then run one at a time, with the same tokens as without it.
 
     ``max_model_len``: tokens a request may hold (prompt + output). Default: the model's
     context, or, when the wafer cannot hold that on the grids allowed (given, or tuned up
