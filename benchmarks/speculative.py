@@ -7,9 +7,10 @@
    (the only smaller model these weights give), on the PEs the target's decode leaves
    idle. Acceptance is measured: how often the target's greedy token is the draft's guess.
    Every speculative run's tokens are checked against the plain run's.
-2. Shape-only: llama3-8b (600/360 grids, int8 weights) with a llama3.2-1b draft, 512 + 128
-   tokens, at assumed acceptance rates (a seeded draw per draft), against llama3-8b alone.
-   With fp16 weights the two models and the verification pass's rows do not fit one wse2.
+2. Shape-only: llama3-8b (both phases on 360x360 regions, int8 weights) with a llama3.2-1b
+   draft, 512 + 128 tokens, at assumed acceptance rates (a seeded draw per draft), against
+   llama3-8b alone on the same grids. The draft needs PEs neither of the target's phases
+   uses: with a 600x600 prefill grid, or fp16 weights, none are left for it.
 
 The wafer figures are modelled time: each round's draft steps, the hand-offs, the
 verification pass and the rollbacks, one after another (``waferllm.engine.speculative``).
@@ -65,10 +66,12 @@ def smollm2(out: Out, tokens: int) -> None:
             rows.append(["target alone", "-", "-", "-", f"{1 / tpot:,.0f}", "1.00x", "-"])
             continue
         s = [o.metrics["speculative"] for o in outs]
-        drafted, accepted, rounds = (sum(x[key] for x in s) for key in ("drafted", "accepted", "rounds"))
-        rows.append([f"first {layers} layers", k, f"{accepted / drafted:.1%}", f"{n / rounds:.2f}",
+        # acceptance: of the drafts the target's tokens were compared with
+        accepted, rejected, rounds = (sum(x[key] for x in s) for key in ("accepted", "rejected", "rounds"))
+        rate = accepted / (accepted + rejected)
+        rows.append([f"first {layers} layers", k, f"{rate:.1%}", f"{n / rounds:.2f}",
                      f"{1 / tpot:,.0f}", f"{base_tpot / tpot:.2f}x", "yes" if ids == base_ids else "NO"])
-        print(f"  draft {layers} k={k}: acceptance {accepted / drafted:.3f}", flush=True)
+        print(f"  draft {layers} k={k}: acceptance {rate:.3f}", flush=True)
     out.table(["draft", "k", "acceptance", "tokens per round", "accepted tokens/s", "vs alone", "same tokens"], rows)
     out()
 
@@ -76,13 +79,14 @@ def smollm2(out: Out, tokens: int) -> None:
 def llama3_8b(out: Out) -> None:
     out("## llama3-8b with a llama3.2-1b draft (shape-only, assumed acceptance)")
     out()
-    out("512 + 128 tokens, fp16 activations and KV, int8 weights (GGUF Q8_0 blocks) for both models (in fp16 the "
-        "two models and the verification pass's rows do not fit one wse2), grids 600/360 for the target; the draft "
-        "on the largest grid that plans in the PEs the target's decode leaves idle.")
+    out("512 + 128 tokens, fp16 activations and KV, int8 weights (GGUF Q8_0 blocks) for both models, grids 360/360 "
+        "for the target (with a 600x600 prefill grid, or fp16 weights, no PEs are left for the draft); the draft on "
+        "the largest grid that plans in the PEs neither of the target's phases uses. Each row's target is planned "
+        "for its verification pass (k+1 rows).")
     out()
     wafer = get_wafer("wse2")
     cfg, draft = get_model_preset("llama3-8b"), get_model_preset("llama3.2-1b")
-    run = RunConfig.for_request(512, 128, prefill_grid=600, decode_grid=360, weights="int8")
+    run = RunConfig.for_request(512, 128, prefill_grid=360, decode_grid=360, weights="int8")
     base = predict_run(cfg, wafer, run, 512, 128, gpus=False, band=False)
     rows = [["target alone", "-", "-", "-", "-", f"{base['decode_tokens_per_s']:,.0f}", "1.00x",
              f"{base['tpot_s'] * 1e3:.3f}", "-"]]

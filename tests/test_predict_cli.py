@@ -87,7 +87,7 @@ def test_predict_text_report_shows_the_predicted_figures(capsys):
 
 
 def test_predict_with_a_draft_sets_the_target_alone_beside_it(capsys):
-    argv = ["predict", "--model", "llama3-8b", "--input-len", "128", "--output-len", "16", "--prefill-grid", "600",
+    argv = ["predict", "--model", "llama3-8b", "--input-len", "128", "--output-len", "16", "--prefill-grid", "360",
             "--decode-grid", "360", "--weights", "int8", "--draft-model", "llama3.2-1b", "--acceptance", "1.0",
             "--speculative-tokens", "3", "--json"]
     assert main(argv) == 0
@@ -99,7 +99,7 @@ def test_predict_with_a_draft_sets_the_target_alone_beside_it(capsys):
     from waferllm.engine.run_config import RunConfig
 
     alone = predict_run(get_model_preset("llama3-8b"), "wse2", RunConfig.for_request(
-        128, 16, prefill_grid=600, decode_grid=360, weights="int8"), 128, 16, gpus=False, band=False)
+        128, 16, prefill_grid=360, decode_grid=360, weights="int8"), 128, 16, gpus=False, band=False)
     assert d["target_alone"]["tpot_s"] == pytest.approx(alone["tpot_s"])
     assert d["speculative"]["ttft_s"] == pytest.approx(alone["ttft_s"])  # the draft prefills beside the target
 
@@ -107,3 +107,8 @@ def test_predict_with_a_draft_sets_the_target_alone_beside_it(capsys):
 def test_predict_with_a_draft_needs_an_acceptance(capsys):
     assert main(["predict", "--model", "llama3-8b", "--draft-model", "llama3.2-1b"]) == 2
     assert "give --acceptance" in capsys.readouterr().err
+
+
+def test_predict_draft_options_without_a_draft_are_refused(capsys):
+    assert main(["predict", "--model", "llama3-8b", "--acceptance", "0.8"]) == 2
+    assert "--acceptance only applies with a draft" in capsys.readouterr().err

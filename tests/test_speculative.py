@@ -27,11 +27,13 @@ from waferllm.models.testing import byte_tokenizer, random_weights, tiny_config
 
 WSE2 = get_wafer("wse2")
 PROMPT = np.arange(1, 10)
+# llama3-8b with int8 weights, both phases on 360x360 regions: a 1B draft fits beside it
+_EIGHT_B = RunConfig.for_request(512, 64, prefill_grid=360, decode_grid=360, weights="int8")
 
 
 def _model(cfg, w, numerics="fused", scheme="shift", dg=4, **run):
     wm = WaferModel(cfg, w, WSE2, RunConfig(prefill_grid=8, decode_grid=dg, max_seq_len=48, numerics=numerics,
-                                            kv_scheme=scheme, **run))
+                                            kv_scheme=scheme, speculative_tokens=5, **run))
     wm.reset()
     wm.prefill(PROMPT)
     return wm
@@ -107,7 +109,8 @@ def test_dry_verify_costs_what_a_numeric_one_does(tiny):
     costs = []
     for mode in ("numeric", "dry"):
         wm = WaferModel(cfg, w if mode == "numeric" else None, WSE2,
-                        RunConfig(prefill_grid=8, decode_grid=4, max_seq_len=48, numerics="mesh"), mode=mode)
+                        RunConfig(prefill_grid=8, decode_grid=4, max_seq_len=48, numerics="mesh", speculative_tokens=2),
+                        mode=mode)
         wm.reset()
         wm.prefill(PROMPT if mode == "numeric" else len(PROMPT))
         mark = wm.ledger.mark()
@@ -123,7 +126,8 @@ def test_a_verify_pass_costs_less_than_its_tokens_one_at_a_time():
     """The point of a verification pass: one decode step carries T tokens (every collective
     once, carrying T rows), so it is cheaper than T steps, though dearer than one."""
     cfg = get_model_preset("llama3-8b")
-    wm = WaferModel(cfg, None, WSE2, RunConfig.for_request(256, 32, prefill_grid=None, decode_grid=360), mode="dry")
+    wm = WaferModel(cfg, None, WSE2, RunConfig.for_request(256, 32, prefill_grid=None, decode_grid=360,
+                                                           speculative_tokens=4, weights="int8"), mode="dry")
     wm.start_decode(256)
     step = wm.ledger.cycles
     wm.decode(None)
@@ -138,7 +142,7 @@ def test_a_verify_pass_costs_less_than_its_tokens_one_at_a_time():
 
 
 def _speculate(cfg, w, draft_layers, k, params, dg=4):
-    target = WaferModel(cfg, w, WSE2, RunConfig(prefill_grid=8, decode_grid=dg, max_seq_len=64))
+    target = WaferModel(cfg, w, WSE2, RunConfig(prefill_grid=8, decode_grid=dg, max_seq_len=64, speculative_tokens=k))
     backend = speculative_backend(target, SpeculativeConfig(num_speculative_tokens=k, draft_layers=draft_layers))
     return generate_one(backend, byte_tokenizer(), list(range(1, 12)), params)
 
@@ -171,7 +175,7 @@ def test_a_perfect_draft_takes_every_guess(tiny):
     """A draft of all the target's layers but one guesses well; the same model as its own
     draft (all layers) would accept everything: check the count with the target itself."""
     cfg, w = tiny
-    target = WaferModel(cfg, w, WSE2, RunConfig(prefill_grid=8, decode_grid=4, max_seq_len=64))
+    target = WaferModel(cfg, w, WSE2, RunConfig(prefill_grid=8, decode_grid=4, max_seq_len=64, speculative_tokens=3))
     draft = place_draft(cfg, w, target)  # the target's own weights as the draft
     from waferllm.engine.speculative import SpeculativeBackend
 
@@ -179,6 +183,7 @@ def test_a_perfect_draft_takes_every_guess(tiny):
                        SamplingParams(max_tokens=17, temperature=0, ignore_eos=True))
     s = out.metrics["backend"]["speculative"]
     assert s["acceptance_rate"] == 1.0 and s["rounds"] == 4  # 16 tokens after the first, 4 per round
+    assert s["rejected"] == 0 and s["accepted"] == 12
 
 
 @pytest.mark.parametrize("acceptance,rounds", [(1.0, 5), (0.0, 19)])
@@ -186,7 +191,8 @@ def test_dry_rounds_follow_the_acceptance(acceptance, rounds):
     """20 tokens, k=3: accepting every draft, a round emits 4 (its own and 3 drafts): 19
     tokens after the first take 5 rounds; accepting none, one per round."""
     cfg = get_model_preset("llama3-8b")
-    target = WaferModel(cfg, None, WSE2, RunConfig.for_request(128, 20, prefill_grid=600, decode_grid=360), mode="dry")
+    target = WaferModel(cfg, None, WSE2, _EIGHT_B.replace(max_seq_len=148, prompt_len=128, speculative_tokens=3),
+                        mode="dry")
     backend = speculative_backend(target, SpeculativeConfig(num_speculative_tokens=3, draft_model="llama3.2-1b"),
                                   draft_config=get_model_preset("llama3.2-1b"))
     backend.run_dry(128, 20, acceptance)
@@ -194,6 +200,7 @@ def test_dry_rounds_follow_the_acceptance(acceptance, rounds):
     assert m["speculative"]["rounds"] == rounds
     assert backend.emitted == 20
     assert m["tpot_s"] == pytest.approx(WSE2.cycles_to_seconds(sum(backend.cycles.values())) / 19)
+    assert m["prefill_tokens_per_s"] == pytest.approx(128 / m["ttft_s"])
 
 
 # ---------------------------------------------------------------------------- placement
@@ -208,6 +215,10 @@ def test_free_rectangles_are_free_and_the_largest_comes_first():
     rects = free_rectangles(w, taken)
     for r0, c0, h, wd in rects:
         assert not used[r0:r0 + h, c0:c0 + wd].any()
+        # maximal: no side can grow by one
+        for g in ((r0 - 1, c0, h + 1, wd), (r0, c0 - 1, h, wd + 1), (r0, c0, h + 1, wd), (r0, c0, h, wd + 1)):
+            if g[0] >= 0 and g[1] >= 0 and g[0] + g[2] <= 40 and g[1] + g[3] <= 50:
+                assert used[g[0]:g[0] + g[2], g[1]:g[1] + g[3]].any()
     # the largest empty rectangle by brute force: every (top, bottom, left, right) at once
     s = np.zeros((41, 51), int)
     s[1:, 1:] = used.cumsum(0).cumsum(1)
@@ -218,12 +229,12 @@ def test_free_rectangles_are_free_and_the_largest_comes_first():
     assert rects[0][2] * rects[0][3] == area[inside == 0].max() == 20 * 38  # rows 20..40, cols 12..50
 
 
-def test_the_draft_sits_on_pes_the_target_decode_leaves_idle():
+def test_the_draft_sits_on_pes_the_target_leaves_idle():
     cfg = get_model_preset("llama3-8b")
-    target = WaferModel(cfg, None, WSE2, RunConfig.for_request(512, 64, prefill_grid=600, decode_grid=360), mode="dry")
+    target = WaferModel(cfg, None, WSE2, _EIGHT_B, mode="dry")
     draft = place_draft(get_model_preset("llama3.2-1b"), None, target, mode="dry")
     for d in draft.plan.decode.stages + draft.plan.prefill.stages:
-        for t in target.plan.decode.stages:
+        for t in target.plan.decode.stages + target.plan.prefill.stages:
             a, b = d.region, t.region
             assert a.row0 >= b.row0 + b.rows or b.row0 >= a.row0 + a.rows or a.col0 >= b.col0 + b.cols \
                 or b.col0 >= a.col0 + a.cols
@@ -232,7 +243,7 @@ def test_the_draft_sits_on_pes_the_target_decode_leaves_idle():
 
 def test_a_draft_grid_that_does_not_fit_is_refused_with_one_that_does():
     cfg = get_model_preset("llama3-8b")
-    target = WaferModel(cfg, None, WSE2, RunConfig.for_request(512, 64, prefill_grid=600, decode_grid=360), mode="dry")
+    target = WaferModel(cfg, None, WSE2, _EIGHT_B, mode="dry")
     with pytest.raises(PlacementError) as err:
         place_draft(get_model_preset("llama3.2-1b"), None, target, grid=300, mode="dry")
     fit = err.value.context["fit_grid"]
@@ -259,7 +270,7 @@ def test_draft_layers_must_leave_the_draft_smaller(tiny):
 
 def test_a_draft_with_another_vocabulary_is_refused():
     cfg = get_model_preset("llama3-8b")
-    target = WaferModel(cfg, None, WSE2, RunConfig.for_request(512, 64, prefill_grid=600, decode_grid=360), mode="dry")
+    target = WaferModel(cfg, None, WSE2, _EIGHT_B, mode="dry")
     with pytest.raises(RequestError, match="share the target's tokenizer"):
         place_draft(get_model_preset("smollm2"), None, target, mode="dry")
 
@@ -308,3 +319,22 @@ def test_verification_passes_fit_what_the_plan_accepts(k):
     wm.start_decode(lo - k - 1)
     wm.verify(0, [None] * (k + 1))  # the cache is full after it
     assert wm.positions[0] == lo
+
+
+def test_a_target_planned_for_fewer_drafts_is_refused(tiny):
+    cfg, w = tiny
+    target = WaferModel(cfg, w, WSE2, RunConfig(prefill_grid=8, decode_grid=4, max_seq_len=64, speculative_tokens=1))
+    with pytest.raises(RequestError, match="speculative_tokens=3"):
+        speculative_backend(target, SpeculativeConfig(num_speculative_tokens=3, draft_layers=1))
+    with pytest.raises(RequestError, match="planned for 2"):  # a pass wider than the plan's rows
+        target.reset()
+        target.prefill(PROMPT)
+        target.verify(0, [1, 2, 3])
+
+
+def test_concat_rollback_stays_on_the_bottom_row(tiny):
+    cfg, w = tiny
+    wm = _model(cfg, w, "mesh", "concat")
+    wm.decode(3)
+    with pytest.raises(Exception, match="bottom row holds"):
+        wm.decode_stages[0].cache.rollback(int(wm.decode_stages[0].cache.count[-1]) + 1)

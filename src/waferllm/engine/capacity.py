@@ -127,7 +127,7 @@ class _Measured:
     slots_held: int  # decode: cache slots per row the allocation holds
 
 
-def _points(config, sram, phase: str, rest: dict[str, int], slots: int) -> tuple[dict[str, Point], float]:
+def _points(config, sram, phase: str, rest: dict[str, int], slots: int, queries: int = 1) -> tuple[dict[str, Point], float]:
     """Each program point where the region's usage peaked (by the allocation that got it
     there), and (prefill) the bytes of one layer's K and V.
 
@@ -145,26 +145,28 @@ def _points(config, sram, phase: str, rest: dict[str, int], slots: int) -> tuple
     if phase == "prefill":
         kv_layer = 2 * max((b for _, e in highs.values() for name, b in e.values() if _PREFILL_KV.get(name) == "k"),
                            default=0)
+    # one query's score tile; a verification pass's T queries keep T of them side by side
     score_tile = decode_score_tile_bytes_per_slot(config) * slots if phase == "decode" else -1
+    tiles = {score_tile * t for t in range(1, queries + 1)}
     points = {}
     for at, (kinds, entries) in highs.items():
         # a placed tensor's copies in flight (MeshGEMM rotates a weight through its placed
         # space, lent, and one receive buffer) are kernel buffers beyond what rests there
         in_flight = sum(max(0, kinds[x] - rest[x]) for x in ("weights", "vocab_tables"))
         scores = sum(b for h, (name, b) in entries.items()
-                     if b == score_tile and h not in now and not _STATISTIC.search(name))
+                     if b in tiles and h not in now and not _STATISTIC.search(name))
         points[at] = Point(kinds["activations"] - scores, kinds["buffers"] + in_flight, scores // max(slots, 1))
     return points, kv_layer
 
 
-def _measure(config, stage, phase: str) -> _Measured:
+def _measure(config, stage, phase: str, queries: int = 1) -> _Measured:
     sram = stage.mesh.sram
     rest = sram.memo(("rest", phase), lambda: _by_kind(sram.held().values(), phase))
     cache = getattr(stage, "cache", None)
 
     def points_at(slots):  # what the accounting says, read once per state of it
-        return sram.memo(("points", phase, slots, config.num_heads),
-                         lambda: _points(config, sram, phase, rest, slots))
+        return sram.memo(("points", phase, slots, config.num_heads, queries),
+                         lambda: _points(config, sram, phase, rest, slots, queries))
 
     if cache is None:
         points, kv_layer = points_at(0)
@@ -195,7 +197,7 @@ def region_sram(config, pp: PhasePlan, stages) -> list[RegionSRAM]:
     (e.g. its LM head's) count too."""
     phase = pp.phase
     share = pp.layer_share or [len(s.layers) for s in pp.stages]
-    meas = [_measure(config, st, phase) for st in stages]
+    meas = [_measure(config, st, phase, pp.queries) for st in stages]
     ran = [i for i, st in enumerate(stages) if len(st.layer_ids)]
     out = []
     for i, (st, m, n) in enumerate(zip(stages, meas, share)):

@@ -399,8 +399,10 @@ class KVCache:
         concatenation cache only shortens its bottom row."""
         if self._updated or self._sub or self._plans is not None:
             raise MeshError(f"{self.name}: cannot roll back during a step")
-        if not 0 <= tokens <= self.length:
-            raise MeshError(f"{self.name}: cannot drop {tokens} of {self.length} tokens")
+        if not 0 <= tokens <= (self.length if self.scheme == "shift" else int(self.count[-1])):
+            raise MeshError(f"{self.name}: cannot drop {tokens} of {self.length} tokens"
+                            + (f" (the concatenation cache's bottom row holds {self.count[-1]})"
+                               if self.scheme == "concat" else ""))
         mesh, q = self.mesh, self.q
         for _ in range(tokens):
             n = self.length - 1  # tokens once the newest is gone

@@ -80,12 +80,14 @@ def check_grids_fit_mesh(pg, dg, spec: WaferSpec) -> None:
                                f"(largest square: {side}x{side})")
 
 
-def _longest_fitting(config, spec, grids: dict, hi: int, dtype: str, weights: str = "fp16", seqs: int = 1) -> int:
+def _longest_fitting(config, spec, grids: dict, hi: int, dtype: str, weights: str = "fp16", seqs: int = 1,
+                     verify_rows: int = 1) -> int:
     """The longest context (<= hi) whose phases plan on ``grids`` ({phase: grid}), the decode
     KV pool holding ``seqs`` such contexts; 0 if none. More tokens never need less SRAM, so a
     bisection finds it."""
     def fits(n: int) -> bool:
-        return all(phase_fits(config, spec, g, ph, n, dtype, weights=weights, max_num_seqs=seqs)
+        return all(phase_fits(config, spec, g, ph, n, dtype, weights=weights, max_num_seqs=seqs,
+                              verify_rows=verify_rows)
                    for ph, g in grids.items())
 
     if not fits(1):
@@ -135,6 +137,8 @@ class LLM(PromptFrontend):
 
         pg, dg = check_engine_args(prefill_grid, decode_grid, dtype, kv_scheme, max_model_len)
         self.speculative = SpeculativeConfig.coerce(speculative_config)
+        # a verification pass's tokens run as rows of one micro-batch: the plan holds them
+        self._verify_rows = self.speculative.num_speculative_tokens + 1 if self.speculative else 1
         if self.speculative is not None:
             max_num_seqs = 1  # a verification pass is the batch: requests run one after another
         quant.check_weights(weights)
@@ -169,7 +173,7 @@ class LLM(PromptFrontend):
         mml = check_max_model_len(max_model_len, config)
         if mml is None:
             limit = {ph: fixed[ph] or auto_hi for ph in fixed}
-            mml = _longest_fitting(config, spec, limit, ctx, dtype, wf, self.max_num_seqs)
+            mml = _longest_fitting(config, spec, limit, ctx, dtype, wf, self.max_num_seqs, self._verify_rows)
             if not mml:  # not even one token: the fit check below says why and what would fit
                 mml = min(ctx, 512)
                 self.max_model_len_reason = f"default {mml}: the grids allowed hold no context at all"
@@ -237,6 +241,7 @@ class LLM(PromptFrontend):
         for ph, g in fixed.items():
             grids = [g] if g else candidate_grids(spec, hi=auto_hi)
             cands[ph] = [x for x in grids if phase_fits(config, spec, x, ph, mml, dtype, weights=self.weights_format,
+                                                        verify_rows=self._verify_rows,
                                                         max_num_seqs=self.max_num_seqs)]
             if not cands[ph]:
                 failed[ph] = max(grids)
@@ -247,8 +252,8 @@ class LLM(PromptFrontend):
     def _plan(self, prefill_grid, decode_grid, dtype: str):
         """The plan of this LLM's run on these grids (no advice): what placement will do."""
         return RunConfig(prefill_grid=prefill_grid, decode_grid=decode_grid, max_seq_len=self.max_model_len,
-                         dtype=dtype, weights=self.weights_format, max_num_seqs=self.max_num_seqs
-                         ).plan(self.config, self.wafer, suggest=False)
+                         dtype=dtype, weights=self.weights_format, max_num_seqs=self.max_num_seqs,
+                         speculative_tokens=self._verify_rows - 1).plan(self.config, self.wafer, suggest=False)
 
     def _does_not_fit(self, fixed: dict, failed: dict, cands: dict, dtype: str) -> PlacementError:
         """Why the model does not fit, and what would: grids and a context each checked by planning."""
@@ -265,6 +270,7 @@ class LLM(PromptFrontend):
         options: list[tuple[str, str]] = []  # (kind, text): the CLI rewords some kinds for its own flags
         # grids: the smallest above the failed one that plans, per failing phase; the whole plan checked
         grids = {ph: smallest_fitting_grid(config, spec, ph, mml, dtype, g + 1, weights=self.weights_format,
+                                           verify_rows=self._verify_rows,
                                            max_num_seqs=self.max_num_seqs)
                  for ph, g in failed.items()}
         if all(grids.values()):
@@ -281,8 +287,8 @@ class LLM(PromptFrontend):
                 options.append(("no-grid", f"no {ph} grid of {spec.name} holds {mml} tokens, so a shorter context"))
         # a shorter context on the grids tried
         at = {ph: fixed[ph] or max(cands[ph] or [failed.get(ph, 1)]) for ph in ("prefill", "decode")}
-        longest = _longest_fitting(config, spec, at, mml - 1, dtype, self.weights_format,
-                                   self.max_num_seqs) if mml > 1 else 0
+        longest = _longest_fitting(config, spec, at, mml - 1, dtype, self.weights_format, seqs=self.max_num_seqs,
+                                   verify_rows=self._verify_rows) if mml > 1 else 0
         if longest >= 2:
             options.append(("length", f"max_model_len={longest} (--max-model-len {longest}) on these grids"))
         options.append(("wafer", "a wafer with more SRAM per PE (a wafer file, or wafer_overrides)"))

@@ -599,11 +599,13 @@ def _does_not_fit(budget: PhaseBudget, slots: list[Region], grid: int, n_layers:
 
 def phase_fits(config, wafer: WaferSpec, grid: int, phase: str, seq_len: int, dtype: str = "fp16",
                layers: int | None = None, weights: str = "fp16", prefill_attention: str = "paper",
-               max_num_seqs: int = 1, kv_scheme: str = "shift", prompt_len: int | None = None) -> bool:
+               max_num_seqs: int = 1, kv_scheme: str = "shift", prompt_len: int | None = None,
+               verify_rows: int = 1) -> bool:
     """Whether ``phase`` plans on ``grid`` x ``grid`` regions for ``seq_len`` tokens (prefill: a
     prompt of that length; decode: ``max_num_seqs`` contexts of that length decoded together,
     their KV caches included, filled as ``kv_scheme`` does after prompts of ``prompt_len``
-    tokens (None: any length; see :func:`decode_row_slots`))."""
+    tokens (None: any length; see :func:`decode_row_slots`), with verification passes of
+    ``verify_rows`` tokens)."""
     try:
         if phase == "prefill":
             plan(config, wafer, grid, None, seq_len, dtype, prompt_len=seq_len, layers=layers, suggest=False,
@@ -611,7 +613,7 @@ def phase_fits(config, wafer: WaferSpec, grid: int, phase: str, seq_len: int, dt
         else:
             plan(config, wafer, None, grid, seq_len * max_num_seqs, dtype, layers=layers, suggest=False,
                  weights=weights, max_num_seqs=max_num_seqs, request_len=seq_len, kv_scheme=kv_scheme,
-                 prompt_len=prompt_len)
+                 prompt_len=prompt_len, verify_rows=verify_rows)
         return True
     except PlacementError:
         return False
@@ -620,7 +622,7 @@ def phase_fits(config, wafer: WaferSpec, grid: int, phase: str, seq_len: int, dt
 def smallest_fitting_grid(config, wafer: WaferSpec, phase: str, seq_len: int, dtype: str = "fp16", lo: int = 1,
                           layers: int | None = None, weights: str = "fp16",
                           prefill_attention: str = "paper", max_num_seqs: int = 1, kv_scheme: str = "shift",
-                          prompt_len: int | None = None) -> int | None:
+                          prompt_len: int | None = None, verify_rows: int = 1) -> int | None:
     """The smallest grid from ``lo`` up on which ``phase`` plans (see :func:`phase_fits`), or None.
 
     Grids are scanned in steps of about 1/16 of the grid (a few dozen plans up to a full
@@ -628,7 +630,7 @@ def smallest_fitting_grid(config, wafer: WaferSpec, phase: str, seq_len: int, dt
     planned."""
     hi = min(wafer.rows, wafer.cols)
     prev, g = lo - 1, max(1, lo)
-    scheme = dict(kv_scheme=kv_scheme, prompt_len=prompt_len)
+    scheme = dict(kv_scheme=kv_scheme, prompt_len=prompt_len, verify_rows=verify_rows)
     while g <= hi:
         if phase_fits(config, wafer, g, phase, seq_len, dtype, layers, weights, prefill_attention, max_num_seqs,
                       **scheme):

@@ -26,10 +26,14 @@ prefix), so the same prompt gives the same tokens with and without a draft (gree
 near-tie of the top two logits the verification pass's summation order may break it the
 other way).
 
+Placement: the draft's regions (both its phases) meet none of the target's regions of
+either phase, so the draft's weights stay where they are while the target moves its own
+between its prefill and decode layouts, and the draft's prefill runs beside the target's.
+
 Time: both models' ledgers price their own steps; a round's time is the draft's steps,
 the hand-offs (``charge_move`` between the two regions), the verification and the
-rollbacks, one after another. The draft's prefill runs beside the target's, on its own
-PEs. Energy: both models' events, and the wafer's static power for the request's time.
+rollbacks, one after another. Energy: both models' events, and the wafer's static power
+for the request's time.
 
 Shape-only predictions (no values, so no tokens to compare) take an assumed per-token
 acceptance probability: each draft is accepted with that probability, independently,
@@ -130,15 +134,11 @@ def check_vocabularies(target, draft) -> None:
                            f"{target.name} one of {target.vocab_size}: a draft must share the target's tokenizer")
 
 
-def _overlaps(a, b) -> bool:
-    aw, bw = a.span or a.cols, b.span or b.cols
-    return a.row0 < b.row0 + b.rows and b.row0 < a.row0 + a.rows and a.col0 < b.col0 + bw and b.col0 < a.col0 + aw
-
-
 def free_rectangles(wafer, taken: list) -> list[tuple[int, int, int, int]]:
-    """Rectangles (row, col, rows, cols) of the wafer that no ``taken`` region touches,
-    largest first. A maximal empty rectangle has its edges on the wafer's or the regions'
-    edges, so those coordinates are all the candidates there are."""
+    """The maximal rectangles (row, col, rows, cols) of the wafer that no ``taken`` region
+    touches, those holding the largest square first (then the largest). A maximal empty
+    rectangle has its edges on the wafer's or the regions' edges, so those coordinates give
+    every candidate; the maximal ones are those no other free candidate contains."""
     ys = sorted({0, wafer.rows} | {e for r in taken for e in (r.row0, r.row0 + r.rows)})
     xs = sorted({0, wafer.cols} | {e for r in taken for e in (r.col0, r.col0 + (r.span or r.cols))})
     y0, y1 = np.array(ys)[:, None], np.array(ys)[None, :]
@@ -152,9 +152,12 @@ def free_rectangles(wafer, taken: list) -> list[tuple[int, int, int, int]]:
         clear &= ~((top < r.row0 + r.rows) & (r.row0 < bottom) & (left < r.col0 + (r.span or r.cols))
                    & (r.col0 < right))
     i, j = np.nonzero(clear)
-    rects = {(int(top[a, 0]), int(left[0, b]), int(bottom[a, 0] - top[a, 0]), int(right[0, b] - left[0, b]))
-             for a, b in zip(i, j)}
-    return sorted(rects, key=lambda r: (-r[2] * r[3], r))
+    r = np.stack([top[i, 0], left[0, j], bottom[i, 0], right[0, j]], axis=1)  # (n, 4): top, left, bottom, right
+    inside = ((r[None, :, 0] <= r[:, None, 0]) & (r[None, :, 1] <= r[:, None, 1]) & (r[None, :, 2] >= r[:, None, 2])
+              & (r[None, :, 3] >= r[:, None, 3]))  # [a, b]: a lies within b
+    np.fill_diagonal(inside, False)
+    rects = [(int(t), int(l), int(b - t), int(rt - l)) for t, l, b, rt in r[~inside.any(axis=1)]]
+    return sorted(rects, key=lambda x: (-min(x[2], x[3]), -x[2] * x[3], x))
 
 
 def draft_plan(config, wafer, run: RunConfig, rect: tuple[int, int, int, int]):
@@ -174,12 +177,11 @@ def draft_plan(config, wafer, run: RunConfig, rect: tuple[int, int, int, int]):
 
 def place_draft(config, weights, target: WaferModel, grid: int | None = None, mode: str = "numeric",
                 progress=None) -> WaferModel:
-    """The draft model placed beside ``target`` on PEs its decode regions leave idle (both of
-    the draft's phases: its prefill runs beside the target's where their regions do not meet,
-    else right after it), run as the target's run says (datatype, weights format, algorithms,
-    context) on ``grid`` x ``grid`` regions. Default grid: the largest that plans in a free
-    rectangle, up to the target's decode grid; a grid that does not fit is refused with one
-    that does (checked by planning it)."""
+    """The draft model placed beside ``target`` on PEs neither of its phases uses (both of the
+    draft's phases, so its prefill runs beside the target's), run as the target's run says
+    (datatype, weights format, algorithms, context) on ``grid`` x ``grid`` regions. Default
+    grid: the largest that plans in a free rectangle, up to the target's decode grid; a grid
+    that does not fit is refused with one that does (checked by planning it)."""
     if target.cluster is not None:
         raise RequestError("speculative decoding runs on one wafer: the draft goes on the target's idle PEs")
     wafer = target.wafer
@@ -187,19 +189,23 @@ def place_draft(config, weights, target: WaferModel, grid: int | None = None, mo
         raise RequestError(f"speculative decoding places its draft on a perfect wafer; {wafer.name} has "
                            f"{len(wafer.defective_pes)} defective PEs")
     check_vocabularies(target.config, config)
-    taken = [st.region for st in target.plan.decode.stages]
+    taken = [st.region for pp in (target.plan.prefill, target.plan.decode) if pp for st in pp.stages]
     # the draft's own passes take the tokens it has not seen with the round's first: two rows
     base = target.run.replace(layers=None, max_num_seqs=1, speculative_tokens=1)
     rects = free_rectangles(wafer, taken)[:8]
     found = _fit(config, wafer, base, rects, [grid] if grid is not None else None, target.plan.decode.grid)
     if found is None:
         fits = _fit(config, wafer, base, rects, None, max(wafer.rows, wafer.cols)) if grid is not None else None
-        free = wafer.rows * wafer.cols - sum(r.rows * (r.span or r.cols) for r in taken)
+        used = np.zeros((wafer.rows, wafer.cols), bool)
+        for r in taken:
+            used[r.row0:r.row0 + r.rows, r.col0:r.col0 + (r.span or r.cols)] = True
+        free = int((~used).sum())
         advice = (f"; a {fits[1].decode.grid}x{fits[1].decode.grid} draft grid fits (checked by planning it)" if fits
                   else "; no draft grid fits: a smaller draft, or target grids that leave more PEs idle")
-        raise PlacementError(f"the draft {config.name} does not fit on the {free:,} PEs {target.config.name}'s decode "
+        raise PlacementError(f"the draft {config.name} does not fit on the {free:,} PEs {target.config.name}'s "
                              f"regions leave idle on {wafer.name}" + (f" with {grid}x{grid} regions" if grid else "")
-                             + advice, draft=config.name, fit_grid=fits[1].decode.grid if fits else None)
+                             + advice + " (a target on smaller grids, e.g. its prefill on its decode grid, leaves "
+                             "more)", draft=config.name, fit_grid=fits[1].decode.grid if fits else None)
     g, plan = found
     return WaferModel(config, weights, wafer, base.with_grids(g, g), mode=mode, plan=plan, progress=progress)
 
@@ -239,7 +245,7 @@ class SpeculativeBackend:
 
     def __init__(self, target: WaferModel, draft: WaferModel, k: int):
         if target.mode != draft.mode:
-            raise RequestError("the target and the draft run in the same mode")
+            raise RequestError("the target and the draft must run in the same mode (numeric or dry)")
         self.target, self.draft, self.k = target, draft, int(k)
         self.config, self.wafer, self.mode = target.config, target.wafer, target.mode
         self.reset()
@@ -272,7 +278,8 @@ class SpeculativeBackend:
         self._verified: list[tuple[int | None, np.ndarray | None]] = []  # (draft, target logits after it)
         self._unseen: list = []  # emitted tokens the draft's cache does not hold yet
         self.emitted = 0  # tokens the request has emitted (the first from the prefill)
-        self.rounds = self.drafted = self.accepted = 0
+        self.rounds = self.drafted = self.accepted = self.rejected = 0
+        self.prompt_len = 0
         self.cycles = dict.fromkeys(("draft", "verify", "rollback", "handoff"), 0.0)
 
     def prefill(self, token_ids, prompt_logits: bool = False):
@@ -280,6 +287,7 @@ class SpeculativeBackend:
         logits pick the first token."""
         self.draft.prefill(token_ids)
         out = self.target.prefill(token_ids, prompt_logits)
+        self.prompt_len = self.target.positions[0]
         self.emitted = 1
         return out
 
@@ -298,6 +306,7 @@ class SpeculativeBackend:
         still verified but not taken from both caches; the draft's cache keeps what was taken."""
         rejected = len(self._verified)
         if rejected:
+            self.rejected += 1  # the next draft was examined and not taken; the rest were not examined
             self._timed("rollback", self.target, lambda: self.target.rollback(0, rejected))
             # the draft holds every draft but its last; it keeps those taken
             self._timed("rollback", self.draft, lambda: self.draft.rollback(0, rejected - 1))
@@ -336,10 +345,11 @@ class SpeculativeBackend:
 
     def _hand_off(self, src: WaferModel, dst: WaferModel, n: int) -> None:
         """``n`` token ids from where ``src`` picks its tokens to where ``dst`` embeds them."""
-        cycles = charge_move(self.target.ledger, _tokens_at(src.decode_stages[0].mesh.region, n),
-                             _tokens_at(dst.decode_stages[0].mesh.region, n), DTYPE_BYTES["fp32"],
-                             name="speculative.handoff")
-        self.cycles["handoff"] += cycles
+        led = self.target.ledger
+        mark = led.mark()
+        charge_move(led, _tokens_at(src.decode_stages[0].mesh.region, n), _tokens_at(dst.decode_stages[0].mesh.region, n),
+                    DTYPE_BYTES["fp32"], name="speculative.handoff")
+        self.cycles["handoff"] += led.since(mark)["cycles"]  # the move and its task switch
 
     def _timed(self, what: str, model: WaferModel, fn):
         before = phase_cycles(model).decode
@@ -379,7 +389,9 @@ class SpeculativeBackend:
         dc, _ = request_counters(d)
         counters = {k: tc[k] + dc[k] for k in COUNTERS}
         tpot = sec(dec / (n - 1)) if n > 1 else None
+        examined = self.accepted + self.rejected
         m.update({
+            "prefill_tokens_per_s": self.prompt_len / sec(pt.prefill) if pt.prefill else None,
             "tpot_s": tpot,
             "decode_tokens_per_s": 1.0 / tpot if tpot else None,
             "e2e_tokens_per_s": n / sec(total) if total else None,
@@ -396,9 +408,11 @@ class SpeculativeBackend:
                 "rounds": self.rounds,
                 "drafted": self.drafted,
                 "accepted": self.accepted,
-                "acceptance_rate": self.accepted / self.drafted if self.drafted else None,
+                "rejected": self.rejected,
+                # of the drafts the target's tokens were compared with (a request's last round
+                # may end before its drafts are reached)
+                "acceptance_rate": self.accepted / examined if examined else None,
                 "tokens_per_round": (n - 1) / self.rounds if self.rounds else None,
-                "accepted_tokens_per_s": (n - 1) / sec(dec) if dec and n > 1 else None,
                 "draft_ready_s": sec(pd.prefill + pd.transition),
                 "decode_s": {k: sec(v) for k, v in self.cycles.items()},
                 "draft_sram_peak_bytes_per_pe": max(s.mesh.sram.peak_bytes for s in d.decode_stages + d.prefill_stages),
@@ -426,6 +440,14 @@ def speculative_backend(target: WaferModel, spec: SpeculativeConfig, draft_confi
                         progress=None) -> SpeculativeBackend:
     """The target with its draft placed beside it: ``spec.draft_layers`` of the target's own
     (weights from the target's), or ``draft_config``/``draft_weights`` of another model."""
+    k = spec.num_speculative_tokens
+    if target.run.speculative_tokens < k:
+        raise RequestError(f"the target was planned for verification passes of {target.run.speculative_tokens} drafts "
+                           f"(RunConfig.speculative_tokens), fewer than the {k} asked: plan it with "
+                           f"speculative_tokens={k}, so its decode regions hold the pass's {k + 1} rows")
+    if target.layers != target.config.num_layers:
+        raise RequestError("speculative decoding runs the whole target (its rollbacks are not extrapolated): "
+                           "place every layer")
     if spec.draft_layers is not None:
         draft_config, draft_weights = first_layers(target.config, target.weights, spec.draft_layers)
     if draft_config is None:

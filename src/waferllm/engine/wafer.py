@@ -597,9 +597,15 @@ class WaferModel:
         rows = self.plan.decode.rows
         requests = list(ahead)
         count = max(min(len(requests), len(self.decode_stages)), -(-len(seqs) // rows))
-        parts = [set(int(x) for x in g) for g in np.array_split(requests, min(count, len(requests)))]
-        order = [[i for i, s in enumerate(seqs) if s in part] for part in parts]  # rows of each micro-batch
+        parts = [[int(x) for x in g] for g in np.array_split(requests, min(count, len(requests)))]
+        # rows of each micro-batch, a request's tokens side by side in their order
+        order = [[i for s in part for i, x in enumerate(seqs) if x == s] for part in parts]
         groups = [tuple(seqs[i] for i in g) for g in order]
+        wide = max(len(g) for g in groups)
+        if wide > rows:
+            raise RequestError(f"a micro-batch of {wide} rows (a verification pass's tokens stay together) on decode "
+                               f"regions planned for {rows}: plan the run with speculative_tokens={wide - 1} "
+                               "(RunConfig.speculative_tokens)")
         led, stages = self.ledger, self.decode_stages
         start = led.mark(per_primitive=self.mode == "dry")
         if self.mode == "dry":

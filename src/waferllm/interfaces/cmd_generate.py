@@ -296,8 +296,9 @@ def generate(
     draft_model: Optional[str] = typer.Option(None, "--draft-model", rich_help_panel=WAFER,
                                               help="Speculative decoding: a draft model file or folder with the same "
                                                    "vocabulary."),
-    speculative_tokens: int = typer.Option(4, "--speculative-tokens", rich_help_panel=WAFER,
-                                           help="Drafts the model verifies per round (with a draft)."),
+    speculative_tokens: Optional[int] = typer.Option(None, "--speculative-tokens", rich_help_panel=WAFER,
+                                                     help="Drafts the model verifies per round (with a draft; "
+                                                          "default 4)."),
     draft_grid: Optional[int] = typer.Option(None, "--draft-grid", rich_help_panel=WAFER,
                                              help="The draft's regions' side (default: the largest that fits, up to "
                                                   "the decode grid)."),
@@ -326,13 +327,19 @@ def generate(
                  numerics=numerics)
     spec, pg, dg = _check_wafer_options(engine, given)
     speculative = None
+    stray = [flag for flag, v in (("--speculative-tokens", speculative_tokens), ("--draft-grid", draft_grid))
+             if v is not None]
+    if stray and draft_layers is None and draft_model is None:
+        raise RequestError(f"{', '.join(stray)} only appl{'y' if len(stray) > 1 else 'ies'} with a draft: add "
+                           "--draft-layers N or --draft-model PATH, or drop them")
     if draft_layers is not None or draft_model is not None:
         from waferllm.engine.speculative import SpeculativeConfig
 
         if engine == "reference":
             raise RequestError("--draft-layers and --draft-model only apply to the wafer engine; drop them, or use "
                                "--engine wafer")
-        speculative = SpeculativeConfig(num_speculative_tokens=speculative_tokens, draft_layers=draft_layers,
+        speculative = SpeculativeConfig(num_speculative_tokens=4 if speculative_tokens is None else speculative_tokens,
+                                        draft_layers=draft_layers,
                                         draft_model=draft_model, draft_grid=draft_grid)
     _check_lengths_upfront(max_tokens, max_model_len)
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,

@@ -62,7 +62,8 @@ def predict(
                                               "leaves idle; needs --acceptance."),
     draft_layers: Optional[int] = typer.Option(None, "--draft-layers", help="Speculative decoding with the target's "
                                                "first N layers as the draft; needs --acceptance."),
-    speculative_tokens: int = typer.Option(4, "--speculative-tokens", help="Drafts per round (with a draft)."),
+    speculative_tokens: Optional[int] = typer.Option(None, "--speculative-tokens",
+                                                     help="Drafts per round (with a draft; default 4)."),
     acceptance: Optional[float] = typer.Option(None, "--acceptance", help="With a draft: the probability the target "
                                                "accepts each draft (a shape-only run has no tokens to compare)."),
     draft_grid: Optional[int] = typer.Option(None, "--draft-grid", help="With a draft: its regions' side (default: "
@@ -114,7 +115,16 @@ def predict(
                          allow_beyond_context, as_json)
         return
     spec_cfg = None
-    if draft_model is not None or draft_layers is not None:
+    drafting = draft_model is not None or draft_layers is not None
+    stray = [flag for flag, v in (("--speculative-tokens", speculative_tokens), ("--acceptance", acceptance),
+                                  ("--draft-grid", draft_grid)) if v is not None]
+    if stray and not drafting:
+        raise RequestError(f"{', '.join(stray)} only appl{'y' if len(stray) > 1 else 'ies'} with a draft: add "
+                           "--draft-model NAME|PATH or --draft-layers N, or drop them")
+    if drafting and plot:
+        raise RequestError("--plot draws one model's placement; a prediction with a draft has two: drop --plot")
+    if drafting:
+        speculative_tokens = 4 if speculative_tokens is None else speculative_tokens
         from waferllm.engine.speculative import SpeculativeConfig
 
         if n_wafers != 1 or cluster is not None:
@@ -240,10 +250,15 @@ def _predict_speculative(cfg, spec, run, spec_cfg, input_len, output_len, allow_
     t = Table()
     for col in ("", "target alone", "with the draft"):
         t.add_column(col, justify="right")
+    def shown(v, scale, digits):  # a figure a one-token request does not have (no decode step) is "-"
+        return "-" if v is None else f"{v * scale:,.{digits}f}"
+
     for label, key, scale, digits in (("TTFT (ms)", "ttft_s", 1e3, 3), ("TPOT (ms)", "tpot_s", 1e3, 4),
                                       ("decode tokens/s", "decode_tokens_per_s", 1, 0),
                                       ("e2e tokens/s", "e2e_tokens_per_s", 1, 0), ("energy (J)", "energy_j", 1, 3)):
-        t.add_row(label, f"{alone[key] * scale:,.{digits}f}", f"{m[key] * scale:,.{digits}f}")
+        t.add_row(label, shown(alone[key], scale, digits), shown(m[key], scale, digits))
     console.print(t)
     split = ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in s["decode_s"].items())
-    console.print(f"{s['rounds']} rounds, {s['tokens_per_round']:.2f} tokens per round; decode time: {split}")
+    rate = "-" if s["acceptance_rate"] is None else f"{s['acceptance_rate']:.0%}"
+    console.print(f"{s['rounds']} rounds, {shown(s['tokens_per_round'], 1, 2)} tokens per round, {rate} of the drafts "
+                  f"examined accepted; decode time: {split}")
