@@ -112,3 +112,13 @@ def test_predict_with_a_draft_needs_an_acceptance(capsys):
 def test_predict_draft_options_without_a_draft_are_refused(capsys):
     assert main(["predict", "--model", "llama3-8b", "--acceptance", "0.8"]) == 2
     assert "--acceptance only applies with a draft" in capsys.readouterr().err
+
+
+def test_predict_draft_ahead_is_reported(capsys):
+    argv = ["predict", "--model", "llama3-8b", "--input-len", "128", "--output-len", "8", "--prefill-grid", "360",
+            "--decode-grid", "360", "--weights", "int8", "--draft-model", "llama3.2-1b", "--acceptance", "1.0",
+            "--speculative-tokens", "2", "--draft-ahead", "--json"]
+    assert main(argv) == 0
+    s = json.loads(capsys.readouterr().out)["speculative"]["speculative"]
+    # every draft and every guess taken: 7 tokens after the first in rounds of 3, the later ones drafted ahead
+    assert s["draft_ahead"] and s["rounds"] == 3 and s["ahead_hits"] == 2

@@ -338,3 +338,52 @@ def test_concat_rollback_stays_on_the_bottom_row(tiny):
     wm.decode(3)
     with pytest.raises(Exception, match="bottom row holds"):
         wm.decode_stages[0].cache.rollback(int(wm.decode_stages[0].cache.count[-1]) + 1)
+
+
+@pytest.mark.parametrize("params", [SamplingParams(max_tokens=24, temperature=0, ignore_eos=True),
+                                    SamplingParams(max_tokens=20, temperature=0.8, seed=3, ignore_eos=True)])
+def test_drafting_ahead_keeps_the_targets_tokens(tiny, params):
+    """Drafting the next round during verification changes only when drafts are made: the
+    tokens are the target's own, greedy and seeded alike."""
+    cfg, w = tiny
+    plain = generate_one(WaferModel(cfg, w, WSE2, RunConfig(prefill_grid=8, decode_grid=4, max_seq_len=64)),
+                         byte_tokenizer(), list(range(1, 12)), params)
+    for layers, k in ((2, 2), (1, 3)):
+        target = WaferModel(cfg, w, WSE2, RunConfig(prefill_grid=8, decode_grid=4, max_seq_len=64,
+                                                    speculative_tokens=k))
+        backend = speculative_backend(target, SpeculativeConfig(num_speculative_tokens=k, draft_layers=layers,
+                                                                 draft_ahead=True))
+        out = generate_one(backend, byte_tokenizer(), list(range(1, 12)), params)
+        assert out.token_ids == plain.token_ids
+        s = out.metrics["backend"]["speculative"]
+        assert s["rounds"] + s["accepted"] == len(out.token_ids) - 1
+
+
+def test_a_perfect_draft_drafting_ahead_has_every_round_ready(tiny):
+    """With the target as its own draft every guess is right: after the first round each
+    round's drafts were made during the previous verification."""
+    cfg, w = tiny
+    target = WaferModel(cfg, w, WSE2, RunConfig(prefill_grid=8, decode_grid=4, max_seq_len=64, speculative_tokens=3))
+    from waferllm.engine.speculative import SpeculativeBackend
+
+    backend = SpeculativeBackend(target, place_draft(cfg, w, target), 3, ahead=True)
+    out = generate_one(backend, byte_tokenizer(), list(range(1, 12)),
+                       SamplingParams(max_tokens=17, temperature=0, ignore_eos=True))
+    s = out.metrics["backend"]["speculative"]
+    assert s["rounds"] == 4 and s["ahead_hits"] == 3 and s["draft_hidden_s"] > 0
+
+
+def test_drafting_ahead_hides_draft_time_in_a_prediction():
+    """Shape-only, llama3-8b with a 1B draft at 90% acceptance: the draft's exposed time
+    falls by what ran during verification, so decode is faster."""
+    cfg, draft = get_model_preset("llama3-8b"), get_model_preset("llama3.2-1b")
+    out = {}
+    for ahead in (False, True):
+        target = WaferModel(cfg, None, WSE2, _EIGHT_B.replace(max_seq_len=576, speculative_tokens=2), mode="dry")
+        b = speculative_backend(target, SpeculativeConfig(num_speculative_tokens=2, draft_model="llama3.2-1b",
+                                                          draft_ahead=ahead), draft_config=draft)
+        b.run_dry(512, 64, 0.9)
+        out[ahead] = b.request_metrics()
+    assert out[True]["speculative"]["ahead_hits"] > 0
+    assert out[True]["speculative"]["decode_s"]["draft"] < out[False]["speculative"]["decode_s"]["draft"]
+    assert out[True]["decode_tokens_per_s"] > out[False]["decode_tokens_per_s"]

@@ -74,6 +74,9 @@ class SpeculativeConfig:
         draft_grid: side of the draft's square regions (both phases); None: the target's
             decode grid, or the largest that fits beside the target.
         acceptance: shape-only predictions: the probability that the target accepts each draft.
+        draft_ahead: while the target verifies a round, the draft drafts the next one as if
+            every draft were taken and the target's own next token were the draft's guess;
+            when both hold, the next round starts with its drafts ready.
     """
 
     num_speculative_tokens: int = 4
@@ -81,11 +84,13 @@ class SpeculativeConfig:
     draft_model: object = None
     draft_grid: int | None = None
     acceptance: float | None = None
+    draft_ahead: bool = False
 
     def __post_init__(self):
         k = self.num_speculative_tokens
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= MAX_SPECULATIVE_TOKENS:
-            raise RequestError(f"num_speculative_tokens must be an integer from 1 to {MAX_SPECULATIVE_TOKENS}, got {k!r}")
+            raise RequestError(f"num_speculative_tokens must be an integer from 1 to {MAX_SPECULATIVE_TOKENS}, "
+                               f"got {k!r}")
         if (self.draft_layers is None) == (self.draft_model is None):
             raise RequestError("speculative decoding needs a draft: give draft_layers (the target's first N layers) "
                                "or draft_model (a model with the target's vocabulary), not both")
@@ -105,12 +110,14 @@ class SpeculativeConfig:
         if value is None or isinstance(value, cls):
             return value
         if not isinstance(value, dict):
-            raise RequestError(f"speculative_config must be a dict of {', '.join(f.name for f in dataclasses.fields(cls))}"
+            names = ", ".join(f.name for f in dataclasses.fields(cls))
+            raise RequestError(f"speculative_config must be a dict of {names}"
                                f", got {type(value).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(value) - known)
         if unknown:
-            raise RequestError(f"unknown speculative_config field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            raise RequestError(f"unknown speculative_config field(s) {', '.join(unknown)}; "
+                               f"known: {', '.join(sorted(known))}")
         return cls(**value)
 
 
@@ -243,10 +250,12 @@ class SpeculativeBackend:
     token's successor, from a verification pass already run when the token is the draft's
     guess, else from a new round (see the module's docstring). One request at a time."""
 
-    def __init__(self, target: WaferModel, draft: WaferModel, k: int):
+    def __init__(self, target: WaferModel, draft: WaferModel, k: int, ahead: bool = False):
         if target.mode != draft.mode:
             raise RequestError("the target and the draft must run in the same mode (numeric or dry)")
         self.target, self.draft, self.k = target, draft, int(k)
+        # draft the next round while the target verifies (the draft's PEs are its own)
+        self.ahead = bool(ahead)
         self.config, self.wafer, self.mode = target.config, target.wafer, target.mode
         self.reset()
 
@@ -277,6 +286,12 @@ class SpeculativeBackend:
         self.draft.reset()
         self._verified: list[tuple[int | None, np.ndarray | None]] = []  # (draft, target logits after it)
         self._unseen: list = []  # emitted tokens the draft's cache does not hold yet
+        # drafted ahead during the last verification: the draft's guess of the target's next
+        # token, its drafts after that guess, and how many entries they added to its cache
+        self._ahead: dict | None = None
+        self._ahead_hit: bool | None = None  # shape-only runs: whether the guess is the token
+        self.ahead_hits = 0
+        self.hidden_cycles = 0.0  # draft work done while the target verified
         self.emitted = 0  # tokens the request has emitted (the first from the prefill)
         self.rounds = self.drafted = self.accepted = self.rejected = 0
         self.prompt_len = 0
@@ -297,27 +312,45 @@ class SpeculativeBackend:
             self.accepted += 1
             self.emitted += 1
             return self._verified.pop(0)[1]
-        self._settle()
+        ready = self._settle(token)
         self.emitted += 1
-        return self._round(token)
+        return self._round(token, ready)
 
-    def _settle(self) -> None:
+    def _settle(self, token=None) -> list | None:
         """The caller's token is not the next draft (or no drafts are left): drop the drafts
-        still verified but not taken from both caches; the draft's cache keeps what was taken."""
-        rejected = len(self._verified)
+        still verified but not taken from both caches; the draft's cache keeps what was taken.
+        With drafting ahead: the drafts made for ``token`` when it is the draft's guess (all of
+        the round taken), else the draft drops them too."""
+        rejected, ahead = len(self._verified), self._ahead
+        self._ahead = None
+        extra = ahead["extra"] if ahead else 0
         if rejected:
             self.rejected += 1  # the next draft was examined and not taken; the rest were not examined
             self._timed("rollback", self.target, lambda: self.target.rollback(0, rejected))
-            # the draft holds every draft but its last; it keeps those taken
-            self._timed("rollback", self.draft, lambda: self.draft.rollback(0, rejected - 1))
+            # the draft holds every draft but its last (and what it drafted ahead); it keeps those taken
+            self._timed("rollback", self.draft, lambda: self.draft.rollback(0, rejected - 1 + extra))
             self._verified, self._unseen = [], []
+            return None
+        if ahead is None:
+            return None
+        hit = self._ahead_hit if self.mode == "dry" else token is not None and int(token) == ahead["guess"]
+        if hit:
+            self.ahead_hits += 1
+            return ahead["drafts"]  # in the draft's cache but the last, which stays unseen
+        # the guess was wrong: the draft keeps the round's last draft, which it took ahead
+        self._timed("rollback", self.draft, lambda: self.draft.rollback(0, extra - 1))
+        self._unseen = []
+        return None
 
-    def _round(self, token) -> np.ndarray | None:
-        """Draft up to k tokens after ``token``, verify them, return the logits after ``token``."""
+    def _round(self, token, drafts: list | None = None) -> np.ndarray | None:
+        """Draft up to k tokens after ``token`` (or take ``drafts`` made ahead), verify them,
+        return the logits after ``token``."""
         t, d = self.target, self.draft
-        room = t.max_seq_len - t.positions[0] - 1  # the pass holds token and the drafts
-        k = max(0, min(self.k, room, d.max_seq_len - d.positions[0] - len(self._unseen) - 1))
-        drafts = self._draft(token, k)
+        if drafts is None:
+            room = t.max_seq_len - t.positions[0] - 1  # the pass holds token and the drafts
+            k = max(0, min(self.k, room, d.max_seq_len - d.positions[0] - len(self._unseen) - 1))
+            drafts = self._draft(token, k)
+        window = self.target.ledger.cycles
         if drafts:
             self._hand_off(d, t, len(drafts))
         logits = self._timed("verify", t, lambda: t.verify(0, [token] + drafts))
@@ -326,7 +359,30 @@ class SpeculativeBackend:
         self._hand_off(t, d, 1)  # the draft learns how far the target went (a token id)
         rows = [None] * (len(drafts) + 1) if logits is None else list(logits)
         self._verified = list(zip(drafts, rows[1:]))
+        if self.ahead and drafts:
+            self._draft_ahead(self.target.ledger.cycles - window)
         return rows[0]
+
+    def _draft_ahead(self, window: float) -> None:
+        """While the drafts cross, the target verifies them and its answer comes back
+        (``window`` cycles), the draft goes on as if all were taken: its guess of the target's
+        own next token, then the next round's drafts after that guess. Only the part of its
+        work longer than the window is on the critical path."""
+        t, d = self.target, self.draft
+        m = min(self.k, t.max_seq_len - t.positions[0] - 1, d.max_seq_len - d.positions[0] - 2)
+        if m < 1:
+            return
+        before = phase_cycles(d).decode
+        out, feed = [], self._unseen  # the round's last draft
+        for _ in range(m + 1):
+            logits = d.verify(0, feed) if len(feed) > 1 else d.decode(feed[0])
+            out.append(None if logits is None else int(np.argmax(np.asarray(logits).reshape(len(feed), -1)[-1])))
+            feed = [out[-1]]
+        spent = phase_cycles(d).decode - before
+        self.cycles["draft"] += max(0.0, spent - window)
+        self.hidden_cycles += min(spent, window)
+        self._ahead = {"guess": out[0], "drafts": out[1:], "extra": m + 1}
+        self._unseen = out[-1:]
 
     def _draft(self, token, k: int) -> list:
         """k greedy draft tokens after ``token`` (the draft first takes the tokens it has not
@@ -347,8 +403,8 @@ class SpeculativeBackend:
         """``n`` token ids from where ``src`` picks its tokens to where ``dst`` embeds them."""
         led = self.target.ledger
         mark = led.mark()
-        charge_move(led, _tokens_at(src.decode_stages[0].mesh.region, n), _tokens_at(dst.decode_stages[0].mesh.region, n),
-                    DTYPE_BYTES["fp32"], name="speculative.handoff")
+        charge_move(led, _tokens_at(src.decode_stages[0].mesh.region, n),
+                    _tokens_at(dst.decode_stages[0].mesh.region, n), DTYPE_BYTES["fp32"], name="speculative.handoff")
         self.cycles["handoff"] += led.since(mark)["cycles"]  # the move and its task switch
 
     def _timed(self, what: str, model: WaferModel, fn):
@@ -370,7 +426,10 @@ class SpeculativeBackend:
             if self._verified and rng.random() < acceptance:
                 self.decode(None)  # the next draft is the token picked: its logits are ready
             else:
-                self._settle()  # rejected (or none left): a new round from the target's own token
+                if self._verified:
+                    self._settle()  # rejected: a new round from the target's own token
+                elif self._ahead is not None:  # all taken: is the target's own next token the guess made ahead?
+                    self._ahead_hit = rng.random() < acceptance
                 self.decode(None)
 
     # ------------------------------------------------------------------------ figures
@@ -405,6 +464,9 @@ class SpeculativeBackend:
                 "draft_grid": d.plan.decode.grid,
                 "draft_regions": [st.region.describe() for st in d.plan.decode.stages],
                 "num_speculative_tokens": self.k,
+                "draft_ahead": self.ahead,
+                "ahead_hits": self.ahead_hits,
+                "draft_hidden_s": sec(self.hidden_cycles),
                 "rounds": self.rounds,
                 "drafted": self.drafted,
                 "accepted": self.accepted,
@@ -453,4 +515,4 @@ def speculative_backend(target: WaferModel, spec: SpeculativeConfig, draft_confi
     if draft_config is None:
         raise RequestError("speculative decoding with draft_model needs the draft's config")
     draft = place_draft(draft_config, draft_weights, target, spec.draft_grid, target.mode, progress)
-    return SpeculativeBackend(target, draft, spec.num_speculative_tokens)
+    return SpeculativeBackend(target, draft, spec.num_speculative_tokens, spec.draft_ahead)

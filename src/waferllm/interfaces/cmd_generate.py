@@ -302,6 +302,9 @@ def generate(
     draft_grid: Optional[int] = typer.Option(None, "--draft-grid", rich_help_panel=WAFER,
                                              help="The draft's regions' side (default: the largest that fits, up to "
                                                   "the decode grid)."),
+    draft_ahead: bool = typer.Option(False, "--draft-ahead", rich_help_panel=WAFER,
+                                     help="The draft drafts the next round while the model verifies (its PEs are its "
+                                          "own)."),
     prefill_attention: str = algorithm_options.PREFILL_ATTENTION,
     decode_collectives: str = algorithm_options.DECODE_COLLECTIVES,
     gemv_ktree: str = algorithm_options.GEMV_KTREE,
@@ -327,8 +330,8 @@ def generate(
                  numerics=numerics)
     spec, pg, dg = _check_wafer_options(engine, given)
     speculative = None
-    stray = [flag for flag, v in (("--speculative-tokens", speculative_tokens), ("--draft-grid", draft_grid))
-             if v is not None]
+    stray = [flag for flag, v in (("--speculative-tokens", speculative_tokens), ("--draft-grid", draft_grid),
+                                  ("--draft-ahead", draft_ahead or None)) if v is not None]
     if stray and draft_layers is None and draft_model is None:
         raise RequestError(f"{', '.join(stray)} only appl{'y' if len(stray) > 1 else 'ies'} with a draft: add "
                            "--draft-layers N or --draft-model PATH, or drop them")
@@ -339,7 +342,7 @@ def generate(
             raise RequestError("--draft-layers and --draft-model only apply to the wafer engine; drop them, or use "
                                "--engine wafer")
         speculative = SpeculativeConfig(num_speculative_tokens=4 if speculative_tokens is None else speculative_tokens,
-                                        draft_layers=draft_layers,
+                                        draft_layers=draft_layers, draft_ahead=draft_ahead,
                                         draft_model=draft_model, draft_grid=draft_grid)
     _check_lengths_upfront(max_tokens, max_model_len)
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,

@@ -68,6 +68,8 @@ def predict(
                                                "accepts each draft (a shape-only run has no tokens to compare)."),
     draft_grid: Optional[int] = typer.Option(None, "--draft-grid", help="With a draft: its regions' side (default: "
                                              "the largest that fits beside the target)."),
+    draft_ahead: bool = typer.Option(False, "--draft-ahead", help="With a draft: it drafts the next round while the "
+                                     "target verifies (its PEs are its own)."),
     prefill_attention: str = algorithm_options.PREFILL_ATTENTION,
     decode_collectives: str = algorithm_options.DECODE_COLLECTIVES,
     gemv_ktree: str = algorithm_options.GEMV_KTREE,
@@ -117,7 +119,8 @@ def predict(
     spec_cfg = None
     drafting = draft_model is not None or draft_layers is not None
     stray = [flag for flag, v in (("--speculative-tokens", speculative_tokens), ("--acceptance", acceptance),
-                                  ("--draft-grid", draft_grid)) if v is not None]
+                                  ("--draft-grid", draft_grid), ("--draft-ahead", draft_ahead or None))
+             if v is not None]
     if stray and not drafting:
         raise RequestError(f"{', '.join(stray)} only appl{'y' if len(stray) > 1 else 'ies'} with a draft: add "
                            "--draft-model NAME|PATH or --draft-layers N, or drop them")
@@ -130,7 +133,8 @@ def predict(
         if n_wafers != 1 or cluster is not None:
             raise RequestError("speculative decoding (--draft-model, --draft-layers) runs on one wafer: drop --wafers")
         spec_cfg = SpeculativeConfig(num_speculative_tokens=speculative_tokens, draft_layers=draft_layers,
-                                     draft_model=draft_model, draft_grid=draft_grid, acceptance=acceptance)
+                                     draft_model=draft_model, draft_grid=draft_grid, acceptance=acceptance,
+                                     draft_ahead=draft_ahead)
         if acceptance is None:
             raise RequestError("a shape-only prediction has no tokens to compare: give --acceptance (0..1), the "
                                "probability the target accepts each draft")
