@@ -238,3 +238,30 @@ def test_concat_bottom_row_cap_is_the_whole_capacity_but_sram_limits_it():
             for layer in range(4):
                 concat.update(layer)
     assert concat.count[-1] <= fit + 1
+
+
+@pytest.mark.parametrize("grid,prompt,steps", [(4, 9, 23), (5, 0, 17), (3, 7, 1)])
+def test_a_shape_only_cache_catches_up_on_replayed_steps_exactly(grid, prompt, steps):
+    """A dry shift cache counts replayed steps' appends and applies them when read: its rows,
+    ring heads, hand-over count and program keys equal appending token by token."""
+    wafer = get_wafer("wse2")
+    caches = []
+    for lazy in (True, False):
+        mesh = Mesh(Region(wafer, grid, grid), mode="dry")
+        c = KVCache(mesh, HeadLayout(4, 2, 8, grid), 3, 64, "shift", "fp16")
+        c._lazy = lazy
+        c.load(prompt)
+        caches.append(c)
+    keys = [[], []]
+    for _ in range(steps):
+        for i, c in enumerate(caches):
+            keys[i].append((c.program_key(), c.program_key(3)))
+            c.advance()
+    lazy, eager = caches
+    assert keys[0] == keys[1]
+    assert lazy._lag == steps  # nothing applied yet
+    assert lazy.count.tolist() == eager.count.tolist() and lazy.head.tolist() == eager.head.tolist()
+    assert lazy.shift_moves == eager.shift_moves and lazy.length == prompt + steps
+    with pytest.raises(PlacementError, match="KV cache full"):
+        for _ in range(64):
+            lazy.advance()

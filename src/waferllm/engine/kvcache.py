@@ -92,14 +92,18 @@ class KVCache:
             self._alloc = mesh.sram.alloc(f"{name} cache (shift)", self.slot_bytes * self.cap)
         else:
             self._alloc = mesh.sram.alloc(f"{name} cache (concat)", np.zeros(mesh.shape, np.int64))
-        self.count = np.zeros(q, np.int64)
-        self.head = np.zeros(q, np.int64)
+        self._count = np.zeros(q, np.int64)
+        self._head = np.zeros(q, np.int64)
+        # a shape-only shift cache takes replayed steps' appends as a count (``advance``) and
+        # applies them when its rows are next read: balanced rows are a function of the length
+        self._lazy = not mesh.numeric and scheme == "shift"
+        self._lag = 0
         self.k = self.v = None
         if mesh.numeric:
             npd = NP_DTYPES[dtype]
             self.k = [np.zeros((q, q, width, self.cap), npd) for _ in range(layers)]  # K^T per PE: [F, slots]
             self.v = [np.zeros((q, q, self.cap, width), npd) for _ in range(layers)]  # V per PE: [slots, F]
-        self.shift_moves = 0  # token entries handed to a neighbour row (all layers)
+        self._shift_moves = 0  # token entries handed to a neighbour row (all layers)
         self._tokens = 1  # tokens the next step appends (several: a verification pass)
         self._plans: list | None = None  # the pending step's appends: (moving rows, head, count after)
         self._updated = 0  # layers of the pending step done
@@ -109,6 +113,65 @@ class KVCache:
         self._rows.flags.writeable = False
 
     # ---- state -------------------------------------------------------------------
+    @property
+    def count(self) -> np.ndarray:
+        """Tokens each row holds."""
+        if self._lag:
+            self._catch_up()
+        return self._count
+
+    @count.setter
+    def count(self, value: np.ndarray) -> None:
+        self._count = value
+
+    @property
+    def head(self) -> np.ndarray:
+        """Each row's ring slot of its oldest token."""
+        if self._lag:
+            self._catch_up()
+        return self._head
+
+    @head.setter
+    def head(self, value: np.ndarray) -> None:
+        self._head = value
+
+    @property
+    def shift_moves(self) -> int:
+        """Token entries handed to a neighbour row (all layers)."""
+        if self._lag:
+            self._catch_up()
+        return self._shift_moves
+
+    @shift_moves.setter
+    def shift_moves(self, value: int) -> None:
+        self._shift_moves = value
+
+    def _length(self) -> int:
+        """Tokens held, appends not yet applied (``advance``) included."""
+        known = self._known
+        n = known[1] if known is not None and known[0] is self._count else int(self._count.sum())
+        return n + self._lag
+
+    def _catch_up(self) -> None:
+        """Apply the appends ``advance`` counted, at once, as they would have gone one by one:
+        the rows balanced for the new length; each row's head stepped once per append in which
+        it handed a token up (the append that joins token n moves the last n % q rows); and
+        those hand-overs counted."""
+        n, m, q = self._length() - self._lag, self._lag, self.q
+        self._lag = 0
+        t = q - self._rows  # row i hands a token up when the length mod q is at least q - i
+
+        def handed(x):  # appends from 0 up to length x in which each row handed a token up
+            return (x // q) * (q - t) + np.maximum(0, x % q - t)
+
+        def moved(x):  # rows that handed a token up in the appends from 0 up to length x
+            return (x // q) * (q * (q - 1) // 2) + (x % q) * (x % q - 1) // 2
+
+        self._head = (self._head + handed(n + m) - handed(n)) % self.cap
+        self._count = self.balanced_counts(n + m)
+        self._shift_moves += (moved(n + m) - moved(n)) * self.layers
+        self._known = (self._count, n + m)
+
     @property
     def length(self) -> int:
         return int(self.count.sum())
@@ -122,6 +185,13 @@ class KVCache:
         """What the next decode step's program depends on: the fullest row's slots and
         whether rows shift (a dry run replays a step whose key it has executed); for a step
         appending several ``tokens``, that of each append in turn."""
+        if self._lazy and not self._updated and not self._sub:  # balanced rows: from the length
+            n, q = self._length(), self.q
+            if n + tokens > self.capacity_tokens:
+                raise PlacementError(f"KV cache full ({self.scheme} scheme): {self.capacity_tokens} tokens, "
+                                     f"capacity {self.capacity_tokens}")
+            keys = tuple((-(-(n + j) // q), bool((n + j) % q)) for j in range(tokens))
+            return keys[0] if tokens == 1 else keys
         if tokens == 1:
             return self.occupied, bool(self._plan_append().size)
         keys, count = [], self.count
@@ -184,6 +254,8 @@ class KVCache:
         """
         if length > self.capacity_tokens:
             raise PlacementError(f"prompt of {length} tokens exceeds the KV cache capacity {self.capacity_tokens}")
+        if self._lag:
+            self._catch_up()  # the previous contents' hand-overs still count
         counts = self.balanced_counts(length)
         if counts.max() > self.cap:
             raise PlacementError(f"prompt of {length} tokens needs {counts.max()} slots per row, the cache has {self.cap}")
@@ -274,6 +346,13 @@ class KVCache:
         :meth:`update` does over all layers without K/V)."""
         if self._updated or self._sub:
             raise MeshError(f"{self.name}: a step is half appended ({self._updated} of {self.layers} layers)")
+        if self._lazy and self._plans is None and self._tokens == 1:
+            n = self._length()
+            if n + 1 > self.capacity_tokens:
+                raise PlacementError(f"KV cache full ({self.scheme} scheme): {n} tokens, "
+                                     f"capacity {self.capacity_tokens}")
+            self._lag += 1  # applied when the rows are next read (_catch_up)
+            return
         self._step_plans()
         self._commit()
 
