@@ -437,9 +437,11 @@ def generate(
         if "speculative" in m:
             sp = m["speculative"]
             rate = "-" if sp["acceptance_rate"] is None else f"{sp['acceptance_rate']:.0%}"
+            reached = sp["accepted"] + sp["rejected"]  # drafts the model's own tokens were compared with
             typer.echo(f"[wafer] speculative: draft {sp['draft']} on {sp['draft_grid']}x{sp['draft_grid']} regions, "
-                       f"{sp['rounds']} rounds, {sp['accepted']} of {sp['drafted']} drafts accepted ({rate}), "
-                       f"{sp['tokens_per_round'] or 0:.2f} tokens per round", err=True)
+                       f"{sp['rounds']} rounds, {sp['accepted']} of the {reached} drafts reached accepted ({rate}; "
+                       f"{sp['drafted']} drafted), {sp['tokens_per_round'] or 0:.2f} tokens per round"
+                       + (f", {sp['ahead_hits']} rounds drafted ahead" if sp["draft_ahead"] else ""), err=True)
         _write_trace(eng, trace)
         return
     parts = [f"{m.get('prompt_tokens')} prompt + {m.get('generated_tokens')} generated tokens",
