@@ -441,7 +441,8 @@ def generate(
             typer.echo(f"[wafer] speculative: draft {sp['draft']} on {sp['draft_grid']}x{sp['draft_grid']} regions, "
                        f"{sp['rounds']} rounds, {sp['accepted']} of the {reached} drafts reached accepted ({rate}; "
                        f"{sp['drafted']} drafted), {sp['tokens_per_round'] or 0:.2f} tokens per round"
-                       + (f", {sp['ahead_hits']} rounds drafted ahead" if sp["draft_ahead"] else ""), err=True)
+                       + (f", {sp['ahead_hits']} round{'' if sp['ahead_hits'] == 1 else 's'} drafted ahead"
+                          if sp["draft_ahead"] else ""), err=True)
         _write_trace(eng, trace)
         return
     parts = [f"{m.get('prompt_tokens')} prompt + {m.get('generated_tokens')} generated tokens",
