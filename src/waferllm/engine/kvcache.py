@@ -69,6 +69,23 @@ class KVView:
         return self.valid[:, None, :] & (self.index[:, None, :] <= limit[None, :, None])
 
 
+class _CaughtUp:
+    """A cache field read only once the appends :meth:`KVCache.advance` counted are applied."""
+
+    def __init__(self, field: str, doc: str):
+        self.field, self.__doc__ = field, doc
+
+    def __get__(self, cache, owner=None):
+        if cache is None:
+            return self
+        if cache._lag:
+            cache._catch_up()
+        return getattr(cache, self.field)
+
+    def __set__(self, cache, value) -> None:
+        setattr(cache, self.field, value)
+
+
 class KVCache:
     def __init__(self, mesh, head_layout, layers: int, capacity_tokens: int, scheme: str = "shift",
                  dtype: str = "fp16", name: str = "kv"):
@@ -113,38 +130,14 @@ class KVCache:
         self._rows.flags.writeable = False
 
     # ---- state -------------------------------------------------------------------
-    @property
-    def count(self) -> np.ndarray:
-        """Tokens each row holds."""
-        if self._lag:
-            self._catch_up()
-        return self._count
+    count = _CaughtUp("_count", "tokens each row holds")
+    head = _CaughtUp("_head", "each row's ring slot of its oldest token")
+    shift_moves = _CaughtUp("_shift_moves", "token entries handed to a neighbour row (all layers)")
 
-    @count.setter
-    def count(self, value: np.ndarray) -> None:
-        self._count = value
-
-    @property
-    def head(self) -> np.ndarray:
-        """Each row's ring slot of its oldest token."""
-        if self._lag:
-            self._catch_up()
-        return self._head
-
-    @head.setter
-    def head(self, value: np.ndarray) -> None:
-        self._head = value
-
-    @property
-    def shift_moves(self) -> int:
-        """Token entries handed to a neighbour row (all layers)."""
-        if self._lag:
-            self._catch_up()
-        return self._shift_moves
-
-    @shift_moves.setter
-    def shift_moves(self, value: int) -> None:
-        self._shift_moves = value
+    def _check_room(self, n: int) -> None:
+        """Refuse a token joining ``n`` when the cache holds no more."""
+        if n + 1 > self.capacity_tokens:
+            raise PlacementError(f"KV cache full ({self.scheme} scheme): {n} tokens, capacity {self.capacity_tokens}")
 
     def _length(self) -> int:
         """Tokens held, appends not yet applied (``advance``) included."""
@@ -187,9 +180,7 @@ class KVCache:
         appending several ``tokens``, that of each append in turn."""
         if self._lazy and not self._updated and not self._sub:  # balanced rows: from the length
             n, q = self._length(), self.q
-            if n + tokens > self.capacity_tokens:
-                raise PlacementError(f"KV cache full ({self.scheme} scheme): {self.capacity_tokens} tokens, "
-                                     f"capacity {self.capacity_tokens}")
+            self._check_room(n + tokens - 1)
             keys = tuple((-(-(n + j) // q), bool((n + j) % q)) for j in range(tokens))
             return keys[0] if tokens == 1 else keys
         if tokens == 1:
@@ -347,10 +338,7 @@ class KVCache:
         if self._updated or self._sub:
             raise MeshError(f"{self.name}: a step is half appended ({self._updated} of {self.layers} layers)")
         if self._lazy and self._plans is None and self._tokens == 1:
-            n = self._length()
-            if n + 1 > self.capacity_tokens:
-                raise PlacementError(f"KV cache full ({self.scheme} scheme): {n} tokens, "
-                                     f"capacity {self.capacity_tokens}")
+            self._check_room(self._length())
             self._lag += 1  # applied when the rows are next read (_catch_up)
             return
         self._step_plans()
@@ -375,12 +363,8 @@ class KVCache:
         ``ahead`` appends still pending: the last rows, as a read-only view of the cache's row
         indices (a replayed decode step plans every cache's append, so this stays a few
         Python operations). Balanced rows make them a function of the length alone."""
-        known = self._known
-        n = (known[1] if known is not None and known[0] is self.count else self.length) + ahead
-        if n + 1 > self.capacity_tokens:
-            raise PlacementError(
-                f"KV cache full ({self.scheme} scheme): {n} tokens, capacity {self.capacity_tokens}"
-            )
+        n = self._length() + ahead
+        self._check_room(n)
         rows = self._rows
         if self.scheme == "concat":
             if self.count[-1] + ahead + 1 > self.cap:
@@ -460,8 +444,7 @@ class KVCache:
 
     def _commit(self) -> None:
         # counted once per step for all layers, replayed ones included
-        known = self._known
-        n = known[1] if known is not None and known[0] is self.count else self.length
+        n = self._length()
         plans = self._plans
         self.shift_moves += sum(int(m.size) for m, _, _ in plans) * self.layers
         _, self.head, self.count = plans[-1]

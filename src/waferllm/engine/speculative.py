@@ -218,7 +218,8 @@ def place_draft(config, weights, target: WaferModel, grid: int | None = None, mo
 
 
 def _fit(config, wafer, run: RunConfig, rects: list, grids: list[int] | None, start: int):
-    """(grid, plan) of the first grid, largest first, that plans in one of ``rects``."""
+    """(grid, plan) of the largest grid that plans in the first of ``rects`` (ordered by the
+    square they hold) where any does."""
     for rect in rects:
         side = min(rect[2], rect[3])
         for g in grids or _draft_grids(wafer, min(start, side)):
@@ -373,11 +374,7 @@ class SpeculativeBackend:
         if m < 1:
             return
         before = phase_cycles(d).decode
-        out, feed = [], self._unseen  # the round's last draft
-        for _ in range(m + 1):
-            logits = d.verify(0, feed) if len(feed) > 1 else d.decode(feed[0])
-            out.append(None if logits is None else int(np.argmax(np.asarray(logits).reshape(len(feed), -1)[-1])))
-            feed = [out[-1]]
+        out = self._draft_steps(self._unseen, m + 1)  # from the round's last draft
         spent = phase_cycles(d).decode - before
         self.cycles["draft"] += max(0.0, spent - window)
         self.hidden_cycles += min(spent, window)
@@ -387,16 +384,22 @@ class SpeculativeBackend:
     def _draft(self, token, k: int) -> list:
         """k greedy draft tokens after ``token`` (the draft first takes the tokens it has not
         seen, in the same step); the last draft stays unseen by the draft."""
-        d, feed = self.draft, self._unseen + [token]
+        feed = self._unseen + [token]
         if not k:
             self._unseen = feed
             return []
-        out = []
-        for _ in range(k):
-            logits = self._timed("draft", d, lambda: d.verify(0, feed) if len(feed) > 1 else d.decode(feed[0]))
+        out = self._timed("draft", self.draft, lambda: self._draft_steps(feed, k))
+        self._unseen = out[-1:]
+        return out
+
+    def _draft_steps(self, feed: list, n: int) -> list:
+        """``n`` greedy draft steps, the first on ``feed`` (several tokens: one pass), each
+        next on the token before: the tokens they pick (None each in a dry run)."""
+        d, out = self.draft, []
+        for _ in range(n):
+            logits = d.verify(0, feed) if len(feed) > 1 else d.decode(feed[0])
             out.append(None if logits is None else int(np.argmax(np.asarray(logits).reshape(len(feed), -1)[-1])))
             feed = [out[-1]]
-        self._unseen = out[-1:]
         return out
 
     def _hand_off(self, src: WaferModel, dst: WaferModel, n: int) -> None:

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections import Counter
 from functools import partial
 
 import numpy as np
@@ -587,19 +586,22 @@ class WaferModel:
             raise RequestError(f"{len(tokens)} tokens for {len(seqs)} request slots")
         # a slot may come several times, its tokens in order (a verification pass): the k-th
         # is at its position + k, and all of them stay in one micro-batch
-        ahead = Counter()
-        positions = []
-        for s in seqs:
-            positions.append(self.positions.get(s, 0) + ahead[s])
-            ahead[s] += 1
+        rows_of: dict[int, list[int]] = {}
+        for i, s in enumerate(seqs):
+            rows_of.setdefault(s, []).append(i)
+        ahead = {s: len(r) for s, r in rows_of.items()}
         toks = [self._check_token(t, s, ahead[s]) for t, s in zip(tokens, seqs)]
+        positions = [0] * len(seqs)
+        for s, r in rows_of.items():
+            for k, i in enumerate(r):
+                positions[i] = self.positions[s] + k
         # one micro-batch per region at most, of no more rows than the plan budgeted a region for
         rows = self.plan.decode.rows
-        requests = list(ahead)
+        requests = list(rows_of)
         count = max(min(len(requests), len(self.decode_stages)), -(-len(seqs) // rows))
-        parts = [[int(x) for x in g] for g in np.array_split(requests, min(count, len(requests)))]
+        parts = np.array_split(requests, min(count, len(requests)))
         # rows of each micro-batch, a request's tokens side by side in their order
-        order = [[i for s in part for i, x in enumerate(seqs) if x == s] for part in parts]
+        order = [[i for s in part for i in rows_of[int(s)]] for part in parts]
         groups = [tuple(seqs[i] for i in g) for g in order]
         wide = max(len(g) for g in groups)
         if wide > rows:

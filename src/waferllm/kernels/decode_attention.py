@@ -39,7 +39,8 @@ def decode_attention(q: DistTensor, k_t: DistTensor, v: DistTensor, valid: np.nd
     (y, x); ``valid``: (rows, S), True where a row's slot holds a token (None in a dry
     run). Several queries of one request (a verification pass, ``batch.rows_as_heads``: T
     tokens' r heads each, read as T*r heads) take ``valid`` (rows, T, S): each its own
-    causal limit; every collective then carries all T at once. Returns the attention output [r * Fpad] (x,) fp32, complete on every PE. ``k`` and
+    causal limit; every collective then carries all T at once. Returns the attention
+    output [r * Fpad] (x,) fp32, complete on every PE. ``k`` and
     ``group``: the K-tree of every allreduce (group None: about n^(1/k) PEs); ``k="tuned"``
     picks both per reduction for its payload (:func:`comm.best_ktree`). ``fused``: one
     allreduce for softmax and p V (see the module docstring).
@@ -58,9 +59,13 @@ def decode_attention(q: DistTensor, k_t: DistTensor, v: DistTensor, valid: np.nd
     kq, gq = comm.ktree_for(mesh, "x", held, k, group, span=head_span)
     summed = comm.allreduce_segments(scores, "x", head_span, held, kq, group=gq, name="qk_allreduce")
     mesh.sram.release(scores)
-    if valid is not None and valid.ndim == 3:  # T queries of one request: query t's r heads are rows t*r..
-        valid = np.repeat(valid, r // valid.shape[1], axis=1)[:, None, None]  # (rows, 1, 1, T*r, S)
-    allowed = None if valid is None else (valid if valid.ndim == 5 else valid[:, None, None, None, :])
+    # against the tiles (rows, cols, Hkv, r, S)
+    if valid is None:
+        allowed = None
+    elif valid.ndim == 3:  # T queries of one request: query t's heads are rows t*r0 .. (t+1)*r0 - 1
+        allowed = np.repeat(valid, r // valid.shape[1], axis=1)[:, None, None]  # (rows, 1, 1, T*r0, S)
+    else:
+        allowed = valid[:, None, None, None, :]  # (rows, 1, 1, 1, S)
     if fused:
         return _flash_softmax_pv(summed, v, q, allowed, groups, scale, r, k, group)
     ks, gs = comm.ktree_for(mesh, "y", num_kv_heads * r * 4, k, group)  # the max and sum: fp32 per head row
