@@ -210,6 +210,12 @@ def test_round_fp16_is_numpys_fp16_cast():
     got = fused.round_fp16(x)
     assert np.array_equal(got.view(np.uint32)[~np.isnan(want)], want.view(np.uint32)[~np.isnan(want)])
     assert np.isnan(got[np.isnan(want)]).all()
+    # arrays without a subnormal, overflowing or NaN value take the bit rounding alone; zeros
+    # (masked probabilities, padding) are among them
+    for part in (x[(np.abs(x) >= 2.0 ** -14) & (np.abs(x) < 65504)], np.zeros(7, np.float32),
+                 np.array([0.0, -0.0, 1.0, 65504, 2.0 ** -14, -(2.0 ** -14)], np.float32)):
+        assert np.array_equal(fused.round_fp16(part).view(np.uint32),
+                              part.astype(np.float16).astype(np.float32).view(np.uint32))
 
 
 def test_a_replay_that_would_overflow_sram_raises_as_executing_does():

@@ -265,3 +265,37 @@ def test_a_shape_only_cache_catches_up_on_replayed_steps_exactly(grid, prompt, s
     with pytest.raises(PlacementError, match="KV cache full"):
         for _ in range(64):
             lazy.advance()
+
+
+@settings(max_examples=30, deadline=None)
+@given(scheme=st.sampled_from(["shift", "concat"]), q=st.integers(1, 6), length=st.integers(1, 12),
+       ops=st.lists(st.sampled_from(["fused", "fused", "mesh", "rollback", "load", "read"]), max_size=14))
+def test_fused_reads_follow_every_change_to_the_cache(scheme, q, length, ops):
+    """What a fused layer reads back (``update_values``: the cache in token order, kept
+    between reads) equals the dense cache through any mix of fused and primitive appends,
+    rollbacks of rejected tokens and new prompts."""
+    d = Driver(q, capacity=length + len(ops) + 2, scheme=scheme, seed=q)
+    d.load(length)
+    for op in ops:
+        c = d.cache
+        if op == "rollback":
+            drop = min(2, c.length if scheme == "shift" else int(c.count[-1]))
+            c.rollback(drop)
+            d.dense_k = [k[:len(k) - drop] for k in d.dense_k]
+            d.dense_v = [v[:len(v) - drop] for v in d.dense_v]
+        elif op == "load":
+            d.load(max(1, length - 1))
+        elif op == "mesh":
+            d.append()
+        elif op == "read":
+            d.check_logical()
+        else:
+            n = c.length
+            for l in range(d.layers):
+                k, v = d.rows(1, n)
+                got_k, got_v = c.update_values(l, k[0], v[0])
+                d.dense_k[l] = np.concatenate([d.dense_k[l], k])
+                d.dense_v[l] = np.concatenate([d.dense_v[l], v])
+                np.testing.assert_array_equal(got_k, d.dense_k[l])
+                np.testing.assert_array_equal(got_v, d.dense_v[l])
+    d.check_logical()

@@ -62,19 +62,32 @@ def round_fp16(a: np.ndarray) -> np.ndarray:
     bits; below 2**-14 its values are multiples of 2**-24; from 65520 on it is infinite."""
     a = np.ascontiguousarray(a, np.float32)
     u = a.view(np.uint32)
-    r = (u + ((u >> np.uint32(13)) & np.uint32(1)) + np.uint32(0x0FFF)) & np.uint32(0xFFFFE000)
+    r = u >> np.uint32(13)
+    r &= np.uint32(1)
+    r += np.uint32(0x0FFF)
+    r += u
+    r &= np.uint32(0xFFFFE000)
     out = r.view(np.float32)
+    # one pass finds the rare values the bit rounding gets wrong: nonzero magnitudes below
+    # 2**-14 (zero itself rounds right), and from 65520 (0x477FF000) on, NaN included
     bits = u & np.uint32(0x7FFFFFFF)
-    small = bits < np.uint32(113 << 23)  # below 2**-14: fp16's subnormals
-    if small.any():
-        out = np.where(small, np.round(a * np.float32(2.0 ** 24)) * np.float32(2.0 ** -24), out)
-    big = (r & np.uint32(0x7FFFFFFF)) >= np.uint32(143 << 23)  # rounded to 2**16 or more
-    if big.any():
-        out = np.where(big, np.copysign(np.float32(np.inf), a), out)
-    nan = bits > np.uint32(0x7F800000)
-    if nan.any():
-        out = np.where(nan, a, out)
+    bits -= np.uint32(1)  # zero wraps to the top, out of the small range
+    special = bits < np.uint32((113 << 23) - 1)
+    special |= (bits >= np.uint32(0x477FF000 - 1)) & (bits != np.uint32(0xFFFFFFFF))
+    if special.any():
+        out = _round_fp16_special(a, out, bits + np.uint32(1))
     return out
+
+
+def _round_fp16_special(a: np.ndarray, out: np.ndarray, bits: np.ndarray) -> np.ndarray:
+    """:func:`round_fp16` where ``a`` holds subnormal, overflowing or NaN values (``bits``:
+    ``a``'s magnitude bits; ``out``: the bit rounding, right for the other values)."""
+    small = bits < np.uint32(113 << 23)  # fp16's subnormals: multiples of 2**-24
+    out = np.where(small, np.round(a * np.float32(2.0 ** 24)) * np.float32(2.0 ** -24), out)
+    big = bits >= np.uint32(0x477FF000)  # rounds to 2**16 or more: infinite
+    out = np.where(big, np.copysign(np.float32(np.inf), a), out)
+    nan = bits > np.uint32(0x7F800000)
+    return np.where(nan, a, out)
 
 
 def rmsnorm(h: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:

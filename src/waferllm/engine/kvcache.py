@@ -116,6 +116,7 @@ class KVCache:
         self._lazy = not mesh.numeric and scheme == "shift"
         self._lag = 0
         self.k = self.v = None
+        self._mirrors: list = [None] * layers  # per layer: (tokens, K, V) in token order (_logical)
         if mesh.numeric:
             npd = NP_DTYPES[dtype]
             self.k = [np.zeros((q, q, width, self.cap), npd) for _ in range(layers)]  # K^T per PE: [F, slots]
@@ -197,6 +198,7 @@ class KVCache:
         self.k = self.v = None
 
     def reset(self) -> None:
+        self._mirrors = [None] * self.layers
         self.count[:] = 0
         self.head[:] = 0
         self._clear_step()
@@ -252,6 +254,7 @@ class KVCache:
             raise PlacementError(f"prompt of {length} tokens needs {counts.max()} slots per row, the cache has {self.cap}")
         self.count = counts
         self.head = np.zeros(self.q, np.int64)
+        self._mirrors = [None] * self.layers
         self._clear_step()
         self._resize_concat()
         if self.k is None or k_layers is None:
@@ -486,6 +489,8 @@ class KVCache:
                 self.shift_moves += int(movers.size) * self.layers
             count[-1] -= 1
             self.head, self.count = head, count
+        n = self.length  # the tokens kept are unchanged: a mirror keeps its share of them
+        self._mirrors = [m if m is None else (min(m[0], n), m[1], m[2]) for m in self._mirrors]
         self._resize_concat()
 
     # ---- reading back ----------------------------------------------------------------
@@ -494,13 +499,33 @@ class KVCache:
         return self._logical(layer, self.head, self.count)
 
     def _logical(self, layer: int, head: np.ndarray, count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(K, V) [tokens, kv_padded] in token order. Appends and hand-overs keep the tokens'
+        order and values, and each new token enters the bottom row's newest slot; so once
+        read, a layer's cache is kept in token order too (its mirror) and the next read after
+        one append adds just that token, read from its slot. Any other change (a load, a
+        reset, a rollback past the mirror, appends not read here) rebuilds it from the rows."""
+        n = int(count.sum())
+        mirror = self._mirrors[layer]
+        if mirror is not None and mirror[0] == n - 1 and n <= mirror[1].shape[0]:
+            last, (_, k, v) = self.q - 1, mirror
+            slot = (head[last] + count[last] - 1) % self.cap
+            k[n - 1] = self.k[layer][last, :, :, slot].reshape(-1)
+            v[n - 1] = self.v[layer][last, :, slot, :].reshape(-1)
+        else:
+            k, v = self._gathered(layer, head, count, max(n, 2 * (mirror[1].shape[0] if mirror else 0), 16))
+        self._mirrors[layer] = (n, k, v)
+        return k[:n], v[:n]
+
+    def _gathered(self, layer: int, head: np.ndarray, count: np.ndarray, room: int) -> tuple[np.ndarray, np.ndarray]:
+        """Every row's tokens gathered into token order, in buffers of ``room`` tokens (float32)."""
         j = np.arange(int(count.max()) if count.size else 0)[None, :]
         slots = (head[:, None] + j) % self.cap  # (Q rows, slots): the j-th oldest token's slot
         held = j < count[:, None]  # row-major order of `held` is token order
         k = self.k[layer].transpose(0, 3, 1, 2)  # [rows, cap, cols, F]
         v = self.v[layer].transpose(0, 2, 1, 3)
-        k = np.take_along_axis(k, slots[:, :, None, None], axis=1)[held]
-        v = np.take_along_axis(v, slots[:, :, None, None], axis=1)[held]
-        n = int(held.sum())
-        return (k.reshape(n, self.hl.kv_padded).astype(np.float32),
-                v.reshape(n, self.hl.kv_padded).astype(np.float32))
+        n, width = int(held.sum()), self.hl.kv_padded
+        room = min(max(room, n), self.capacity_tokens)
+        K, V = np.zeros((room, width), np.float32), np.zeros((room, width), np.float32)
+        K[:n] = np.take_along_axis(k, slots[:, :, None, None], axis=1)[held].reshape(n, width)
+        V[:n] = np.take_along_axis(v, slots[:, :, None, None], axis=1)[held].reshape(n, width)
+        return K, V
