@@ -143,3 +143,32 @@ def test_tensor_memory_is_released_on_gc():
     del t
     gc.collect()
     assert m.sram.used_max() == 0
+
+
+@settings(max_examples=150, deadline=None)
+@given(case(), st.sampled_from(["fp16", "fp32"]))
+def test_a_tensor_placed_from_exact_values_is_the_tensor_placed_from_them(c, dtype):
+    """``from_global(exact=True)`` (values already exact in the dtype) keeps the array and
+    cuts tiles only when read: reading it whole, by elements, or as tiles gives what the
+    ordinary placement gives, and SRAM is charged the same."""
+    from waferllm.mesh import comm
+
+    rows, cols, shape, layout, seed = c
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal(shape).astype(np.float16).astype(np.float32)  # exact in either dtype
+    mesh = _mesh(rows, cols)
+    plain = DistTensor.from_global(mesh, a.copy(), layout, dtype, name="plain")
+    lazy = DistTensor.from_global(mesh, a, layout, dtype, name="lazy", exact=True)
+    assert lazy.bytes_per_pe == plain.bytes_per_pe and repr(lazy).endswith("numeric)")
+    np.testing.assert_array_equal(lazy.to_global(np.float32), a)
+    assert lazy.to_global().dtype == plain.to_global().dtype
+    index = tuple(rng.integers(0, n, 5) for n in shape)
+    got, want = comm.elements(lazy, index), comm.elements(plain, index)
+    assert got.dtype == want.dtype
+    np.testing.assert_array_equal(got, want)
+    a[...] = 0  # the caller's array stays the caller's: the tensor kept its own copy, read-only
+    with pytest.raises(ValueError):
+        lazy.source[...] = 1
+    assert lazy.tiles.dtype == plain.tiles.dtype
+    np.testing.assert_array_equal(lazy.tiles, plain.tiles)
+    assert lazy.source is None  # cut once; the tiles are the tensor's from now on

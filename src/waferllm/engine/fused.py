@@ -68,26 +68,35 @@ def round_fp16(a: np.ndarray) -> np.ndarray:
     r += u
     r &= np.uint32(0xFFFFE000)
     out = r.view(np.float32)
-    # one pass finds the rare values the bit rounding gets wrong: nonzero magnitudes below
-    # 2**-14 (zero itself rounds right), and from 65520 (0x477FF000) on, NaN included
+    # the bit rounding is wrong only for rare values, found by two reductions: magnitudes
+    # from 65520 (0x477FF000) on, NaN included, and nonzero ones below 2**-14 (less one,
+    # zero wraps to the top and so is never the smallest)
+    if not u.size:
+        return out
     bits = u & np.uint32(0x7FFFFFFF)
-    bits -= np.uint32(1)  # zero wraps to the top, out of the small range
-    special = bits < np.uint32((113 << 23) - 1)
-    special |= (bits >= np.uint32(0x477FF000 - 1)) & (bits != np.uint32(0xFFFFFFFF))
-    if special.any():
-        out = _round_fp16_special(a, out, bits + np.uint32(1))
+    big = bits.max() >= _FP16_TOO_BIG
+    bits -= np.uint32(1)
+    small = bits.min() < _FP16_SUBNORMAL - np.uint32(1)
+    if small or big:
+        _round_fp16_rare(a.reshape(-1), out.reshape(-1), bits.reshape(-1), small, big)
     return out
 
 
-def _round_fp16_special(a: np.ndarray, out: np.ndarray, bits: np.ndarray) -> np.ndarray:
-    """:func:`round_fp16` where ``a`` holds subnormal, overflowing or NaN values (``bits``:
-    ``a``'s magnitude bits; ``out``: the bit rounding, right for the other values)."""
-    small = bits < np.uint32(113 << 23)  # fp16's subnormals: multiples of 2**-24
-    out = np.where(small, np.round(a * np.float32(2.0 ** 24)) * np.float32(2.0 ** -24), out)
-    big = bits >= np.uint32(0x477FF000)  # rounds to 2**16 or more: infinite
-    out = np.where(big, np.copysign(np.float32(np.inf), a), out)
-    nan = bits > np.uint32(0x7F800000)
-    return np.where(nan, a, out)
+_FP16_TOO_BIG = np.uint32(0x477FF000)  # float32 bits of 65520: rounds to 2**16, infinite in fp16
+_FP16_SUBNORMAL = np.uint32(113 << 23)  # float32 bits of 2**-14: fp16's smallest normal value
+
+
+def _round_fp16_rare(a: np.ndarray, out: np.ndarray, less: np.ndarray, small: bool, big: bool) -> None:
+    """Mend :func:`round_fp16`'s ``out`` (flat, in place) where ``a`` is rare: subnormal in
+    fp16 (``small``: a multiple of 2**-24), too large for it (``big``: infinite) or NaN
+    (kept). ``less``: the magnitudes' bits less one."""
+    if small:
+        i = np.flatnonzero(less < _FP16_SUBNORMAL - np.uint32(1))
+        out[i] = np.round(a[i] * np.float32(2.0 ** 24)) * np.float32(2.0 ** -24)
+    if big:
+        i = np.flatnonzero(less >= _FP16_TOO_BIG - np.uint32(1))
+        i = i[less[i] != np.uint32(0xFFFFFFFF)]  # zero wrapped to the top
+        out[i] = np.where(less[i] >= np.uint32(0x7F800000), a[i], np.copysign(np.float32(np.inf), a[i]))
 
 
 def rmsnorm(h: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -163,17 +172,38 @@ def decode_layer(stage, idx: int, h: DistTensor, positions: tuple[int, ...], cac
     gu = (x @ w["gate_up"]).reshape(B, n, 2, -1)  # column j [gate_j | up_j]
     act = silu_gate(gu[:, :, 0], gu[:, :, 1]).astype(np.float32).reshape(B, -1)  # [B, ffn_padded]
     out = h1 + act @ w["down"]
-    return DistTensor.from_global(mesh, out, (None, "y"), "fp32", name="residual")
+    return DistTensor.from_global(mesh, out, (None, "y"), "fp32", name="residual", exact=True)
 
 
 # ---------------------------------------------------------------------------- prefill
+
+
+def _prefill_weights(stage, idx: int) -> dict[str, np.ndarray]:
+    """A prefill layer's weights as one product each per input: q, k and v side by side in
+    column blocks [E, n*(r+2)*F] (column j: [q_j | k_j | v_j], as decode places them), and
+    gate beside up [E, 2*ffn]. Fewer, wider products and roundings; the same values."""
+    cache = stage.dense
+    key = ("prefill", idx)
+    if key not in cache:
+        w, n, r, F = dense_weights(stage, idx), stage.mesh.cols, stage.hl.group, stage.hl.col_features
+
+        def blocks(*parts):  # [rows, n, r, F], [rows, n, 1, F], ... -> [rows, n * (r+2) * F]
+            return np.concatenate([a.reshape(a.shape[0], n, -1, F) for a in parts], axis=2).reshape(parts[0].shape[0], -1)
+
+        joined = {"qkv": blocks(w["q"], w["k"], w["v"]), "gate_up": np.concatenate([w["gate"], w["up"]], axis=1)}
+        if "bq" in w:
+            joined["qkv_bias"] = blocks(w["bq"], w["bk"], w["bv"])
+        joined.update({k: w[k] for k in ("o", "down", "attn_norm", "ffn_norm")})
+        del cache[idx]  # the joined copies replace the separate ones
+        cache[key] = joined
+    return cache[key]
 
 
 def prefill_layer(stage, idx: int, h: DistTensor, length: int) -> tuple[DistTensor, DistTensor, DistTensor]:
     """One decoder layer over the prompt, values only: h [L, E] (y, x) -> the new hidden
     states and this layer's rotated K and V [L, kv_padded] (y, x), all in the run's dtype."""
     mesh, hl, c, dtype = stage.mesh, stage.hl, stage.config, stage.dtype
-    w = dense_weights(stage, idx)
+    w = _prefill_weights(stage, idx)
     n, r, F = mesh.cols, hl.group, hl.col_features
 
     def rnd(a):  # stored in the run's dtype, computed on in fp32
@@ -181,13 +211,16 @@ def prefill_layer(stage, idx: int, h: DistTensor, length: int) -> tuple[DistTens
 
     hg = h.to_global(np.float32)  # [L, E]
     x = rnd(rmsnorm(hg, w["attn_norm"][0], c.rms_norm_eps))
-    q, k, v = (rnd(x @ w[key]) for key in ("q", "k", "v"))
-    if "bq" in w:
-        q, k, v = (rnd(t + w[key][0]) for t, key in ((q, "bq"), (k, "bk"), (v, "bv")))
+    qkv = rnd(x @ w["qkv"])  # [L, n * (r+2) * F]: q, k and v each rounded as stored
+    if "qkv_bias" in w:
+        qkv = rnd(qkv + w["qkv_bias"][0])
+    blocks = qkv.reshape(length, n, r + 2, F)
     cos, sin = hl.rope_tables(c, np.arange(length))  # [L, kv_padded]
     cos, sin = cos.reshape(length, n, 1, F), sin.reshape(length, n, 1, F)
-    q = rnd(rope(q.reshape(length, n, r, F), cos, sin)).reshape(length, -1)
-    k = rnd(rope(k.reshape(length, n, 1, F), cos, sin)).reshape(length, -1)
+    qk = rnd(rope(blocks[:, :, :r + 1], cos, sin))  # q's r blocks and k's share a column's table
+    q = qk[:, :, :r].reshape(length, -1)  # [L, q_padded]
+    k = qk[:, :, r].reshape(length, -1)  # [L, kv_padded]
+    v = np.ascontiguousarray(blocks[:, :, r + 1]).reshape(length, -1)
     # causal attention, every head at once: [G, r, L, L] scores in fp32
     s = _heads(q, hl, n, "q") @ _heads(k, hl, n, "kv").transpose(0, 1, 3, 2)
     causal = np.tril(np.ones((length, length), bool))
@@ -195,8 +228,10 @@ def prefill_layer(stage, idx: int, h: DistTensor, length: int) -> tuple[DistTens
     o = rnd(_unheads(p @ _heads(v, hl, n, "kv"), hl, n))  # [L, q_padded]
     h1 = rnd(hg + rnd(o @ w["o"]))
     x = rnd(rmsnorm(h1, w["ffn_norm"][0], c.rms_norm_eps))
-    act = rnd(silu_gate(rnd(x @ w["gate"]), rnd(x @ w["up"])))
+    gu = rnd(x @ w["gate_up"])  # [L, 2 * ffn]: gate, then up
+    ffn = gu.shape[1] // 2
+    act = rnd(silu_gate(gu[:, :ffn], gu[:, ffn:]))
     out = rnd(h1 + rnd(act @ w["down"]))
     # named as the program names them: the SRAM accounting keeps its high-water marks by name
-    place = lambda a, name: DistTensor.from_global(mesh, a, ("y", "x"), dtype, name=name)  # noqa: E731
-    return place(out, "residual"), place(k, "rope_k"), place(v, "bias_v" if "bq" in w else "v_proj")
+    place = lambda a, name: DistTensor.from_global(mesh, a, ("y", "x"), dtype, name=name, exact=True)  # noqa: E731
+    return place(out, "residual"), place(k, "rope_k"), place(v, "bias_v" if "qkv_bias" in w else "v_proj")

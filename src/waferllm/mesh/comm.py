@@ -21,7 +21,7 @@ from waferllm.mesh import move
 from waferllm.mesh.compute import charge_task_switch
 from waferllm.mesh.cost import message_cycles
 from waferllm.mesh.interleave import ring_max_hops, ring_max_link_load, ring_source
-from waferllm.mesh.tensor import AXES, DistTensor
+from waferllm.mesh.tensor import AXES, NP_DTYPES, DistTensor
 
 # ------------------------------------------------------------------------ helpers
 
@@ -622,13 +622,15 @@ def elements(t: DistTensor, index) -> np.ndarray:
     layout and block map (any copy of a replicated tile): what a move carries, for a caller
     that builds its destination's storage itself and charges the move from the two
     placements (:func:`waferllm.mesh.move.charge_move`). Numeric runs only."""
-    if t.tiles is None:
+    if t.source is None and t.tiles is None:
         raise MeshError(f"{t.name}: dry-run tensors hold no data")
     if t.partial is not None:
         raise MeshError(f"{t.name}: partial along {t.partial[0]}; reduce it before reading its elements")
     index = np.broadcast_arrays(*(np.asarray(i, np.int64) for i in index))
     if len(index) != len(t.shape):
         raise MeshError(f"{t.name}: {len(index)} index arrays for a {len(t.shape)}-d tensor")
+    if t.source is not None:  # placed from an exact host array, its tiles not yet cut: the same values
+        return t.source[tuple(index)].astype(NP_DTYPES[t.dtype])
     p = move.Placement.of(t)
     by = p.y_of[index[p.y_dim]] if p.y_dim is not None else 0
     bx = p.x_of[index[p.x_dim]] if p.x_dim is not None else 0

@@ -15,6 +15,11 @@ Two extras make algorithm states exact:
   tiles along a mesh axis (a GEMV's partial products before the allreduce).
 
 In dry-run mode ``tiles`` is ``None``: shapes, layouts, SRAM and cost are identical.
+
+A tensor placed from a host array whose values are already exact in its dtype
+(``from_global(..., exact=True)``: a fused layer's outputs) keeps that array and cuts its
+tiles only when they are first read; reading it back whole (``to_global``) or by elements
+(``comm.elements``) then needs no tiles at all.
 """
 
 from __future__ import annotations
@@ -74,11 +79,11 @@ def tile_shape_for(shape, layout, mesh_shape) -> tuple[int, ...]:
 class DistTensor:
     """A logical tensor distributed over a mesh; see the module docstring."""
 
-    __slots__ = ("mesh", "shape", "layout", "dtype", "tiles", "tile_shape", "_blocks", "_moved", "partial", "name",
-                 "_handle", "_view", "_elems", "_host", "__weakref__")
+    __slots__ = ("mesh", "shape", "layout", "dtype", "_tiles", "_source", "tile_shape", "_blocks", "_moved", "partial",
+                 "name", "_handle", "_view", "_elems", "_host", "__weakref__")
 
     def __init__(self, mesh, shape, layout, dtype, tiles=None, *, name="tensor", blocks=None, partial=None,
-                 tile_shape=None, charge_sram=True, host_f32=False, moved=None):
+                 tile_shape=None, charge_sram=True, host_f32=False, moved=None, source=None):
         self.mesh = mesh
         self.shape = tuple(map(int, shape))
         self.layout = check_layout(self.shape, layout)
@@ -94,9 +99,11 @@ class DistTensor:
             # the tiles it moves), so products need no conversion at every step
             if tiles.dtype != _STORAGE[dtype] and not (host_f32 and tiles.dtype == np.float32):
                 tiles = tiles.astype(_STORAGE[dtype])
-        elif mesh.numeric:
+        elif mesh.numeric and source is None:
             raise MeshError(f"{name}: numeric mesh needs tile data")
-        self.tiles = tiles if mesh.numeric else None
+        self._tiles = tiles if mesh.numeric else None
+        # the logical array the tiles are cut from when first read (exact in ``dtype``)
+        self._source = source if mesh.numeric and tiles is None else None
         self._blocks = blocks
         # (py, px): the tile on PE (i, j) is the one ``blocks`` puts on PE (py[i], px[j])
         # (None on an axis: no move along it); see with_moved_tiles
@@ -118,6 +125,23 @@ class DistTensor:
                 self.mesh.sram.free(handle)
             except (TypeError, AttributeError):  # interpreter shutdown: the modules are already gone
                 pass
+
+    @property
+    def tiles(self) -> np.ndarray | None:
+        """The tiles ``(rows, cols, *tile_shape)`` (None in a dry run)."""
+        if self._tiles is None and self._source is not None:
+            self._tiles = _tiles_of(self.mesh, self._source, self.layout, self._blocks, _STORAGE[self.dtype])
+            self._source = None
+        return self._tiles
+
+    @tiles.setter
+    def tiles(self, value) -> None:
+        self._tiles, self._source = value, None
+
+    @property
+    def source(self) -> np.ndarray | None:
+        """The logical array of a tensor placed from one whose tiles are not cut yet (read only)."""
+        return self._source
 
     # ---- block maps ----------------------------------------------------------
     @property
@@ -199,23 +223,33 @@ class DistTensor:
     def __repr__(self) -> str:
         extra = f", partial={self.partial}" if self.partial else ""
         return (f"DistTensor({self.name}, shape={self.shape}, layout={self.layout}, tile={self.tile_shape}, "
-                f"{self.dtype}, {'numeric' if self.tiles is not None else 'dry'}{extra})")
+                f"{self.dtype}, {'numeric' if self._tiles is not None or self._source is not None else 'dry'}{extra})")
 
     # ---- conversion --------------------------------------------------------
     @classmethod
-    def from_global(cls, mesh, array, layout, dtype="fp32", *, name="tensor", blocks=None) -> "DistTensor":
-        """Place a host array on the mesh (numeric) or just its shape (dry run: pass a shape tuple)."""
+    def from_global(cls, mesh, array, layout, dtype="fp32", *, name="tensor", blocks=None,
+                    exact: bool = False) -> "DistTensor":
+        """Place a host array on the mesh (numeric) or just its shape (dry run: pass a shape tuple).
+
+        ``exact``: the array's values are already exact in ``dtype`` (rounded to it by the
+        caller); the tensor keeps a read-only copy and cuts its tiles only if they are read."""
         if isinstance(array, tuple) or not mesh.numeric:
             shape = tuple(array) if isinstance(array, tuple) else tuple(np.shape(array))
             return cls(mesh, shape, layout, dtype, None, name=name, blocks=blocks)
         array = np.asarray(array)
         if dtype not in NP_DTYPES:
             raise MeshError(f"dtype must be fp16 or fp32, got {dtype!r}")
+        if exact and blocks is None:
+            array = np.array(array, np.float32)  # its own copy (fp16 values held exactly in float32)
+            array.flags.writeable = False
+            return cls(mesh, array.shape, layout, dtype, None, name=name, source=array)
         tiles = _tiles_of(mesh, array, layout, blocks, NP_DTYPES[dtype])
         return cls(mesh, array.shape, layout, dtype, tiles, name=name, blocks=blocks)
 
     def to_global(self, dtype=None) -> np.ndarray:
         """Reassemble the logical tensor on the host (numeric mode only)."""
+        if self._source is not None:
+            return np.array(self._source, dtype=dtype or NP_DTYPES[self.dtype])
         if self.tiles is None:
             raise MeshError(f"{self.name}: dry-run tensors hold no data")
         tiles = self.tiles
