@@ -286,6 +286,16 @@ class PrefillStage:
         with self.mesh.ledger.span("lm_head"):
             return meshgemm(h, self.lm, out_dtype="fp32", name="logits").out
 
+    def dry_lm_head(self, h: DistTensor):
+        """:meth:`lm_head` shape-only on a twin of this stage's mesh, as :meth:`dry_layer`
+        runs a layer: returns its SRAM footprint and the twin."""
+        twin = self.mesh.dry_twin()
+        stage = copy.copy(self)
+        stage.mesh, stage.lm = twin, self.lm.shape_on(twin)
+        with twin.sram.recording() as footprint:
+            stage.lm_head(h.shape_on(twin))
+        return footprint, twin
+
 
 def predicted_cycles(config, wafer, regions, counts, seq_len: int, dtype: str = "fp16", weights: str = "fp16",
                      heads_per_pass: int = 1, attention: str = "paper", memo: dict | None = None) -> float:

@@ -273,8 +273,11 @@ class WaferModel:
                 return st.lm_head(x)[0]
         if self.mode != "numeric":
             return run()
+        # a prompt's head not yet run runs shape-only, as its layers do (a MeshGEMM over the
+        # vocabulary slice, primitive by primitive, is the slowest step to simulate)
+        dry = (lambda: st.dry_lm_head(x)) if phase == "prefill" else None
         return self._run_program(("lm_head", phase, index, x.shape), run, lambda: fused.head_logits(st, x),
-                                 st.mesh, name="lm_head (replayed)")[0]
+                                 st.mesh, name="lm_head (replayed)", dry=dry)[0]
 
     def prefill(self, token_ids, prompt_logits: bool = False, seq: int = 0) -> np.ndarray | None:
         """Run the prompt (ids, or just a length in dry mode) of the request in slot ``seq``;
