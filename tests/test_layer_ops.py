@@ -206,3 +206,14 @@ def test_argmax_carries_value_and_lowest_index_like_numpy(rng):
 
     t = DistTensor(mesh2, (V,), ("x",), "fp32", part, partial=("y", "sum"))
     np.testing.assert_array_equal(argmax(t).tiles[..., 1], np.argmax(logits))
+
+
+@pytest.mark.parametrize("index", [[0, 1, 2, 3, -1, -1], [0, 1, 2, 3], [1, 2, 3, -1], [0, 2, 1, -1], [0, -1, 1, -1],
+                                   [-1, -1], [3, 0, -1, 2]])
+def test_take_cols_gathers_columns_and_zero_pads(index):
+    """Columns in wafer order: column i is w's column index[i], or zeros where index[i] is -1
+    (the in-order prefix that FFN padding gives is copied as one slice)."""
+    hl = HeadLayout(2, 1, 4, 2)
+    w = np.arange(20, dtype=np.float32).reshape(5, 4) + 1
+    want = np.stack([w[:, i] if i >= 0 else np.zeros(5, np.float32) for i in index], axis=1)
+    np.testing.assert_array_equal(hl.take_cols(w, np.array(index)), want)

@@ -109,7 +109,11 @@ class HeadLayout:
         """w[..., cols] with zero columns for padding."""
         out = np.zeros(w.shape[:-1] + (cols.size,), dtype=w.dtype)
         ok = cols >= 0
-        out[..., ok] = w[..., cols[ok]]
+        if _is_prefix_range(cols, ok):  # columns kept in order (an FFN's padding): one slice copy
+            n = int(ok.sum())
+            out[..., :n] = w[..., :n]
+        else:
+            out[..., ok] = w[..., cols[ok]]
         return out
 
     def take_rows(self, w: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -127,3 +131,9 @@ class HeadLayout:
 
     def from_original_kv(self, x: np.ndarray) -> np.ndarray:
         return self.take_cols(x, self.kv_cols)
+
+
+def _is_prefix_range(index: np.ndarray, ok: np.ndarray) -> bool:
+    """``index`` is 0, 1, ..., n-1 then only padding (-1)."""
+    n = int(ok.sum())
+    return bool(ok[:n].all()) and np.array_equal(index[:n], np.arange(n))
