@@ -263,6 +263,10 @@ class DistTensor:
         nd = len(self.layout)
         y = tiles if "y" in self.layout else tiles[:1]
         y = y if "x" in self.layout else y[:, :1]
+        want = np.dtype(dtype or NP_DTYPES[self.dtype])
+        own = y.dtype != want
+        if own:  # converted once, as whole tiles; what follows rearranges this private copy
+            y = y.astype(want)
         # y: (ry, cx, *tile) -> interleave parts back next to their dims
         ydim, xdim = self.axis_dim("y"), self.axis_dim("x")
         src_axes = []
@@ -278,7 +282,7 @@ class DistTensor:
         full = arr.reshape([y.shape[0] * self.tile_shape[d] if d == ydim else y.shape[1] * self.tile_shape[d]
                             if d == xdim else self.tile_shape[d] for d in range(nd)])
         out = full[tuple(slice(0, n) for n in self.shape)]
-        return np.array(out, dtype=dtype or NP_DTYPES[self.dtype])
+        return np.ascontiguousarray(out) if own else np.array(out)
 
     def pad_mask(self, dims=None):
         """Boolean array broadcastable to ``tiles``: True where an element is real data,
