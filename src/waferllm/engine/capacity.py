@@ -268,14 +268,15 @@ def region_slots_capacity(r: RegionSRAM, usable: int) -> int:
                       for p in r.points or [Point(0, 0)]))
 
 
-def kv_capacity(config, pp: PhasePlan | None, stages) -> KVCapacity:
+def kv_capacity(config, pp: PhasePlan | None, stages, regions: list[RegionSRAM] | None = None) -> KVCapacity:
     """Tokens the decode regions can cache, whole model, from their SRAM accounting.
 
     ``pp`` is the plan's decode phase and ``stages`` the engine's decode stages (see
-    :func:`region_sram`), after at least one decode step has run."""
+    :func:`region_sram`), after at least one decode step has run; ``regions``: their
+    :func:`region_sram`, when the caller has read it."""
     if pp is None or not stages:
         return KVCapacity(0, 0)
-    regions = region_sram(config, pp, stages)
+    regions = regions if regions is not None else region_sram(config, pp, stages)
     usable = stages[0].mesh.wafer.usable_sram_bytes_per_pe
     slots = [region_slots_capacity(r, usable) for r in regions]
     held = [(s, r.side) for s, r in zip(slots, regions) if r.share]
@@ -296,11 +297,14 @@ def fullest_pe(regions: list[RegionSRAM], wafer) -> dict[str, int]:
     return out
 
 
-def sram_breakdown(config, plan: Plan, prefill_stages, decode_stages) -> dict[str, dict[str, int]]:
+def sram_breakdown(config, plan: Plan, prefill_stages, decode_stages,
+                   decode_regions: list[RegionSRAM] | None = None) -> dict[str, dict[str, int]]:
     """Per phase, where the fullest PE's SRAM goes for the whole model (see :func:`fullest_pe`):
-    ``{"prefill": {...}, "decode": {...}}``, phases that were not planned left out."""
+    ``{"prefill": {...}, "decode": {...}}``, phases that were not planned left out.
+    ``decode_regions``: the decode stages' :func:`region_sram`, when the caller has read it."""
     out = {}
     for phase, pp, stages in (("prefill", plan.prefill, prefill_stages), ("decode", plan.decode, decode_stages)):
         if pp is not None and stages:
-            out[phase] = fullest_pe(region_sram(config, pp, stages), stages[0].mesh.wafer)
+            read = decode_regions if phase == "decode" and decode_regions is not None else None
+            out[phase] = fullest_pe(read or region_sram(config, pp, stages), stages[0].mesh.wafer)
     return out

@@ -47,10 +47,11 @@ class RequestCycles:
         return {"cycles": self.layers[phase], **{k: self.layer_counters[k] for k in COUNTERS}}
 
 
-def kv_capacity(model) -> dict[str, int]:
+def kv_capacity(model, regions: list | None = None) -> dict[str, int]:
     """Tokens the decode KV cache holds with the shift-based and the concatenation scheme:
-    the whole model's, from the decode regions' own SRAM accounting (``engine.capacity``)."""
-    cap = capacity.kv_capacity(model.config, *_measured(model, "decode"))
+    the whole model's, from the decode regions' own SRAM accounting (``engine.capacity``).
+    ``regions``: the decode regions' :func:`capacity.region_sram`, when already read."""
+    cap = capacity.kv_capacity(model.config, *_measured(model, "decode"), regions=regions)
     return {"kv_capacity_tokens": cap.shift, "kv_capacity_tokens_concat": cap.concat}
 
 
@@ -63,13 +64,21 @@ def _measured(model, phase: str):
     return pp, model.prefill_stages if phase == "prefill" else model.decode_stages
 
 
-def sram_breakdown(model) -> dict:
-    """Where the fullest PE's SRAM goes, per phase (``engine.capacity.sram_breakdown``)."""
+def sram_breakdown(model, decode_regions: list | None = None) -> dict:
+    """Where the fullest PE's SRAM goes, per phase (``engine.capacity.sram_breakdown``);
+    ``decode_regions`` as in :func:`kv_capacity`."""
     (pre, pre_st), (dec, dec_st) = _measured(model, "prefill"), _measured(model, "decode")
     plan = model.plan
     if pre is not plan.prefill or dec is not plan.decode:
         plan = dataclasses.replace(plan, prefill=pre, decode=dec)
-    return capacity.sram_breakdown(model.config, plan, pre_st, dec_st)
+    return capacity.sram_breakdown(model.config, plan, pre_st, dec_st, decode_regions=decode_regions)
+
+
+def decode_regions(model) -> list | None:
+    """The decode regions' SRAM (:func:`capacity.region_sram`), read once for both the KV
+    capacity and the breakdown (None: no decode phase ran)."""
+    pp, stages = _measured(model, "decode")
+    return capacity.region_sram(model.config, pp, stages) if pp is not None and stages else None
 
 
 def energy(model, seconds: float, counters: dict) -> dict:
@@ -129,6 +138,7 @@ def request_metrics(model) -> dict:
     tpot = sec(dec / n_dec) if n_dec else None
     total = sec(pre + trans + dec)
     counters, delta = request_counters(model)
+    regions = decode_regions(model)
     return {
         "wafer": w.name,
         "extrapolated_from_layers": model.layers if model.layers != model.config.num_layers else None,
@@ -142,8 +152,8 @@ def request_metrics(model) -> dict:
         "decode_tokens_per_s": 1.0 / tpot if tpot else None,
         "e2e_tokens_per_s": out_tokens / total if total else None,
         **energy(model, total, counters),
-        **kv_capacity(model),
-        "sram_breakdown_bytes_per_pe": sram_breakdown(model),
+        **kv_capacity(model, regions),
+        "sram_breakdown_bytes_per_pe": sram_breakdown(model, regions),
         "flops": counters["flops"],
         "bytes_moved": counters["bytes_moved"],
         "routing_stages": counters["routing_stages"],

@@ -371,7 +371,7 @@ def _build_region_slots(wafer: WaferSpec, grid: int, phase: str, fill: bool) -> 
     out = []
     for r, c, side in squares:
         try:
-            out.append(Region(wafer, side, side, r, c, name=f"{phase}[{len(out)}]"))
+            out.append(Region.inside(wafer, side, side, r, c, f"{phase}[{len(out)}]"))
         except MeshError:
             continue
     return out

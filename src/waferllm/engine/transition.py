@@ -220,6 +220,20 @@ def kv_source(k, v, hl, config) -> Placement:
     return held.on(r)
 
 
+def kv_destination(cache, length: int) -> Placement:
+    """``cache.placement(length)``: where the decode cache puts a layer's prompt K and V,
+    built once per region size, head layout and length (as :func:`_alike`): every decode
+    region of a size, in every option of a cluster search, receives alike."""
+    r = cache.mesh.region
+    key = ("kv_dst", r.rows, r.cols, cache.hl, cache.q, length)
+    held = _ALIKE.get(key)
+    if held is None:
+        if len(_ALIKE) > 256:
+            _ALIKE.clear()
+        held = _ALIKE[key] = _fixed(cache.placement(length))
+    return held.on(r)
+
+
 def _kv_source(k, v, hl, config) -> Placement:
     _, kv_index = _heads(config, hl)
     tokens = np.arange(k.shape[0])

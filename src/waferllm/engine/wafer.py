@@ -93,6 +93,7 @@ class WaferModel:
         self.twins = {ph: _twins(pp.stages if pp else []) for ph, pp in (("prefill", self.plan.prefill),
                                                                           ("decode", self.plan.decode))}
         self._memo: dict = {}  # program key -> its cost (a ledger delta), for replays
+        self._kinds: dict = {}  # request slot -> (its caches, one per kind): see _alike_caches
         self._weights: dict = {}  # (phase, stage) -> one layer's weights as the transition moves them
         self.weights_layout = "prefill"  # where the layers' weights are: "prefill" or "decode"
         self.positions: dict[int, int] = {0: 0}  # request slot -> tokens in its cache (slot 0: the single API)
@@ -494,7 +495,7 @@ class WaferModel:
                 for seq, length, kv in kvs:
                     k, v = kv[layers[0]]  # every layer of the pair: the same placement
                     moves.append(("kv", transition.stacked(transition.kv_source(k, v, pst.hl, self.config), n),
-                                  transition.stacked(dst.caches[seq].placement(length), n), k.itemsize))
+                                  transition.stacked(transition.kv_destination(dst.caches[seq], length), n), k.itemsize))
                 pairs.append(transition.Pair(pst.mesh.region, dst.mesh.region, moves))
         return pairs
 
@@ -617,7 +618,7 @@ class WaferModel:
             # the step's program: the micro-batches and every cache's state on every stage
             # (stages of different grids change occupancy at different tokens)
             step_key = ("step", tuple(len(g) for g in groups)) + tuple(
-                tuple(st.caches[s].program_key(n) for s, n in ahead.items()) for st in stages)
+                tuple(c.program_key(n) for c in self._alike_caches(s)) for s, n in ahead.items())
             if step_key in self._memo:
                 return self._replay_step(self._memo[step_key], groups)
             layers_before = self.cycles.layer_totals("decode")
@@ -646,6 +647,20 @@ class WaferModel:
         out = np.concatenate(logits, axis=0)  # micro-batch order
         back = np.argsort(np.concatenate(order), kind="stable")
         return out[back]
+
+    def _alike_caches(self, seq: int) -> list:
+        """One cache of slot ``seq`` per kind (region size, scheme, slots per row, layers: a
+        region without layers never appends), the first stage's of each: every decode stage's
+        cache of a slot is loaded, appended to and rolled back together, so caches of one kind
+        are in one state and have one program key."""
+        caches = [st.caches[seq] for st in self.decode_stages]
+        held = self._kinds.get(seq)
+        if held is None or len(held[0]) != len(caches) or any(a is not b for a, b in zip(held[0], caches)):
+            first: dict = {}
+            for c in caches:
+                first.setdefault((c.q, c.scheme, c.cap, c.layers), c)
+            held = self._kinds[seq] = (caches, list(first.values()))
+        return held[1]
 
     def verify(self, seq: int, tokens) -> np.ndarray | None:
         """A verification pass of speculative decoding: the request in slot ``seq`` takes

@@ -612,7 +612,7 @@ def relayout(t: DistTensor, mesh, layout, dtype: str | None = None, name: str = 
     dtype = dtype or t.dtype
     out = (DistTensor.from_global(mesh, t.to_global(), layout, dtype, name=name) if t.tiles is not None
            else DistTensor.from_global(mesh, t.shape, layout, dtype, name=name))
-    move.charge_move(mesh.ledger, move.Placement.of(t), move.Placement.of(out), min(t.itemsize, out.itemsize), name)
+    move.charge_tensor_move(mesh.ledger, t, out, min(t.itemsize, out.itemsize), name)
     return out
 
 

@@ -34,7 +34,7 @@ from functools import lru_cache
 import numpy as np
 
 from waferllm.errors import MeshError
-from waferllm.mesh.move import MoveCost, Placement, move_cost
+from waferllm.mesh.move import MoveCost, Placement, move_cost, plain_key
 from waferllm.mesh.region import Region
 from waferllm.mesh.tensor import DistTensor
 
@@ -148,6 +148,10 @@ def charge_transfer(ledger, cluster, flows: list[Flow], name: str = "interwafer"
     cost = transfer_cost(cluster, flows)
     if not flows:
         return 0.0
+    return _charge_cost(ledger, cost, name)
+
+
+def _charge_cost(ledger, cost: TransferCost, name: str) -> float:
     ledger.charge_task_switch()
     return ledger.charge(name, "comm", cost.cycles, **cost.counters)
 
@@ -179,6 +183,21 @@ def transfer(t: DistTensor, mesh, layout, cluster, dtype: str | None = None, nam
                         "use comm.relayout")
     data = t.to_global() if t.tiles is not None else t.shape
     out = DistTensor.from_global(mesh, data, layout, dtype or t.dtype, name=name)
-    charge_transfer(mesh.ledger, cluster, [Flow(Placement.of(t), Placement.of(out), min(t.itemsize, out.itemsize))],
-                    name)
+    itemsize = min(t.itemsize, out.itemsize)
+    a, b = plain_key(t), plain_key(out)
+    if a is None or b is None:
+        charge_transfer(mesh.ledger, cluster, [Flow(Placement.of(t), Placement.of(out), itemsize)], name)
+        return out
+    # a stage's hidden states cross the same link every step (and in every option of a
+    # cluster search): the transfer is priced once per geometry, and charged as always
+    key = (id(cluster), a, t.mesh.wafer.rows, b, mesh.wafer.rows, itemsize)
+    held = _TRANSFERS.get(key)
+    if held is None or held[0] is not cluster:
+        if len(_TRANSFERS) > 4096:
+            _TRANSFERS.clear()
+        held = _TRANSFERS[key] = (cluster, transfer_cost(cluster, [Flow(Placement.of(t), Placement.of(out), itemsize)]))
+    _charge_cost(mesh.ledger, held[1], name)
     return out
+
+
+_TRANSFERS: dict = {}  # (cluster, both ends' geometry, itemsize) -> (that cluster, its TransferCost)

@@ -33,6 +33,9 @@ class SRAM:
         # name brought the usage highest: the program points where usage peaks
         self._highs: dict[str, tuple[int, dict[int, tuple[str, object]]]] = {}
         self._footprint: Footprint | None = None  # a program being recorded (see recording)
+        # id(footprint) -> (footprint, the highest usage it was replayed from): the marks only rise,
+        # so replaying it again from no higher changes nothing (a decode stage replays each step)
+        self._replayed: dict[int, tuple[Footprint, int]] = {}
 
     def used_max(self) -> int:
         return self._uniform + self._varying_max
@@ -89,7 +92,10 @@ class SRAM:
         allocation of that name brought the fullest PE highest: every program point where
         usage peaks, e.g. a decode step's attention and its LM head, however they rank."""
         fullest: dict = {}  # the arrays held (by identity, all alive here) -> their fullest PE
-        return {name: _on_fullest(_held(allocs), self.region.shape, fullest) for name, (_, allocs) in self._highs.items()}
+        bases: dict = {}  # id(a replay's base) -> it read on its fullest PE (see _Replayed.on_fullest)
+        shape = self.region.shape
+        return {name: allocs.on_fullest(shape, fullest, bases) if isinstance(allocs, _Replayed)
+                else _on_fullest(allocs, shape, fullest) for name, (_, allocs) in self._highs.items()}
 
     def alloc(self, name: str, bytes_per_pe) -> int:
         """Charge ``bytes_per_pe`` (int or rows x cols array) to the region; returns a handle."""
@@ -139,6 +145,9 @@ class SRAM:
         allocates itself. Each name's highest point is the program's highest for that name
         (usage rises alike from any start), so only those are looked at."""
         level = self.used_max()
+        seen = self._replayed.get(id(fp))
+        if seen is not None and seen[0] is fp and seen[1] >= level:
+            return
         if level + fp.rise > self.capacity:  # executing it from here would overflow: so does its replay
             name, (rise, top, _, _) = max(fp.highest().items(), key=lambda kv: kv[1][0])
             raise self._overflow(name, top, level + rise)
@@ -151,6 +160,7 @@ class SRAM:
             if high is None or level + rise > high[0]:
                 base = dict(self._allocs) if base is None else base  # one copy serves every name
                 self._highs[name] = (level + rise, _Replayed(base, lent, transient))
+        self._replayed[id(fp)] = (fp, level)
 
     def _overflow(self, name: str, nbytes: int, worst: int) -> SRAMOverflowError:
         holders = ", ".join(f"{n} {v:,} B" for n, v in sorted(self.by_name().items(), key=lambda kv: -kv[1])[:6])
@@ -262,18 +272,32 @@ class Footprint:
         self.held = dict.fromkeys(sram._allocs)  # what the region held when the program began
         self.points: list[tuple[str, int, int, tuple, tuple]] = []
         self._highest: dict | None = None
+        self._rise: int | None = None
 
     def note(self, sram: SRAM, name: str, worst: int, top: int) -> None:
-        now = sram._allocs
-        mine = tuple(entry for h, entry in now.items() if h not in self.held)
-        lent = tuple(h for h in self.held if h not in now)
+        now, held = sram._allocs, self.held
+        gone = held.keys() - now.keys()
+        lent = tuple(h for h in held if h in gone) if gone else ()
+        # what the program allocated was inserted after everything the region held when it
+        # began: read from the newest back until all of it is found, in insertion order
+        count, mine = len(now) - len(held) + len(gone), []
+        if count:
+            for h, entry in reversed(now.items()):
+                if h not in held:
+                    mine.append(entry)
+                    if len(mine) == count:
+                        break
+            mine.reverse()
+        mine = tuple(mine)
         self.points.append((name, worst - self.start, top, mine, lent))
-        self._highest = None
+        self._highest = self._rise = None
 
     @property
     def rise(self) -> int:
-        """The program's peak over its start."""
-        return max((p[1] for p in self.points), default=0)
+        """The program's peak over its start (read at every replay: kept once known)."""
+        if self._rise is None:
+            self._rise = max((p[1] for p in self.points), default=0)
+        return self._rise
 
     def highest(self) -> dict[str, tuple[int, int, tuple, tuple]]:
         """Per name: its first highest point (rise, what was held then) with the name's
@@ -299,6 +323,23 @@ class _Replayed:
 
     def __init__(self, base: dict, lent: tuple, transient: tuple):
         self.base, self.lent, self.transient = base, lent, transient
+
+    def on_fullest(self, shape, fullest: dict, bases: dict) -> dict[int, tuple[str, int]]:
+        """``_on_fullest(self.held(), ...)``. The snapshots of one replay share their base: when
+        what the program lent and held is uniform (the fullest PE is the base's), the base is
+        read once for them all and each takes it less the lent, plus its own."""
+        lent = self.lent
+        if any(isinstance(b, np.ndarray) for _, b in self.transient) or any(
+                isinstance(self.base[h][1], np.ndarray) for h in lent if h in self.base):
+            return _on_fullest(self.held(), shape, fullest)
+        read = bases.get(id(self.base))
+        if read is None:
+            read = bases[id(self.base)] = _on_fullest(self.base, shape, fullest)
+        out = dict(read)
+        for h in lent:
+            out.pop(h, None)
+        out.update({-1 - i: (name, int(b)) for i, (name, b) in enumerate(self.transient)})
+        return out
 
     def held(self) -> dict:
         out = dict(self.base)

@@ -1555,18 +1555,60 @@ def charge_move(ledger, src: Placement, dst: Placement, itemsize: float, name: s
     with its share of the block scale): the loads, linear in it, are priced for the
     numerator and divided by the denominator. On a wafer with defective PEs the longest
     path pays the extra hops a path of its length pays in the box of both regions."""
-    frac = Fraction(itemsize).limit_denominator(1 << 12)
-    cost = move_cost(src, dst, frac.numerator)
+    return _charge(ledger, _move_charge(ledger.wafer, src, dst, itemsize), name)
+
+
+def _move_charge(w, src: Placement, dst: Placement, itemsize: float) -> tuple[float, dict] | None:
+    """(cycles, counters) :func:`charge_move` charges on a ledger of wafer ``w`` (None: nothing)."""
+    # whole bytes (the usual case) need no fraction
+    frac = (itemsize, 1) if type(itemsize) is int else Fraction(itemsize).limit_denominator(1 << 12).as_integer_ratio()
+    cost = move_cost(src, dst, frac[0])
     if cost.messages == 0:
-        return 0.0
-    if frac.denominator != 1:
-        d = frac.denominator
+        return None
+    if frac[1] != 1:
+        d = frac[1]
         cost = MoveCost(cost.busiest_bytes / d, cost.max_hops, cost.bytes_moved / d, cost.hop_bytes / d, cost.messages,
                         cost.read_bytes / d, cost.write_bytes / d)
-    w = ledger.wafer
     top, left, height, width = _box(src, dst)
     extra = box_extra(src.region.wafer, top, left, height, width, cost.max_hops)
+    return move_cycles(w, cost, extra), dict(bytes_moved=cost.bytes_moved, hop_bytes=cost.hop_bytes,
+                                             messages=cost.messages, sram_read_bytes=cost.read_bytes,
+                                             sram_write_bytes=cost.write_bytes)
+
+
+def _charge(ledger, charge: tuple[float, dict] | None, name: str) -> float:
+    if charge is None:
+        return 0.0
     ledger.charge_task_switch()
-    return ledger.charge(name, "comm", move_cycles(w, cost, extra), bytes_moved=cost.bytes_moved,
-                         hop_bytes=cost.hop_bytes, messages=cost.messages, sram_read_bytes=cost.read_bytes,
-                         sram_write_bytes=cost.write_bytes)
+    return ledger.charge(name, "comm", charge[0], **charge[1])
+
+
+def plain_key(t) -> tuple | None:
+    """Everything :meth:`Placement.of` reads of a tensor without a block map, on a perfect
+    wafer: its region's place and size, shape, layout, tiles and partial axis (None: a
+    block map, or defective PEs, whose links are the region's own)."""
+    r = t.mesh.region
+    if r.wafer.defective_pes or t.blocks is not None:
+        return None
+    return (r.row0, r.col0, r.rows, r.cols, t.shape, t.layout, t.tile_shape, t.partial and t.partial[0])
+
+
+#: (ledger's wafer, both ends' plain keys, itemsize) -> (that wafer, the charge): a stage's
+#: hidden states cross the same regions every step, and every option of a cluster search
+_TENSOR_MOVES: dict = {}
+
+
+def charge_tensor_move(ledger, t, out, itemsize: float, name: str = "move") -> float:
+    """:func:`charge_move` from where tensor ``t`` is to where ``out`` is, the charge priced
+    once per geometry (the same cycles and counters, charged the same way)."""
+    a, b = plain_key(t), plain_key(out)
+    if a is None or b is None:
+        return charge_move(ledger, Placement.of(t), Placement.of(out), itemsize, name)
+    w = ledger.wafer
+    key = (id(w), a, b, itemsize)
+    held = _TENSOR_MOVES.get(key)
+    if held is None or held[0] is not w:
+        if len(_TENSOR_MOVES) > 4096:
+            _TENSOR_MOVES.clear()
+        held = _TENSOR_MOVES[key] = (w, _move_charge(w, Placement.of(t), Placement.of(out), itemsize))
+    return _charge(ledger, held[1], name)

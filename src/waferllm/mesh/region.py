@@ -62,6 +62,18 @@ class Region:
                 "place the region on healthy PEs only"
             )
 
+    @classmethod
+    def inside(cls, wafer: WaferSpec, rows: int, cols: int, row0: int, col0: int, name: str) -> "Region":
+        """``Region(wafer, rows, cols, row0, col0, name)`` for a rectangle a planner has already
+        placed inside a perfect mesh (what ``__post_init__``'s usual case checks, asserted
+        here): a tuner's smallest grid tiles the wafer with thousands of them."""
+        if wafer.defective_pes or not (0 < rows and 0 < cols and 0 <= row0 and 0 <= col0 and row0 + rows <= wafer.rows
+                                       and col0 + cols <= wafer.cols):
+            return cls(wafer, rows, cols, row0, col0, name)
+        out = object.__new__(cls)
+        out.__dict__.update(wafer=wafer, rows=int(rows), cols=int(cols), row0=row0, col0=col0, name=name, span=0)
+        return out
+
     @property
     def pes(self) -> int:
         return self.rows * self.cols
