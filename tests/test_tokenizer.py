@@ -112,3 +112,60 @@ def test_sentencepiece_matches_transformers(tmp_path):
     for s in ["hello world", " hello  world", "hello\nworld", "héllo wörld", "dlrow olleh"]:
         assert tok.encode(s) == hf.encode(s), s
         assert tok.decode(tok.encode(s)) == hf.decode(hf.encode(s), skip_special_tokens=True), s
+
+
+def test_byte_level_check_is_the_alphabet():
+    """``_byte_level_word`` (a regex) accepts exactly the strings whose characters are all
+    byte-level ones (the values of ``_bytes_to_unicode``)."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from waferllm.models.tokenizer import _byte_level_word, _bytes_to_unicode
+
+    alphabet = set(_bytes_to_unicode().values())
+    chars = sorted(alphabet) + [" ", "\n", "\x00", "-", "]", "\\", "^", "é", "中", "🚀", "\u0143", "\u00ad", "\u00a0"]
+
+    @settings(max_examples=300, derandomize=True, database=None, deadline=None)
+    @given(st.text(alphabet=st.sampled_from(chars), max_size=10) | st.text(max_size=6))
+    def check(t):
+        assert (_byte_level_word().fullmatch(t) is not None) == (set(t) <= alphabet), repr(t)
+
+    check()
+
+
+def _gpt2_meta():
+    """A tiny byte-level BPE ('gpt2') vocabulary with merges, a control and two user-defined tokens."""
+    from waferllm.models.tokenizer import _bytes_to_unicode
+
+    b2u = _bytes_to_unicode()
+    tokens = [b2u[b] for b in range(256)] + ["he", "ll", "hell", "hello", "Ġw", "Ġwo", "<|ctl|>", "<custom>", "my tok"]
+    types = [1] * 262 + [3, 4, 4]
+    merges = ["h e", "l l", "he ll", "hell o", "Ġ w", "Ġw o"]
+    return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types,
+            "tokenizer.ggml.merges": merges, "tokenizer.ggml.bos_token_id": 262, "tokenizer.ggml.eos_token_id": 262}
+
+
+def test_gpt2_user_and_control_tokens_match_transformers(tmp_path):
+    pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    from waferllm.models.tokenizer import Tokenizer
+
+    meta = _gpt2_meta()
+    w = gguf.GGUFWriter(str(tmp_path / "bpe.gguf"), "llama")
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(meta["tokenizer.ggml.tokens"])
+    w.add_token_types(meta["tokenizer.ggml.token_type"])
+    w.add_token_merges(meta["tokenizer.ggml.merges"])
+    w.add_bos_token_id(262)
+    w.add_eos_token_id(262)
+    w.add_tensor("dummy", np.zeros(4, np.float32))
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="bpe.gguf")
+    tok = Tokenizer.from_gguf_metadata(meta, name="bpe")
+    assert tok.encode("<custom>") == [263] and tok.encode("<|ctl|>") == [262]
+    for s in ["hello world", "hello<custom>hello", "a<|ctl|>b", "my tok", "héllo <custom> wo"]:
+        assert tok.encode(s) == hf.encode(s), s
+        assert tok.decode(tok.encode(s), skip_special_tokens=False) == hf.decode(hf.encode(s), skip_special_tokens=False), s

@@ -1,9 +1,11 @@
 """GGUF files: metadata, config, tokenizer data and dequantised float32 weights.
 
-The file is memory-mapped by :class:`gguf.GGUFReader`; each tensor is dequantised
-(``gguf.quants.dequantize``, any quant type the ``gguf`` package supports) only when a
-layer is first used. LLaMA-architecture GGUFs store ``attn_q``/``attn_k`` rows in
-llama.cpp's interleaved RoPE order; :func:`unpermute_qk` restores the HF (rotate_half) order.
+The file is memory-mapped and parsed by :class:`gguf.GGUFReader` (as
+:class:`~waferllm.models.gguf_reader.FastGGUFReader`, which keeps big metadata arrays such
+as the vocabulary lazily and decodes them in one pass); each tensor is dequantised by the
+``gguf`` package (any quant type it supports; :func:`dequantize`) only when a layer is
+first used. LLaMA-architecture GGUFs store ``attn_q``/``attn_k`` rows in llama.cpp's
+interleaved RoPE order; :func:`unpermute_qk` restores the HF (rotate_half) order.
 """
 
 from __future__ import annotations
@@ -68,6 +70,41 @@ def check_finite(arr: np.ndarray, where: str, name: str) -> np.ndarray:
     return arr
 
 
+#: quantised bytes handed to the ``gguf`` package's row dequantiser per call
+DEQUANT_CHUNK_BYTES = 128 << 10
+
+
+def dequantize(data: np.ndarray, qtype) -> np.ndarray:
+    """A GGUF tensor's values as float32 (numpy order), dequantised by the ``gguf`` package.
+
+    The values are ``gguf.quants.dequantize``'s; only the batching differs. The library
+    runs its per-type ``dequantize_rows`` on groups of 16 rows, a few Python calls per
+    group (tens of thousands for an embedding table); here it runs on chunks of about
+    :data:`DEQUANT_CHUNK_BYTES` and writes into one output array. Each block is decoded
+    on its own, so the values are the same bit for bit (``tests/test_gguf_reader.py``
+    checks every type with a row dequantiser against ``gguf.quants.dequantize``).
+    ``data`` is read through a plain ndarray view: numpy's memmap subclass adds a Python
+    call to every slice. Types without a row dequantiser (F32, F16, ...) go straight to
+    ``gguf.quants.dequantize``.
+    """
+    from gguf import quants
+
+    data = np.asarray(data)  # a plain ndarray view of the memory map
+    cls = getattr(quants, getattr(qtype, "name", ""), None)
+    if (not isinstance(cls, type) or getattr(cls, "qtype", None) != qtype or not hasattr(cls, "dequantize_rows")
+            or data.dtype != np.uint8 or data.ndim == 0 or data.size == 0):
+        return quants.dequantize(data, qtype)
+    oshape = quants.quant_shape_from_byte_shape(data.shape, qtype)
+    rows = data.reshape(-1, data.shape[-1])
+    out = np.empty((rows.shape[0], oshape[-1]), dtype=np.float32)
+    if hasattr(cls, "init_grid"):
+        cls.init_grid()  # the i-quants' lookup grids, as the library's own dequantize does
+    step = max(1, DEQUANT_CHUNK_BYTES // max(1, rows.shape[1]))
+    for a in range(0, rows.shape[0], step):
+        out[a:a + step] = cls.dequantize_rows(rows[a:a + step])
+    return out.reshape(oshape)
+
+
 @dataclass
 class GGUFFile:
     """An opened GGUF: ``metadata`` (plain Python values) and ``tensors`` by name."""
@@ -83,8 +120,10 @@ class GGUFFile:
         _check_header(path)
         import gguf
 
+        from waferllm.models.gguf_reader import FastGGUFReader, fast_reader_supported, field_values
+
         try:
-            reader = gguf.GGUFReader(path, "r")
+            reader = (FastGGUFReader if fast_reader_supported() else gguf.GGUFReader)(path, "r")
         except Exception as exc:  # struct/numpy/ValueError on a corrupt or truncated file
             raise ModelError(f"{path}: corrupt or truncated GGUF file ({type(exc).__name__}: {exc})") from None
         meta: dict[str, Any] = {}
@@ -96,7 +135,7 @@ class GGUFFile:
                 is_array = bool(f.types) and f.types[0] == gguf.GGUFValueType.ARRAY
                 if is_array and len(f.data) > 4096 and key not in _KEEP_ARRAYS:
                     continue
-                meta[key] = f.contents()
+                meta[key] = field_values(f)
         except Exception as exc:
             raise ModelError(f"{path}: corrupt GGUF metadata at key {key!r} ({type(exc).__name__}: {exc})") from None
         size = os.path.getsize(path)
@@ -126,10 +165,8 @@ class GGUFFile:
         got = self.tensor_shape(name)
         if shape is not None and got != tuple(shape):
             raise ModelError(f"{self.path}: tensor {name!r} has shape {list(got)}, expected {list(shape)}")
-        from gguf import quants
-
         try:
-            arr = quants.dequantize(t.data, t.tensor_type)
+            arr = dequantize(t.data, t.tensor_type)
         except NotImplementedError:
             raise ModelError(f"{self.path}: tensor {name!r} uses quantisation {t.tensor_type.name}, which the gguf package cannot dequantise") from None
         except Exception as exc:

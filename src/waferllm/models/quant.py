@@ -216,7 +216,10 @@ def native_format(model) -> str:
     """The format ``--weights native`` runs ``model`` (a LoadedModel or a GGUF path) in: int8
     when every layer matrix of the file is Q8_0, int4 when every one is Q4_0; anything else
     is refused, saying what the file holds."""
-    gf, config, where = _open_gguf(model)
+    return _native_format(*_open_gguf(model))
+
+
+def _native_format(gf, config, where) -> str:
     types = gguf_layer_types(gf, config)
     if len(types) == 1 and next(iter(types)) in FORMAT_OF_GGUF:
         return FORMAT_OF_GGUF[next(iter(types))]
@@ -279,8 +282,8 @@ def native_weights(model):
     from waferllm.models.gguf_loader import _PERMUTED_ARCHS
     from waferllm.models.weights import expected_layer_shapes
 
-    fmt = native_format(model)
-    gf, config, _ = _open_gguf(model)
+    gf, config, where = _open_gguf(model)  # opened once (format check and blocks)
+    fmt = _native_format(gf, config, where)
     permuted = gf.metadata.get("general.architecture") in _PERMUTED_ARCHS
     shapes = expected_layer_shapes(config)
     base = model.weights

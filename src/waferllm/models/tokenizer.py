@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+from functools import lru_cache
 from typing import Any, Sequence
 
 from waferllm.errors import ModelError, RequestError, WaferLLMError
@@ -45,6 +47,14 @@ def _bytes_to_unicode() -> dict[int, str]:
             cs.append(256 + n)
             n += 1
     return dict(zip(bs, (chr(c) for c in cs)))
+
+
+@lru_cache(maxsize=1)
+def _byte_level_word():
+    """A regex whose ``fullmatch`` tells a string made only of byte-level characters (the
+    values of :func:`_bytes_to_unicode`): ``set(t) <= alphabet`` for one token, in C."""
+    chars = sorted(set(_bytes_to_unicode().values()))
+    return re.compile("[" + "".join(re.escape(c) for c in chars) + "]*")
 
 
 def _derive_merges(tokens: Sequence[str], scores: Sequence[float]) -> list[tuple[str, str]]:
@@ -203,10 +213,10 @@ class Tokenizer:
         try:
             if kind == "gpt2":
                 spelling = _bytes_to_unicode()
-                alphabet = set(spelling.values())
+                byte_level = _byte_level_word().fullmatch
                 vocab = {}
                 for i, t in enumerate(tokens):
-                    key = t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8"))
+                    key = t if byte_level(t) else "".join(spelling[b] for b in t.encode("utf-8"))
                     vocab.setdefault(key, i)
                 merges = [tuple(m.split(" ", 1)) for m in (merges_raw or [])]
                 backend = HFTok(BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
@@ -219,7 +229,7 @@ class Tokenizer:
                 else:
                     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
                 backend.decoder = decoders.ByteLevel()
-                control_ok = lambda t: set(t) <= alphabet  # noqa: E731
+                control_ok = lambda t: byte_level(t) is not None  # noqa: E731
             elif kind == "llama":
                 vocab = {}
                 for i, t in enumerate(tokens):
@@ -248,8 +258,10 @@ class Tokenizer:
         control = [AddedToken(t, normalized=False, special=True) for t, ty in zip(tokens, types) if ty == 3 and control_ok(t)]
         if control:
             backend.add_special_tokens(control)
-        vocab_now = backend.get_vocab()
-        user = [AddedToken(t, normalized=False, special=False) for t, ty in zip(tokens, types) if ty == 4 and t in vocab_now]
+        user = [t for t, ty in zip(tokens, types) if ty == 4]
+        if user:  # (reading the whole vocabulary back costs ~0.1 s: only when there are user tokens)
+            vocab_now = backend.get_vocab()
+            user = [AddedToken(t, normalized=False, special=False) for t in user if t in vocab_now]
         if user:
             backend.add_tokens(user)
 
