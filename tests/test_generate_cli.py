@@ -2,7 +2,10 @@
 
 import json
 
+import pytest
+
 from waferllm.interfaces.cli import main
+from waferllm.models.testing import random_weights, tiny_config, write_hf_checkpoint
 
 
 def test_generate_reference_json(capsys):
@@ -64,6 +67,7 @@ def test_generate_with_a_draft_gives_the_same_tokens(capsys):
     assert outs[True]["token_ids"] == outs[False]["token_ids"]
     s = outs[True]["metrics"]["speculative"]
     assert s["draft_layers"] == 25 and s["num_speculative_tokens"] == 2
+    assert s["acceptance_method"] == "rejection" and not s["sampled_drafts"]  # greedy: rejection is exact match
     assert s["rounds"] + s["accepted"] == 5  # every token after the first: a round's own or an accepted draft
 
 
@@ -74,3 +78,39 @@ def test_generate_draft_options_are_checked(capsys):
     rc = main(["generate", "--engine", "reference", "--prompt", "hi", "--draft-layers", "3"])
     assert rc == 2
     assert "only apply to the wafer engine" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A 3-layer random model with a byte tokenizer (an HF folder): fast to place and run."""
+    cfg = tiny_config(num_layers=3)
+    return write_hf_checkpoint(str(tmp_path_factory.mktemp("tiny") / "tiny-hf"), random_weights(cfg, scale=0.3))
+
+
+def test_generate_acceptance_methods(capsys, tiny_model):
+    """--acceptance-method exact: a seeded sampled run gives the tokens of the run without a
+    draft; rejection (the default) samples the draft's guesses, and the seed repeats its run."""
+    base = ["generate", "--model", tiny_model, "--prompt", "hello wafer", "--max-tokens", "12", "--json",
+            "--prefill-grid", "8", "--decode-grid", "4", "--ignore-eos", "--temperature", "0.8", "--seed", "3"]
+
+    def run(*extra):
+        assert main(base + list(extra)) == 0
+        return json.loads(capsys.readouterr().out)
+
+    draft = ["--draft-layers", "2", "--speculative-tokens", "3"]
+    alone, exact = run(), run(*draft, "--acceptance-method", "exact")
+    assert exact["token_ids"] == alone["token_ids"]
+    assert exact["metrics"]["speculative"]["acceptance_method"] == "exact"
+    sampled = [run(*draft), run(*draft, "--acceptance-method", "rejection")]
+    assert sampled[0]["token_ids"] == sampled[1]["token_ids"] and len(sampled[0]["token_ids"]) == 12
+    s = sampled[0]["metrics"]["speculative"]
+    assert s["acceptance_method"] == "rejection" and s["sampled_drafts"]
+
+
+def test_generate_acceptance_method_is_checked(capsys):
+    rc = main(["generate", "--prompt", "hi", "--draft-layers", "3", "--acceptance-method", "typical"])
+    assert rc == 2
+    assert "--acceptance-method must be one of rejection, exact, got 'typical'" in capsys.readouterr().err
+    rc = main(["generate", "--prompt", "hi", "--acceptance-method", "exact"])
+    assert rc == 2
+    assert "--acceptance-method only applies with a draft" in capsys.readouterr().err

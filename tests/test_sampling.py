@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from waferllm.engine.generate import generate_one
-from waferllm.engine.sampling import Sampler, SamplingParams, apply_top_k_top_p, log_softmax
+from waferllm.engine.sampling import Sampler, SamplingParams, accept_or_resample, apply_top_k_top_p, log_softmax
 from waferllm.errors import RequestError
 
 
@@ -151,3 +151,55 @@ def test_real_model_seeded_sampling(smollm_reference):
     assert a.token_ids == b.token_ids and a.text == b.text and len(a.token_ids) >= 1
     c = smollm_reference.generate("Hello", SamplingParams(max_tokens=12, temperature=0, stop=["."]))[0]
     assert "." not in c.text
+
+
+# ---------------------------------------------------------------------------- speculative (rejection) sampling
+
+P = np.array([0.5, 0.2, 0.15, 0.1, 0.05])
+Q = np.array([0.05, 0.1, 0.15, 0.3, 0.4])  # a draft that favours the target's unlikely tokens
+
+
+def test_accept_or_resample_draws_the_targets_distribution():
+    """Guesses drawn from q, kept or redrawn: the tokens follow p (chi-square over 40,000
+    draws, against the 99.9% quantile for 4 degrees of freedom, 18.47), and a guess is kept
+    with probability sum(min(p, q)) = 0.45 (a redrawn token is never the guess: p < q there)."""
+    rng = np.random.default_rng(0)
+    n = 40000
+    guesses = rng.choice(5, size=n, p=Q)
+    out = np.array([accept_or_resample(P, Q, int(g), rng) for g in guesses])
+    counts = np.bincount(out, minlength=5)
+    assert ((counts - n * P) ** 2 / (n * P)).sum() < 18.47
+    kept = (out == guesses).mean()
+    assert abs(kept - 0.45) < 4 * np.sqrt(0.45 * 0.55 / n)
+
+
+def test_accept_or_resample_edge_cases():
+    rng = np.random.default_rng(1)
+    # the draft's distribution is the target's: every guess is kept
+    assert all(accept_or_resample(P, P, g, rng) == g for g in range(5) for _ in range(50))
+    # a guess the target never samples is never kept; the token comes from where p exceeds q
+    p, q = np.array([0.0, 0.6, 0.4]), np.array([1.0, 0.0, 0.0])
+    out = [accept_or_resample(p, q, 0, rng) for _ in range(4000)]
+    assert 0 not in out and abs(out.count(1) / 4000 - 0.6) < 0.04
+    # one-hot p and q (greedy): kept exactly when the guess is the target's argmax
+    one = np.eye(3)
+    assert accept_or_resample(one[2], one[2], 2, rng) == 2 and accept_or_resample(one[1], one[2], 2, rng) == 1
+
+
+def test_sampler_verifies_a_proposed_guess():
+    """A proposal applies to the next sample only; greedy requests take the argmax whatever the
+    guess; the draft's guess comes from its processed distribution (top-k 2: two tokens)."""
+    s = Sampler(SamplingParams(seed=3, top_k=2))
+    guess, q = s.draft(LOGITS[::-1])  # the draft prefers tokens 4 and 3
+    assert guess in (3, 4) and np.count_nonzero(q) == 2 and q[guess] > 0
+    s.propose(4, np.eye(5)[4])  # a sure guess of a token top-k 2 removes: always redrawn
+    assert s.sample(LOGITS) in (0, 1) and s.guess is None
+    kept = 0  # the target's likeliest, proposed as a sure guess: kept with p(0) = 0.5/0.7
+    for _ in range(2000):
+        s.propose(0, np.eye(5)[0])
+        kept += s.sample(LOGITS) == 0
+    assert abs(kept / 2000 - 0.5 / 0.7) < 0.04
+    g = Sampler(SamplingParams(temperature=0))
+    assert g.draft(LOGITS[::-1]) == (4, None)
+    g.propose(3, np.eye(5)[3])
+    assert g.sample(LOGITS) == 0

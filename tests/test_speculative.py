@@ -2,9 +2,10 @@
 
 Independent checks: a verification pass's logits against decoding the same tokens one at a
 time and against the dense numpy reference; a rolled-back cache against a fresh run that
-never saw the rejected tokens; greedy and seeded sampled tokens against plain decoding;
-dry-run round counts against the acceptance pattern worked out by hand; draft regions
-against a brute-force occupancy mask.
+never saw the rejected tokens; greedy and (exact match) seeded sampled tokens against plain
+decoding; rejection-sampled tokens against the target's own distribution, enumerated by
+decoding every prefix without a draft; dry-run round counts against the acceptance pattern
+worked out by hand; draft regions against a brute-force occupancy mask.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import pytest
 
 from waferllm.engine.generate import generate_one
 from waferllm.engine.run_config import RunConfig
-from waferllm.engine.sampling import SamplingParams
+from waferllm.engine.sampling import Sampler, SamplingParams
 from waferllm.engine.speculative import (SpeculativeConfig, first_layers, free_rectangles, place_draft,
                                          speculative_backend)
 from waferllm.engine.wafer import WaferModel
@@ -141,19 +142,25 @@ def test_a_verify_pass_costs_less_than_its_tokens_one_at_a_time():
 # ---------------------------------------------------------------------------- the decoder
 
 
-def _speculate(cfg, w, draft_layers, k, params, dg=4):
+def _backend(cfg, w, draft_layers, k, method="rejection", ahead=False, dg=4):
     target = WaferModel(cfg, w, WSE2, RunConfig(prefill_grid=8, decode_grid=dg, max_seq_len=64, speculative_tokens=k))
-    backend = speculative_backend(target, SpeculativeConfig(num_speculative_tokens=k, draft_layers=draft_layers))
-    return generate_one(backend, byte_tokenizer(), list(range(1, 12)), params)
+    return speculative_backend(target, SpeculativeConfig(num_speculative_tokens=k, draft_layers=draft_layers,
+                                                         acceptance_method=method, draft_ahead=ahead))
 
 
-@pytest.mark.parametrize("draft_layers,k", [(1, 3), (2, 2), (2, 5)])
-def test_greedy_tokens_are_the_targets_own(tiny, draft_layers, k):
+def _speculate(cfg, w, draft_layers, k, params, method="rejection", dg=4):
+    return generate_one(_backend(cfg, w, draft_layers, k, method, dg=dg), byte_tokenizer(), list(range(1, 12)), params)
+
+
+@pytest.mark.parametrize("draft_layers,k,method", [(1, 3, "rejection"), (2, 2, "rejection"), (2, 5, "rejection"),
+                                                   (2, 5, "exact")])
+def test_greedy_tokens_are_the_targets_own(tiny, draft_layers, k, method):
+    """At temperature 0 both methods are greedy decoding: the target's own tokens."""
     cfg, w = tiny
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     plain = generate_one(WaferModel(cfg, w, WSE2, RunConfig(prefill_grid=8, decode_grid=4, max_seq_len=64)),
                          byte_tokenizer(), list(range(1, 12)), params)
-    spec = _speculate(cfg, w, draft_layers, k, params)
+    spec = _speculate(cfg, w, draft_layers, k, params, method)
     assert spec.token_ids == plain.token_ids
     s = spec.metrics["backend"]["speculative"]
     # every emitted token after the first is a round's own token or an accepted draft
@@ -168,7 +175,7 @@ def test_seeded_sampling_draws_the_same_tokens(tiny):
     params = SamplingParams(max_tokens=20, temperature=0.8, top_p=0.9, seed=7, ignore_eos=True)
     plain = generate_one(WaferModel(cfg, w, WSE2, RunConfig(prefill_grid=8, decode_grid=4, max_seq_len=64)),
                          byte_tokenizer(), list(range(1, 12)), params)
-    assert _speculate(cfg, w, 2, 3, params).token_ids == plain.token_ids
+    assert _speculate(cfg, w, 2, 3, params, "exact").token_ids == plain.token_ids
 
 
 def test_a_perfect_draft_takes_every_guess(tiny):
@@ -256,6 +263,7 @@ def test_a_draft_grid_that_does_not_fit_is_refused_with_one_that_does():
     (dict(num_speculative_tokens=4), "needs a draft"),
     (dict(draft_layers=2, draft_model="x"), "not both"),
     (dict(draft_layers=2, acceptance=1.5), "acceptance"),
+    (dict(draft_layers=2, acceptance_method="typical"), "acceptance_method must be one of rejection, exact"),
 ])
 def test_bad_speculative_configs_say_what_is_wrong(fields, message):
     with pytest.raises(RequestError, match=message):
@@ -277,6 +285,8 @@ def test_a_draft_with_another_vocabulary_is_refused():
 
 def test_speculative_config_from_a_dict_names_unknown_fields():
     assert SpeculativeConfig.coerce({"draft_layers": 3, "num_speculative_tokens": 2}) == SpeculativeConfig(2, 3)
+    assert SpeculativeConfig.coerce({"draft_layers": 3, "acceptance_method": "exact"}).acceptance_method == "exact"
+    assert SpeculativeConfig(draft_layers=3).acceptance_method == "rejection"
     with pytest.raises(RequestError, match="unknown speculative_config field.*draft_lyers"):
         SpeculativeConfig.coerce({"draft_lyers": 3})
     with pytest.raises(RequestError, match="speculative_tokens must be a whole number"):
@@ -343,8 +353,8 @@ def test_concat_rollback_stays_on_the_bottom_row(tiny):
 @pytest.mark.parametrize("params", [SamplingParams(max_tokens=24, temperature=0, ignore_eos=True),
                                     SamplingParams(max_tokens=20, temperature=0.8, seed=3, ignore_eos=True)])
 def test_drafting_ahead_keeps_the_targets_tokens(tiny, params):
-    """Drafting the next round during verification changes only when drafts are made: the
-    tokens are the target's own, greedy and seeded alike."""
+    """Drafting the next round during verification changes only when drafts are made: with
+    exact match the tokens are the target's own, greedy and seeded alike."""
     cfg, w = tiny
     plain = generate_one(WaferModel(cfg, w, WSE2, RunConfig(prefill_grid=8, decode_grid=4, max_seq_len=64)),
                          byte_tokenizer(), list(range(1, 12)), params)
@@ -352,7 +362,7 @@ def test_drafting_ahead_keeps_the_targets_tokens(tiny, params):
         target = WaferModel(cfg, w, WSE2, RunConfig(prefill_grid=8, decode_grid=4, max_seq_len=64,
                                                     speculative_tokens=k))
         backend = speculative_backend(target, SpeculativeConfig(num_speculative_tokens=k, draft_layers=layers,
-                                                                 draft_ahead=True))
+                                                                 draft_ahead=True, acceptance_method="exact"))
         out = generate_one(backend, byte_tokenizer(), list(range(1, 12)), params)
         assert out.token_ids == plain.token_ids
         s = out.metrics["backend"]["speculative"]
@@ -387,3 +397,131 @@ def test_drafting_ahead_hides_draft_time_in_a_prediction():
     assert out[True]["speculative"]["ahead_hits"] > 0
     assert out[True]["speculative"]["decode_s"]["draft"] < out[False]["speculative"]["decode_s"]["draft"]
     assert out[True]["decode_tokens_per_s"] > out[False]["decode_tokens_per_s"]
+
+
+# ---------------------------------------------------------------------------- rejection sampling
+
+TOP2 = dict(temperature=1.0, top_k=2, ignore_eos=True)  # two tokens possible at each position
+N_REQUESTS = 400
+
+
+def _walk(model, prompt, sampler, depth: int, prefix=()) -> dict:
+    """{prefix + the next ``depth`` tokens: probability} under ``model`` alone, by decoding
+    every prefix anew (the processed distribution of ``sampler``'s request at each)."""
+    model.reset()
+    logits = np.asarray(model.prefill(prompt))[-1]
+    for t in prefix:
+        logits = model.decode(t)
+    p = sampler.probs(logits)
+    if depth == 1:
+        return {prefix + (int(t),): float(p[t]) for t in np.nonzero(p)[0]}
+    return {seq: float(p[t]) * q for t in np.nonzero(p)[0]
+            for seq, q in _walk(model, prompt, sampler, depth - 1, prefix + (int(t),)).items()}
+
+
+def _chi_square(counts: dict, probs: dict, n: int) -> tuple[float, float]:
+    """Pearson's statistic of ``counts`` (n draws) against ``probs``, outcomes expected fewer
+    than 5 times pooled; and the 99.9% quantile of its distribution (Wilson-Hilferty)."""
+    expected = {k: v * n for k, v in probs.items()}
+    rare = [k for k, e in expected.items() if e < 5]
+    obs = [counts.get(k, 0) for k in expected if k not in rare] + [sum(counts.get(k, 0) for k in rare)]
+    exp = [e for k, e in expected.items() if k not in rare] + [sum(expected[k] for k in rare)]
+    stat = sum((o - e) ** 2 / e for o, e in zip(obs, exp) if e > 0)
+    df = sum(e > 0 for e in exp) - 1
+    return stat, df * (1 - 2 / (9 * df) + 3.09 * np.sqrt(2 / (9 * df))) ** 3
+
+
+def test_rejection_sampling_draws_the_targets_own_distribution(tiny):
+    """The first 3 tokens of 400 seeded requests (k=2, a 2-layer draft) against the target's
+    distribution for them, enumerated without a draft: token 1 comes from the prefill, token 2
+    verifies the round's first draft, token 3 its second draft or a new round's. The draft
+    disagrees with the target (after token 202 it would say 83 or 130, the target 83 or
+    158): guesses are kept and redrawn, and the first draft is kept as often as
+    sum(min(p, q)) says, p the target's distribution there and q the draft's."""
+    cfg, w = tiny
+    n, prompt = N_REQUESTS, list(range(1, 12))
+    sampler = Sampler(SamplingParams(**TOP2))
+    plain = WaferModel(cfg, w, WSE2, RunConfig(prefill_grid=8, decode_grid=4, max_seq_len=64))
+    target = _walk(plain, prompt, sampler, 3)
+    dcfg, dw = first_layers(cfg, w, 2)
+    alone = WaferModel(dcfg, dw, WSE2, RunConfig(prefill_grid=8, decode_grid=4, max_seq_len=64))
+    keep_first = 0.0  # the chance the first draft is kept: over token 1, sum(min(p, q)) at token 2
+    for (t1,), p1 in _walk(plain, prompt, sampler, 1).items():
+        p2 = {s[1]: p for s, p in _walk(plain, prompt, sampler, 1, (t1,)).items()}
+        q2 = {s[1]: q for s, q in _walk(alone, prompt, sampler, 1, (t1,)).items()}
+        keep_first += p1 * sum(min(p, q2.get(t, 0.0)) for t, p in p2.items())
+
+    backend = _backend(cfg, w, 2, 2)
+    counts, kept_first, kept, redrawn = {}, 0, 0, 0
+    for seed in np.random.default_rng(2023).integers(1 << 31, size=n):  # the requests' own seeds
+        out = generate_one(backend, None, prompt, SamplingParams(max_tokens=3, seed=int(seed), **TOP2))
+        counts[tuple(out.token_ids)] = counts.get(tuple(out.token_ids), 0) + 1
+        s = out.metrics["backend"]["speculative"]
+        kept_first += s["accepted"] > 0
+        kept, redrawn = kept + s["accepted"], redrawn + s["rejected"]
+    assert set(counts) <= set(target)  # never a token the target would not sample
+    stat, limit = _chi_square(counts, target, n)
+    assert stat < limit, (stat, limit)
+    assert kept > 20 and redrawn > 20
+    assert abs(kept_first - n * keep_first) < 4 * np.sqrt(n * keep_first * (1 - keep_first))
+
+
+@pytest.mark.parametrize("ahead", [False, True])
+def test_rejection_sampling_repeats_with_a_seed_and_keeps_the_targets_support(tiny, ahead):
+    """The same seed gives the same tokens (a new backend or the same one again); every token
+    is one the target's top-k 2 allows (its logprobs, from the target's own logits, list the 2
+    most likely tokens and the one taken: never a third); drafting ahead changes none of it."""
+    cfg, w = tiny
+    params = SamplingParams(max_tokens=20, seed=11, logprobs=2, **TOP2)
+    backend = _backend(cfg, w, 2, 3, ahead=ahead)
+    runs = [generate_one(b, byte_tokenizer(), list(range(1, 12)), params)
+            for b in (backend, backend, _backend(cfg, w, 2, 3, ahead=ahead))]
+    assert runs[0].token_ids == runs[1].token_ids == runs[2].token_ids and len(runs[0].token_ids) == 20
+    assert runs[0].logprobs == runs[2].logprobs
+    for tok, lp in zip(runs[0].token_ids, runs[0].logprobs):
+        assert len(lp) == 2 and tok in lp
+    s = runs[0].metrics["backend"]["speculative"]
+    assert s["acceptance_method"] == "rejection" and s["sampled_drafts"]
+    assert s["rounds"] + s["accepted"] == 19
+    other = generate_one(backend, None, list(range(1, 12)), SamplingParams(max_tokens=20, seed=12, **TOP2))
+    assert other.token_ids != runs[0].token_ids
+
+
+def test_a_perfect_draft_keeps_every_sampled_guess(tiny):
+    """The target as its own draft: q is p (to the verification pass's rounding), so rejection
+    sampling keeps every guess at temperature 0.8 too; exact match keeps a guess only when
+    the target's sample happens to be the draft's argmax."""
+    cfg, w = tiny
+    from waferllm.engine.speculative import SpeculativeBackend
+
+    target = WaferModel(cfg, w, WSE2, RunConfig(prefill_grid=8, decode_grid=4, max_seq_len=64, speculative_tokens=3))
+    draft = place_draft(cfg, w, target)
+    params = SamplingParams(max_tokens=17, temperature=0.8, seed=5, ignore_eos=True)
+    rates = {}
+    for method in ("rejection", "exact"):
+        out = generate_one(SpeculativeBackend(target, draft, 3, acceptance_method=method), byte_tokenizer(),
+                           list(range(1, 12)), params)
+        s = out.metrics["backend"]["speculative"]
+        rates[method] = s["acceptance_rate"]
+        if method == "rejection":
+            assert s["rounds"] == 4 and s["accepted"] == 12 and s["rejected"] == 0
+    assert rates["rejection"] == 1.0 > rates["exact"]
+
+
+def test_rejection_sampling_streams_and_stops(tiny):
+    """Streaming, max_tokens and stop strings as without a draft: the deltas make the text, the
+    request ends at max_tokens, and a stop string taken from a run's text ends the same seeded
+    run there (the tokens before it are the same draws)."""
+    cfg, w = tiny
+    backend = _backend(cfg, w, 2, 3)
+    deltas = []
+    params = dict(temperature=0.9, top_k=8, seed=21, ignore_eos=True)
+    full = generate_one(backend, byte_tokenizer(), list(range(1, 12)), SamplingParams(max_tokens=24, **params),
+                        on_token=lambda t, d: deltas.append((t, d)))
+    assert full.finish_reason == "length" and len(full.token_ids) == 24
+    assert [t for t, _ in deltas] == full.token_ids and "".join(d for _, d in deltas) == full.text
+    text = full.text.replace("\ufffd", "")
+    stop = next(text[i:i + 2] for i in range(len(text) // 2, len(text) - 1) if text[i:i + 2].isprintable())
+    cut = generate_one(backend, byte_tokenizer(), list(range(1, 12)), SamplingParams(max_tokens=24, stop=stop, **params))
+    assert cut.finish_reason == "stop" and cut.stop_reason == stop
+    assert cut.text == full.text[:full.text.index(stop)] and cut.token_ids == full.token_ids[:len(cut.token_ids)]

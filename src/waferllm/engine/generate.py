@@ -5,7 +5,10 @@ steps, sampling each token, until EOS (unless ``ignore_eos``), a stop token id, 
 string (text truncated before it, like vLLM), ``max_tokens`` or the backend's context
 limit. ``backend`` is anything with ``reset()``, ``prefill(ids, prompt_logits) -> logits``
 (every prompt token's [T, V] when ``prompt_logits``, else at least the last one's) and
-``decode(token_id) -> logits [V]`` -- the dense numpy forward or the wafer engine.
+``decode(token_id) -> logits [V]`` -- the dense numpy forward or the wafer engine. A
+backend with ``use_sampler(sampler)`` (speculative decoding) gets the request's sampler
+after ``reset``: it may hand the sampler a draft's guess to verify against the logits it
+returns (``Sampler.propose``).
 """
 
 from __future__ import annotations
@@ -327,6 +330,8 @@ def generate_one(backend, tokenizer, prompt_token_ids: Sequence[int], params: Sa
 
     t0 = time.perf_counter()
     backend.reset()
+    if callable(getattr(backend, "use_sampler", None)):
+        backend.use_sampler(seq.sampler)
     logits_all = np.asarray(backend.prefill(prompt_ids, prompt_logits=params.prompt_logprobs is not None))
     t_prefill = time.perf_counter()
     prompt_lps = prompt_logprobs(logits_all, prompt_ids, params.prompt_logprobs) if params.prompt_logprobs is not None else None

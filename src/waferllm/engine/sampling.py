@@ -7,6 +7,10 @@
 * ``logprobs=K`` returns, per generated token, ``{token_id: logprob}`` for the K most
   likely tokens plus the sampled one (so K+1 entries at most), computed from the raw model
   logits (before temperature / top-k / top-p), like vLLM.
+* Speculative decoding hands the sampler a draft model's guess for the next logits (drawn
+  from the draft's distribution q, processed as the request asks); the sampler keeps it or
+  draws another token by rejection sampling (:func:`accept_or_resample`), so the token is
+  still distributed as sampling from the logits alone.
 """
 
 from __future__ import annotations
@@ -136,12 +140,36 @@ def apply_top_k_top_p(logits: np.ndarray, top_k: int, top_p: float) -> np.ndarra
     return x
 
 
+def draw(probs: np.ndarray, rng: np.random.Generator) -> int:
+    """A token drawn from a [V] distribution (one uniform draw of ``rng``)."""
+    cdf = np.cumsum(probs)
+    r = rng.random() * cdf[-1]
+    tok = min(int(np.searchsorted(cdf, r, side="right")), len(probs) - 1)
+    while probs[tok] == 0.0 and tok > 0:  # guard against landing on a masked token at the edge
+        tok -= 1
+    return tok
+
+
+def accept_or_resample(p: np.ndarray, q: np.ndarray, guess: int, rng: np.random.Generator) -> int:
+    """Speculative (rejection) sampling (Leviathan et al. 2023; Chen et al. 2023): ``guess``
+    was drawn from the draft's distribution ``q``; keep it with probability min(1, p/q) at the
+    guess, else draw from the residual normalize(max(0, p - q)). Whatever q is, the token is
+    distributed as ``p``: a token x comes out kept with probability min(p(x), q(x)) and
+    redrawn with probability p(x) - min(p(x), q(x))."""
+    if rng.random() * q[guess] < p[guess]:  # u < p/q without dividing by a tiny q
+        return int(guess)
+    residual = np.maximum(p - q, 0.0)
+    # p and q both sum to 1, so a rejection leaves some residual mass; rounding may not
+    return draw(residual if residual.sum() > 0.0 else p, rng)
+
+
 class Sampler:
     """Turns logits into a token for one request (owns the request's random generator)."""
 
     def __init__(self, params: SamplingParams):
         self.params = params
         self.rng = np.random.default_rng(params.seed)
+        self.guess: tuple[int, np.ndarray] | None = None  # a draft's (token, q) for the next logits
 
     def probs(self, logits: np.ndarray) -> np.ndarray:
         """The distribution sampled from (after temperature, top-k, top-p), float64 [V]."""
@@ -150,18 +178,30 @@ class Sampler:
         x = np.exp(x - np.max(x))
         return x / x.sum()
 
-    def sample(self, logits: np.ndarray) -> int:
+    def draft(self, logits: np.ndarray) -> tuple[int, np.ndarray | None]:
+        """A draft model's guess from its own logits: the argmax when greedy (q None), else a
+        token drawn with the request's generator from the draft's processed distribution q,
+        returned with q (what verifying the guess needs)."""
         logits = np.asarray(logits).reshape(-1)
         if self.params.greedy:
+            return int(np.argmax(logits)), None
+        q = self.probs(logits)
+        return draw(q, self.rng), q
+
+    def propose(self, guess: int | None, q: np.ndarray | None = None) -> None:
+        """The next ``sample`` verifies ``guess`` (drawn from ``q``) instead of drawing freely;
+        None: it draws freely."""
+        self.guess = None if guess is None else (int(guess), q)
+
+    def sample(self, logits: np.ndarray) -> int:
+        logits = np.asarray(logits).reshape(-1)
+        guess, self.guess = self.guess, None
+        if self.params.greedy:  # a greedy guess is kept exactly when it is the argmax
             return int(np.argmax(logits))
         probs = self.probs(logits)
-        cdf = np.cumsum(probs)
-        r = self.rng.random() * cdf[-1]
-        tok = int(np.searchsorted(cdf, r, side="right"))
-        tok = min(tok, len(probs) - 1)
-        while probs[tok] == 0.0 and tok > 0:  # guard against landing on a masked token at the edge
-            tok -= 1
-        return tok
+        if guess is not None and guess[1] is not None:
+            return accept_or_resample(probs, guess[1], guess[0], self.rng)
+        return draw(probs, self.rng)
 
     def logprobs(self, logits: np.ndarray, token_id: int, k: int) -> dict[int, float]:
         return top_logprobs(log_softmax(np.asarray(logits).reshape(-1)), k, extra=token_id)
@@ -171,4 +211,5 @@ def sample_greedy(logits: np.ndarray) -> int:
     return int(np.argmax(np.asarray(logits).reshape(-1)))
 
 
-__all__ = ["SamplingParams", "Sampler", "top_logprobs", "log_softmax", "apply_top_k_top_p", "sample_greedy"]
+__all__ = ["SamplingParams", "Sampler", "top_logprobs", "log_softmax", "apply_top_k_top_p", "sample_greedy", "draw",
+           "accept_or_resample"]

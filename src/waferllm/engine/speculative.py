@@ -10,21 +10,38 @@ tenth the target's size decodes a token in a fraction of the target's step.
 One round, from the last token ``t`` the request emitted:
 
 1. the draft decodes ``t`` (and a token of the previous round it has not seen), then its own
-   guesses, greedily: k tokens ``d1..dk`` (k draft steps, on the draft's regions);
+   guesses: k tokens ``d1..dk`` (k draft steps, on the draft's regions), each its argmax, or
+   with rejection sampling (below) drawn from its distribution q;
 2. the k tokens cross the wafer to the target's first decode region;
 3. the target verifies ``[t, d1..dk]`` in one step: every layer appends them to the KV cache
    in order, each attending over the cache up to itself, so the logits after ``d_i`` are
    exactly what decoding ``d_i`` alone would give;
-4. the caller samples from the logits after ``t``, then after ``d1`` while it picked ``d1``, and
-   so on: tokens agreeing with the draft cost nothing more; the first that differs ends the
-   round, both caches drop the rejected drafts (``KVCache.rollback``) and a new round starts
-   from it. All k accepted: the logits after ``dk`` give one more token.
+4. the caller picks a token from the logits after ``t``, then after ``d1`` while it picked
+   ``d1``, and so on: tokens agreeing with the draft cost nothing more; the first that differs
+   ends the round, both caches drop the rejected drafts (``KVCache.rollback``) and a new round
+   starts from it. All k accepted: the logits after ``dk`` give one more token.
 
-Verification by exact match keeps the target's distribution exactly, for greedy decoding
-and for sampling alike (every emitted token is drawn from the target's own logits for its
-prefix), so the same prompt gives the same tokens with and without a draft (greedy; at a
-near-tie of the top two logits the verification pass's summation order may break it the
-other way).
+How the caller picks (``SpeculativeConfig.acceptance_method``):
+
+* ``exact``: the draft guesses its argmax and the caller samples from the target's logits as
+  without a draft; a guess counts when the sample equals it. Every token is drawn from the
+  target's own logits for its prefix with the request's generator in the same order, so a
+  seed gives the same tokens with and without a draft, up to the verification pass's
+  rounding (its logprobs differ from a lone step's by ~1e-3, so a draw that lands that close
+  to the edge between two tokens, most often two unlikely ones, takes the other).
+* ``rejection`` (the default, as in vLLM): the draft draws each guess from its distribution q,
+  processed as the request asks (temperature, top-k, top-p) with the request's generator;
+  the caller's sampler keeps it with probability min(1, p/q), p the target's processed
+  distribution, and at the first rejection draws from normalize(max(0, p - q))
+  (``sampling.accept_or_resample``). The tokens are distributed as sampling from the target
+  alone, a seed repeats them, and a draft is kept with probability sum(min(p, q)) rather
+  than p(the draft's argmax): usually more drafts taken when sampling (not when a draft far
+  flatter than the target has the target's likeliest token as its own).
+
+Both reduce to the same greedy decoding at temperature 0: the draft's argmax, kept when it
+is the target's (so the same tokens as without a draft, but at a near-tie of the top two
+logits, which the verification pass's summation order may break the other way). The
+sampling is host-side: the wafer runs the same draft steps and passes either way.
 
 Placement: the draft's regions (both its phases) meet none of the target's regions of
 either phase, so the draft's weights stay where they are while the target moves its own
@@ -59,6 +76,8 @@ from waferllm.mesh.move import Placement, charge_move
 
 #: how many draft tokens a round proposes at most (each is one more row in the verification pass)
 MAX_SPECULATIVE_TOKENS = 16
+#: how a sampled request keeps drafts (see the module's docstring)
+ACCEPTANCE_METHODS = ("rejection", "exact")
 
 
 @dataclass(frozen=True)
@@ -77,6 +96,11 @@ class SpeculativeConfig:
         draft_ahead: while the target verifies a round, the draft drafts the next one as if
             every draft were taken and the target's own next token were the draft's guess;
             when both hold, the next round starts with its drafts ready.
+        acceptance_method: how a sampled request keeps drafts: ``rejection`` (the draft samples,
+            rejection sampling keeps the target's distribution; more drafts taken) or ``exact``
+            (the draft's argmax kept when the target's own sample is it; a seed gives the tokens
+            of a run without a draft, up to the verification pass's rounding). Greedy requests
+            decode alike with either.
     """
 
     num_speculative_tokens: int = 4
@@ -85,6 +109,7 @@ class SpeculativeConfig:
     draft_grid: int | None = None
     acceptance: float | None = None
     draft_ahead: bool = False
+    acceptance_method: str = "rejection"
 
     def __post_init__(self):
         k = self.num_speculative_tokens
@@ -103,6 +128,9 @@ class SpeculativeConfig:
         a = self.acceptance
         if a is not None and (isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= a <= 1.0):
             raise RequestError(f"acceptance must be a probability from 0 to 1, got {a!r}")
+        if self.acceptance_method not in ACCEPTANCE_METHODS:
+            raise RequestError(f"acceptance_method must be one of {', '.join(ACCEPTANCE_METHODS)}, "
+                               f"got {self.acceptance_method!r}")
 
     @classmethod
     def coerce(cls, value) -> "SpeculativeConfig | None":
@@ -249,14 +277,21 @@ class SpeculativeBackend:
     """The backend protocol (``reset``, ``prefill``, ``decode``, ``request_metrics``) over a
     target and a draft model: each ``decode(token)`` returns the target's logits for the
     token's successor, from a verification pass already run when the token is the draft's
-    guess, else from a new round (see the module's docstring). One request at a time."""
+    guess, else from a new round (see the module's docstring). One request at a time; with
+    ``use_sampler`` (after ``reset``) the request's sampler draws the draft's guesses and
+    verifies them, by ``acceptance_method``."""
 
-    def __init__(self, target: WaferModel, draft: WaferModel, k: int, ahead: bool = False):
+    def __init__(self, target: WaferModel, draft: WaferModel, k: int, ahead: bool = False,
+                 acceptance_method: str = "rejection"):
         if target.mode != draft.mode:
             raise RequestError("the target and the draft must run in the same mode (numeric or dry)")
+        if acceptance_method not in ACCEPTANCE_METHODS:
+            raise RequestError(f"acceptance_method must be one of {', '.join(ACCEPTANCE_METHODS)}, "
+                               f"got {acceptance_method!r}")
         self.target, self.draft, self.k = target, draft, int(k)
         # draft the next round while the target verifies (the draft's PEs are its own)
         self.ahead = bool(ahead)
+        self.acceptance_method = acceptance_method
         self.config, self.wafer, self.mode = target.config, target.wafer, target.mode
         self.reset()
 
@@ -285,7 +320,9 @@ class SpeculativeBackend:
     def reset(self) -> None:
         self.target.reset()
         self.draft.reset()
-        self._verified: list[tuple[int | None, np.ndarray | None]] = []  # (draft, target logits after it)
+        self.sampler = None  # the request's, when it samples the draft's guesses (use_sampler)
+        # (draft, the target's logits after it, the draft's q it was drawn from or None)
+        self._verified: list[tuple[int | None, np.ndarray | None, np.ndarray | None]] = []
         self._unseen: list = []  # emitted tokens the draft's cache does not hold yet
         # drafted ahead during the last verification: the draft's guess of the target's next
         # token, its drafts after that guess, and how many entries they added to its cache
@@ -297,6 +334,18 @@ class SpeculativeBackend:
         self.rounds = self.drafted = self.accepted = self.rejected = 0
         self.prompt_len = 0
         self.cycles = dict.fromkeys(("draft", "verify", "rollback", "handoff"), 0.0)
+
+    def use_sampler(self, sampler) -> None:
+        """The request's sampler (``sampling.Sampler``): with rejection sampling it draws the
+        draft's guesses (its processing, its generator) and verifies each against the target's
+        logits; with exact match, or greedy, it is not needed."""
+        self.sampler = sampler
+
+    @property
+    def sampling_drafts(self) -> bool:
+        """Whether the draft samples its guesses for rejection sampling (else: its argmax)."""
+        return (self.acceptance_method == "rejection" and self.sampler is not None
+                and not self.sampler.params.greedy)
 
     def prefill(self, token_ids, prompt_logits: bool = False):
         """Both models take the prompt, each on its own PEs at the same time; the target's
@@ -312,10 +361,15 @@ class SpeculativeBackend:
         if self._verified and (self.mode == "dry" or int(token) == self._verified[0][0]):
             self.accepted += 1
             self.emitted += 1
-            return self._verified.pop(0)[1]
-        ready = self._settle(token)
-        self.emitted += 1
-        return self._round(token, ready)
+            logits = self._verified.pop(0)[1]
+        else:
+            ready = self._settle(token)
+            self.emitted += 1
+            logits = self._round(token, ready)
+        if self.sampling_drafts:  # the sampler verifies the next draft against these logits
+            guess, _, q = self._verified[0] if self._verified else (None, None, None)
+            self.sampler.propose(guess, q)
+        return logits
 
     def _settle(self, token=None) -> list | None:
         """The caller's token is not the next draft (or no drafts are left): drop the drafts
@@ -344,8 +398,8 @@ class SpeculativeBackend:
         return None
 
     def _round(self, token, drafts: list | None = None) -> np.ndarray | None:
-        """Draft up to k tokens after ``token`` (or take ``drafts`` made ahead), verify them,
-        return the logits after ``token``."""
+        """Draft up to k tokens after ``token`` (or take ``drafts`` made ahead; (token, q) each),
+        verify them, return the logits after ``token``."""
         t, d = self.target, self.draft
         if drafts is None:
             room = t.max_seq_len - t.positions[0] - 1  # the pass holds token and the drafts
@@ -354,12 +408,12 @@ class SpeculativeBackend:
         window = self.target.ledger.cycles
         if drafts:
             self._hand_off(d, t, len(drafts))
-        logits = self._timed("verify", t, lambda: t.verify(0, [token] + drafts))
+        logits = self._timed("verify", t, lambda: t.verify(0, [token] + [g for g, _ in drafts]))
         self.rounds += 1
         self.drafted += len(drafts)
         self._hand_off(t, d, 1)  # the draft learns how far the target went (a token id)
         rows = [None] * (len(drafts) + 1) if logits is None else list(logits)
-        self._verified = list(zip(drafts, rows[1:]))
+        self._verified = [(g, row, q) for (g, q), row in zip(drafts, rows[1:])]
         if self.ahead and drafts:
             self._draft_ahead(self.target.ledger.cycles - window)
         return rows[0]
@@ -374,32 +428,40 @@ class SpeculativeBackend:
         if m < 1:
             return
         before = phase_cycles(d).decode
-        out = self._draft_steps(self._unseen, m + 1)  # from the round's last draft
+        # from the round's last draft; the guess of the target's own token is the draft's argmax
+        # even when sampling: it is no proposal, and the likeliest token is hit most often
+        out = self._draft_steps(self._unseen, m + 1, argmax_first=True)
         spent = phase_cycles(d).decode - before
         self.cycles["draft"] += max(0.0, spent - window)
         self.hidden_cycles += min(spent, window)
-        self._ahead = {"guess": out[0], "drafts": out[1:], "extra": m + 1}
-        self._unseen = out[-1:]
+        self._ahead = {"guess": out[0][0], "drafts": out[1:], "extra": m + 1}
+        self._unseen = [out[-1][0]]
 
     def _draft(self, token, k: int) -> list:
-        """k greedy draft tokens after ``token`` (the draft first takes the tokens it has not
+        """k drafts after ``token``, (token, q) each (the draft first takes the tokens it has not
         seen, in the same step); the last draft stays unseen by the draft."""
         feed = self._unseen + [token]
         if not k:
             self._unseen = feed
             return []
         out = self._timed("draft", self.draft, lambda: self._draft_steps(feed, k))
-        self._unseen = out[-1:]
+        self._unseen = [out[-1][0]]
         return out
 
-    def _draft_steps(self, feed: list, n: int) -> list:
-        """``n`` greedy draft steps, the first on ``feed`` (several tokens: one pass), each
-        next on the token before: the tokens they pick (None each in a dry run)."""
+    def _draft_steps(self, feed: list, n: int, argmax_first: bool = False) -> list:
+        """``n`` draft steps, the first on ``feed`` (several tokens: one pass), each next on the
+        token before: the (token, q) each picks, q the distribution it was drawn from when the
+        draft samples (None when it takes its argmax; token None in a dry run)."""
         d, out = self.draft, []
-        for _ in range(n):
+        for i in range(n):
             logits = d.verify(0, feed) if len(feed) > 1 else d.decode(feed[0])
-            out.append(None if logits is None else int(np.argmax(np.asarray(logits).reshape(len(feed), -1)[-1])))
-            feed = [out[-1]]
+            if logits is None:
+                out.append((None, None))
+            else:
+                row = np.asarray(logits).reshape(len(feed), -1)[-1]
+                sample = self.sampling_drafts and not (argmax_first and i == 0)
+                out.append(self.sampler.draft(row) if sample else (int(np.argmax(row)), None))
+            feed = [out[-1][0]]
         return out
 
     def _hand_off(self, src: WaferModel, dst: WaferModel, n: int) -> None:
@@ -468,6 +530,8 @@ class SpeculativeBackend:
                 "draft_regions": [st.region.describe() for st in d.plan.decode.stages],
                 "num_speculative_tokens": self.k,
                 "draft_ahead": self.ahead,
+                "acceptance_method": self.acceptance_method,
+                "sampled_drafts": self.sampling_drafts,
                 "ahead_hits": self.ahead_hits,
                 "draft_hidden_s": sec(self.hidden_cycles),
                 "rounds": self.rounds,
@@ -518,4 +582,4 @@ def speculative_backend(target: WaferModel, spec: SpeculativeConfig, draft_confi
     if draft_config is None:
         raise RequestError("speculative decoding with draft_model needs the draft's config")
     draft = place_draft(draft_config, draft_weights, target, spec.draft_grid, target.mode, progress)
-    return SpeculativeBackend(target, draft, spec.num_speculative_tokens, spec.draft_ahead)
+    return SpeculativeBackend(target, draft, spec.num_speculative_tokens, spec.draft_ahead, spec.acceptance_method)

@@ -305,6 +305,13 @@ def generate(
     draft_ahead: bool = typer.Option(False, "--draft-ahead", rich_help_panel=WAFER,
                                      help="The draft drafts the next round while the model verifies (its PEs are its "
                                           "own)."),
+    acceptance_method: Optional[str] = typer.Option(None, "--acceptance-method", rich_help_panel=WAFER,
+                                                    help="How sampled tokens keep drafts: rejection (the draft samples, "
+                                                         "rejection sampling keeps the model's distribution; default) "
+                                                         "or exact (the draft's argmax kept when the model's own sample "
+                                                         "is it; a seed gives the tokens of a run without a draft, "
+                                                         "up to rounding). "
+                                                         "Greedy decoding is the same with either."),
     prefill_attention: str = algorithm_options.PREFILL_ATTENTION,
     decode_collectives: str = algorithm_options.DECODE_COLLECTIVES,
     gemv_ktree: str = algorithm_options.GEMV_KTREE,
@@ -331,19 +338,24 @@ def generate(
     spec, pg, dg = _check_wafer_options(engine, given)
     speculative = None
     stray = [flag for flag, v in (("--speculative-tokens", speculative_tokens), ("--draft-grid", draft_grid),
-                                  ("--draft-ahead", draft_ahead or None)) if v is not None]
+                                  ("--draft-ahead", draft_ahead or None), ("--acceptance-method", acceptance_method))
+             if v is not None]
     if stray and draft_layers is None and draft_model is None:
         raise RequestError(f"{', '.join(stray)} only appl{'y' if len(stray) > 1 else 'ies'} with a draft: add "
                            "--draft-layers N or --draft-model PATH, or drop them")
     if draft_layers is not None or draft_model is not None:
-        from waferllm.engine.speculative import SpeculativeConfig
+        from waferllm.engine.speculative import ACCEPTANCE_METHODS, SpeculativeConfig
 
         if engine == "reference":
             raise RequestError("--draft-layers and --draft-model only apply to the wafer engine; drop them, or use "
                                "--engine wafer")
+        method = "rejection" if acceptance_method is None else acceptance_method.strip().lower()
+        if method not in ACCEPTANCE_METHODS:
+            raise RequestError(f"--acceptance-method must be one of {', '.join(ACCEPTANCE_METHODS)}, "
+                               f"got {acceptance_method!r}")
         speculative = SpeculativeConfig(num_speculative_tokens=4 if speculative_tokens is None else speculative_tokens,
                                         draft_layers=draft_layers, draft_ahead=draft_ahead,
-                                        draft_model=draft_model, draft_grid=draft_grid)
+                                        draft_model=draft_model, draft_grid=draft_grid, acceptance_method=method)
     _check_lengths_upfront(max_tokens, max_model_len)
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                             stop=stop or None, logprobs=logprobs, ignore_eos=ignore_eos)
@@ -438,8 +450,9 @@ def generate(
             sp = m["speculative"]
             rate = "-" if sp["acceptance_rate"] is None else f"{sp['acceptance_rate']:.0%}"
             reached = sp["accepted"] + sp["rejected"]  # drafts the model's own tokens were compared with
+            how = "rejection sampling" if sp["sampled_drafts"] else "exact match"
             typer.echo(f"[wafer] speculative: draft {sp['draft']} on {sp['draft_grid']}x{sp['draft_grid']} regions, "
-                       f"{sp['rounds']} rounds, {sp['accepted']} of the {reached} drafts reached accepted ({rate}; "
+                       f"verified by {how}, {sp['rounds']} rounds, {sp['accepted']} of the {reached} drafts reached accepted ({rate}; "
                        f"{sp['drafted']} drafted), {sp['tokens_per_round'] or 0:.2f} tokens per round"
                        + (f", {sp['ahead_hits']} round{'' if sp['ahead_hits'] == 1 else 's'} drafted ahead"
                           if sp["draft_ahead"] else ""), err=True)
