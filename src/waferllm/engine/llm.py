@@ -114,7 +114,10 @@ class LLM(PromptFrontend):
     ``speculative_config``: speculative decoding with a draft on the PEs the model's decode
     leaves idle, a dict of :class:`waferllm.engine.speculative.SpeculativeConfig`'s fields
     (``{"draft_layers": 20, "num_speculative_tokens": 4}`` or ``{"draft_model": path}``);
-    requests then run one at a time, with the same tokens as without it.
+    requests then run one at a time: greedy, with the same tokens as without it; sampled, with
+    tokens distributed as without it (rejection sampling, the default ``acceptance_method``),
+    or, with ``acceptance_method="exact"``, a seed's own tokens up to the verification pass's
+    rounding.
 
     ``max_model_len``: tokens a request may hold (prompt + output). Default: the model's
     context, or, when the wafer cannot hold that on the grids allowed (given, or tuned up
