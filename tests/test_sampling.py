@@ -203,3 +203,19 @@ def test_sampler_verifies_a_proposed_guess():
     assert g.draft(LOGITS[::-1]) == (4, None)
     g.propose(3, np.eye(5)[3])
     assert g.sample(LOGITS) == 0
+
+
+def test_host_metrics_count_this_process_cpu_apart_from_wall_time():
+    """A request's host figures give each phase's CPU seconds beside its wall time: a backend
+    that waits (here: sleeps, as on a host shared with other work) spends wall time, not CPU."""
+    import time
+
+    class Waiting(FakeBackend):
+        def decode(self, t):
+            time.sleep(0.05)
+            return super().decode(t)
+
+    h = generate_one(Waiting(), FakeTok(), [0], SamplingParams(max_tokens=4, temperature=0)).metrics
+    assert h["decode_time_s"] >= 3 * 0.05
+    assert 0 <= h["decode_cpu_s"] < h["decode_time_s"] / 2
+    assert 0 <= h["prefill_cpu_s"]

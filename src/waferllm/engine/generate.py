@@ -328,29 +328,31 @@ def generate_one(backend, tokenizer, prompt_token_ids: Sequence[int], params: Sa
                            f"{max_len} tokens")
     seq = SequenceState(tokenizer, prompt_ids, params, max_len)
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     backend.reset()
     if callable(getattr(backend, "use_sampler", None)):
         backend.use_sampler(seq.sampler)
     logits_all = np.asarray(backend.prefill(prompt_ids, prompt_logits=params.prompt_logprobs is not None))
-    t_prefill = time.perf_counter()
+    t_prefill, c_prefill = time.perf_counter(), time.process_time()
     prompt_lps = prompt_logprobs(logits_all, prompt_ids, params.prompt_logprobs) if params.prompt_logprobs is not None else None
     logits = logits_all[-1]
     del logits_all
 
-    t_first = None
+    t_first = c_first = None
     while True:
         tok, delta = seq.accept(logits)
         if t_first is None:
-            t_first = time.perf_counter()
+            t_first, c_first = time.perf_counter(), time.process_time()
         if on_token is not None:
             on_token(tok, delta)
         if seq.finished:
             break
         logits = np.asarray(backend.decode(tok)).reshape(-1)
-    t_end = time.perf_counter()
+    t_end, c_end = time.perf_counter(), time.process_time()
 
     metrics = host_metrics(len(prompt_ids), len(seq.token_ids), t0, t_prefill, t_first or t_end, t_end)
+    # this process's CPU seconds in each phase: on a shared host, steadier than wall time
+    metrics["prefill_cpu_s"], metrics["decode_cpu_s"] = c_prefill - c0, c_end - (c_first or c_end)
     extra = getattr(backend, "request_metrics", None)
     if callable(extra):
         metrics["backend"] = extra()
