@@ -176,13 +176,19 @@ def test_replaying_a_footprint_again_changes_nothing():
     assert _sram_state(a) == _sram_state(b)
 
 
-def test_decode_regions_read_once_equal_reading_them_again():
-    cfg = get_model_preset("llama3-8b")
+def _decoded(cfg) -> WaferModel:
+    """A shape-only model after a 512-token prompt and three decode steps."""
     wm = WaferModel(cfg, None, WSE2, RunConfig.for_request(512, 4, prefill_grid=600, decode_grid=360), mode="dry")
     wm.reset()
     wm.prefill(512)
     for _ in range(3):
         wm.decode(None)
+    return wm
+
+
+def test_decode_regions_read_once_equal_reading_them_again():
+    cfg = get_model_preset("llama3-8b")
+    wm = _decoded(cfg)
     regions = metrics.decode_regions(wm)
     pp, stages = wm.measured_stages("decode")
     fresh = capacity.kv_capacity(cfg, pp, stages)
@@ -207,11 +213,7 @@ def test_highs_read_from_a_shared_base_equal_each_read_alone():
     from waferllm.mesh.memory import _held, _on_fullest
 
     cfg = get_model_preset("llama3-8b")
-    wm = WaferModel(cfg, None, WSE2, RunConfig.for_request(512, 4, prefill_grid=600, decode_grid=360), mode="dry")
-    wm.reset()
-    wm.prefill(512)
-    for _ in range(3):
-        wm.decode(None)
+    wm = _decoded(cfg)
     replayed = 0
     for st in wm.prefill_stages + wm.decode_stages:
         s = st.mesh.sram

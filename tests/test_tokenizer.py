@@ -88,26 +88,34 @@ def test_sentencepiece_gguf_vocab():
     assert tok.decode(ids) == "hé"
 
 
+def _hf_tokenizer(tmp_path, name: str, meta: dict, add_rest):
+    """transformers' tokenizer of a GGUF file holding ``meta``'s vocabulary (``add_rest(writer)``
+    adds the fields that differ by model)."""
+    import gguf
+    import numpy as np
+    import transformers
+
+    w = gguf.GGUFWriter(str(tmp_path / name), "llama")
+    w.add_tokenizer_model(meta["tokenizer.ggml.model"])
+    w.add_token_list(meta["tokenizer.ggml.tokens"])
+    w.add_token_types(meta["tokenizer.ggml.token_type"])
+    add_rest(w)
+    w.add_tensor("dummy", np.zeros(4, np.float32))
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    return transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=name)
+
+
 def test_sentencepiece_matches_transformers(tmp_path):
     pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    gguf = pytest.importorskip("gguf")
-    import numpy as np
+    pytest.importorskip("transformers")
+    pytest.importorskip("gguf")
 
     from waferllm.models.tokenizer import Tokenizer
 
     meta = _sp_meta()
-    w = gguf.GGUFWriter(str(tmp_path / "sp.gguf"), "llama")
-    w.add_tokenizer_model("llama")
-    w.add_token_list(meta["tokenizer.ggml.tokens"])
-    w.add_token_scores(meta["tokenizer.ggml.scores"])
-    w.add_token_types(meta["tokenizer.ggml.token_type"])
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_unk_token_id(0)
-    w.add_tensor("dummy", np.zeros(4, np.float32))
-    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
-    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="sp.gguf")
+    hf = _hf_tokenizer(tmp_path, "sp.gguf", meta, lambda w: (
+        w.add_token_scores(meta["tokenizer.ggml.scores"]), w.add_bos_token_id(1), w.add_eos_token_id(2),
+        w.add_unk_token_id(0)))
     tok = Tokenizer.from_gguf_metadata(meta, name="sp")
     for s in ["hello world", " hello  world", "hello\nworld", "héllo wörld", "dlrow olleh"]:
         assert tok.encode(s) == hf.encode(s), s
@@ -147,23 +155,14 @@ def _gpt2_meta():
 
 def test_gpt2_user_and_control_tokens_match_transformers(tmp_path):
     pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    gguf = pytest.importorskip("gguf")
-    import numpy as np
+    pytest.importorskip("transformers")
+    pytest.importorskip("gguf")
 
     from waferllm.models.tokenizer import Tokenizer
 
     meta = _gpt2_meta()
-    w = gguf.GGUFWriter(str(tmp_path / "bpe.gguf"), "llama")
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list(meta["tokenizer.ggml.tokens"])
-    w.add_token_types(meta["tokenizer.ggml.token_type"])
-    w.add_token_merges(meta["tokenizer.ggml.merges"])
-    w.add_bos_token_id(262)
-    w.add_eos_token_id(262)
-    w.add_tensor("dummy", np.zeros(4, np.float32))
-    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
-    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="bpe.gguf")
+    hf = _hf_tokenizer(tmp_path, "bpe.gguf", meta, lambda w: (
+        w.add_token_merges(meta["tokenizer.ggml.merges"]), w.add_bos_token_id(262), w.add_eos_token_id(262)))
     tok = Tokenizer.from_gguf_metadata(meta, name="bpe")
     assert tok.encode("<custom>") == [263] and tok.encode("<|ctl|>") == [262]
     for s in ["hello world", "hello<custom>hello", "a<|ctl|>b", "my tok", "héllo <custom> wo"]:
