@@ -291,6 +291,27 @@ def test_relayout_partial_tensor():
     assert np.allclose(r.to_global(), tiles[:, 0].sum(0), rtol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", ["fp16", "fp32"])
+def test_relayout_keeps_values_exact_and_tiles_as_placed(dtype):
+    """An fp16 tensor re-placed in fp16 or fp32 keeps its values without rounding again
+    (its tiles are cut only when read: the same tiles a placement cuts); a partial fp16
+    tensor is summed, then rounded to fp16 as it is sent."""
+    src = _mesh(3, 4)
+    dst = Mesh(Region(WAFER, 2, 5, row0=10, col0=20), ledger=src.ledger)
+    a = np.random.default_rng(4).standard_normal((7, 9)).astype(np.float32)
+    t = src.place(a, ("y", "x"), "fp16")
+    r = comm.relayout(t, dst, ("x", "y"), dtype)
+    want = a.astype(np.float16).astype(DTYPES[dtype])
+    assert r.to_global().dtype == DTYPES[dtype] and np.array_equal(r.to_global(), want)
+    placed = dst.place(want, ("x", "y"), dtype)
+    assert r.tiles.dtype == placed.tiles.dtype and np.array_equal(r.tiles, placed.tiles)
+    tiles = np.random.default_rng(5).standard_normal((3, 4, 4)).astype(np.float16)
+    part = DistTensor(src, (4,), (None,), "fp16", tiles, partial=("y", "sum"))
+    summed = comm.relayout(part, dst, ("x",), dtype).to_global().astype(np.float32)
+    exact = tiles[:, 0].astype(np.float32).sum(0)
+    assert np.array_equal(summed, exact.astype(np.float16).astype(np.float32))
+
+
 # ------------------------------------------------------------------ dry run = numeric run, in cost
 
 

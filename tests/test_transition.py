@@ -372,3 +372,39 @@ def test_skewed_source_move_equals_brute_force(seed, transposed, rest):
     for k, arr in arrays.items():
         np.testing.assert_array_equal(getattr(tr, k), arr, err_msg=k)
     assert (tr.max_hops, tr.bytes_moved, tr.messages) == (b["hops"], b["bytes_moved"], b["messages"])
+
+
+def test_moves_priced_once_charge_what_routing_them_again_charges():
+    """The transition and restore price each move once (the weights for good, K and V per
+    prompt length) and charge the prices again later. Requests of lengths 7, 4, 7 on six
+    layers over two prefill and four decode regions: every request's transition and restore
+    events equal ``transition.charge`` of the same moves on a fresh ledger, which routes
+    every move anew."""
+    from waferllm.mesh.ledger import Ledger
+
+    cfg = tiny_config(name="deep", num_layers=6)
+    run = RunConfig(4, 3, max_seq_len=16, dtype="fp32")
+    wm = WaferModel(cfg, None, WSE2, run, mode="dry")
+    wm.ledger.keep_events = True
+    seen = []
+    inner = wm._transition
+
+    def kept(kvs):
+        seen.append([(seq, length, list(kv)) for seq, length, kv in kvs])
+        inner(kvs)
+
+    wm._transition = kept
+    for length in (7, 4, 7):
+        first = len(wm.ledger.events)
+        wm.reset()
+        wm.prefill(length)
+        wm.decode(None)
+        got = [(e.name, e.cycles, e.counters) for e in wm.ledger.events[first:]
+               if {"transition", "restore"} & set(e.span)]
+        fresh = Ledger(wm.wafer)
+        if len(seen) > 1:  # the weights come back from the decode layout first
+            transition.charge(fresh, wm._pairs(), "restore")
+        transition.charge(fresh, wm._pairs(seen[-1]), "transition")
+        want = [(e.name, e.cycles, e.counters) for e in fresh.events]
+        assert len(want) > 10 and got == want
+    assert [key[0] for key in wm._prices].count("kv") == 2 * len(wm._region_pairs())  # two lengths priced

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from waferllm.hardware.plmr import DTYPE_BYTES
-from waferllm.mesh.move import Placement, blocks_key, charge_move
+from waferllm.mesh.move import Placement, blocks_key, charge_priced, price_move
 from waferllm.mesh.region import Region
 from waferllm.mesh.tensor import QBLOCK, QUANT_BITS, SCALE_BYTES
 
@@ -307,9 +307,23 @@ def charge(ledger, pairs: list[Pair], prefix: str) -> None:
     """Charge the moves: rounds one after another (``ledger.parallel``: the pairs of a round
     start together and the round lasts as long as its slowest); a pair's own moves share its
     links and ramps, so they follow one another."""
-    for rnd in rounds(pairs):
+    charge_priced_rounds(ledger, price(ledger.wafer, pairs, prefix))
+
+
+def price(wafer, pairs: list[Pair], prefix: str) -> list[list[list[tuple]]]:
+    """The moves :func:`charge` charges, priced once (:func:`price_move`): for each round,
+    for each of its pairs, its moves' (name, price) in order. Kept by a caller whose moves
+    recur (every request of a length moves the same weights and K/V the same way)."""
+    return [[[(f"{prefix}.{name}", price_move(wafer, src, dst, item)) for name, src, dst, item in pair.moves]
+             for pair in rnd] for rnd in rounds(pairs)]
+
+
+def charge_priced_rounds(ledger, priced: list[list[list[tuple]]]) -> None:
+    """Charge what :func:`price` priced, as :func:`charge` would: the same events in the
+    same order with the same values."""
+    for rnd in priced:
         with ledger.parallel() as par:
-            for pair in rnd:
+            for moves in rnd:
                 with par.branch():
-                    for name, src, dst, item in pair.moves:
-                        charge_move(ledger, src, dst, item, name=f"{prefix}.{name}")
+                    for name, cost in moves:
+                        charge_priced(ledger, cost, name)

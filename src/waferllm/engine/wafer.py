@@ -49,7 +49,7 @@ from waferllm.hardware.plmr import DTYPE_BYTES, WaferSpec
 from waferllm.kernels import batch
 from waferllm.mesh import comm, interwafer
 from waferllm.mesh.ledger import Ledger
-from waferllm.mesh.move import Placement, charge_move
+from waferllm.mesh.move import Placement, charge_move, charge_priced, plain_key, price_move
 from waferllm.mesh.runtime import Mesh
 from waferllm.mesh.tensor import DistTensor
 
@@ -93,6 +93,7 @@ class WaferModel:
         self.twins = {ph: _twins(pp.stages if pp else []) for ph, pp in (("prefill", self.plan.prefill),
                                                                           ("decode", self.plan.decode))}
         self._memo: dict = {}  # program key -> its cost (a ledger delta), for replays
+        self._prices: dict = {}  # moves priced once (see _charge_moves, _move_last_row)
         self._kinds: dict = {}  # request slot -> (its caches, one per kind): see _alike_caches
         self._weights: dict = {}  # (phase, stage) -> one layer's weights as the transition moves them
         self.weights_layout = "prefill"  # where the layers' weights are: "prefill" or "decode"
@@ -459,7 +460,14 @@ class WaferModel:
         src = Placement(held.region, (1, E), y_dim=0, y_of=held.y_of[length - 1: length], x_dim=1, x_of=held.x_of)
         row = hn.to_global()[length - 1: length] if hn.tiles is not None else (1, E)
         out = mesh.place(row, ("y", "x"), hn.dtype, name="lm_head.transfer")
-        charge_move(self.ledger, src, Placement.of(out), hn.itemsize, name="lm_head.transfer")
+        ends = plain_key(hn), plain_key(out)
+        if None in ends:  # a block map or defective PEs: priced each time
+            charge_move(self.ledger, src, Placement.of(out), hn.itemsize, name="lm_head.transfer")
+            return out
+        key = ("last_row", length) + ends  # every request of this length moves it alike
+        if key not in self._prices:
+            self._prices[key] = price_move(self.ledger.wafer, src, Placement.of(out), hn.itemsize)
+        charge_priced(self.ledger, self._prices[key], "lm_head.transfer")
         return out
 
     def _stage_weights(self, phase: str, index: int) -> dict:
@@ -473,6 +481,27 @@ class WaferModel:
                 self._weights[key] = transition.decode_weights(self.decode_stages[index], self.config)
         return self._weights[key]
 
+    def _region_pairs(self) -> list[tuple[int, int, list[int]]]:
+        """(prefill stage, decode stage, the layers both hold) for every pair of a prefill and
+        a decode region holding some of the same layers."""
+        return [(pi, di, layers) for pi, pst in enumerate(self.prefill_stages)
+                for di, dst in enumerate(self.decode_stages)
+                if (layers := [li for li in pst.layer_ids if li in dst.layer_ids])]
+
+    def _weight_moves(self, pi: int, di: int, n: int, back: bool) -> list[tuple]:
+        """The ``n`` common layers' weights of a pair, prefill -> decode (or ``back``)."""
+        pw, dw = self._stage_weights("prefill", pi), self._stage_weights("decode", di)
+        moves = [(name, transition.stacked(pw[name][0], n), transition.stacked(dw[name][0], n), item)
+                 for name, (_, item) in pw.items()]
+        return [(name, b, a, item) for name, a, b, item in moves] if back else moves
+
+    def _kv_move(self, pi: int, di: int, layers: list[int], seq: int, length: int, kv: list) -> tuple:
+        """A request's K and V of a pair's layers, from the prefill tiles to its decode cache."""
+        k, v = kv[layers[0]]  # every layer of the pair: the same placement
+        src = transition.kv_source(k, v, self.prefill_stages[pi].hl, self.config)
+        dst = transition.kv_destination(self.decode_stages[di].caches[seq], length)
+        return "kv", transition.stacked(src, len(layers)), transition.stacked(dst, len(layers)), k.itemsize
+
     def _pairs(self, kvs: list | None = None) -> list[transition.Pair]:
         """The moves between every prefill region and every decode region holding some of the
         same layers: prefill -> decode (weights, and each request's K and V when ``kvs``,
@@ -480,24 +509,49 @@ class WaferModel:
         prefill. The layers of a pair move as one tensor with a leading layer dim (they share
         every link)."""
         pairs = []
-        for pi, pst in enumerate(self.prefill_stages):
-            for di, dst in enumerate(self.decode_stages):
-                layers = [li for li in pst.layer_ids if li in dst.layer_ids]
-                if not layers:
-                    continue
-                n, pw, dw = len(layers), self._stage_weights("prefill", pi), self._stage_weights("decode", di)
-                moves = [(name, transition.stacked(pw[name][0], n), transition.stacked(dw[name][0], n), item)
-                         for name, (_, item) in pw.items()]
-                if kvs is None:
-                    moves = [(name, b, a, item) for name, a, b, item in moves]
-                    pairs.append(transition.Pair(dst.mesh.region, pst.mesh.region, moves))
-                    continue
-                for seq, length, kv in kvs:
-                    k, v = kv[layers[0]]  # every layer of the pair: the same placement
-                    moves.append(("kv", transition.stacked(transition.kv_source(k, v, pst.hl, self.config), n),
-                                  transition.stacked(transition.kv_destination(dst.caches[seq], length), n), k.itemsize))
-                pairs.append(transition.Pair(pst.mesh.region, dst.mesh.region, moves))
+        for pi, di, layers in self._region_pairs():
+            src, dst = self.prefill_stages[pi].mesh.region, self.decode_stages[di].mesh.region
+            moves = self._weight_moves(pi, di, len(layers), back=kvs is None)
+            if kvs is None:
+                pairs.append(transition.Pair(dst, src, moves))
+                continue
+            moves += [self._kv_move(pi, di, layers, seq, length, kv) for seq, length, kv in kvs]
+            pairs.append(transition.Pair(src, dst, moves))
         return pairs
+
+    def _charge_moves(self, kvs: list | None, prefix: str) -> None:
+        """``transition.charge(ledger, self._pairs(kvs), prefix)`` on one wafer, each move
+        priced once: the weights' moves are the same for every request, and a request's K
+        and V move alike for every prompt of its length (the weights and every slot's cache
+        sit where the plan put them). The same events, in the same order, with the same
+        values; only the routing is not worked out again."""
+        prices, w = self._prices, self.ledger.wafer
+        if len(prices) > 4096:  # a server meets many lengths: keep the recent ones
+            prices.clear()
+        back = kvs is None
+        if ("rounds", back) not in prices:  # which pairs run together depends on their regions alone
+            pairs = self._pairs() if back else [transition.Pair(p.dst, p.src, []) for p in self._pairs()]
+            index = {id(p): j for j, p in enumerate(pairs)}
+            prices["rounds", back] = [[index[id(p)] for p in rnd] for rnd in transition.rounds(pairs)]
+        every = self._region_pairs()
+        priced = []
+        for rnd in prices["rounds", back]:
+            priced.append([])
+            for j in rnd:
+                pi, di, layers = every[j]
+                key = ("weights", j, back, prefix)
+                if key not in prices:
+                    prices[key] = [(f"{prefix}.{name}", price_move(w, src, dst, item))
+                                   for name, src, dst, item in self._weight_moves(pi, di, len(layers), back)]
+                moves = list(prices[key])
+                for seq, length, kv in kvs or ():
+                    key = ("kv", j, length, prefix)
+                    if key not in prices:
+                        name, src, dst, item = self._kv_move(pi, di, layers, seq, length, kv)
+                        prices[key] = (f"{prefix}.{name}", price_move(w, src, dst, item))
+                    moves.append(prices[key])
+                priced[-1].append(moves)
+        transition.charge_priced_rounds(self.ledger, priced)
 
     def _transition(self, kvs: list[tuple[int, int, list]]) -> None:
         """Re-place weights and the prompts' K and V ((slot, length, K/V per layer) each) from
@@ -506,7 +560,7 @@ class WaferModel:
         start = led.mark()
         with led.span("transition"):
             if self.cluster is None:
-                transition.charge(led, self._pairs(kvs), "transition")
+                self._charge_moves(kvs, "transition")
             elif self.cluster.layout == "split":
                 self._send_kv(self._pairs(kvs))
             else:
@@ -537,7 +591,7 @@ class WaferModel:
         start = led.mark()
         with led.span("restore"):
             if self.cluster is None:
-                transition.charge(led, self._pairs(), "restore")
+                self._charge_moves(None, "restore")
             else:
                 self._charge_per_wafer(self._pairs(), "restore")
         self.weights_layout = "prefill"

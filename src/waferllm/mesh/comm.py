@@ -610,8 +610,12 @@ def relayout(t: DistTensor, mesh, layout, dtype: str | None = None, name: str = 
     if src.wafer is not mesh.wafer and src.wafer != mesh.wafer:
         raise MeshError(f"{name}: cannot move a tensor between different wafers")
     dtype = dtype or t.dtype
-    out = (DistTensor.from_global(mesh, t.to_global(), layout, dtype, name=name) if t.tiles is not None
-           else DistTensor.from_global(mesh, t.shape, layout, dtype, name=name))
+    if t.source is None and t.tiles is None:
+        out = DistTensor.from_global(mesh, t.shape, layout, dtype, name=name)
+    else:  # t's values are exact in its dtype, so in the same or a wider one: tiles cut only if read
+        exact = t.partial is None and (dtype == t.dtype or dtype == "fp32")  # a partial one sums on reading
+        out = DistTensor.from_global(mesh, t.to_global(np.float32 if exact else None), layout, dtype, name=name,
+                                     exact=exact)
     move.charge_tensor_move(mesh.ledger, t, out, min(t.itemsize, out.itemsize), name)
     return out
 

@@ -1576,6 +1576,19 @@ def _move_charge(w, src: Placement, dst: Placement, itemsize: float) -> tuple[fl
                                              sram_write_bytes=cost.write_bytes)
 
 
+def price_move(wafer, src: Placement, dst: Placement, itemsize: float) -> tuple[float, dict] | None:
+    """What :func:`charge_move` charges for this move on a ledger of ``wafer``: (cycles,
+    counters), or None when no element leaves its PE. A caller meeting the same moves again
+    (a request of a length already seen) keeps the prices and charges them with
+    :func:`charge_priced`: the same events, in the same order, with the same values."""
+    return _move_charge(wafer, src, dst, itemsize)
+
+
+def charge_priced(ledger, priced: tuple[float, dict] | None, name: str = "move") -> float:
+    """Charge a move priced by :func:`price_move`, as :func:`charge_move` would. Returns the cycles."""
+    return _charge(ledger, priced, name)
+
+
 def _charge(ledger, charge: tuple[float, dict] | None, name: str) -> float:
     if charge is None:
         return 0.0
