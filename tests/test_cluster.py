@@ -364,9 +364,20 @@ def test_search_predicts_every_count_and_keeps_the_fastest():
     assert {o.wafers for o in done if o.layout == "shared"} == set(range(lo, 2 * lo + 1))
     assert any(o.layout == "split" for o in done)
     assert res["best"].e2e_s == min(o.e2e_s for o in done)
-    for o in done:  # each figure is that option's own prediction
+    for o in done:  # each figure is that option's own prediction, run in full apart
         m = o.metrics
         assert o.e2e_s == pytest.approx(m["ttft_s"] + m["transition_s"] + 2 * m["tpot_s"])
+        c = cluster_for(TIGHT).with_wafers(o.wafers, o.prefill_wafers)
+        full = predict_run(cfg, c, run.with_grids(o.prefill_grid, o.decode_grid), 8, 3, gpus=False, band=False)
+        for key in ("ttft_s", "tpot_s", "transition_s", "e2e_tokens_per_s"):
+            assert m[key] == full[key], key
+    # the report is the chosen option's full prediction (band and all), with the search beside it
+    b = res["best"]
+    m = predict_cluster(cfg, cluster_for(TIGHT), run, 8, 3, gpus=False)
+    alone = predict_run(cfg, cluster_for(TIGHT).with_wafers(b.wafers, b.prefill_wafers), run, 8, 3, gpus=False)
+    assert m["cluster_search"]["chosen"]["wafers"] == b.wafers
+    kept = set(alone) - {"host_wall_s"} - ({"cluster"} if b.wafers == 1 else set())
+    assert "ttft_s_low" in kept and {k: m[k] for k in kept} == {k: alone[k] for k in kept}
 
 
 def test_predict_cluster_json_has_wafers_per_wafer_placement_and_traffic(capsys):

@@ -405,7 +405,7 @@ class Option:
     prefill_wafers: int | None = None
     estimate_s: float = 0.0  # the ranking estimate (see :func:`search`)
     e2e_s: float | None = None  # predicted (None: not predicted)
-    metrics: dict | None = None
+    metrics: dict | None = None  # its predicted times and rates (predict.predict_times)
     why: str = ""
 
     def to_dict(self) -> dict:
@@ -469,7 +469,7 @@ def search(config, cluster: ClusterSpec, run, input_len: int, output_len: int, w
     them, and prefill attention may take more kv heads per pass). Returns the fastest option
     by predicted request time (``best``), every option considered (``options``), and the
     cluster and run it needs (``cluster``, ``run``)."""
-    from waferllm.engine.predict import predict_run
+    from waferllm.engine.predict import predict_times
     from waferllm.engine.tuner import candidate_grids
 
     if layout not in LAYOUTS + ("auto",):
@@ -537,8 +537,8 @@ def search(config, cluster: ClusterSpec, run, input_len: int, output_len: int, w
     for opt in sorted(options, key=lambda o: (o.wafers, o.layout)):
         c = cluster.with_wafers(opt.wafers, opt.prefill_wafers) if opt.wafers > 1 else cluster.with_wafers(1)
         r = run.with_grids(opt.prefill_grid, opt.decode_grid)
-        try:
-            m = predict_run(config, c, r, input_len, output_len, gpus=False, band=False, allow_beyond_context=True)
+        try:  # ranked by its times alone: the caller reports the chosen one in full
+            m = predict_times(config, c, r, input_len, output_len)
         except PlacementError as exc:  # the estimate's plan can differ from the real one in the last bytes
             opt.why = f"does not place: {exc}"
             continue

@@ -125,18 +125,36 @@ def request_counters(model) -> dict:
     return {k: delta.get(k, 0.0) + model.cycles.layer_counters[k] * (scale - 1) for k in COUNTERS}, delta
 
 
-def request_metrics(model) -> dict:
-    """Predicted wafer figures of the request ``model`` (a ``WaferModel``) ran since its reset()."""
-    w, cyc = model.wafer, model.cycles
-    sec = w.cycles_to_seconds
-    scale = model.config.num_layers / model.layers
+def request_times(model) -> dict:
+    """The request's times and rates alone (what a search ranks its options by): the
+    figures :func:`request_metrics` reports under these names, without its energy, SRAM and
+    capacity analysis."""
+    sec = model.wafer.cycles_to_seconds
     ph = phase_cycles(model)
-    restore, pre, trans, dec = ph.restore, ph.prefill, ph.transition, ph.decode
-    n_dec = len(cyc.steps)
+    pre, trans, dec = ph.prefill, ph.transition, ph.decode
+    n_dec = len(model.cycles.steps)
     prompt = model.position - n_dec
     out_tokens = n_dec + 1  # the first token comes from the prefill logits
     tpot = sec(dec / n_dec) if n_dec else None
     total = sec(pre + trans + dec)
+    return {
+        "ttft_s": sec(pre),
+        "restore_s": sec(ph.restore),
+        "transition_s": sec(trans),
+        "tpot_s": tpot,
+        "prefill_tokens_per_s": prompt / sec(pre) if pre else None,
+        "decode_tokens_per_s": 1.0 / tpot if tpot else None,
+        "e2e_tokens_per_s": out_tokens / total if total else None,
+        "total_s": total,
+    }
+
+
+def request_metrics(model) -> dict:
+    """Predicted wafer figures of the request ``model`` (a ``WaferModel``) ran since its reset()."""
+    w = model.wafer
+    scale = model.config.num_layers / model.layers
+    times = request_times(model)
+    total = times.pop("total_s")
     counters, delta = request_counters(model)
     regions = decode_regions(model)
     return {
@@ -144,13 +162,7 @@ def request_metrics(model) -> dict:
         "extrapolated_from_layers": model.layers if model.layers != model.config.num_layers else None,
         "prefill_grid": model.plan.prefill.grid if model.plan.prefill else None,
         "decode_grid": model.plan.decode.grid if model.plan.decode else None,
-        "ttft_s": sec(pre),
-        "restore_s": sec(restore),
-        "transition_s": sec(trans),
-        "tpot_s": tpot,
-        "prefill_tokens_per_s": prompt / sec(pre) if pre else None,
-        "decode_tokens_per_s": 1.0 / tpot if tpot else None,
-        "e2e_tokens_per_s": out_tokens / total if total else None,
+        **times,
         **energy(model, total, counters),
         **kv_capacity(model, regions),
         "sram_breakdown_bytes_per_pe": sram_breakdown(model, regions),
@@ -164,7 +176,7 @@ def request_metrics(model) -> dict:
         },
         "routes_peak_per_pe": max((s.mesh.routes.peak for s in model.prefill_stages + model.decode_stages), default=0),
         "kv_shift_moves": round(sum(s.cache.shift_moves for s in model.decode_stages) * scale),  # every layer's
-        "breakdown_s": {k: sec(v) for k, v in phase_breakdown(delta["by_primitive"]).items()},
+        "breakdown_s": {k: w.cycles_to_seconds(v) for k, v in phase_breakdown(delta["by_primitive"]).items()},
         **cluster_figures(model, counters, delta["by_primitive"]),
     }
 
