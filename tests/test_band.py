@@ -44,3 +44,32 @@ def test_band_is_the_corners_widened_by_the_calibration_error():
     assert m["ttft_s_high"] == pytest.approx(slow["ttft_s"] * 1.05)
     assert m["decode_tokens_per_s_high"] == pytest.approx(fast["decode_tokens_per_s"] / 0.95)
     assert m["decode_tokens_per_s_low"] == pytest.approx(slow["decode_tokens_per_s"] / 1.05)
+
+
+def test_each_request_s_band_is_its_own_on_each_corner(smollm):
+    """An engine's requests one after another: the second finds the weights in the decode
+    layout and pays the restore. Its band is the same two requests run on each corner
+    wafer, in models of their own (the restore included), widened by the calibration error;
+    the nominal time lies inside it. Both requests' bands come from one kept model."""
+    from waferllm import LLM, SamplingParams
+    from waferllm.engine.wafer import WaferModel
+
+    w = get_wafer("wse2")
+    llm = LLM(smollm, wafer=w, dtype="fp32", prefill_grid=28, decode_grid=28, max_model_len=32)
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    got = [llm.generate_ids(ids, params).metrics for ids in ([5, 9, 2, 7, 1], [4, 4, 8])]
+    assert got[0]["restore_s"] == 0 and got[1]["restore_s"] > 0
+    err = w.calibration_error
+    for slow, key in ((False, "_low"), (True, "_high")):
+        wm = WaferModel(smollm.config, None, corner(w, slow), llm.backend.run, mode="dry")
+        for m, length in zip(got, (5, 3)):
+            wm.reset()
+            wm.prefill(length)
+            for _ in range(2):
+                wm.decode(None)
+            alone = wm.request_metrics()
+            for name in ("ttft_s", "tpot_s"):
+                want = (max if slow else min)(alone[name], m[name]) * (1 + err if slow else 1 - err)
+                assert m[name + key] == pytest.approx(want, rel=1e-12), (name, key)
+    assert got[1]["ttft_s_low"] < got[1]["ttft_s"] < got[1]["ttft_s_high"]
+    assert llm._bands.apart is None  # the corners shared one kept model

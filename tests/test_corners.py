@@ -112,6 +112,13 @@ def test_a_corner_whose_program_differs_falls_back_to_separate_runs(monkeypatch)
     fast, slow = _separate(cfg, WSE2, run, 256, 8)
     assert m["ttft_s_low"] == min(fast["ttft_s"], slow["ttft_s"], m["ttft_s"]) * (1 - WSE2.calibration_error)
     assert m["ttft_s_high"] == max(fast["ttft_s"], slow["ttft_s"], m["ttft_s"]) * (1 + WSE2.calibration_error)
+    # an engine's kept band model parts ways too: its requests' corners run in kept models of their own
+    bands = P.RequestBands(cfg, WSE2, run)
+    for _ in range(2):  # the second request reuses them (its programs replayed: sums to the last bits)
+        again = bands.add(P.predict_run(cfg, WSE2, run, 256, 8, gpus=False, band=False), 256, 8)
+        assert bands.shared is None and again["ttft_s_low"] == pytest.approx(m["ttft_s_low"], rel=1e-12)
+    restored = bands.add(dict(m), 256, 8, restored=True)
+    assert restored["ttft_s_high"] > m["ttft_s_high"]  # the restore is in its slow corner
 
 
 @pytest.mark.parametrize("layers", [None, 1])

@@ -24,7 +24,7 @@ from waferllm.engine.generate import OnToken, PromptFrontend, check_lengths, che
 from waferllm.engine.kvcache import SCHEMES
 from waferllm.engine.outputs import RequestOutput
 from waferllm.engine.placement import phase_fits, smallest_fitting_grid
-from waferllm.engine.predict import with_band
+from waferllm.engine.predict import RequestBands
 from waferllm.engine.reference import check_max_model_len
 from waferllm.engine.run_config import ALGORITHMS, RunConfig
 from waferllm.engine.sampling import SamplingParams
@@ -208,6 +208,7 @@ class LLM(PromptFrontend):
         self.run = run
         # each request's metrics carry low/high bands (two shape-only reruns of the target alone)
         self.band = band and self.speculative is None
+        self._bands: RequestBands | None = None  # kept between requests (see RequestBands)
         try:
             self.backend = WaferModel(config, quant.weights_for_run(model, wf, run.dtype), spec, run, mode="numeric",
                                       progress=progress)
@@ -367,7 +368,9 @@ class LLM(PromptFrontend):
         wafer = host.pop("backend", None) or self.backend.request_metrics()
         if self.band and out.token_ids:
             # the same request, shape only, with the wafer's assumed constants at both ends
-            with_band(wafer, self.config, self.wafer, self.backend.run, len(ids), len(out.token_ids))
+            if self._bands is None:
+                self._bands = RequestBands(self.config, self.wafer, self.backend.run)
+            self._bands.add(wafer, len(ids), len(out.token_ids), restored=wafer.get("restore_s", 0.0) > 0)
         out.metrics = {**wafer, "engine": self.name, "max_model_len": self.max_model_len,
                        "host": {**host, "wall_s": time.perf_counter() - t0,
                                 "placement_wall_s": self.backend.placement_wall_s}}

@@ -210,12 +210,50 @@ def _nominal(x):
     return nominal(x) if isinstance(x, Corners) else x
 
 
-def with_band(m: dict, config, wafer, run: RunConfig, input_len: int, output_len: int) -> dict:
-    """Add the low/high band to the metrics ``m`` of this request (see :func:`predict_run`)."""
-    _, ends = _with_corners(config, wafer, run, input_len, output_len)
-    if ends is None:
-        ends = _corner_runs(config, wafer, run, input_len, output_len)
-    return apply_band(m, ends[0], ends[1], _residual(wafer))
+class RequestBands:
+    """The low/high band of each request an engine runs, one after another (``LLM.generate``).
+
+    Each request runs again shape-only on the wafer whose assumed constants carry both
+    corners' values (:func:`_with_corners`), in one model placed once and kept: a request
+    replays the programs earlier ones ran, as the engine's own model does, and starts with
+    the weights where the engine's request found them (``restored``: the previous request
+    left them in the decode layout, so this one pays the restore too). Should the corners'
+    programs differ, each corner runs in a kept model of its own from then on."""
+
+    def __init__(self, config, spec, run: RunConfig):
+        self.config, self.spec, self.run = config, spec, run
+        self.ends = _ends(spec)
+        self.shared = (None if None in self.ends else
+                       WaferModel(config, None, _combined(spec, self.ends), run, mode="dry"))
+        self.apart: list | None = None
+
+    def add(self, m: dict, input_len: int, output_len: int, restored: bool = False) -> dict:
+        """Add the band to the metrics ``m`` of the request just run (in place; returned)."""
+        ends = None
+        if self.shared is not None:
+            with tracking() as seen:
+                _request(self.shared, input_len, output_len, restored)
+            if seen["diverged"] or seen["lost"]:
+                self.shared = None  # its kept programs mix corners that part ways
+            else:
+                t = request_times(self.shared)
+                ends = [{k: corner_value(t[k], i) for k in TIMES + RATES if t.get(k) is not None} for i in (1, 2)]
+        if ends is None:
+            if self.apart is None:
+                self.apart = [None if w is None else WaferModel(self.config, None, w, self.run, mode="dry")
+                              for w in self.ends]
+            ends = [None if wm is None else request_times(_request(wm, input_len, output_len, restored))
+                    for wm in self.apart]
+        return apply_band(m, ends[0], ends[1], _residual(self.spec))
+
+
+def _request(wm: WaferModel, input_len: int, output_len: int, restored: bool) -> WaferModel:
+    """One more request on a kept dry model, the weights where ``restored`` says."""
+    wm.reset(weights_in="decode" if restored else "prefill")
+    wm.prefill(input_len)
+    for _ in range(output_len - 1):
+        wm.decode(None)
+    return wm
 
 
 def predict_cluster(config, cluster: ClusterSpec, run: RunConfig, input_len: int, output_len: int,

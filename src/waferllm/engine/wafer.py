@@ -193,9 +193,14 @@ class WaferModel:
         self.prefill_began.pop(seq, None)
 
     # ---- backend protocol ------------------------------------------------------------------
-    def reset(self) -> None:
-        """Start a new request: empty caches, zeroed counters (the weights stay where the
-        previous request left them)."""
+    def reset(self, weights_in: str | None = None) -> None:
+        """Start a new request: empty caches, zeroed counters. The weights stay where the
+        previous request left them, or ``weights_in`` says where the request finds them
+        ("prefill", or "decode": it pays the restore first), as another model's request did."""
+        if weights_in is not None:
+            if weights_in not in ("prefill", "decode"):
+                raise RequestError(f"weights_in must be 'prefill' or 'decode', got {weights_in!r}")
+            self.weights_layout = weights_in
         if 0 not in self.positions:  # slot 0 was handed to the batch pool: take it back
             for st in self.decode_stages:
                 st.open_cache(0, self.max_seq_len)
