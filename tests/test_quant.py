@@ -328,3 +328,20 @@ def test_band_spans_the_dequantising_ops():
     fast, slow = corner(WSE2, False), corner(WSE2, True)
     assert (fast.ops_dequant_int8, slow.ops_dequant_int8) == WSE2.source_of("ops_dequant_int8").range
     assert (fast.ops_dequant_int4, slow.ops_dequant_int4) == WSE2.source_of("ops_dequant_int4").range
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_an_fp16_run_rounds_every_table_once(tied):
+    """An fp16 run's host weights: the layer matrices and the vocabulary tables rounded to
+    fp16 once (what every tile holding them stores), a tied LM head still a view of the
+    embedding table; an fp32 run's are the model's own."""
+    from waferllm.models.loader import LoadedModel
+
+    cfg = tiny_config(tie_word_embeddings=tied)
+    w = random_weights(cfg, seed=2)
+    model = LoadedModel(config=cfg, weights=w, tokenizer=None, path="")
+    run = quant.weights_for_run(model, "fp16", "fp16")
+    for got, want in ((run.embed, w.embed), (run.lm_head, w.lm_head), (run.layers[1].wq, w.layers[1].wq)):
+        assert got.dtype == np.float16 and np.array_equal(got, want.astype(np.float16))
+    assert (run.lm_head.base is run.embed) == tied
+    assert quant.weights_for_run(model, "fp16", "fp32") is w

@@ -149,10 +149,10 @@ class WaferModel:
         if w is None:
             return None
         sl = None if vocab is None else slice(vocab.start, vocab.stop)
-        if what == "lm":
-            return np.asarray(w.lm_head[:, sl], np.float32)
+        if what == "lm":  # in the tables' own dtype (fp16 once for an fp16 run: see quant.weights_for_run)
+            return np.asarray(w.lm_head[:, sl])
         if what == "embed":
-            return np.asarray(w.embed[sl].T, np.float32)
+            return np.asarray(w.embed[sl].T)
         if what == "final_norm":
             return np.asarray(w.final_norm, np.float32)
         raise KeyError(what)

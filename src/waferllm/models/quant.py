@@ -153,13 +153,13 @@ def dequantize(w) -> np.ndarray:
 # ------------------------------------------------------------------ whole models
 
 
-def _map_layers(weights, fn):
+def _map_layers(weights, fn, embed=None, lm_head=None):
     from waferllm.models.weights import LazyLayers, ModelWeights
 
     layers = weights.layers
-    return ModelWeights(config=weights.config, embed=weights.embed,
+    return ModelWeights(config=weights.config, embed=weights.embed if embed is None else embed,
                         layers=LazyLayers(len(layers), lambda i: fn(layers[i]), cache=None),
-                        final_norm=weights.final_norm, lm_head=weights.lm_head)
+                        final_norm=weights.final_norm, lm_head=weights.lm_head if lm_head is None else lm_head)
 
 
 def quantize_layer(layer, fmt: str):
@@ -323,8 +323,12 @@ def weights_for_run(model, fmt: str, dtype: str = "fp32"):
     if fmt == "fp16":
         if dtype != "fp16":
             return model.weights
-        return _map_layers(model.weights, lambda lw: dataclasses.replace(
-            lw, **{k: np.asarray(getattr(lw, k), np.float16) for k in MATRICES}))
+        # the vocabulary tables too: every region's slice of them (both phases') is cut from these
+        w = model.weights
+        embed = np.asarray(w.embed, np.float16)
+        lm_head = embed.T if w.config.tie_word_embeddings else np.asarray(w.lm_head, np.float16)
+        return _map_layers(w, lambda lw: dataclasses.replace(
+            lw, **{k: np.asarray(getattr(lw, k), np.float16) for k in MATRICES}), embed, lm_head)
     try:
         if getattr(model, "format", None) == "gguf" and native_format(model) == fmt:
             return native_weights(model)
