@@ -200,6 +200,9 @@ class WaferModel:
         if weights_in is not None:
             if weights_in not in ("prefill", "decode"):
                 raise RequestError(f"weights_in must be 'prefill' or 'decode', got {weights_in!r}")
+            if weights_in == "decode" and self.cluster is not None and self.cluster.layout == "split":
+                raise RequestError("a split cluster's weights never leave their prefill or decode wafers: "
+                                   "weights_in='decode' does not apply; use 'prefill'")
             self.weights_layout = weights_in
         if 0 not in self.positions:  # slot 0 was handed to the batch pool: take it back
             for st in self.decode_stages:
