@@ -105,11 +105,7 @@ def _execute(config, spec, run: RunConfig, input_len: int, output_len: int, watc
     """The request executed shape-only on ``spec`` (a wafer, or a cluster), inside ``watch``."""
     wm = WaferModel(config, None, spec, run, mode="dry")
     with watch or contextlib.nullcontext():
-        wm.reset()
-        wm.prefill(input_len)
-        for _ in range(output_len - 1):
-            wm.decode(None)
-    return wm
+        return _request(wm, input_len, output_len, restored=False)
 
 
 def predict_times(config, spec, run: RunConfig, input_len: int, output_len: int) -> dict:
@@ -197,8 +193,13 @@ def _with_corners(config, spec, run: RunConfig, input_len: int, output_len: int)
         return None, None
     if watch.seen["diverged"] or watch.seen["lost"]:
         return None, None
+    return _nominal(m), _corner_ends(m)
+
+
+def _corner_ends(m: dict) -> list[dict]:
+    """The fast and the slow corner's times and rates, from figures that carry both."""
     keys = [k for k in TIMES + RATES if m.get(k) is not None]
-    return _nominal(m), [{k: corner_value(m[k], i) for k in keys} for i in (1, 2)]
+    return [{k: corner_value(m[k], i) for k in keys} for i in (1, 2)]
 
 
 def _nominal(x):
@@ -239,8 +240,7 @@ class RequestBands:
             if seen["diverged"] or seen["lost"]:
                 self.shared = None  # its kept programs mix corners that part ways
             else:
-                t = request_times(self.shared)
-                ends = [{k: corner_value(t[k], i) for k in TIMES + RATES if t.get(k) is not None} for i in (1, 2)]
+                ends = _corner_ends(request_times(self.shared))
         if ends is None:
             if self.apart is None:
                 self.apart = [None if w is None else WaferModel(self.config, None, w, self.run, mode="dry")

@@ -537,11 +537,12 @@ class WaferModel:
         if len(prices) > 4096:  # a server meets many lengths: keep the recent ones
             prices.clear()
         back = kvs is None
+        every = self._region_pairs()
         if ("rounds", back) not in prices:  # which pairs run together depends on their regions alone
-            pairs = self._pairs() if back else [transition.Pair(p.dst, p.src, []) for p in self._pairs()]
+            ends = [(self.prefill_stages[pi].mesh.region, self.decode_stages[di].mesh.region) for pi, di, _ in every]
+            pairs = [transition.Pair(*(e[::-1] if back else e), []) for e in ends]
             index = {id(p): j for j, p in enumerate(pairs)}
             prices["rounds", back] = [[index[id(p)] for p in rnd] for rnd in transition.rounds(pairs)]
-        every = self._region_pairs()
         priced = []
         for rnd in prices["rounds", back]:
             priced.append([])
